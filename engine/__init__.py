@@ -1,0 +1,1 @@
+"""moefleet.engine: the serving engine (models, KV cache, scheduler, distributed MoE, HTTP server)."""

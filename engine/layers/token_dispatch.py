@@ -1,0 +1,105 @@
+"""Token dispatch/combine: the seam between routing and expert computation.
+
+A MoE layer does: route (gate, top-k) -> logical->physical map -> dispatch -> grouped experts -> combine.
+The layer only talks to a `TokenDispatcher`; which one it holds decides whether experts are local
+(`LocalDispatcher`, one rank) or spread over an expert-parallel group (`moefleet.engine.distributed`).
+Launching a dispatch is separate from waiting for it so two-batch overlap can queue compute in between.
+One dispatcher object per micro-batch: handles never cross dispatchers.
+
+Shape legend: T tokens, K top-k, D hidden, E_local experts on this rank, N rows received (tokens x hits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class DispatchedTokens:
+    """Rows routed to this rank's experts, grouped by local expert (expert 0's rows first)."""
+
+    hidden: torch.Tensor  # [N, D]
+    tokens_per_expert: list[int]  # [E_local], sums to N
+    handle: Any  # opaque, passed back to combine
+
+
+class TokenDispatcher(Protocol):
+    def dispatch_start(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Any:
+        """Launch sending `hidden` [T, D] to the ranks owning physical experts `topk_ids` [T, K]."""
+        ...
+
+    def dispatch_finish(self, pending: Any) -> DispatchedTokens:
+        """Wait for the dispatch launched by `dispatch_start` and return this rank's rows."""
+        ...
+
+    def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
+        """Launch sending unweighted expert outputs [N, D] back; top-k weights are applied here."""
+        ...
+
+    def combine_finish(self, pending: Any) -> torch.Tensor:
+        """Wait for the combine and return [T, D]: sum over k of weight * expert output, original order."""
+        ...
+
+
+def permute_by_expert(
+    topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the T*K (token, expert) hits by expert.
+
+    Returns (order [T*K] indices into the flattened hits, sorted by expert and stable in token order;
+    token_index [T*K] the source token of each sorted hit; counts [num_experts]).
+    Ids < 0 (padding) are dropped: they sort last and are excluded from `order`.
+    """
+    flat = topk_ids.reshape(-1)
+    top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 1
+    valid = flat >= 0
+    keys = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.sort(keys, stable=True).indices
+    order = order[: int(valid.sum())]
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    return order, order // top_k, counts
+
+
+def unpermute_and_reduce(
+    sorted_output: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Inverse of `permute_by_expert`: weight each hit's output and sum back per token -> [T, D]."""
+    top_k = topk_weights.shape[1]
+    weights = topk_weights.reshape(-1)[order].to(sorted_output.dtype).unsqueeze(1)
+    out = torch.zeros(num_tokens, sorted_output.shape[1], dtype=sorted_output.dtype, device=sorted_output.device)
+    out.index_add_(0, order // top_k, sorted_output * weights)
+    return out
+
+
+@dataclass
+class _LocalHandle:
+    order: torch.Tensor
+    topk_weights: torch.Tensor
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts live on this rank: dispatch is a permutation, combine its weighted inverse."""
+
+    def __init__(self, num_local_experts: int):
+        self.num_local_experts = num_local_experts
+
+    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+        order, token_index, counts = permute_by_expert(topk_ids, self.num_local_experts)
+        handle = _LocalHandle(order, topk_weights, hidden.shape[0])
+        return DispatchedTokens(hidden[token_index], counts.tolist(), handle)
+
+    def dispatch_finish(self, pending: Any) -> DispatchedTokens:
+        return pending
+
+    def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
+        h: _LocalHandle = dispatched.handle
+        return unpermute_and_reduce(expert_output, h.order, h.topk_weights, h.num_tokens)
+
+    def combine_finish(self, pending: Any) -> torch.Tensor:
+        return pending

@@ -1,0 +1,14 @@
+"""moefleet.operator: the kopf operator reconciling MoEDeployment resources.
+
+Start it with `kopf run -m moefleet.operator` (or `moefleet operator`).
+"""
+
+if __name__ == "operator":  # pragma: no cover - only when the repo root is on sys.path without site
+    # This folder was found as the top-level `operator` (e.g. `python -S` in the repo root). The standard
+    # library's `operator` must win: run its source in this module's namespace so nothing downstream breaks.
+    import os as _os
+
+    _path = _os.path.join(_os.path.dirname(_os.__file__), "operator.py")
+    with open(_path) as _f:
+        exec(compile(_f.read(), _path, "exec"), globals())
+    del _os, _path, _f
