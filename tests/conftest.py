@@ -1,0 +1,1 @@
+"""Shared pytest configuration. Fixtures for areas live in tests/<area>/conftest.py and tests/support/."""
