@@ -1,0 +1,92 @@
+"""EngineConfig: every knob of one engine instance, validated once at construction.
+
+The model's own limits (max_position_embeddings) come from its HF `config.json`, read here so a bad
+setting fails before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+# Without an explicit max_model_len we take the checkpoint's max_position_embeddings, but no more than this:
+# very long defaults (128k+) would make every request's worst case reserve a huge share of the KV pool.
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Configuration of one engine (one rank). `model` is a directory holding an HF-format checkpoint."""
+
+    model: str
+    device: str = "cpu"
+    # None: bfloat16 on CUDA, float32 on CPU.
+    dtype: str | None = None
+    max_num_seqs: int = 256
+    # Token budget of one step: prompt chunks + decodes together (chunked prefill).
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    block_size: int = 16
+    # KV pool size: explicit block count wins; else a memory budget (fraction of free GPU memory after the
+    # model is loaded on CUDA, bytes on CPU).
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    kv_cache_bytes: int | None = None
+    seed: int = 0
+    hf_config: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        config_path = os.path.join(self.model, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(
+                f"model ({self.model!r}) has no config.json: pass a directory holding an HF-format checkpoint"
+            )
+        with open(config_path) as f:
+            self.hf_config = json.load(f)
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"device ({self.device!r}) must be one of {DEVICES} (optionally 'cuda:N')")
+        if self.dtype is None:
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype ({self.dtype!r}) must be one of {DTYPES}")
+        _require_positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode in one step"
+            )
+        max_positions = int(self.hf_config.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN_CAP))
+        if self.max_model_len is None:
+            self.max_model_len = min(max_positions, DEFAULT_MAX_MODEL_LEN_CAP)
+        elif not 1 <= self.max_model_len <= max_positions:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) must be in [1, {max_positions}] "
+                "(the model's max_position_embeddings)"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(
+                f"num_kv_blocks ({self.num_kv_blocks}) must be >= 1 (or None to size from memory)"
+            )
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction ({self.kv_cache_memory_fraction}) must be in (0, 1]")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) must be >= 1 (or None for the default)")
+        if self.kv_cache_bytes is None and self.device == "cpu":
+            self.kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        assert self.max_model_len is not None
+        return -(-self.max_model_len // self.block_size)
+
+
+def _require_positive(config: EngineConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} ({value!r}) must be a positive integer")
