@@ -1,0 +1,64 @@
+"""FastAPI app factory of the OpenAI-compatible server.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Every error answers OpenAI's error JSON (errors.py). The app starts and stops the engine client in its
+lifespan, so whoever serves the app (uvicorn, tests) gets a running engine loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from moefleet.engine.server.async_engine import EngineClient
+from moefleet.engine.server.errors import error_body, install_error_handlers
+from moefleet.engine.server.metrics import ServerMetrics
+from moefleet.engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from moefleet.engine.server.serving import ServerState, create_chat_completion, create_completion
+
+
+def build_app(client: EngineClient, served_model_name: str) -> FastAPI:
+    """The HTTP app serving `client` under the model name `served_model_name`."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        client.start()
+        try:
+            yield
+        finally:
+            client.shutdown()
+
+    app = FastAPI(title="moefleet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    state = ServerState(
+        client=client, served_model_name=served_model_name, metrics=ServerMetrics(client.stats)
+    )
+    app.state.moefleet = state
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(state, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(state, body, request)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = ModelCard(id=served_model_name, max_model_len=client.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        dead = client.dead_error
+        if dead is not None:
+            return JSONResponse(error_body(f"the engine is not running: {dead}", 503), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

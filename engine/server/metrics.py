@@ -1,0 +1,183 @@
+"""Prometheus metrics of one server: request outcomes, token counts, latency histograms, engine load.
+
+Each app gets its own `CollectorRegistry` (several servers in one test process must not collide). Load
+gauges are read from the engine client's stats snapshot at scrape time, so they are never stale and the
+engine thread is never touched by the scraper. Names: `moefleet_` prefix, base units, counters `_total`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Latency buckets sized for LLM serving: TTFT spans ms (short prompt, idle server) to a minute (long prompt
+# behind a queue); inter-token latency is ms to ~1 s; end-to-end up to many minutes for long generations.
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+E2E_BUCKETS = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+)
+
+# stats() key -> (metric name, help)
+_LOAD_GAUGES = {
+    "num_running": (
+        "moefleet_num_requests_running",
+        "Requests currently scheduled in the engine (prefill or decode).",
+    ),
+    "num_waiting": ("moefleet_num_requests_waiting", "Requests queued in the engine, not yet scheduled."),
+    "kv_usage": ("moefleet_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1)."),
+    "kv_blocks_used": ("moefleet_kv_cache_blocks_used", "KV cache blocks in use."),
+    "kv_blocks_total": ("moefleet_kv_cache_blocks_total", "KV cache blocks allocated for this engine."),
+}
+
+
+class _EngineLoadCollector(Collector):
+    def __init__(self, read_stats: Callable[[], dict[str, float]]):
+        self._read_stats = read_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._read_stats()
+        for key, (name, documentation) in _LOAD_GAUGES.items():
+            yield GaugeMetricFamily(name, documentation, value=float(stats.get(key, 0.0)))
+
+
+class ServerMetrics:
+    """All metrics of one server, registered in a registry of its own."""
+
+    def __init__(self, read_stats: Callable[[], dict[str, float]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "moefleet_requests",
+            "Finished requests by finish reason (stop, length, abort = client gone or aborted, error).",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "moefleet_prompt_tokens", "Prompt tokens of finished requests.", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "moefleet_generation_tokens", "Generated tokens of finished requests.", registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "moefleet_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "moefleet_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e_request_latency = Histogram(
+            "moefleet_e2e_request_latency_seconds",
+            "Time from request arrival to its last token (or abort/error).",
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_EngineLoadCollector(read_stats))
+        for reason in ("stop", "length", "abort", "error"):
+            self.requests.labels(finish_reason=reason)  # export zeros so rates work from the start
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Timing and token accounting of one request; `finish` is recorded exactly once."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+        self._arrival = time.perf_counter()
+        self._last_token_time: float | None = None
+        self._done = False
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+
+    def on_output(self, num_new_tokens: int) -> None:
+        if num_new_tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self._last_token_time is None:
+            self._metrics.time_to_first_token.observe(now - self._arrival)
+        else:
+            # One engine step may yield several tokens (e.g. speculative decoding later): spread the gap.
+            gap = (now - self._last_token_time) / num_new_tokens
+            for _ in range(num_new_tokens):
+                self._metrics.inter_token_latency.observe(gap)
+        self._last_token_time = now
+        self.output_tokens += num_new_tokens
+
+    def finish(self, finish_reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._metrics.requests.labels(finish_reason=finish_reason).inc()
+        self._metrics.prompt_tokens.inc(self.prompt_tokens)
+        self._metrics.generation_tokens.inc(self.output_tokens)
+        self._metrics.e2e_request_latency.observe(time.perf_counter() - self._arrival)

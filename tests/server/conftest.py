@@ -1,0 +1,66 @@
+"""Fixtures of the server tests: a real uvicorn server on a free port, in a thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from moefleet.engine.server.api import build_app
+from moefleet.engine.server.async_engine import EngineClient, LocalEngineClient
+
+
+class RunningServer:
+    def __init__(self, base_url: str, client: EngineClient, app: Any):
+        self.base_url = base_url
+        self.client = client
+        self.app = app
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Value of one sample in /metrics, e.g. metric("moefleet_requests_total", 'finish_reason="stop"')."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{wanted} not in /metrics:\n{text}")
+
+
+@contextmanager
+def serve_app(client: EngineClient, served_model_name: str = "tiny") -> Iterator[RunningServer]:
+    """Run the real app under uvicorn on 127.0.0.1:<free port> until the block ends."""
+    app = build_app(client, served_model_name)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", client, app)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[RunningServer]:
+    from server.fake_engine import FakeEngine
+
+    engine = FakeEngine()
+    with serve_app(LocalEngineClient(engine, max_model_len=engine.max_model_len, vocab_size=257)) as running:
+        running.engine = engine  # type: ignore[attr-defined]
+        yield running
