@@ -1,0 +1,265 @@
+"""`moefleet serve`: load a model and serve the OpenAI-compatible HTTP API with uvicorn.
+
+Order matters for clear failures: arguments are validated and the port is bound *before* the model loads,
+so a typo or a busy port fails in a second with exit code 2 instead of after minutes of loading.
+Multi-process flags default from MOEFLEET_NNODES / MOEFLEET_NODE_RANK / MOEFLEET_NPROC_PER_NODE /
+MOEFLEET_MASTER_ADDR / MOEFLEET_MASTER_PORT so an operator can inject them as environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import os
+import socket
+import sys
+from typing import Any
+
+from moefleet.engine.server.launch import ParallelLaunch
+
+DEFAULT_PORT = 8000
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        from moefleet.engine.cli import CommandError
+
+        raise CommandError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve an HF-format MoE checkpoint over an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="directory of an HF-format checkpoint")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="default: float32 on cpu, bfloat16 on cuda",
+    )
+    parser.add_argument("--served-model-name", help="model name clients send (default: basename of --model)")
+    parser.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, help="token budget of one step (chunked prefill)"
+    )
+    parser.add_argument("--max-model-len", type=int, help="context length: prompt + output tokens")
+    parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from memory)")
+    parser.add_argument("--seed", type=int, help="engine seed for requests without their own seed")
+    group = parser.add_argument_group("multi-process (one process per GPU; DP attention + EP MoE)")
+    group.add_argument(
+        "--nnodes", type=int, default=None, help="nodes in the group (env MOEFLEET_NNODES, default 1)"
+    )
+    group.add_argument(
+        "--node-rank", type=int, default=None, help="this node's rank (env MOEFLEET_NODE_RANK, default 0)"
+    )
+    group.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes (GPUs) per node (env MOEFLEET_NPROC_PER_NODE, default 1)",
+    )
+    group.add_argument(
+        "--master-addr", default=None, help="address of node 0 (env MOEFLEET_MASTER_ADDR, default 127.0.0.1)"
+    )
+    group.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port (env MOEFLEET_MASTER_PORT, default 29500)",
+    )
+    parser.add_argument(
+        "--print-examples",
+        action="store_true",
+        help="print curl and openai-client examples once the server listens",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    return parser
+
+
+def parallel_launch(args: argparse.Namespace) -> ParallelLaunch:
+    """Flags first, then MOEFLEET_* environment variables, then single-process defaults."""
+    from moefleet.engine.cli import CommandError
+
+    try:
+        return ParallelLaunch(
+            nnodes=args.nnodes if args.nnodes is not None else _env_int("MOEFLEET_NNODES", 1),
+            node_rank=args.node_rank if args.node_rank is not None else _env_int("MOEFLEET_NODE_RANK", 0),
+            nproc_per_node=(
+                args.nproc_per_node
+                if args.nproc_per_node is not None
+                else _env_int("MOEFLEET_NPROC_PER_NODE", 1)
+            ),
+            master_addr=args.master_addr or os.environ.get("MOEFLEET_MASTER_ADDR") or "127.0.0.1",
+            master_port=args.master_port
+            if args.master_port is not None
+            else _env_int("MOEFLEET_MASTER_PORT", 29500),
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc), "see `moefleet serve --help` (multi-process options)") from None
+
+
+def check_args(args: argparse.Namespace) -> ParallelLaunch:
+    """Fast checks that need neither torch nor the model weights."""
+    from moefleet.engine.cli import CommandError
+
+    launch = parallel_launch(args)
+    if launch.world_size > 1:
+        raise CommandError(
+            f"multi-process serving (nnodes*nproc-per-node={launch.world_size}) is not available yet; "
+            "run with 1 process",
+            "drop --nnodes/--nproc-per-node (or set them to 1)",
+        )
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port {args.port} is not a TCP port", "use a port in 1..65535")
+    if not os.path.isdir(args.model):
+        raise CommandError(
+            f"--model {args.model}: no such directory",
+            f"create a tiny demo model with `moefleet make-tiny-model --arch qwen3_moe --out {args.model}`",
+        )
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise CommandError(
+            f"--model {args.model} has no config.json", "pass a directory holding an HF-format checkpoint"
+        )
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise CommandError(f"--device {args.device} is not supported", "use --device cpu or --device cuda")
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
+    return launch
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen now, so a busy port is reported before the model loads."""
+    from moefleet.engine.cli import CommandError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(
+                f"port {port} on {host} is already in use",
+                "pick another with --port or stop the process using it",
+            ) from None
+        raise CommandError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", "check --host and --port"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def examples(host: str, port: int, model: str) -> str:
+    """Copy-paste examples for a server listening on host:port."""
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    base = f"http://{shown_host}:{port}"
+    return f"""moefleet is serving '{model}' at {base}
+
+  curl {base}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}}'
+
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+  python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="unused")
+reply = client.chat.completions.create(
+    model="{model}", messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32)
+print(reply.choices[0].message.content)
+EOF
+
+  metrics: curl {base}/metrics    health: curl {base}/health
+"""
+
+
+def _check_device(device: str) -> None:
+    from moefleet.engine.cli import CommandError
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda was requested but no CUDA GPU is available", "use --device cpu")
+
+
+def build_engine_client(args: argparse.Namespace) -> Any:
+    from moefleet.engine.cli import CommandError
+    from moefleet.engine.config import EngineConfig
+    from moefleet.engine.llm_engine import LLMEngine
+    from moefleet.engine.server.async_engine import LocalEngineClient
+
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "dtype",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "num_kv_blocks",
+            "seed",
+        )
+        if getattr(args, name) is not None
+    }
+    try:
+        config = EngineConfig(model=args.model, device=args.device, **options)
+    except ValueError as exc:
+        raise CommandError(str(exc), "see `moefleet serve --help`") from None
+    return LocalEngineClient(LLMEngine(config))
+
+
+async def _serve(server: Any, sock: socket.socket, on_started: Any) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        on_started()
+    await task
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from moefleet.engine.server.api import build_app
+
+    check_args(args)
+    served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    sock = bind_socket(args.host, args.port)
+    try:
+        _check_device(args.device)
+        client = build_engine_client(args)
+        port = sock.getsockname()[1]
+        app = build_app(client, served_model_name)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+
+        def on_started() -> None:
+            if args.print_examples:
+                print(examples(args.host, port, served_model_name), flush=True)
+
+        asyncio.run(_serve(server, sock, on_started))
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":  # python -m moefleet.engine.server.serve_command ...
+    from moefleet.engine.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
