@@ -1,0 +1,96 @@
+"""pytest fixtures for tests that need a real Kubernetes control plane or Prometheus.
+
+Registered for the whole suite from tests/conftest.py (`pytest_plugins`), so tests/cluster/ and
+tests/operator/ both get:
+
+- `kube_cluster` (session): a started ControlPlane (kubeconfig, restricted_kubeconfig, api_url, env,
+  kubectl(), helm(), create_gpu_nodes(), fail_pod(), create_namespace(), logs()). If the binaries are not
+  built the fixture errors with "run `make cluster-bins` first" (it does not skip).
+- `kube_namespace` (function): a fresh namespace in that cluster, deleted afterwards.
+- `prometheus` (function): a factory `prometheus(targets=[...]) -> PrometheusServer`, stopped afterwards.
+
+When a test using these fails, the tail of every component's log is attached to its report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from support import binaries
+from support.controlplane import ControlPlane
+from support.prometheus import PrometheusServer
+
+_ns_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[ControlPlane]:
+    try:
+        plane = ControlPlane()
+    except binaries.BinariesMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with plane:
+        # Tests run kubectl/helm by name too.
+        old_path = os.environ.get("PATH", "")
+        os.environ["PATH"] = binaries.path_env(old_path)
+        try:
+            yield plane
+        finally:
+            os.environ["PATH"] = old_path
+
+
+@pytest.fixture
+def kube_namespace(kube_cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
+    name = f"t{next(_ns_counter)}-{base}"
+    kube_cluster.create_namespace(name)
+    yield name
+    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+class PrometheusFactory:
+    """`factory(targets=[...], **PrometheusServer kwargs)` starts a server; all are stopped at teardown."""
+
+    def __init__(self) -> None:
+        self.servers: list[PrometheusServer] = []
+
+    def __call__(self, targets: list[str] | None = None, **kw: Any) -> PrometheusServer:
+        server = PrometheusServer(targets, **kw)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def prometheus() -> Iterator[PrometheusFactory]:
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is not installed: run `make cluster-bins` first.", pytrace=False)
+    factory = PrometheusFactory()
+    yield factory
+    factory.stop_all()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    plane = funcargs.get("kube_cluster")
+    if isinstance(plane, ControlPlane):
+        report.sections.append(("control plane logs", plane.logs()))
+    factory = funcargs.get("prometheus")
+    if isinstance(factory, PrometheusFactory):
+        for server in factory.servers:
+            report.sections.append((f"prometheus log ({server.url})", server.logs()))
