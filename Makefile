@@ -38,8 +38,9 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy engine operator src
 
-# Kubernetes test binaries (kube-apiserver, controller-manager, scheduler, kwok, kubectl, helm, etcd,
-# prometheus) built from pinned sources into .cache/bin, rebuilt only when the pins change.
+# Kubernetes test binaries (kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, helm) built
+# from pinned Go modules into ~/.cache/moefleet/bin (shared by clones; MOEFLEET_CACHE overrides), rebuilt only
+# when the pins change; prometheus from apt. Pins and reasons: tests/support/binaries.py, docs/testing.md.
 cluster-bins: venv
 	$(PY) tests/support/binaries.py build
 
