@@ -1,0 +1,267 @@
+"""One rank of a multi-process test group, started by tests/distributed/conftest.py as a subprocess.
+
+Usage: worker.py SCENARIO OUT_DIR. The launch contract comes from the environment exactly as in a pod
+(MOEFLEET_NNODES, MOEFLEET_NODE_RANK, MOEFLEET_NPROC_PER_NODE, MOEFLEET_LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT). Results go to OUT_DIR/rank{r}.pt; the test process computes references and asserts.
+This file is also imported by the tests (for the shared input generators and the toy MoE model).
+Shape legend: T tokens, D hidden, K top-k, E experts, L local experts, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from moefleet.engine import parallel_layout
+from moefleet.engine.distributed import ep, groups
+from moefleet.engine.distributed.a2a import AllToAllDispatcher
+from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
+from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, RequestRouter
+from moefleet.engine.distributed.watchdog import Watchdog, guard
+from torch import nn
+
+HIDDEN = 8
+NUM_EXPERTS = 8
+TOP_K = 3
+
+
+# ---- inputs shared by workers and tests -------------------------------------------------------------
+def dispatch_cases(world_size: int) -> list[dict[str, Any]]:
+    """Routing cases: uniform, skewed onto two experts, some ranks with 0 tokens, padding ids (-1)."""
+    cases = []
+    for seed, kind in enumerate(("uniform", "skewed", "idle_ranks", "padding", "all_idle_but_one")):
+        g = torch.Generator().manual_seed(1000 + seed)
+        tokens = torch.randint(0, 7, (world_size,), generator=g)
+        if kind == "idle_ranks":
+            tokens[1::2] = 0
+        if kind == "all_idle_but_one":
+            tokens[:] = 0
+            tokens[-1] = 5
+        total = int(tokens.sum())
+        hidden = torch.randn(total, HIDDEN, generator=g)
+        scores = torch.rand(total, NUM_EXPERTS, generator=g)
+        if kind == "skewed":
+            scores[:, :2] += 10.0  # experts 0 and 1 (rank 0) get nearly every token
+        topk_ids = scores.topk(TOP_K, dim=1).indices
+        if kind == "padding":
+            topk_ids[torch.rand(total, TOP_K, generator=g) < 0.3] = -1
+        weights = torch.rand(total, TOP_K, generator=g)
+        cases.append(
+            {"kind": kind, "tokens": tokens.tolist(), "hidden": hidden, "ids": topk_ids, "w": weights}
+        )
+    return cases
+
+
+def expert_fn(rows: torch.Tensor, global_expert: int) -> torch.Tensor:
+    """Stand-in expert whose output depends on which expert ran it."""
+    return rows * (global_expert + 1) + 0.5 * global_expert
+
+
+def run_experts(rows: torch.Tensor, tokens_per_expert: list[int], first_expert: int) -> torch.Tensor:
+    out = torch.empty_like(rows)
+    start = 0
+    for local, count in enumerate(tokens_per_expert):
+        out[start : start + count] = expert_fn(rows[start : start + count], first_expert + local)
+        start += count
+    return out
+
+
+def rank_slice(case: dict[str, Any], rank: int) -> slice:
+    starts = [0, *torch.tensor(case["tokens"]).cumsum(0).tolist()]
+    return slice(starts[rank], starts[rank + 1])
+
+
+class ToyExperts(nn.Module):
+    """SwiGLU experts holding only this rank's block (as model code does from the ParallelLayout)."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, seed: int):
+        super().__init__()
+        self.local_experts = parallel_layout.current().local_experts(num_experts)
+        g = torch.Generator().manual_seed(seed)
+        # Full weights drawn identically everywhere, then sliced: the unsharded model sees the same values.
+        w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
+        w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
+        block = slice(self.local_experts.start, self.local_experts.stop)
+        self.w13 = nn.Parameter(w13[block].clone(), requires_grad=False)
+        self.w2 = nn.Parameter(w2[block].clone(), requires_grad=False)
+
+    def forward(self, rows: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        out = torch.empty_like(rows)
+        start = 0
+        for local, count in enumerate(tokens_per_expert):
+            gate, up = F.linear(rows[start : start + count], self.w13[local]).chunk(2, dim=-1)
+            out[start : start + count] = F.linear(F.silu(gate) * up, self.w2[local])
+            start += count
+        return out
+
+
+class ToyMoE(nn.Module):
+    """Softmax top-k router + experts behind `self.dispatcher`; knows nothing about process groups."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, top_k: int, seed: int):
+        super().__init__()
+        from moefleet.engine.layers.token_dispatch import LocalDispatcher
+
+        g = torch.Generator().manual_seed(seed + 1)
+        self.gate = nn.Parameter(torch.randn(num_experts, hidden, generator=g), requires_grad=False)
+        self.top_k = top_k
+        self.experts = ToyExperts(num_experts, hidden, inter, seed)
+        self.dispatcher: Any = LocalDispatcher(len(self.experts.local_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.linear(x, self.gate).softmax(-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        d = self.dispatcher.dispatch_finish(self.dispatcher.dispatch_start(x, ids, weights))
+        out = self.experts(d.hidden, d.tokens_per_expert)
+        return self.dispatcher.combine_finish(self.dispatcher.combine_start(out, d))
+
+
+class ToyModel(nn.Module):
+    def __init__(self, num_layers: int = 2, num_experts: int = 8, hidden: int = 16, inter: int = 12):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            ToyMoE(num_experts, hidden, inter, 2, seed=7 * i) for i in range(num_layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def moe_inputs(world_size: int) -> tuple[list[int], torch.Tensor]:
+    g = torch.Generator().manual_seed(42)
+    tokens = torch.randint(0, 9, (world_size,), generator=g)
+    tokens[0] = 0  # rank 0 idle: it must still take part in every layer's exchange
+    return tokens.tolist(), torch.randn(int(tokens.sum()), 16, generator=g)
+
+
+def dp_infos(world_size: int, step: int) -> list[StepInfo]:
+    """A different mix each step: idle ranks, one prefilling rank, TBO votes."""
+    infos = []
+    for rank in range(world_size):
+        has_work = (rank + step) % 3 != 0
+        infos.append(
+            StepInfo(
+                num_tokens=(rank + 1) * (step + 1) if has_work else 0,
+                is_prefill=has_work and (rank + step) % 4 == 1,
+                has_work=has_work,
+                can_use_tbo=(rank + step) % 5 != 2,
+                can_use_graph=step % 2 == 0,
+            )
+        )
+    return infos
+
+
+# ---- scenarios ----------------------------------------------------------------------------------------
+def scenario_all(state: groups.DistributedState) -> dict[str, Any]:
+    rank, world = state.rank, state.world_size
+    result: dict[str, Any] = {"rank": rank, "world_size": world}
+    # 1. dispatch + combine on every case, one dispatcher per case.
+    per_case = []
+    for case in dispatch_cases(world):
+        mine = rank_slice(case, rank)
+        dispatcher = AllToAllDispatcher(state.device_group, NUM_EXPERTS)
+        pending = dispatcher.dispatch_start(case["hidden"][mine], case["ids"][mine], case["w"][mine])
+        d = dispatcher.dispatch_finish(pending)
+        out = run_experts(d.hidden, d.tokens_per_expert, rank * dispatcher.num_local_experts)
+        combined = dispatcher.combine_finish(dispatcher.combine_start(out, d))
+        per_case.append({"rows": d.hidden, "counts": d.tokens_per_expert, "out": combined})
+    result["cases"] = per_case
+    # 2. two micro-batches in flight at once (TBO launch order), one dispatcher each.
+    cases = dispatch_cases(world)
+    a, b = cases[0], cases[1]
+    da, db = (
+        AllToAllDispatcher(state.device_group, NUM_EXPERTS),
+        AllToAllDispatcher(state.device_group, NUM_EXPERTS),
+    )
+    sa, sb = rank_slice(a, rank), rank_slice(b, rank)
+    pa = da.dispatch_start(a["hidden"][sa], a["ids"][sa], a["w"][sa])
+    pb = db.dispatch_start(b["hidden"][sb], b["ids"][sb], b["w"][sb])
+    ra, rb = da.dispatch_finish(pa), db.dispatch_finish(pb)
+    first = rank * da.num_local_experts
+    ca = da.combine_start(run_experts(ra.hidden, ra.tokens_per_expert, first), ra)
+    cb = db.combine_start(run_experts(rb.hidden, rb.tokens_per_expert, first), rb)
+    out_b = db.combine_finish(cb)  # finish in the other order than started: handles are per dispatcher
+    out_a = da.combine_finish(ca)
+    result["tbo"] = [out_a, out_b]
+    # 3. a model with experts sharded per rank, EP applied from outside.
+    ep.set_expert_parallel_layout(state.device_group)
+    model = ToyModel()
+    result["moe_layers"] = ep.apply_expert_parallel(model, state.device_group, "a2a")
+    result["expert_params"] = ep.count_routed_expert_parameters(model)
+    tokens, x = moe_inputs(world)
+    starts = [0, *torch.tensor(tokens).cumsum(0).tolist()]
+    with torch.no_grad():
+        result["moe_out"] = model(x[starts[rank] : starts[rank + 1]])
+    parallel_layout.set_layout(parallel_layout.ParallelLayout())
+    # 4. DP step agreement over the CPU group.
+    coordinator = DPStepCoordinator(state.cpu_group)
+    result["dp"] = [coordinator.sync(dp_infos(world, step)[rank]) for step in range(6)]
+    # 5. request hand-over: rank 0 submits, ranks echo request ids back as outputs.
+    router = RequestRouter(state.cpu_group)
+    if router.is_front_end:
+        for i in range(7):
+            router.submit(AddRequest(f"r{i}", {"prompt": [i]}, cost=i + 1))
+        router.submit(AbortRequest("r3"))
+    got: list[Any] = []
+    delivered: list[tuple[int, list[Any]]] = []
+    outputs: list[Any] = []
+    for step in range(3):
+        load = 10 * rank if step == 0 else 0
+        messages = router.exchange(load, outputs, lambda r, outs: delivered.append((r, outs)))
+        got.append(messages)
+        outputs = [m.request_id for m in messages if isinstance(m, AddRequest)]
+    result["router_got"] = got
+    result["router_delivered"] = delivered
+    result["router_owners"] = dict(router.owners)
+    return result
+
+
+def scenario_fingerprint(state_args: dict[str, Any]) -> None:
+    launch = groups.LaunchConfig.from_env()
+    groups.init_distributed(launch, hf_config={"model_type": "toy", "layers": 2 + launch.rank})
+
+
+def scenario_watchdog(mode: str) -> None:
+    launch = groups.LaunchConfig.from_env()
+    state = groups.init_distributed(launch, timeout_s=20, collective_timeout_s=60)
+    watchdog = Watchdog(launch, interval_s=0.2, timeout_s=2.0).start()
+    dist.barrier(group=state.cpu_group)
+    print("READY", flush=True)
+    with guard(state.store, state.rank):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if mode == "collective":
+                dist.all_reduce(torch.ones(1), group=state.cpu_group)
+            time.sleep(0.05)
+    watchdog.stop()
+    print("watchdog did not fire", flush=True)
+    sys.exit(5)
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], sys.argv[2]
+    options = json.loads(os.environ.get("MOEFLEET_TEST_OPTIONS", "{}"))
+    if scenario == "fingerprint":
+        scenario_fingerprint(options)
+        return
+    if scenario.startswith("watchdog-"):
+        scenario_watchdog(scenario.removeprefix("watchdog-"))
+        return
+    launch = groups.LaunchConfig.from_env()
+    state = groups.init_distributed(launch, timeout_s=30, collective_timeout_s=60)
+    result = scenario_all(state)
+    torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
+    dist.barrier(group=state.cpu_group)
+    groups.shutdown(state)
+
+
+if __name__ == "__main__":
+    main()
