@@ -12,3 +12,6 @@ if __name__ == "operator":  # pragma: no cover - only when the repo root is on s
     with open(_path) as _f:
         exec(compile(_f.read(), _path, "exec"), globals())
     del _os, _path, _f
+else:
+    # Importing the handlers registers them with kopf (`kopf run -m moefleet.operator`).
+    from moefleet.operator import handlers as handlers  # noqa: F401

@@ -1,0 +1,227 @@
+"""Thin kopf handlers: parse the body -> render -> plan -> execute -> status.
+
+Children and pods are watched through kopf indexes (in-memory, kept current by watch streams), so a
+reconcile reads nothing from the API and, when nothing changed, writes nothing. A reconcile runs on every
+MoEDeployment watch event (spec changes act at once) and on a timer (MOEFLEET_OPERATOR_RESYNC_SECONDS) that
+notices failed pods and finished groups. Kopf's own event posting is off: the operator posts its decisions
+as Events itself (kube.py), so every request it makes is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from moefleet.operator import labels as L
+from moefleet.operator import planner, render
+from moefleet.operator.kube import Kube, KubeError, child_from_body
+from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
+from moefleet.operator.settings import OperatorSettings, from_environment
+from moefleet.operator.spec import SpecError, parse
+from moefleet.operator.status import condition_events, invalid_spec_status
+
+log = logging.getLogger(__name__)
+
+SETTINGS: OperatorSettings = from_environment()
+_OWNED = {L.MANAGED_BY: L.MANAGED_BY_VALUE}
+# (kind, kopf resource args, index id)
+_CHILD_INDEXES = (
+    ("StatefulSet", ("apps", "v1", "statefulsets"), "moefleet_statefulsets"),
+    ("Service", ("", "v1", "services"), "moefleet_services"),
+    ("ConfigMap", ("", "v1", "configmaps"), "moefleet_configmaps"),
+    ("Deployment", ("apps", "v1", "deployments"), "moefleet_deployments"),
+    ("PodDisruptionBudget", ("policy", "v1", "poddisruptionbudgets"), "moefleet_pdbs"),
+)
+_APPLIED_TTL = 30.0  # seconds an applied hash overrides a (possibly stale) index entry
+
+
+class _State:
+    """Process-wide memory: the API client, per-object locks and what the watches have not caught up on."""
+
+    def __init__(self) -> None:
+        self.kube: Kube | None = None
+        self.guard = threading.Lock()
+        self.locks: dict[tuple[str, str], threading.Lock] = {}
+        self.failures: dict[tuple[str, str], Failure] = {}  # (namespace, group) -> latest pod failure
+        # (namespace, deployment) -> {(kind, name): (hash, when)}: our applies the watches may not show yet
+        self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, float]]] = {}
+        self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
+
+    def client(self) -> Kube:
+        with self.guard:
+            if self.kube is None:
+                self.kube = Kube(timeout=SETTINGS.request_timeout_seconds)
+            return self.kube
+
+    def lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self.guard:
+            return self.locks.setdefault(key, threading.Lock())
+
+
+STATE = _State()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.enabled = False  # decisions are posted by kube.py (counted); no kopf chatter
+    settings.peering.standalone = True  # one replica (chart), no peering CRDs
+    settings.persistence.finalizer = "moefleet.ai/operator"  # kopf's timers need one on the object
+    settings.execution.max_workers = SETTINGS.workers
+    settings.watching.server_timeout = 300
+    if SETTINGS.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(SETTINGS.metrics_port)
+    STATE.client()
+
+
+@kopf.on.cleanup()
+def close(**_: Any) -> None:
+    if STATE.kube is not None:
+        STATE.kube.close()
+
+
+# -- indexes: what exists, kept current by kopf's watch streams ----------------------------------------------
+@kopf.index("pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
+def moefleet_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels.get(L.DEPLOYMENT, "")): pod_state(body)}
+
+
+def _child_indexer(kind: str) -> Any:
+    def index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+        return {(namespace, labels.get(L.DEPLOYMENT, "")): child_state({**body, "kind": kind})}
+
+    return index
+
+
+for _kind, _resource, _index_id in _CHILD_INDEXES:
+    kopf.index(*_resource, labels=_OWNED, id=_index_id)(_child_indexer(_kind))
+
+
+@kopf.on.event("pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
+def remember_pod_failure(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    """Keep the last failure per group: the StatefulSet controller replaces a Failed pod within moments."""
+    pod = pod_state(body)
+    if pod_failed(pod):
+        key = (namespace or "", pod.group)
+        known = STATE.failures.get(key)
+        if known is None or known.uid != pod.uid or known.message != pod.failure:
+            message = pod.failure or f"restarted {pod.restart_count} time(s)"
+            STATE.failures[key] = Failure(pod=pod.name, uid=pod.uid, message=message, seen_at=time.time())
+
+
+# -- reconcile ---------------------------------------------------------------------------------------------
+@kopf.on.event(L.GROUP, L.VERSION, L.PLURAL)
+def on_event(event: Mapping[str, Any], body: kopf.Body, **kwargs: Any) -> None:
+    if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    reconcile(body, kwargs)
+
+
+@kopf.timer(L.GROUP, L.VERSION, L.PLURAL, interval=SETTINGS.resync_seconds)
+def on_timer(body: kopf.Body, **kwargs: Any) -> None:
+    if not body.get("metadata", {}).get("deletionTimestamp"):
+        reconcile(body, kwargs)
+
+
+def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube, podmonitors: bool) -> Any:
+    key = (namespace, name)
+    children: dict[tuple[str, str], ChildState] = {}
+    for _, _, index_id in _CHILD_INDEXES:
+        for child in indexes[index_id].get(key, []):
+            children[(child.kind, child.name)] = child
+    now = time.monotonic()
+    applied = STATE.applied.setdefault(key, {})
+    for child_key, (spec_hash, when) in list(applied.items()):
+        seen = children.get(child_key)
+        if now - when > _APPLIED_TTL or (seen is not None and seen.spec_hash == spec_hash):
+            del applied[child_key]  # the watch caught up (or the entry is too old to trust)
+        else:
+            ready = seen.ready_replicas if seen is not None else 0
+            children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready)
+    if podmonitors:
+        monitor = child_from_body("PodMonitor", kube.get("PodMonitor", namespace, name))
+        if monitor is not None:
+            children[("PodMonitor", name)] = monitor
+    pods: dict[str, list[Any]] = {}
+    for pod in indexes["moefleet_pods"].get(key, []):
+        pods.setdefault(pod.group, []).append(pod)
+    failures = {group: f for (ns, group), f in STATE.failures.items() if ns == namespace}
+    return planner.Observed(children=children, pods=pods, failures=failures)
+
+
+def _previous_status(namespace: str, name: str, body: kopf.Body) -> dict[str, Any]:
+    """The body's status, unless our own newer write has not come back through the watch yet."""
+    status = dict(body.get("status") or {})
+    written = STATE.written_status.get((namespace, name))
+    resource_version = int(body.get("metadata", {}).get("resourceVersion") or 0)
+    if written and resource_version < written[0]:
+        return written[1]
+    return status
+
+
+def reconcile(body: kopf.Body, indexes: Mapping[str, Any]) -> None:
+    """One level-triggered pass for one MoEDeployment (serialised per object)."""
+    metadata = body.get("metadata", {})
+    namespace, name = metadata["namespace"], metadata["name"]
+    kube = STATE.client()
+    with STATE.lock((namespace, name)):
+        now = time.time()
+        previous = _previous_status(namespace, name, body)
+        try:
+            spec = parse(body, default_image=SETTINGS.default_image)
+        except SpecError as error:
+            generation = int(metadata.get("generation") or 0)
+            status = invalid_spec_status(previous, error.field, str(error), generation, now)
+            if status != previous:
+                response = kube.replace_status(namespace, name, status)
+                _remember_status(namespace, name, response, status)
+                for event in condition_events(previous, status):
+                    kube.create_event(
+                        {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}, event
+                    )
+            return
+        # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
+        podmonitors = kube.crd_exists(L.PODMONITOR_CRD, SETTINGS.crd_cache_seconds)
+        desired = render.render_all(spec, podmonitors)
+        observed = _observed(namespace, name, indexes, kube, podmonitors)
+        the_plan = planner.plan(
+            spec, desired, observed, previous, now, managed_kinds=_managed_kinds(podmonitors)
+        )
+        write_status = the_plan.status != previous
+        events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
+        if not the_plan.writes and not write_status:
+            return
+        log.info(
+            "%s/%s: %d write(s), status %s",
+            namespace,
+            name,
+            the_plan.writes,
+            "changed" if write_status else "same",
+        )
+        try:
+            response = kube.execute(spec, the_plan, write_status, events)
+        except KubeError as error:
+            raise kopf.TemporaryError(str(error), delay=min(SETTINGS.resync_seconds, 10)) from error
+        applied = STATE.applied.setdefault((namespace, name), {})
+        for obj in the_plan.apply:
+            meta = obj["metadata"]
+            applied[(obj["kind"], meta["name"])] = (meta["annotations"][L.SPEC_HASH], time.monotonic())
+        if write_status:
+            _remember_status(namespace, name, response, the_plan.status)
+        for group in the_plan.delete_pods:
+            STATE.failures.pop((namespace, group), None)
+
+
+def _managed_kinds(podmonitors: bool) -> tuple[str, ...]:
+    kinds = tuple(kind for kind, _, _ in _CHILD_INDEXES)
+    return (*kinds, "PodMonitor") if podmonitors else kinds
+
+
+def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
+    resource_version = int(((response or {}).get("metadata") or {}).get("resourceVersion") or 0)
+    STATE.written_status[(namespace, name)] = (resource_version, status)

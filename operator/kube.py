@@ -1,0 +1,247 @@
+"""THE module that talks to the Kubernetes API (kopf's own watches aside). Every request is counted.
+
+Writes are server-side apply (field manager `moefleet-operator`) so an applied object converges to exactly
+the rendered one; `execute` runs a planner.Plan: apply children -> write status -> delete pods -> events.
+The status is written before the pods are deleted, so an operator killed in between remembers the restart
+(and its backoff) instead of restarting the group twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from moefleet.operator import labels as L
+from moefleet.operator.observed import ChildState
+from moefleet.operator.planner import Plan
+from moefleet.operator.spec import MoEDeploymentSpec
+from moefleet.operator.status import Event
+from prometheus_client import Counter as PromCounter
+
+log = logging.getLogger(__name__)
+
+API_REQUESTS = PromCounter(
+    "moefleet_operator_api_requests",
+    "Kubernetes API requests made by the operator (kopf's watch streams not included)",
+    ["verb", "resource"],
+)
+
+# kind -> (API path prefix, plural); namespaced resources only.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "Service": ("/api/v1", "services"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Pod": ("/api/v1", "pods"),
+    "Event": ("/api/v1", "events"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors"),
+    L.KIND: (f"/apis/{L.API_VERSION}", L.PLURAL),
+}
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+_SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class KubeError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def _path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    prefix, plural = RESOURCES[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+class Kube:
+    """A small synchronous client: apply / delete / patch status / events / get, with request counters."""
+
+    def __init__(self, kubeconfig: str | None = None, timeout: float = 30.0) -> None:
+        from kubernetes import config as kube_config
+        from kubernetes.client import Configuration
+
+        configuration = Configuration()
+        self._in_cluster = kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ
+        if self._in_cluster:
+            kube_config.load_incluster_config(client_configuration=configuration)
+        else:
+            kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        headers = {}
+        token = (configuration.api_key or {}).get("authorization") or (configuration.api_key or {}).get(
+            "BearerToken"
+        )
+        if token:
+            headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
+        cert = (configuration.cert_file, configuration.key_file or "") if configuration.cert_file else None
+        verify: Any = configuration.ssl_ca_cert or configuration.verify_ssl
+        self._client = httpx.Client(
+            base_url=configuration.host, headers=headers, cert=cert, verify=verify, timeout=timeout
+        )
+        self._token_read_at = time.monotonic()
+        self._lock = threading.Lock()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self._crd_cache: dict[str, tuple[bool, float]] = {}
+
+    # -- plumbing -------------------------------------------------------------------------------------
+    def _refresh_token(self) -> None:
+        # Bound service-account tokens rotate; the kubelet rewrites the file, so re-read it every minute.
+        if self._in_cluster and time.monotonic() - self._token_read_at > 60:
+            with open(os.path.join(_SA_DIR, "token")) as f:
+                self._client.headers["Authorization"] = f"Bearer {f.read().strip()}"
+            self._token_read_at = time.monotonic()
+
+    def request(
+        self,
+        verb: str,
+        path: str,
+        resource: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """One API request; returns the decoded JSON (None for a 404 when missing_ok)."""
+        self._refresh_token()
+        with self._lock:
+            self.requests[(verb, resource)] += 1
+        API_REQUESTS.labels(verb, resource).inc()
+        headers = {"Content-Type": content_type} if body is not None else {}
+        response = self._client.request(verb, path, json=body, headers=headers, params=params)
+        if response.status_code == 404 and missing_ok:
+            return None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise KubeError(response.status_code, f"{verb} {path}: {message}")
+        return response.json() if response.content else None
+
+    @property
+    def writes(self) -> int:
+        with self._lock:
+            return sum(n for (verb, _), n in self.requests.items() if verb in WRITE_VERBS)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- operations -----------------------------------------------------------------------------------
+    def apply(self, obj: Mapping[str, Any]) -> Any:
+        """Server-side apply: create or converge `obj` (fields this manager no longer sets are removed)."""
+        metadata = obj["metadata"]
+        return self.request(
+            "PATCH",
+            _path(obj["kind"], metadata["namespace"], metadata["name"]),
+            RESOURCES[obj["kind"]][1],
+            body=obj,
+            content_type="application/apply-patch+yaml",  # JSON is YAML
+            params={"fieldManager": L.FIELD_MANAGER, "force": "true"},
+        )
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete (404 is fine); dependents (a StatefulSet's pods) go in the background."""
+        self.request(
+            "DELETE",
+            _path(kind, namespace, name),
+            RESOURCES[kind][1],
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            missing_ok=True,
+        )
+
+    def get(self, kind: str, namespace: str, name: str) -> Any:
+        return self.request("GET", _path(kind, namespace, name), RESOURCES[kind][1], missing_ok=True)
+
+    def replace_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
+        """Set the whole status (JSON patch `add` replaces it), so stale keys never linger."""
+        return self.request(
+            "PATCH",
+            _path(L.KIND, namespace, name, "status"),
+            f"{L.PLURAL}/status",
+            body=[{"op": "add", "path": "/status", "value": status}],
+            content_type="application/json-patch+json",
+        )
+
+    def create_event(self, spec_ref: Mapping[str, str], event: Event) -> None:
+        """A core/v1 Event on the MoEDeployment (kubectl describe shows them)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        namespace = spec_ref["namespace"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{spec_ref['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": L.API_VERSION,
+                "kind": L.KIND,
+                "name": spec_ref["name"],
+                "namespace": namespace,
+                "uid": spec_ref["uid"],
+            },
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "type": event.type,
+            "source": {"component": L.EVENT_SOURCE},
+            "reportingComponent": L.EVENT_SOURCE,
+            "reportingInstance": os.environ.get("HOSTNAME", L.EVENT_SOURCE),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.request("POST", _path("Event", namespace), "events", body=body)
+        except (KubeError, httpx.HTTPError) as error:  # events are best effort
+            log.warning("could not post event %s: %s", event.reason, error)
+
+    def crd_exists(self, name: str, cache_seconds: float = 60.0) -> bool:
+        """Is this CRD installed? (cached; False when not allowed to look)."""
+        cached = self._crd_cache.get(name)
+        if cached and time.monotonic() - cached[1] < cache_seconds:
+            return cached[0]
+        try:
+            found = (
+                self.request(
+                    "GET",
+                    f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}",
+                    "customresourcedefinitions",
+                    missing_ok=True,
+                )
+                is not None
+            )
+        except KubeError as error:
+            log.warning("cannot read CRD %s (%s); assuming it is absent", name, error)
+            found = False
+        self._crd_cache[name] = (found, time.monotonic())
+        return found
+
+    def execute(self, spec: MoEDeploymentSpec, plan: Plan, write_status: bool, events: list[Event]) -> Any:
+        """Run a plan. Returns the status write's response (None when the status was unchanged)."""
+        ref = {"namespace": spec.namespace, "name": spec.name, "uid": spec.uid}
+        for obj in plan.apply:
+            self.apply(obj)
+        for child in plan.delete:
+            self.delete(child.kind, spec.namespace, child.name)
+        response = self.replace_status(spec.namespace, spec.name, plan.status) if write_status else None
+        for pods in plan.delete_pods.values():
+            for pod in pods:
+                self.delete("Pod", spec.namespace, pod)
+        for event in events:
+            self.create_event(ref, event)
+        return response
+
+
+def child_from_body(kind: str, body: Mapping[str, Any] | None) -> ChildState | None:
+    if body is None:
+        return None
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return ChildState(kind=kind, name=body["metadata"]["name"], spec_hash=annotations.get(L.SPEC_HASH, ""))

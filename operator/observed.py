@@ -1,0 +1,101 @@
+"""What the operator sees of its children, reduced to plain data (built from kopf index entries / bodies)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from moefleet.operator import labels as L
+
+
+@dataclass(frozen=True, slots=True)
+class ChildState:
+    """One owned object (StatefulSet, Service, PDB, ConfigMap, Deployment, PodMonitor)."""
+
+    kind: str
+    name: str
+    spec_hash: str
+    ready_replicas: int = 0  # Deployments: status.readyReplicas
+
+
+@dataclass(frozen=True, slots=True)
+class PodState:
+    """One engine pod: enough to decide group health."""
+
+    name: str
+    uid: str
+    group: str
+    ready: bool
+    phase: str
+    restart_count: int = 0
+    deleting: bool = False
+    unschedulable: str | None = None  # the scheduler's message when PodScheduled=False/Unschedulable
+    failure: str | None = None  # why a container died (termination message / reason / exit code)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A pod failure seen in a watch event (kept in memory: the failed pod may be gone when we act)."""
+
+    pod: str
+    uid: str
+    message: str
+    seen_at: float
+
+
+def child_state(body: Mapping[str, Any]) -> ChildState:
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return ChildState(
+        kind=body.get("kind", ""),
+        name=metadata.get("name", ""),
+        spec_hash=(metadata.get("annotations") or {}).get(L.SPEC_HASH, ""),
+        ready_replicas=int(status.get("readyReplicas") or 0),
+    )
+
+
+def _termination(statuses: list[Mapping[str, Any]]) -> str | None:
+    for container in statuses:
+        for key in ("state", "lastState"):
+            terminated = (container.get(key) or {}).get("terminated")
+            if terminated and (terminated.get("exitCode") or 0) != 0:
+                message = (terminated.get("message") or "").strip()
+                reason = terminated.get("reason") or "Error"
+                head = f"container {container.get('name')} exited {terminated.get('exitCode')} ({reason})"
+                return f"{head}: {message}" if message else head
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in ("CrashLoopBackOff", "CreateContainerError", "RunContainerError"):
+            return f"container {container.get('name')}: {waiting.get('reason')}: {waiting.get('message', '')}"
+    return None
+
+
+def pod_state(body: Mapping[str, Any]) -> PodState:
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    statuses = list(status.get("containerStatuses") or [])
+    scheduled = conditions.get("PodScheduled") or {}
+    unschedulable = None
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = scheduled.get("message") or "Unschedulable"
+    phase = status.get("phase") or "Pending"
+    failure = _termination(statuses)
+    if phase == "Failed" and failure is None:
+        failure = f"{status.get('reason') or 'Failed'}: {status.get('message') or 'pod failed'}"
+    return PodState(
+        name=metadata.get("name", ""),
+        uid=metadata.get("uid", ""),
+        group=(metadata.get("labels") or {}).get(L.GROUP_LABEL, ""),
+        ready=(conditions.get("Ready") or {}).get("status") == "True" and phase == "Running",
+        phase=phase,
+        restart_count=sum(int(c.get("restartCount") or 0) for c in statuses),
+        deleting=bool(metadata.get("deletionTimestamp")),
+        unschedulable=unschedulable,
+        failure=failure,
+    )
+
+
+def pod_failed(pod: PodState) -> bool:
+    """A live pod whose group must restart: it failed, or a container died and was restarted in place."""
+    return not pod.deleting and (pod.phase == "Failed" or pod.restart_count > 0 or pod.failure is not None)

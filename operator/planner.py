@@ -1,0 +1,281 @@
+"""Pure decisions: given the desired objects, what is observed and the previous status, what to do now.
+
+`plan` returns a Plan (objects to apply, objects to delete, groups whose pods to delete, events, the new
+status); `moefleet.operator.kube` executes it. Nothing here calls the API or reads the clock (`now` is an
+argument), so every decision is unit-tested (tests/operator/test_planner.py).
+
+Group rules (DESIGN.md "Operator contracts"):
+- A group is all-or-nothing: any pod failed / restarted in place / replaced => delete all its pods together,
+  first restart immediately, then exponential backoff (base * 2^(n-1), capped) and at most maxRestarts per
+  window (then the group stays down and Degraded says so until the window slides).
+- A changed StatefulSet (nodesPerReplica, image, args, ...) re-forms its group: broken groups at once,
+  serving groups one at a time and only while every other group is Ready.
+- Scaling adds/removes whole groups and leaves the others untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moefleet.operator import labels as L
+from moefleet.operator.observed import ChildState, Failure, PodState, pod_failed
+from moefleet.operator.spec import MoEDeploymentSpec, RestartPolicySpec
+from moefleet.operator.status import (
+    BACKOFF,
+    FAILED,
+    FORMING,
+    PENDING,
+    READY,
+    RESTARTING,
+    UNSCHEDULABLE,
+    UPDATING,
+    Event,
+    build_status,
+    parse_timestamp,
+    timestamp,
+)
+
+Obj = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Plan:
+    apply: list[Obj] = field(default_factory=list)  # create or update (server-side apply)
+    delete: list[ChildState] = field(default_factory=list)  # owned objects no longer wanted
+    delete_pods: dict[str, list[str]] = field(default_factory=dict)  # group -> its pod names
+    events: list[Event] = field(default_factory=list)
+    status: Obj = field(default_factory=dict)
+
+    @property
+    def writes(self) -> int:
+        return len(self.apply) + len(self.delete) + sum(len(p) for p in self.delete_pods.values())
+
+
+@dataclass(frozen=True, slots=True)
+class RestartDecision:
+    allowed: bool
+    reason: str  # "" | "BackOff" | "RestartLimit"
+    not_before: float | None = None  # when the next restart may happen (None = now)
+
+
+def restart_decision(
+    restart_times: Sequence[float], policy: RestartPolicySpec, now: float
+) -> RestartDecision:
+    """May a failed group restart now? First restart at once, then exponential backoff, bounded per window."""
+    recent = sorted(t for t in restart_times if now - t < policy.window_seconds)
+    if len(recent) >= policy.max_restarts:
+        # Out of restarts: wait until the oldest one in the window slides out.
+        return RestartDecision(False, "RestartLimit", recent[-policy.max_restarts] + policy.window_seconds)
+    if not recent:
+        return RestartDecision(True, "")
+    delay = min(policy.backoff_base_seconds * 2 ** (len(recent) - 1), policy.backoff_max_seconds)
+    not_before = recent[-1] + delay
+    if now < not_before:
+        return RestartDecision(False, "BackOff", not_before)
+    return RestartDecision(True, "")
+
+
+def members_hash(uids: Sequence[str]) -> str:
+    return hashlib.sha256(",".join(sorted(uids)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """A group's pods as seen now, minus the ones the operator already deleted (`retired` uids)."""
+
+    name: str
+    nodes: int
+    pods: tuple[PodState, ...]
+
+    @property
+    def ready(self) -> bool:
+        return len(self.pods) == self.nodes and all(p.ready for p in self.pods)
+
+    @property
+    def ready_nodes(self) -> int:
+        return sum(p.ready for p in self.pods)
+
+    @property
+    def unschedulable(self) -> str | None:
+        return next((p.unschedulable for p in self.pods if p.unschedulable), None)
+
+
+def _group_view(name: str, nodes: int, pods: Sequence[PodState], retired: Sequence[str]) -> GroupView:
+    live = tuple(sorted((p for p in pods if not p.deleting and p.uid not in retired), key=lambda p: p.name))
+    return GroupView(name, nodes, live)
+
+
+def _failure(view: GroupView, record: Mapping[str, Any], failure: Failure | None) -> str | None:
+    """Why this group must restart, or None. Uses pods, the failure memo and the recorded membership."""
+    for pod in view.pods:
+        if pod_failed(pod):
+            return f"pod {pod.name}: {pod.failure or f'restarted {pod.restart_count} time(s)'}"
+    last_restart = parse_timestamp(record["lastRestartTime"]) if record.get("lastRestartTime") else 0.0
+    # A failure seen before (or in the same second as) the last restart was already acted on.
+    if (
+        failure is not None
+        and failure.seen_at >= last_restart + 1
+        and failure.uid not in record.get("retired", [])
+    ):
+        return f"pod {failure.pod}: {failure.message}"
+    members = record.get("members")
+    if record.get("phase") == READY and members and members_hash([p.uid for p in view.pods]) != members:
+        return "a pod of the group disappeared or was replaced"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """Everything `plan` reads about the cluster."""
+
+    children: Mapping[tuple[str, str], ChildState]  # (kind, name) -> state
+    pods: Mapping[str, Sequence[PodState]]  # group name -> its pods
+    failures: Mapping[str, Failure] = field(default_factory=dict)  # group name -> latest failure seen
+
+
+def plan(
+    spec: MoEDeploymentSpec,
+    desired: Sequence[Obj],
+    observed: Observed,
+    previous_status: Mapping[str, Any],
+    now: float,
+    managed_kinds: Sequence[str] = (
+        "StatefulSet",
+        "Service",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "Deployment",
+    ),
+) -> Plan:
+    """Decide this reconcile's writes and the resulting status (see the module docstring for the rules)."""
+    out = Plan()
+    desired_by_key = {(obj["kind"], obj["metadata"]["name"]): obj for obj in desired}
+    hashes = {key: obj["metadata"]["annotations"][L.SPEC_HASH] for key, obj in desired_by_key.items()}
+
+    # 1. Children that are not StatefulSets: apply when missing or different, delete when unwanted.
+    for key, obj in desired_by_key.items():
+        if key[0] == "StatefulSet":
+            continue
+        seen = observed.children.get(key)
+        if seen is None or seen.spec_hash != hashes[key]:
+            out.apply.append(obj)
+            out.events.append(Event("Normal", "Created" if seen is None else "Updated", f"{key[0]} {key[1]}"))
+    for key, seen in sorted(observed.children.items()):
+        if key not in desired_by_key and key[0] in managed_kinds:
+            out.delete.append(seen)
+            out.events.append(Event("Normal", "Deleted", f"{key[0]} {key[1]} (no longer wanted)"))
+
+    # 2. Groups.
+    previous_groups = {g["name"]: g for g in previous_status.get("groups") or []}
+    groups: list[Obj] = []
+    views: dict[str, GroupView] = {}
+    outdated: list[str] = []
+    for role in spec.roles:
+        for replica in range(role.replicas):
+            name = L.group_name(spec.name, role.name, replica)
+            record = dict(previous_groups.get(name) or {})
+            view = _group_view(
+                name, role.nodes_per_replica, observed.pods.get(name, ()), record.get("retired", [])
+            )
+            views[name] = view
+            seen = observed.children.get(("StatefulSet", name))
+            record.update(name=name, role=role.name, replica=replica, nodes=role.nodes_per_replica)
+            if seen is None:
+                out.apply.append(desired_by_key[("StatefulSet", name)])
+                out.events.append(
+                    Event("Normal", "Created", f"StatefulSet {name} (group of {view.nodes} nodes)")
+                )
+            elif seen.spec_hash != hashes[("StatefulSet", name)]:
+                outdated.append(name)
+            groups.append(record)
+
+    # 2a. Re-form changed groups: broken ones at once, serving ones one at a time while all others are Ready.
+    reforming: set[str] = set()
+    for name in outdated:
+        others_ready = all(v.ready for n, v in views.items() if n != name and n not in reforming)
+        if views[name].ready and (reforming or not others_ready):
+            continue  # keeps serving with its old spec; Progressing says it waits
+        reforming.add(name)
+        out.apply.append(desired_by_key[("StatefulSet", name)])
+        out.events.append(Event("Normal", "ReformingGroup", f"group {name}: spec changed; re-forming it"))
+        if views[name].pods:
+            out.delete_pods[name] = [p.name for p in views[name].pods]
+
+    # 2b. Health of each group -> phase, restarts.
+    policy = spec.restart_policy
+    for record in groups:
+        name = record["name"]
+        view = views[name]
+        retired = list(record.get("retired", []))
+        if name in reforming:
+            record.update(phase=UPDATING, members="", retired=sorted({*retired, *(p.uid for p in view.pods)}))
+            record["readyNodes"] = 0
+            continue
+        record["readyNodes"] = view.ready_nodes
+        reason = _failure(view, record, observed.failures.get(name))
+        if reason is not None:
+            times = [parse_timestamp(t) for t in record.get("restartTimes", [])]
+            decision = restart_decision(times, policy, now)
+            if decision.allowed:
+                memo = observed.failures.get(name)
+                failed_uid = [memo.uid] if memo is not None else []
+                recent = [t for t in times if now - t < policy.window_seconds] + [now]
+                record.update(
+                    phase=RESTARTING,
+                    members="",
+                    restarts=int(record.get("restarts", 0)) + 1,
+                    restartTimes=[timestamp(t) for t in recent],
+                    lastRestartTime=timestamp(now),
+                    lastFailure=reason,
+                    retired=sorted({*retired, *(p.uid for p in view.pods), *failed_uid}),
+                    readyNodes=0,
+                )
+                record.pop("nextRestartTime", None)
+                if view.pods:
+                    out.delete_pods[name] = [p.name for p in view.pods]
+                out.events.append(
+                    Event(
+                        "Warning", "GroupRestarting", f"group {name}: restarting all pods together: {reason}"
+                    )
+                )
+            else:
+                phase = FAILED if decision.reason == "RestartLimit" else BACKOFF
+                assert decision.not_before is not None
+                next_time = timestamp(decision.not_before)
+                if record.get("phase") != phase or record.get("nextRestartTime") != next_time:
+                    out.events.append(
+                        Event(
+                            "Warning",
+                            "GroupRestartLimited" if phase == FAILED else "GroupBackOff",
+                            f"group {name}: {reason}; next restart not before {next_time}",
+                        )
+                    )
+                record.update(phase=phase, lastFailure=reason, nextRestartTime=next_time)
+            continue
+        record.pop("nextRestartTime", None)
+        if view.ready:
+            record.update(phase=READY, members=members_hash([p.uid for p in view.pods]), retired=[])
+        elif view.unschedulable:
+            record["phase"] = UNSCHEDULABLE
+        elif record.get("phase") in (RESTARTING, UPDATING) and len(view.pods) < view.nodes:
+            pass  # still waiting for the replacement pods
+        else:
+            record["phase"] = FORMING if view.pods else PENDING
+        if not record.get("retired"):
+            record.pop("retired", None)
+
+    gateway = observed.children.get(("Deployment", L.gateway_name(spec.name)))
+    out.status = build_status(
+        spec,
+        groups,
+        unschedulable={n: v.unschedulable for n, v in views.items() if v.unschedulable},
+        outdated=outdated,
+        reforming=reforming,
+        gateway_ready_replicas=gateway.ready_replicas if gateway is not None else None,
+        previous_status=previous_status,
+        now=now,
+    )
+    return out

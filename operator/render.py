@@ -1,0 +1,413 @@
+"""Pure rendering: MoEDeploymentSpec -> the exact Kubernetes objects the operator owns.
+
+No API calls and no clock: the same spec always renders the same objects (golden files in
+tests/operator/data/ show them). Every object carries the common labels, an owner reference to the
+MoEDeployment (so deleting it garbage-collects everything) and a spec-hash annotation (so an unchanged object
+is never written again).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from moefleet.operator import labels as L
+from moefleet.operator.spec import MoEDeploymentSpec, RoleSpec
+
+Obj = dict[str, Any]
+
+
+def owner_reference(spec: MoEDeploymentSpec) -> Obj:
+    return {
+        "apiVersion": L.API_VERSION,
+        "kind": L.KIND,
+        "name": spec.name,
+        "uid": spec.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def object_hash(obj: Obj) -> str:
+    """Stable hash of an object's content, ignoring the spec-hash annotation itself."""
+    stripped = copy.deepcopy(obj)
+    stripped.get("metadata", {}).get("annotations", {}).pop(L.SPEC_HASH, None)
+    encoded = json.dumps(stripped, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _finish(spec: MoEDeploymentSpec, obj: Obj) -> Obj:
+    metadata = obj["metadata"]
+    metadata["namespace"] = spec.namespace
+    metadata["ownerReferences"] = [owner_reference(spec)]
+    metadata.setdefault("annotations", {})
+    metadata["annotations"][L.SPEC_HASH] = object_hash(obj)
+    return obj
+
+
+def master_address(spec: MoEDeploymentSpec, role: str, replica: int) -> str:
+    """Stable DNS name of node rank 0 of a group (pod 0 behind the group's headless Service)."""
+    group = L.group_name(spec.name, role, replica)
+    return f"{group}-0.{group}.{spec.namespace}.svc"
+
+
+def engine_args(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> list[str]:
+    """`moefleet serve` arguments; the node rank comes from the pod-index label through $(MOEFLEET_NODE_RANK).
+
+    Only flags `moefleet serve` has; the role and EPLB settings travel as MOEFLEET_* environment variables.
+    """
+    args = [
+        "--model", spec.model.path,
+        "--served-model-name", spec.model.served_name,
+        "--host", "0.0.0.0",
+        "--port", str(L.ENGINE_HTTP_PORT),
+        "--device", "cuda",
+        "--nnodes", str(role.nodes_per_replica),
+        "--node-rank", "$(MOEFLEET_NODE_RANK)",
+        "--nproc-per-node", str(role.gpus_per_node),
+        "--master-addr", master_address(spec, role.name, replica),
+        "--master-port", str(L.ENGINE_MASTER_PORT),
+    ]  # fmt: skip
+    return args + list(spec.engine_args) + list(role.engine_args)
+
+
+def _engine_env(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> list[Obj]:
+    def field_ref(path: str) -> Obj:
+        return {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}
+
+    env: list[Obj] = [
+        {"name": "MOEFLEET_DEPLOYMENT", "value": spec.name},
+        {"name": "MOEFLEET_ROLE", "value": role.name},
+        {"name": "MOEFLEET_GROUP", "value": L.group_name(spec.name, role.name, replica)},
+        {"name": "MOEFLEET_NNODES", "value": str(role.nodes_per_replica)},
+        {"name": "MOEFLEET_NPROC_PER_NODE", "value": str(role.gpus_per_node)},
+        {"name": "MOEFLEET_NODE_RANK", "valueFrom": field_ref(f"metadata.labels['{L.POD_INDEX}']")},
+        {"name": "MOEFLEET_MASTER_ADDR", "value": master_address(spec, role.name, replica)},
+        {"name": "MOEFLEET_MASTER_PORT", "value": str(L.ENGINE_MASTER_PORT)},
+        {"name": "MOEFLEET_SERVED_MODEL_NAME", "value": spec.model.served_name},
+        {"name": "MOEFLEET_EPLB_ENABLED", "value": "true" if spec.eplb.enabled else "false"},
+        {"name": "MOEFLEET_EPLB_REDUNDANT_EXPERTS", "value": str(spec.eplb.redundant_experts)},
+        {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
+        {"name": "POD_IP", "valueFrom": field_ref("status.podIP")},
+    ]
+    return env + [dict(item) for item in spec.env]
+
+
+def _model_volume(spec: MoEDeploymentSpec) -> Obj | None:
+    if spec.model.claim_name:
+        return {
+            "name": "model",
+            "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True},
+        }
+    if spec.model.volume:
+        return {"name": "model", **copy.deepcopy(dict(spec.model.volume))}
+    return None
+
+
+def _resources(resources: Any, gpus: int | None) -> Obj:
+    out: Obj = copy.deepcopy(dict(resources or {}))
+    if gpus:
+        out["limits"] = {**out.get("limits", {}), L.GPU_RESOURCE: gpus}
+    return out
+
+
+def _group_affinity(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> Obj:
+    if role.affinity:
+        return copy.deepcopy(dict(role.affinity))
+    # Default: keep a group's nodes in one zone (its all-to-all traffic must not cross zones).
+    return {
+        "podAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {
+                            "matchLabels": {L.GROUP_LABEL: L.group_name(spec.name, role.name, replica)}
+                        },
+                        "topologyKey": "topology.kubernetes.io/zone",
+                    },
+                }
+            ]
+        }
+    }
+
+
+def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
+    """One group: nodesPerReplica pods started together (Parallel), updated only by the operator (OnDelete)."""
+    role = spec.role(role_name)
+    name = L.group_name(spec.name, role.name, replica)
+    pod_labels = L.group_labels(spec.name, role.name, replica)
+    volumes: list[Obj] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts: list[Obj] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    model_volume = _model_volume(spec)
+    if model_volume:
+        volumes.append(model_volume)
+        mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    container: Obj = {
+        "name": "engine",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["moefleet", "serve"],
+        "args": engine_args(spec, role, replica),
+        "env": _engine_env(spec, role, replica),
+        "ports": [
+            {"name": "http", "containerPort": L.ENGINE_HTTP_PORT, "protocol": "TCP"},
+            {"name": "dist", "containerPort": L.ENGINE_MASTER_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(role.resources, role.gpus_per_node),
+        # Loading hundreds of GB of weights takes long: the startup probe allows up to an hour.
+        "startupProbe": {
+            "httpGet": {"path": L.HEALTH_PATH, "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 360,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": L.HEALTH_PATH, "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        # Keep the crash reason: the operator copies it into the group-restart Event.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+    pod_spec: Obj = {
+        "containers": [container],
+        "volumes": volumes,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "affinity": _group_affinity(spec, role, replica),
+    }
+    if role.node_selector:
+        pod_spec["nodeSelector"] = dict(role.node_selector)
+    if role.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in role.tolerations]
+    return _finish(
+        spec,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": name, "labels": dict(pod_labels)},
+            "spec": {
+                "replicas": role.nodes_per_replica,
+                "serviceName": name,
+                "podManagementPolicy": "Parallel",
+                # The operator re-forms a whole group at once; a rolling update would mix versions in one
+                # torch.distributed world.
+                "updateStrategy": {"type": "OnDelete"},
+                "selector": {"matchLabels": {L.GROUP_LABEL: name, **L.selector_labels(spec.name)}},
+                "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            },
+        },
+    )
+
+
+def render_headless_service(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
+    """Stable DNS for the group's pods; not-ready addresses are published so rank 0 resolves during startup."""
+    name = L.group_name(spec.name, role_name, replica)
+    return _finish(
+        spec,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "labels": L.group_labels(spec.name, role_name, replica)},
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {L.GROUP_LABEL: name, **L.selector_labels(spec.name)},
+                "ports": [
+                    {"name": "http", "port": L.ENGINE_HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                    {"name": "dist", "port": L.ENGINE_MASTER_PORT, "targetPort": "dist", "protocol": "TCP"},
+                ],
+            },
+        },
+    )
+
+
+def render_role_service(spec: MoEDeploymentSpec, role_name: str) -> Obj:
+    """Headless Service over the *ready* rank-0 pods of a role: the gateway's group discovery."""
+    return _finish(
+        spec,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": L.role_service_name(spec.name, role_name),
+                "labels": {**L.common_labels(spec.name, L.COMPONENT_ENGINE), L.ROLE: role_name},
+            },
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": False,
+                "selector": {**L.selector_labels(spec.name), L.ROLE: role_name, L.POD_INDEX: "0"},
+                "ports": [
+                    {"name": "http", "port": L.ENGINE_HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
+                ],
+            },
+        },
+    )
+
+
+def render_pdb(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
+    """One voluntary eviction at a time per group (losing one pod restarts the group anyway)."""
+    name = L.group_name(spec.name, role_name, replica)
+    return _finish(
+        spec,
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "labels": L.group_labels(spec.name, role_name, replica)},
+            "spec": {
+                "maxUnavailable": 1,
+                # A group that is already broken must not block node drains.
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                "selector": {"matchLabels": {L.GROUP_LABEL: name, **L.selector_labels(spec.name)}},
+            },
+        },
+    )
+
+
+def gateway_config(spec: MoEDeploymentSpec) -> Obj:
+    """The gateway's config file: roles, their groups' rank-0 URLs and the role Services that list ready ones."""
+    roles: Obj = {}
+    for role in spec.roles:
+        roles[role.name] = {
+            "service": f"{L.role_service_name(spec.name, role.name)}.{spec.namespace}.svc",
+            "port": L.ENGINE_HTTP_PORT,
+            "groups": [
+                {
+                    "name": L.group_name(spec.name, role.name, replica),
+                    "url": f"http://{master_address(spec, role.name, replica)}:{L.ENGINE_HTTP_PORT}",
+                    "nodes": role.nodes_per_replica,
+                    "ranks": role.ranks_per_group,
+                }
+                for replica in range(role.replicas)
+            ],
+        }
+    return {
+        "model": spec.model.served_name,
+        "mode": "disaggregated" if spec.disaggregated else "mixed",
+        "routingPolicy": spec.gateway.routing_policy,
+        "port": spec.gateway.port,
+        "healthPath": L.HEALTH_PATH,
+        "roles": roles,
+    }
+
+
+def render_gateway_configmap(spec: MoEDeploymentSpec) -> Obj:
+    text = json.dumps(gateway_config(spec), indent=2, sort_keys=True) + "\n"
+    return _finish(
+        spec,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": L.gateway_name(spec.name),
+                "labels": L.common_labels(spec.name, L.COMPONENT_GATEWAY),
+            },
+            "data": {L.GATEWAY_CONFIG_FILE: text},
+        },
+    )
+
+
+def render_gateway_deployment(spec: MoEDeploymentSpec) -> Obj:
+    """The gateway; it re-reads its mounted config, so scaling groups does not restart it."""
+    name = L.gateway_name(spec.name)
+    pod_labels = L.common_labels(spec.name, L.COMPONENT_GATEWAY)
+    pod_spec: Obj = {
+        "containers": [
+            {
+                "name": "gateway",
+                "image": spec.image,
+                "imagePullPolicy": spec.image_pull_policy,
+                "command": ["moefleet", "gateway"],
+                "args": [
+                    "--config",
+                    f"{L.GATEWAY_CONFIG_DIR}/{L.GATEWAY_CONFIG_FILE}",
+                    "--host",
+                    "0.0.0.0",
+                    "--port",
+                    str(spec.gateway.port),
+                ],  # fmt: skip
+                "ports": [{"name": "http", "containerPort": spec.gateway.port, "protocol": "TCP"}],
+                "resources": _resources(spec.gateway.resources, None),
+                "readinessProbe": {"httpGet": {"path": L.HEALTH_PATH, "port": "http"}, "periodSeconds": 5},
+                "volumeMounts": [{"name": "config", "mountPath": L.GATEWAY_CONFIG_DIR, "readOnly": True}],
+            }
+        ],
+        "volumes": [{"name": "config", "configMap": {"name": name}}],
+        "enableServiceLinks": False,
+    }
+    if spec.gateway.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.gateway.node_selector)
+    if spec.gateway.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.gateway.tolerations]
+    return _finish(
+        spec,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "labels": dict(pod_labels)},
+            "spec": {
+                "replicas": spec.gateway.replicas,
+                "selector": {
+                    "matchLabels": {**L.selector_labels(spec.name), L.COMPONENT: L.COMPONENT_GATEWAY}
+                },
+                "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            },
+        },
+    )
+
+
+def render_gateway_service(spec: MoEDeploymentSpec) -> Obj:
+    return _finish(
+        spec,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": L.gateway_name(spec.name),
+                "labels": L.common_labels(spec.name, L.COMPONENT_GATEWAY),
+            },
+            "spec": {
+                "selector": {**L.selector_labels(spec.name), L.COMPONENT: L.COMPONENT_GATEWAY},
+                "ports": [
+                    {"name": "http", "port": spec.gateway.port, "targetPort": "http", "protocol": "TCP"}
+                ],
+            },
+        },
+    )
+
+
+def render_pod_monitor(spec: MoEDeploymentSpec) -> Obj:
+    """Prometheus Operator PodMonitor over the engine and gateway pods (only when that CRD exists)."""
+    return _finish(
+        spec,
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": spec.name, "labels": L.common_labels(spec.name, L.COMPONENT_ENGINE)},
+            "spec": {
+                "selector": {"matchLabels": L.selector_labels(spec.name)},
+                "podMetricsEndpoints": [{"port": "http", "path": L.METRICS_PATH, "interval": "15s"}],
+            },
+        },
+    )
+
+
+def render_all(spec: MoEDeploymentSpec, pod_monitor_supported: bool) -> list[Obj]:
+    """Every desired child, in apply order (Services before the StatefulSets that name them)."""
+    out: list[Obj] = []
+    for role in spec.roles:
+        out.append(render_role_service(spec, role.name))
+        for replica in range(role.replicas):
+            out.append(render_headless_service(spec, role.name, replica))
+            out.append(render_pdb(spec, role.name, replica))
+            out.append(render_statefulset(spec, role.name, replica))
+    out.append(render_gateway_configmap(spec))
+    out.append(render_gateway_service(spec))
+    out.append(render_gateway_deployment(spec))
+    if spec.pod_monitor and pod_monitor_supported:
+        out.append(render_pod_monitor(spec))
+    return out

@@ -1,0 +1,51 @@
+"""Operator settings from environment variables prefixed MOEFLEET_OPERATOR_ (read once at import)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+PREFIX = "MOEFLEET_OPERATOR_"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    # Seconds between periodic reconciles of each MoEDeployment (children are watched through kopf
+    # indexes, so a reconcile with nothing to do makes no API request).
+    resync_seconds: float = 10.0
+    # Image used when a MoEDeployment does not set spec.image (the chart sets it to its own image).
+    default_image: str = "ghcr.io/moefleet/moefleet:latest"
+    # Port of the operator's Prometheus endpoint (API request counters); 0 disables it.
+    metrics_port: int = 0
+    # Kopf's worker threads for the (synchronous) handlers.
+    workers: int = 8
+    # Seconds a "does the PodMonitor CRD exist?" answer is cached.
+    crd_cache_seconds: float = 60.0
+    # Kubernetes API request timeout in seconds.
+    request_timeout_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.resync_seconds <= 0:
+            raise ValueError(f"{PREFIX}RESYNC_SECONDS ({self.resync_seconds}) must be > 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"{PREFIX}METRICS_PORT ({self.metrics_port}) must be in 0..65535")
+        if self.workers < 1:
+            raise ValueError(f"{PREFIX}WORKERS ({self.workers}) must be >= 1")
+
+
+def from_environment(environ: dict[str, str] | None = None) -> OperatorSettings:
+    """Build settings from MOEFLEET_OPERATOR_<FIELD> variables; a bad value raises naming the variable."""
+    env = os.environ if environ is None else environ
+    defaults = OperatorSettings()
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(OperatorSettings):
+        key = PREFIX + field.name.upper()
+        if key not in env:
+            continue
+        kind = type(getattr(defaults, field.name))
+        try:
+            values[field.name] = kind(env[key])
+        except ValueError:
+            raise ValueError(f"{key}={env[key]!r} is not a valid {kind.__name__}") from None
+    return OperatorSettings(**values)  # type: ignore[arg-type]
