@@ -1,0 +1,203 @@
+"""LLMEngine: the step loop (schedule -> run -> postprocess), and LLM, the offline batch API on top of it.
+
+Not thread-safe: one thread owns an engine (the HTTP server drives it from `server/async_engine.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .sampling_params import FinishReason, RequestOutput, SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    """Continuous-batching engine of one rank: add requests, call `step()` until none are unfinished."""
+
+    def __init__(self, config: EngineConfig, model: nn.Module | None = None):
+        self.config = config
+        self.tokenizer = Tokenizer(config.model)
+        self.model_runner = ModelRunner(config, self.tokenizer.eos_token_ids, model)
+        assert config.max_model_len is not None
+        self.scheduler = Scheduler(
+            BlockManager(self.model_runner.num_kv_blocks, config.block_size),
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+        )
+        self.vocab_size = int(config.hf_config.get("vocab_size", self.tokenizer.vocab_size))
+        self._requests: dict[str, _Request] = {}
+        self._aborted: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_steps_total = 0
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams | None = None
+    ) -> None:
+        """Queue a request. Raises ValueError (saying what to change) for requests that cannot run."""
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id ({request_id!r}) is already in use: pick a unique id")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt_token_ids has ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}; "
+                "tokenize with this model's tokenizer"
+            )
+        seq = Sequence(request_id, prompt_token_ids, params)
+        self.scheduler.add(seq)
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, seq.token_ids, params, self.tokenizer.eos_token_ids
+        )
+        self._requests[request_id] = _Request(seq, detokenizer)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; the next `step()` reports it finished with "abort".
+        Returns False for an unknown (or already finished) request."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.abort(request_id)
+        self.model_runner.release(request.seq)
+        self._aborted.append(self._output(request.seq, [], "", "abort"))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._aborted)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule one batch, run the model on it, and report every request that produced something."""
+        outputs, self._aborted = self._aborted, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        token_ids = self.model_runner.run(batch)
+        return outputs + self.postprocess(batch, token_ids)
+
+    def postprocess(self, batch: SchedulerOutput, token_ids: list[int]) -> list[RequestOutput]:
+        """Record the computed tokens, append sampled ones, detokenize, and retire finished requests."""
+        self.scheduler.advance(batch)
+        self.num_steps_total += 1
+        self.prompt_tokens_total += sum(
+            min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens) - min(s.start, s.seq.num_prompt_tokens)
+            for s in batch.scheduled
+        )
+        outputs = []
+        for scheduled, token_id in zip(batch.sampling, token_ids, strict=True):
+            seq = scheduled.seq
+            seq.append_token(token_id)
+            self.generation_tokens_total += 1
+            delta, finish_reason, stop_reason = self._requests[seq.request_id].detokenizer.update(token_id)
+            if finish_reason is not None:
+                seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
+                self.scheduler.finish(seq)
+                self.model_runner.release(seq)
+                del self._requests[seq.request_id]
+            outputs.append(self._output(seq, [token_id], delta, finish_reason, stop_reason))
+        return outputs
+
+    def stats(self) -> dict[str, float]:
+        """Load and KV usage of this engine, for metrics and routing."""
+        bm = self.scheduler.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_usage": bm.usage,
+            "num_preemptions_total": self.scheduler.num_preemptions_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }
+
+    @staticmethod
+    def _output(
+        seq: Sequence,
+        token_ids: list[int],
+        delta: str,
+        finish_reason: FinishReason | None,
+        stop_reason: str | int | None = None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=token_ids,
+            text_delta=delta,
+            finished=finish_reason is not None,
+            finish_reason=finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            stop_reason=stop_reason,
+        )
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    stop_reason: str | int | None = None
+
+
+class LLM:
+    """Offline batch generation: `LLM(model_dir, **config).generate(prompts, sampling_params)`."""
+
+    def __init__(self, model: str, **config: Any):
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+        self.tokenizer = self.engine.tokenizer
+        self._request_counter = itertools.count()
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for all prompts together (continuous batching); results come back in input order.
+        Text prompts are tokenized with special tokens (BOS where the model wants one)."""
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts: "
+                    "pass one per prompt or a single SamplingParams"
+                )
+            params_list = sampling_params
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [f"generate-{next(self._request_counter)}" for _ in prompts]
+        results: dict[str, GenerationResult] = {}
+        try:
+            for request_id, tokens, params in zip(ids, prompt_ids, params_list, strict=True):
+                self.engine.add_request(request_id, tokens, params)
+                results[request_id] = GenerationResult(tokens, [], "", None)
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    result = results.get(out.request_id)
+                    if result is None:
+                        continue  # e.g. the abort notice of an earlier, interrupted call
+                    result.token_ids.extend(out.new_token_ids)
+                    result.text += out.text_delta
+                    if out.finished:
+                        result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
+        except BaseException:
+            for request_id in results:
+                self.engine.abort_request(request_id)
+            raise
+        return [results[i] for i in ids]

@@ -1,0 +1,196 @@
+"""ModelRunner: owns the model and its paged KV cache; turns a scheduled batch into tensors, runs one forward
+and samples.
+
+Shape legend: T new tokens in the step (all sequences concatenated), B scheduled sequences, S sampling
+sequences (prompt complete this step), M max blocks per sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EngineConfig
+from .context import ForwardContext, forward_context
+from .loader import dtype_from_name, load_model
+from .sampler import SamplingBatch, sample
+from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    context: ForwardContext
+    sample_indices: torch.Tensor  # [S] rows of the step's hidden states whose logits are sampled
+
+
+class ModelRunner:
+    """Runs the model of one rank. `run` accepts an empty batch (an idle step that still runs the forward, so
+    ranks of an expert-parallel group issue the same collectives)."""
+
+    def __init__(
+        self, config: EngineConfig, eos_token_ids: list[int] | None = None, model: nn.Module | None = None
+    ):
+        self.config = config
+        # Only for min_tokens (EOS is banned until enough tokens were generated).
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.device = torch.device(config.device)
+        assert config.dtype is not None
+        self.dtype = dtype_from_name(config.dtype)
+        self.block_size = config.block_size
+        # Any: models follow the engine contract (forward, compute_logits), not one base class.
+        self.model: Any = model if model is not None else load_model(config.model, self.device, self.dtype)
+        self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
+        if not self.attention_layers:
+            raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
+        self.num_kv_blocks = self._count_kv_blocks()
+        self._allocate_kv_cache()
+        # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
+        self._default_generator = torch.Generator(self.device).manual_seed(config.seed)
+        self._generators: dict[int, torch.Generator] = {}
+
+    # ---- KV cache ----------------------------------------------------------------------------------------
+
+    def kv_cache_bytes_per_block(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(
+            _numel(layer.kv_cache_shape(1, self.block_size)) * element_size for layer in self.attention_layers
+        )
+
+    def _count_kv_blocks(self) -> int:
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * config.kv_cache_memory_fraction)
+        else:
+            assert config.kv_cache_bytes is not None
+            budget = config.kv_cache_bytes
+        num_blocks = budget // self.kv_cache_bytes_per_block()
+        # More than every sequence at full length can never be used.
+        num_blocks = min(num_blocks, config.max_num_seqs * config.max_blocks_per_seq)
+        if num_blocks < config.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache budget holds {num_blocks} blocks, fewer than one max_model_len "
+                f"({config.max_model_len}) sequence needs ({config.max_blocks_per_seq}): raise "
+                "kv_cache_bytes / kv_cache_memory_fraction or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.attention_layers:
+            shape = layer.kv_cache_shape(self.num_kv_blocks, self.block_size)
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        logger.info(
+            "KV cache: %d blocks x %d tokens, %.1f MiB",
+            self.num_kv_blocks,
+            self.block_size,
+            self.num_kv_blocks * self.kv_cache_bytes_per_block() / 2**20,
+        )
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def prepare(self, batch: SchedulerOutput) -> StepInputs:
+        """Flatten the scheduled chunks into model inputs and forward metadata."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        sample_indices: list[int] = []
+        bs = self.block_size
+        for s in batch.scheduled:
+            end = s.start + s.num_new_tokens
+            table = s.seq.block_table
+            input_ids.extend(s.seq.token_ids[s.start : end])
+            positions.extend(range(s.start, end))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
+            query_lens.append(s.num_new_tokens)
+            context_lens.append(end)
+            if s.samples:
+                sample_indices.append(len(input_ids) - 1)
+        width = max((len(s.seq.block_table) for s in batch.scheduled), default=0)
+        block_tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in batch.scheduled]
+
+        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        context = ForwardContext(
+            is_prefill=batch.is_prefill,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            slot_mapping=tensor(slot_mapping),
+            block_tables=tensor(block_tables).reshape(len(block_tables), width),
+            block_size=bs,
+        )
+        return StepInputs(tensor(input_ids), tensor(positions), context, tensor(sample_indices))
+
+    @torch.inference_mode()
+    def run(self, batch: SchedulerOutput, is_prefill: bool | None = None) -> list[int]:
+        """One forward over `batch`; returns one sampled token per sampling sequence (scheduled order).
+
+        `is_prefill` overrides the forward mode (expert-parallel ranks agree on one mode per step).
+        """
+        inputs = self.prepare(batch)
+        if is_prefill is not None:
+            inputs.context.is_prefill = is_prefill
+        with forward_context(inputs.context):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        if inputs.sample_indices.numel() == 0:
+            return []
+        logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]
+        sampling = [s.seq for s in batch.scheduled if s.samples]
+        self._ban_early_stop_tokens(logits, sampling)
+        return sample(logits, self._sampling_batch(sampling))
+
+    # ---- sampling state ----------------------------------------------------------------------------------
+
+    def release(self, seq: Sequence) -> None:
+        """Forget per-request state of a finished or aborted sequence."""
+        self._generators.pop(seq.seq_id, None)
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        return SamplingBatch(
+            temperatures=[s.params.temperature for s in seqs],
+            top_ks=[s.params.top_k for s in seqs],
+            top_ps=[s.params.top_p for s in seqs],
+            generators=[self._generator(s) for s in seqs],
+        )
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.greedy:
+            return None
+        if seq.params.seed is None:
+            return self._default_generator
+        generator = self._generators.get(seq.seq_id)
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(seq.params.seed)
+            self._generators[seq.seq_id] = generator
+        return generator
+
+    def _ban_early_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: EOS and stop tokens cannot be sampled before enough output tokens."""
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = list(seq.params.stop_token_ids)
+                if not seq.params.ignore_eos:
+                    banned.extend(self.eos_token_ids)
+                banned = [t for t in banned if t < logits.shape[1]]
+                if banned:
+                    logits[row, banned] = float("-inf")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
