@@ -100,6 +100,8 @@ class LocalEngineClient(EngineClient):
         self.tokenizer = engine.tokenizer
         config: Any = getattr(engine, "config", None)
         self.max_model_len = int(max_model_len if max_model_len is not None else config.max_model_len)
+        if vocab_size is None:
+            vocab_size = getattr(engine, "vocab_size", None)
         if vocab_size is None and config is not None:
             vocab_size = getattr(config, "hf_config", {}).get("vocab_size")
         self.vocab_size = vocab_size

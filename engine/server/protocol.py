@@ -130,6 +130,8 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[int]
     echo: bool = False
+    # Extension: also return the generated token ids (choices[0].token_ids) and the prompt's ids.
+    return_token_ids: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None

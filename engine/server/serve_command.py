@@ -247,7 +247,11 @@ def run(args: argparse.Namespace) -> int:
         client = build_engine_client(args)
         port = sock.getsockname()[1]
         app = build_app(client, served_model_name)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+        # host/port only label uvicorn's log lines; it serves on the socket bound above.
+        config = uvicorn.Config(
+            app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5
+        )
+        server = uvicorn.Server(config)
 
         def on_started() -> None:
             if args.print_examples:

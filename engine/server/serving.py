@@ -140,12 +140,13 @@ async def _start(
         raise
 
 
-async def _collect(generation: Generation, first: Any) -> tuple[str, Any]:
-    text, output = first.text_delta, first
+async def _collect(generation: Generation, first: Any) -> tuple[str, list[int], Any]:
+    text, token_ids, output = first.text_delta, list(first.new_token_ids), first
     while not output.finished:
         output = await generation.next()
         text += output.text_delta
-    return text, output
+        token_ids += output.new_token_ids
+    return text, token_ids, output
 
 
 def _usage_chunk(request_id: str, created: int, model: str, object_name: str, last: Any) -> dict[str, Any]:
@@ -191,7 +192,7 @@ def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _run(generation: Generation, first: Any) -> tuple[str, Any]:
+async def _run(generation: Generation, first: Any) -> tuple[str, list[int], Any]:
     try:
         return await _collect(generation, first)
     finally:
@@ -224,11 +225,16 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         include_usage = body.include_usage
 
         def render(output: Any) -> list[dict[str, Any]]:
-            if not output.text_delta and not output.finished:
+            if not output.text_delta and not output.finished and not body.return_token_ids:
                 return []
             choice = CompletionChoice(text=output.text_delta, finish_reason=output.finish_reason)
-            chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
-            return [_dump(chunk, include_usage)]
+            chunk = _dump(
+                CompletionResponse(id=request_id, created=created, model=model, choices=[choice]),
+                include_usage,
+            )
+            if body.return_token_ids:
+                chunk["choices"][0]["token_ids"] = list(output.new_token_ids)
+            return [chunk]
 
         usage = (
             partial(_usage_chunk, request_id, created, model, "text_completion") if include_usage else None
@@ -236,7 +242,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         return _streaming_response(_event_stream(generation, first, render, usage))
 
     try:
-        text, last = await _run(generation, first)
+        text, token_ids, last = await _run(generation, first)
     except ClientDisconnected:
         return Response(status_code=499)
     response = CompletionResponse(
@@ -246,7 +252,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
         usage=Usage.of(last.num_prompt_tokens, last.num_output_tokens),
     )
-    return JSONResponse(response.model_dump())
+    data = response.model_dump()
+    if body.return_token_ids:  # extension: exact ids for clients (and tests) that compare tokens
+        data["choices"][0]["token_ids"] = token_ids
+        data["prompt_token_ids"] = prompt_ids
+    return JSONResponse(data)
 
 
 async def create_chat_completion(
@@ -306,7 +316,7 @@ async def create_chat_completion(
         return _streaming_response(_event_stream(generation, first, render, usage))
 
     try:
-        text, last = await _run(generation, first)
+        text, _, last = await _run(generation, first)
     except ClientDisconnected:
         return Response(status_code=499)
     response = ChatCompletionResponse(
