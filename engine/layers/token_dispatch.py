@@ -27,9 +27,7 @@ class DispatchedTokens:
 
 
 class TokenDispatcher(Protocol):
-    def dispatch_start(
-        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> Any:
+    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
         """Launch sending `hidden` [T, D] to the ranks owning physical experts `topk_ids` [T, K]."""
         ...
 
@@ -71,7 +69,9 @@ def unpermute_and_reduce(
     """Inverse of `permute_by_expert`: weight each hit's output and sum back per token -> [T, D]."""
     top_k = topk_weights.shape[1]
     weights = topk_weights.reshape(-1)[order].to(sorted_output.dtype).unsqueeze(1)
-    out = torch.zeros(num_tokens, sorted_output.shape[1], dtype=sorted_output.dtype, device=sorted_output.device)
+    out = torch.zeros(
+        num_tokens, sorted_output.shape[1], dtype=sorted_output.dtype, device=sorted_output.device
+    )
     out.index_add_(0, order // top_k, sorted_output * weights)
     return out
 

@@ -1,0 +1,25 @@
+"""Model registry: HF `architectures[0]` -> model class (each has `config_class.from_dict`)."""
+
+from __future__ import annotations
+
+from moefleet.engine.models.base import CausalLM
+from moefleet.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+from moefleet.engine.models.qwen3_moe import Qwen3MoeForCausalLM
+
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[CausalLM]:
+    """The class for an HF architecture name, or a ValueError listing what is supported."""
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unsupported architecture {architecture!r} (supported: {', '.join(sorted(MODEL_REGISTRY))})"
+        ) from None
+
+
+__all__ = ["MODEL_REGISTRY", "CausalLM", "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "model_class"]

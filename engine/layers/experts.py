@@ -1,0 +1,86 @@
+"""This rank's routed experts, stored stacked, and their grouped SwiGLU computation.
+
+w13 [E_local, 2*I, D] holds gate (rows :I) and up (rows I:) projections; w2 [E_local, D, I] the down
+projection. Only local experts are allocated; the weight loader silently skips checkpoint experts owned by
+other ranks, so one loader serves every expert-parallel layout.
+Shape legend: N rows grouped by local expert, D hidden, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHARDS = ("gate", "up", "down")
+
+
+class Experts(nn.Module):
+    def __init__(self, local_experts: range, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.local_experts = local_experts
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        num_local = len(local_experts)
+        self.w13 = nn.Parameter(
+            torch.empty(num_local, 2 * intermediate_size, hidden_size), requires_grad=False
+        )
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size), requires_grad=False)
+        self.w13.weight_loader = self._load_per_expert  # type: ignore[attr-defined]
+        self.w2.weight_loader = self._load_per_expert  # type: ignore[attr-defined]
+        self.loaded: set[tuple[int, str]] = set()  # (logical expert, shard) seen, for completeness checks
+
+    def _load_per_expert(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard: str) -> None:
+        """Load checkpoint `experts.{expert_id}.{shard}_proj.weight`; a no-op for non-local experts."""
+        if expert_id not in self.local_experts:
+            return
+        local = expert_id - self.local_experts.start
+        inter = self.intermediate_size
+        if shard == "gate":
+            target = self.w13[local, :inter]
+        elif shard == "up":
+            target = self.w13[local, inter:]
+        elif shard == "down":
+            target = self.w2[local]
+        else:
+            raise ValueError(f"unknown expert shard {shard!r} (expected one of {SHARDS})")
+        if target.shape != loaded.shape:
+            raise ValueError(
+                f"expert {expert_id} {shard}_proj has shape {tuple(loaded.shape)}, expected {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(loaded)
+        self.loaded.add((expert_id, shard))
+
+    def load_stacked(self, name: str, loaded: torch.Tensor) -> None:
+        """Load transformers>=5 stacked tensors: `gate_up_proj` [E, 2I, D] or `down_proj` [E, D, I] (all experts)."""
+        rows = loaded[self.local_experts.start : self.local_experts.stop]
+        if name == "gate_up_proj":
+            for local, expert_id in enumerate(self.local_experts):
+                self._load_per_expert(self.w13, rows[local, : self.intermediate_size], expert_id, "gate")
+                self._load_per_expert(self.w13, rows[local, self.intermediate_size :], expert_id, "up")
+        elif name == "down_proj":
+            for local, expert_id in enumerate(self.local_experts):
+                self._load_per_expert(self.w2, rows[local], expert_id, "down")
+        else:
+            raise ValueError(f"unknown stacked expert tensor {name!r}")
+
+    def missing(self) -> list[str]:
+        return [
+            f"expert {e} {s}_proj" for e in self.local_experts for s in SHARDS if (e, s) not in self.loaded
+        ]
+
+    def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """hidden [N, D] grouped by local expert (counts in `tokens_per_expert`) -> [N, D] unweighted outputs.
+
+        A loop over experts with rows; a grouped GEMM kernel can replace it (same inputs and outputs).
+        """
+        out = torch.empty_like(hidden)
+        start = 0
+        for local, count in enumerate(tokens_per_expert):
+            if count == 0:
+                continue
+            rows = hidden[start : start + count]
+            gate, up = F.linear(rows, self.w13[local]).chunk(2, dim=-1)
+            out[start : start + count] = F.linear(F.silu(gate) * up, self.w2[local])
+            start += count
+        return out

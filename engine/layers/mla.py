@@ -1,0 +1,98 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3, Kimi-K2) over a paged latent KV cache.
+
+The cache stores, per token, the compressed latent c_kv (after kv_a_layernorm) and the roped shared key
+k_pe in one row: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]. Keys/values are re-expanded
+through kv_b_proj for the attended context (the straightforward form; the weight-absorbed form that
+attends in latent space is a later optimisation with the same cache layout).
+Shape legend: T new tokens, H heads, R kv_lora_rank, Dn qk_nope_head_dim, Dr qk_rope_head_dim,
+Dv v_head_dim, B sequences, C_max longest context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from moefleet.engine.context import get_context
+from moefleet.engine.layers.attention import padded_batch_for, paged_attention, write_slots
+from moefleet.engine.layers.linear import Linear
+from moefleet.engine.layers.norm import RMSNorm
+from moefleet.engine.layers.rotary import RotaryEmbedding
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    hidden_size: int
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-6
+
+
+class MLAttention(nn.Module):
+    """HF parameter names: q_proj | (q_a_proj, q_a_layernorm, q_b_proj), kv_a_proj_with_mqa, kv_a_layernorm,
+    kv_b_proj, o_proj."""
+
+    def __init__(self, config: MLAConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        c = self.config = config
+        self.qk_head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = Linear(c.hidden_size, c.num_heads * self.qk_head_dim)
+        else:
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = Linear(c.q_lora_rank, c.num_heads * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(
+            c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.rotary = rotary
+        self.kv_cache = torch.empty(0)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, self.config.kv_lora_rank + self.config.qk_rope_head_dim)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """positions [T], hidden [T, D] -> [T, D]."""
+        c = self.config
+        num_tokens = hidden.shape[0]
+        if c.q_lora_rank is None:
+            q = self.q_proj(hidden)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q = q.view(num_tokens, c.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
+        if num_tokens == 0:
+            return self.o_proj(hidden.new_empty(0, c.num_heads * c.v_head_dim))
+        entry = torch.cat([latent, k_pe[:, 0]], dim=-1)  # [T, R + Dr]
+
+        ctx = get_context()
+        cache_backed = self.kv_cache.numel() > 0
+        batch = padded_batch_for(ctx, hidden.device, cache_backed)
+        if cache_backed:
+            flat = self.kv_cache.view(-1, self.kv_cache.shape[-1])
+            write_slots(flat, ctx.slot_mapping, entry)
+        else:
+            flat = entry
+        context = flat[batch.kv_source].to(hidden.dtype)  # [B, C_max, R + Dr]
+        ctx_latent, ctx_k_pe = context.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(ctx_latent).view(
+            *ctx_latent.shape[:2], c.num_heads, c.qk_nope_head_dim + c.v_head_dim
+        )
+        k_nope, values = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, ctx_k_pe[:, :, None, :].expand(-1, -1, c.num_heads, -1)], dim=-1)
+        queries = torch.cat([q_nope, q_pe], dim=-1)
+        out = paged_attention(queries, keys, values, batch, c.softmax_scale)  # [T, H, Dv]
+        return self.o_proj(out.reshape(num_tokens, c.num_heads * c.v_head_dim))

@@ -1,0 +1,126 @@
+"""MoE routing (gate + top-k): returns LOGICAL expert ids and their combine weights.
+
+Two schemes:
+- softmax (Qwen3-MoE): softmax over all experts, top-k, optionally renormalised (`norm_topk_prob`).
+- sigmoid (DeepSeek-V3 / Kimi-K2, "noaux_tc"): sigmoid scores; selection uses scores +
+  e_score_correction_bias, restricted to the `topk_group` best of `n_group` expert groups (a group's score
+  is the sum of its two best biased scores); weights are the unbiased scores of the chosen experts,
+  optionally renormalised, times `routed_scaling_factor`.
+Shape legend: T tokens, E experts, K top-k, G groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moefleet.engine.layers.linear import set_weight_loader
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk_prob: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func {self.scoring!r} is not supported (supported: softmax, sigmoid)")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.top_k}) must be in [1, num_experts ({self.num_experts})]"
+            )
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ValueError(
+                f"n_routed_experts ({self.num_experts}) is not divisible by n_group ({self.n_group})"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group ({self.n_group})]")
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError(
+                "grouped top-k needs at least 2 experts per group (n_routed_experts / n_group >= 2)"
+            )
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(
+                f"num_experts_per_tok ({self.top_k}) exceeds the experts in topk_group ({self.topk_group}) groups"
+            )
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, K] float32, ids [T, K])."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def grouped_topk(
+    scores: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 selection. scores [T, E] (sigmoid, float32) -> (weights [T, K], ids [T, K])."""
+    num_tokens, num_experts = scores.shape
+    choice = scores if bias is None else scores + bias.float()
+    if n_group > 1:
+        grouped = choice.view(num_tokens, n_group, num_experts // n_group)  # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        group_ids = torch.topk(group_scores, topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+        expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(num_tokens, num_experts)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor, ids
+
+
+class Router(nn.Module):
+    """Gate: weight [E, D] (HF `mlp.gate.weight`), plus `e_score_correction_bias` [E] for sigmoid routing.
+
+    Sigmoid routing (DeepSeek) keeps the gate in float32 like the reference, whatever the model dtype.
+    """
+
+    def __init__(self, hidden_size: int, config: RoutingConfig):
+        super().__init__()
+        self.config = config
+        gate_dtype = torch.float32 if config.scoring == "sigmoid" else None
+        self.weight = set_weight_loader(
+            nn.Parameter(torch.empty(config.num_experts, hidden_size, dtype=gate_dtype), requires_grad=False)
+        )
+        self.e_score_correction_bias = (
+            set_weight_loader(
+                nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32), requires_grad=False)
+            )
+            if config.correction_bias
+            else None
+        )
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, D] -> (weights [T, K] float32, logical ids [T, K] int64)."""
+        c = self.config
+        if c.scoring == "softmax":
+            return softmax_topk(F.linear(hidden, self.weight), c.top_k, c.norm_topk_prob)
+        scores = F.linear(hidden.float(), self.weight.float()).sigmoid()
+        return grouped_topk(
+            scores,
+            self.e_score_correction_bias,
+            c.top_k,
+            c.n_group,
+            c.topk_group,
+            c.norm_topk_prob,
+            c.routed_scaling_factor,
+        )

@@ -1,0 +1,99 @@
+"""What every causal LM here shares: logits, generic weight loading, KV-cache discovery.
+
+Weight loading is generic (nano-vllm style): each parameter carries a `weight_loader`; the only name
+rewriting is for routed experts, whose per-expert checkpoint tensors
+(`...mlp.experts.{e}.{gate,up,down}_proj.weight`) are packed into the stacked `w13`/`w2` of this rank's
+local experts (others are skipped). transformers>=5 stacked names (`mlp.experts.gate_up_proj`,
+`mlp.experts.down_proj`) load too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from moefleet.engine.layers.experts import Experts
+from torch import nn
+
+EXPERT_TENSOR = re.compile(
+    r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<shard>gate|up|down)_proj\.weight$"
+)
+STACKED_EXPERT_TENSOR = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+LAYER_TENSOR = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
+
+
+class CausalLM(nn.Module):
+    """Base for `model(input_ids [T], positions [T]) -> hidden [T, D]` models with an `lm_head`."""
+
+    num_hidden_layers: int
+    tie_word_embeddings: bool
+    lm_head: nn.Module
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, D] -> float32 logits [B, V]."""
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[nn.Module]:
+        """Modules owning a KV cache (`kv_cache_shape`, `kv_cache`), in layer order."""
+        return [m for m in self.modules() if hasattr(m, "kv_cache_shape")]
+
+    def skip_weight(self, name: str) -> bool:
+        """True for checkpoint tensors this model does not use (so the loader need not even read them)."""
+        if name.endswith("rotary_emb.inv_freq") or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return True
+        layer = LAYER_TENSOR.match(name)
+        if layer and int(layer["layer"]) >= self.num_hidden_layers:
+            return True  # e.g. DeepSeek multi-token-prediction layers
+        expert = EXPERT_TENSOR.match(name)
+        if expert:
+            module = self.get_submodule(expert["module"])
+            return isinstance(module, Experts) and int(expert["expert"]) not in module.local_experts
+        return False
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
+        """Load HF-named tensors. With `strict`, every parameter (and every local expert) must be filled."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if self.skip_weight(name):
+                continue
+            expert = EXPERT_TENSOR.match(name)
+            stacked = STACKED_EXPERT_TENSOR.match(name)
+            if expert:
+                experts = self._experts(expert["module"], name)
+                param = experts.w2 if expert["shard"] == "down" else experts.w13
+                param.weight_loader(param, tensor, int(expert["expert"]), expert["shard"])  # type: ignore[attr-defined]
+            elif stacked:
+                self._experts(stacked["module"], name).load_stacked(stacked["name"], tensor)
+            elif name in params:
+                params[name].weight_loader(params[name], tensor)  # type: ignore[attr-defined]
+                loaded.add(name)
+            else:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__} "
+                    "(is the checkpoint quantized or of another architecture?)"
+                )
+        if strict:
+            self._check_complete(params, loaded)
+        return loaded
+
+    def _experts(self, module_name: str, tensor_name: str) -> Experts:
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, Experts):
+            raise ValueError(
+                f"checkpoint tensor {tensor_name!r}: {module_name} is not a routed-experts layer here"
+            )
+        return module
+
+    def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+        missing = [n for n in params if n not in loaded and not n.endswith(("experts.w13", "experts.w2"))]
+        for name, module in self.named_modules():
+            if isinstance(module, Experts):
+                missing += [f"{name}: {m}" for m in module.missing()]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")

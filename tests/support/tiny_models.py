@@ -1,0 +1,185 @@
+"""Tiny random checkpoints for tests, one per NAMED config, cached on disk by content hash.
+
+    from support.tiny_models import tiny_model_dir, TINY_CONFIGS
+    path = tiny_model_dir("qwen3_norm_topk")          # created once, reused across tests and sessions
+
+Also `PagedDriver`: a minimal paged-KV driver (block tables, slot mapping, ForwardContext) that runs a
+moefleet model for prefill / chunked prefill / decode steps without the engine, for model-level tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from moefleet.engine import tiny_model
+from moefleet.engine.context import ForwardContext, forward_context
+
+# name -> (arch, config overrides, make_tiny_model kwargs)
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    # Qwen3-MoE, renormalised top-k, every layer sparse.
+    "qwen3_norm_topk": ("qwen3_moe", {"norm_topk_prob": True}, {}),
+    # Qwen3-MoE without renormalisation; layers 1 and 3 would be sparse (step 2) but 3 is mlp-only;
+    # tied embeddings; sharded safetensors.
+    "qwen3_sparse_step": (
+        "qwen3_moe",
+        {
+            "norm_topk_prob": False,
+            "num_hidden_layers": 4,
+            "decoder_sparse_step": 2,
+            "mlp_only_layers": [3],
+            "tie_word_embeddings": True,
+        },
+        {"shards": 2},
+    ),
+    # DeepSeek-V3: grouped top-k (4 groups, 2 chosen), q_lora_rank set, one dense layer, MTP layer skipped.
+    "deepseek_grouped": ("deepseek_v3", {"n_group": 4, "topk_group": 2, "q_lora_rank": 48}, {}),
+    # DeepSeek-V3 / Kimi-K2 style: q_lora_rank null, one group, two shared experts, yarn rope with
+    # mscale != mscale_all_dim (so both the rotary attention factor and the softmax scale matter).
+    "deepseek_yarn": (
+        "deepseek_v3",
+        {
+            "q_lora_rank": None,
+            "n_group": 1,
+            "topk_group": 1,
+            "n_shared_experts": 2,
+            "first_k_dense_replace": 1,
+            "max_position_embeddings": 1024,
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        },
+        {"shards": 2},
+    ),
+}
+
+
+def _cache_root() -> Path:
+    return Path(
+        os.environ.get("MOEFLEET_TINY_MODEL_CACHE", Path(tempfile.gettempdir()) / "moefleet-tiny-models")
+    )
+
+
+def _key(arch: str, overrides: dict, kwargs: dict, seed: int) -> str:
+    # The generator's source is part of the key so a changed initialisation never reuses stale files.
+    source = Path(tiny_model.__file__).read_bytes()
+    blob = json.dumps([arch, overrides, kwargs, seed], sort_keys=True).encode() + source
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tiny_model_dir(name: str, seed: int = 0, root: Path | None = None) -> Path:
+    """Path of the tiny checkpoint for a named config, creating it (atomically) on first use."""
+    if name not in TINY_CONFIGS:
+        raise KeyError(f"unknown tiny config {name!r} (known: {', '.join(TINY_CONFIGS)})")
+    arch, overrides, kwargs = TINY_CONFIGS[name]
+    root = root or _cache_root()
+    path = root / f"{name}-{_key(arch, overrides, kwargs, seed)}"
+    if (path / "config.json").is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    tiny_model.make_tiny_model(arch, staging, seed=seed, **kwargs, **overrides)
+    try:
+        staging.rename(path)
+    except OSError:  # another process won the race: its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+@dataclass
+class PagedDriver:
+    """Runs a model over a paged KV cache the way the engine does, for tests.
+
+    Blocks are handed out in a shuffled order so block tables are not contiguous.
+    """
+
+    model: torch.nn.Module
+    num_blocks: int = 256
+    block_size: int = 4
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    tables: dict[int, list[int]] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for layer in self.model.attention_layers():  # type: ignore[operator]
+            shape = layer.kv_cache_shape(self.num_blocks, self.block_size)
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.free = list(range(self.num_blocks))
+        random.Random(0).shuffle(self.free)
+
+    def step(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> torch.Tensor:
+        """Feed `chunks` [(seq_id, new token ids)] in one forward.
+
+        Returns logits [B, V] of each chunk's last token (or [T, V] for every token with `all_logits`).
+        """
+        input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        for seq_id, tokens in chunks:
+            start = self.lengths.get(seq_id, 0)
+            end = start + len(tokens)
+            table = self.tables.setdefault(seq_id, [])
+            while len(table) * self.block_size < end:
+                table.append(self.free.pop())
+            for pos in range(start, end):
+                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            input_ids += tokens
+            positions += range(start, end)
+            query_lens.append(len(tokens))
+            context_lens.append(end)
+            self.lengths[seq_id] = end
+        width = max(len(self.tables[s]) for s, _ in chunks)
+        block_tables = torch.full((len(chunks), width), -1, dtype=torch.int32)
+        for row, (seq_id, _) in enumerate(chunks):
+            block_tables[row, : len(self.tables[seq_id])] = torch.tensor(self.tables[seq_id])
+        ctx = ForwardContext(
+            is_prefill=any(q > 1 for q in query_lens),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=block_tables.to(self.device),
+            block_size=self.block_size,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        with torch.no_grad(), forward_context(ctx):
+            hidden = self.model(ids, pos)
+            if not all_logits:
+                hidden = hidden[torch.cumsum(torch.tensor(query_lens), 0) - 1]
+            return self.model.compute_logits(hidden)  # type: ignore[operator]
+
+    def generate(
+        self, prompts: dict[int, list[int]], max_new_tokens: int, prefill_chunks: int = 1
+    ) -> dict[int, list[int]]:
+        """Greedy decoding of several sequences batched together; prompts prefilled in `prefill_chunks` steps."""
+        out: dict[int, list[int]] = {s: [] for s in prompts}
+        for c in range(prefill_chunks):
+            chunks = []
+            for seq_id, prompt in prompts.items():
+                size = -(-len(prompt) // prefill_chunks)
+                piece = prompt[c * size : (c + 1) * size]
+                if piece:
+                    chunks.append((seq_id, piece))
+            logits = self.step(chunks)
+            for (seq_id, _), row in zip(chunks, logits, strict=True):
+                if self.lengths[seq_id] == len(prompts[seq_id]):
+                    out[seq_id].append(int(row.argmax()))
+        while any(len(v) < max_new_tokens for v in out.values()):
+            chunks = [(s, [v[-1]]) for s, v in out.items() if len(v) < max_new_tokens]
+            logits = self.step(chunks)
+            for (seq_id, _), row in zip(chunks, logits, strict=True):
+                out[seq_id].append(int(row.argmax()))
+        return out
