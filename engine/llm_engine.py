@@ -6,6 +6,7 @@ Not thread-safe: one thread owns an engine (the HTTP server drives it from `serv
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,9 @@ from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
+# This rank's scheduled batch -> (run the forward?, prefill mode?), identical decisions on every rank.
+StepAgreement = Callable[[SchedulerOutput], tuple[bool, bool]]
+
 
 @dataclass(slots=True)
 class _Request:
@@ -30,8 +34,16 @@ class _Request:
 class LLMEngine:
     """Continuous-batching engine of one rank: add requests, call `step()` until none are unfinished."""
 
-    def __init__(self, config: EngineConfig, model: nn.Module | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module | None = None,
+        step_agreement: StepAgreement | None = None,
+    ):
+        """`model` replaces loading one from config.model. `step_agreement` (expert-parallel groups) decides,
+        from this rank's batch, whether to run the forward and in which mode; see `agree_step`."""
         self.config = config
+        self.step_agreement = step_agreement
         self.tokenizer = Tokenizer(config.model)
         self.model_runner = ModelRunner(config, self.tokenizer.eos_token_ids, model)
         assert config.max_model_len is not None
@@ -86,10 +98,19 @@ class LLMEngine:
         """Schedule one batch, run the model on it, and report every request that produced something."""
         outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return outputs
-        token_ids = self.model_runner.run(batch)
-        return outputs + self.postprocess(batch, token_ids)
+        run, is_prefill = self.agree_step(batch)
+        if run:
+            token_ids = self.model_runner.run(batch, is_prefill=is_prefill)
+            outputs += self.postprocess(batch, token_ids)
+        return outputs
+
+    def agree_step(self, batch: SchedulerOutput) -> tuple[bool, bool]:
+        """(run the forward?, prefill mode?). Alone: run when there is work, in the batch's own mode. In an
+        expert-parallel group every rank must run each step in one agreed mode, an empty batch included (an
+        idle forward with T = 0), so the group's `step_agreement` decides."""
+        if self.step_agreement is not None:
+            return self.step_agreement(batch)
+        return not batch.is_empty, batch.is_prefill
 
     def postprocess(self, batch: SchedulerOutput, token_ids: list[int]) -> list[RequestOutput]:
         """Record the computed tokens, append sampled ones, detokenize, and retire finished requests."""

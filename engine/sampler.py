@@ -61,8 +61,17 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
             sub = apply_top_p(sub, top_ps)
         probs = sub.softmax(dim=-1)
         noise = torch.empty_like(probs)
+        # One draw per distinct generator: rows sharing one (unseeded requests) take a single kernel.
+        by_generator: dict[int, list[int]] = {}
         for j, i in enumerate(rows):
-            noise[j].exponential_(generator=batch.generators[i])
+            by_generator.setdefault(id(batch.generators[i]), []).append(j)
+        for members in by_generator.values():
+            generator = batch.generators[rows[members[0]]]
+            if len(members) == 1:
+                noise[members[0]].exponential_(generator=generator)
+            else:
+                index_rows = torch.tensor(members, device=device)
+                noise[index_rows] = torch.empty_like(noise[index_rows]).exponential_(generator=generator)
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a zero draw would turn p / E into nan
         tokens[index] = (probs / noise).argmax(dim=-1)
     return tokens.tolist()
