@@ -257,7 +257,10 @@ def run(args: argparse.Namespace) -> int:
             if args.print_examples:
                 print(examples(args.host, port, served_model_name), flush=True)
 
-        asyncio.run(_serve(server, sock, on_started))
+        try:
+            asyncio.run(_serve(server, sock, on_started))
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a clean exit
+            pass
     finally:
         sock.close()
     return 0
