@@ -141,8 +141,8 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
         if now - when > _APPLIED_TTL or (seen is not None and seen.spec_hash == spec_hash):
             del applied[child_key]  # the watch caught up (or the entry is too old to trust)
         else:
-            ready = seen.ready_replicas if seen is not None else 0
-            children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready)
+            ready, replicas = (seen.ready_replicas, seen.replicas) if seen is not None else (0, 0)
+            children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready, replicas)
     if podmonitors:
         monitor = child_from_body("PodMonitor", kube.get("PodMonitor", namespace, name))
         if monitor is not None:

@@ -17,6 +17,7 @@ class ChildState:
     name: str
     spec_hash: str
     ready_replicas: int = 0  # Deployments: status.readyReplicas
+    replicas: int = 0  # StatefulSets / Deployments: spec.replicas (a group's current size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ def child_state(body: Mapping[str, Any]) -> ChildState:
         name=metadata.get("name", ""),
         spec_hash=(metadata.get("annotations") or {}).get(L.SPEC_HASH, ""),
         ready_replicas=int(status.get("readyReplicas") or 0),
+        replicas=int((body.get("spec") or {}).get("replicas") or 0),
     )
 
 

@@ -177,18 +177,21 @@ def plan(
         for replica in range(role.replicas):
             name = L.group_name(spec.name, role.name, replica)
             record = dict(previous_groups.get(name) or {})
-            view = _group_view(
-                name, role.nodes_per_replica, observed.pods.get(name, ()), record.get("retired", [])
-            )
-            views[name] = view
             seen = observed.children.get(("StatefulSet", name))
-            record.update(name=name, role=role.name, replica=replica, nodes=role.nodes_per_replica)
+            is_outdated = seen is not None and seen.spec_hash != hashes[("StatefulSet", name)]
+            # An outdated group still runs its old size until it is re-formed.
+            nodes = (
+                (seen.replicas or role.nodes_per_replica)
+                if seen is not None and is_outdated
+                else role.nodes_per_replica
+            )
+            view = _group_view(name, nodes, observed.pods.get(name, ()), record.get("retired", []))
+            views[name] = view
+            record.update(name=name, role=role.name, replica=replica, nodes=nodes)
             if seen is None:
                 out.apply.append(desired_by_key[("StatefulSet", name)])
-                out.events.append(
-                    Event("Normal", "Created", f"StatefulSet {name} (group of {view.nodes} nodes)")
-                )
-            elif seen.spec_hash != hashes[("StatefulSet", name)]:
+                out.events.append(Event("Normal", "Created", f"StatefulSet {name} (group of {nodes} nodes)"))
+            elif is_outdated:
                 outdated.append(name)
             groups.append(record)
 
@@ -212,6 +215,7 @@ def plan(
         retired = list(record.get("retired", []))
         if name in reforming:
             record.update(phase=UPDATING, members="", retired=sorted({*retired, *(p.uid for p in view.pods)}))
+            record["nodes"] = spec.role(record["role"]).nodes_per_replica
             record["readyNodes"] = 0
             continue
         record["readyNodes"] = view.ready_nodes
