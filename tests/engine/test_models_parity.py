@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moefleet.engine.loader import load_model
-from support.tiny_models import TINY_CONFIGS, PagedDriver, tiny_model_dir
+from support.tiny_models import TINY_CONFIGS, PagedDriver, one_torch_thread, tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,6 +21,12 @@ PROMPTS = [
     "What is the capital of France?",
     "Hello",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
