@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 from moefleet.engine.distributed.a2a import AllToAllDispatcher
-from moefleet.engine.distributed.deepep import DeepEPDispatcher, deep_ep_available
+from moefleet.engine.distributed.deepep import INSTALL_HINT, DeepEPDispatcher, deep_ep_available
 from moefleet.engine.layers.token_dispatch import LocalDispatcher, TokenDispatcher
 
 BACKENDS = ("local", "a2a", "deepep", "auto")
@@ -45,6 +45,8 @@ def make_dispatcher(
     )
     if chosen == "local":
         return LocalDispatcher(num_experts // world_size)
+    if chosen == "deepep" and not deep_ep_available():
+        raise RuntimeError(INSTALL_HINT)
     if group is None:
         raise ValueError(f"moe backend {chosen!r} needs a process group")
     if chosen == "a2a":

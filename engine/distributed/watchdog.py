@@ -78,6 +78,14 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s * 2)
 
+    def _leave(self, message: str) -> None:
+        if self.launch.rank == 0:
+            # Rank 0 hosts the store: give the others a few intervals to read the reason before it goes.
+            time.sleep(3 * self.interval_s)
+        _exit(
+            f"moefleet: rank {self.launch.rank} exiting: {message}; exit code {EXIT_CODE}, restart the group whole"
+        )
+
     def _run(self) -> None:
         store = self._store
         assert store is not None
@@ -90,16 +98,15 @@ class Watchdog:
             try:
                 store.add(keys[me], 1)
                 if store.check([ABORT_KEY]):
-                    reason = store.get(ABORT_KEY).decode()
-                    _exit(f"moefleet: rank {me} exiting because the group is going down: {reason}")
+                    self._leave(f"the group is going down: {store.get(ABORT_KEY).decode()}")
                 # add(key, 0) reads a counter without blocking on keys a rank has not written yet.
                 values = {rank: store.add(keys[rank], 0) for rank in last_change}
             except Exception as exc:  # the store lives in rank 0: it is gone or unreachable
                 if self._stop.is_set():
                     return
-                _exit(
-                    f"moefleet: rank {me} lost the group's rendezvous store at {master} (rank 0 on node 0 "
-                    f"died or is unreachable: {exc}); exiting with code {EXIT_CODE} so the group restarts whole"
+                self._leave(
+                    f"lost the group's rendezvous store at {master} (rank 0 on node 0 died, is unreachable or "
+                    f"is going down: {exc})"
                 )
             now = time.monotonic()
             for rank, value in values.items():
@@ -114,9 +121,7 @@ class Watchdog:
                     store.set(ABORT_KEY, message)
                 except Exception:
                     pass
-                _exit(
-                    f"moefleet: rank {me} exiting: {message}; exit code {EXIT_CODE}, restart the group whole"
-                )
+                self._leave(message)
             self._stop.wait(self.interval_s)
 
 

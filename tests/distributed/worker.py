@@ -224,9 +224,18 @@ def scenario_all(state: groups.DistributedState) -> dict[str, Any]:
     return result
 
 
-def scenario_fingerprint(state_args: dict[str, Any]) -> None:
+def scenario_fingerprint(options: dict[str, Any]) -> None:
+    """Start-up checks: exits 3 with the error text on stderr, 0 if the group formed."""
     launch = groups.LaunchConfig.from_env()
-    groups.init_distributed(launch, hf_config={"model_type": "toy", "layers": 2 + launch.rank})
+    layers = 2 + launch.rank if options.get("differ") == "model" else 2
+    try:
+        state = groups.init_distributed(
+            launch, hf_config={"model_type": "toy", "layers": layers}, timeout_s=20
+        )
+    except Exception as exc:
+        print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    groups.shutdown(state)
 
 
 def scenario_watchdog(mode: str) -> None:
