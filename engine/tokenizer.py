@@ -117,9 +117,13 @@ class Tokenizer:
                 "completion prompt instead of chat messages"
             )
         template_kwargs = {**self.special_tokens, **kwargs}
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **template_kwargs
-        )
+        try:
+            return self._compiled_template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
+        except jinja2.TemplateError as exc:
+            # raise_exception() in templates rejects the conversation (e.g. roles must alternate): bad input.
+            raise ValueError(f"the model's chat template rejected the messages: {exc}") from exc
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
