@@ -16,8 +16,8 @@ from collections.abc import Sequence
 COMMAND_MODULES: list[str] = [
     "moefleet.engine.server.serve_command",  # moefleet serve
     "moefleet.engine.tiny_model_command",  # moefleet make-tiny-model
+    "moefleet.operator.cli",  # moefleet operator
     # moefleet bench: registered here by the benchmark work (module with add_parser + run).
-    # moefleet operator: registered here by the operator work (e.g. "moefleet.operator.command").
 ]
 
 USAGE_ERROR = 2

@@ -95,6 +95,7 @@ def test_cuda_without_gpu(fake_model_dir, capsys):
 
 def test_subcommands_registered_and_arches_match():
     parser = build_parser()
+    assert parser.parse_args(["operator"]).command == "operator"
     args = parser.parse_args(["make-tiny-model", "--arch", "deepseek_v3", "--out", "x"])
     assert (args.arch, args.out, args.seed) == ("deepseek_v3", "x", 0)
     assert tiny_model_command.ARCHES == tiny_model.ARCHES
