@@ -32,8 +32,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     block_size: int = 16
-    # KV pool size: explicit block count wins; else a memory budget (fraction of free GPU memory after the
-    # model is loaded on CUDA, bytes on CPU).
+    # KV pool size: explicit block count wins; else a memory budget. CUDA: the fraction of the GPU's memory
+    # this engine may use in all (weights + activations of the largest step + KV cache); CPU: bytes.
     num_kv_blocks: int | None = None
     kv_cache_memory_fraction: float = 0.85
     kv_cache_bytes: int | None = None

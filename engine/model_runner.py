@@ -70,8 +70,7 @@ class ModelRunner:
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * config.kv_cache_memory_fraction)
+            budget = self._cuda_kv_cache_budget()
         else:
             assert config.kv_cache_bytes is not None
             budget = config.kv_cache_bytes
@@ -85,6 +84,55 @@ class ModelRunner:
                 "kv_cache_bytes / kv_cache_memory_fraction or lower max_model_len"
             )
         return int(num_blocks)
+
+    def _cuda_kv_cache_budget(self) -> int:
+        """Bytes for the KV cache: kv_cache_memory_fraction of the GPU is this engine's (weights + activations
+        + KV, like vLLM's gpu_memory_utilization), minus what is in use now and the activation peak of the
+        largest step (measured by `warmup`)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.warmup()
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        logger.info(
+            "GPU memory: %.2f GiB total, %.2f GiB in use, activation peak %.2f GiB, KV budget %.2f GiB",
+            total / 2**30,
+            (total - free) / 2**30,
+            activation_peak / 2**30,
+            budget / 2**30,
+        )
+        return max(budget, 0)
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Forward the largest step the scheduler can build: max_num_batched_tokens prompt tokens in
+        max_model_len pieces, logits for max_num_seqs rows. Runs without KV cache (attention within the step).
+        In an expert-parallel group every rank must call it together (the MoE layers communicate)."""
+        config = self.config
+        assert config.max_model_len is not None
+        num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
+        lens = [config.max_model_len] * (num_tokens // config.max_model_len)
+        if num_tokens % config.max_model_len:
+            lens.append(num_tokens % config.max_model_len)
+        caches = [layer.kv_cache for layer in self.attention_layers]
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
+        try:
+            context = ForwardContext(
+                is_prefill=True, query_lens=lens, context_lens=lens, block_size=self.block_size
+            )
+            input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+            positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+            with forward_context(context):
+                hidden = self.model(input_ids, positions)
+            rows = torch.arange(config.max_num_seqs, device=self.device) % num_tokens
+            self.model.compute_logits(hidden[rows])
+        finally:
+            for layer, cache in zip(self.attention_layers, caches, strict=True):
+                layer.kv_cache = cache
 
     def _allocate_kv_cache(self) -> None:
         for layer in self.attention_layers:

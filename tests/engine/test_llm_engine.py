@@ -194,3 +194,20 @@ def test_idle_step_and_step_agreement(model_dir):
     # Forcing prefill mode on decode steps changes nothing.
     reference = LLM(model_dir, max_model_len=128).generate([ids], greedy)[0].token_ids
     assert tokens == reference
+
+
+def test_warmup_runs_the_largest_step_without_touching_the_cache(model_dir):
+    engine = LLMEngine(
+        EngineConfig(model=model_dir, max_model_len=64, max_num_batched_tokens=150, max_num_seqs=8)
+    )
+    runner = engine.model_runner
+    caches = [layer.kv_cache for layer in runner.attention_layers]
+    seen = []
+    hook = runner.model.register_forward_hook(
+        lambda m, args, out: seen.append(list(get_context().query_lens))
+    )
+    runner.warmup()
+    hook.remove()
+    assert seen == [[64, 64, 22]]
+    assert all(layer.kv_cache is cache for layer, cache in zip(runner.attention_layers, caches, strict=True))
+    assert all(cache.abs().sum() == 0 for cache in caches)  # nothing was written into the KV cache
