@@ -211,3 +211,17 @@ def test_warmup_runs_the_largest_step_without_touching_the_cache(model_dir):
     assert seen == [[64, 64, 22]]
     assert all(layer.kv_cache is cache for layer, cache in zip(runner.attention_layers, caches, strict=True))
     assert all(cache.abs().sum() == 0 for cache in caches)  # nothing was written into the KV cache
+
+
+def test_min_tokens_bans_stop_tokens_until_reached(model_dir):
+    llm = LLM(model_dir, max_model_len=128)
+    full = llm.generate([PROMPT_TEXTS[0]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    stop_id = full.token_ids[0]  # greedy's first choice
+    params = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=3
+    )
+    result = llm.generate([PROMPT_TEXTS[0]], params)[0]
+    assert stop_id not in result.token_ids[:3]  # masked, so greedy picked something else
+    assert result.token_ids[0] != full.token_ids[0]
+    if stop_id in result.token_ids:
+        assert result.token_ids[-1] == stop_id and result.finish_reason == "stop"
