@@ -54,13 +54,18 @@ def regroup_by_expert(recv_counts: torch.Tensor) -> torch.Tensor:
     flat = recv_counts.reshape(-1)
     starts = torch.cumsum(flat, 0) - flat  # start of block (s, e) in received order
     # Visit the blocks expert-major: (e, s) for e in experts for s in sources.
-    by_expert = torch.arange(num_sources * num_local).view(num_sources, num_local).t().reshape(-1)
+    device = recv_counts.device
+    by_expert = (
+        torch.arange(num_sources * num_local, device=device).view(num_sources, num_local).t().reshape(-1)
+    )
     lengths = flat[by_expert]
     block_starts = starts[by_expert]
     total = int(flat.sum())
     if total == 0:
-        return torch.zeros(0, dtype=torch.long)
-    offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        return torch.zeros(0, dtype=torch.long, device=device)
+    offsets = torch.arange(total, device=device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths
+    )
     return torch.repeat_interleave(block_starts, lengths) + offsets
 
 

@@ -38,7 +38,12 @@ class AbortRequest:
     request_id: str
 
 
-Message = AddRequest | AbortRequest
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Every rank leaves its serving loop after this exchange."""
+
+
+Message = AddRequest | AbortRequest | Shutdown
 
 
 def route_messages(
@@ -46,7 +51,7 @@ def route_messages(
 ) -> list[list[Message]]:
     """Pure: split front-end messages into one list per rank. New requests go to the least-loaded rank
     (loads updated as they are placed; `owners` records request -> rank), aborts to the owning rank
-    (dropped if unknown, e.g. already finished)."""
+    (dropped if unknown, e.g. already finished), Shutdown to every rank."""
     loads = list(loads)
     per_rank: list[list[Message]] = [[] for _ in loads]
     for i, message in enumerate(inbox):
@@ -55,6 +60,9 @@ def route_messages(
             loads[rank] += message.cost
             owners[message.request_id] = rank
             per_rank[rank].append(message)
+        elif isinstance(message, Shutdown):
+            for messages in per_rank:
+                messages.append(message)
         elif message.request_id in owners:
             per_rank[owners[message.request_id]].append(message)
     return per_rank

@@ -10,7 +10,7 @@ from moefleet.engine.distributed.a2a import plan_send, regroup_by_expert
 from moefleet.engine.distributed.backends import make_dispatcher, resolve_backend
 from moefleet.engine.distributed.dp import StepInfo, pick_dp_rank, reduce_step_infos
 from moefleet.engine.distributed.ep import apply_expert_parallel, count_routed_expert_parameters, moe_layers
-from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, route_messages
+from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown, route_messages
 from moefleet.engine.distributed.watchdog import stale_ranks
 from moefleet.engine.layers.token_dispatch import LocalDispatcher
 
@@ -97,6 +97,7 @@ def test_route_messages_places_by_load_and_routes_aborts_to_owner():
     assert [[m.request_id for m in msgs] for msgs in per_rank] == [["a"], ["b", "c"]]
     aborts = route_messages([AbortRequest("c"), AbortRequest("unknown")], [0, 0], owners)
     assert aborts == [[], [AbortRequest("c")]]
+    assert route_messages([Shutdown()], [0, 0, 0], owners) == [[Shutdown()]] * 3
 
 
 # ---- start-up validation -----------------------------------------------------------------------------

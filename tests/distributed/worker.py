@@ -255,11 +255,64 @@ def scenario_watchdog(mode: str) -> None:
     sys.exit(5)
 
 
+def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
+    """The real engine on a tiny checkpoint: DP ranks + EP MoE, requests from rank 0, greedy outputs back."""
+    from moefleet.engine.config import EngineConfig
+    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+    from moefleet.engine.distributed.request_router import Shutdown
+    from moefleet.engine.sampling_params import SamplingParams
+
+    config = EngineConfig(model=options["model"], max_model_len=128, num_kv_blocks=64)
+    launch = groups.LaunchConfig.from_env()
+    state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
+    engine = build_engine(config, state, backend=options.get("backend", "a2a"))
+    tokens: dict[str, list[int]] = {}
+    finished: set[str] = set()
+
+    def collect(outputs: list[Any]) -> None:
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+
+    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group), on_outputs=collect)
+    placed: dict[str, int] = {}
+    steps = 0
+    if loop.router.is_front_end:
+        greedy = SamplingParams(temperature=0, max_tokens=options["max_tokens"], ignore_eos=True)
+        prompts = options["prompts"]
+        for i, prompt in enumerate(prompts):
+            loop.router.submit(AddRequest(f"p{i}", (prompt, greedy), cost=len(prompt)))
+        while len(finished) < len(prompts):
+            loop.step()
+            placed.update(loop.router.owners)
+            steps += 1
+            if steps > 500:
+                raise RuntimeError(f"requests did not finish: {sorted(finished)}")
+        loop.router.submit(Shutdown())
+    while loop.step():
+        steps += 1
+    torch.save(
+        {
+            "tokens": tokens,
+            "placed": placed,
+            "steps": steps,
+            "expert_params": ep.count_routed_expert_parameters(engine.model_runner.model),
+        },
+        os.path.join(out_dir, f"rank{state.rank}.pt"),
+    )
+    groups.shutdown(state)
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], sys.argv[2]
     options = json.loads(os.environ.get("MOEFLEET_TEST_OPTIONS", "{}"))
     if scenario == "fingerprint":
         scenario_fingerprint(options)
+        return
+    if scenario == "engine":
+        torch.set_num_threads(1)
+        scenario_engine(options, out_dir)
         return
     if scenario.startswith("watchdog-"):
         scenario_watchdog(scenario.removeprefix("watchdog-"))

@@ -1,0 +1,107 @@
+"""Wire DP attention + expert parallelism into the single-rank engine, from the outside.
+
+    state = init_distributed(LaunchConfig.from_env(), device, hf_config=config.hf_config)
+    engine = build_engine(config, state, backend="auto")        # every rank
+    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))  # every rank
+    while loop.step(): ...                                        # front end: loop.router.submit(...)
+
+`build_engine` publishes the EP layout before the model is built (so each rank allocates and loads only its
+expert block), installs dispatchers on the MoE layers, and gives the engine a step agreement that runs the
+DP all-gather each step (idle ranks run a T = 0 forward; prefill mode if any rank prefills).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from moefleet.engine.config import EngineConfig
+from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
+from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
+from moefleet.engine.distributed.groups import DistributedState, check_experts_divisible
+from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, RequestRouter, Shutdown
+from moefleet.engine.llm_engine import LLMEngine
+from moefleet.engine.loader import load_model
+from moefleet.engine.sampling_params import RequestOutput
+from moefleet.engine.scheduler import SchedulerOutput
+
+
+def make_step_agreement(coordinator: DPStepCoordinator) -> Callable[[SchedulerOutput], tuple[bool, bool]]:
+    """LLMEngine's `step_agreement`: all-gather this rank's batch summary, return (run, prefill mode)."""
+
+    def agree(batch: SchedulerOutput) -> tuple[bool, bool]:
+        info = StepInfo(num_tokens=batch.num_tokens, is_prefill=batch.is_prefill, has_work=not batch.is_empty)
+        step = coordinator.sync(info)
+        return step.run, step.is_prefill
+
+    return agree
+
+
+def build_engine(
+    config: EngineConfig, state: DistributedState, backend: str = "auto", **options: Any
+) -> LLMEngine:
+    """This rank's engine: local expert block only, EP dispatchers installed, DP step agreement set."""
+    num_experts = config.hf_config.get("num_experts", config.hf_config.get("n_routed_experts"))
+    if num_experts is not None:
+        check_experts_divisible(int(num_experts), state.world_size)
+    set_expert_parallel_layout(state.device_group)
+    assert config.dtype is not None
+    model = load_model(config.model, state.device, config.dtype)
+    hidden_size = int(config.hf_config.get("hidden_size", 0))
+    apply_expert_parallel(
+        model, state.device_group, backend, hidden_size=hidden_size, device_type=state.device.type, **options
+    )
+    agreement = make_step_agreement(DPStepCoordinator(state.cpu_group))
+    return LLMEngine(config, model=model, step_agreement=agreement)
+
+
+class DPEngineLoop:
+    """One rank's serving loop: request hand-over, then one engine step. Call `step()` on every rank until it
+    returns False (the front end submitted `Shutdown`).
+
+    On the front end, `on_outputs(outputs)` receives every rank's RequestOutputs (to stream to clients);
+    when the whole group is idle it waits up to `idle_wait_s` for new requests before exchanging again.
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        router: RequestRouter,
+        on_outputs: Callable[[list[RequestOutput]], None] | None = None,
+        idle_wait_s: float = 0.05,
+    ):
+        self.engine, self.router, self.on_outputs, self.idle_wait_s = engine, router, on_outputs, idle_wait_s
+        self._pending: list[RequestOutput] = []
+        self._group_idle = False
+
+    def load(self) -> int:
+        stats = self.engine.stats()
+        return int(stats["num_running"] + stats["num_waiting"])
+
+    def _deliver(self, rank: int, outputs: list[Any]) -> None:
+        for out in outputs:
+            if out.finished:
+                self.router.finished(out.request_id)
+        if self.on_outputs is not None and outputs:
+            self.on_outputs(outputs)
+
+    def step(self) -> bool:
+        if self.router.is_front_end and self._group_idle:
+            self.router.wait_for_inbox(self.idle_wait_s)
+        messages = self.router.exchange(self.load(), self._pending, self._deliver)
+        running = True
+        for message in messages:
+            if isinstance(message, AddRequest):
+                prompt_token_ids, sampling_params = message.payload
+                self.engine.add_request(message.request_id, prompt_token_ids, sampling_params)
+            elif isinstance(message, AbortRequest):
+                self.engine.abort_request(message.request_id)
+            elif isinstance(message, Shutdown):
+                running = False
+        if not running:
+            return False
+        batch_before = self.engine.num_steps_total
+        self._pending = self.engine.step()
+        # The group ran no forward at all when nobody had work (step agreement said run=False).
+        self._group_idle = self.engine.num_steps_total == batch_before and not self._pending
+        return True
