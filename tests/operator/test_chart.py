@@ -1,0 +1,160 @@
+"""The Helm chart: lint, schema, CRD copy, documented values, least-privilege RBAC, install into a cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+from support import binaries
+from support.operator_cluster import CHART, REPO, SYSTEM_NAMESPACE
+
+# Verbs and resources the operator may hold (operator/kube.py + kopf's watches); anything else is a leak.
+ALLOWED = {
+    ("moefleet.ai", "moedeployments"): {"get", "list", "watch", "patch"},
+    ("moefleet.ai", "moedeployments/status"): {"get", "patch"},
+    ("moefleet.ai", "moedeployments/finalizers"): {"update"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch", "delete"},
+    ("", "pods"): {"get", "list", "watch", "delete"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+}
+
+
+def test_chart_crd_is_identical_to_the_canonical_crd():
+    canonical = (REPO / "crds" / "moefleet.ai_moedeployments.yaml").read_bytes()
+    assert (CHART / "crds" / "moefleet.ai_moedeployments.yaml").read_bytes() == canonical, (
+        "copy crds/moefleet.ai_moedeployments.yaml to charts/moefleet/crds/"
+    )
+
+
+def test_every_values_key_is_documented():
+    """Each top-level and second-level key has a comment right above it (deeper keys are parts of a value)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped and not stripped.startswith(("#", "-")) and ":" in stripped and indent <= 2:
+            assert lines[i - 1].strip().startswith("#"), (
+                f"values.yaml:{i + 1} {stripped!r} has no comment above it"
+            )
+
+
+def test_values_schema_is_valid_json_and_covers_every_top_level_key():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def _helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    try:
+        helm = binaries.require()["helm"]
+    except binaries.BinariesMissing as error:
+        pytest.fail(str(error), pytrace=False)
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120, check=check)
+
+
+@pytest.mark.cluster
+def test_helm_lint_strict():
+    result = _helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("operator.workers=0", "workers"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("operator.resyncSeconds=0", "resyncSeconds"),
+        ("unknownKey=1", "unknownKey"),
+    ],
+)
+def test_values_schema_rejects_bad_values(setting, field):
+    result = _helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0 and field in result.stderr, result.stderr
+
+
+def _rendered(*sets: str) -> list[dict]:
+    args = [a for s in sets for a in ("--set", s)]
+    text = _helm("template", "moefleet", str(CHART), "-n", SYSTEM_NAMESPACE, *args).stdout
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def _check_rules(rules: list[dict]) -> set[tuple[str, str]]:
+    seen = set()
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in (group, resource) and "*" not in rule["verbs"], rule
+                assert resource != "secrets", rule
+                allowed = ALLOWED.get((group, resource))
+                assert allowed is not None, f"unexpected permission on {group}/{resource}"
+                assert set(rule["verbs"]) <= allowed, f"{group}/{resource}: {rule['verbs']} beyond {allowed}"
+                seen.add((group, resource))
+    return seen
+
+
+@pytest.mark.cluster
+def test_rbac_is_least_privilege_cluster_wide_and_per_namespace():
+    docs = _rendered()
+    roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    granted = set().union(*(_check_rules(r["rules"]) for r in roles))
+    assert granted == set(ALLOWED), f"missing: {set(ALLOWED) - granted}"
+    assert not any(d["kind"] == "Role" for d in docs)
+    scoped = _rendered("operator.watchNamespaces={team-a,team-b}")
+    assert sorted(d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role") == ["team-a", "team-b"]
+    deployment = next(d for d in scoped if d["kind"] == "Deployment")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--namespace=team-a" in command and "--all-namespaces" not in command
+    cluster_roles = [d for d in scoped if d["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["moefleet-crds"]  # CRD reads only
+
+
+@pytest.mark.cluster
+def test_helm_test_hook_checks_the_operator_health_endpoint():
+    docs = _rendered()
+    hook = next(d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test")
+    script = hook["spec"]["containers"][0]["command"][-1]
+    assert f"moefleet.{SYSTEM_NAMESPACE}.svc:8080/healthz" in script
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["command"]
+    assert container["livenessProbe"]["httpGet"]["port"] == "health"
+
+
+@pytest.mark.cluster
+def test_helm_install_creates_the_operator_objects(moefleet_chart):
+    cluster = moefleet_chart
+    for kind, name in [
+        ("serviceaccount", "moefleet"),
+        ("deployment", "moefleet"),
+        ("service", "moefleet"),
+    ]:
+        cluster.kubectl("get", kind, name, "-n", SYSTEM_NAMESPACE)
+    for kind, name in [
+        ("clusterrole", "moefleet"),
+        ("clusterrolebinding", "moefleet"),
+        ("crd", "moedeployments.moefleet.ai"),
+    ]:
+        cluster.kubectl("get", kind, name)
+    sa = f"system:serviceaccount:{SYSTEM_NAMESPACE}:moefleet"
+    for verb, resource, expected in [
+        ("list", "moedeployments.moefleet.ai", "yes"),
+        ("patch", "moedeployments.moefleet.ai/status", "yes"),
+        ("delete", "pods", "yes"),
+        ("create", "statefulsets.apps", "yes"),
+        ("get", "secrets", "no"),
+        ("create", "pods", "no"),
+        ("delete", "nodes", "no"),
+    ]:
+        got = cluster.kubectl("auth", "can-i", verb, resource, "--as", sa, "-A", check=False).stdout.strip()
+        assert got == expected, f"can {sa} {verb} {resource}? {got}, expected {expected}"

@@ -1,0 +1,327 @@
+"""The operator against a real kube-apiserver (+ controller-manager, scheduler, kwok GPU nodes).
+
+The operator runs from this checkout as the Helm chart's ServiceAccount (conftest.py). Deployments made here
+select the `moefleet.test/pool: operator` nodes so other tests' nodes never matter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from support.operator_catalogue import MANIFESTS, invalid_cases
+from support.operator_cluster import condition, get_moed, list_items, wait_for, wait_ready
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+POOL = {"moefleet.test/pool": "operator"}
+ENGINE = "app.kubernetes.io/component=engine"
+
+
+def small(name: str, roles: dict, **spec) -> dict:
+    """A MoEDeployment on the operator test pool with fast restart settings."""
+    for role in roles.values():
+        role.setdefault("nodeSelector", POOL)
+    return {
+        "apiVersion": "moefleet.ai/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"path": "/models/tiny"},
+            "roles": roles,
+            "gateway": {"nodeSelector": POOL},
+            "restartPolicy": {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"},
+            **spec,
+        },
+    }
+
+
+def pods_by_group(cluster, namespace: str, name: str) -> dict[str, dict[str, str]]:
+    """group -> {pod name: uid} of live engine pods."""
+    out: dict[str, dict[str, str]] = {}
+    for pod in list_items(
+        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
+    ):
+        if not pod["metadata"].get("deletionTimestamp"):
+            out.setdefault(pod["metadata"]["labels"]["moefleet.ai/group"], {})[pod["metadata"]["name"]] = pod[
+                "metadata"
+            ]["uid"]
+    return out
+
+
+def children(cluster, namespace: str, name: str) -> dict[str, list[str]]:
+    selector = f"moefleet.ai/deployment={name}"
+    paths = {
+        "StatefulSet": f"/apis/apps/v1/namespaces/{namespace}/statefulsets",
+        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
+        "Service": f"/api/v1/namespaces/{namespace}/services",
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
+        "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+        "Pod": f"/api/v1/namespaces/{namespace}/pods",
+    }
+    return {
+        kind: sorted(o["metadata"]["name"] for o in list_items(cluster, path, selector))
+        for kind, path in paths.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def pool(gpu_pool, moefleet_chart):
+    """Label the session's H100 nodes as the operator pool; taint the H200s like GPU-operator clusters do."""
+    for node in gpu_pool["h100"]:
+        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
+    for node in gpu_pool["h200"]:
+        moefleet_chart.kubectl("taint", "node", node, "nvidia.com/gpu=present:NoSchedule", "--overwrite")
+    return gpu_pool
+
+
+def _kimi_volume(cluster, namespace: str) -> None:
+    """A bound ReadOnlyMany claim `kimi-k2-weights` (static PV) as the Kimi manifest expects."""
+    pv = f"kimi-weights-{namespace}"
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {
+            "capacity": {"storage": "2Ti"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+            "hostPath": {"path": "/data/kimi"},
+            "claimRef": {"namespace": namespace, "name": "kimi-k2-weights"},
+        },
+    })  # fmt: skip
+    cluster.apply(
+        {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "kimi-k2-weights"},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
+                "resources": {"requests": {"storage": "2Ti"}},
+            },
+        },
+        namespace,
+    )  # fmt: skip
+    wait_for(
+        lambda: (
+            cluster.api_get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/kimi-k2-weights")
+            .get("status", {})
+            .get("phase")
+            == "Bound"
+        ),
+        60,
+        "the kimi-k2-weights claim to bind",
+    )
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)
+def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube_namespace, path):
+    import yaml
+
+    body = yaml.safe_load(path.read_text())
+    name = body["metadata"]["name"]
+    if path.stem == "kimi-k2-h200":
+        _kimi_volume(kube_cluster, kube_namespace)
+    start = time.monotonic()
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", str(path))
+    moed = wait_ready(kube_cluster, kube_namespace, name, timeout=180)
+    took = time.monotonic() - start
+    spec = moed["spec"]
+    status = moed["status"]
+    found = children(kube_cluster, kube_namespace, name)
+    groups = [(role, r) for role, rs in spec["roles"].items() for r in range(rs["replicas"])]
+    assert found["StatefulSet"] == sorted(f"{name}-{role}-{r}" for role, r in groups)
+    assert found["PodDisruptionBudget"] == found["StatefulSet"]
+    assert found["Deployment"] == [f"{name}-gateway"] and found["ConfigMap"] == [f"{name}-gateway"]
+    headless = {f"{name}-{role}-{r}" for role, r in groups}
+    assert set(found["Service"]) == headless | {f"{name}-{role}" for role in spec["roles"]} | {
+        f"{name}-gateway"
+    }
+    # Status counts agree with the spec; every engine pod sits on a GPU node with the GPUs it asked for.
+    for role, role_spec in spec["roles"].items():
+        assert status["roles"][role]["readyGroups"] == role_spec["replicas"]
+        assert status["roles"][role]["readyNodes"] == role_spec["replicas"] * role_spec["nodesPerReplica"]
+        assert status["groupsReady"][role] == f"{role_spec['replicas']}/{role_spec['replicas']}"
+    nodes = {n["metadata"]["name"]: n for n in kube_cluster.api_get("/api/v1/nodes")["items"]}
+    pods = list_items(
+        kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
+    )
+    assert len(pods) == sum(r["replicas"] * r["nodesPerReplica"] for r in spec["roles"].values())
+    for pod in pods:
+        node = nodes[pod["spec"]["nodeName"]]
+        assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+        gpus = pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert str(gpus) == str(spec["roles"][pod["metadata"]["labels"]["moefleet.ai/role"]]["gpusPerNode"])
+        if path.stem == "kimi-k2-h200":
+            assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H200"
+    print(f"{path.stem}: Ready in {took:.1f}s with {len(pods)} engine pods")
+
+
+@pytest.mark.parametrize("case", invalid_cases(), ids=lambda c: c["name"])
+def test_invalid_moedeployment_is_rejected_at_admission(moefleet_chart, case):
+    result = moefleet_chart.kubectl(
+        "apply", "--dry-run=server", "-n", "default", "-f", "-", input=json.dumps(case["body"]), check=False
+    )
+    assert result.returncode != 0, f"{case['name']} was accepted"
+    assert case["api_field"] in result.stderr, result.stderr
+
+
+def test_pod_failure_restarts_exactly_its_group(operator, pool, kube_cluster, kube_namespace):
+    name = "fail"
+    kube_cluster.apply(
+        small(
+            name,
+            {
+                "prefill": {"replicas": 1, "nodesPerReplica": 1},
+                "decode": {"replicas": 2, "nodesPerReplica": 2},
+            },
+        ),
+        kube_namespace,
+    )
+    wait_ready(kube_cluster, kube_namespace, name)
+    before = pods_by_group(kube_cluster, kube_namespace, name)
+    victim = "fail-decode-1-1"
+    kube_cluster.fail_pod(kube_namespace, victim, "CUDA error: an illegal memory access was encountered")
+
+    def group_restarted() -> bool:
+        now = pods_by_group(kube_cluster, kube_namespace, name)
+        fresh = now.get("fail-decode-1", {})
+        return len(fresh) == 2 and not set(fresh.values()) & set(before["fail-decode-1"].values())
+
+    wait_for(group_restarted, 60, "decode-1's pods to be replaced together")
+    moed = wait_ready(kube_cluster, kube_namespace, name)
+    after = pods_by_group(kube_cluster, kube_namespace, name)
+    assert after["fail-prefill-0"] == before["fail-prefill-0"]
+    assert after["fail-decode-0"] == before["fail-decode-0"]
+    group = next(g for g in moed["status"]["groups"] if g["name"] == "fail-decode-1")
+    assert group["restarts"] == 1 and "illegal memory access" in group["lastFailure"]
+    assert moed["status"]["lastRestart"]["group"] == "fail-decode-1"
+    events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
+    restart_events = [e for e in events if e["reason"] == "GroupRestarting"]
+    assert len(restart_events) == 1 and "illegal memory access" in restart_events[0]["message"]
+    assert "fail-decode-1" in restart_events[0]["message"]
+
+
+def test_scaling_touches_only_added_and_removed_groups(operator, pool, kube_cluster, kube_namespace):
+    name = "scale"
+    kube_cluster.apply(
+        small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2, "gpusPerNode": 4}}), kube_namespace
+    )
+    wait_ready(kube_cluster, kube_namespace, name)
+    sts_path = f"/apis/apps/v1/namespaces/{kube_namespace}/statefulsets/scale-mixed-0"
+    first = kube_cluster.api_get(sts_path)["metadata"]["resourceVersion"]
+    pods = pods_by_group(kube_cluster, kube_namespace, name)
+    kube_cluster.kubectl(
+        "patch",
+        "moed",
+        name,
+        "-n",
+        kube_namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"roles":{"mixed":{"replicas":3}}}}',
+    )
+    moed = wait_ready(kube_cluster, kube_namespace, name)
+    assert moed["status"]["groupsReady"]["mixed"] == "3/3"
+    assert kube_cluster.api_get(sts_path)["metadata"]["resourceVersion"] == first  # never written
+    assert pods_by_group(kube_cluster, kube_namespace, name)["scale-mixed-0"] == pods["scale-mixed-0"]
+    config = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/configmaps/scale-gateway")
+    assert [g["name"] for g in json.loads(config["data"]["config.json"])["roles"]["mixed"]["groups"]] == [
+        "scale-mixed-0", "scale-mixed-1", "scale-mixed-2",
+    ]  # fmt: skip
+    kept = pods_by_group(kube_cluster, kube_namespace, name)["scale-mixed-1"]
+    kube_cluster.kubectl(
+        "patch",
+        "moed",
+        name,
+        "-n",
+        kube_namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"roles":{"mixed":{"replicas":2}}}}',
+    )
+
+    def scaled_down() -> bool:
+        found = children(kube_cluster, kube_namespace, name)
+        return (
+            found["StatefulSet"] == ["scale-mixed-0", "scale-mixed-1"]
+            and "scale-mixed-2" not in found["Service"]
+        )
+
+    wait_for(scaled_down, 60, "group scale-mixed-2 to be removed")
+    wait_ready(kube_cluster, kube_namespace, name)
+    assert kube_cluster.api_get(sts_path)["metadata"]["resourceVersion"] == first
+    now = pods_by_group(kube_cluster, kube_namespace, name)
+    assert now["scale-mixed-0"] == pods["scale-mixed-0"] and now["scale-mixed-1"] == kept
+    assert children(kube_cluster, kube_namespace, name)["PodDisruptionBudget"] == [
+        "scale-mixed-0",
+        "scale-mixed-1",
+    ]
+
+
+def test_operator_restart_mid_reconcile_converges_without_duplicates(
+    operator, pool, kube_cluster, kube_namespace
+):
+    name = "restart"
+    operator.stop()
+    kube_cluster.apply(
+        small(
+            name,
+            {
+                "prefill": {"replicas": 2, "nodesPerReplica": 1},
+                "decode": {"replicas": 2, "nodesPerReplica": 1},
+            },
+        ),
+        kube_namespace,
+    )
+    operator.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not children(kube_cluster, kube_namespace, name)["StatefulSet"]:
+        time.sleep(0.05)
+    operator.stop(kill=True)  # SIGKILL in the middle of (or right after) the first reconcile
+    partial = children(kube_cluster, kube_namespace, name)
+    operator.start()
+    wait_ready(kube_cluster, kube_namespace, name)
+    found = children(kube_cluster, kube_namespace, name)
+    groups = [f"restart-{role}-{r}" for role in ("decode", "prefill") for r in (0, 1)]
+    assert found["StatefulSet"] == groups and found["PodDisruptionBudget"] == groups
+    assert found["Deployment"] == ["restart-gateway"] and found["ConfigMap"] == ["restart-gateway"]
+    assert sorted(found["Service"]) == sorted(
+        [*groups, "restart-prefill", "restart-decode", "restart-gateway"]
+    )
+    assert len([p for p in found["Pod"] if "gateway" not in p]) == 4
+    print(
+        f"killed the operator with {len(partial['StatefulSet'])} StatefulSet(s) created; converged after restart"
+    )
+
+
+def test_deleting_the_moedeployment_garbage_collects_everything(operator, pool, kube_cluster, kube_namespace):
+    name = "gone"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 1}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    kube_cluster.kubectl("delete", "moed", name, "-n", kube_namespace, "--timeout=60s")
+
+    def all_gone() -> bool:
+        return not any(children(kube_cluster, kube_namespace, name).values())
+
+    wait_for(all_gone, 90, "every child of the deleted MoEDeployment to be garbage-collected")
+
+
+def test_asking_for_more_gpus_than_nodes_have_sets_degraded(operator, pool, kube_cluster, kube_namespace):
+    name = "greedy"
+    kube_cluster.apply(
+        small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2, "gpusPerNode": 16}}), kube_namespace
+    )
+    state = {}
+
+    def degraded() -> bool:
+        body = get_moed(kube_cluster, kube_namespace, name)
+        state["status"] = body.get("status")
+        return condition(body, "Degraded").get("reason") == "InsufficientGPUs"
+
+    try:
+        wait_for(degraded, 60, "Degraded=InsufficientGPUs")
+    except TimeoutError:
+        raise AssertionError(f"status: {state.get('status')}") from None
+    body = get_moed(kube_cluster, kube_namespace, name)
+    assert condition(body, "Degraded")["status"] == "True"
+    assert "Insufficient nvidia.com/gpu" in condition(body, "Degraded")["message"]
+    assert condition(body, "Ready")["status"] == "False"
+    assert body["status"]["groups"][0]["phase"] == "Unschedulable"
+    events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
+    assert any(e["reason"] == "DegradedTrue" and e["type"] == "Warning" for e in events)

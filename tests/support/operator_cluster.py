@@ -1,0 +1,174 @@
+"""Helpers for the operator's cluster tests (tests/operator/): the operator subprocess and API polling.
+
+The operator runs as a `kopf run -m moefleet.operator` subprocess authenticated with a token of the chart's
+ServiceAccount (TokenRequest API via `kubectl create token`), so the tests exercise the chart's RBAC.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from support.controlplane import ControlPlane, free_port, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "moefleet"
+RELEASE = "moefleet"
+SYSTEM_NAMESPACE = "moefleet-system"
+SERVICE_ACCOUNT = "moefleet"  # the chart's full name for release "moefleet"
+TEST_IMAGE = "ghcr.io/moefleet/moefleet:test"
+
+
+def service_account_kubeconfig(cluster: ControlPlane, out: Path) -> Path:
+    """A kubeconfig holding a TokenRequest token of the chart's ServiceAccount."""
+    token = cluster.kubectl(
+        "create", "token", SERVICE_ACCOUNT, "-n", SYSTEM_NAMESPACE, "--duration=6h"
+    ).stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    cluster_entry = dict(admin["clusters"][0]["cluster"])
+    if "certificate-authority" in cluster_entry:
+        data = Path(cluster_entry.pop("certificate-authority")).read_bytes()
+        cluster_entry["certificate-authority-data"] = base64.b64encode(data).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": cluster_entry}],
+        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "test", "user": SERVICE_ACCOUNT}}],
+        "current-context": "operator",
+    }
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+class OperatorProcess:
+    """`kopf run -m moefleet.operator` as the chart's ServiceAccount, with its metrics and health ports."""
+
+    def __init__(self, cluster: ControlPlane, kubeconfig: Path, workdir: Path, resync_seconds: float) -> None:
+        self.cluster = cluster
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.resync_seconds = resync_seconds
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.log_path = workdir / "operator.log"
+
+    def start(self) -> None:
+        self.health_port, self.metrics_port = free_port(), free_port()
+        env = {
+            **self.cluster.env,
+            "KUBECONFIG": str(self.kubeconfig),
+            "MOEFLEET_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
+            "MOEFLEET_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "MOEFLEET_OPERATOR_DEFAULT_IMAGE": TEST_IMAGE,
+        }
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== operator start #{self.starts} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kopf",
+                "run",
+                "-m",
+                "moefleet.operator",
+                "--standalone",
+                "--all-namespaces",
+                f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
+            ],  # fmt: skip
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        log.close()
+        wait_until(self.healthy, 60, "the operator's liveness endpoint", logs=self.logs)
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"operator exited:\n{self.logs()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def logs(self, lines: int = 80) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def api_requests(self) -> dict[tuple[str, str], float]:
+        """moefleet_operator_api_requests_total by (verb, resource), from the metrics endpoint."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[tuple[str, str], float] = {}
+        pattern = r'^moefleet_operator_api_requests_total\{resource="([^"]*)",verb="([^"]*)"\} (\S+)$'
+        for resource, verb, value in re.findall(pattern, text, re.M):
+            out[(verb, resource)] = float(value)
+        return out
+
+    def writes(self) -> float:
+        return sum(n for (verb, _), n in self.api_requests().items() if verb != "GET")
+
+
+def get_moed(cluster: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    return cluster.api_get(f"/apis/moefleet.ai/v1alpha1/namespaces/{namespace}/moedeployments/{name}")
+
+
+def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def wait_ready(cluster: ControlPlane, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
+    """Wait for Ready=True at the current generation; returns the MoEDeployment."""
+    state: dict[str, Any] = {}
+
+    def ready() -> bool:
+        body = get_moed(cluster, namespace, name)
+        state["body"] = body
+        status = body.get("status", {})
+        return (
+            status.get("observedGeneration") == body["metadata"]["generation"]
+            and condition(body, "Ready").get("status") == "True"
+        )
+
+    try:
+        wait_until(ready, timeout, f"MoEDeployment {namespace}/{name} Ready", interval_s=0.5)
+    except TimeoutError as error:
+        raise TimeoutError(f"{error}\nlast status: {state.get('body', {}).get('status')}") from None
+    return state["body"]
+
+
+def list_items(cluster: ControlPlane, path: str, selector: str) -> list[dict[str, Any]]:
+    return cluster.api_get(f"{path}?labelSelector={urllib.parse.quote(selector)}")["items"]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    wait_until(predicate, timeout, what, interval_s=0.5)
