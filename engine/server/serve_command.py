@@ -3,7 +3,8 @@
 Order matters for clear failures: arguments are validated and the port is bound *before* the model loads,
 so a typo or a busy port fails in a second with exit code 2 instead of after minutes of loading.
 Multi-process flags default from MOEFLEET_NNODES / MOEFLEET_NODE_RANK / MOEFLEET_NPROC_PER_NODE /
-MOEFLEET_MASTER_ADDR / MOEFLEET_MASTER_PORT so an operator can inject them as environment variables.
+MOEFLEET_MASTER_ADDR / MOEFLEET_MASTER_PORT (then MASTER_ADDR / MASTER_PORT) so an operator can inject them
+as environment variables.
 """
 
 from __future__ import annotations
@@ -103,10 +104,18 @@ def parallel_launch(args: argparse.Namespace) -> ParallelLaunch:
                 if args.nproc_per_node is not None
                 else _env_int("MOEFLEET_NPROC_PER_NODE", 1)
             ),
-            master_addr=args.master_addr or os.environ.get("MOEFLEET_MASTER_ADDR") or "127.0.0.1",
-            master_port=args.master_port
-            if args.master_port is not None
-            else _env_int("MOEFLEET_MASTER_PORT", 29500),
+            # MOEFLEET_MASTER_* is what the operator injects; MASTER_* is the torchrun convention.
+            master_addr=(
+                args.master_addr
+                or os.environ.get("MOEFLEET_MASTER_ADDR")
+                or os.environ.get("MASTER_ADDR")
+                or "127.0.0.1"
+            ),
+            master_port=(
+                args.master_port
+                if args.master_port is not None
+                else _env_int("MOEFLEET_MASTER_PORT", _env_int("MASTER_PORT", 29500))
+            ),
         )
     except ValueError as exc:
         raise CommandError(str(exc), "see `moefleet serve --help` (multi-process options)") from None
