@@ -65,7 +65,7 @@ class LLMEngine:
     ) -> None:
         """Queue a request. Raises ValueError (saying what to change) for requests that cannot run."""
         params = sampling_params if sampling_params is not None else SamplingParams()
-        if request_id in self._requests:
+        if request_id in self._requests or any(o.request_id == request_id for o in self._aborted):
             raise ValueError(f"request_id ({request_id!r}) is already in use: pick a unique id")
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:

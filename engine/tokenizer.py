@@ -74,7 +74,6 @@ class Tokenizer:
         self.bos_token: str | None = self.special_tokens.get("bos_token")
         self.eos_token: str | None = self.special_tokens.get("eos_token")
         self.bos_token_id = self.token_to_id(self.bos_token) if self.bos_token else None
-        self.add_bos_token = bool(config.get("add_bos_token", False))
         eos_ids = generation.get("eos_token_id")
         if eos_ids is None:
             eos_ids = []
@@ -97,12 +96,9 @@ class Tokenizer:
         return None if token_id is None else int(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
-        # Some tokenizer.json files lack the post-processor that adds BOS; tokenizer_config says it must be there.
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids.insert(0, self.bos_token_id)
-        return ids
+        # BOS (when the model wants one) comes from tokenizer.json's post-processor, as in transformers>=5;
+        # tokenizer_config's add_bos_token is not consulted.
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))

@@ -102,6 +102,8 @@ def test_abort_frees_blocks_and_reports(engine):
     assert engine.abort_request("a") is True
     assert engine.stats()["kv_blocks_used"] < used
     assert engine.abort_request("a") is False and engine.abort_request("nope") is False
+    with pytest.raises(ValueError, match="already in use"):  # its abort notice is not delivered yet
+        engine.add_request("a", [5, 6], SamplingParams())
     outputs = run_to_completion(engine)
     aborted = [o for o in outputs if o.request_id == "a"]
     assert len(aborted) == 1 and aborted[0].finished and aborted[0].finish_reason == "abort"

@@ -72,12 +72,14 @@ def test_rich_template_matches_transformers(model_dir, tmp_path):
     for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json", "config.json"):
         shutil.copy(model_dir / name, tmp_path / name)
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    config.update(chat_template=RICH_TEMPLATE, bos_token="<|endoftext|>")
+    config.update(chat_template=RICH_TEMPLATE, bos_token="<|endoftext|>", add_bos_token=True)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ours, theirs = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Météo <b>"}}]
     assert ours.apply_chat_template(MESSAGES, tools=tools) == hf_ids(theirs, MESSAGES, tools=tools)
     assert ours.render_chat(MESSAGES).startswith("<|endoftext|>")
+    assert ours.bos_token_id == theirs.bos_token_id == 0
+    assert ours.encode("Hello world") == theirs.encode("Hello world")
     with pytest.raises(ValueError, match="chat template rejected the messages: bad role tool"):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
 
