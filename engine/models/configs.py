@@ -26,6 +26,15 @@ def _get(
     return value
 
 
+def _with_aliases(d: dict, aliases: dict[str, str]) -> dict:
+    """Fill canonical keys from alias keys (transformers>=5 writes e.g. `num_local_experts`)."""
+    out = dict(d)
+    for alias, key in aliases.items():
+        if out.get(key) is None and out.get(alias) is not None:
+            out[key] = out[alias]
+    return out
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(k.__name__ for k in kinds)
@@ -67,6 +76,7 @@ class Qwen3MoeConfig:
     @classmethod
     def from_dict(cls, d: dict) -> Qwen3MoeConfig:
         arch = "Qwen3MoeForCausalLM"
+        d = _with_aliases(d, {"num_local_experts": "num_experts"})
         _check_act(d, arch)
         if d.get("use_sliding_window"):
             raise ValueError("config.json use_sliding_window=true is not supported for Qwen3MoeForCausalLM")
@@ -158,6 +168,9 @@ class DeepseekV3Config:
     @classmethod
     def from_dict(cls, d: dict) -> DeepseekV3Config:
         arch = "DeepseekV3ForCausalLM"
+        d = _with_aliases(
+            d, {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+        )
         _check_act(d, arch)
         topk_method = d.get("topk_method", "noaux_tc")
         if topk_method not in ("noaux_tc", None):

@@ -1,0 +1,155 @@
+"""Paged attention (GQA and MLA) against dense causal attention, for mixed prefill/chunk/decode batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.layers.attention import PagedAttention
+from moefleet.engine.layers.mla import MLAConfig, MLAttention
+from moefleet.engine.layers.rotary import RotaryEmbedding
+
+BLOCK = 4
+
+
+def dense_causal(q, k, v, scale):
+    """q [L, H, D], k/v [L, Hk, D] for one whole sequence -> [L, H, Dv]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
+    scores = scores.masked_fill(~mask, -math.inf)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+class Cache:
+    """Hands out shuffled blocks; builds ForwardContexts for steps of (seq, start, count)."""
+
+    def __init__(self, num_blocks=32):
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+        self.tables: dict[int, list[int]] = {}
+
+    def context(self, steps):
+        slots, query_lens, context_lens = [], [], []
+        for seq, start, count in steps:
+            table = self.tables.setdefault(seq, [])
+            while len(table) * BLOCK < start + count:
+                table.append(self.free.pop())
+            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + count)]
+            query_lens.append(count)
+            context_lens.append(start + count)
+        width = max(len(self.tables[s]) for s, _, _ in steps)
+        tables = torch.full((len(steps), width), -1, dtype=torch.int32)
+        for row, (seq, _, _) in enumerate(steps):
+            tables[row, : len(self.tables[seq])] = torch.tensor(self.tables[seq])
+        return ForwardContext(
+            is_prefill=True,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            slot_mapping=torch.tensor(slots),
+            block_tables=tables,
+            block_size=BLOCK,
+        )
+
+
+# Three sequences of 9, 6 and 5 tokens fed as: step 1 = prefill seq0[:5], seq1 whole; step 2 = seq0[5:8]
+# (a chunk attending to cache), seq1 decode... ; step 3 = decodes and a fresh prompt, all mixed.
+STEPS = [
+    [(0, 0, 5), (1, 0, 5)],
+    [(0, 5, 3), (1, 5, 1), (2, 0, 4)],
+    [(0, 8, 1), (2, 4, 1)],
+]
+LENGTHS = {0: 9, 1: 6, 2: 5}
+
+
+def test_gqa_paged_attention_matches_dense():
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, scale = 4, 2, 8, 0.3
+    seq_q = {s: torch.randn(n, heads, dim, generator=g) for s, n in LENGTHS.items()}
+    seq_k = {s: torch.randn(n, kv_heads, dim, generator=g) for s, n in LENGTHS.items()}
+    seq_v = {s: torch.randn(n, kv_heads, dim, generator=g) for s, n in LENGTHS.items()}
+    attn = PagedAttention(heads, kv_heads, dim, scale)
+    attn.kv_cache = torch.zeros(attn.kv_cache_shape(32, BLOCK))
+    cache = Cache()
+    outputs: dict[int, list[torch.Tensor]] = {s: [] for s in LENGTHS}
+    for steps in STEPS:
+        q = torch.cat([seq_q[s][a : a + n] for s, a, n in steps])
+        k = torch.cat([seq_k[s][a : a + n] for s, a, n in steps])
+        v = torch.cat([seq_v[s][a : a + n] for s, a, n in steps])
+        with forward_context(cache.context(steps)):
+            out = attn(q, k, v)
+        for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
+            outputs[s].append(piece)
+    for s in LENGTHS:
+        torch.testing.assert_close(
+            torch.cat(outputs[s]), dense_causal(seq_q[s], seq_k[s], seq_v[s], scale), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_gqa_without_cache_attends_within_the_step_and_rejects_history():
+    attn = PagedAttention(2, 1, 4, 0.5)
+    q, k, v = torch.randn(5, 2, 4), torch.randn(5, 1, 4), torch.randn(5, 1, 4)
+    with forward_context(ForwardContext(is_prefill=True, query_lens=[3, 2], context_lens=[3, 2])):
+        out = attn(q, k, v)
+    torch.testing.assert_close(out[:3], dense_causal(q[:3], k[:3], v[:3], 0.5))
+    torch.testing.assert_close(out[3:], dense_causal(q[3:], k[3:], v[3:], 0.5))
+    with forward_context(ForwardContext(is_prefill=False, query_lens=[1], context_lens=[4])):
+        with pytest.raises(ValueError, match="no KV cache allocated"):
+            attn(q[:1], k[:1], v[:1])
+
+
+def test_negative_slots_are_not_written():
+    attn = PagedAttention(1, 1, 2, 1.0)
+    attn.kv_cache = torch.zeros(attn.kv_cache_shape(2, BLOCK))
+    ctx = ForwardContext(
+        is_prefill=True,
+        query_lens=[2],
+        context_lens=[2],
+        slot_mapping=torch.tensor([0, -1]),
+        block_tables=torch.tensor([[0]]),
+        block_size=BLOCK,
+    )
+    with forward_context(ctx):
+        attn(torch.ones(2, 1, 2), torch.ones(2, 1, 2), torch.ones(2, 1, 2))
+    assert attn.kv_cache[0].view(-1, 2)[0].tolist() == [1.0, 1.0]
+    assert attn.kv_cache[0].view(-1, 2)[1:].abs().sum() == 0
+
+
+def test_mla_paged_matches_mla_on_whole_sequences():
+    """MLA over the cache in mixed chunks equals MLA run on each whole sequence without a cache."""
+    torch.manual_seed(2)
+    config = MLAConfig(32, 2, None, 16, 8, 4, 8, softmax_scale=12**-0.5)
+    mla = MLAttention(config, RotaryEmbedding(4, 10000.0, interleaved=True))
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    hidden = {s: torch.randn(n, 32) for s, n in LENGTHS.items()}
+    reference = {}
+    for s, n in LENGTHS.items():
+        with forward_context(ForwardContext(is_prefill=True, query_lens=[n], context_lens=[n])):
+            reference[s] = mla(torch.arange(n), hidden[s])
+    mla.kv_cache = torch.zeros(mla.kv_cache_shape(32, BLOCK))
+    assert mla.kv_cache.shape == (32, BLOCK, 16 + 4)
+    cache = Cache()
+    outputs: dict[int, list[torch.Tensor]] = {s: [] for s in LENGTHS}
+    for steps in STEPS:
+        x = torch.cat([hidden[s][a : a + n] for s, a, n in steps])
+        pos = torch.cat([torch.arange(a, a + n) for _, a, n in steps])
+        with forward_context(cache.context(steps)):
+            out = mla(pos, x)
+        for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
+            outputs[s].append(piece)
+    for s in LENGTHS:
+        torch.testing.assert_close(torch.cat(outputs[s]), reference[s], atol=1e-5, rtol=1e-5)
+
+
+def test_zero_tokens_skip_attention():
+    attn = PagedAttention(2, 1, 4, 0.5)
+    with forward_context(ForwardContext(is_prefill=False)):
+        assert attn(torch.zeros(0, 2, 4), torch.zeros(0, 1, 4), torch.zeros(0, 1, 4)).shape == (0, 2, 4)
+    mla = MLAttention(MLAConfig(32, 2, 8, 16, 8, 4, 8, softmax_scale=0.3), RotaryEmbedding(4, 10000.0))
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with forward_context(ForwardContext(is_prefill=False)):
+        assert mla(torch.zeros(0, dtype=torch.long), torch.zeros(0, 32)).shape == (0, 32)
