@@ -72,6 +72,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "moefleet.ai/operator"  # kopf's timers need one on the object
     settings.execution.max_workers = SETTINGS.workers
     settings.watching.server_timeout = 300
+    # Children are watched through a server-side label selector: only our objects cross the wire.
+    owned = ",".join(f"{key}={value}" for key, value in _OWNED.items())
+    settings.watching.label_selectors["", "v1", "pods"] = owned
+    for _kind, resource, _index_id in _CHILD_INDEXES:
+        settings.watching.label_selectors[resource] = owned
+    # No namespace/CRD observation (it needs namespace list/watch); the CRD exists before the operator starts.
+    settings.scanning.disabled = True
     if SETTINGS.metrics_port:
         from prometheus_client import start_http_server
 
