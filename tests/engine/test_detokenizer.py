@@ -88,3 +88,18 @@ def test_deltas_equal_full_decode_for_random_tokens(tokenizer):
     prompt = tokenizer.encode("Once upon a time")
     deltas, _ = feed(tokenizer, prompt, ids, max_tokens=len(ids))
     assert "".join(deltas) == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_string_property_random_streams(tokenizer, seed):
+    import random
+
+    rng = random.Random(seed)
+    special = set(tokenizer.eos_token_ids)
+    ids = [t for t in (rng.randrange(3, tokenizer.vocab_size) for _ in range(60)) if t not in special]
+    full = tokenizer.decode(ids)
+    start = rng.randrange(len(full) // 2)
+    stop = full[start : start + rng.randint(1, 6)]
+    deltas, (reason, stop_reason) = feed(tokenizer, [], ids, stop=[stop])
+    assert (reason, stop_reason) == ("stop", stop)
+    assert "".join(deltas) == full[: full.find(stop)]
