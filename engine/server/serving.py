@@ -267,9 +267,11 @@ async def create_chat_completion(
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as exc:  # jinja errors from the model's own template (e.g. role order it rejects)
+    except ValueError as exc:  # no template, or the template rejects the messages (e.g. role order)
+        raise OpenAIError(str(exc), param="messages") from exc
+    except Exception as exc:  # any other failure inside the model's own jinja template
         raise OpenAIError(
-            f"the model's chat template rejected the messages: {exc}", param="messages"
+            f"the model's chat template failed on these messages: {exc}", param="messages"
         ) from exc
     prompt_ids = list(tokenizer.encode(templated)) if isinstance(templated, str) else list(templated)
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

@@ -56,11 +56,25 @@ def serve_app(client: EngineClient, served_model_name: str = "tiny") -> Iterator
         sock.close()
 
 
-@pytest.fixture
-def fake_server() -> Iterator[RunningServer]:
+@contextmanager
+def serve_fake_engine(**engine_options: Any) -> Iterator[RunningServer]:
+    """The app over `FakeEngine` (byte tokenizer, vocabulary 257); `.engine` is the fake engine."""
     from server.fake_engine import FakeEngine
 
-    engine = FakeEngine()
+    engine = FakeEngine(**engine_options)
     with serve_app(LocalEngineClient(engine, max_model_len=engine.max_model_len, vocab_size=257)) as running:
         running.engine = engine  # type: ignore[attr-defined]
+        yield running
+
+
+@pytest.fixture
+def fake_server() -> Iterator[RunningServer]:
+    with serve_fake_engine() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def shared_fake_server() -> Iterator[RunningServer]:
+    """One server for a whole module, for tests that do not change engine behaviour or count metrics."""
+    with serve_fake_engine() as running:
         yield running

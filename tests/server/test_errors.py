@@ -62,7 +62,8 @@ def _check_error_shape(response: httpx.Response, status: int) -> dict:
 
 
 @pytest.mark.parametrize(("route", "body", "status", "param"), CASES, ids=[str(i) for i in range(len(CASES))])
-def test_bad_request_gets_openai_error(fake_server, route, body, status, param):
+def test_bad_request_gets_openai_error(shared_fake_server, route, body, status, param):
+    fake_server = shared_fake_server
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(
         fake_server.base_url + route,
@@ -81,7 +82,8 @@ def test_bad_request_gets_openai_error(fake_server, route, body, status, param):
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "cd"
 
 
-def test_context_length_message_says_the_numbers(fake_server):
+def test_context_length_message_says_the_numbers(shared_fake_server):
+    fake_server = shared_fake_server
     response = httpx.post(
         fake_server.base_url + COMPLETIONS,
         json={"model": "tiny", "prompt": [1] * 200, "max_tokens": 100},
@@ -93,7 +95,8 @@ def test_context_length_message_says_the_numbers(fake_server):
     assert _check_error_shape(response, 400)["code"] == "context_length_exceeded"
 
 
-def test_unknown_route_and_wrong_method(fake_server):
+def test_unknown_route_and_wrong_method(shared_fake_server):
+    fake_server = shared_fake_server
     _check_error_shape(httpx.get(fake_server.base_url + "/v1/nothing-here", timeout=10), 404)
     _check_error_shape(httpx.get(fake_server.base_url + COMPLETIONS, timeout=10), 405)
     _check_error_shape(httpx.delete(fake_server.base_url + "/v1/models", timeout=10), 405)
@@ -135,3 +138,42 @@ def test_engine_failure_mid_stream_ends_with_error_event(fake_server):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "simulated device failure" in error["message"]
+
+
+def test_engine_that_cannot_recover_is_reported_dead():
+    from server.conftest import serve_fake_engine
+
+    with serve_fake_engine() as server:
+        engine = server.engine
+
+        def broken_abort(request_id: str) -> None:
+            raise RuntimeError("device lost")
+
+        engine.fail_next_steps = 1
+        engine.abort_request = broken_abort  # the engine cannot even clean up after the failed step
+        first = httpx.post(server.base_url + COMPLETIONS, json={"model": "tiny", "prompt": "a"}, timeout=10)
+        _check_error_shape(first, 500)
+        health = httpx.get(server.base_url + "/health", timeout=10)
+        assert "device lost" in _check_error_shape(health, 503)["message"]
+        later = httpx.post(server.base_url + COMPLETIONS, json={"model": "tiny", "prompt": "a"}, timeout=10)
+        assert _check_error_shape(later, 503)["type"] == "service_unavailable_error"
+
+
+def test_chat_template_rejection_is_a_400(shared_fake_server):
+    tokenizer = shared_fake_server.client.tokenizer
+    original = tokenizer.apply_chat_template
+
+    def strict_template(messages, add_generation_prompt=True):
+        if messages[0]["role"] != "system":
+            raise ValueError("conversations must start with a system message")
+        return original(messages, add_generation_prompt)
+
+    tokenizer.apply_chat_template = strict_template
+    try:
+        response = httpx.post(
+            shared_fake_server.base_url + CHAT, json={"model": "tiny", "messages": USER}, timeout=10
+        )
+    finally:
+        tokenizer.apply_chat_template = original
+    error = _check_error_shape(response, 400)
+    assert error["param"] == "messages" and "start with a system message" in error["message"]
