@@ -17,7 +17,7 @@ COMMAND_MODULES: list[str] = [
     "moefleet.engine.server.serve_command",  # moefleet serve
     "moefleet.engine.tiny_model_command",  # moefleet make-tiny-model
     "moefleet.operator.cli",  # moefleet operator
-    # moefleet bench: registered here by the benchmark work (module with add_parser + run).
+    "moefleet.engine.bench.command",  # moefleet bench
 ]
 
 USAGE_ERROR = 2

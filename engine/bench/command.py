@@ -1,0 +1,138 @@
+"""`moefleet bench`: offline decode/prefill throughput of a preset on random weights, one process per GPU.
+
+Example (4 GPUs, DeepSeek-V3 width, 4 MoE layers, decode of 64 sequences per GPU at 2048 cached tokens):
+    moefleet bench --preset deepseek-v3 --layers 4 --nproc-per-node 4 --mode decode --batch-size 64 --kv-len 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from dataclasses import asdict
+from typing import Any
+
+from moefleet.engine.cli import CommandError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from moefleet.engine.bench.presets import PRESETS
+    from moefleet.engine.bench.runner import BenchOptions
+
+    defaults = BenchOptions()
+    p = subparsers.add_parser("bench", help="offline throughput on random weights for named model presets")
+    p.add_argument(
+        "--preset", action="append", choices=sorted(PRESETS), help="repeatable; default deepseek-v3"
+    )
+    p.add_argument("--layers", type=int, default=defaults.num_layers, help="decoder layers (full width)")
+    p.add_argument("--dense-layers", type=int, default=defaults.dense_layers, help="leading dense layers")
+    p.add_argument("--mode", action="append", choices=["decode", "prefill"], help="repeatable; default both")
+    p.add_argument("--batch-size", type=int, action="append", help="decode sequences per GPU (repeatable)")
+    p.add_argument("--kv-len", type=int, default=defaults.kv_len, help="decode: cached tokens per sequence")
+    p.add_argument(
+        "--prefill-tokens", type=int, default=defaults.prefill_tokens, help="prefill tokens per GPU"
+    )
+    p.add_argument("--prefill-seq-len", type=int, default=defaults.prefill_seq_len)
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--warmup", type=int, default=defaults.warmup)
+    p.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=defaults.dtype)
+    p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "deepep"])
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented per-part steps")
+    p.add_argument("--json", metavar="FILE", help="also write every row (and per-rank data) as JSON")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(local_rank: int, world_size: int, port: int, options: Any, queue: Any) -> None:
+    from moefleet.engine.bench.runner import run_rank
+    from moefleet.engine.distributed.groups import LaunchConfig, init_distributed, shutdown
+
+    try:
+        launch = LaunchConfig(nproc_per_node=world_size, local_rank=local_rank, master_port=port)
+        state = init_distributed(launch, device=options.device)
+        try:
+            queue.put(("ok", run_rank(options, state.device_group).to_dict()))
+        finally:
+            shutdown(state)
+    except BaseException as exc:
+        queue.put(("error", f"rank {local_rank}: {type(exc).__name__}: {exc}"))
+        raise
+
+
+def run_options(options: Any, nproc: int) -> list[dict[str, Any]]:
+    """Run one scenario on `nproc` processes; returns each rank's result dict."""
+    from moefleet.engine.bench.runner import run_rank
+
+    if nproc == 1:
+        return [run_rank(options).to_dict()]
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(i, nproc, port, options, queue)) for i in range(nproc)]
+    for proc in procs:
+        proc.start()
+    results, errors = [], []
+    for _ in procs:
+        status, payload = queue.get(timeout=3600)
+        (results if status == "ok" else errors).append(payload)
+        if errors:
+            break
+    for proc in procs:
+        proc.join(timeout=5 if errors else 60)
+        if proc.is_alive():
+            proc.terminate()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from moefleet.engine.bench.report import format_table, summarize
+    from moefleet.engine.bench.runner import BenchOptions
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(
+                "--device cuda but no CUDA GPU is visible", "use --device cpu --preset tiny-deepseek"
+            )
+        if args.nproc_per_node > torch.cuda.device_count():
+            raise CommandError(
+                f"--nproc-per-node ({args.nproc_per_node}) exceeds the visible GPUs ({torch.cuda.device_count()})",
+                "lower --nproc-per-node or set CUDA_VISIBLE_DEVICES",
+            )
+    rows, raw = [], []
+    for preset in args.preset or ["deepseek-v3"]:
+        for mode in args.mode or ["decode", "prefill"]:
+            batches = (args.batch_size or [BenchOptions().batch_size]) if mode == "decode" else [0]
+            for batch in batches:
+                try:
+                    options = BenchOptions(
+                        preset=preset, num_layers=args.layers, dense_layers=args.dense_layers, mode=mode,
+                        batch_size=batch or BenchOptions().batch_size, kv_len=args.kv_len,
+                        prefill_tokens=args.prefill_tokens, prefill_seq_len=args.prefill_seq_len,
+                        steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                        backend=args.moe_backend, breakdown=not args.no_breakdown,
+                    )  # fmt: skip
+                except ValueError as exc:
+                    raise CommandError(str(exc)) from None
+                ranks = run_options(options, args.nproc_per_node)
+                row = summarize(asdict(options), ranks)
+                rows.append(row)
+                raw.append({"options": asdict(options), "summary": row, "ranks": ranks})
+                print(format_table([row]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=2)
+    return 0

@@ -1,0 +1,54 @@
+"""Turn per-rank benchmark results into one summary row and a printed table (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PARTS = ("attention", "dispatch", "experts", "combine", "other")
+
+
+def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row: the slowest rank sets the group's step time (ranks run in lockstep)."""
+    slowest = max(ranks, key=lambda r: r["step_time_s"])
+    step = slowest["step_time_s"]
+    tokens = slowest["tokens_per_step"]
+    bandwidth = min(r["bandwidth_bytes_per_s"] for r in ranks)
+    floor_s = (
+        max(r["floor_bytes"]["total"] for r in ranks) / bandwidth if options["mode"] == "decode" else None
+    )
+    return {
+        "preset": options["preset"],
+        "layers": options["num_layers"],
+        "gpus": slowest["world_size"],
+        "device": slowest["device_name"],
+        "mode": options["mode"],
+        "batch": options["batch_size"] if options["mode"] == "decode" else options["prefill_tokens"],
+        "kv_len": options["kv_len"] if options["mode"] == "decode" else options["prefill_seq_len"],
+        "step_ms": step * 1e3,
+        "tokens_per_s_per_gpu": tokens / step,
+        "breakdown_ms": {p: slowest["breakdown_s"].get(p, 0.0) * 1e3 for p in PARTS},
+        "kv_capacity_tokens_per_gpu": min(r["kv_capacity_tokens"] for r in ranks),
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "hbm_floor_ms": None if floor_s is None else floor_s * 1e3,
+        "floor_ratio": None if floor_s is None else floor_s / step,
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table, one line per summary row."""
+    head = (
+        "| preset | layers | GPUs | mode | batch/GPU | len | step ms | tok/s/GPU | attn ms | dispatch ms | "
+        "experts ms | combine ms | other ms | KV tokens/GPU | HBM floor ms | floor/step |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        b = r["breakdown_ms"]
+        floor = "-" if r["hbm_floor_ms"] is None else f"{r['hbm_floor_ms']:.2f}"
+        ratio = "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.1%}"
+        lines.append(
+            f"| {r['preset']} | {r['layers']} | {r['gpus']} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
+            f"{r['step_ms']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | {b['attention']:.2f} | "
+            f"{b['dispatch']:.2f} | {b['experts']:.2f} | {b['combine']:.2f} | {b['other']:.2f} | "
+            f"{r['kv_capacity_tokens_per_gpu']:,} | {floor} | {ratio} |"
+        )
+    return "\n".join(lines)

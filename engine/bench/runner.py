@@ -1,0 +1,332 @@
+"""One rank of `moefleet bench`: build a preset on random weights, time decode or prefill steps.
+
+Data flow: preset config -> (EP group, layout) -> model on device with random weights -> EP dispatchers ->
+KV cache for the scenario -> a fixed ForwardContext (decode: B sequences at kv_len; prefill: sequences of
+seq_len) -> warm-up, timed steps (no instrumentation), then instrumented steps for the per-part breakdown.
+Decode steps reuse one context, so every step runs at the same KV length (a steady-state step).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from moefleet.engine import parallel_layout
+from moefleet.engine.bench.floor import decode_step_bytes
+from moefleet.engine.bench.presets import num_experts, preset_config
+from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.layers.experts import Experts
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    preset: str = "deepseek-v3"
+    num_layers: int = 4
+    dense_layers: int = 0
+    mode: str = "decode"  # "decode" or "prefill"
+    batch_size: int = 64  # decode: sequences per rank
+    kv_len: int = 1024  # decode: cached tokens per sequence
+    prefill_tokens: int = 4096  # prefill: new tokens per rank per step
+    prefill_seq_len: int = 1024
+    steps: int = 10
+    warmup: int = 3
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    backend: str = "auto"
+    block_size: int = 64
+    kv_memory_fraction: float = 0.9
+    breakdown: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("decode", "prefill"):
+            raise ValueError(f"mode ({self.mode!r}) must be 'decode' or 'prefill'")
+        for name in ("batch_size", "kv_len", "prefill_tokens", "prefill_seq_len", "steps", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.prefill_tokens % self.prefill_seq_len:
+            raise ValueError(
+                f"prefill_tokens ({self.prefill_tokens}) must be a multiple of prefill_seq_len "
+                f"({self.prefill_seq_len})"
+            )
+
+
+@dataclass
+class RankResult:
+    rank: int
+    world_size: int
+    device_name: str
+    tokens_per_step: int
+    step_times_s: list[float]
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    kv_capacity_tokens: int = 0
+    bandwidth_bytes_per_s: float = 0.0
+    floor_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step_time_s(self) -> float:
+        return statistics.median(self.step_times_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "step_time_s": self.step_time_s}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_init(model: nn.Module, seed: int) -> None:
+    """Fill parameters in place: matrices ~ N(0, 0.02), vectors (norms) 1, router biases 0."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                # Draw on the device in chunks (full-width expert stacks are tens of GB).
+                for chunk in param.view(param.shape[0], -1).split(8, dim=0):
+                    chunk.normal_(0.0, 0.02)
+            elif "bias" in name:
+                param.zero_()
+            else:
+                param.fill_(1.0)
+
+
+def measure_bandwidth(device: torch.device, size_bytes: int) -> float:
+    """Device memory bandwidth from a copy: bytes read + bytes written per second (median of repeats)."""
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(12):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * size_bytes / statistics.median(times)
+
+
+class PartTimer:
+    """Accumulates synchronised wall time per model part (instrumented steps only: it adds syncs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def start(self, part: str) -> None:
+        _sync(self.device)
+        self._started[part] = time.perf_counter()
+
+    def stop(self, part: str) -> None:
+        _sync(self.device)
+        self.totals[part] = self.totals.get(part, 0.0) + time.perf_counter() - self._started.pop(part)
+
+    def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.start(part)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stop(part)
+
+        return wrapper
+
+
+class _TimedDispatcher:
+    """Wraps a TokenDispatcher so launch + wait of dispatch and combine are timed as parts."""
+
+    def __init__(self, inner: Any, timer: PartTimer):
+        self.inner = inner
+        self.dispatch_start = timer.timed("dispatch", inner.dispatch_start)
+        self.dispatch_finish = timer.timed("dispatch", inner.dispatch_finish)
+        self.combine_start = timer.timed("combine", inner.combine_start)
+        self.combine_finish = timer.timed("combine", inner.combine_finish)
+
+
+def instrument(model: nn.Module, timer: PartTimer) -> Callable[[], None]:
+    """Time attention, experts, dispatch and combine; returns a function that removes the instrumentation."""
+    handles = []
+    restore: list[tuple[nn.Module, Any]] = []
+    for module in model.modules():
+        part = (
+            "attention"
+            if hasattr(module, "kv_cache_shape")
+            else "experts"
+            if isinstance(module, Experts)
+            else None
+        )
+        if part is not None:
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, p=part: timer.start(p)))
+            handles.append(module.register_forward_hook(lambda _m, _a, _o, p=part: timer.stop(p)))
+        if hasattr(module, "dispatcher") and isinstance(getattr(module, "experts", None), Experts):
+            restore.append((module, module.dispatcher))
+            setattr(module, "dispatcher", _TimedDispatcher(module.dispatcher, timer))  # noqa: B010
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+        for module, dispatcher in restore:
+            setattr(module, "dispatcher", dispatcher)  # noqa: B010
+
+    return remove
+
+
+def parameter_bytes(model: nn.Module) -> tuple[int, int, int]:
+    """(routed expert bytes on this rank, input embedding bytes, all other parameter bytes)."""
+    routed = embedding = other = 0
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embed_tokens = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed_tokens is not None and hasattr(embed_tokens, "weight"):
+        embeddings.add(id(embed_tokens.weight))
+    routed_ids = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+    for param in model.parameters():
+        size = param.numel() * param.element_size()
+        if id(param) in routed_ids:
+            routed += size
+        elif id(param) in embeddings:
+            embedding += size
+        else:
+            other += size
+    return routed, embedding, other
+
+
+def build_context(
+    options: BenchOptions, device: torch.device, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, int]:
+    """Inputs and forward metadata for the scenario, plus the number of KV blocks it needs."""
+    bs = options.block_size
+    if options.mode == "decode":
+        num_seqs, query_len, context_len = options.batch_size, 1, options.kv_len + 1
+    else:
+        num_seqs = options.prefill_tokens // options.prefill_seq_len
+        query_len = context_len = options.prefill_seq_len
+    blocks_per_seq = math.ceil(context_len / bs)
+    block_tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
+    positions = torch.arange(context_len - query_len, context_len).repeat(num_seqs)  # [T]
+    seq_of_token = torch.arange(num_seqs).repeat_interleave(query_len)
+    slot_mapping = block_tables[seq_of_token, positions // bs].long() * bs + positions % bs
+    context = ForwardContext(
+        is_prefill=options.mode == "prefill",
+        query_lens=[query_len] * num_seqs,
+        context_lens=[context_len] * num_seqs,
+        slot_mapping=slot_mapping.to(device),
+        block_tables=block_tables.to(device),
+        block_size=bs,
+    )
+    input_ids = torch.randint(0, vocab_size, (num_seqs * query_len,), device=device)
+    return input_ids, positions.to(device), context, num_seqs * blocks_per_seq
+
+
+def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
+    """Benchmark this rank (of `group`, an EP process group, or alone when None)."""
+    import torch.distributed as dist
+    from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
+    from moefleet.engine.loader import build_model, dtype_from_name
+
+    rank = 0 if group is None else dist.get_rank(group)
+    world_size = 1 if group is None else dist.get_world_size(group)
+    device = (
+        torch.device(options.device, torch.cuda.current_device())
+        if options.device == "cuda"
+        else torch.device("cpu")
+    )
+    torch.manual_seed(options.seed + rank)
+    config = preset_config(options.preset, options.num_layers, options.dense_layers)
+    set_expert_parallel_layout(group)
+    try:
+        model = build_model(config, device, options.dtype)
+    finally:
+        parallel_layout.set_layout(parallel_layout.ParallelLayout())
+    random_init(model, options.seed)
+    if group is not None:
+        apply_expert_parallel(model, group, options.backend)
+
+    dtype = dtype_from_name(options.dtype)
+    attention = [m for m in model.modules() if hasattr(m, "kv_cache_shape")]
+    element = torch.empty((), dtype=dtype).element_size()
+    kv_bytes_per_token = sum(math.prod(m.kv_cache_shape(1, 1)) * element for m in attention)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        kv_capacity = int(free * options.kv_memory_fraction) // kv_bytes_per_token
+    else:
+        kv_capacity = 0
+    input_ids, positions, context, num_blocks = build_context(options, device, int(config["vocab_size"]))
+    for m in attention:
+        m.kv_cache = torch.randn(m.kv_cache_shape(num_blocks, options.block_size), dtype=dtype, device=device)
+    sample_rows = torch.tensor(
+        [sum(context.query_lens[: i + 1]) - 1 for i in range(len(context.query_lens))], device=device
+    )
+
+    def step() -> None:
+        with forward_context(context):
+            hidden = model(input_ids, positions)
+            model.compute_logits(hidden[sample_rows]).argmax(dim=-1)
+
+    def barrier() -> None:
+        if group is not None:
+            dist.barrier(group)
+
+    with torch.inference_mode():
+        for _ in range(options.warmup):
+            step()
+        barrier()
+        times = []
+        for _ in range(options.steps):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        breakdown: dict[str, float] = {}
+        if options.breakdown:
+            timer = PartTimer(device)
+            remove = instrument(model, timer)
+            steps = max(2, options.steps // 2)
+            total = 0.0
+            for _ in range(steps):
+                barrier()
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                total += time.perf_counter() - start
+            remove()
+            breakdown = {part: t / steps for part, t in timer.totals.items()}
+            breakdown["other"] = max(0.0, total / steps - sum(breakdown.values()))
+            breakdown["instrumented_step"] = total / steps
+        bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+
+    routed, embedding, other = parameter_bytes(model)
+    floor = decode_step_bytes(
+        dense_weight_bytes=other,
+        local_routed_expert_bytes=routed,
+        batch_per_rank=options.batch_size,
+        world_size=world_size,
+        top_k=int(config["num_experts_per_tok"]),
+        num_experts=num_experts(config),
+        kv_bytes_per_token=kv_bytes_per_token,
+        kv_len=options.kv_len,
+    )
+    return RankResult(
+        rank=rank,
+        world_size=world_size,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        tokens_per_step=context.num_tokens,
+        step_times_s=times,
+        breakdown_s=breakdown,
+        kv_capacity_tokens=kv_capacity,
+        bandwidth_bytes_per_s=bandwidth,
+        floor_bytes={
+            "dense_weights": floor.dense_weights,
+            "routed_experts": floor.routed_experts,
+            "kv_cache": floor.kv_cache,
+            "total": floor.total,
+        },
+    )

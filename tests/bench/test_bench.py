@@ -1,0 +1,82 @@
+"""`moefleet bench`: the HBM-floor arithmetic, the report, and real runs of the tiny preset on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from moefleet.engine.bench.command import run_options
+from moefleet.engine.bench.floor import decode_step_bytes, expected_active_fraction
+from moefleet.engine.bench.presets import PRESETS, preset_config
+from moefleet.engine.bench.report import format_table, summarize
+from moefleet.engine.bench.runner import BenchOptions, run_rank
+
+
+def test_active_fraction_limits_and_value():
+    assert expected_active_fraction(0, 8, 256) == 0.0
+    assert expected_active_fraction(5, 4, 4) == 1.0
+    # One token choosing 8 of 256 experts activates exactly 8/256 of them.
+    assert math.isclose(expected_active_fraction(1, 8, 256), 8 / 256)
+    # Many tokens activate nearly all experts.
+    assert expected_active_fraction(10_000, 8, 256) > 0.999
+    with pytest.raises(ValueError, match="top_k"):
+        expected_active_fraction(1, 9, 8)
+
+
+def test_decode_step_bytes_adds_weights_experts_and_kv():
+    b = decode_step_bytes(
+        dense_weight_bytes=1000, local_routed_expert_bytes=800, batch_per_rank=2, world_size=2,
+        top_k=2, num_experts=4, kv_bytes_per_token=10, kv_len=50,
+    )  # fmt: skip
+    # 4 tokens in the group, each idles an expert with probability 1/2: active = 1 - 1/16.
+    assert b.routed_experts == int(800 * (1 - 1 / 16))
+    assert b.kv_cache == 2 * 50 * 10
+    assert b.total == 1000 + b.routed_experts + 1000
+
+
+def test_presets_keep_full_width_and_set_depth():
+    ds = preset_config("deepseek-v3", num_layers=4, dense_layers=1)
+    assert ds["hidden_size"] == 7168 and ds["n_routed_experts"] == 256
+    assert ds["num_hidden_layers"] == 4 and ds["first_k_dense_replace"] == 1
+    qw = preset_config("qwen3-30b-a3b", num_layers=3)
+    assert qw["num_experts"] == 128 and qw["mlp_only_layers"] == []
+    assert PRESETS["deepseek-v3"]["num_hidden_layers"] == 61  # presets are not mutated
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("llama")
+
+
+def _tiny(mode: str) -> BenchOptions:
+    return BenchOptions(
+        preset="tiny-deepseek", num_layers=2, mode=mode, batch_size=4, kv_len=40, prefill_tokens=64,
+        prefill_seq_len=32, steps=2, warmup=1, device="cpu", dtype="float32", block_size=16,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_single_rank_run_times_every_part(mode):
+    result = run_rank(_tiny(mode)).to_dict()
+    assert result["tokens_per_step"] == (4 if mode == "decode" else 64)
+    assert len(result["step_times_s"]) == 2 and result["step_time_s"] > 0
+    for part in ("attention", "dispatch", "experts", "combine"):
+        assert result["breakdown_s"][part] > 0, part
+    assert result["floor_bytes"]["total"] > result["floor_bytes"]["kv_cache"] > 0
+    row = summarize(_asdict(_tiny(mode)), [result])
+    table = format_table([row])
+    assert "tiny-deepseek" in table and table.count("\n") == 2
+
+
+def _asdict(options: BenchOptions) -> dict:
+    from dataclasses import asdict
+
+    return asdict(options)
+
+
+@pytest.mark.multiprocess
+def test_two_rank_expert_parallel_run():
+    ranks = run_options(_tiny("decode"), 2)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 and r["tokens_per_step"] == 4 for r in ranks)
+    # Replicated (non-expert) weights are the same on every rank.
+    single = run_rank(_tiny("decode")).to_dict()
+    assert ranks[0]["breakdown_s"]["dispatch"] > 0
+    assert ranks[0]["floor_bytes"]["dense_weights"] == single["floor_bytes"]["dense_weights"]
