@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -84,10 +85,13 @@ class Kube:
         )
         if token:
             headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
-        cert = (configuration.cert_file, configuration.key_file or "") if configuration.cert_file else None
-        verify: Any = configuration.ssl_ca_cert or configuration.verify_ssl
+        context: Any = False
+        if configuration.verify_ssl:
+            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+            if configuration.cert_file:
+                context.load_cert_chain(configuration.cert_file, configuration.key_file)
         self._client = httpx.Client(
-            base_url=configuration.host, headers=headers, cert=cert, verify=verify, timeout=timeout
+            base_url=configuration.host, headers=headers, verify=context, timeout=timeout
         )
         self._token_read_at = time.monotonic()
         self._lock = threading.Lock()

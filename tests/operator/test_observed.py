@@ -1,0 +1,91 @@
+"""observed: pod and child bodies (as the API returns them) reduced to the data the planner decides on."""
+
+from __future__ import annotations
+
+import pytest
+from moefleet.operator import labels as L
+from moefleet.operator.observed import child_state, pod_failed, pod_state
+from moefleet.operator.settings import OperatorSettings, from_environment
+from support.kwok_nodes import failed_pod_status
+
+
+def running_pod(name="m-decode-0-1", ready=True, restarts=0):
+    return {
+        "metadata": {"name": name, "uid": "u1", "labels": {L.GROUP_LABEL: "m-decode-0"}},
+        "spec": {"containers": [{"name": "engine", "image": "img"}]},
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [{"name": "engine", "restartCount": restarts, "state": {"running": {}}}],
+        },
+    }
+
+
+def test_ready_running_pod():
+    pod = pod_state(running_pod())
+    assert (pod.group, pod.ready, pod.phase, pod.restart_count) == ("m-decode-0", True, "Running", 0)
+    assert not pod_failed(pod)
+
+
+def test_failed_pod_carries_its_termination_message():
+    body = running_pod()
+    body["status"] = failed_pod_status(body, "CUDA error: out of memory", exit_code=3)["status"]
+    pod = pod_state(body)
+    assert pod_failed(pod) and not pod.ready
+    assert "exited 3" in pod.failure and "CUDA error: out of memory" in pod.failure
+
+
+def test_container_restarted_in_place_is_a_failure():
+    body = running_pod(restarts=1)
+    body["status"]["containerStatuses"][0]["lastState"] = {
+        "terminated": {"exitCode": 137, "reason": "OOMKilled", "message": ""}
+    }
+    pod = pod_state(body)
+    assert pod_failed(pod) and "OOMKilled" in pod.failure
+
+
+def test_deleting_pod_is_never_a_failure():
+    body = running_pod(restarts=2)
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert not pod_failed(pod_state(body))
+
+
+def test_unschedulable_pod_keeps_the_schedulers_message():
+    body = running_pod(ready=False)
+    body["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/5 nodes are available: 5 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    }
+    pod = pod_state(body)
+    assert pod.unschedulable == "0/5 nodes are available: 5 Insufficient nvidia.com/gpu."
+    assert not pod_failed(pod)
+
+
+def test_child_state_reads_hash_and_replicas():
+    body = {
+        "kind": "StatefulSet",
+        "metadata": {"name": "m-decode-0", "annotations": {L.SPEC_HASH: "abc"}},
+        "spec": {"replicas": 9},
+        "status": {"readyReplicas": 7},
+    }
+    assert child_state(body) == child_state(dict(body))
+    state = child_state(body)
+    assert (state.kind, state.name, state.spec_hash, state.replicas, state.ready_replicas) == (
+        "StatefulSet", "m-decode-0", "abc", 9, 7,
+    )  # fmt: skip
+
+
+def test_settings_from_environment():
+    settings = from_environment({"MOEFLEET_OPERATOR_RESYNC_SECONDS": "2.5", "MOEFLEET_OPERATOR_WORKERS": "3"})
+    assert settings == OperatorSettings(resync_seconds=2.5, workers=3)
+    with pytest.raises(ValueError, match="MOEFLEET_OPERATOR_WORKERS='many'"):
+        from_environment({"MOEFLEET_OPERATOR_WORKERS": "many"})
+    with pytest.raises(ValueError, match="RESYNC_SECONDS"):
+        from_environment({"MOEFLEET_OPERATOR_RESYNC_SECONDS": "0"})
