@@ -80,7 +80,8 @@ def run_options(options: Any, nproc: int) -> list[dict[str, Any]]:
     procs = [ctx.Process(target=_worker, args=(i, nproc, port, options, queue)) for i in range(nproc)]
     for proc in procs:
         proc.start()
-    results, errors = [], []
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
     for _ in procs:
         status, payload = queue.get(timeout=3600)
         (results if status == "ok" else errors).append(payload)
