@@ -97,3 +97,20 @@ def test_greedy_generation_matches_transformers(name, reference):
     tokens1 = [int(mixed[1].argmax())]
     assert tokens0 == expected[0][:2]
     assert tokens1 == expected[1][:1]
+
+
+@pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
+def test_idle_step_with_zero_tokens(name):
+    """Idle data-parallel ranks run the model on T = 0 tokens (so MoE collectives line up)."""
+    from moefleet.engine.context import ForwardContext, forward_context
+
+    model = load_model(tiny_model_dir(name))
+    PagedDriver(model)  # allocate caches as in serving
+    empty = torch.zeros(0, dtype=torch.long)
+    ctx = ForwardContext(
+        is_prefill=False, slot_mapping=empty, block_tables=torch.zeros(0, 1, dtype=torch.int32)
+    )
+    with torch.no_grad(), forward_context(ctx):
+        hidden = model(empty, empty)
+    assert hidden.shape == (0, model.config.hidden_size)
+    assert model.compute_logits(hidden).shape == (0, model.config.vocab_size)
