@@ -325,3 +325,44 @@ def test_asking_for_more_gpus_than_nodes_have_sets_degraded(operator, pool, kube
     assert body["status"]["groups"][0]["phase"] == "Unschedulable"
     events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
     assert any(e["reason"] == "DegradedTrue" and e["type"] == "Warning" for e in events)
+
+
+def test_nodes_per_replica_change_reforms_groups_one_at_a_time(operator, pool, kube_cluster, kube_namespace):
+    name = "reform"
+    kube_cluster.apply(
+        small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 1, "gpusPerNode": 4}}), kube_namespace
+    )
+    wait_ready(kube_cluster, kube_namespace, name)
+    before = pods_by_group(kube_cluster, kube_namespace, name)
+    kube_cluster.kubectl(
+        "patch",
+        "moed",
+        name,
+        "-n",
+        kube_namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"roles":{"mixed":{"nodesPerReplica":2}}}}',
+    )
+    most_down = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = get_moed(kube_cluster, kube_namespace, name)
+        groups = body.get("status", {}).get("groups", [])
+        most_down = max(most_down, sum(g.get("phase") != "Ready" for g in groups))
+        if (
+            body["status"].get("observedGeneration") == body["metadata"]["generation"]
+            and condition(body, "Ready").get("status") == "True"
+            and all(g["nodes"] == 2 for g in groups)
+        ):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"re-forming did not finish: {body.get('status')}")
+    assert most_down == 1, "both groups were down at once"
+    after = pods_by_group(kube_cluster, kube_namespace, name)
+    for group in ("reform-mixed-0", "reform-mixed-1"):
+        assert len(after[group]) == 2 and not set(after[group].values()) & set(before[group].values())
+    events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
+    reformed = [e["message"].split(":")[0] for e in events if e["reason"] == "ReformingGroup"]
+    assert reformed == ["group reform-mixed-0", "group reform-mixed-1"]
