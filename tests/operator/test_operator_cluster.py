@@ -364,5 +364,6 @@ def test_nodes_per_replica_change_reforms_groups_one_at_a_time(operator, pool, k
     for group in ("reform-mixed-0", "reform-mixed-1"):
         assert len(after[group]) == 2 and not set(after[group].values()) & set(before[group].values())
     events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
+    events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))  # creation order
     reformed = [e["message"].split(":")[0] for e in events if e["reason"] == "ReformingGroup"]
     assert reformed == ["group reform-mixed-0", "group reform-mixed-1"]
