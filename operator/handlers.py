@@ -93,7 +93,7 @@ def close(**_: Any) -> None:
 
 
 # -- indexes: what exists, kept current by kopf's watch streams ----------------------------------------------
-@kopf.index("pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
+@kopf.index("", "v1", "pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
 def moefleet_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
     return {(namespace, labels.get(L.DEPLOYMENT, "")): pod_state(body)}
 
@@ -109,7 +109,7 @@ for _kind, _resource, _index_id in _CHILD_INDEXES:
     kopf.index(*_resource, labels=_OWNED, id=_index_id)(_child_indexer(_kind))
 
 
-@kopf.on.event("pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
+@kopf.on.event("", "v1", "pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
 def remember_pod_failure(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     """Keep the last failure per group: the StatefulSet controller replaces a Failed pod within moments."""
     pod = pod_state(body)
