@@ -45,6 +45,16 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"config.json field {name!r} must be >= 1, got {value}")
 
 
+def _check_unquantized(d: dict, arch: str) -> None:
+    quant = d.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(
+            f"config.json has quantization_config (quant_method {method!r}): quantized {arch} checkpoints are "
+            "not supported yet; use a bfloat16 checkpoint (e.g. convert DeepSeek FP8 weights to bf16 first)"
+        )
+
+
 def _check_act(d: dict, arch: str) -> None:
     act = d.get("hidden_act", "silu")
     if act != "silu":
@@ -78,6 +88,7 @@ class Qwen3MoeConfig:
         arch = "Qwen3MoeForCausalLM"
         d = _with_aliases(d, {"num_local_experts": "num_experts"})
         _check_act(d, arch)
+        _check_unquantized(d, arch)
         if d.get("use_sliding_window"):
             raise ValueError("config.json use_sliding_window=true is not supported for Qwen3MoeForCausalLM")
         hidden = _get(d, "hidden_size", arch, kind=int)
@@ -172,6 +183,7 @@ class DeepseekV3Config:
             d, {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
         )
         _check_act(d, arch)
+        _check_unquantized(d, arch)
         topk_method = d.get("topk_method", "noaux_tc")
         if topk_method not in ("noaux_tc", None):
             raise ValueError(
