@@ -13,5 +13,11 @@ if __name__ == "operator":  # pragma: no cover - only when the repo root is on s
         exec(compile(_f.read(), _path, "exec"), globals())
     del _os, _path, _f
 else:
-    # Importing the handlers registers them with kopf (`kopf run -m moefleet.operator`).
-    from moefleet.operator import handlers as handlers  # noqa: F401
+    # Importing the handlers registers them with kopf (`kopf run -m moefleet.operator`). Engine-only
+    # installs (GPU nodes) have no kopf: the CLI then imports this package only to list its subcommand.
+    try:
+        import kopf as _kopf  # noqa: F401
+    except ImportError:  # pragma: no cover - kopf is a dependency of the operator extra
+        pass
+    else:
+        from moefleet.operator import handlers as handlers  # noqa: F401
