@@ -92,27 +92,25 @@ class _Stream:
 _STOP = ("stop",)
 
 
-class LocalEngineClient(EngineClient):
-    """One in-process `LLMEngine` driven by a dedicated thread."""
+class StreamingEngineClient(EngineClient):
+    """Per-request output queues shared by engine clients whose engine runs in a background thread.
 
-    def __init__(self, engine: Any, max_model_len: int | None = None, vocab_size: int | None = None):
-        self._engine = engine
-        self.tokenizer = engine.tokenizer
-        config: Any = getattr(engine, "config", None)
-        self.max_model_len = int(max_model_len if max_model_len is not None else config.max_model_len)
-        if vocab_size is None:
-            vocab_size = getattr(engine, "vocab_size", None)
-        if vocab_size is None and config is not None:
-            vocab_size = getattr(config, "hf_config", {}).get("vocab_size")
+    Subclasses hand requests to their engine (`_submit_add`, `abort`) and call `_deliver` / `_fail_all`
+    from the engine thread; `generate` and the bookkeeping live here.
+    """
+
+    def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int | None):
+        self.tokenizer = tokenizer
+        self.max_model_len = int(max_model_len)
         self.vocab_size = vocab_size
-        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
-        self._stats: dict[str, float] = dict(engine.stats())
+        self._stats: dict[str, float] = {}
         self._dead: BaseException | None = None
-        self._thread: threading.Thread | None = None
 
-    # ---- event-loop side -----------------------------------------------------------------------------
+    @abstractmethod
+    def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
+        """Hand a new request to the engine thread (called on the event loop)."""
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: Any
@@ -124,7 +122,7 @@ class LocalEngineClient(EngineClient):
             if request_id in self._streams:
                 raise RequestRejectedError(f"request id {request_id} is already in use")
             self._streams[request_id] = stream
-        self._commands.put(("add", request_id, list(prompt_token_ids), sampling_params))
+        self._submit_add(request_id, list(prompt_token_ids), sampling_params)
         finished = False
         try:
             while not finished:
@@ -140,15 +138,56 @@ class LocalEngineClient(EngineClient):
             if not finished:  # client went away or the consumer stopped early
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
     def stats(self) -> dict[str, float]:
         return self._stats
 
     @property
     def dead_error(self) -> BaseException | None:
         return self._dead
+
+    def _in_flight(self) -> list[str]:
+        with self._lock:
+            return list(self._streams)
+
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is not None:
+            stream.put(item)
+
+    def _deliver_outputs(self, outputs: list[Any]) -> None:
+        for output in outputs:
+            self._deliver(output.request_id, output, last=bool(output.finished))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(error)
+
+
+class LocalEngineClient(StreamingEngineClient):
+    """One in-process `LLMEngine` driven by a dedicated thread."""
+
+    def __init__(self, engine: Any, max_model_len: int | None = None, vocab_size: int | None = None):
+        config: Any = getattr(engine, "config", None)
+        if vocab_size is None:
+            vocab_size = getattr(engine, "vocab_size", None)
+        if vocab_size is None and config is not None:
+            vocab_size = getattr(config, "hf_config", {}).get("vocab_size")
+        super().__init__(
+            engine.tokenizer, max_model_len if max_model_len is not None else config.max_model_len, vocab_size
+        )
+        self._engine = engine
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._stats = dict(engine.stats())
+        self._thread: threading.Thread | None = None
+
+    def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
+        self._commands.put(("add", request_id, prompt_token_ids, sampling_params))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
 
     def start(self) -> None:
         if self._thread is None:
@@ -219,13 +258,11 @@ class LocalEngineClient(EngineClient):
             logger.exception("engine step failed")
             self._recover_from_step_failure(exc)
             return
-        for output in outputs:
-            self._deliver(output.request_id, output, last=bool(output.finished))
+        self._deliver_outputs(outputs)
 
     def _recover_from_step_failure(self, exc: Exception) -> None:
         error = EngineError(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
-        with self._lock:
-            request_ids = list(self._streams)
+        request_ids = self._in_flight()
         self._fail_all(error)
         try:
             for request_id in request_ids:
@@ -236,18 +273,6 @@ class LocalEngineClient(EngineClient):
         except Exception as abort_exc:
             self._dead = abort_exc
             logger.exception("could not abort requests after a failed step; the engine is marked dead")
-
-    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
-        with self._lock:
-            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is not None:
-            stream.put(item)
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream.put(error)
 
     def _refresh_stats(self) -> None:
         try:
