@@ -13,6 +13,7 @@ DP all-gather each step (idle ranks run a T = 0 forward; prefill mode if any ran
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from moefleet.engine.config import EngineConfig
@@ -22,7 +23,6 @@ from moefleet.engine.distributed.groups import DistributedState, check_experts_d
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, RequestRouter, Shutdown
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.loader import load_model
-from moefleet.engine.sampling_params import RequestOutput
 from moefleet.engine.scheduler import SchedulerOutput
 
 
@@ -55,11 +55,21 @@ def build_engine(
     return LLMEngine(config, model=model, step_agreement=agreement)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """Travels back with the outputs when a rank's engine refused a request at admission."""
+
+    request_id: str
+    message: str
+    finished: bool = True
+
+
 class DPEngineLoop:
     """One rank's serving loop: request hand-over, then one engine step. Call `step()` on every rank until it
     returns False (the front end submitted `Shutdown`).
 
-    On the front end, `on_outputs(outputs)` receives every rank's RequestOutputs (to stream to clients);
+    On the front end, `on_outputs(outputs)` receives every rank's RequestOutputs (to stream to clients) and
+    `RequestRejected` for requests a rank's engine refused;
     when the whole group is idle it waits up to `idle_wait_s` for new requests before exchanging again.
     """
 
@@ -67,11 +77,11 @@ class DPEngineLoop:
         self,
         engine: LLMEngine,
         router: RequestRouter,
-        on_outputs: Callable[[list[RequestOutput]], None] | None = None,
+        on_outputs: Callable[[list[Any]], None] | None = None,
         idle_wait_s: float = 0.05,
     ):
         self.engine, self.router, self.on_outputs, self.idle_wait_s = engine, router, on_outputs, idle_wait_s
-        self._pending: list[RequestOutput] = []
+        self._pending: list[Any] = []
         self._group_idle = False
 
     def load(self) -> int:
@@ -90,10 +100,14 @@ class DPEngineLoop:
             self.router.wait_for_inbox(self.idle_wait_s)
         messages = self.router.exchange(self.load(), self._pending, self._deliver)
         running = True
+        rejected: list[Any] = []
         for message in messages:
             if isinstance(message, AddRequest):
                 prompt_token_ids, sampling_params = message.payload
-                self.engine.add_request(message.request_id, prompt_token_ids, sampling_params)
+                try:
+                    self.engine.add_request(message.request_id, prompt_token_ids, sampling_params)
+                except (ValueError, TypeError) as exc:  # a bad request must not take the rank down
+                    rejected.append(RequestRejected(message.request_id, str(exc)))
             elif isinstance(message, AbortRequest):
                 self.engine.abort_request(message.request_id)
             elif isinstance(message, Shutdown):
@@ -101,7 +115,7 @@ class DPEngineLoop:
         if not running:
             return False
         batch_before = self.engine.num_steps_total
-        self._pending = self.engine.step()
+        self._pending = rejected + self.engine.step()
         # The group ran no forward at all when nobody had work (step agreement said run=False).
         self._group_idle = self.engine.num_steps_total == batch_before and not self._pending
         return True

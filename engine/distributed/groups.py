@@ -1,6 +1,8 @@
 """Process groups of one expert-parallel group, formed from the launch contract.
 
-Launch contract (the operator injects it as environment variables, one process per GPU):
+Launch contract (the operator injects it as environment variables, one process per GPU; the same names
+`moefleet serve` reads: MOEFLEET_NNODES, MOEFLEET_NODE_RANK, MOEFLEET_NPROC_PER_NODE, MOEFLEET_LOCAL_RANK,
+MOEFLEET_MASTER_ADDR / MASTER_ADDR, MOEFLEET_MASTER_PORT / MASTER_PORT):
 `nnodes`, `node_rank`, `nproc_per_node`, `master_addr`, `master_port`, and each process's `local_rank`;
 global rank = node_rank * nproc_per_node + local_rank. The device group uses NCCL on CUDA and gloo on CPU;
 a CPU gloo group always exists as well, for cheap control messages (DP step agreement, request hand-over)
@@ -36,6 +38,8 @@ ENV_NPROC_PER_NODE = "MOEFLEET_NPROC_PER_NODE"
 ENV_LOCAL_RANK = "MOEFLEET_LOCAL_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
+ENV_MOEFLEET_MASTER_ADDR = "MOEFLEET_MASTER_ADDR"
+ENV_MOEFLEET_MASTER_PORT = "MOEFLEET_MASTER_PORT"
 
 # Keys this module keeps in the rendezvous store.
 WORLD_SIZE_KEY = "moefleet/world_size"
@@ -94,8 +98,9 @@ class LaunchConfig:
             node_rank=integer(ENV_NODE_RANK, 0),
             nproc_per_node=integer(ENV_NPROC_PER_NODE, 1),
             local_rank=integer(ENV_LOCAL_RANK, 0) if local_rank is None else local_rank,
-            master_addr=env.get(ENV_MASTER_ADDR) or "127.0.0.1",
-            master_port=integer(ENV_MASTER_PORT, 29500),
+            # MOEFLEET_MASTER_* is what the operator injects; MASTER_* is the torchrun convention.
+            master_addr=env.get(ENV_MOEFLEET_MASTER_ADDR) or env.get(ENV_MASTER_ADDR) or "127.0.0.1",
+            master_port=integer(ENV_MOEFLEET_MASTER_PORT, integer(ENV_MASTER_PORT, 29500)),
         )
 
 

@@ -89,8 +89,8 @@ def start_group(tmp_path: Path):
                     MOEFLEET_NODE_RANK=str(node),
                     MOEFLEET_NPROC_PER_NODE=str(nproc_per_node),
                     MOEFLEET_LOCAL_RANK=str(local),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
+                    MOEFLEET_MASTER_ADDR="127.0.0.1",
+                    MOEFLEET_MASTER_PORT=str(port),
                     MOEFLEET_TEST_OPTIONS=json.dumps(options or {}),
                     OMP_NUM_THREADS="1",  # 2-core machine, several ranks
                     GLOO_SOCKET_IFNAME="lo",

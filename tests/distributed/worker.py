@@ -256,51 +256,47 @@ def scenario_watchdog(mode: str) -> None:
 
 
 def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
-    """The real engine on a tiny checkpoint: DP ranks + EP MoE, requests from rank 0, greedy outputs back."""
+    """The real engine on a tiny checkpoint: DP ranks + EP MoE; rank 0 serves through DPFrontEndClient
+    (as the HTTP server would), the other ranks run `run_worker_rank`."""
+    import asyncio
+
     from moefleet.engine.config import EngineConfig
+    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
-    from moefleet.engine.distributed.request_router import Shutdown
     from moefleet.engine.sampling_params import SamplingParams
 
     config = EngineConfig(model=options["model"], max_model_len=128, num_kv_blocks=64)
     launch = groups.LaunchConfig.from_env()
     state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
     engine = build_engine(config, state, backend=options.get("backend", "a2a"))
-    tokens: dict[str, list[int]] = {}
-    finished: set[str] = set()
-
-    def collect(outputs: list[Any]) -> None:
-        for out in outputs:
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-            if out.finished:
-                finished.add(out.request_id)
-
-    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group), on_outputs=collect)
-    placed: dict[str, int] = {}
-    steps = 0
-    if loop.router.is_front_end:
+    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+    result: dict[str, Any] = {"expert_params": ep.count_routed_expert_parameters(engine.model_runner.model)}
+    if state.rank == 0:
+        client = DPFrontEndClient(loop)
+        client.start()
         greedy = SamplingParams(temperature=0, max_tokens=options["max_tokens"], ignore_eos=True)
-        prompts = options["prompts"]
-        for i, prompt in enumerate(prompts):
-            loop.router.submit(AddRequest(f"p{i}", (prompt, greedy), cost=len(prompt)))
-        while len(finished) < len(prompts):
-            loop.step()
-            placed.update(loop.router.owners)
-            steps += 1
-            if steps > 500:
-                raise RuntimeError(f"requests did not finish: {sorted(finished)}")
-        loop.router.submit(Shutdown())
-    while loop.step():
-        steps += 1
-    torch.save(
-        {
-            "tokens": tokens,
-            "placed": placed,
-            "steps": steps,
-            "expert_params": ep.count_routed_expert_parameters(engine.model_runner.model),
-        },
-        os.path.join(out_dir, f"rank{state.rank}.pt"),
-    )
+
+        async def one(request_id: str, prompt: list[int]) -> Any:
+            tokens: list[int] = []
+            try:
+                async for out in client.generate(request_id, prompt, greedy):
+                    tokens.extend(out.new_token_ids)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return tokens
+
+        async def everything() -> list[Any]:
+            prompts = {f"p{i}": p for i, p in enumerate(options["prompts"])}
+            prompts["bad"] = [10**9]  # outside the vocabulary: the owning rank refuses it
+            results = await asyncio.gather(*(one(rid, p) for rid, p in prompts.items()))
+            return dict(zip(prompts, results, strict=True))
+
+        result["tokens"] = asyncio.run(everything())
+        client.shutdown()
+    else:
+        run_worker_rank(loop, state)
+    result["prompt_tokens_total"] = engine.stats()["prompt_tokens_total"]
+    torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
     groups.shutdown(state)
 
 

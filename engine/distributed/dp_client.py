@@ -1,0 +1,93 @@
+"""The HTTP server's view of a DP group: an `EngineClient` on rank 0, a plain loop on every other rank.
+
+    state = init_distributed(LaunchConfig.from_env(), device, hf_config=config.hf_config)
+    engine = build_engine(config, state, backend)
+    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+    if state.rank == 0:
+        client = DPFrontEndClient(loop)   # hand to the FastAPI app like LocalEngineClient
+    else:
+        run_worker_rank(loop, state)      # blocks until the front end shuts down; no HTTP on this rank
+
+The front end's engine thread runs `loop.step()` forever: each step hands queued requests/aborts to the
+ranks (least-loaded placement) and streams every rank's outputs into the per-request queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestRejected
+from moefleet.engine.distributed.groups import DistributedState
+from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown
+from moefleet.engine.distributed.watchdog import guard
+from moefleet.engine.server.async_engine import EngineDeadError, RequestRejectedError, StreamingEngineClient
+
+logger = logging.getLogger(__name__)
+
+
+class DPFrontEndClient(StreamingEngineClient):
+    """EngineClient over a whole DP group, living on the front-end rank (rank 0)."""
+
+    def __init__(self, loop: DPEngineLoop):
+        engine = loop.engine
+        super().__init__(engine.tokenizer, int(engine.config.max_model_len or 0), engine.vocab_size)
+        if not loop.router.is_front_end:
+            raise ValueError(f"DPFrontEndClient must run on rank {loop.router.front_end_rank}")
+        self._loop = loop
+        loop.on_outputs = self._on_outputs
+        self._stats = dict(engine.stats())
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
+        # cost = prompt length: the load the request adds to its rank until that rank reports again.
+        payload = (prompt_token_ids, sampling_params)
+        self._loop.router.submit(AddRequest(request_id, payload, cost=max(len(prompt_token_ids), 1)))
+
+    def abort(self, request_id: str) -> None:
+        self._loop.router.submit(AbortRequest(request_id))
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="moefleet-dp-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Tell every rank to leave its loop, then stop."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._loop.router.submit(Shutdown())
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _on_outputs(self, outputs: list[Any]) -> None:
+        for output in outputs:
+            if isinstance(output, RequestRejected):
+                self._deliver(output.request_id, RequestRejectedError(output.message), last=True)
+            else:
+                self._deliver(output.request_id, output, last=bool(output.finished))
+
+    def _run(self) -> None:
+        try:
+            while self._loop.step():
+                self._stats = dict(self._loop.engine.stats())
+        except BaseException as exc:  # a collective failed (peer gone) or a bug: fail clients, never hang
+            logger.exception("DP engine loop stopped")
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"the DP group stopped: {type(exc).__name__}: {exc}"))
+            return
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+
+def run_worker_rank(loop: DPEngineLoop, state: DistributedState | None = None) -> None:
+    """A non-front-end rank: step until the front end sends Shutdown. With `state`, a failure is posted to
+    the group (watchdog abort key) and the process exits non-zero, so the group restarts whole."""
+    if state is None:
+        while loop.step():
+            pass
+        return
+    with guard(state.store, state.rank):
+        while loop.step():
+            pass
