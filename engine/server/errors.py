@@ -72,12 +72,14 @@ def validation_error_to_openai(exc: RequestValidationError) -> OpenAIError:
     ]
     param = ".".join(fields) if fields else None
     message = str(first.get("msg", "invalid value"))
-    if first.get("type") == "missing":
+    if first.get("type") == "missing" and param is None:
+        message = "the request body is empty; send a JSON object with Content-Type: application/json"
+    elif first.get("type") == "missing":
         message = f"'{param}' is a required field; add it to the request body"
     elif first.get("type") == "extra_forbidden":
         message = f"unknown field '{param}'; remove it (see docs/serving.md for the supported parameters)"
     elif first.get("type") == "model_attributes_type" or param is None and first.get("type") == "dict_type":
-        message = "the request body must be a JSON object"
+        message = "the request body must be a JSON object sent with Content-Type: application/json"
     else:
         # "Value error, max_tokens must be at least 1" -> "max_tokens must be at least 1"
         message = message.removeprefix("Value error, ")

@@ -202,6 +202,10 @@ class ChatMessage(BaseModel):
     def _content(cls, value: Any) -> Any:
         if not isinstance(value, str | list):
             raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts")
+        for part in value if isinstance(value, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"only text content parts are supported (got {kind!r}); send the text only")
         return value
 
     def text(self) -> str:

@@ -232,7 +232,11 @@ def build_engine_client(args: argparse.Namespace) -> Any:
         config = EngineConfig(model=args.model, device=args.device, **options)
     except ValueError as exc:
         raise CommandError(str(exc), "see `moefleet serve --help`") from None
-    return LocalEngineClient(LLMEngine(config))
+    try:
+        engine = LLMEngine(config)
+    except ValueError as exc:  # unsupported architecture, missing tokenizer, bad checkpoint: say so plainly
+        raise CommandError(f"cannot load the model in {args.model}: {exc}", "see docs/serving.md") from None
+    return LocalEngineClient(engine)
 
 
 async def _serve(server: Any, sock: socket.socket, on_started: Any) -> None:

@@ -107,3 +107,12 @@ def test_examples_mention_a_working_address():
     text = examples("0.0.0.0", 8123, "tiny")
     assert "http://127.0.0.1:8123/v1/completions" in text
     assert 'base_url="http://127.0.0.1:8123/v1"' in text and '"model": "tiny"' in text
+
+
+def test_unsupported_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 10})
+    )
+    assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
+    error = _error_lines(capsys)[0]
+    assert error.startswith(f"moefleet serve: error: cannot load the model in {tmp_path}")
