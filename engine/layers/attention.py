@@ -20,7 +20,10 @@ from torch import nn
 
 @dataclass
 class PaddedBatch:
-    """Index maps between the flat step ([T]) and the padded per-sequence layout ([B, Q_max] / [B, C_max])."""
+    """Index maps between the flat step ([T]) and the padded per-sequence layout ([B, Q_max] / [B, C_max]).
+
+    Padded query rows see every valid key, so softmax never meets an all-masked row; their output is dropped.
+    """
 
     query_dest: torch.Tensor  # [T] position of each new token in the flattened [B * Q_max] query layout
     kv_source: torch.Tensor  # [B, C_max] row of the flat KV source (cache slots or step tokens) per key
@@ -82,31 +85,28 @@ def build_padded_batch(ctx: ForwardContext, device: torch.device, cache_backed: 
     )
 
 
-def pad_queries(q: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
-    """[T, H, D] -> [B, H, Q_max, D] (zeros in the padding)."""
-    padded = q.new_zeros(batch.num_seqs * batch.max_query, *q.shape[1:])
-    padded[batch.query_dest] = q
-    return padded.view(batch.num_seqs, batch.max_query, *q.shape[1:]).transpose(1, 2)
-
-
-def unpad_output(out: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
-    """[B, H, Q_max, Dv] -> [T, H, Dv]."""
-    out = out.transpose(1, 2).reshape(batch.num_seqs * batch.max_query, *out.shape[1:2], out.shape[-1])
-    return out[batch.query_dest]
-
-
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PaddedBatch, scale: float
 ) -> torch.Tensor:
-    """q [T, H, D]; k [B, C_max, Hk, D] and v [B, C_max, Hk, Dv] gathered per sequence -> [T, H, Dv]."""
-    num_heads, num_kv_heads = q.shape[1], k.shape[2]
-    qp = pad_queries(q, batch)
-    kp, vp = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hk, C_max, D]
-    if num_kv_heads != num_heads:
-        kp = kp.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        vp = vp.repeat_interleave(num_heads // num_kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.mask, scale=scale)
-    return unpad_output(out, batch)
+    """q [T, H, D]; k [B, C_max, Hk, D] and v [B, C_max, Hk, Dv] gathered per sequence -> [T, H, Dv].
+
+    The H / Hk query heads sharing a KV head are folded into the query axis, so keys and values are never
+    repeated per head (MLA's latent attention has Hk = 1 and H = 128).
+    """
+    num_tokens, num_heads, dim = q.shape
+    num_seqs, max_query, num_kv_heads = batch.num_seqs, batch.max_query, k.shape[2]
+    rep = num_heads // num_kv_heads
+    padded = q.new_zeros(num_seqs * max_query, num_heads, dim)
+    padded[batch.query_dest] = q
+    # [B, Q, Hk, rep, D] -> [B, Hk, Q * rep, D]
+    qp = padded.view(num_seqs, max_query, num_kv_heads, rep, dim).permute(0, 2, 1, 3, 4)
+    qp = qp.reshape(num_seqs, num_kv_heads, max_query * rep, dim)
+    mask = batch.mask[:, :, :, None, :].expand(-1, -1, -1, rep, -1).reshape(num_seqs, 1, max_query * rep, -1)
+    out = F.scaled_dot_product_attention(
+        qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    out = out.view(num_seqs, num_kv_heads, max_query, rep, -1).permute(0, 2, 1, 3, 4)
+    return out.reshape(num_seqs * max_query, num_heads, -1)[batch.query_dest]
 
 
 def padded_batch_for(ctx: ForwardContext, device: torch.device, cache_backed: bool) -> PaddedBatch:

@@ -45,7 +45,7 @@ class Cache:
         for row, (seq, _, _) in enumerate(steps):
             tables[row, : len(self.tables[seq])] = torch.tensor(self.tables[seq])
         return ForwardContext(
-            is_prefill=True,
+            is_prefill=any(q > 1 for q in query_lens),
             query_lens=query_lens,
             context_lens=context_lens,
             slot_mapping=torch.tensor(slots),
@@ -117,8 +117,12 @@ def test_negative_slots_are_not_written():
     assert attn.kv_cache[0].view(-1, 2)[1:].abs().sum() == 0
 
 
-def test_mla_paged_matches_mla_on_whole_sequences():
-    """MLA over the cache in mixed chunks equals MLA run on each whole sequence without a cache."""
+@pytest.mark.parametrize("absorb", [True, False])
+def test_mla_paged_matches_mla_on_whole_sequences(absorb):
+    """MLA over the cache in mixed chunks equals MLA run on each whole sequence without a cache.
+
+    The last step is decode-only, which uses the weight-absorbed latent attention when `absorb`.
+    """
     torch.manual_seed(2)
     config = MLAConfig(32, 2, None, 16, 8, 4, 8, softmax_scale=12**-0.5)
     mla = MLAttention(config, RotaryEmbedding(4, 10000.0, interleaved=True))
@@ -130,6 +134,7 @@ def test_mla_paged_matches_mla_on_whole_sequences():
         with forward_context(ForwardContext(is_prefill=True, query_lens=[n], context_lens=[n])):
             reference[s] = mla(torch.arange(n), hidden[s])
     mla.kv_cache = torch.zeros(mla.kv_cache_shape(32, BLOCK))
+    mla.absorb_for_decode = absorb
     assert mla.kv_cache.shape == (32, BLOCK, 16 + 4)
     cache = Cache()
     outputs: dict[int, list[torch.Tensor]] = {s: [] for s in LENGTHS}
