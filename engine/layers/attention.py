@@ -112,7 +112,10 @@ def paged_attention(
 def padded_batch_for(ctx: ForwardContext, device: torch.device, cache_backed: bool) -> PaddedBatch:
     """`build_padded_batch`, computed once per step and shared by all layers (memoised on the context)."""
     key = (str(device), cache_backed)
-    memo = ctx.__dict__.setdefault("_padded_batch_memo", {})
+    state = getattr(ctx, "__dict__", None)
+    if state is None:  # a slotted context cannot carry the memo: recompute per layer
+        return build_padded_batch(ctx, device, cache_backed)
+    memo = state.setdefault("_padded_batch_memo", {})
     if key not in memo:
         memo[key] = build_padded_batch(ctx, device, cache_backed)
     return memo[key]
