@@ -37,6 +37,8 @@ class MoE(nn.Module):
         self.shared_experts = shared_experts
         self.register_buffer("logical_to_physical", torch.arange(routing.num_experts), persistent=False)
         self.dispatcher: TokenDispatcher = LocalDispatcher(len(self.experts.local_experts))
+        # EPLB's recorder assigns an int64 tensor [num physical experts]; routed hits are added on device.
+        self.expert_load: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> [T, D]."""
@@ -47,6 +49,9 @@ class MoE(nn.Module):
             )
         topk_weights, logical_ids = self.gate(hidden)  # [T, K] each
         physical_ids = self.logical_to_physical[logical_ids]
+        if self.expert_load is not None:
+            flat = physical_ids.flatten()
+            self.expert_load.index_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         pending = self.dispatcher.dispatch_start(hidden, physical_ids, topk_weights)
         dispatched = self.dispatcher.dispatch_finish(pending)
         expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert)

@@ -98,3 +98,14 @@ def test_expert_loader_rejects_wrong_shapes():
     moe = make_moe(RoutingConfig(EXPERTS, 2))
     with pytest.raises(ValueError, match="expert 2 up_proj has shape"):
         moe.experts.w13.weight_loader(moe.experts.w13, torch.zeros(INTER + 1, DIM), 2, "up")
+
+
+def test_expert_load_counts_physical_hits():
+    moe = make_moe(RoutingConfig(EXPERTS, 2))
+    hidden = torch.randn(30, DIM)
+    _, ids = moe.gate(hidden)
+    moe.logical_to_physical.copy_(torch.arange(EXPERTS).flip(0))  # physical = 7 - logical
+    moe.expert_load = torch.zeros(EXPERTS, dtype=torch.long)
+    moe(hidden)
+    moe(torch.zeros(0, DIM))
+    assert moe.expert_load.tolist() == torch.bincount(7 - ids.flatten(), minlength=EXPERTS).tolist()
