@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SHARDS = ("gate", "up", "down")
+# Padded batched matmul is used while E_local * max_count <= max(PAD_FACTOR * N, PAD_MIN_ROWS).
+PAD_FACTOR = 4
+PAD_MIN_ROWS = 4096
 
 
 class Experts(nn.Module):
@@ -72,8 +75,19 @@ class Experts(nn.Module):
     def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """hidden [N, D] grouped by local expert (counts in `tokens_per_expert`) -> [N, D] unweighted outputs.
 
-        A loop over experts with rows; a grouped GEMM kernel can replace it (same inputs and outputs).
+        Two interchangeable reference paths (a grouped GEMM kernel can replace both): one batched matmul
+        over rows padded to the busiest expert when padding stays small (few launches: decode, balanced
+        prefill), else a loop over the experts that have rows (heavily skewed routing).
         """
+        num_rows = hidden.shape[0]
+        if num_rows == 0:
+            return torch.empty_like(hidden)
+        padded_rows = len(tokens_per_expert) * max(tokens_per_expert)
+        if padded_rows <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS):
+            return self.forward_padded(hidden, tokens_per_expert)
+        return self.forward_loop(hidden, tokens_per_expert)
+
+    def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         out = torch.empty_like(hidden)
         start = 0
         for local, count in enumerate(tokens_per_expert):
@@ -84,3 +98,16 @@ class Experts(nn.Module):
             out[start : start + count] = F.linear(F.silu(gate) * up, self.w2[local])
             start += count
         return out
+
+    def forward_padded(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        # [N] -> (expert, position within the expert's rows), then [E_local, max_count, D] x w13^T ...
+        counts = torch.tensor(tokens_per_expert, device=hidden.device)
+        expert = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=hidden.device), counts)
+        position = (
+            torch.arange(hidden.shape[0], device=hidden.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        )
+        padded = hidden.new_zeros(len(tokens_per_expert), max(tokens_per_expert), hidden.shape[1])
+        padded[expert, position] = hidden
+        gate, up = torch.bmm(padded, self.w13.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))
+        return out[expert, position]

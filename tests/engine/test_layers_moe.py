@@ -109,3 +109,21 @@ def test_expert_load_counts_physical_hits():
     moe(hidden)
     moe(torch.zeros(0, DIM))
     assert moe.expert_load.tolist() == torch.bincount(7 - ids.flatten(), minlength=EXPERTS).tolist()
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 0, 2, 7], [40, 0, 0, 0, 0, 0, 0, 1], [0] * 8])
+def test_expert_paths_agree(counts):
+    moe = make_moe(RoutingConfig(EXPERTS, 2))
+    hidden = torch.randn(sum(counts), DIM)
+    loop = moe.experts.forward_loop(hidden, counts)
+    torch.testing.assert_close(moe.experts.forward_padded(hidden, counts) if sum(counts) else loop, loop)
+    torch.testing.assert_close(moe.experts(hidden, counts), loop)
+    # Row r of expert e equals that expert's SwiGLU on row r.
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            w13, w2 = moe.experts.w13[e], moe.experts.w2[e]
+            x = hidden[start]
+            ref = (F.silu(x @ w13[:INTER].T) * (x @ w13[INTER:].T)) @ w2.T
+            torch.testing.assert_close(loop[start], ref, atol=1e-5, rtol=1e-5)
+            start += c
