@@ -1,4 +1,4 @@
-"""The real engine on a tiny Qwen3-MoE checkpoint split over 2 ranks (DP attention, EP MoE over gloo
+"""The real engine on tiny Qwen3-MoE and DeepSeek-V3 (MLA, grouped top-k, shared experts) checkpoints split over 2 ranks (DP attention, EP MoE over gloo
 all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on both ranks,
 and the greedy tokens equal a single-process run of the same model; a bad request is refused, not fatal."""
 
@@ -21,8 +21,9 @@ PROMPTS = [
 MAX_TOKENS = 6
 
 
-def test_two_rank_engine_matches_single_process(start_group):
-    model_dir = str(tiny_model_dir("qwen3_norm_topk"))
+@pytest.mark.parametrize("tiny", ["qwen3_norm_topk", "deepseek_grouped"])
+def test_two_rank_engine_matches_single_process(start_group, tiny):
+    model_dir = str(tiny_model_dir(tiny))
     group = start_group(
         "engine", 1, 2, options={"model": model_dir, "prompts": PROMPTS, "max_tokens": MAX_TOKENS}
     )
