@@ -80,6 +80,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="rendezvous port (env MOEFLEET_MASTER_PORT, default 29500)",
     )
+    group.add_argument(
+        "--moe-backend",
+        default="auto",
+        choices=("auto", "a2a", "deepep"),
+        help="expert-parallel dispatch: auto = DeepEP on CUDA when installed, else all-to-all (default auto)",
+    )
     parser.add_argument(
         "--print-examples",
         action="store_true",
@@ -126,12 +132,6 @@ def check_args(args: argparse.Namespace) -> ParallelLaunch:
     from moefleet.engine.cli import CommandError
 
     launch = parallel_launch(args)
-    if launch.world_size > 1:
-        raise CommandError(
-            f"multi-process serving (nnodes*nproc-per-node={launch.world_size}) is not available yet; "
-            "run with 1 process",
-            "drop --nnodes/--nproc-per-node (or set them to 1)",
-        )
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port} is not a TCP port", "use a port in 1..65535")
     if not os.path.isdir(args.model):
@@ -210,11 +210,10 @@ def _check_device(device: str) -> None:
             raise CommandError("--device cuda was requested but no CUDA GPU is available", "use --device cpu")
 
 
-def build_engine_client(args: argparse.Namespace) -> Any:
+def engine_config(args: argparse.Namespace) -> Any:
+    """The EngineConfig the flags describe (validated: a bad value is a CommandError)."""
     from moefleet.engine.cli import CommandError
     from moefleet.engine.config import EngineConfig
-    from moefleet.engine.llm_engine import LLMEngine
-    from moefleet.engine.server.async_engine import LocalEngineClient
 
     options = {
         name: getattr(args, name)
@@ -229,14 +228,26 @@ def build_engine_client(args: argparse.Namespace) -> Any:
         if getattr(args, name) is not None
     }
     try:
-        config = EngineConfig(model=args.model, device=args.device, **options)
+        return EngineConfig(model=args.model, device=args.device, **options)
     except ValueError as exc:
         raise CommandError(str(exc), "see `moefleet serve --help`") from None
+
+
+def build_engine_client(args: argparse.Namespace) -> Any:
+    from moefleet.engine.cli import CommandError
+    from moefleet.engine.llm_engine import LLMEngine
+    from moefleet.engine.server.async_engine import LocalEngineClient
+
+    config = engine_config(args)
     try:
         engine = LLMEngine(config)
     except ValueError as exc:  # unsupported architecture, missing tokenizer, bad checkpoint: say so plainly
         raise CommandError(f"cannot load the model in {args.model}: {exc}", "see docs/serving.md") from None
     return LocalEngineClient(engine)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    return str(args.served_model_name or os.path.basename(os.path.normpath(args.model)))
 
 
 async def _serve(server: Any, sock: socket.socket, on_started: Any) -> None:
@@ -248,32 +259,40 @@ async def _serve(server: Any, sock: socket.socket, on_started: Any) -> None:
     await task
 
 
-def run(args: argparse.Namespace) -> int:
+def serve_http(client: Any, sock: socket.socket, args: argparse.Namespace) -> None:
+    """Serve the app over `client` on the bound socket until Ctrl-C / SIGTERM (graceful shutdown)."""
     import uvicorn
     from moefleet.engine.server.api import build_app
 
-    check_args(args)
-    served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    name = served_model_name(args)
+    port = sock.getsockname()[1]
+    app = build_app(client, name)
+    # host/port only label uvicorn's log lines; it serves on the socket bound before the model loaded.
+    config = uvicorn.Config(
+        app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+
+    def on_started() -> None:
+        if args.print_examples:
+            print(examples(args.host, port, name), flush=True)
+
+    try:
+        asyncio.run(_serve(server, sock, on_started))
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a clean exit
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    launch = check_args(args)
+    if launch.world_size > 1:
+        from moefleet.engine.server.group_serve import run_group
+
+        return run_group(args, launch)
     sock = bind_socket(args.host, args.port)
     try:
         _check_device(args.device)
-        client = build_engine_client(args)
-        port = sock.getsockname()[1]
-        app = build_app(client, served_model_name)
-        # host/port only label uvicorn's log lines; it serves on the socket bound above.
-        config = uvicorn.Config(
-            app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5
-        )
-        server = uvicorn.Server(config)
-
-        def on_started() -> None:
-            if args.print_examples:
-                print(examples(args.host, port, served_model_name), flush=True)
-
-        try:
-            asyncio.run(_serve(server, sock, on_started))
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a clean exit
-            pass
+        serve_http(build_engine_client(args), sock, args)
     finally:
         sock.close()
     return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -78,3 +80,23 @@ def shared_fake_server() -> Iterator[RunningServer]:
     """One server for a whole module, for tests that do not change engine behaviour or count metrics."""
     with serve_fake_engine() as running:
         yield running
+
+
+def wait_for_banner_url(process: subprocess.Popen, timeout: float = 120.0) -> str:
+    """Read stdout until the examples banner names the address (the server listens by then)."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(r"is serving '[^']+' at (http://\S+)", line)
+        if match:
+            return match.group(1)
+    raise AssertionError(
+        f"server did not report its address; exit code {process.poll()}; output:\n{''.join(seen)}"
+    )

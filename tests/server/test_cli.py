@@ -37,12 +37,6 @@ def test_model_dir_without_config(tmp_path, capsys):
     assert "config.json" in _error_lines(capsys)[0]
 
 
-def test_multi_process_not_available_yet(fake_model_dir, capsys):
-    assert main(["serve", "--model", str(fake_model_dir), "--nnodes", "2", "--nproc-per-node", "2"]) == 2
-    error = _error_lines(capsys)[0]
-    assert "multi-process serving (nnodes*nproc-per-node=4) is not available yet; run with 1 process" in error
-
-
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

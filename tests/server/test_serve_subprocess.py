@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from server.conftest import wait_for_banner_url
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 MOEFLEET = str(Path(sys.executable).with_name("moefleet"))
-
-
-def _wait_for_url(process: subprocess.Popen, timeout: float = 120.0) -> str:
-    """Read stdout until the examples banner names the address (the server listens by then)."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        match = re.search(r"is serving '[^']+' at (http://\S+)", line)
-        if match:
-            return match.group(1)
-    raise AssertionError(
-        f"server did not report its address; exit code {process.poll()}; output:\n{''.join(seen)}"
-    )
 
 
 def test_make_tiny_model_then_serve(tmp_path):
@@ -69,7 +48,7 @@ def test_make_tiny_model_then_serve(tmp_path):
         env=env,
     )
     try:
-        base_url = _wait_for_url(process)
+        base_url = wait_for_banner_url(process)
         assert httpx.get(base_url + "/health", timeout=10).json() == {"status": "ok"}
         models = httpx.get(base_url + "/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["tiny-qwen3-moe"]  # served name = directory basename

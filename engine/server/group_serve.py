@@ -1,0 +1,133 @@
+"""`moefleet serve` with several processes: one rank per GPU (or CPU worker), DP attention + EP MoE.
+
+On every node the serve process runs local rank 0 itself and spawns local ranks 1..G-1 (like torchrun).
+Global rank 0 (node 0, local rank 0) is the front end: the HTTP server over `DPFrontEndClient`, which places
+each request on the least-loaded rank. Every other rank steps its `DPEngineLoop` until the front end sends
+Shutdown. A group is all-or-nothing: if any rank dies, the watchdog makes the others exit (code 17) so the
+operator restarts the group whole.
+
+Everything that can be checked before processes start is checked here (experts divisible by the world size,
+engine config, the HTTP port on node 0), so mistakes fail fast with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+from typing import Any
+
+from moefleet.engine.server.launch import ParallelLaunch
+
+logger = logging.getLogger(__name__)
+
+CHILD_JOIN_TIMEOUT_S = 30.0
+
+
+def _launch_config(launch: ParallelLaunch, local_rank: int) -> Any:
+    from moefleet.engine.distributed.groups import LaunchConfig
+
+    return LaunchConfig(
+        nnodes=launch.nnodes,
+        node_rank=launch.node_rank,
+        nproc_per_node=launch.nproc_per_node,
+        local_rank=local_rank,
+        master_addr=launch.master_addr,
+        master_port=launch.master_port,
+    )
+
+
+def _set_cpu_threads(args: argparse.Namespace, launch: ParallelLaunch) -> None:
+    # Ranks on one CPU node share its cores; oversubscribed intra-op threads slow everyone down.
+    if args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.nproc_per_node))
+
+
+def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int, sock: Any = None) -> None:
+    """One rank: join the group, build this rank's engine, then serve HTTP (front end) or step."""
+    from moefleet.engine.distributed import groups
+    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+    from moefleet.engine.distributed.request_router import RequestRouter
+    from moefleet.engine.distributed.watchdog import Watchdog
+    from moefleet.engine.server.serve_command import engine_config, serve_http
+
+    _set_cpu_threads(args, launch)
+    config = engine_config(args)
+    state = groups.init_distributed(
+        _launch_config(launch, local_rank), args.device, hf_config=config.hf_config
+    )
+    watchdog = Watchdog(state.launch).start()
+    try:
+        engine = build_engine(config, state, backend=args.moe_backend)
+        loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+        if state.rank == 0:
+            serve_http(DPFrontEndClient(loop), sock, args)
+        else:
+            run_worker_rank(loop, state)
+    finally:
+        watchdog.stop()
+        groups.shutdown(state)
+
+
+def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int) -> None:
+    # Ctrl-C in a terminal reaches the whole process group; children leave through the front end's
+    # Shutdown (or the watchdog), never half-way through a collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level.upper())
+    _run_rank(args, launch, local_rank)
+
+
+def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
+    """Checks that need the model's config.json but no process group (exit code 2 on failure)."""
+    from moefleet.engine.cli import CommandError
+    from moefleet.engine.distributed.groups import check_experts_divisible
+    from moefleet.engine.server.serve_command import engine_config
+
+    config = engine_config(args)
+    num_experts = config.hf_config.get("num_experts", config.hf_config.get("n_routed_experts"))
+    if num_experts is not None:
+        try:
+            check_experts_divisible(int(num_experts), launch.world_size)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
+
+def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
+    """This node's part of a multi-process group; returns the exit code of local rank 0."""
+    from moefleet.engine.cli import CommandError
+    from moefleet.engine.server.serve_command import _check_device, bind_socket
+
+    check_group(args, launch)
+    is_front_end_node = launch.node_rank == 0
+    sock = bind_socket(args.host, args.port) if is_front_end_node else None
+    try:
+        _check_device(args.device)
+        context = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe
+        children = [
+            context.Process(
+                target=_child_main, args=(args, launch, local_rank), name=f"moefleet-rank-l{local_rank}"
+            )
+            for local_rank in range(1, launch.nproc_per_node)
+        ]
+        for child in children:
+            child.start()
+        try:
+            _run_rank(args, launch, 0, sock)
+        except (ValueError, RuntimeError, ConnectionError, TimeoutError) as exc:
+            raise CommandError(f"the serving group could not start: {exc}", "see docs/serving.md") from None
+        finally:
+            for child in children:
+                child.join(CHILD_JOIN_TIMEOUT_S)
+                if child.is_alive():  # it missed Shutdown (e.g. the group broke): do not leave it behind
+                    logger.warning("rank process %s did not exit; terminating it", child.name)
+                    child.terminate()
+                    child.join(5)
+    finally:
+        if sock is not None:
+            sock.close()
+    return 0
