@@ -4,7 +4,7 @@
     engine = build_engine(config, state, backend)
     loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
     if state.rank == 0:
-        client = DPFrontEndClient(loop)   # hand to the FastAPI app like LocalEngineClient
+        client = DPFrontEndClient(loop, state)   # hand to the FastAPI app like LocalEngineClient
     else:
         run_worker_rank(loop, state)      # blocks until the front end shuts down; no HTTP on this rank
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestRejected
 from moefleet.engine.distributed.groups import DistributedState
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown
-from moefleet.engine.distributed.watchdog import guard
+from moefleet.engine.distributed.watchdog import fatal, guard
 from moefleet.engine.server.async_engine import EngineDeadError, RequestRejectedError, StreamingEngineClient
 
 logger = logging.getLogger(__name__)
@@ -30,12 +31,16 @@ logger = logging.getLogger(__name__)
 class DPFrontEndClient(StreamingEngineClient):
     """EngineClient over a whole DP group, living on the front-end rank (rank 0)."""
 
-    def __init__(self, loop: DPEngineLoop):
+    def __init__(self, loop: DPEngineLoop, state: DistributedState | None = None, exit_grace_s: float = 1.0):
+        """With `state`, a failed loop (a collective failing because a peer died, or a bug) fails every client
+        request, then posts the reason to the group and exits this process (code 17) after `exit_grace_s`,
+        so the other ranks stop too and the group restarts whole instead of hanging."""
         engine = loop.engine
         super().__init__(engine.tokenizer, int(engine.config.max_model_len or 0), engine.vocab_size)
         if not loop.router.is_front_end:
             raise ValueError(f"DPFrontEndClient must run on rank {loop.router.front_end_rank}")
         self._loop = loop
+        self._state, self._exit_grace_s = state, exit_grace_s
         loop.on_outputs = self._on_outputs
         self._stats = dict(engine.stats())
         self._thread: threading.Thread | None = None
@@ -77,6 +82,13 @@ class DPFrontEndClient(StreamingEngineClient):
             logger.exception("DP engine loop stopped")
             self._dead = exc
             self._fail_all(EngineDeadError(f"the DP group stopped: {type(exc).__name__}: {exc}"))
+            if self._state is not None:
+                time.sleep(self._exit_grace_s)  # let the event loop send the errors to the clients
+                fatal(
+                    self._state.store,
+                    self._state.rank,
+                    f"DP engine loop stopped: {type(exc).__name__}: {exc}",
+                )
             return
         self._fail_all(EngineDeadError("the server is shutting down"))
 

@@ -300,6 +300,49 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     groups.shutdown(state)
 
 
+def scenario_engine_peer_dies(options: dict[str, Any]) -> None:
+    """Rank 0 streams a long request through DPFrontEndClient; the test kills rank 1 mid-stream. The client
+    must get an error (printed here) and rank 0 must then exit with the watchdog code, not hang."""
+    import asyncio
+
+    from moefleet.engine.config import EngineConfig
+    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+    from moefleet.engine.sampling_params import SamplingParams
+
+    config = EngineConfig(model=options["model"], max_model_len=512, num_kv_blocks=64)
+    launch = groups.LaunchConfig.from_env()
+    state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
+    engine = build_engine(config, state, backend="a2a")
+    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+    if state.rank != 0:
+        print("READY", flush=True)
+        run_worker_rank(loop, state)
+        return
+    client = DPFrontEndClient(loop, state, exit_grace_s=0.5)
+    client.start()
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def stream() -> None:
+        count = 0
+        try:
+            # Two requests so each rank owns one: rank 1's death breaks the group's collectives.
+            async def consume(request_id: str) -> None:
+                nonlocal count
+                async for out in client.generate(request_id, [5, 6, 7], params):
+                    count += len(out.new_token_ids)
+                    if count == 4:
+                        print("READY", flush=True)
+
+            await asyncio.gather(consume("a"), consume("b"))
+            print(f"FINISHED without error after {count} tokens", flush=True)
+        except Exception as exc:
+            print(f"CLIENT GOT {type(exc).__name__}: {exc}", flush=True)
+
+    asyncio.run(stream())
+    time.sleep(30)  # the client thread exits the process (code 17) within its grace period
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], sys.argv[2]
     options = json.loads(os.environ.get("MOEFLEET_TEST_OPTIONS", "{}"))
@@ -309,6 +352,10 @@ def main() -> None:
     if scenario == "engine":
         torch.set_num_threads(1)
         scenario_engine(options, out_dir)
+        return
+    if scenario == "engine-peer-dies":
+        torch.set_num_threads(1)
+        scenario_engine_peer_dies(options)
         return
     if scenario.startswith("watchdog-"):
         scenario_watchdog(scenario.removeprefix("watchdog-"))
