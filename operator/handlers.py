@@ -67,6 +67,7 @@ STATE = _State()
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise; see the metrics
     settings.posting.enabled = False  # decisions are posted by kube.py (counted); no kopf chatter
     settings.peering.standalone = True  # one replica (chart), no peering CRDs
     settings.persistence.finalizer = "moefleet.ai/operator"  # kopf's timers need one on the object
