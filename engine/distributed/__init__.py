@@ -11,5 +11,4 @@ Parallelism stays outside model code (torchtitan / gpt-fast style); see docs/dis
   watchdog.py        heartbeat + abort key: survivors exit promptly when a rank dies
   engine_glue.py     build_engine (layout, load, dispatchers, step agreement), DPEngineLoop
   dp_client.py       DPFrontEndClient (HTTP server's EngineClient over the group), run_worker_rank
-  local_launcher.py  one process per GPU on a node, all-or-nothing supervision
 """
