@@ -4,7 +4,7 @@ Weight loading is generic (nano-vllm style): each parameter carries a `weight_lo
 rewriting is for routed experts, whose per-expert checkpoint tensors
 (`...mlp.experts.{e}.{gate,up,down}_proj.weight`) are packed into the stacked `w13`/`w2` of this rank's
 local experts (others are skipped). transformers>=5 stacked names (`mlp.experts.gate_up_proj`,
-`mlp.experts.down_proj`) load too.
+`mlp.experts.down_proj`) load too. Block-FP8 checkpoints are dequantized on the way in (models/fp8.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from moefleet.engine.layers.experts import Experts
+from moefleet.engine.models.fp8 import SCALE_SUFFIX, dequantize_stream
 from torch import nn
 
 EXPERT_TENSOR = re.compile(
@@ -29,6 +30,7 @@ class CausalLM(nn.Module):
     num_hidden_layers: int
     tie_word_embeddings: bool
     lm_head: nn.Module
+    fp8_block_size: tuple[int, int] | None = None  # set for block-FP8 checkpoints (dequantized at load)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> float32 logits [B, V]."""
@@ -40,6 +42,8 @@ class CausalLM(nn.Module):
 
     def skip_weight(self, name: str) -> bool:
         """True for checkpoint tensors this model does not use (so the loader need not even read them)."""
+        if name.endswith(SCALE_SUFFIX):  # an FP8 scale goes wherever its weight goes
+            return self.skip_weight(name[: -len(SCALE_SUFFIX)])
         if name.endswith("rotary_emb.inv_freq") or (self.tie_word_embeddings and name == "lm_head.weight"):
             return True
         layer = LAYER_TENSOR.match(name)
@@ -55,6 +59,8 @@ class CausalLM(nn.Module):
         """Load HF-named tensors. With `strict`, every parameter (and every local expert) must be filled."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        if self.fp8_block_size is not None:
+            weights = dequantize_stream(weights, self.fp8_block_size)
         for name, tensor in weights:
             if self.skip_weight(name):
                 continue

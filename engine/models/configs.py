@@ -45,14 +45,26 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"config.json field {name!r} must be >= 1, got {value}")
 
 
-def _check_unquantized(d: dict, arch: str) -> None:
+def _fp8_block_size(d: dict, arch: str) -> tuple[int, int] | None:
+    """`weight_block_size` of a block-FP8 checkpoint (dequantized at load), None when unquantized."""
     quant = d.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    if method != "fp8" or not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    ):
         raise ValueError(
-            f"config.json has quantization_config (quant_method {method!r}): quantized {arch} checkpoints are "
-            "not supported yet; use a bfloat16 checkpoint (e.g. convert DeepSeek FP8 weights to bf16 first)"
+            f"config.json quantization_config (quant_method {method!r}, weight_block_size {block!r}) is not "
+            f"supported for {arch}: supported are unquantized checkpoints and block FP8 "
+            "(quant_method 'fp8' with weight_block_size [rows, cols])"
         )
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(
+            f"config.json quantization_config.fmt {quant.get('fmt')!r} is not supported (supported: e4m3)"
+        )
+    return (block[0], block[1])
 
 
 def _check_act(d: dict, arch: str) -> None:
@@ -82,13 +94,13 @@ class Qwen3MoeConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     attention_bias: bool = False
     tie_word_embeddings: bool = False
+    fp8_weight_block_size: tuple[int, int] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> Qwen3MoeConfig:
         arch = "Qwen3MoeForCausalLM"
         d = _with_aliases(d, {"num_local_experts": "num_experts"})
         _check_act(d, arch)
-        _check_unquantized(d, arch)
         if d.get("use_sliding_window"):
             raise ValueError("config.json use_sliding_window=true is not supported for Qwen3MoeForCausalLM")
         hidden = _get(d, "hidden_size", arch, kind=int)
@@ -115,6 +127,7 @@ class Qwen3MoeConfig:
             rope_scaling=scaling,
             attention_bias=bool(_get(d, "attention_bias", arch, False)),
             tie_word_embeddings=bool(_get(d, "tie_word_embeddings", arch, False)),
+            fp8_weight_block_size=_fp8_block_size(d, arch),
         )
         for name in (
             "vocab_size",
@@ -175,6 +188,7 @@ class DeepseekV3Config:
     rope_interleave: bool = True
     attention_bias: bool = False
     tie_word_embeddings: bool = False
+    fp8_weight_block_size: tuple[int, int] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> DeepseekV3Config:
@@ -183,7 +197,6 @@ class DeepseekV3Config:
             d, {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
         )
         _check_act(d, arch)
-        _check_unquantized(d, arch)
         topk_method = d.get("topk_method", "noaux_tc")
         if topk_method not in ("noaux_tc", None):
             raise ValueError(
@@ -220,6 +233,7 @@ class DeepseekV3Config:
             rope_interleave=bool(_get(d, "rope_interleave", arch, True)),
             attention_bias=bool(_get(d, "attention_bias", arch, False)),
             tie_word_embeddings=bool(_get(d, "tie_word_embeddings", arch, False)),
+            fp8_weight_block_size=_fp8_block_size(d, arch),
         )
         if cfg.q_lora_rank is not None and (not isinstance(cfg.q_lora_rank, int) or cfg.q_lora_rank < 1):
             raise ValueError(

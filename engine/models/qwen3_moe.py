@@ -96,6 +96,7 @@ class Qwen3MoeForCausalLM(CausalLM):
         self.config = config
         self.num_hidden_layers = config.num_hidden_layers
         self.tie_word_embeddings = config.tie_word_embeddings
+        self.fp8_block_size = config.fp8_weight_block_size
         self.model = Qwen3MoeModel(config)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)

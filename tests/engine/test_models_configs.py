@@ -128,6 +128,12 @@ def test_expert_parallel_rank_allocates_its_share():
     assert param_count(model) < 60  # 671B total; 8 of 256 routed experts per layer here
 
 
+def test_deepseek_fp8_config_is_accepted():
+    quant = {"fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    config = DeepseekV3Config.from_dict({**DEEPSEEK_V3, "quantization_config": quant})
+    assert config.fp8_weight_block_size == (128, 128)
+
+
 def test_layer_kinds():
     ds = DeepseekV3Config.from_dict({**DEEPSEEK_V3, "moe_layer_freq": 2})
     assert [ds.is_moe_layer(i) for i in range(6)] == [False, False, False, False, True, False]
@@ -138,7 +144,8 @@ def test_layer_kinds():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"quantization_config": {"quant_method": "fp8"}}, "quant_method 'fp8'.*bfloat16 checkpoint"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq'.*block FP8"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "weight_block_size None"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"topk_method": "greedy"}, "topk_method 'greedy'"),
         ({"q_lora_rank": 0}, "q_lora_rank"),
