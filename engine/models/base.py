@@ -60,7 +60,8 @@ class CausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         if self.fp8_block_size is not None:
-            weights = dequantize_stream(weights, self.fp8_block_size)
+            device = next(iter(params.values())).device
+            weights = dequantize_stream(weights, self.fp8_block_size, device)
         for name, tensor in weights:
             if self.skip_weight(name):
                 continue
