@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -80,12 +80,17 @@ def prometheus() -> Iterator[PrometheusFactory]:
     factory.stop_all()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    if not report.failed:
-        return
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        _attach_logs(item, report)
+    return report
+
+
+def _attach_logs(item: pytest.Item, report: pytest.TestReport) -> None:
     funcargs = getattr(item, "funcargs", {})
     plane = funcargs.get("kube_cluster")
     if isinstance(plane, ControlPlane):

@@ -128,6 +128,7 @@ class ControlPlane:
         self.restricted_kubeconfig = self.workdir / "restricted.kubeconfig"
         self.env: dict[str, str] = {}
         self.startup_s: dict[str, float] = {}
+        self._ready_checks: dict[str, tuple[float, Callable[[], bool]]] = {}
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -246,6 +247,7 @@ class ControlPlane:
                 "--v=1",
             ],
             lambda: _status_ok(f"https://127.0.0.1:{kcm_port}/healthz", insecure),
+            wait=False,
         )
 
         # kube-scheduler
@@ -264,6 +266,7 @@ class ControlPlane:
                 "--v=1",
             ],
             lambda: _status_ok(f"https://127.0.0.1:{sched_port}/healthz", insecure),
+            wait=False,
         )
 
         # kwok: fakes kubelets for nodes annotated kwok.x-k8s.io/node=fake, with its default stages
@@ -285,7 +288,12 @@ class ControlPlane:
                 f"--server-address=127.0.0.1:{kwok_port}",
             ],
             lambda: _http_ok(f"http://127.0.0.1:{kwok_port}/healthz"),
+            wait=False,
         )
+
+        # The three clients of the apiserver start in parallel; wait for all of them.
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+            self._await(name)
 
         # Pods are admitted only once the namespace's default ServiceAccount exists (created by the
         # controller manager); wait for it so the first test does not race it.
@@ -305,13 +313,19 @@ class ControlPlane:
 
     # --------------------------------------------------------------------------------------------- helpers
 
-    def _launch(self, name: str, argv: list[str], ready: Callable[[], bool]) -> None:
+    def _launch(self, name: str, argv: list[str], ready: Callable[[], bool], wait: bool = True) -> None:
+        """Start a component; with `wait=False` the caller waits later (components that start in parallel)."""
         comp = Component(name, argv, self.workdir / "logs" / f"{name}.log")
         self.components.append(comp)
-        t0 = time.monotonic()
+        self._ready_checks[name] = (time.monotonic(), ready)
         comp.start(self.env)
+        if wait:
+            self._await(name)
+
+    def _await(self, name: str) -> None:
+        started, ready = self._ready_checks[name]
         self._wait(name, ready)
-        self.startup_s[name] = time.monotonic() - t0
+        self.startup_s[name] = time.monotonic() - started
 
     def _wait(self, name: str, ready: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.start_timeout_s
