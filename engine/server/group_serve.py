@@ -2,7 +2,8 @@
 
 On every node the serve process runs local rank 0 itself and spawns local ranks 1..G-1 (like torchrun).
 Global rank 0 (node 0, local rank 0) is the front end: the HTTP server over `DPFrontEndClient`, which places
-each request on the least-loaded rank. Every other rank steps its `DPEngineLoop` until the front end sends
+each request on the least-loaded rank. Local rank 0 of every other node serves `/health` and `/metrics` for
+its pod's probes (`WorkerNodeClient`). Every rank steps its `DPEngineLoop` until the front end sends
 Shutdown. A group is all-or-nothing: if any rank dies, the watchdog makes the others exit (code 17) so the
 operator restarts the group whole.
 
@@ -53,8 +54,9 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
     from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.distributed.request_router import RequestRouter
-    from moefleet.engine.distributed.watchdog import Watchdog
+    from moefleet.engine.distributed.watchdog import Watchdog, fatal
     from moefleet.engine.server.serve_command import engine_config, serve_http
+    from moefleet.engine.server.worker_client import WorkerNodeClient
 
     _set_cpu_threads(args, launch)
     config = engine_config(args)
@@ -67,6 +69,11 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
         loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
         if state.rank == 0:
             serve_http(DPFrontEndClient(loop), sock, args)
+        elif sock is not None:  # local rank 0 of another node: /health and /metrics for its pod
+            client = WorkerNodeClient(loop, f"{launch.master_addr}", state)
+            serve_http(client, sock, args, stop=client.finished)
+            if client.loop_running:  # stopped by a signal while the group runs: the group cannot go on
+                fatal(state.store, state.rank, f"node {launch.node_rank} was stopped (signal)")
         else:
             run_worker_rank(loop, state)
     finally:
@@ -103,8 +110,8 @@ def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
     from moefleet.engine.server.serve_command import _check_device, bind_socket
 
     check_group(args, launch)
-    is_front_end_node = launch.node_rank == 0
-    sock = bind_socket(args.host, args.port) if is_front_end_node else None
+    # Every node's local rank 0 listens: node 0 serves the API, the others /health and /metrics (probes).
+    sock = bind_socket(args.host, args.port)
     try:
         _check_device(args.device)
         context = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe
@@ -128,6 +135,5 @@ def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
                     child.terminate()
                     child.join(5)
     finally:
-        if sock is not None:
-            sock.close()
+        sock.close()
     return 0

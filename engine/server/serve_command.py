@@ -15,6 +15,7 @@ import errno
 import os
 import socket
 import sys
+import threading
 from typing import Any
 
 from moefleet.engine.server.launch import ParallelLaunch
@@ -250,17 +251,23 @@ def served_model_name(args: argparse.Namespace) -> str:
     return str(args.served_model_name or os.path.basename(os.path.normpath(args.model)))
 
 
-async def _serve(server: Any, sock: socket.socket, on_started: Any) -> None:
+async def _serve(server: Any, sock: socket.socket, on_started: Any, stop: threading.Event | None) -> None:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         on_started()
+    while stop is not None and not task.done():
+        if stop.is_set():
+            server.should_exit = True
+        await asyncio.sleep(0.1)
     await task
 
 
-def serve_http(client: Any, sock: socket.socket, args: argparse.Namespace) -> None:
-    """Serve the app over `client` on the bound socket until Ctrl-C / SIGTERM (graceful shutdown)."""
+def serve_http(
+    client: Any, sock: socket.socket, args: argparse.Namespace, stop: threading.Event | None = None
+) -> None:
+    """Serve the app over `client` on the bound socket until Ctrl-C / SIGTERM (graceful shutdown) or `stop`."""
     import uvicorn
     from moefleet.engine.server.api import build_app
 
@@ -278,7 +285,7 @@ def serve_http(client: Any, sock: socket.socket, args: argparse.Namespace) -> No
             print(examples(args.host, port, name), flush=True)
 
     try:
-        asyncio.run(_serve(server, sock, on_started))
+        asyncio.run(_serve(server, sock, on_started, stop))
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a clean exit
         pass
 

@@ -1,5 +1,5 @@
-"""`moefleet serve --nproc-per-node 2` on CPU: two ranks (DP attention + expert-parallel MoE over gloo),
-HTTP on rank 0. Greedy answers equal the single-process engine's; Ctrl-C shuts the whole group down."""
+"""Multi-process `moefleet serve` on CPU (DP attention + expert-parallel MoE over gloo): greedy answers over
+HTTP equal the single-process engine's; Ctrl-C on node 0 shuts the whole group down."""
 
 from __future__ import annotations
 
@@ -34,44 +34,66 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_rank_group_serves_like_one_process():
+def _start_node(model: Path, node_rank: int, master_port: int) -> subprocess.Popen:
+    command = [MOEFLEET, "serve", "--model", str(model), "--port", "0", "--print-examples"]
+    command += ["--nnodes", "2", "--node-rank", str(node_rank), "--nproc-per-node", "2"]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    command += ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "16"]
+    command += ["--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _stop(process: subprocess.Popen, timeout: float = 60) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+
+
+def test_two_nodes_of_two_ranks_serve_like_one_process():
+    """2 nodes x 2 processes on this machine: 4 ranks, 2 experts each; node 0 serves the API, node 1
+    answers its pod's probes; Ctrl-C on node 0 stops the whole group cleanly."""
     model = tiny_model_dir(NAME)
     options = {"max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 16}
     single = LLM(str(model), dtype="float32", **options)
     greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     expected = [r.token_ids for r in single.generate(PROMPTS, greedy)]
 
-    command = [MOEFLEET, "serve", "--model", str(model), "--port", "0", "--nproc-per-node", "2"]
-    command += ["--master-port", str(_free_port()), "--max-model-len", "128", "--max-num-seqs", "4"]
-    command += ["--max-num-batched-tokens", "16", "--log-level", "warning", "--print-examples"]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    master_port = _free_port()
+    nodes = [_start_node(model, rank, master_port) for rank in (0, 1)]
     try:
-        base_url = wait_for_banner_url(process, timeout=180)
+        front_end, worker = (wait_for_banner_url(node, timeout=180) for node in nodes)
 
         def complete(prompt: list[int]) -> list[int]:
             body = {"model": model.name, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
             body |= {"ignore_eos": True, "return_token_ids": True}
-            response = httpx.post(base_url + "/v1/completions", json=body, timeout=120)
+            response = httpx.post(front_end + "/v1/completions", json=body, timeout=120)
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["token_ids"]
 
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # together: requests spread over both ranks
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # together: requests spread over the four ranks
             assert list(pool.map(complete, PROMPTS)) == expected
-        assert httpx.get(base_url + "/health", timeout=10).status_code == 200
+        assert httpx.get(front_end + "/health", timeout=10).status_code == 200
+
+        # Node 1 answers probes and shows its own load, but sends clients to node 0.
+        assert httpx.get(worker + "/health", timeout=10).json() == {"status": "ok"}
+        assert "moefleet_kv_cache_blocks_total" in httpx.get(worker + "/metrics", timeout=10).text
+        refused = httpx.post(
+            worker + "/v1/completions", json={"model": model.name, "prompt": [5]}, timeout=10
+        )
+        assert refused.status_code == 503 and "send requests to node 0" in refused.json()["error"]["message"]
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0
+        front_end_code = _stop(nodes[0])
+        try:  # node 1 must leave by itself, on the front end's Shutdown
+            worker_code = nodes[1].wait(timeout=60)
+        finally:
+            _stop(nodes[1])
+    assert (front_end_code, worker_code) == (0, 0)
 
 
 def test_experts_must_divide_over_the_ranks(capsys):
