@@ -30,6 +30,9 @@ class PaddedBatch:
     mask: torch.Tensor  # [B, 1, Q_max, C_max] True where the key is visible
     num_seqs: int
     max_query: int
+    # Every sequence computes its whole context in this step (no cached history): plain causal attention
+    # with queries and keys aligned at 0, so the kernel needs no mask (flash attention on GPU).
+    fresh_prefill: bool = False
 
 
 def build_padded_batch(ctx: ForwardContext, device: torch.device, cache_backed: bool) -> PaddedBatch:
@@ -82,6 +85,7 @@ def build_padded_batch(ctx: ForwardContext, device: torch.device, cache_backed: 
         mask=mask[:, None].to(device),
         num_seqs=num_seqs,
         max_query=max_query,
+        fresh_prefill=bool((query_lens == context_lens).all()),
     )
 
 
@@ -98,6 +102,13 @@ def paged_attention(
     rep = num_heads // num_kv_heads
     padded = q.new_zeros(num_seqs * max_query, num_heads, dim)
     padded[batch.query_dest] = q
+    if batch.fresh_prefill:
+        # Padded query rows only see padded keys past their own sequence; their output is dropped.
+        qp = padded.view(num_seqs, max_query, num_heads, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            qp, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=rep > 1
+        )
+        return out.transpose(1, 2).reshape(num_seqs * max_query, num_heads, -1)[batch.query_dest]
     # [B, Q, Hk, rep, D] -> [B, Hk, Q * rep, D]
     qp = padded.view(num_seqs, max_query, num_kv_heads, rep, dim).permute(0, 2, 1, 3, 4)
     qp = qp.reshape(num_seqs, num_kv_heads, max_query * rep, dim)
