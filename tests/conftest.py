@@ -4,3 +4,19 @@
 # tests/cluster/ and tests/operator/, so they are registered for the whole suite. Importing the plugin is
 # cheap: nothing starts until a test asks for a fixture.
 pytest_plugins = ["support.cluster_fixtures"]
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Tiny models on a shared 2-core machine: extra intra-op threads only contend (~10x slower per op).
+# Subprocesses (multi-process tests, `moefleet serve`) inherit the environment variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
