@@ -10,6 +10,8 @@ import yaml
 from support import binaries
 from support.operator_cluster import CHART, REPO, SYSTEM_NAMESPACE
 
+KUBE_VERSION = binaries.KUBERNETES_VERSION  # helm template renders offline for this version
+
 # Verbs and resources the operator may hold (operator/kube.py + kopf's watches); anything else is a leak.
 ALLOWED = {
     ("moefleet.ai", "moedeployments"): {"get", "list", "watch", "patch"},
@@ -79,13 +81,25 @@ def test_helm_lint_strict():
     ],
 )
 def test_values_schema_rejects_bad_values(setting, field):
-    result = _helm("template", "x", str(CHART), "--set", setting, check=False)
+    result = _helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
     assert result.returncode != 0 and field in result.stderr, result.stderr
 
 
 def _rendered(*sets: str) -> list[dict]:
     args = [a for s in sets for a in ("--set", s)]
-    text = _helm("template", "moefleet", str(CHART), "-n", SYSTEM_NAMESPACE, *args).stdout
+    result = _helm(
+        "template",
+        "moefleet",
+        str(CHART),
+        "-n",
+        SYSTEM_NAMESPACE,
+        "--kube-version",
+        KUBE_VERSION,
+        *args,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
