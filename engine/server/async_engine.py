@@ -89,6 +89,11 @@ class _Stream:
             pass
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
+
+
 _STOP = ("stop",)
 
 
@@ -156,8 +161,22 @@ class StreamingEngineClient(EngineClient):
             stream.put(item)
 
     def _deliver_outputs(self, outputs: list[Any]) -> None:
-        for output in outputs:
-            self._deliver(output.request_id, output, last=bool(output.finished))
+        # One wake-up of each event loop per step, not one per output: at hundreds of running sequences
+        # the per-call overhead (self-pipe write, GIL hand-over) is what the HTTP side pays per token.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for output in outputs:
+                if output.finished:
+                    stream = self._streams.pop(output.request_id, None)
+                else:
+                    stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from moefleet.engine.server.async_engine import (
     EngineClient,
@@ -21,8 +20,6 @@ from moefleet.engine.server.async_engine import (
 from moefleet.engine.server.errors import OpenAIError
 from moefleet.engine.server.metrics import ServerMetrics
 from starlette.requests import Request
-
-T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
@@ -39,7 +36,12 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 class Generation:
-    """Drives `client.generate` for one request and records its metrics exactly once."""
+    """Drives `client.generate` for one request and records its metrics exactly once.
+
+    Disconnects are watched by one task per request; when the client goes away while the consumer waits in
+    `next()`, the watcher cancels the consumer, which turns the cancellation into `ClientDisconnected`
+    (no extra task per token).
+    """
 
     def __init__(
         self,
@@ -54,13 +56,33 @@ class Generation:
         self._outputs = client.generate(request_id, prompt_token_ids, sampling_params)
         self._tracker = metrics.track()
         self._tracker.prompt_tokens = len(prompt_token_ids)
-        self._watcher = asyncio.ensure_future(_wait_for_disconnect(request)) if request is not None else None
+        self._consumer: asyncio.Task | None = None
+        self._disconnected = False
+        self._watcher = asyncio.ensure_future(self._watch(request)) if request is not None else None
         self.finished = False
+
+    async def _watch(self, request: Request) -> None:
+        await _wait_for_disconnect(request)
+        self._disconnected = True
+        if self._consumer is not None and not self.finished:
+            self._consumer.cancel()
 
     async def next(self) -> Any:
         """The next RequestOutput; after one with `finished`, do not call again."""
+        if self._disconnected:
+            await self._end("abort")
+            raise ClientDisconnected(self.request_id)
+        self._consumer = asyncio.current_task()
         try:
-            output = await self._until_disconnect(self._outputs.__anext__())
+            output = await self._outputs.__anext__()
+        except asyncio.CancelledError:
+            await self._end("abort")  # closing the engine stream aborts the request there
+            if self._disconnected:  # our watcher cancelled us: not a real cancellation of the task
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                raise ClientDisconnected(self.request_id) from None
+            raise
         except RequestRejectedError as exc:
             await self._end("error")
             raise OpenAIError(str(exc), status_code=400) from exc
@@ -73,9 +95,11 @@ class Generation:
         except StopAsyncIteration as exc:  # the client implementation ended without a finished output
             await self._end("error")
             raise OpenAIError("the engine ended the request without a result", status_code=500) from exc
-        except BaseException:  # disconnect or cancellation: abort in the engine
+        except BaseException:
             await self._end("abort")
             raise
+        finally:
+            self._consumer = None
         self._tracker.on_output(len(output.new_token_ids))
         if output.finished:
             self._tracker.prompt_tokens = output.num_prompt_tokens
@@ -90,27 +114,9 @@ class Generation:
         if self.finished:
             return
         self.finished = True
-        if self._watcher is not None:
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
             self._watcher.cancel()
         # Closing the engine stream aborts the request there when it has not finished.
         with contextlib.suppress(Exception):
             await self._outputs.aclose()  # type: ignore[attr-defined]
         self._tracker.finish(finish_reason)
-
-    async def _until_disconnect(self, awaitable: Awaitable[T]) -> T:
-        task = asyncio.ensure_future(awaitable)
-        if self._watcher is None:
-            return await task
-        try:
-            await asyncio.wait({task, self._watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # we were cancelled (e.g. the server shuts the stream down)
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            raise
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise ClientDisconnected(self.request_id)

@@ -20,11 +20,8 @@ from moefleet.engine.server.generation import ClientDisconnected, Generation
 from moefleet.engine.server.metrics import ServerMetrics
 from moefleet.engine.server.protocol import (
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
     ChatResponseMessage,
     CompletionChoice,
     CompletionRequest,
@@ -121,13 +118,6 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _dump(model: Any, include_usage: bool) -> dict[str, Any]:
-    data = model.model_dump()
-    if not include_usage:
-        data.pop("usage", None)
-    return data
-
-
 async def _start(
     state: ServerState, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams
 ) -> tuple[Generation, Any]:
@@ -147,6 +137,23 @@ async def _collect(generation: Generation, first: Any) -> tuple[str, list[int], 
         text += output.text_delta
         token_ids += output.new_token_ids
     return text, token_ids, output
+
+
+def _chunk(
+    request_id: str, object_name: str, created: int, model: str, choice: dict[str, Any], include_usage: bool
+) -> dict[str, Any]:
+    """One streamed chunk (built as a plain dict: this runs once per token of every stream)."""
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    if include_usage:
+        chunk["usage"] = None  # OpenAI: null on every chunk but the last
+    chunk["system_fingerprint"] = None
+    return chunk
 
 
 def _usage_chunk(request_id: str, created: int, model: str, object_name: str, last: Any) -> dict[str, Any]:
@@ -227,14 +234,15 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         def render(output: Any) -> list[dict[str, Any]]:
             if not output.text_delta and not output.finished and not body.return_token_ids:
                 return []
-            choice = CompletionChoice(text=output.text_delta, finish_reason=output.finish_reason)
-            chunk = _dump(
-                CompletionResponse(id=request_id, created=created, model=model, choices=[choice]),
-                include_usage,
-            )
+            choice: dict[str, Any] = {
+                "index": 0,
+                "text": output.text_delta,
+                "logprobs": None,
+                "finish_reason": output.finish_reason,
+            }
             if body.return_token_ids:
-                chunk["choices"][0]["token_ids"] = list(output.new_token_ids)
-            return [chunk]
+                choice["token_ids"] = list(output.new_token_ids)
+            return [_chunk(request_id, "text_completion", created, model, choice, include_usage)]
 
         usage = (
             partial(_usage_chunk, request_id, created, model, "text_completion") if include_usage else None
@@ -289,25 +297,20 @@ async def create_chat_completion(
         include_usage = body.include_usage
         sent_role = False
 
-        def chunk(delta: ChatDelta, finish_reason: Any = None) -> dict[str, Any]:
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-            data = _dump(
-                ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]),
-                include_usage,
-            )
-            data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)
-            return data
+        def chunk(delta: dict[str, Any], finish_reason: Any = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return _chunk(request_id, "chat.completion.chunk", created, model, choice, include_usage)
 
         def render(output: Any) -> list[dict[str, Any]]:
             nonlocal sent_role
             chunks = []
             if not sent_role:  # OpenAI opens every chat stream with the role
-                chunks.append(chunk(ChatDelta(role="assistant", content="")))
+                chunks.append(chunk({"role": "assistant", "content": ""}))
                 sent_role = True
             if output.text_delta:
-                chunks.append(chunk(ChatDelta(content=output.text_delta)))
+                chunks.append(chunk({"content": output.text_delta}))
             if output.finished:
-                chunks.append(chunk(ChatDelta(), output.finish_reason))
+                chunks.append(chunk({}, output.finish_reason))
             return chunks
 
         usage = (
