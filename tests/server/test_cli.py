@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 from moefleet.engine import tiny_model, tiny_model_command
@@ -110,3 +111,21 @@ def test_unsupported_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
     error = _error_lines(capsys)[0]
     assert error.startswith(f"moefleet serve: error: cannot load the model in {tmp_path}")
+
+
+@pytest.mark.parametrize("manifest", sorted(Path(__file__).parents[2].glob("manifests/*.yaml")))
+def test_operator_rendered_engine_args_parse(manifest):
+    """The operator starts pods with `moefleet serve <engine_args>`: every example must parse here."""
+    yaml = pytest.importorskip("yaml")
+    from moefleet.operator import render, spec
+
+    for body in yaml.safe_load_all(manifest.read_text()):
+        if not body or body.get("kind") != "MoEDeployment":
+            continue
+        body.setdefault("metadata", {}).setdefault("namespace", "default")
+        deployment = spec.parse(body, default_image="moefleet:test")
+        for role in deployment.roles:
+            args = render.engine_args(deployment, role, 0)
+            args = [a.replace("$(MOEFLEET_NODE_RANK)", "0") for a in args]
+            parsed = build_parser().parse_args(["serve", *args])
+            assert parsed.model == deployment.model.path and parsed.nnodes == role.nodes_per_replica
