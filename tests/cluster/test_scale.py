@@ -15,10 +15,10 @@ REPLICAS = 64
 
 def test_200_gpu_nodes_take_a_64_pod_statefulset(kube_cluster: ControlPlane, kube_namespace: str) -> None:
     t0 = time.monotonic()
-    names = kube_cluster.create_gpu_nodes(
-        NODES, prefix="scale", labels={"moefleet.test/pool": "scale"}, timeout_s=300
-    )
     try:
+        names = kube_cluster.create_gpu_nodes(
+            NODES, prefix="scale", labels={"moefleet.test/pool": "scale"}, timeout_s=300
+        )
         nodes_ready_s = time.monotonic() - t0
         sts = {
             "apiVersion": "apps/v1",
@@ -70,4 +70,4 @@ def test_200_gpu_nodes_take_a_64_pod_statefulset(kube_cluster: ControlPlane, kub
             "--wait=false",
             check=False,
         )
-        kube_cluster.delete_nodes(names)
+        kube_cluster.delete_nodes("moefleet.test/pool=scale")

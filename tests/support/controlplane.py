@@ -16,6 +16,7 @@ foreground with the admin kubeconfig at `.cache/cluster/kubeconfig`; Ctrl-C tear
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,7 +77,12 @@ class Component:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         # A new session per component: teardown signals the whole group, children included.
         self.process = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def exited(self) -> int | None:
@@ -100,9 +107,21 @@ class Component:
             self._log = None
 
 
-def _https_get(url: str, context: ssl.SSLContext, timeout: float = 2.0) -> tuple[int, str]:
+def die_with_parent() -> None:
+    # If the test process is killed outright (SIGKILL, OOM) teardown never runs; the kernel then sends the
+    # component SIGTERM so no etcd/apiserver outlives its test run. (Tied to the thread that started it.)
     try:
-        with urllib.request.urlopen(url, context=context, timeout=timeout) as resp:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _https_get(
+    url: str, context: ssl.SSLContext, timeout: float = 2.0, method: str = "GET"
+) -> tuple[int, str]:
+    try:
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, context=context, timeout=timeout) as resp:
             return int(resp.status), resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read().decode(errors="replace")
@@ -350,11 +369,11 @@ class ControlPlane:
     def _get_ok(self, path: str) -> bool:
         return _status_ok(self.api_url + path, self._ca_context)
 
-    def api_get(self, path: str) -> Any:
-        """GET an API path as admin and decode the JSON body (raises on non-2xx)."""
-        status, body = _https_get(self.api_url + path, self._ca_context, timeout=10)
+    def api_get(self, path: str, method: str = "GET") -> Any:
+        """Call an API path as admin (GET by default) and decode the JSON body (raises on non-2xx)."""
+        status, body = _https_get(self.api_url + path, self._ca_context, timeout=30, method=method)
         if status // 100 != 2:
-            raise ControlPlaneError(f"GET {path} -> {status}: {body[:500]}")
+            raise ControlPlaneError(f"{method} {path} -> {status}: {body[:500]}")
         return json.loads(body)
 
     def kubectl(
@@ -430,9 +449,10 @@ class ControlPlane:
         wait_until(all_ready, timeout_s, f"{n} kwok GPU nodes ({prefix}-*) Ready", logs=self.logs)
         return names
 
-    def delete_nodes(self, names: list[str]) -> None:
-        if names:
-            self.kubectl("delete", "node", "--ignore-not-found", "--wait=false", *names)
+    def delete_nodes(self, label_selector: str) -> None:
+        """Delete every node matching `label_selector` in one deletecollection call (kubectl deletes one by one)."""
+        query = urllib.parse.urlencode({"labelSelector": label_selector})
+        self.api_get(f"/api/v1/nodes?{query}", method="DELETE")
 
     def fail_pod(self, namespace: str, name: str, message: str, *, exit_code: int = 1) -> None:
         """Make a running pod fail as if its containers exited with `exit_code` and `message`."""

@@ -19,7 +19,7 @@ import httpx
 import yaml
 
 from support import binaries
-from support.controlplane import free_port, tail
+from support.controlplane import die_with_parent, free_port, tail
 
 
 class PrometheusError(RuntimeError):
@@ -86,6 +86,7 @@ class PrometheusServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + self.start_timeout_s
         while True:
