@@ -36,7 +36,9 @@ _current: ForwardContext | None = None
 
 def get_context() -> ForwardContext:
     if _current is None:
-        raise RuntimeError("no forward context is set: run the model through ModelRunner (use forward_context())")
+        raise RuntimeError(
+            "no forward context is set: run the model through ModelRunner (use forward_context())"
+        )
     return _current
 
 
