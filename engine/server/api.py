@@ -7,10 +7,10 @@ lifespan, so whoever serves the app (uvicorn, tests) gets a running engine loop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from moefleet.engine.server.async_engine import EngineClient
 from moefleet.engine.server.errors import error_body, install_error_handlers
@@ -19,8 +19,12 @@ from moefleet.engine.server.protocol import ChatCompletionRequest, CompletionReq
 from moefleet.engine.server.serving import ServerState, create_chat_completion, create_completion
 
 
-def build_app(client: EngineClient, served_model_name: str) -> FastAPI:
-    """The HTTP app serving `client` under the model name `served_model_name`."""
+def build_app(client: EngineClient, served_model_name: str, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The HTTP app serving `client` under the model name `served_model_name`.
+
+    `routers` add routes of other parts (e.g. an EPLB admin endpoint); they can read the shared state as
+    `request.app.state.moefleet` (`ServerState`: client, served_model_name, metrics) and raise `OpenAIError`.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,5 +64,8 @@ def build_app(client: EngineClient, served_model_name: str) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    for router in routers:
+        app.include_router(router)
 
     return app

@@ -35,9 +35,11 @@ class RunningServer:
 
 
 @contextmanager
-def serve_app(client: EngineClient, served_model_name: str = "tiny") -> Iterator[RunningServer]:
+def serve_app(
+    client: EngineClient, served_model_name: str = "tiny", routers: Any = ()
+) -> Iterator[RunningServer]:
     """Run the real app under uvicorn on 127.0.0.1:<free port> until the block ends."""
-    app = build_app(client, served_model_name)
+    app = build_app(client, served_model_name, routers)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from fastapi import APIRouter, Request
 from moefleet.engine.server.async_engine import LocalEngineClient
+from moefleet.engine.server.errors import OpenAIError
 from server.conftest import serve_app
 from server.fake_engine import FakeEngine
 
@@ -127,3 +131,30 @@ def test_engine_thread_owns_engine_and_sleeps_when_idle():
         time.sleep(0.3)
         assert engine.steps == steps == 3  # no steps (no busy loop) while idle
     assert len(engine.thread_ids) == 1  # one thread touched the engine
+
+
+def test_docs_list_every_exported_metric(fake_server):
+    """docs/serving.md's metrics table names every moefleet_ metric family /metrics exports."""
+    docs = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    text = httpx.get(fake_server.base_url + "/metrics", timeout=10).text
+    exported = {
+        name for name in re.findall(r"^# TYPE (moefleet_\w+) ", text, re.M) if not name.endswith("_created")
+    }
+    assert len(exported) == 11, exported
+    undocumented = [name for name in exported if f"`{name}" not in docs]
+    assert not undocumented, f"exported but not documented in docs/serving.md: {undocumented}"
+
+
+def test_extra_routers_reach_server_state():
+    router = APIRouter()
+
+    @router.post("/admin/rebalance")
+    async def rebalance(request: Request) -> dict:
+        state = request.app.state.moefleet  # ServerState: client, served_model_name, metrics
+        raise OpenAIError(f"{state.served_model_name} runs on one rank", code="not_applicable")
+
+    client = LocalEngineClient(FakeEngine(), max_model_len=256, vocab_size=257)
+    with serve_app(client, "tiny", routers=[router]) as server:
+        response = httpx.post(server.base_url + "/admin/rebalance", timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "not_applicable"
+    assert response.json()["error"]["message"] == "tiny runs on one rank"
