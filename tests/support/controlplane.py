@@ -178,6 +178,9 @@ class ControlPlane:
         restricted = cluster_pki.make_cert(
             pki, ca, RESTRICTED_USER, RESTRICTED_USER, organizations=("moefleet:restricted",)
         )
+        # The apiserver's front-proxy (aggregation) identity; configuring it also gives the controller
+        # manager and scheduler the request-header CA they look up at start (else they log errors forever).
+        front_proxy = cluster_pki.make_cert(pki, ca, "front-proxy-client", "front-proxy-client")
         sa = cluster_pki.make_service_account_keys(pki)
         self.startup_s["pki"] = time.monotonic() - t0
 
@@ -236,6 +239,13 @@ class ControlPlane:
                 "--authorization-mode=Node,RBAC",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
+                f"--requestheader-client-ca-file={ca.cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy.cert}",
+                f"--proxy-client-key-file={front_proxy.key}",
                 # The default endpoint reconciler refuses a loopback address for the `kubernetes` Service.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
