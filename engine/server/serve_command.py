@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import importlib
 import os
 import socket
 import sys
@@ -21,6 +22,10 @@ from typing import Any
 from moefleet.engine.server.launch import ParallelLaunch
 
 DEFAULT_PORT = 8000
+
+# Routes of other parts served by `moefleet serve`: modules exposing `make_router(client) -> APIRouter`
+# (e.g. an EPLB admin endpoint). Append the module name here to register one.
+ROUTER_MODULES: list[str] = []
 
 
 def _env_int(name: str, default: int) -> int:
@@ -273,7 +278,8 @@ def serve_http(
 
     name = served_model_name(args)
     port = sock.getsockname()[1]
-    app = build_app(client, name)
+    routers = [importlib.import_module(module).make_router(client) for module in ROUTER_MODULES]
+    app = build_app(client, name, routers)
     # host/port only label uvicorn's log lines; it serves on the socket bound before the model loaded.
     config = uvicorn.Config(
         app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5
