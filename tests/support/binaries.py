@@ -193,15 +193,25 @@ def _log(msg: str) -> None:
     print(f"[cluster-bins] {msg}", flush=True)
 
 
-def _run_go(args: list[str], cwd: Path, what: str) -> str:
+def _run_go(args: list[str], cwd: Path, what: str, heartbeat_s: float = 60.0) -> str:
     env = {**os.environ, **_GO_FLAGS}
-    proc = subprocess.run(["go", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        ["go", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=heartbeat_s)
+            break
+        except subprocess.TimeoutExpired:
+            # A cold Kubernetes build takes tens of minutes on 2 cores: show it is alive.
+            _log(f"{what}: still running `go {args[0]}` ({time.monotonic() - start:.0f}s)")
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-40:])
+        tail = "\n".join((stdout + stderr).strip().splitlines()[-40:])
         raise RuntimeError(
             f"building {what} failed: `go {' '.join(args[:2])} ...` exited {proc.returncode}:\n{tail}"
         )
-    return proc.stdout
+    return stdout
 
 
 def _staging_modules(component: GoComponent, workdir: Path) -> list[str]:
