@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,29 @@ def test_component_failing_at_start_is_named_with_its_log(tmp_path: Path) -> Non
             pass
     assert "kube-apiserver" not in str(err.value)  # it stopped at the first broken component
     assert (tmp_path / "logs" / "etcd.log").read_text().strip()
+
+
+def test_port_taken_before_bind_is_retried_with_fresh_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from support import controlplane
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_port = controlplane.free_port
+    handed_out: list[int] = []
+
+    def flaky_free_port() -> int:
+        # The first port asked for (kube-apiserver's) is already taken by someone else.
+        port = taken if not handed_out else real_free_port()
+        handed_out.append(port)
+        return port
+
+    monkeypatch.setattr(controlplane, "free_port", flaky_free_port)
+    try:
+        with ControlPlane() as plane:
+            assert plane.api_port != taken
+            assert plane.kubectl_json("get", "namespace", "default")["metadata"]["name"] == "default"
+    finally:
+        squatter.close()
+    assert handed_out[0] == taken

@@ -152,12 +152,23 @@ class ControlPlane:
     # ------------------------------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> ControlPlane:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(2):
+            try:
+                self.start()
+                return self
+            except ControlPlaneError as exc:
+                self._stop_components()
+                # free_port() cannot reserve a port: another process may take it before the component
+                # binds it. Rare, so one retry with fresh ports (and a fresh etcd data dir) suffices.
+                if attempt == 0 and "address already in use" in str(exc):
+                    shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+                    continue
+                self.stop()
+                raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -334,11 +345,14 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Terminate every component (reverse order) and remove the working directory if we made it."""
+        self._stop_components()
+        if self._own_workdir and os.environ.get("MOEFLEET_KEEP_CLUSTER_DIR") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_components(self) -> None:
         for comp in reversed(self.components):
             comp.stop()
         self.components.clear()
-        if self._own_workdir and os.environ.get("MOEFLEET_KEEP_CLUSTER_DIR") != "1":
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --------------------------------------------------------------------------------------------- helpers
 
