@@ -6,6 +6,7 @@ import time
 
 import pytest
 from support.controlplane import ControlPlane, wait_until
+from support.kwok_nodes import KWOK_ANNOTATION
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -17,7 +18,7 @@ def test_200_gpu_nodes_take_a_64_pod_statefulset(kube_cluster: ControlPlane, kub
     t0 = time.monotonic()
     try:
         names = kube_cluster.create_gpu_nodes(
-            NODES, prefix="scale", labels={"moefleet.test/pool": "scale"}, timeout_s=300
+            NODES, prefix="scale", labels={"moefleet.test/pool": "scale"}, taint=True, timeout_s=300
         )
         nodes_ready_s = time.monotonic() - t0
         sts = {
@@ -33,6 +34,10 @@ def test_200_gpu_nodes_take_a_64_pod_statefulset(kube_cluster: ControlPlane, kub
                     "metadata": {"labels": {"app": "wide"}},
                     "spec": {
                         "nodeSelector": {"moefleet.test/pool": "scale"},
+                        # The nodes are tainted so no other test's pods land on nodes this test deletes.
+                        "tolerations": [
+                            {"key": KWOK_ANNOTATION, "operator": "Exists", "effect": "NoSchedule"}
+                        ],
                         "containers": [
                             {"name": "c", "image": "x", "resources": {"limits": {"nvidia.com/gpu": "8"}}}
                         ],

@@ -6,16 +6,25 @@ from typing import Any
 
 import pytest
 from support.controlplane import ControlPlane, wait_until
-from support.kwok_nodes import DEFAULT_GPU_PRODUCT, GPU_RESOURCE
+from support.kwok_nodes import DEFAULT_GPU_PRODUCT, GPU_RESOURCE, KWOK_ANNOTATION, KWOK_ANNOTATION_VALUE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 NODES = 16
+# The session's cluster is shared with other test modules (tests/operator creates its own GPU nodes), so
+# this module's nodes are labelled and tainted: only its pods (selector + toleration) land there, and only there.
+POOL = {"moefleet.test/pool": "cluster-scheduling"}
+TOLERATION = {
+    "key": KWOK_ANNOTATION,
+    "operator": "Equal",
+    "value": KWOK_ANNOTATION_VALUE,
+    "effect": "NoSchedule",
+}
 
 
 @pytest.fixture(scope="module")
 def gpu_nodes(kube_cluster: ControlPlane) -> list[str]:
-    return kube_cluster.create_gpu_nodes(NODES)
+    return kube_cluster.create_gpu_nodes(NODES, prefix="sched-gpu", labels=POOL, taint=True)
 
 
 def gpu_statefulset(name: str, replicas: int, gpus: int) -> dict[str, Any]:
@@ -31,7 +40,8 @@ def gpu_statefulset(name: str, replicas: int, gpus: int) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {
-                    "nodeSelector": {"nvidia.com/gpu.product": DEFAULT_GPU_PRODUCT},
+                    "nodeSelector": {"nvidia.com/gpu.product": DEFAULT_GPU_PRODUCT, **POOL},
+                    "tolerations": [TOLERATION],
                     "containers": [
                         {
                             "name": "engine",
@@ -84,6 +94,7 @@ def test_pod_wanting_more_gpus_than_any_node_stays_pending_with_scheduler_reason
         "metadata": {"name": "too-big"},
         "spec": {
             "containers": [{"name": "c", "image": "x", "resources": {"limits": {GPU_RESOURCE: "9"}}}],
+            "tolerations": [TOLERATION],
         },
     }
     kube_cluster.apply(pod, kube_namespace)
