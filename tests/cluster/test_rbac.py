@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
-from support.controlplane import RESTRICTED_USER, ControlPlane, wait_until
+from support.controlplane import RESTRICTED_USER, CommandError, ControlPlane, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
@@ -48,3 +50,11 @@ def test_restricted_user_is_denied_unless_a_role_allows(
     # The grant is namespaced: other namespaces stay closed.
     proc = kube_cluster.kubectl("get", "pods", "-n", "kube-system", kubeconfig=restricted, check=False)
     assert proc.returncode != 0 and "Forbidden" in proc.stderr
+
+
+def test_failed_kubectl_error_carries_stderr(kube_cluster: ControlPlane) -> None:
+    with pytest.raises(
+        CommandError, match=r"`kubectl get pod no-such-pod -n default` exited 1: .*NotFound"
+    ) as err:
+        kube_cluster.kubectl("get", "pod", "no-such-pod", "-n", "default")
+    assert isinstance(err.value, subprocess.CalledProcessError)  # callers may catch the standard type

@@ -50,6 +50,18 @@ class ControlPlaneError(RuntimeError):
     """A component failed to start or become ready; the message carries the tail of its log."""
 
 
+class CommandError(subprocess.CalledProcessError):
+    """kubectl/helm failed; unlike CalledProcessError its message includes the command's stderr."""
+
+    def __str__(self) -> str:
+        args = self.cmd if isinstance(self.cmd, list) else [self.cmd]
+        words = [Path(str(args[0])).name] + [
+            str(a) for a in args[1:] if not str(a).startswith("--kubeconfig=")
+        ]
+        shown = " ".join(words)
+        return f"`{shown}` exited {self.returncode}: {(self.stderr or '').strip()[-2000:]}"
+
+
 def free_port() -> int:
     """A currently free loopback TCP port (the kernel picks it; tiny race until the component binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -412,7 +424,7 @@ class ControlPlane:
         cmd = [str(self.bins["kubectl"]), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(cmd, env=self.env, input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -427,7 +439,7 @@ class ControlPlane:
         }
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
     def kubectl_json(self, *args: str, kubeconfig: Path | None = None) -> Any:
