@@ -572,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(plane.restricted_kubeconfig, args.out / "restricted.kubeconfig")
         print(f"control plane up in {plane.startup_s['total']:.1f}s at {plane.api_url}")
         print(f"  export KUBECONFIG={args.out / 'kubeconfig'}")
+        print(f"  restricted identity (user {RESTRICTED_USER!r}): {args.out / 'restricted.kubeconfig'}")
         print(f"  export PATH={binaries.path_env('')}:$PATH")
         print(f"  component logs: {plane.workdir / 'logs'}")
         print("Ctrl-C stops it.", flush=True)
