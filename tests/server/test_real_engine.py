@@ -104,7 +104,8 @@ async def _stream(base_url: str, name: str, index: int, leave_after: int | None)
     body = {
         "model": name,
         "prompt": "Once upon a time " * (1 + index % 5),
-        "max_tokens": 24,
+        # Leavers ask for far more than they wait for: only an abort (not the end) can stop them.
+        "max_tokens": 24 if leave_after is None else 200,
         "temperature": 0.8,
         "seed": index,
         "ignore_eos": True,
