@@ -100,6 +100,40 @@ def test_greedy_completions_over_http_match_transformers(name):
         assert server.metric("moefleet_requests_total", 'finish_reason="length"') == 1 + len(prompts)
 
 
+def test_greedy_chat_over_http_matches_transformers_chat_template():
+    """Chat: the prompt is the model's chat template as transformers renders it, and the reply is
+    transformers' greedy continuation of it (as text)."""
+    name = "qwen3_norm_topk"
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And of "}, {"type": "text", "text": "Italy?"}],
+        },
+    ]
+    hf_messages = [
+        {**m, "content": m["content"] if isinstance(m["content"], str) else "And of Italy?"} for m in messages
+    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir(name))
+    prompt = tokenizer.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    expected_text = tokenizer.decode(hf_greedy(name, [prompt])[0], skip_special_tokens=True)
+    with start_server(name) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model=name,
+            messages=messages,
+            max_completion_tokens=NEW_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.completion_tokens == NEW_TOKENS
+    assert expected_text.strip() and reply.choices[0].message.content == expected_text
+
+
 async def _stream(base_url: str, name: str, index: int, leave_after: int | None) -> str | None:
     body = {
         "model": name,
