@@ -179,7 +179,13 @@ def test_fifty_streams_with_disconnects_leave_server_healthy():
             )
             return reply.choices[0].message.content or ""
 
-        before = greedy_chat()
+        def seeded() -> str:
+            reply = client.completions.create(
+                model=name, prompt="The weather today", max_tokens=12, temperature=1.0, seed=7
+            )
+            return reply.choices[0].text
+
+        before, seeded_before = greedy_chat(), seeded()
 
         async def storm() -> list[str | None]:
             return await asyncio.gather(
@@ -196,5 +202,6 @@ def test_fifty_streams_with_disconnects_leave_server_healthy():
         assert server.metric("moefleet_num_requests_waiting") == 0
         assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
         assert greedy_chat() == before
+        assert seeded() == seeded_before  # same seed, same tokens, whatever ran before
         assert server.metric("moefleet_requests_total", 'finish_reason="length"') >= 50 - leavers
         assert server.metric("moefleet_time_to_first_token_seconds_count") >= 50
