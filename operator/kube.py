@@ -1,7 +1,7 @@
 """THE module that talks to the Kubernetes API (kopf's own watches aside). Every request is counted.
 
 Writes are server-side apply (field manager `moefleet-operator`) so an applied object converges to exactly
-the rendered one; `execute` runs a planner.Plan: apply children -> write status -> delete pods -> events.
+the rendered one; `execute` runs a planner.Plan: apply children -> pod readiness gates -> write status -> delete pods -> events.
 The status is written before the pods are deleted, so an operator killed in between remembers the restart
 (and its backoff) instead of restarting the group twice.
 """
@@ -177,6 +177,23 @@ class Kube:
             content_type="application/json-patch+json",
         )
 
+    def set_group_ready(self, namespace: str, pod: str, ready: bool) -> None:
+        """Set the pod's group-ready condition (its readiness gate); a vanished pod is fine."""
+        condition = {
+            "type": L.GROUP_READY_CONDITION,
+            "status": "True" if ready else "False",
+            "reason": "GroupReady" if ready else "GroupNotReady",
+            "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.request(
+            "PATCH",
+            _path("Pod", namespace, pod, "status"),
+            "pods/status",
+            body={"status": {"conditions": [condition]}},  # strategic merge: conditions merge by type
+            content_type="application/strategic-merge-patch+json",
+            missing_ok=True,
+        )
+
     def create_event(self, spec_ref: Mapping[str, str], event: Event) -> None:
         """A core/v1 Event on the MoEDeployment (kubectl describe shows them)."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -235,6 +252,9 @@ class Kube:
             self.apply(obj)
         for child in plan.delete:
             self.delete(child.kind, spec.namespace, child.name)
+        # Gates before the status, so Ready=True is never reported while the gateway cannot route yet.
+        for pod, ready in plan.pod_gates:
+            self.set_group_ready(spec.namespace, pod, ready)
         response = self.replace_status(spec.namespace, spec.name, plan.status) if write_status else None
         for pods in plan.delete_pods.values():
             for pod in pods:

@@ -31,6 +31,11 @@ POD_INDEX = "apps.kubernetes.io/pod-index"
 # Set by the StatefulSet controller on every pod: the controller revision the pod was created from.
 CONTROLLER_REVISION = "controller-revision-hash"
 
+# Pod condition (readiness gate) the operator sets True on every pod of a Ready group: a pod is Ready (and
+# listed by the role Service the gateway reads) only while its whole group is, so the gateway never routes
+# to a group that is forming, restarting or missing a node.
+GROUP_READY_CONDITION = "moefleet.ai/group-ready"
+
 # Annotations.
 # sha256 (16 hex) of the rendered object without this annotation: equal hash => no write (idempotent apply).
 SPEC_HASH = "moefleet.ai/spec-hash"

@@ -27,12 +27,13 @@ class PodState:
     name: str
     uid: str
     group: str
-    ready: bool
+    ready: bool  # its own containers are ready (ContainersReady; the group gate is not part of it)
     phase: str
     restart_count: int = 0
     deleting: bool = False
     unschedulable: str | None = None  # the scheduler's message when PodScheduled=False/Unschedulable
     failure: str | None = None  # why a container died (termination message / reason / exit code)
+    group_ready_gate: bool = False  # the operator's GROUP_READY_CONDITION on this pod
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +90,13 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         name=metadata.get("name", ""),
         uid=metadata.get("uid", ""),
         group=(metadata.get("labels") or {}).get(L.GROUP_LABEL, ""),
-        ready=(conditions.get("Ready") or {}).get("status") == "True" and phase == "Running",
+        ready=(conditions.get("ContainersReady") or {}).get("status") == "True" and phase == "Running",
         phase=phase,
         restart_count=sum(int(c.get("restartCount") or 0) for c in statuses),
         deleting=bool(metadata.get("deletionTimestamp")),
         unschedulable=unschedulable,
         failure=failure,
+        group_ready_gate=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("status") == "True",
     )
 
 

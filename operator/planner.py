@@ -46,12 +46,14 @@ class Plan:
     apply: list[Obj] = field(default_factory=list)  # create or update (server-side apply)
     delete: list[ChildState] = field(default_factory=list)  # owned objects no longer wanted
     delete_pods: dict[str, list[str]] = field(default_factory=dict)  # group -> its pod names
+    pod_gates: list[tuple[str, bool]] = field(default_factory=list)  # (pod, group-ready condition to set)
     events: list[Event] = field(default_factory=list)
     status: Obj = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
-        return len(self.apply) + len(self.delete) + sum(len(p) for p in self.delete_pods.values())
+        pods = sum(len(p) for p in self.delete_pods.values())
+        return len(self.apply) + len(self.delete) + pods + len(self.pod_gates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +272,15 @@ def plan(
             record["phase"] = FORMING if view.pods else PENDING
         if not record.get("retired"):
             record.pop("retired", None)
+
+    # 2c. Readiness gates: a pod counts as Ready only while its whole group is Ready.
+    for record in groups:
+        if record["name"] in out.delete_pods:
+            continue  # its pods are going away
+        wanted = record.get("phase") == READY
+        for pod in views[record["name"]].pods:
+            if pod.group_ready_gate != wanted:
+                out.pod_gates.append((pod.name, wanted))
 
     gateway = observed.children.get(("Deployment", L.gateway_name(spec.name)))
     out.status = build_status(

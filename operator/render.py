@@ -174,6 +174,7 @@ def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) ->
         "volumeMounts": mounts,
     }
     pod_spec: Obj = {
+        "readinessGates": [{"conditionType": L.GROUP_READY_CONDITION}],
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,

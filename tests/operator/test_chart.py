@@ -24,6 +24,7 @@ ALLOWED = {
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch", "delete"},
+    ("", "pods/status"): {"patch"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"},

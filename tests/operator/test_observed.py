@@ -15,7 +15,10 @@ def running_pod(name="m-decode-0-1", ready=True, restarts=0):
         "spec": {"containers": [{"name": "engine", "image": "img"}]},
         "status": {
             "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "conditions": [
+                {"type": "ContainersReady", "status": "True" if ready else "False"},
+                {"type": L.GROUP_READY_CONDITION, "status": "True"},
+            ],
             "containerStatuses": [{"name": "engine", "restartCount": restarts, "state": {"running": {}}}],
         },
     }
@@ -24,6 +27,7 @@ def running_pod(name="m-decode-0-1", ready=True, restarts=0):
 def test_ready_running_pod():
     pod = pod_state(running_pod())
     assert (pod.group, pod.ready, pod.phase, pod.restart_count) == ("m-decode-0", True, "Running", 0)
+    assert pod.group_ready_gate
     assert not pod_failed(pod)
 
 

@@ -149,6 +149,9 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
         assert str(gpus) == str(spec["roles"][pod["metadata"]["labels"]["moefleet.ai/role"]]["gpusPerNode"])
         if path.stem == "kimi-k2-h200":
             assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H200"
+        # The readiness gate is open: the whole group is Ready.
+        gate = [c for c in pod["status"]["conditions"] if c["type"] == "moefleet.ai/group-ready"]
+        assert gate and gate[0]["status"] == "True", pod["status"]["conditions"]
     print(f"{path.stem}: Ready in {took:.1f}s with {len(pods)} engine pods")
 
 

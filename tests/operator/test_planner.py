@@ -38,7 +38,7 @@ def pods_for(group, nodes, ready=True, uid_prefix="", **fields):
     ]
 
 
-def converged(spec, gateway_ready=True, stale=()):
+def converged(spec, gateway_ready=True, stale=(), gates=True):
     """Observed state where every desired child exists as rendered and every group's pods are Ready."""
     children = {}
     pods = {}
@@ -50,7 +50,7 @@ def converged(spec, gateway_ready=True, stale=()):
     for role in spec.roles:
         for r in range(role.replicas):
             group = L.group_name(spec.name, role.name, r)
-            pods[group] = pods_for(group, role.nodes_per_replica)
+            pods[group] = pods_for(group, role.nodes_per_replica, group_ready_gate=gates)
     return children, pods
 
 
@@ -91,6 +91,24 @@ def test_converged_deployment_makes_no_writes_and_a_stable_status():
     assert first.status["groupsReady"] == {"prefill": "1/1", "decode": "1/1"}
     second = settle(spec, children, pods, status=first.status, now=NOW + 500)
     assert second.writes == 0 and second.status == first.status  # => no status write either
+
+
+def test_group_ready_gate_follows_the_group():
+    spec = make_spec()
+    children, pods = converged(spec, gates=False)
+    # prefill-0 is Ready: its pod's gate is opened. decode-0 misses a pod: its live pod's gate stays closed.
+    pods["m-decode-0"] = pods["m-decode-0"][:1]
+    result = settle(spec, children, pods)
+    assert result.pod_gates == [("m-prefill-0-0", True)]
+    # decode-0 was Ready with its gates open and loses readiness of one pod: both gates close.
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    pods["m-decode-0"][0] = PodState(
+        "m-decode-0-0", "m-decode-0-0", "m-decode-0", False, "Running", group_ready_gate=True
+    )
+    result = settle(spec, children, pods, status=status)
+    assert sorted(result.pod_gates) == [("m-decode-0-0", False), ("m-decode-0-1", False)]
+    assert not result.delete_pods
 
 
 def test_gateway_not_ready_keeps_ready_false():
