@@ -1,6 +1,6 @@
 """FastAPI app factory of the OpenAI-compatible server.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}], GET /health, GET /metrics.
 Every error answers OpenAI's error JSON (errors.py). The app starts and stops the engine client in its
 lifespan, so whoever serves the app (uvicorn, tests) gets a running engine loop.
 """
@@ -16,7 +16,7 @@ from moefleet.engine.server.async_engine import EngineClient
 from moefleet.engine.server.errors import error_body, install_error_handlers
 from moefleet.engine.server.metrics import ServerMetrics
 from moefleet.engine.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from moefleet.engine.server.serving import ServerState, create_chat_completion, create_completion
+from moefleet.engine.server.serving import ServerState, check_model, create_chat_completion, create_completion
 
 
 def build_app(client: EngineClient, served_model_name: str, routers: Sequence[APIRouter] = ()) -> FastAPI:
@@ -53,6 +53,11 @@ def build_app(client: EngineClient, served_model_name: str, routers: Sequence[AP
     async def models() -> JSONResponse:
         card = ModelCard(id=served_model_name, max_model_len=client.max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> JSONResponse:
+        check_model(state, model)
+        return JSONResponse(ModelCard(id=served_model_name, max_model_len=client.max_model_len).model_dump())
 
     @app.get("/health")
     async def health() -> JSONResponse:

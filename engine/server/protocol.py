@@ -152,6 +152,10 @@ class CompletionRequest(_SamplingRequest):
                     f"only one prompt per request is supported (got a list of {len(value)}); send one request per prompt"
                 )
             return value[0]
+        if any(isinstance(item, list) for item in value):
+            raise ValueError(
+                "only one prompt per request is supported (got a list of token-id lists); send one request per prompt"
+            )
         if any(isinstance(item, bool) or not isinstance(item, int) or item < 0 for item in value):
             raise ValueError("a token-id prompt must be a list of non-negative integers")
         return value

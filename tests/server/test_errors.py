@@ -23,6 +23,7 @@ CASES = [
     (COMPLETIONS, {"model": "tiny", "prompt": []}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [1, -2]}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2], [3]]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [1, 100000]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     (COMPLETIONS, {"model": "tiny", "prompt": "a", "max_tokens": "ten"}, 400, "max_tokens"),

@@ -105,6 +105,9 @@ def test_errors_surface_as_openai_exceptions(client):
 
 def test_models_and_health(client, fake_server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     assert httpx.get(fake_server.base_url + "/health", timeout=10).json() == {"status": "ok"}
 
 
