@@ -175,9 +175,8 @@ def build_status(
         }
     elif previous_status.get("lastRestart"):
         status["lastRestart"] = previous_status["lastRestart"]
-    # EPLB fields (balancedness, lastRebalanceTime) belong to the EPLB trigger (later work): carried over.
-    if previous_status.get("eplb"):
-        status["eplb"] = previous_status["eplb"]
+    # balancedness / lastRebalanceTime belong to the EPLB trigger (later work) and are carried over.
+    status["eplb"] = {**(previous_status.get("eplb") or {}), "enabled": spec.eplb.enabled}
     return status
 
 

@@ -370,3 +370,71 @@ def test_nodes_per_replica_change_reforms_groups_one_at_a_time(operator, pool, k
     events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))  # creation order
     reformed = [e["message"].split(":")[0] for e in events if e["reason"] == "ReformingGroup"]
     assert reformed == ["group reform-mixed-0", "group reform-mixed-1"]
+
+
+PODMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "PodMonitor",
+            "listKind": "PodMonitorList",
+            "plural": "podmonitors",
+            "singular": "podmonitor",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
+    },
+}
+
+
+def test_pod_monitor_follows_the_spec_where_its_crd_exists(operator, pool, kube_cluster, kube_namespace):
+    name = "monitored"
+    kube_cluster.apply(PODMONITOR_CRD)
+    try:
+        kube_cluster.kubectl(
+            "wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=60s"
+        )
+        kube_cluster.apply(
+            small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 1}}, monitoring={"podMonitor": True}),
+            kube_namespace,
+        )
+        wait_ready(kube_cluster, kube_namespace, name)
+
+        def monitor() -> dict | None:
+            result = kube_cluster.kubectl(
+                "get", "podmonitor", name, "-n", kube_namespace, "-o", "json", check=False
+            )
+            return json.loads(result.stdout) if result.returncode == 0 else None
+
+        wait_for(lambda: monitor() is not None, 30, "the PodMonitor")
+        body = monitor()
+        assert body["spec"]["selector"]["matchLabels"]["moefleet.ai/deployment"] == name
+        assert body["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+        assert body["metadata"]["ownerReferences"][0]["name"] == name
+        kube_cluster.kubectl(
+            "patch",
+            "moed",
+            name,
+            "-n",
+            kube_namespace,
+            "--type=merge",
+            "-p",
+            '{"spec":{"monitoring":{"podMonitor":false}}}',
+        )
+        wait_for(lambda: monitor() is None, 30, "the PodMonitor to be deleted")
+    finally:
+        kube_cluster.kubectl(
+            "delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=false", check=False
+        )

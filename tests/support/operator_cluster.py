@@ -69,6 +69,7 @@ class OperatorProcess:
             "MOEFLEET_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
             "MOEFLEET_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "MOEFLEET_OPERATOR_DEFAULT_IMAGE": TEST_IMAGE,
+            "MOEFLEET_OPERATOR_CRD_CACHE_SECONDS": "1",  # tests install the PodMonitor CRD on the fly
         }
         self.starts += 1
         log = open(self.log_path, "ab")
