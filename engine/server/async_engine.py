@@ -1,14 +1,15 @@
 """Bridge between the asyncio HTTP server and the (synchronous, not thread-safe) engine.
 
 `EngineClient` is what the HTTP layer talks to: submit a request and stream its outputs, abort it, read load
-statistics. `LocalEngineClient` implements it with one `LLMEngine` owned by one background thread; a
-multi-process front end can implement the same interface over N data-parallel ranks.
+statistics. `StreamingEngineClient` holds the per-request output queues; `LocalEngineClient` drives one
+`LLMEngine` from one background thread, and `DPFrontEndClient` (engine/distributed/dp_client.py) a whole
+data-parallel group from its front-end rank.
 
 Threading model of `LocalEngineClient`:
 - HTTP handlers (event loop thread) put ("add" | "abort") commands on a thread-safe queue.
 - The engine thread drains the queue, runs `engine.step()` while there is work, and blocks on the queue when
   there is none (no busy spin).
-- Each request's outputs go to its own asyncio.Queue via `loop.call_soon_threadsafe`.
+- Each request's outputs go to its own asyncio.Queue via `loop.call_soon_threadsafe` (one call per step).
 - If `step()` raises, every in-flight request receives an `EngineError` (never a hang); requests are
   aborted in the engine, and if even that fails the client is marked dead (health turns 503).
 """
