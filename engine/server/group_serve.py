@@ -68,7 +68,7 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
         engine = build_engine(config, state, backend=args.moe_backend)
         loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
         if state.rank == 0:
-            serve_http(DPFrontEndClient(loop), sock, args)
+            serve_http(DPFrontEndClient(loop, state), sock, args)
         elif sock is not None:  # local rank 0 of another node: /health and /metrics for its pod
             client = WorkerNodeClient(loop, f"{launch.master_addr}", state)
             serve_http(client, sock, args, stop=client.finished)

@@ -1,5 +1,7 @@
-"""Multi-process `moefleet serve` on CPU (DP attention + expert-parallel MoE over gloo): greedy answers over
-HTTP equal the single-process engine's; Ctrl-C on node 0 shuts the whole group down."""
+"""Multi-process `moefleet serve` on CPU (DP attention + expert-parallel MoE over gloo), 2 nodes x 2 processes
+started as two separate commands: greedy answers over HTTP equal transformers' for both architectures, with
+one request at a time (three ranks idle) and concurrent requests, prompts longer than the prefill chunk;
+Ctrl-C on node 0 shuts the whole group down."""
 
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 from moefleet.engine.cli import main
-from moefleet.engine.llm_engine import LLM
-from moefleet.engine.sampling_params import SamplingParams
 from server.conftest import wait_for_banner_url
 from support.tiny_models import tiny_model_dir
 
@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.multiproce
 
 MOEFLEET = str(Path(sys.executable).with_name("moefleet"))
 NAME = "qwen3_norm_topk"
+NAMES = ["qwen3_norm_topk", "deepseek_grouped"]
 PROMPTS = [[5, 6, 7, 8], list(range(20, 50)), [300] * 9, [11, 400, 12, 401, 13, 402]]
 NEW_TOKENS = 8
 
@@ -55,14 +56,28 @@ def _stop(process: subprocess.Popen, timeout: float = 60) -> int:
         raise
 
 
-def test_two_nodes_of_two_ranks_serve_like_one_process():
-    """2 nodes x 2 processes on this machine: 4 ranks, 2 experts each; node 0 serves the API, node 1
-    answers its pod's probes; Ctrl-C on node 0 stops the whole group cleanly."""
-    model = tiny_model_dir(NAME)
-    options = {"max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 16}
-    single = LLM(str(model), dtype="float32", **options)
-    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    expected = [r.token_ids for r in single.generate(PROMPTS, greedy)]
+def _transformers_greedy(model: Path) -> list[list[int]]:
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
+            )
+        out.append(gen[0, len(prompt) :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_nodes_of_two_ranks_serve_like_transformers(name):
+    """2 nodes x 2 processes on this machine: 4 ranks, a quarter of the experts each; node 0 serves the API,
+    node 1 answers its pod's probes; Ctrl-C on node 0 stops the whole group cleanly."""
+    model = tiny_model_dir(name)
+    expected = _transformers_greedy(model)
 
     master_port = _free_port()
     nodes = [_start_node(model, rank, master_port) for rank in (0, 1)]
@@ -76,6 +91,8 @@ def test_two_nodes_of_two_ranks_serve_like_one_process():
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["token_ids"]
 
+        # Alone: one rank works, three run idle steps. The 30-token prompt takes two 16-token chunks.
+        assert complete(PROMPTS[1]) == expected[1]
         with ThreadPoolExecutor(len(PROMPTS)) as pool:  # together: requests spread over the four ranks
             assert list(pool.map(complete, PROMPTS)) == expected
         assert httpx.get(front_end + "/health", timeout=10).status_code == 200
