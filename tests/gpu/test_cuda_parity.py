@@ -8,6 +8,7 @@ import pytest
 import torch
 from moefleet.engine import LLM, SamplingParams
 from support.bf16_tolerance import check_bf16_tolerance
+from support.reference import transformers_greedy
 from support.tiny_models import TINY_CONFIGS, tiny_model_dir
 
 pytestmark = [
@@ -28,17 +29,8 @@ TEXTS = [
 
 def _reference(path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
-    expected = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
-            )
-        expected.append(out[0, len(prompt) :].tolist())
-    return prompts, expected
+    return prompts, transformers_greedy(path, prompts, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import torch
 from server.conftest import wait_for_banner_url
+from support.reference import free_port, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [
@@ -36,33 +36,14 @@ def _moefleet() -> str:
     return str(local) if local.exists() else str(shutil.which("moefleet"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _reference(path: Path) -> list[list[int]]:
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
-            )
-        out.append(gen[0, len(prompt) :].tolist())
-    return out
-
-
 @pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
 def test_nccl_group_serves_like_transformers(name):
     nproc = min(4, torch.cuda.device_count())
     model = tiny_model_dir(name)
-    expected = _reference(model)
+    expected = transformers_greedy(model, PROMPTS, NEW_TOKENS)
     command = [_moefleet(), "serve", "--model", str(model), "--port", "0", "--print-examples"]
     command += ["--device", "cuda", "--dtype", "float32", "--nproc-per-node", str(nproc)]
-    command += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     command += ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "16"]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from moefleet.engine.cli import main
 from server.conftest import wait_for_banner_url
+from support.reference import free_port, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.multiprocess]
@@ -27,12 +27,6 @@ NAME = "qwen3_norm_topk"
 NAMES = ["qwen3_norm_topk", "deepseek_grouped"]
 PROMPTS = [[5, 6, 7, 8], list(range(20, 50)), [300] * 9, [11, 400, 12, 401, 13, 402]]
 NEW_TOKENS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start_node(model: Path, node_rank: int, master_port: int) -> subprocess.Popen:
@@ -56,30 +50,14 @@ def _stop(process: subprocess.Popen, timeout: float = 60) -> int:
         raise
 
 
-def _transformers_greedy(model: Path) -> list[list[int]]:
-    import torch
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    out = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
-            )
-        out.append(gen[0, len(prompt) :].tolist())
-    return out
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_two_nodes_of_two_ranks_serve_like_transformers(name):
     """2 nodes x 2 processes on this machine: 4 ranks, a quarter of the experts each; node 0 serves the API,
     node 1 answers its pod's probes; Ctrl-C on node 0 stops the whole group cleanly."""
     model = tiny_model_dir(name)
-    expected = _transformers_greedy(model)
+    expected = transformers_greedy(model, PROMPTS, NEW_TOKENS)
 
-    master_port = _free_port()
+    master_port = free_port()
     nodes = [_start_node(model, rank, master_port) for rank in (0, 1)]
     try:
         front_end, worker = (wait_for_banner_url(node, timeout=180) for node in nodes)

@@ -1,0 +1,32 @@
+"""Reference outputs from Hugging Face transformers (the engine's correctness oracle), and small helpers
+shared by tests that start servers."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+
+def transformers_greedy(model_dir: str | Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers `generate(do_sample=False)` continuation of each prompt, one prompt at a time, float32 CPU."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+            )
+        out.append(gen[0, len(prompt) :].tolist())
+    return out
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
