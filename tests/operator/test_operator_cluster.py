@@ -438,3 +438,59 @@ def test_pod_monitor_follows_the_spec_where_its_crd_exists(operator, pool, kube_
         kube_cluster.kubectl(
             "delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=false", check=False
         )
+
+
+def _gate(cluster, namespace: str, pod: str) -> str | None:
+    body = cluster.api_get(f"/api/v1/namespaces/{namespace}/pods/{pod}")
+    return next(
+        (c["status"] for c in body["status"].get("conditions", []) if c["type"] == "moefleet.ai/group-ready"),
+        None,
+    )
+
+
+def _set_containers_ready(cluster, namespace: str, pod: str, ready: bool) -> None:
+    """What a kubelet reports when the engine's /health readiness probe starts failing (or recovers)."""
+    patch = {"status": {"conditions": [{"type": "ContainersReady", "status": "True" if ready else "False"}]}}
+    cluster.kubectl(
+        "patch",
+        "pod",
+        pod,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=strategic",
+        "-p",
+        json.dumps(patch),
+    )
+
+
+def test_readiness_gate_closes_on_every_pod_while_the_group_is_not_ready(
+    operator, pool, kube_cluster, kube_namespace
+):
+    name = "gate"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    pods = ["gate-mixed-0-0", "gate-mixed-0-1"]
+    wait_for(
+        lambda: [_gate(kube_cluster, kube_namespace, p) for p in pods] == ["True", "True"], 30, "open gates"
+    )
+    before = pods_by_group(kube_cluster, kube_namespace, name)
+    _set_containers_ready(kube_cluster, kube_namespace, "gate-mixed-0-1", False)
+    # One node stops being ready: both pods leave the role Service (gate False); nothing is restarted.
+    wait_for(
+        lambda: [_gate(kube_cluster, kube_namespace, p) for p in pods] == ["False", "False"],
+        30,
+        "closed gates",
+    )
+    body = get_moed(kube_cluster, kube_namespace, name)
+    assert body["status"]["groups"][0]["phase"] == "Forming"
+    assert condition(body, "Ready")["status"] == "False"
+    _set_containers_ready(kube_cluster, kube_namespace, "gate-mixed-0-1", True)
+    wait_for(
+        lambda: [_gate(kube_cluster, kube_namespace, p) for p in pods] == ["True", "True"],
+        30,
+        "reopened gates",
+    )
+    moed = wait_ready(kube_cluster, kube_namespace, name)
+    assert pods_by_group(kube_cluster, kube_namespace, name) == before
+    assert "restarts" not in moed["status"]["groups"][0]

@@ -52,7 +52,15 @@ def service_account_kubeconfig(cluster: ControlPlane, out: Path) -> Path:
 class OperatorProcess:
     """`kopf run -m moefleet.operator` as the chart's ServiceAccount, with its metrics and health ports."""
 
-    def __init__(self, cluster: ControlPlane, kubeconfig: Path, workdir: Path, resync_seconds: float) -> None:
+    def __init__(
+        self,
+        cluster: ControlPlane,
+        kubeconfig: Path,
+        workdir: Path,
+        resync_seconds: float,
+        crd_cache_seconds: float = 1.0,  # tests install the PodMonitor CRD on the fly
+    ) -> None:
+        self.crd_cache_seconds = crd_cache_seconds
         self.cluster = cluster
         self.kubeconfig = kubeconfig
         self.workdir = workdir
@@ -69,7 +77,7 @@ class OperatorProcess:
             "MOEFLEET_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
             "MOEFLEET_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "MOEFLEET_OPERATOR_DEFAULT_IMAGE": TEST_IMAGE,
-            "MOEFLEET_OPERATOR_CRD_CACHE_SECONDS": "1",  # tests install the PodMonitor CRD on the fly
+            "MOEFLEET_OPERATOR_CRD_CACHE_SECONDS": str(self.crd_cache_seconds),
         }
         self.starts += 1
         log = open(self.log_path, "ab")
