@@ -9,6 +9,7 @@ as Events itself (kube.py), so every request it makes is counted.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -110,16 +111,28 @@ for _kind, _resource, _index_id in _CHILD_INDEXES:
     kopf.index(*_resource, labels=_OWNED, id=_index_id)(_child_indexer(_kind))
 
 
+@kopf.index(L.GROUP, L.VERSION, L.PLURAL)
+def moefleet_moedeployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    """Latest body of every MoEDeployment, so a pod failure can reconcile its owner at once."""
+    return {(namespace, name): copy.deepcopy(dict(body))}
+
+
 @kopf.on.event("", "v1", "pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
-def remember_pod_failure(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    """Keep the last failure per group: the StatefulSet controller replaces a Failed pod within moments."""
+def on_pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
+    """Remember a pod failure (the StatefulSet controller replaces a Failed pod within moments) and
+    reconcile the owning MoEDeployment right away instead of at its next timer tick."""
     pod = pod_state(body)
-    if pod_failed(pod):
-        key = (namespace or "", pod.group)
-        known = STATE.failures.get(key)
-        if known is None or known.uid != pod.uid or known.message != pod.failure:
-            message = pod.failure or f"restarted {pod.restart_count} time(s)"
-            STATE.failures[key] = Failure(pod=pod.name, uid=pod.uid, message=message, seen_at=time.time())
+    if not pod_failed(pod):
+        return
+    key = (namespace or "", pod.group)
+    known = STATE.failures.get(key)
+    if known is not None and known.uid == pod.uid and known.message == pod.failure:
+        return
+    message = pod.failure or f"restarted {pod.restart_count} time(s)"
+    STATE.failures[key] = Failure(pod=pod.name, uid=pod.uid, message=message, seen_at=time.time())
+    for owner in kwargs["moefleet_moedeployments"].get((namespace, labels.get(L.DEPLOYMENT, "")), []):
+        if not owner.get("metadata", {}).get("deletionTimestamp"):
+            reconcile(owner, kwargs)
 
 
 # -- reconcile ---------------------------------------------------------------------------------------------
@@ -162,7 +175,7 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
     return planner.Observed(children=children, pods=pods, failures=failures)
 
 
-def _previous_status(namespace: str, name: str, body: kopf.Body) -> dict[str, Any]:
+def _previous_status(namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
     """The body's status, unless our own newer write has not come back through the watch yet."""
     status = dict(body.get("status") or {})
     written = STATE.written_status.get((namespace, name))
@@ -172,7 +185,7 @@ def _previous_status(namespace: str, name: str, body: kopf.Body) -> dict[str, An
     return status
 
 
-def reconcile(body: kopf.Body, indexes: Mapping[str, Any]) -> None:
+def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     """One level-triggered pass for one MoEDeployment (serialised per object)."""
     metadata = body.get("metadata", {})
     namespace, name = metadata["namespace"], metadata["name"]
