@@ -65,3 +65,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     process = getattr(item, "funcargs", {}).get("operator")
     if report.failed and isinstance(process, OperatorProcess):
         report.sections.append(("operator log", process.logs(200)))
+
+
+@pytest.fixture(autouse=True)
+def operator_log_has_no_tracebacks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A handler exception is swallowed by kopf (logged, retried): fail the test that caused one."""
+    if "operator" not in request.fixturenames:
+        yield
+        return
+    process: OperatorProcess = request.getfixturevalue("operator")
+    start = process.log_path.stat().st_size if process.log_path.exists() else 0
+    yield
+    with open(process.log_path, errors="replace") as log:
+        log.seek(start)
+        new = log.read()
+    assert "Traceback" not in new, (
+        f"the operator logged an exception:\n{new[max(0, new.index('Traceback') - 2000) :][:6000]}"
+    )
