@@ -2,8 +2,8 @@
 
 Children and pods are watched through kopf indexes (in-memory, kept current by watch streams), so a
 reconcile reads nothing from the API and, when nothing changed, writes nothing. A reconcile runs on every
-MoEDeployment watch event (spec changes act at once) and on a timer (MOEFLEET_OPERATOR_RESYNC_SECONDS) that
-notices failed pods and finished groups. Kopf's own event posting is off: the operator posts its decisions
+MoEDeployment watch event (spec changes act at once), on every engine pod failure (its owner, at once), and
+on a timer (MOEFLEET_OPERATOR_RESYNC_SECONDS) that notices everything else (e.g. a group becoming Ready). Kopf's own event posting is off: the operator posts its decisions
 as Events itself (kube.py), so every request it makes is counted.
 """
 
