@@ -333,3 +333,15 @@ def test_condition_transition_time_moves_only_on_status_change():
     third = settle(spec, children, pods, status=second.status, now=NOW + 120)
     assert cond(third.status, "Ready")["lastTransitionTime"] == timestamp(NOW + 120)
     assert cond(third.status, "Degraded")["lastTransitionTime"] == timestamp(NOW)
+
+
+def test_invalid_spec_status_names_the_field_and_keeps_the_rest():
+    from moefleet.operator.status import invalid_spec_status
+
+    previous = {"groups": [{"name": "m-mixed-0"}], "conditions": [], "observedGeneration": 1}
+    status = invalid_spec_status(previous, "spec.eplb.threshold", "1.5 must be a number in (0, 1]", 2, NOW)
+    assert status["observedGeneration"] == 2 and status["groups"] == previous["groups"]
+    degraded = cond(status, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+    assert degraded["message"].startswith("spec.eplb.threshold")
+    assert cond(status, "Ready")["status"] == "False"
