@@ -155,7 +155,29 @@ def check_args(args: argparse.Namespace) -> ParallelLaunch:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
+    warn_unsupported_settings(os.environ)
     return launch
+
+
+# Settings the operator passes that this engine does not act on yet. Say so instead of dropping them silently.
+UNSUPPORTED_ENV = {
+    "MOEFLEET_EPLB_REDUNDANT_EXPERTS": "redundant experts (EPLB) are not implemented yet; serving without them",
+}
+
+
+def unsupported_settings(env: Any) -> list[str]:
+    """Warnings for operator-provided settings the engine cannot honour yet (pure)."""
+    warnings = []
+    for name, why in UNSUPPORTED_ENV.items():
+        raw = env.get(name, "")
+        if raw not in ("", "0"):
+            warnings.append(f"{name}={raw}: {why}")
+    return warnings
+
+
+def warn_unsupported_settings(env: Any) -> None:
+    for warning in unsupported_settings(env):
+        print(f"moefleet serve: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

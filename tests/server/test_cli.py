@@ -129,3 +129,14 @@ def test_operator_rendered_engine_args_parse(manifest):
             args = [a.replace("$(MOEFLEET_NODE_RANK)", "0") for a in args]
             parsed = build_parser().parse_args(["serve", *args])
             assert parsed.model == deployment.model.path and parsed.nnodes == role.nodes_per_replica
+
+
+def test_unsupported_operator_settings_are_reported_not_dropped():
+    from moefleet.engine.server.serve_command import unsupported_settings
+
+    assert unsupported_settings({}) == []
+    assert unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "0"}) == []
+    (warning,) = unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "32"})
+    assert warning.startswith(
+        "MOEFLEET_EPLB_REDUNDANT_EXPERTS=32: redundant experts (EPLB) are not implemented"
+    )
