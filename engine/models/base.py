@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
+from moefleet.engine.layers.embedding import LMHead, VocabEmbedding
 from moefleet.engine.layers.experts import Experts
+from moefleet.engine.layers.norm import RMSNorm
 from moefleet.engine.models.fp8 import SCALE_SUFFIX, dequantize_stream
 from torch import nn
 
@@ -24,13 +27,51 @@ STACKED_EXPERT_TENSOR = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<name>gat
 LAYER_TENSOR = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
 
 
-class CausalLM(nn.Module):
-    """Base for `model(input_ids [T], positions [T]) -> hidden [T, D]` models with an `lm_head`."""
+class DecoderConfig(Protocol):
+    """The config fields the shared decoder stack reads (every models/configs.py config has them)."""
 
+    vocab_size: int
+    hidden_size: int
     num_hidden_layers: int
+    rms_norm_eps: float
     tie_word_embeddings: bool
-    lm_head: nn.Module
-    fp8_block_size: tuple[int, int] | None = None  # set for block-FP8 checkpoints (dequantized at load)
+    fp8_weight_block_size: tuple[int, int] | None
+
+
+class DecoderModel(nn.Module):
+    """HF `model.*`: embed_tokens -> layers (each `layer(positions, hidden)`) -> final norm."""
+
+    def __init__(self, config: DecoderConfig, layers: Iterable[nn.Module]):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+class CausalLM(nn.Module):
+    """Base for `model(input_ids [T], positions [T]) -> hidden [T, D]` models: a `DecoderModel` over the
+    given decoder layers and an `lm_head` (optionally tied to the embedding)."""
+
+    def __init__(self, config: DecoderConfig, layers: Iterable[nn.Module]):
+        super().__init__()
+        self.config = config
+        self.num_hidden_layers = config.num_hidden_layers
+        self.tie_word_embeddings = config.tie_word_embeddings
+        # Set for block-FP8 checkpoints (dequantized at load).
+        self.fp8_block_size = config.fp8_weight_block_size
+        self.model = DecoderModel(config, layers)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids [T], positions [T] -> hidden [T, D]; metadata from engine.context.get_context()."""
+        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> float32 logits [B, V]."""

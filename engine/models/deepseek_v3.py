@@ -8,7 +8,6 @@ Shape legend: T tokens, D hidden.
 from __future__ import annotations
 
 import torch
-from moefleet.engine.layers.embedding import LMHead, VocabEmbedding
 from moefleet.engine.layers.mla import MLAConfig, MLAttention
 from moefleet.engine.layers.mlp import GatedMLP
 from moefleet.engine.layers.moe import MoE
@@ -65,39 +64,12 @@ class DeepseekV3DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class DeepseekV3Model(nn.Module):
-    def __init__(self, config: DeepseekV3Config):
-        super().__init__()
-        c = config
-        self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size)
-        rotary = RotaryEmbedding(
-            c.qk_rope_head_dim, c.rope_theta, c.rope_scaling, interleaved=c.rope_interleave
-        )
-        self.layers = nn.ModuleList(
-            [DeepseekV3DecoderLayer(c, i, rotary) for i in range(c.num_hidden_layers)]
-        )
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)
-
-
 class DeepseekV3ForCausalLM(CausalLM):
     config_class = DeepseekV3Config
 
     def __init__(self, config: DeepseekV3Config):
-        super().__init__()
-        self.config = config
-        self.num_hidden_layers = config.num_hidden_layers
-        self.tie_word_embeddings = config.tie_word_embeddings
-        self.fp8_block_size = config.fp8_weight_block_size
-        self.model = DeepseekV3Model(config)
-        tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids [T], positions [T] -> hidden [T, D]; metadata from engine.context.get_context()."""
-        return self.model(input_ids, positions)
+        c = config
+        rotary = RotaryEmbedding(
+            c.qk_rope_head_dim, c.rope_theta, c.rope_scaling, interleaved=c.rope_interleave
+        )
+        super().__init__(c, [DeepseekV3DecoderLayer(c, i, rotary) for i in range(c.num_hidden_layers)])
