@@ -32,9 +32,12 @@ def owner_reference(spec: MoEDeploymentSpec) -> Obj:
 
 def object_hash(obj: Obj) -> str:
     """Stable hash of an object's content, ignoring the spec-hash annotation itself."""
-    stripped = copy.deepcopy(obj)
-    stripped.get("metadata", {}).get("annotations", {}).pop(L.SPEC_HASH, None)
-    encoded = json.dumps(stripped, sort_keys=True, separators=(",", ":")).encode()
+    metadata = obj.get("metadata", {})
+    annotations = metadata.get("annotations", {})
+    if L.SPEC_HASH in annotations:  # a finished object: hash it as it was before the annotation (no copy)
+        annotations = {k: v for k, v in annotations.items() if k != L.SPEC_HASH}
+        obj = {**obj, "metadata": {**metadata, "annotations": annotations}}
+    encoded = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
