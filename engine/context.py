@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,9 @@ class ForwardContext:
     # Physical KV blocks of each sequence, [B, M], padded with -1.
     block_tables: torch.Tensor | None = None
     block_size: int = 16
+    # Values the layers derive from this metadata, computed by the first layer of the step and shared by
+    # the rest (e.g. attention's padded index maps), keyed by their builder.
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

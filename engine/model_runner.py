@@ -177,7 +177,8 @@ class ModelRunner:
             query_lens=query_lens,
             context_lens=context_lens,
             slot_mapping=tensor(slot_mapping),
-            block_tables=tensor(block_tables).reshape(len(block_tables), width),
+            # Host tensor: only attention's index-map builder reads it, on the CPU (no device round trip).
+            block_tables=torch.tensor(block_tables, dtype=torch.long).reshape(len(block_tables), width),
             block_size=bs,
         )
         return StepInputs(tensor(input_ids), tensor(positions), context, tensor(sample_indices))

@@ -122,23 +122,29 @@ def paged_attention(
 
 def padded_batch_for(ctx: ForwardContext, device: torch.device, cache_backed: bool) -> PaddedBatch:
     """`build_padded_batch`, computed once per step and shared by all layers (memoised on the context)."""
-    key = (str(device), cache_backed)
-    state = getattr(ctx, "__dict__", None)
-    if state is None:  # a slotted context cannot carry the memo: recompute per layer
-        return build_padded_batch(ctx, device, cache_backed)
-    memo = state.setdefault("_padded_batch_memo", {})
-    if key not in memo:
-        memo[key] = build_padded_batch(ctx, device, cache_backed)
-    return memo[key]
+    key = ("padded_batch", str(device), cache_backed)
+    if key not in ctx.derived:
+        ctx.derived[key] = build_padded_batch(ctx, device, cache_backed)
+    return ctx.derived[key]
 
 
-def write_slots(flat_cache: torch.Tensor, slot_mapping: torch.Tensor | None, values: torch.Tensor) -> None:
-    """flat_cache [S, ...][slot] = values [T, ...], skipping slots < 0 (padding tokens)."""
-    if slot_mapping is None:
-        raise ValueError("the forward context has no slot_mapping but the KV cache is allocated")
-    slots = slot_mapping.to(flat_cache.device, torch.long)
-    keep = slots >= 0
-    flat_cache[slots[keep]] = values[keep].to(flat_cache.dtype)
+def _slot_rows(ctx: ForwardContext, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of the step's tokens that have a KV slot, their slots), once per step: slots < 0 (padding
+    tokens) are skipped. Shared by all layers, so the mask -> index sync happens once, not per layer."""
+    key = ("slot_rows", str(device))
+    if key not in ctx.derived:
+        if ctx.slot_mapping is None:
+            raise ValueError("the forward context has no slot_mapping but the KV cache is allocated")
+        slots = ctx.slot_mapping.to(device, torch.long)
+        rows = torch.nonzero(slots >= 0).squeeze(1)
+        ctx.derived[key] = (rows, slots[rows])
+    return ctx.derived[key]
+
+
+def write_slots(flat_cache: torch.Tensor, ctx: ForwardContext, values: torch.Tensor) -> None:
+    """flat_cache [S, ...][slot] = values [T, ...] for the step's slot_mapping, skipping slots < 0."""
+    rows, slots = _slot_rows(ctx, flat_cache.device)
+    flat_cache[slots] = values[rows].to(flat_cache.dtype)
 
 
 class PagedAttention(nn.Module):
@@ -176,8 +182,8 @@ class PagedAttention(nn.Module):
         if cache_backed:
             k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
             v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-            write_slots(k_flat, ctx.slot_mapping, k)
-            write_slots(v_flat, ctx.slot_mapping, v)
+            write_slots(k_flat, ctx, k)
+            write_slots(v_flat, ctx, v)
         else:
             k_flat, v_flat = k, v
         keys, values = k_flat[batch.kv_source], v_flat[batch.kv_source]  # [B, C_max, Hk, D]

@@ -85,7 +85,7 @@ class MLAttention(nn.Module):
         batch = padded_batch_for(ctx, hidden.device, cache_backed)
         if cache_backed:
             flat = self.kv_cache.view(-1, self.kv_cache.shape[-1])
-            write_slots(flat, ctx.slot_mapping, entry)
+            write_slots(flat, ctx, entry)
         else:
             flat = entry
         context = flat[batch.kv_source].to(hidden.dtype)  # [B, C_max, R + Dr]
