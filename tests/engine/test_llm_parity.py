@@ -9,9 +9,9 @@ sequences are preempted and recomputed.
 from __future__ import annotations
 
 import pytest
-import torch
 from moefleet.engine import LLM, SamplingParams
-from support.tiny_models import TINY_CONFIGS, tiny_model_dir
+from support.reference import transformers_greedy
+from support.tiny_models import TINY_CONFIGS, one_torch_thread, tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,10 +32,8 @@ TEXTS = [
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     # Tiny matmuls on a shared 2-core machine: extra intra-op threads only contend (10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +45,11 @@ def reference():
         if name not in cache:
             path = tiny_model_dir(name)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            eos = hf.generation_config.eos_token_id
+            eos = transformers.GenerationConfig.from_pretrained(path).eos_token_id
             eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
             prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
             expected = []
-            for prompt in prompts:
-                ids = torch.tensor([prompt])
-                with torch.no_grad():
-                    out = hf.generate(
-                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
-                    )
-                tokens = out[0, len(prompt) :].tolist()
+            for tokens in transformers_greedy(path, prompts, NEW_TOKENS):
                 stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
                 expected.append(tokens if stop is None else tokens[: stop + 1])
             cache[name] = (path, prompts, expected)
