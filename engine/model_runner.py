@@ -8,6 +8,7 @@ sequences (prompt complete this step), M max blocks per sequence, V vocabulary.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,8 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
         return sum(
-            _numel(layer.kv_cache_shape(1, self.block_size)) * element_size for layer in self.attention_layers
+            math.prod(layer.kv_cache_shape(1, self.block_size)) * element_size
+            for layer in self.attention_layers
         )
 
     def _count_kv_blocks(self) -> int:
@@ -197,7 +199,7 @@ class ModelRunner:
         if inputs.sample_indices.numel() == 0:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]
-        sampling = [s.seq for s in batch.scheduled if s.samples]
+        sampling = [s.seq for s in batch.sampling]
         self._ban_early_stop_tokens(logits, sampling)
         return sample(logits, self._sampling_batch(sampling))
 
@@ -236,10 +238,3 @@ class ModelRunner:
                 banned = [t for t in banned if t < logits.shape[1]]
                 if banned:
                     logits[row, banned] = float("-inf")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n

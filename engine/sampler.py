@@ -53,12 +53,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
         device = logits.device
         index = torch.tensor(rows, device=device)
         sub = logits[index] / torch.tensor([batch.temperatures[i] for i in rows], device=device).unsqueeze(-1)
-        top_ks = torch.tensor([batch.top_ks[i] for i in rows], device=device)
-        if bool((top_ks > 0).any()):
-            sub = apply_top_k(sub, top_ks)
-        top_ps = torch.tensor([batch.top_ps[i] for i in rows], device=device)
-        if bool((top_ps < 1.0).any()):
-            sub = apply_top_p(sub, top_ps)
+        # Decided on the host lists, so no device sync per step.
+        top_ks = [batch.top_ks[i] for i in rows]
+        if any(k > 0 for k in top_ks):
+            sub = apply_top_k(sub, torch.tensor(top_ks, device=device))
+        top_ps = [batch.top_ps[i] for i in rows]
+        if any(p < 1.0 for p in top_ps):
+            sub = apply_top_p(sub, torch.tensor(top_ps, device=device))
         probs = sub.softmax(dim=-1)
         noise = torch.empty_like(probs)
         # One draw per distinct generator: rows sharing one (unseeded requests) take a single kernel.
