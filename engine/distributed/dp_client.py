@@ -15,7 +15,6 @@ ranks (least-loaded placement) and streams every rank's outputs into the per-req
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -31,6 +30,8 @@ logger = logging.getLogger(__name__)
 class DPFrontEndClient(StreamingEngineClient):
     """EngineClient over a whole DP group, living on the front-end rank (rank 0)."""
 
+    _thread_name = "moefleet-dp-engine"
+
     def __init__(self, loop: DPEngineLoop, state: DistributedState | None = None, exit_grace_s: float = 1.0):
         """With `state`, a failed loop (a collective failing because a peer died, or a bug) fails every client
         request, then posts the reason to the group and exits this process (code 17) after `exit_grace_s`,
@@ -43,8 +44,6 @@ class DPFrontEndClient(StreamingEngineClient):
         self._state, self._exit_grace_s = state, exit_grace_s
         loop.on_outputs = self._on_outputs
         self._stats = dict(engine.stats())
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
 
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
         # cost = prompt length: the load the request adds to its rank until that rank reports again.
@@ -54,25 +53,18 @@ class DPFrontEndClient(StreamingEngineClient):
     def abort(self, request_id: str) -> None:
         self._loop.router.submit(AbortRequest(request_id))
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="moefleet-dp-engine", daemon=True)
-            self._thread.start()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Tell every rank to leave its loop, then stop."""
-        if self._thread is not None:
-            self._stopping.set()
-            self._loop.router.submit(Shutdown())
-            self._thread.join(timeout)
-            self._thread = None
+    def _request_stop(self) -> None:
+        """Tell every rank to leave its loop (the engine thread stops after that exchange)."""
+        self._loop.router.submit(Shutdown())
 
     def _on_outputs(self, outputs: list[Any]) -> None:
-        for output in outputs:
-            if isinstance(output, RequestRejected):
-                self._deliver(output.request_id, RequestRejectedError(output.message), last=True)
-            else:
-                self._deliver(output.request_id, output, last=bool(output.finished))
+        # Batched like LocalEngineClient: one event-loop wake-up per rank's outputs, not one per token.
+        self._deliver_all(
+            (output.request_id, RequestRejectedError(output.message), True)
+            if isinstance(output, RequestRejected)
+            else (output.request_id, output, bool(output.finished))
+            for output in outputs
+        )
 
     def _run(self) -> None:
         try:

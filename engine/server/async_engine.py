@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,8 +102,11 @@ class StreamingEngineClient(EngineClient):
     """Per-request output queues shared by engine clients whose engine runs in a background thread.
 
     Subclasses hand requests to their engine (`_submit_add`, `abort`) and call `_deliver` / `_fail_all`
-    from the engine thread; `generate` and the bookkeeping live here.
+    from the engine thread; `generate`, the engine thread (`start` runs `_run`) and the bookkeeping live here.
     """
+
+    _thread_name = "moefleet-engine"
+    _thread: threading.Thread | None = None
 
     def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int | None):
         self.tokenizer = tokenizer
@@ -113,6 +116,25 @@ class StreamingEngineClient(EngineClient):
         self._lock = threading.Lock()
         self._stats: dict[str, float] = {}
         self._dead: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._request_stop()
+            self._thread.join(timeout)
+            self._thread = None
+
+    @abstractmethod
+    def _run(self) -> None:
+        """The engine thread's body (runs until shutdown or failure)."""
+
+    @abstractmethod
+    def _request_stop(self) -> None:
+        """Ask the engine thread to leave `_run` (in-flight requests get an error)."""
 
     @abstractmethod
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
@@ -156,23 +178,21 @@ class StreamingEngineClient(EngineClient):
             return list(self._streams)
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
-        with self._lock:
-            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is not None:
-            stream.put(item)
+        self._deliver_all([(request_id, item, last)])
 
     def _deliver_outputs(self, outputs: list[Any]) -> None:
+        self._deliver_all((output.request_id, output, bool(output.finished)) for output in outputs)
+
+    def _deliver_all(self, deliveries: Iterable[tuple[str, Any, bool]]) -> None:
+        """Hand (request_id, output or error, last) items to their streams; `last` ends the stream."""
         # One wake-up of each event loop per step, not one per output: at hundreds of running sequences
         # the per-call overhead (self-pipe write, GIL hand-over) is what the HTTP side pays per token.
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         with self._lock:
-            for output in outputs:
-                if output.finished:
-                    stream = self._streams.pop(output.request_id, None)
-                else:
-                    stream = self._streams.get(output.request_id)
+            for request_id, item, last in deliveries:
+                stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+                    batches.setdefault(stream.loop, []).append((stream.queue, item))
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -201,7 +221,6 @@ class LocalEngineClient(StreamingEngineClient):
         self._engine = engine
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._stats = dict(engine.stats())
-        self._thread: threading.Thread | None = None
 
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
         self._commands.put(("add", request_id, prompt_token_ids, sampling_params))
@@ -209,16 +228,8 @@ class LocalEngineClient(StreamingEngineClient):
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="moefleet-engine", daemon=True)
-            self._thread.start()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._commands.put(_STOP)
-            self._thread.join(timeout)
-            self._thread = None
+    def _request_stop(self) -> None:
+        self._commands.put(_STOP)
 
     # ---- engine-thread side --------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 class WorkerNodeClient(StreamingEngineClient):
     """Runs a non-front-end rank's `DPEngineLoop` in a thread; exposes only health and load."""
 
+    _thread_name = "moefleet-worker-rank"
+
     def __init__(self, loop: Any, front_end_address: str, state: Any = None):
         engine = loop.engine
         self._state = state  # DistributedState: a failing rank posts its reason and exits (watchdog.guard)
@@ -30,7 +32,6 @@ class WorkerNodeClient(StreamingEngineClient):
         self._loop = loop
         self._front_end_address = front_end_address
         self._stats = dict(engine.stats())
-        self._thread: threading.Thread | None = None
         self.finished = threading.Event()
 
     async def generate(
@@ -48,10 +49,8 @@ class WorkerNodeClient(StreamingEngineClient):
     def abort(self, request_id: str) -> None:
         pass
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="moefleet-worker-rank", daemon=True)
-            self._thread.start()
+    def _request_stop(self) -> None:
+        raise AssertionError("unreachable: shutdown() is overridden; only the front end stops the group")
 
     def shutdown(self, timeout: float = 1.0) -> None:
         # Only the front end can stop the group; a worker leaving early is handled by the caller.
