@@ -138,8 +138,9 @@ def _yarn_inv_freq(dim: int, base: float, s: RopeScaling) -> tuple[torch.Tensor,
 class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to q [T, H, R] and k [T, Hk, R] at `positions` [T].
 
-    cos/sin are computed in float32 per call (cheap, exact for any position) then cast to the input dtype,
-    which is what HF does; a cached table can replace this when positions get long.
+    cos/sin are computed in float32 (exact for any position) then cast to the input dtype, which is what HF
+    does; a cached table can replace this when positions get long. One instance is shared by all layers
+    of a model, which call it with the step's same `positions` tensor: cos/sin are computed once for it.
     """
 
     inv_freq: torch.Tensor
@@ -152,12 +153,18 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         inv_freq, self.attention_scaling = compute_inv_freq(rotary_dim, theta, scaling or RopeScaling())
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # (positions, dtype, cos, sin) of the last call: the next layers of the same step reuse it.
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2], last[3]
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, R/2]
-        return (freqs.cos() * self.attention_scaling).to(dtype), (freqs.sin() * self.attention_scaling).to(
-            dtype
-        )
+        cos = (freqs.cos() * self.attention_scaling).to(dtype)
+        sin = (freqs.sin() * self.attention_scaling).to(dtype)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
