@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from moefleet.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from moefleet.engine.context import get_context
 from moefleet.engine.scheduler import SchedulerOutput
-from support.tiny_models import tiny_model_dir
+from support.tiny_models import one_torch_thread, tiny_model_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -16,10 +15,8 @@ PROMPT_TEXTS = ["The quick brown fox", "Hello", "Once upon a time there was a li
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():  # tiny matmuls on a shared 2-core machine: threads only contend
+        yield
 
 
 @pytest.fixture(scope="module")
