@@ -38,6 +38,21 @@ class DecoderConfig(Protocol):
     fp8_weight_block_size: tuple[int, int] | None
 
 
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block (HF names): hidden += self_attn(norm(hidden)); hidden += mlp(norm(hidden))."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, rms_norm_eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
 class DecoderModel(nn.Module):
     """HF `model.*`: embed_tokens -> layers (each `layer(positions, hidden)`) -> final norm."""
 

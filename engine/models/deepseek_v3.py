@@ -7,61 +7,51 @@ Shape legend: T tokens, D hidden.
 
 from __future__ import annotations
 
-import torch
 from moefleet.engine.layers.mla import MLAConfig, MLAttention
 from moefleet.engine.layers.mlp import GatedMLP
 from moefleet.engine.layers.moe import MoE
-from moefleet.engine.layers.norm import RMSNorm
 from moefleet.engine.layers.rotary import RotaryEmbedding, mla_softmax_scale
 from moefleet.engine.layers.router import RoutingConfig
-from moefleet.engine.models.base import CausalLM
+from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.configs import DeepseekV3Config
 from torch import nn
 
 
-class DeepseekV3DecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekV3Config, layer: int, rotary: RotaryEmbedding):
-        super().__init__()
-        c = config
-        mla = MLAConfig(
-            hidden_size=c.hidden_size,
-            num_heads=c.num_attention_heads,
-            q_lora_rank=c.q_lora_rank,
-            kv_lora_rank=c.kv_lora_rank,
-            qk_nope_head_dim=c.qk_nope_head_dim,
-            qk_rope_head_dim=c.qk_rope_head_dim,
-            v_head_dim=c.v_head_dim,
-            softmax_scale=mla_softmax_scale(c.qk_nope_head_dim + c.qk_rope_head_dim, c.rope_scaling),
-            attention_bias=c.attention_bias,
-            rms_norm_eps=c.rms_norm_eps,
+def decoder_layer(config: DeepseekV3Config, layer: int, rotary: RotaryEmbedding) -> DecoderLayer:
+    c = config
+    mla = MLAConfig(
+        hidden_size=c.hidden_size,
+        num_heads=c.num_attention_heads,
+        q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_nope_head_dim,
+        qk_rope_head_dim=c.qk_rope_head_dim,
+        v_head_dim=c.v_head_dim,
+        softmax_scale=mla_softmax_scale(c.qk_nope_head_dim + c.qk_rope_head_dim, c.rope_scaling),
+        attention_bias=c.attention_bias,
+        rms_norm_eps=c.rms_norm_eps,
+    )
+    mlp: nn.Module
+    if c.is_moe_layer(layer):
+        routing = RoutingConfig(
+            num_experts=c.n_routed_experts,
+            top_k=c.num_experts_per_tok,
+            scoring=c.scoring_func,
+            norm_topk_prob=c.norm_topk_prob,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            routed_scaling_factor=c.routed_scaling_factor,
+            correction_bias=c.scoring_func == "sigmoid",
         )
-        self.self_attn = MLAttention(mla, rotary)
-        self.mlp: nn.Module
-        if c.is_moe_layer(layer):
-            routing = RoutingConfig(
-                num_experts=c.n_routed_experts,
-                top_k=c.num_experts_per_tok,
-                scoring=c.scoring_func,
-                norm_topk_prob=c.norm_topk_prob,
-                n_group=c.n_group,
-                topk_group=c.topk_group,
-                routed_scaling_factor=c.routed_scaling_factor,
-                correction_bias=c.scoring_func == "sigmoid",
-            )
-            shared = (
-                GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
-                if c.n_shared_experts
-                else None
-            )
-            self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, routing, shared_experts=shared)
-        else:
-            self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        shared = (
+            GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+            if c.n_shared_experts
+            else None
+        )
+        mlp = MoE(c.hidden_size, c.moe_intermediate_size, routing, shared_experts=shared)
+    else:
+        mlp = GatedMLP(c.hidden_size, c.intermediate_size)
+    return DecoderLayer(MLAttention(mla, rotary), mlp, c.hidden_size, c.rms_norm_eps)
 
 
 class DeepseekV3ForCausalLM(CausalLM):
@@ -72,4 +62,4 @@ class DeepseekV3ForCausalLM(CausalLM):
         rotary = RotaryEmbedding(
             c.qk_rope_head_dim, c.rope_theta, c.rope_scaling, interleaved=c.rope_interleave
         )
-        super().__init__(c, [DeepseekV3DecoderLayer(c, i, rotary) for i in range(c.num_hidden_layers)])
+        super().__init__(c, [decoder_layer(c, i, rotary) for i in range(c.num_hidden_layers)])

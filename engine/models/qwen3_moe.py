@@ -14,7 +14,7 @@ from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.norm import RMSNorm
 from moefleet.engine.layers.rotary import RotaryEmbedding
 from moefleet.engine.layers.router import RoutingConfig
-from moefleet.engine.models.base import CausalLM
+from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.configs import Qwen3MoeConfig
 from torch import nn
 
@@ -47,28 +47,20 @@ class Qwen3MoeAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
-class Qwen3MoeDecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3MoeConfig, layer: int, rotary: RotaryEmbedding):
-        super().__init__()
-        c = config
-        self.self_attn = Qwen3MoeAttention(c, rotary)
-        self.mlp: nn.Module
-        if c.is_moe_layer(layer):
-            routing = RoutingConfig(
-                num_experts=c.num_experts,
-                top_k=c.num_experts_per_tok,
-                scoring="softmax",
-                norm_topk_prob=c.norm_topk_prob,
-            )
-            self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, routing)
-        else:
-            self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+def decoder_layer(config: Qwen3MoeConfig, layer: int, rotary: RotaryEmbedding) -> DecoderLayer:
+    c = config
+    mlp: nn.Module
+    if c.is_moe_layer(layer):
+        routing = RoutingConfig(
+            num_experts=c.num_experts,
+            top_k=c.num_experts_per_tok,
+            scoring="softmax",
+            norm_topk_prob=c.norm_topk_prob,
+        )
+        mlp = MoE(c.hidden_size, c.moe_intermediate_size, routing)
+    else:
+        mlp = GatedMLP(c.hidden_size, c.intermediate_size)
+    return DecoderLayer(Qwen3MoeAttention(c, rotary), mlp, c.hidden_size, c.rms_norm_eps)
 
 
 class Qwen3MoeForCausalLM(CausalLM):
@@ -77,4 +69,4 @@ class Qwen3MoeForCausalLM(CausalLM):
     def __init__(self, config: Qwen3MoeConfig):
         c = config
         rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, interleaved=False)
-        super().__init__(c, [Qwen3MoeDecoderLayer(c, i, rotary) for i in range(c.num_hidden_layers)])
+        super().__init__(c, [decoder_layer(c, i, rotary) for i in range(c.num_hidden_layers)])
