@@ -140,7 +140,8 @@ class RotaryEmbedding(nn.Module):
 
     cos/sin are computed in float32 (exact for any position) then cast to the input dtype, which is what HF
     does; a cached table can replace this when positions get long. One instance is shared by all layers
-    of a model, which call it with the step's same `positions` tensor: cos/sin are computed once for it.
+    of a model, which call it with the step's same `positions` tensor: cos/sin are computed once for it
+    (so a caller must pass a new tensor, not rewrite the old one in place, when positions change).
     """
 
     inv_freq: torch.Tensor
