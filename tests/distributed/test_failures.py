@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import signal
-import socket
 import threading
 import time
 
@@ -12,13 +11,7 @@ import pytest
 import torch.distributed as dist
 from moefleet.engine.distributed import groups
 from moefleet.engine.distributed.watchdog import EXIT_CODE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from support.reference import free_port
 
 pytestmark = [pytest.mark.timeout(90)]
 

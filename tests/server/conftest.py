@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -82,6 +82,31 @@ def shared_fake_server() -> Iterator[RunningServer]:
     """One server for a whole module, for tests that do not change engine behaviour or count metrics."""
     with serve_fake_engine() as running:
         yield running
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
+
+
+async def stream_last_event(
+    base_url: str, body: dict[str, Any], leave_after: int | None, timeout: float
+) -> str | None:
+    """POST a streaming completion; the last `data:` line, or None after leaving once `leave_after` arrived."""
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        async with http.stream("POST", base_url + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            events: list[str] = []
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if leave_after is not None and len(events) >= leave_after:
+                        return None  # leaving the block drops the connection mid-stream
+            return events[-1]
 
 
 def wait_for_banner_url(process: subprocess.Popen, timeout: float = 120.0) -> str:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
 from moefleet.engine.server.async_engine import LocalEngineClient
-from server.conftest import serve_app
+from server.conftest import serve_app, stream_last_event, wait_for
 from server.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.timeout(90)
@@ -18,24 +17,11 @@ async def _stream(base_url: str, index: int, disconnect_after: int | None) -> st
     # Leavers ask for far more tokens than they wait for, so only an abort (not the end) can stop them.
     max_tokens = 40 if disconnect_after is None else 1000
     body = {"model": "tiny", "prompt": "a" * (1 + index % 7), "max_tokens": max_tokens, "stream": True}
-    async with httpx.AsyncClient(timeout=30) as http:
-        async with http.stream("POST", base_url + "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            events: list[str] = []
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    if disconnect_after is not None and len(events) >= disconnect_after:
-                        return None  # leaving the block closes the connection mid-stream
-            return events[-1]
+    return await stream_last_event(base_url, body, disconnect_after, timeout=30)
 
 
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+def _wait_for(condition) -> None:
+    wait_for(condition, timeout=10.0, interval=0.02)
 
 
 def test_streaming_disconnects_abort_requests():

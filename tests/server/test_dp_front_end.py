@@ -7,7 +7,6 @@ Same answers as the local engine client; disconnects abort through the router; s
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -18,7 +17,7 @@ from moefleet.engine.distributed.engine_glue import DPEngineLoop
 from moefleet.engine.distributed.request_router import RequestRouter
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.server.async_engine import LocalEngineClient
-from server.conftest import serve_app
+from server.conftest import serve_app, wait_for
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -67,13 +66,6 @@ async def _greedy_all(base_url: str) -> list[list[int]]:
     return [r.json()["choices"][0]["token_ids"] for r in responses]
 
 
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_dp_front_end_serves_like_the_local_client():
     with serve_app(LocalEngineClient(_engine()), served_model_name=NAME) as local:
         expected = asyncio.run(_greedy_all(local.base_url))
@@ -89,7 +81,7 @@ def test_dp_front_end_serves_like_the_local_client():
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     break
-        _wait_for(lambda: server.metric("moefleet_requests_total", 'finish_reason="abort"') == 1)
-        _wait_for(lambda: server.metric("moefleet_kv_cache_blocks_used") == 0)
+        wait_for(lambda: server.metric("moefleet_requests_total", 'finish_reason="abort"') == 1)
+        wait_for(lambda: server.metric("moefleet_kv_cache_blocks_used") == 0)
         assert server.metric("moefleet_requests_total", 'finish_reason="length"') == len(PROMPTS)
     assert client._thread is None and client.dead_error is None  # shutdown left the loop cleanly

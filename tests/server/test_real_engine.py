@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import httpx
 import openai
@@ -19,7 +18,7 @@ import torch
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.server.async_engine import LocalEngineClient
-from server.conftest import serve_app
+from server.conftest import serve_app, stream_last_event, wait_for
 from support.tiny_models import TINY_CONFIGS, tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
@@ -145,24 +144,7 @@ async def _stream(base_url: str, name: str, index: int, leave_after: int | None)
         "ignore_eos": True,
         "stream": True,
     }
-    async with httpx.AsyncClient(timeout=120) as http:
-        async with http.stream("POST", base_url + "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            events: list[str] = []
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    if leave_after is not None and len(events) >= leave_after:
-                        return None  # leaving the block drops the connection mid-stream
-            return events[-1]
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
+    return await stream_last_event(base_url, body, leave_after, timeout=120)
 
 
 def test_fifty_streams_with_disconnects_leave_server_healthy():
@@ -195,8 +177,8 @@ def test_fifty_streams_with_disconnects_leave_server_healthy():
         results = asyncio.run(storm())
         leavers = sum(1 for i in range(50) if i % 3 == 0)
         assert results.count("data: [DONE]") == 50 - leavers
-        _wait_for(lambda: server.metric("moefleet_requests_total", 'finish_reason="abort"') == leavers)
-        _wait_for(lambda: server.metric("moefleet_kv_cache_blocks_used") == 0)
+        wait_for(lambda: server.metric("moefleet_requests_total", 'finish_reason="abort"') == leavers)
+        wait_for(lambda: server.metric("moefleet_kv_cache_blocks_used") == 0)
         assert server.metric("moefleet_kv_cache_usage_ratio") == 0
         assert server.metric("moefleet_num_requests_running") == 0
         assert server.metric("moefleet_num_requests_waiting") == 0
