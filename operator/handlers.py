@@ -19,7 +19,7 @@ from typing import Any
 import kopf
 from moefleet.operator import labels as L
 from moefleet.operator import planner, render
-from moefleet.operator.kube import Kube, KubeError, child_from_body
+from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
 from moefleet.operator.settings import OperatorSettings, from_environment
 from moefleet.operator.spec import SpecError, parse
@@ -37,6 +37,7 @@ _CHILD_INDEXES = (
     ("Deployment", ("apps", "v1", "deployments"), "moefleet_deployments"),
     ("PodDisruptionBudget", ("policy", "v1", "poddisruptionbudgets"), "moefleet_pdbs"),
 )
+_CHILD_KINDS = tuple(kind for kind, _, _ in _CHILD_INDEXES)
 _APPLIED_TTL = 30.0  # seconds an applied hash overrides a (possibly stale) index entry
 
 
@@ -165,9 +166,9 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
             ready, replicas = (seen.ready_replicas, seen.replicas) if seen is not None else (0, 0)
             children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready, replicas)
     if podmonitors:
-        monitor = child_from_body("PodMonitor", kube.get("PodMonitor", namespace, name))
+        monitor = kube.get("PodMonitor", namespace, name)
         if monitor is not None:
-            children[("PodMonitor", name)] = monitor
+            children[("PodMonitor", name)] = child_state({**monitor, "kind": "PodMonitor"})
     pods: dict[str, list[Any]] = {}
     for pod in indexes["moefleet_pods"].get(key, []):
         pods.setdefault(pod.group, []).append(pod)
@@ -189,6 +190,7 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     """One level-triggered pass for one MoEDeployment (serialised per object)."""
     metadata = body.get("metadata", {})
     namespace, name = metadata["namespace"], metadata["name"]
+    ref = {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}
     kube = STATE.client()
     with STATE.lock((namespace, name)):
         now = time.time()
@@ -199,20 +201,16 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             generation = int(metadata.get("generation") or 0)
             status = invalid_spec_status(previous, error.field, str(error), generation, now)
             if status != previous:
-                response = kube.replace_status(namespace, name, status)
+                events = condition_events(previous, status)
+                response = kube.execute(ref, planner.Plan(status=status), True, events)
                 _remember_status(namespace, name, response, status)
-                for event in condition_events(previous, status):
-                    kube.create_event(
-                        {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}, event
-                    )
             return
         # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
         podmonitors = kube.crd_exists(L.PODMONITOR_CRD, SETTINGS.crd_cache_seconds)
         desired = render.render_all(spec, podmonitors)
         observed = _observed(namespace, name, indexes, kube, podmonitors)
-        the_plan = planner.plan(
-            spec, desired, observed, previous, now, managed_kinds=_managed_kinds(podmonitors)
-        )
+        managed = (*_CHILD_KINDS, "PodMonitor") if podmonitors else _CHILD_KINDS
+        the_plan = planner.plan(spec, desired, observed, previous, now, managed_kinds=managed)
         write_status = the_plan.status != previous
         events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
         if not the_plan.writes and not write_status:
@@ -225,7 +223,7 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             "changed" if write_status else "same",
         )
         try:
-            response = kube.execute(spec, the_plan, write_status, events)
+            response = kube.execute(ref, the_plan, write_status, events)
         except KubeError as error:
             raise kopf.TemporaryError(str(error), delay=min(SETTINGS.resync_seconds, 10)) from error
         applied = STATE.applied.setdefault((namespace, name), {})
@@ -236,11 +234,6 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             _remember_status(namespace, name, response, the_plan.status)
         for group in the_plan.delete_pods:
             STATE.failures.pop((namespace, group), None)
-
-
-def _managed_kinds(podmonitors: bool) -> tuple[str, ...]:
-    kinds = tuple(kind for kind, _, _ in _CHILD_INDEXES)
-    return (*kinds, "PodMonitor") if podmonitors else kinds
 
 
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:

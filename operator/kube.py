@@ -20,9 +20,7 @@ from typing import Any
 
 import httpx
 from moefleet.operator import labels as L
-from moefleet.operator.observed import ChildState
 from moefleet.operator.planner import Plan
-from moefleet.operator.spec import MoEDeploymentSpec
 from moefleet.operator.status import Event
 from prometheus_client import Counter as PromCounter
 
@@ -245,27 +243,21 @@ class Kube:
         self._crd_cache[name] = (found, time.monotonic())
         return found
 
-    def execute(self, spec: MoEDeploymentSpec, plan: Plan, write_status: bool, events: list[Event]) -> Any:
-        """Run a plan. Returns the status write's response (None when the status was unchanged)."""
-        ref = {"namespace": spec.namespace, "name": spec.name, "uid": spec.uid}
+    def execute(self, ref: Mapping[str, str], plan: Plan, write_status: bool, events: list[Event]) -> Any:
+        """Run a plan for the MoEDeployment `ref` ({namespace, name, uid}). Returns the status write's
+        response (None when the status was unchanged)."""
+        namespace = ref["namespace"]
         for obj in plan.apply:
             self.apply(obj)
         for child in plan.delete:
-            self.delete(child.kind, spec.namespace, child.name)
+            self.delete(child.kind, namespace, child.name)
         # Gates before the status, so Ready=True is never reported while the gateway cannot route yet.
         for pod, ready in plan.pod_gates:
-            self.set_group_ready(spec.namespace, pod, ready)
-        response = self.replace_status(spec.namespace, spec.name, plan.status) if write_status else None
+            self.set_group_ready(namespace, pod, ready)
+        response = self.replace_status(namespace, ref["name"], plan.status) if write_status else None
         for pods in plan.delete_pods.values():
             for pod in pods:
-                self.delete("Pod", spec.namespace, pod)
+                self.delete("Pod", namespace, pod)
         for event in events:
             self.create_event(ref, event)
         return response
-
-
-def child_from_body(kind: str, body: Mapping[str, Any] | None) -> ChildState | None:
-    if body is None:
-        return None
-    annotations = (body.get("metadata") or {}).get("annotations") or {}
-    return ChildState(kind=kind, name=body["metadata"]["name"], spec_hash=annotations.get(L.SPEC_HASH, ""))
