@@ -278,16 +278,9 @@ class ControlPlane:
         )
 
         # kube-controller-manager (GC, StatefulSet, Deployment, ReplicaSet, endpoints, service accounts, ...)
-        kcm_port = free_port()
-        self._launch(
+        self._launch_controller(
             "kube-controller-manager",
             [
-                str(self.bins["kube-controller-manager"]),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}",
-                f"--authorization-kubeconfig={self.kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={kcm_port}",
                 f"--cert-dir={self.workdir / 'kcm-certs'}",
                 f"--service-account-private-key-file={sa.key}",
                 f"--root-ca-file={ca.cert}",
@@ -298,27 +291,12 @@ class ControlPlane:
                 "--controllers=*",
                 "--v=1",
             ],
-            lambda: _status_ok(f"https://127.0.0.1:{kcm_port}/healthz", insecure),
-            wait=False,
+            insecure,
         )
-
-        # kube-scheduler
-        sched_port = free_port()
-        self._launch(
+        self._launch_controller(
             "kube-scheduler",
-            [
-                str(self.bins["kube-scheduler"]),
-                f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}",
-                f"--authorization-kubeconfig={self.kubeconfig}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={sched_port}",
-                f"--cert-dir={self.workdir / 'scheduler-certs'}",
-                "--leader-elect=false",
-                "--v=1",
-            ],
-            lambda: _status_ok(f"https://127.0.0.1:{sched_port}/healthz", insecure),
-            wait=False,
+            [f"--cert-dir={self.workdir / 'scheduler-certs'}", "--leader-elect=false", "--v=1"],
+            insecure,
         )
 
         # kwok: fakes kubelets for nodes annotated kwok.x-k8s.io/node=fake, with its default stages
@@ -377,6 +355,25 @@ class ControlPlane:
         if wait:
             self._await(name)
 
+    def _launch_controller(self, name: str, flags: list[str], insecure: ssl.SSLContext) -> None:
+        """kube-controller-manager / kube-scheduler: admin kubeconfig for everything, HTTPS health on a free
+        loopback port; started without waiting (they start in parallel)."""
+        port = free_port()
+        self._launch(
+            name,
+            [
+                str(self.bins[name]),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                *flags,
+            ],
+            lambda: _status_ok(f"https://127.0.0.1:{port}/healthz", insecure),
+            wait=False,
+        )
+
     def _await(self, name: str) -> None:
         started, ready = self._ready_checks[name]
         self._wait(name, ready)
@@ -422,10 +419,7 @@ class ControlPlane:
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl (admin unless `kubeconfig` is given); `check` raises with stderr on failure."""
         cmd = [str(self.bins["kubectl"]), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
-        proc = subprocess.run(cmd, env=self.env, input=input, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
-        return proc
+        return _run(cmd, self.env, check, timeout, input)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run helm against this cluster (admin); `check` raises with stderr on failure."""
@@ -437,10 +431,7 @@ class ControlPlane:
             "HELM_CONFIG_HOME": str(helm_home / "config"),
             "HELM_DATA_HOME": str(helm_home / "data"),
         }
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
-        return proc
+        return _run(cmd, env, check, timeout)
 
     def kubectl_json(self, *args: str, kubeconfig: Path | None = None) -> Any:
         """`kubectl <args> -o json`, decoded."""
@@ -511,6 +502,16 @@ class ControlPlane:
         logs_dir = self.workdir / "logs"
         paths = sorted(logs_dir.glob("*.log")) if logs_dir.exists() else []
         return "\n".join(f"===== {p.stem} (last {lines} lines of {p}) =====\n{tail(p, lines)}" for p in paths)
+
+
+def _run(
+    cmd: list[str], env: dict[str, str], check: bool, timeout: float, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run kubectl/helm; `check` raises CommandError (with stderr) on failure."""
+    proc = subprocess.run(cmd, env=env, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
+    return proc
 
 
 def _http_ok(url: str) -> bool:
