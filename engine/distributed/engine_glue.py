@@ -19,7 +19,7 @@ from typing import Any
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
 from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
-from moefleet.engine.distributed.groups import DistributedState, check_experts_divisible
+from moefleet.engine.distributed.groups import DistributedState, check_model_experts_divisible
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, RequestRouter, Shutdown
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.loader import load_model
@@ -41,9 +41,7 @@ def build_engine(
     config: EngineConfig, state: DistributedState, backend: str = "auto", **options: Any
 ) -> LLMEngine:
     """This rank's engine: local expert block only, EP dispatchers installed, DP step agreement set."""
-    num_experts = config.hf_config.get("num_experts", config.hf_config.get("n_routed_experts"))
-    if num_experts is not None:
-        check_experts_divisible(int(num_experts), state.world_size)
+    check_model_experts_divisible(config.hf_config, state.world_size)
     set_expert_parallel_layout(state.device_group)
     assert config.dtype is not None
     model = load_model(config.model, state.device, config.dtype)

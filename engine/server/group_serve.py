@@ -92,16 +92,14 @@ def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: in
 def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
     """Checks that need the model's config.json but no process group (exit code 2 on failure)."""
     from moefleet.engine.cli import CommandError
-    from moefleet.engine.distributed.groups import check_experts_divisible
+    from moefleet.engine.distributed.groups import check_model_experts_divisible
     from moefleet.engine.server.serve_command import engine_config
 
     config = engine_config(args)
-    num_experts = config.hf_config.get("num_experts", config.hf_config.get("n_routed_experts"))
-    if num_experts is not None:
-        try:
-            check_experts_divisible(int(num_experts), launch.world_size)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+    try:
+        check_model_experts_divisible(config.hf_config, launch.world_size)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
