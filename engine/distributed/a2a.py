@@ -115,8 +115,10 @@ class AllToAllDispatcher:
         recv_counts = torch.empty_like(send_counts)
         # Counts first: a host sync, because the row buffer's size depends on them.
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        # Every split size from one device->host copy (on CUDA each .tolist() is its own sync).
+        host_send, host_recv = torch.stack((send_counts, recv_counts)).cpu()
+        send_splits = host_send.sum(1).tolist()
+        recv_splits = host_recv.sum(1).tolist()
         send_rows = hidden[plan.token_index].contiguous()  # [S, D]
         received = hidden.new_empty(sum(recv_splits), hidden.shape[1])  # [N, D]
         work = dist.all_to_all_single(
@@ -125,7 +127,7 @@ class AllToAllDispatcher:
         handle = _A2AHandle(
             plan, topk_weights, hidden.shape[0], send_splits, recv_splits, regroup_by_expert(recv_counts)
         )
-        return _PendingDispatch(work, received, handle, recv_counts.sum(0).tolist())
+        return _PendingDispatch(work, received, handle, host_recv.sum(0).tolist())
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
         p: _PendingDispatch = pending
