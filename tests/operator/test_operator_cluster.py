@@ -11,7 +11,15 @@ import time
 
 import pytest
 from support.operator_catalogue import MANIFESTS, invalid_cases
-from support.operator_cluster import condition, get_moed, list_items, wait_for, wait_ready
+from support.operator_cluster import (
+    condition,
+    get_moed,
+    is_ready,
+    list_items,
+    patch_spec,
+    wait_for,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -43,10 +51,9 @@ def pods_by_group(cluster, namespace: str, name: str) -> dict[str, dict[str, str
     for pod in list_items(
         cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
     ):
-        if not pod["metadata"].get("deletionTimestamp"):
-            out.setdefault(pod["metadata"]["labels"]["moefleet.ai/group"], {})[pod["metadata"]["name"]] = pod[
-                "metadata"
-            ]["uid"]
+        meta = pod["metadata"]
+        if not meta.get("deletionTimestamp"):
+            out.setdefault(meta["labels"]["moefleet.ai/group"], {})[meta["name"]] = meta["uid"]
     return out
 
 
@@ -209,16 +216,7 @@ def test_scaling_touches_only_added_and_removed_groups(operator, pool, kube_clus
     sts_path = f"/apis/apps/v1/namespaces/{kube_namespace}/statefulsets/scale-mixed-0"
     first = kube_cluster.api_get(sts_path)["metadata"]["resourceVersion"]
     pods = pods_by_group(kube_cluster, kube_namespace, name)
-    kube_cluster.kubectl(
-        "patch",
-        "moed",
-        name,
-        "-n",
-        kube_namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"roles":{"mixed":{"replicas":3}}}}',
-    )
+    patch_spec(kube_cluster, kube_namespace, name, {"roles": {"mixed": {"replicas": 3}}})
     moed = wait_ready(kube_cluster, kube_namespace, name)
     assert moed["status"]["groupsReady"]["mixed"] == "3/3"
     assert kube_cluster.api_get(sts_path)["metadata"]["resourceVersion"] == first  # never written
@@ -228,16 +226,7 @@ def test_scaling_touches_only_added_and_removed_groups(operator, pool, kube_clus
         "scale-mixed-0", "scale-mixed-1", "scale-mixed-2",
     ]  # fmt: skip
     kept = pods_by_group(kube_cluster, kube_namespace, name)["scale-mixed-1"]
-    kube_cluster.kubectl(
-        "patch",
-        "moed",
-        name,
-        "-n",
-        kube_namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"roles":{"mixed":{"replicas":2}}}}',
-    )
+    patch_spec(kube_cluster, kube_namespace, name, {"roles": {"mixed": {"replicas": 2}}})
 
     def scaled_down() -> bool:
         found = children(kube_cluster, kube_namespace, name)
@@ -337,27 +326,14 @@ def test_nodes_per_replica_change_reforms_groups_one_at_a_time(operator, pool, k
     )
     wait_ready(kube_cluster, kube_namespace, name)
     before = pods_by_group(kube_cluster, kube_namespace, name)
-    kube_cluster.kubectl(
-        "patch",
-        "moed",
-        name,
-        "-n",
-        kube_namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"roles":{"mixed":{"nodesPerReplica":2}}}}',
-    )
+    patch_spec(kube_cluster, kube_namespace, name, {"roles": {"mixed": {"nodesPerReplica": 2}}})
     most_down = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         body = get_moed(kube_cluster, kube_namespace, name)
         groups = body.get("status", {}).get("groups", [])
         most_down = max(most_down, sum(g.get("phase") != "Ready" for g in groups))
-        if (
-            body["status"].get("observedGeneration") == body["metadata"]["generation"]
-            and condition(body, "Ready").get("status") == "True"
-            and all(g["nodes"] == 2 for g in groups)
-        ):
+        if is_ready(body) and all(g["nodes"] == 2 for g in groups):
             break
         time.sleep(0.2)
     else:
@@ -423,16 +399,7 @@ def test_pod_monitor_follows_the_spec_where_its_crd_exists(operator, pool, kube_
         assert body["spec"]["selector"]["matchLabels"]["moefleet.ai/deployment"] == name
         assert body["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
         assert body["metadata"]["ownerReferences"][0]["name"] == name
-        kube_cluster.kubectl(
-            "patch",
-            "moed",
-            name,
-            "-n",
-            kube_namespace,
-            "--type=merge",
-            "-p",
-            '{"spec":{"monitoring":{"podMonitor":false}}}',
-        )
+        patch_spec(kube_cluster, kube_namespace, name, {"monitoring": {"podMonitor": False}})
         wait_for(lambda: monitor() is None, 30, "the PodMonitor to be deleted")
     finally:
         kube_cluster.kubectl(
@@ -446,6 +413,11 @@ def _gate(cluster, namespace: str, pod: str) -> str | None:
         (c["status"] for c in body["status"].get("conditions", []) if c["type"] == "moefleet.ai/group-ready"),
         None,
     )
+
+
+def _wait_gates(cluster, namespace: str, pods: list[str], status: str, what: str) -> None:
+    """Wait until every pod's group-ready condition has this status."""
+    wait_for(lambda: [_gate(cluster, namespace, p) for p in pods] == [status] * len(pods), 30, what)
 
 
 def _set_containers_ready(cluster, namespace: str, pod: str, ready: bool) -> None:
@@ -471,26 +443,16 @@ def test_readiness_gate_closes_on_every_pod_while_the_group_is_not_ready(
     kube_cluster.apply(small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2}}), kube_namespace)
     wait_ready(kube_cluster, kube_namespace, name)
     pods = ["gate-mixed-0-0", "gate-mixed-0-1"]
-    wait_for(
-        lambda: [_gate(kube_cluster, kube_namespace, p) for p in pods] == ["True", "True"], 30, "open gates"
-    )
+    _wait_gates(kube_cluster, kube_namespace, pods, "True", "open gates")
     before = pods_by_group(kube_cluster, kube_namespace, name)
     _set_containers_ready(kube_cluster, kube_namespace, "gate-mixed-0-1", False)
     # One node stops being ready: both pods leave the role Service (gate False); nothing is restarted.
-    wait_for(
-        lambda: [_gate(kube_cluster, kube_namespace, p) for p in pods] == ["False", "False"],
-        30,
-        "closed gates",
-    )
+    _wait_gates(kube_cluster, kube_namespace, pods, "False", "closed gates")
     body = get_moed(kube_cluster, kube_namespace, name)
     assert body["status"]["groups"][0]["phase"] == "Forming"
     assert condition(body, "Ready")["status"] == "False"
     _set_containers_ready(kube_cluster, kube_namespace, "gate-mixed-0-1", True)
-    wait_for(
-        lambda: [_gate(kube_cluster, kube_namespace, p) for p in pods] == ["True", "True"],
-        30,
-        "reopened gates",
-    )
+    _wait_gates(kube_cluster, kube_namespace, pods, "True", "reopened gates")
     moed = wait_ready(kube_cluster, kube_namespace, name)
     assert pods_by_group(kube_cluster, kube_namespace, name) == before
     assert "restarts" not in moed["status"]["groups"][0]

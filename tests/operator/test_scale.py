@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.operator_cluster import OperatorProcess, condition, list_items
+from support.operator_cluster import OperatorProcess, is_ready, list_items
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -58,12 +58,7 @@ def test_50_deployments_on_200_nodes_converge_and_stay_quiet(operator, moefleet_
         deadline = start + 400
         while time.monotonic() < deadline:
             items = cluster.api_get(path)["items"]
-            ready = [
-                m["metadata"]["name"]
-                for m in items
-                if condition(m, "Ready").get("status") == "True"
-                and m["status"].get("observedGeneration") == m["metadata"]["generation"]
-            ]
+            ready = [m["metadata"]["name"] for m in items if is_ready(m)]
             if len(ready) == DEPLOYMENTS:
                 break
             time.sleep(1)
@@ -99,4 +94,4 @@ def test_50_deployments_on_200_nodes_converge_and_stay_quiet(operator, moefleet_
     finally:
         scale_operator.stop()
         operator.start()  # the session operator removes finalizers while the namespace is deleted
-        cluster.kubectl("delete", "nodes", "-l", "moefleet.test/pool=opscale", "--wait=false")
+        cluster.delete_nodes("moefleet.test/pool=opscale")

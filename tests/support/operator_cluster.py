@@ -7,6 +7,7 @@ ServiceAccount (TokenRequest API via `kubectl create token`), so the tests exerc
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import sys
@@ -155,24 +156,33 @@ def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), {})
 
 
+def is_ready(body: dict[str, Any]) -> bool:
+    """Ready=True at the MoEDeployment's current generation."""
+    return (
+        body.get("status", {}).get("observedGeneration") == body["metadata"]["generation"]
+        and condition(body, "Ready").get("status") == "True"
+    )
+
+
 def wait_ready(cluster: ControlPlane, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
     """Wait for Ready=True at the current generation; returns the MoEDeployment."""
     state: dict[str, Any] = {}
 
     def ready() -> bool:
-        body = get_moed(cluster, namespace, name)
-        state["body"] = body
-        status = body.get("status", {})
-        return (
-            status.get("observedGeneration") == body["metadata"]["generation"]
-            and condition(body, "Ready").get("status") == "True"
-        )
+        state["body"] = get_moed(cluster, namespace, name)
+        return is_ready(state["body"])
 
     try:
         wait_until(ready, timeout, f"MoEDeployment {namespace}/{name} Ready", interval_s=0.5)
     except TimeoutError as error:
         raise TimeoutError(f"{error}\nlast status: {state.get('body', {}).get('status')}") from None
     return state["body"]
+
+
+def patch_spec(cluster: ControlPlane, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    """`kubectl patch moed --type=merge` of the MoEDeployment's spec."""
+    patch = json.dumps({"spec": spec})
+    cluster.kubectl("patch", "moed", name, "-n", namespace, "--type=merge", "-p", patch)
 
 
 def list_items(cluster: ControlPlane, path: str, selector: str) -> list[dict[str, Any]]:
