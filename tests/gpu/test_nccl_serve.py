@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-from server.conftest import wait_for_banner_url
+from server.conftest import complete_token_ids, stop_process, wait_for_banner_url
 from support.reference import free_port, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
@@ -52,11 +50,7 @@ def test_nccl_group_serves_like_transformers(name):
         url = wait_for_banner_url(process, timeout=300)
 
         def complete(prompt: list[int]) -> list[int]:
-            body = {"model": model.name, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
-            body |= {"ignore_eos": True, "return_token_ids": True}
-            response = httpx.post(url + "/v1/completions", json=body, timeout=300)
-            assert response.status_code == 200, response.text
-            return response.json()["choices"][0]["token_ids"]
+            return complete_token_ids(url, model.name, prompt, NEW_TOKENS, timeout=300)
 
         # One at a time: all but one rank idle each step.
         assert [complete(p) for p in PROMPTS[:2]] == expected[:2]
@@ -64,11 +58,5 @@ def test_nccl_group_serves_like_transformers(name):
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             assert list(pool.map(complete, PROMPTS)) == expected
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        code = stop_process(process)
     assert code == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -107,6 +108,29 @@ async def stream_last_event(
                     if leave_after is not None and len(events) >= leave_after:
                         return None  # leaving the block drops the connection mid-stream
             return events[-1]
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> int:
+    """Ctrl-C a `moefleet serve` process and return its exit code; kill it and raise if it does not exit."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+
+
+def complete_token_ids(
+    base_url: str, model: str, prompt: list[int], new_tokens: int, timeout: float
+) -> list[int]:
+    """Greedy completion of a token-id prompt over HTTP: exactly `new_tokens` generated token ids."""
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
+    body |= {"ignore_eos": True, "return_token_ids": True}
+    response = httpx.post(base_url + "/v1/completions", json=body, timeout=timeout)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["token_ids"]
 
 
 def wait_for_banner_url(process: subprocess.Popen, timeout: float = 120.0) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from moefleet.engine.cli import main
-from server.conftest import wait_for_banner_url
+from server.conftest import complete_token_ids, stop_process, wait_for_banner_url
 from support.reference import free_port, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
@@ -39,17 +38,6 @@ def _start_node(model: Path, node_rank: int, master_port: int) -> subprocess.Pop
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _stop(process: subprocess.Popen, timeout: float = 60) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_two_nodes_of_two_ranks_serve_like_transformers(name):
     """2 nodes x 2 processes on this machine: 4 ranks, a quarter of the experts each; node 0 serves the API,
@@ -63,11 +51,7 @@ def test_two_nodes_of_two_ranks_serve_like_transformers(name):
         front_end, worker = (wait_for_banner_url(node, timeout=180) for node in nodes)
 
         def complete(prompt: list[int]) -> list[int]:
-            body = {"model": model.name, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
-            body |= {"ignore_eos": True, "return_token_ids": True}
-            response = httpx.post(front_end + "/v1/completions", json=body, timeout=120)
-            assert response.status_code == 200, response.text
-            return response.json()["choices"][0]["token_ids"]
+            return complete_token_ids(front_end, model.name, prompt, NEW_TOKENS, timeout=120)
 
         # Alone: one rank works, three run idle steps. The 30-token prompt takes two 16-token chunks.
         assert complete(PROMPTS[1]) == expected[1]
@@ -83,11 +67,11 @@ def test_two_nodes_of_two_ranks_serve_like_transformers(name):
         )
         assert refused.status_code == 503 and "send requests to node 0" in refused.json()["error"]["message"]
     finally:
-        front_end_code = _stop(nodes[0])
+        front_end_code = stop_process(nodes[0])
         try:  # node 1 must leave by itself, on the front end's Shutdown
             worker_code = nodes[1].wait(timeout=60)
         finally:
-            _stop(nodes[1])
+            stop_process(nodes[1])
     assert (front_end_code, worker_code) == (0, 0)
 
 
