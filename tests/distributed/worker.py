@@ -255,21 +255,27 @@ def scenario_watchdog(mode: str) -> None:
     sys.exit(5)
 
 
+def _engine_rank(model: str, max_model_len: int, backend: str) -> tuple[Any, Any, Any]:
+    """This rank's (DistributedState, engine, DPEngineLoop) on a tiny checkpoint, from the launch env."""
+    from moefleet.engine.config import EngineConfig
+    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+
+    config = EngineConfig(model=model, max_model_len=max_model_len, num_kv_blocks=64)
+    launch = groups.LaunchConfig.from_env()
+    state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
+    engine = build_engine(config, state, backend=backend)
+    return state, engine, DPEngineLoop(engine, RequestRouter(state.cpu_group))
+
+
 def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     """The real engine on a tiny checkpoint: DP ranks + EP MoE; rank 0 serves through DPFrontEndClient
     (as the HTTP server would), the other ranks run `run_worker_rank`."""
     import asyncio
 
-    from moefleet.engine.config import EngineConfig
     from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
-    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.sampling_params import SamplingParams
 
-    config = EngineConfig(model=options["model"], max_model_len=128, num_kv_blocks=64)
-    launch = groups.LaunchConfig.from_env()
-    state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
-    engine = build_engine(config, state, backend=options.get("backend", "a2a"))
-    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+    state, engine, loop = _engine_rank(options["model"], 128, options.get("backend", "a2a"))
     result: dict[str, Any] = {"expert_params": ep.count_routed_expert_parameters(engine.model_runner.model)}
     if state.rank == 0:
         client = DPFrontEndClient(loop)
@@ -305,16 +311,10 @@ def scenario_engine_peer_dies(options: dict[str, Any]) -> None:
     must get an error (printed here) and rank 0 must then exit with the watchdog code, not hang."""
     import asyncio
 
-    from moefleet.engine.config import EngineConfig
     from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
-    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.sampling_params import SamplingParams
 
-    config = EngineConfig(model=options["model"], max_model_len=512, num_kv_blocks=64)
-    launch = groups.LaunchConfig.from_env()
-    state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
-    engine = build_engine(config, state, backend="a2a")
-    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+    state, _, loop = _engine_rank(options["model"], 512, "a2a")
     if state.rank != 0:
         print("READY", flush=True)
         run_worker_rank(loop, state)
