@@ -10,7 +10,6 @@ import asyncio
 
 import httpx
 import pytest
-import torch
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.distributed.dp_client import DPFrontEndClient
 from moefleet.engine.distributed.engine_glue import DPEngineLoop
@@ -18,7 +17,7 @@ from moefleet.engine.distributed.request_router import RequestRouter
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.server.async_engine import LocalEngineClient
 from server.conftest import serve_app, wait_for
-from support.tiny_models import tiny_model_dir
+from support.tiny_models import one_torch_thread, tiny_model_dir
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -28,10 +27,8 @@ PROMPTS = [[5, 9, 300, 41], list(range(10, 40)), [7] * 12]
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():  # tiny matmuls on a shared 2-core machine: extra intra-op threads only contend
+        yield
 
 
 def _engine() -> LLMEngine:

@@ -19,7 +19,7 @@ from moefleet.engine.config import EngineConfig
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.server.async_engine import LocalEngineClient
 from server.conftest import serve_app, stream_last_event, wait_for
-from support.tiny_models import TINY_CONFIGS, tiny_model_dir
+from support.tiny_models import TINY_CONFIGS, one_torch_thread, tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,11 +31,8 @@ PROMPT_LENGTHS = [3, 40, 7, 25, 1, 33, 12, 18]  # up to 40 tokens: several 16-to
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    # Tiny matmuls on a shared 2-core machine: extra intra-op threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():  # tiny matmuls on a shared 2-core machine: extra intra-op threads only contend
+        yield
 
 
 def start_server(name: str, **config):
