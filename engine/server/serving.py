@@ -130,13 +130,17 @@ async def _start(
         raise
 
 
-async def _collect(generation: Generation, first: Any) -> tuple[str, list[int], Any]:
-    text, token_ids, output = first.text_delta, list(first.new_token_ids), first
-    while not output.finished:
-        output = await generation.next()
-        text += output.text_delta
-        token_ids += output.new_token_ids
-    return text, token_ids, output
+async def _run(generation: Generation, first: Any) -> tuple[str, list[int], Any]:
+    """A non-streamed reply: the text and token ids up to the finished output (then the generation closes)."""
+    try:
+        text, token_ids, output = first.text_delta, list(first.new_token_ids), first
+        while not output.finished:
+            output = await generation.next()
+            text += output.text_delta
+            token_ids += output.new_token_ids
+        return text, token_ids, output
+    finally:
+        await generation.close()
 
 
 def _chunk(
@@ -197,13 +201,6 @@ async def _event_stream(
 
 def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _run(generation: Generation, first: Any) -> tuple[str, list[int], Any]:
-    try:
-        return await _collect(generation, first)
-    finally:
-        await generation.close()
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
