@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestRejected
@@ -88,10 +89,6 @@ class DPFrontEndClient(StreamingEngineClient):
 def run_worker_rank(loop: DPEngineLoop, state: DistributedState | None = None) -> None:
     """A non-front-end rank: step until the front end sends Shutdown. With `state`, a failure is posted to
     the group (watchdog abort key) and the process exits non-zero, so the group restarts whole."""
-    if state is None:
-        while loop.step():
-            pass
-        return
-    with guard(state.store, state.rank):
+    with guard(state.store, state.rank) if state is not None else nullcontext():
         while loop.step():
             pass
