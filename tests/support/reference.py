@@ -1,12 +1,16 @@
-"""Reference outputs from Hugging Face transformers (the engine's correctness oracle), and small helpers
-shared by tests that start servers."""
+"""Reference outputs from Hugging Face transformers (the engine's correctness oracle).
+
+`free_port` is re-exported from support.controlplane for tests that start servers."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
+
+from support.controlplane import free_port
+
+__all__ = ["free_port", "transformers_greedy"]
 
 
 def transformers_greedy(model_dir: str | Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -23,10 +27,3 @@ def transformers_greedy(model_dir: str | Path, prompts: list[list[int]], new_tok
             )
         out.append(gen[0, len(prompt) :].tolist())
     return out
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
