@@ -16,6 +16,8 @@ from typing import Any
 from moefleet.operator import labels as L
 from moefleet.operator.spec import MoEDeploymentSpec, RoleSpec
 
+from moefleet.gateway_schema import GatewayConfig, GroupEndpoint, RoleEndpoints
+
 Obj = dict[str, Any]
 
 
@@ -273,30 +275,33 @@ def render_pdb(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
 
 
 def gateway_config(spec: MoEDeploymentSpec) -> Obj:
-    """The gateway's config file: roles, their groups' rank-0 URLs and the role Services that list ready ones."""
-    roles: Obj = {}
-    for role in spec.roles:
-        roles[role.name] = {
-            "service": f"{L.role_service_name(spec.name, role.name)}.{spec.namespace}.svc",
-            "port": L.ENGINE_HTTP_PORT,
-            "groups": [
-                {
-                    "name": L.group_name(spec.name, role.name, replica),
-                    "url": f"http://{master_address(spec, role.name, replica)}:{L.ENGINE_HTTP_PORT}",
-                    "nodes": role.nodes_per_replica,
-                    "ranks": role.ranks_per_group,
-                }
+    """The gateway's config file (schema shared with `moefleet gateway`): roles, their groups' rank-0 URLs and
+    the role Services that list the ready ones."""
+    roles = {
+        role.name: RoleEndpoints(
+            service=f"{L.role_service_name(spec.name, role.name)}.{spec.namespace}.svc",
+            port=L.ENGINE_HTTP_PORT,
+            groups=tuple(
+                GroupEndpoint(
+                    name=L.group_name(spec.name, role.name, replica),
+                    url=f"http://{master_address(spec, role.name, replica)}:{L.ENGINE_HTTP_PORT}",
+                    nodes=role.nodes_per_replica,
+                    ranks=role.ranks_per_group,
+                )
                 for replica in range(role.replicas)
-            ],
-        }
-    return {
-        "model": spec.model.served_name,
-        "mode": "disaggregated" if spec.disaggregated else "mixed",
-        "routingPolicy": spec.gateway.routing_policy,
-        "port": spec.gateway.port,
-        "healthPath": L.HEALTH_PATH,
-        "roles": roles,
+            ),
+        )
+        for role in spec.roles
     }
+    return GatewayConfig(
+        model=spec.model.served_name,
+        mode="disaggregated" if spec.disaggregated else "mixed",
+        routing_policy=spec.gateway.routing_policy,
+        port=spec.gateway.port,
+        health_path=L.HEALTH_PATH,
+        roles=roles,
+        source=f"MoEDeployment {spec.namespace}/{spec.name}",
+    ).to_dict()
 
 
 def render_gateway_configmap(spec: MoEDeploymentSpec) -> Obj:

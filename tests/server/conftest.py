@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from moefleet.engine.server.api import build_app
 from moefleet.engine.server.async_engine import EngineClient, LocalEngineClient
+from support.asgi import serve_asgi
 
 
 class RunningServer:
@@ -41,24 +39,8 @@ def serve_app(
 ) -> Iterator[RunningServer]:
     """Run the real app under uvicorn on 127.0.0.1:<free port> until the block ends."""
     app = build_app(client, served_model_name, routers)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", client, app)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_asgi(app) as base_url:
+        yield RunningServer(base_url, client, app)
 
 
 @contextmanager

@@ -1,0 +1,263 @@
+"""The gateway's HTTP app: OpenAI-compatible routes relayed to engine groups picked by load.
+
+Request flow: parse just enough of the body (JSON object, `stream`, the prompt prefix) -> pick a backend of the
+serving role (routing.py, over the pool's snapshot) -> send upstream -> relay. A failure before the first byte
+reaches the client (connection refused, a 502/503/504 answer, a stream that dies before its first chunk) marks
+the backend failed and tries another one; after that the stream ends with an OpenAI error event, so a client
+never hangs: a backend that stops answering mid-stream is detected by the health poll within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from moefleet.engine.gateway.metrics import GatewayMetrics
+from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts
+from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
+from moefleet.engine.server.errors import OpenAIError, error_body, install_error_handlers
+
+log = logging.getLogger("moefleet.gateway")
+
+# Hop-by-hop and framing headers are not forwarded; everything else (authorization, request ids) is.
+_DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "accept-encoding"}
+RETRYABLE_STATUS = (502, 503, 504)
+MAX_ATTEMPTS = 3
+# While a stream is quiet this long, the gateway checks that its backend still passes health polls.
+STALL_CHECK_SECONDS = 1.0
+
+
+class Gateway:
+    """Routing state shared by the routes: the pool, the HTTP client to the engines, metrics."""
+
+    def __init__(self, pool: BackendPool, *, upstream_timeout: float | None = None):
+        self.pool = pool
+        self.metrics = GatewayMetrics(lambda: role_counts(self.pool.backends.values()))
+        self.turns = itertools.count()
+        # No read timeout by default: generations may be long; liveness comes from the health poll instead.
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(upstream_timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+
+    @property
+    def role(self) -> str:
+        return self.pool.config.serving_roles[0]
+
+    def pick(self, exclude: frozenset[str], prefix_key: str) -> Backend:
+        view = pick_backend(
+            self.pool.views(),
+            self.role,
+            self.pool.config.routing_policy,
+            exclude=exclude,
+            turn=next(self.turns),
+            prefix_key=prefix_key,
+        )
+        return self.pool.backends[view.name]
+
+    async def relay(self, request: Request, path: str) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OpenAIError(
+                f"the request body is not valid JSON ({exc}); send a JSON object with Content-Type: application/json",
+                code="invalid_json",
+            ) from exc
+        if not isinstance(body, dict):
+            raise OpenAIError(
+                "the request body must be a JSON object sent with Content-Type: application/json"
+            )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
+        prefix_key = prefix_key_of(body) if self.pool.config.routing_policy == "prefix-cache" else ""
+        tried: set[str] = set()
+        last_error = ""
+        for _attempt in range(MAX_ATTEMPTS):
+            try:
+                backend = self.pick(frozenset(tried), prefix_key)
+            except NoBackendError as exc:
+                message = f"{exc}" + (f" (last error: {last_error})" if last_error else "")
+                return self._answer(JSONResponse(error_body(message, 503), status_code=503))
+            tried.add(backend.name)
+            response = await self._try(backend, path, raw, headers, bool(body.get("stream")))
+            if isinstance(response, str):
+                last_error = f"{backend.name}: {response}"
+                self.pool.mark_failed(backend.name, response)
+                self.metrics.retries.labels(self.role).inc()
+                continue
+            return response
+        message = f"no {self.role} group could take the request after {len(tried)} attempts ({last_error}); retry later"
+        return self._answer(JSONResponse(error_body(message, 503), status_code=503))
+
+    async def _try(
+        self, backend: Backend, path: str, raw: bytes, headers: dict[str, str], stream: bool
+    ) -> Response | str:
+        """The relayed response, or why this backend failed before anything reached the client (retry)."""
+        started = time.perf_counter()
+        backend.in_flight += 1
+        upstream: httpx.Response | None = None
+        handed_over = False  # to the streaming relay, which then owns in_flight and the upstream response
+        try:
+            request = self.client.build_request("POST", backend.url + path, content=raw, headers=headers)
+            upstream = await self.client.send(request, stream=True)
+            if upstream.status_code in RETRYABLE_STATUS:
+                detail = (await upstream.aread()).decode(errors="replace")[:200]
+                return f"answered {upstream.status_code}: {detail}"
+            chunks = upstream.aiter_raw()
+            if not (stream and upstream.status_code == 200):
+                content = b"".join([chunk async for chunk in chunks])
+                self.metrics.upstream_seconds.labels(self.role).observe(time.perf_counter() - started)
+                return self._answer(
+                    Response(
+                        content,
+                        status_code=upstream.status_code,
+                        media_type=upstream.headers.get("content-type"),
+                    )
+                )
+            first = await chunks.__anext__()  # a stream that dies before its first chunk is retried too
+            handed_over = True
+        except (httpx.TransportError, StopAsyncIteration) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            if not handed_over:
+                backend.in_flight -= 1
+                if upstream is not None:
+                    await upstream.aclose()
+        self.metrics.requests.labels(self.role, "200").inc()
+        return StreamingResponse(
+            self._stream(backend, upstream, chunks, first, started),
+            status_code=200,
+            media_type=upstream.headers.get("content-type", "text/event-stream"),
+        )
+
+    async def _stream(
+        self,
+        backend: Backend,
+        upstream: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        first: bytes,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        """Relay an upstream SSE stream; if it breaks, end with an OpenAI error event and [DONE]."""
+        pending: asyncio.Task | None = None
+        try:
+            yield first
+            while True:
+                pending = asyncio.ensure_future(chunks.__anext__())
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=STALL_CHECK_SECONDS)
+                    if done:
+                        break
+                    if not backend.healthy:
+                        raise RuntimeError(f"backend {backend.name} stopped answering health checks")
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    pending = None
+                yield chunk
+        except (httpx.TransportError, RuntimeError) as exc:
+            message = f"the engine group {backend.name} failed mid-stream ({exc}); retry the request"
+            log.warning(message)
+            self.pool.mark_failed(backend.name, str(exc))
+            yield _sse(error_body(message, 502)) + _sse("[DONE]")
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            backend.in_flight -= 1
+            self.metrics.upstream_seconds.labels(self.role).observe(time.perf_counter() - started)
+            await upstream.aclose()
+
+    def _answer(self, response: Response) -> Response:
+        self.metrics.requests.labels(self.role, str(response.status_code)).inc()
+        return response
+
+    async def models(self) -> Response:
+        for backend in self.pool.backends.values():
+            if backend.role == self.role and backend.healthy and backend.listed:
+                with contextlib.suppress(httpx.HTTPError):
+                    upstream = await self.client.get(backend.url + "/v1/models", timeout=5.0)
+                    if upstream.status_code == 200:
+                        return Response(upstream.content, media_type="application/json")
+        model = self.pool.config.model
+        if model is None:
+            return JSONResponse(error_body(f"no healthy {self.role} group to ask for its models", 503), 503)
+        return JSONResponse(
+            {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "moefleet"}]}
+        )
+
+    def health(self) -> Response:
+        ready = self.pool.ready_roles()
+        missing = [role for role, count in ready.items() if count == 0]
+        if missing:
+            states = {
+                b.name: b.state + (f" ({b.last_error})" if b.last_error else "")
+                for b in self.pool.backends.values()
+            }
+            message = f"no ready group for role(s) {missing}; backends: {states}"
+            return JSONResponse(error_body(message, 503), status_code=503)
+        return JSONResponse({"status": "ok", "ready_groups": ready, "mode": self.pool.config.mode})
+
+
+def _sse(payload: Any) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def build_gateway_app(gateway: Gateway, reload: Any = None) -> FastAPI:
+    """The gateway app; `reload` is an optional coroutine function run as a background task (config reload)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.pool.start()
+        task = asyncio.create_task(reload()) if reload is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await gateway.pool.close()
+            await gateway.client.aclose()
+
+    app = FastAPI(
+        title="moefleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.gateway = gateway
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.relay(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.relay(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await gateway.models()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return gateway.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,95 @@
+"""Routing decisions of the gateway, as pure functions over a snapshot of the backends (no I/O, no clock).
+
+A backend is one engine group (its rank-0 HTTP front end). Its load combines what the gateway knows at once
+(requests it has in flight there) with what the engine last reported (running and waiting requests, KV-cache
+usage, polled from its /metrics), so a burst of requests between two polls still spreads out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Prefix-cache routing keeps a prompt prefix on the same group unless that group is this much busier (in
+# requests) than the least-loaded one; then load wins over cache affinity.
+PREFIX_LOAD_SLACK = 4
+PREFIX_KEY_CHARS = 256
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """What routing needs to know of one backend at one moment."""
+
+    name: str
+    role: str
+    eligible: bool  # healthy, and listed as Ready where a role Service says so
+    in_flight: int = 0  # requests this gateway has open there now
+    running: int = 0  # from the engine's last report
+    waiting: int = 0
+    kv_usage: float = 0.0  # 0..1
+
+    @property
+    def load(self) -> float:
+        # Requests this gateway opened since the last poll are not in `running` yet: take the larger of the two.
+        return max(self.in_flight, self.running) + self.waiting + self.kv_usage
+
+
+class NoBackendError(Exception):
+    """No eligible backend of the role: the request is answered 503 with this message."""
+
+
+def pick_backend(
+    backends: Sequence[BackendView],
+    role: str,
+    policy: str,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    turn: int = 0,
+    prefix_key: str = "",
+    rng: random.Random | None = None,
+) -> BackendView:
+    """The backend of `role` a new request goes to.
+
+    `exclude` names backends that already failed this request (retries go elsewhere); `turn` is a counter the
+    caller increments per request (round-robin); `prefix_key` is the start of the prompt (prefix-cache policy).
+    """
+    candidates = [b for b in backends if b.role == role and b.eligible and b.name not in exclude]
+    if not candidates:
+        known = [b.name for b in backends if b.role == role]
+        if not known:
+            raise NoBackendError(f"no {role} group is configured in the gateway")
+        raise NoBackendError(
+            f"no healthy {role} group to send the request to (known: {', '.join(sorted(known))}); "
+            "retry in a few seconds"
+        )
+    if policy == "round-robin":
+        ordered = sorted(candidates, key=lambda b: b.name)
+        return ordered[turn % len(ordered)]
+    if policy == "random":
+        return (rng or random).choice(candidates)
+    least = min(candidates, key=lambda b: (b.load, b.name))
+    if policy == "prefix-cache" and prefix_key:
+        preferred = max(candidates, key=lambda b: _rendezvous(prefix_key, b.name))
+        if preferred.load <= least.load + PREFIX_LOAD_SLACK:
+            return preferred
+    return least
+
+
+def prefix_key_of(body: dict) -> str:
+    """The prompt's leading characters (completions `prompt` or chat `messages`), the prefix-cache policy's key."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    if prompt is None and isinstance(body.get("messages"), list):
+        prompt = "".join(
+            str(m.get("content", "")) for m in body["messages"] if isinstance(m, dict)
+        )  # role markers do not matter for affinity
+    return str(prompt or "")[:PREFIX_KEY_CHARS]
+
+
+def _rendezvous(key: str, name: str) -> int:
+    """Highest-random-weight hashing: each key prefers one backend; removing a backend moves only its keys."""
+    digest = hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
