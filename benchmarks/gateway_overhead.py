@@ -1,0 +1,187 @@
+"""Latency the gateway adds: streaming requests at a fixed rate, direct to a backend vs through `moefleet gateway`.
+
+The backend is a minimal ASGI app that streams a few SSE chunks at once (so its own time is ~0), in its own
+process; the gateway runs as the real `moefleet gateway` process; the client is an asyncio httpx load generator
+in this process. Both targets are measured in one run, alternating per rate, and the table prints the added p50/p99.
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--rates 100 500] [--seconds 5] [--chunks 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+CHUNK = b'data: {"choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n'
+
+
+def backend_app(chunks: int):
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/metrics":
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if scope["method"] == "POST":
+            while (await receive()).get("more_body"):
+                pass
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            for _ in range(chunks):
+                await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+async def one(client: httpx.AsyncClient, url: str, results: list, errors: list) -> None:
+    start = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+            async for _ in r.aiter_raw():
+                if first is None:
+                    first = time.perf_counter() - start
+        results.append((first, time.perf_counter() - start))
+    except httpx.HTTPError as exc:
+        errors.append(str(exc))
+
+
+async def load(url: str, rate: float, seconds: float) -> tuple[list, list]:
+    results: list = []
+    errors: list = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        for _ in range(20):  # warm connections
+            await one(client, url, [], [])
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(client, url, results, errors)))
+        await asyncio.gather(*tasks)
+    return results, errors
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 500])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_backend:
+        import uvicorn
+
+        uvicorn.run(backend_app(args.chunks), host="127.0.0.1", port=args.serve_backend, log_level="error")
+        return 0
+    backend_port, gateway_port = free_port(), free_port()
+    backend = subprocess.Popen(
+        [sys.executable, __file__, "--serve-backend", str(backend_port), "--chunks", str(args.chunks)]
+    )
+    moefleet = [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())"]
+    gateway = subprocess.Popen(
+        [
+            *moefleet,
+            "gateway",
+            "--backend",
+            f"http://127.0.0.1:{backend_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(gateway_port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        direct, through = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{gateway_port}"
+        wait_ready(direct)
+        wait_ready(through)
+        print(
+            f"# {os.cpu_count()} CPUs; streaming requests of {args.chunks} chunks; {args.seconds:g} s per point"
+        )
+        print(
+            "| rate (req/s) | target | requests | errors | TTFB p50 (ms) | TTFB p99 (ms) | total p50 (ms) | total p99 (ms) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for rate in args.rates:
+            rows = {}
+            for name, url in (("direct", direct), ("gateway", through)):
+                results, errors = asyncio.run(load(url, rate, args.seconds))
+                ttfb = [r[0] for r in results]
+                total = [r[1] for r in results]
+                rows[name] = (pct(ttfb, 50), pct(ttfb, 99), pct(total, 50), pct(total, 99))
+                print(
+                    f"| {rate:g} | {name} | {len(results)} | {len(errors)} | "
+                    + " | ".join(f"{v:.2f}" for v in rows[name])
+                    + " |"
+                )
+            added = [g - d for g, d in zip(rows["gateway"], rows["direct"], strict=True)]
+            print(f"| {rate:g} | **added** | | | " + " | ".join(f"{v:+.2f}" for v in added) + " |")
+    finally:
+        for process in (gateway, backend):
+            process.terminate()
+            process.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
