@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -173,13 +174,16 @@ class Gateway:
             self.pool.mark_failed(backend.name, str(exc))
             yield _sse(error_body(message, 502)) + _sse("[DONE]")
         finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            backend.in_flight -= 1
-            self.metrics.upstream_seconds.labels(self.role).observe(time.perf_counter() - started)
-            await upstream.aclose()
+            # Shielded: when the client disconnects, Starlette cancels this generator's scope, and an unshielded
+            # await here would be cancelled too, leaving the upstream request open in the engine.
+            with anyio.CancelScope(shield=True):
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                backend.in_flight -= 1
+                self.metrics.upstream_seconds.labels(self.role).observe(time.perf_counter() - started)
+                await upstream.aclose()
 
     def _answer(self, response: Response) -> Response:
         self.metrics.requests.labels(self.role, str(response.status_code)).inc()

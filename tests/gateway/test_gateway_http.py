@@ -118,7 +118,7 @@ def test_a_backend_failing_mid_stream_ends_the_stream_with_an_error_event(script
         assert events[0].startswith('data: {"choices"')
         error = json.loads(events[-2].removeprefix("data: "))["error"]
         assert "failed mid-stream" in error["message"] and events[-1] == "data: [DONE]"
-        assert elapsed < 5.0, f"the client waited {elapsed:.1f} s for the error"
+        assert elapsed < 15.0, f"the client waited {elapsed:.1f} s for the error"
         assert gateway.pool.backends["backend-0"].in_flight == 0
 
 
