@@ -14,15 +14,12 @@ from torch import Tensor
 
 
 def _gather_pages(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
-    """Rows 0..length-1 of one sequence from a paged cache [N, block_size, ...] -> [length, ...]."""
+    """Rows 0..length-1 of one sequence from a paged cache [N, block_size, ...] -> [length, ...]:
+    key j is slot j % block_size of page block_table[j // block_size]."""
     block_size = cache.shape[1]
-    rows = []
-    for j in range(length):
-        block = int(block_table[j // block_size])
-        rows.append(cache[block, j % block_size])
-    if not rows:
-        return cache.new_zeros((0, *cache.shape[2:]))
-    return torch.stack(rows)
+    j = torch.arange(length, device=cache.device)
+    pages = block_table.to(cache.device).long()[j // block_size]
+    return cache[pages, j % block_size]
 
 
 def _attend(
@@ -39,7 +36,7 @@ def _attend(
     kf = k.float().repeat_interleave(group, dim=1)  # [L, H, Dk]
     vf = v.float().repeat_interleave(group, dim=1)  # [L, H, Dv]
     scores = torch.einsum("thd,lhd->htl", q.float(), kf) * scale  # [H, Tq, L]
-    key_pos = torch.arange(k.shape[0])
+    key_pos = torch.arange(k.shape[0], device=q.device)
     visible = key_pos[None, :] <= positions[:, None]  # [Tq, L]
     if sliding_window is not None:
         visible &= key_pos[None, :] > positions[:, None] - sliding_window
@@ -69,7 +66,7 @@ def paged_decode_ref(
         length = int(seq_lens[b])
         k = _gather_pages(k_cache, block_tables[b], length)
         v = _gather_pages(v_cache, block_tables[b], length)
-        pos = torch.tensor([length - 1])
+        pos = torch.tensor([length - 1], device=q.device)
         out[b] = _attend(q[b : b + 1], k, v, pos, scale, sinks, sliding_window)[0].to(q.dtype)
     return out
 
@@ -92,7 +89,7 @@ def paged_prefill_ref(
         length = int(seq_lens[b])
         k = _gather_pages(k_cache, block_tables[b], length)
         v = _gather_pages(v_cache, block_tables[b], length)
-        pos = torch.arange(length - (end - start), length)
+        pos = torch.arange(length - (end - start), length, device=q.device)
         out[start:end] = _attend(q[start:end], k, v, pos, scale, sinks, sliding_window).to(q.dtype)
     return out
 
@@ -113,7 +110,7 @@ def varlen_prefill_ref(
         start, end = int(cu_query_lens[b]), int(cu_query_lens[b + 1])
         kv_start, kv_end = int(cu_kv_lens[b]), int(cu_kv_lens[b + 1])
         length = kv_end - kv_start
-        pos = torch.arange(length - (end - start), length)
+        pos = torch.arange(length - (end - start), length, device=q.device)
         out[start:end] = _attend(
             q[start:end], k[kv_start:kv_end], v[kv_start:kv_end], pos, scale, sinks, sliding_window
         ).to(q.dtype)

@@ -414,10 +414,12 @@ def _prefill_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # one program: BLOCK_M queries of sequence b, query head h
-    mb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2)
+    # one program: BLOCK_M queries of sequence b, query head h. Heads are the fastest grid axis, so the heads
+    # sharing a KV head run together and read its pages from L2; query blocks go last-first (the longest
+    # causal rows start first, the short ones fill the tail).
+    h = tl.program_id(0)
+    mb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     if mb * BLOCK_M >= q_len:
@@ -514,7 +516,7 @@ def _launch_prefill(
         k_strides = (k.stride(0), 0, k.stride(1), k.stride(2))
         v_strides = (v.stride(0), 0, v.stride(1), v.stride(2))
         bt, bt_strides, block_size = cu_query_lens, (0, 0), 16
-    grid = (triton.cdiv(max_query_len, cfg.block_m), batch, heads)
+    grid = (heads, triton.cdiv(max_query_len, cfg.block_m), batch)
     _prefill_kernel[grid](
         q,
         k,
