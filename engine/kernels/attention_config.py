@@ -83,19 +83,24 @@ def mla_decode_config(
     if device.type != "cuda":
         splits = num_splits or choose_num_splits(batch, max_seq_len, device)
         return DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1, block_h=16)
-    block_h = min(max(16, triton_next_power_of_2(heads)), 32 if kv_lora_rank <= 256 else 16)
-    head_blocks = -(-heads // block_h)
-    # adjacent head blocks share pages through L2: count one program per (sequence, split) for the HBM side
-    splits = num_splits or choose_num_splits(batch * max(1, head_blocks // 4), max_seq_len, device)
-    return DecodeConfig(block_n=32, num_splits=splits, num_warps=4, num_stages=2, block_h=block_h)
+    # measured on H200 (docs/benchmarks.md, "Attention kernels"): 64 heads x 32 keys with 8 warps (the two
+    # warpgroups share the 512-wide accumulator) beat 16- and 32-head blocks at H = 128
+    if heads >= 64:
+        block_h, warps = 64, 8
+    else:
+        block_h, warps = max(16, triton_next_power_of_2(heads)), 4
+    programs = batch * -(-heads // block_h)
+    splits = num_splits or choose_num_splits(programs, max_seq_len, device)
+    return DecodeConfig(block_n=32, num_splits=splits, num_warps=warps, num_stages=2, block_h=block_h)
 
 
 def prefill_config(head_dim_k: int, head_dim_v: int, device: torch.device) -> PrefillConfig:
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    # measured on H200: 128 x 128 tiles, 8 warps, 3 stages for D = 128; 128 x 64 for MLA's Dk = 192
     if max(head_dim_k, head_dim_v) <= 128:
-        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
 def triton_next_power_of_2(n: int) -> int:

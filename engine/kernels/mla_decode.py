@@ -102,10 +102,10 @@ def _mla_decode_split_kernel(
         )
         s = tl.dot(q_lat, tl.trans(c_kv), input_precision=DOT_PREC)
         s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PREC)
-        s = tl.where(k_valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # the scale folds into one FMA inside exp2
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=DOT_PREC)
         m_i = m_new

@@ -306,7 +306,8 @@ def _prefill_tile(
     acc,
     l_i,
     m_i,
-    q,
+    q_a,
+    q_b,
     start_n,
     pos,
     ctx,
@@ -327,10 +328,14 @@ def _prefill_tile(
     stride_vd,
     stride_btm,
     offs_n,
-    offs_dk,
+    offs_dka,
+    offs_dkb,
     offs_dv,
     DK: tl.constexpr,
+    DK_A: tl.constexpr,
+    HAS_DK_B: tl.constexpr,
     DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
     MASKED: tl.constexpr,
@@ -342,31 +347,40 @@ def _prefill_tile(
     if PAGED:
         block = tl.load(bt_row + (keys // BLOCK_SIZE) * stride_btm, mask=k_valid, other=0).to(tl.int64)
         slot = keys % BLOCK_SIZE
-        k_rows = block * stride_kb + slot * stride_ks
-        v_rows = block * stride_vb + slot * stride_vs
+        k_rows = block * stride_kb + slot * stride_ks + kh * stride_kh
+        v_rows = block * stride_vb + slot * stride_vs + kh * stride_vh
     else:
-        k_rows = (kv_base + keys).to(tl.int64) * stride_kb
-        v_rows = (kv_base + keys).to(tl.int64) * stride_vb
-    k = tl.load(
-        k_ptr + (k_rows + kh * stride_kh)[:, None] + offs_dk[None, :] * stride_kd,
-        mask=k_valid[:, None] & (offs_dk[None, :] < DK),
-        other=0.0,
-    )
-    v = tl.load(
-        v_ptr + (v_rows + kh * stride_vh)[:, None] + offs_dv[None, :] * stride_vd,
-        mask=k_valid[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        k_rows = (kv_base + keys).to(tl.int64) * stride_kb + kh * stride_kh
+        v_rows = (kv_base + keys).to(tl.int64) * stride_vb + kh * stride_vh
+    # the key width is split into a power-of-two part (DK_A) and a remainder (Dk = 192 -> 128 + 64), so no
+    # zero padding goes through the tensor cores
+    k_a = tl.load(k_ptr + k_rows[:, None] + offs_dka[None, :] * stride_kd, mask=k_valid[:, None], other=0.0)
+    s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+    if HAS_DK_B:
+        k_b = tl.load(
+            k_ptr + k_rows[:, None] + offs_dkb[None, :] * stride_kd,
+            mask=k_valid[:, None] & (offs_dkb[None, :] < DK),
+            other=0.0,
+        )
+        s += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PREC)
+    if BLOCK_DV == DV:
+        v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :] * stride_vd, mask=k_valid[:, None], other=0.0)
+    else:
+        v = tl.load(
+            v_ptr + v_rows[:, None] + offs_dv[None, :] * stride_vd,
+            mask=k_valid[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
     if MASKED:
         visible = (keys[None, :] <= pos[:, None]) & k_valid[None, :]
         if USE_WINDOW:
             visible = visible & (keys[None, :] > pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # scores stay unscaled; the scale folds into one FMA per element inside exp2
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays empty
     alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
@@ -403,8 +417,10 @@ def _prefill_kernel(
     stride_od,
     GROUP: tl.constexpr,
     DK: tl.constexpr,
+    DK_A: tl.constexpr,
+    BLOCK_DK_B: tl.constexpr,
+    HAS_DK_B: tl.constexpr,
     DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -434,16 +450,21 @@ def _prefill_kernel(
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dka = tl.arange(0, DK_A)
+    offs_dkb = DK_A + tl.arange(0, BLOCK_DK_B)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < q_len
     pos = ctx - q_len + offs_m  # bottom-right aligned causal positions
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_dk[None, :] * stride_qd,
-        mask=m_valid[:, None] & (offs_dk[None, :] < DK),
-        other=0.0,
-    )
+    q_rows = q_ptr + rows[:, None] * stride_qt + h * stride_qh
+    q_a = tl.load(q_rows + offs_dka[None, :] * stride_qd, mask=m_valid[:, None], other=0.0)
+    q_b = q_a
+    if HAS_DK_B:
+        q_b = tl.load(
+            q_rows + offs_dkb[None, :] * stride_qd,
+            mask=m_valid[:, None] & (offs_dkb[None, :] < DK),
+            other=0.0,
+        )
     if HAS_SINKS:
         m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -463,15 +484,17 @@ def _prefill_kernel(
     bt_row = bt_ptr + b * stride_btb
     for start_n in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, start_n, pos, ctx, window, qk_scale, k_ptr, v_ptr, bt_row, kv_base, kh,
+            acc, l_i, m_i, q_a, q_b, start_n, pos, ctx, window, qk_scale, k_ptr, v_ptr, bt_row, kv_base, kh,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            stride_btm, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_SIZE, PAGED, False, USE_WINDOW, DOT_PREC,
+            stride_btm, offs_n, offs_dka, offs_dkb, offs_dv, DK, DK_A, HAS_DK_B, DV, BLOCK_DV, BLOCK_SIZE, PAGED,
+            False, USE_WINDOW, DOT_PREC,
         )  # fmt: skip
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, start_n, pos, ctx, window, qk_scale, k_ptr, v_ptr, bt_row, kv_base, kh,
+            acc, l_i, m_i, q_a, q_b, start_n, pos, ctx, window, qk_scale, k_ptr, v_ptr, bt_row, kv_base, kh,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            stride_btm, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_SIZE, PAGED, True, USE_WINDOW, DOT_PREC,
+            stride_btm, offs_n, offs_dka, offs_dkb, offs_dv, DK, DK_A, HAS_DK_B, DV, BLOCK_DV, BLOCK_SIZE, PAGED,
+            True, USE_WINDOW, DOT_PREC,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
@@ -507,6 +530,7 @@ def _launch_prefill(
     if tokens == 0 or batch <= 0 or max_query_len <= 0:
         return out
     cfg = config or prefill_config(dk, dv, q.device)
+    dk_a = triton_next_power_of_2(dk + 1) // 2  # the largest power of two <= dk
     if paged:
         assert block_tables is not None and seq_lens is not None
         k_strides, v_strides = k.stride(), v.stride()
@@ -536,8 +560,10 @@ def _launch_prefill(
         *out.stride(),
         GROUP=heads // kv_heads,
         DK=dk,
+        DK_A=dk_a,
+        BLOCK_DK_B=max(16, triton_next_power_of_2(dk - dk_a)),
+        HAS_DK_B=dk_a < dk,
         DV=dv,
-        BLOCK_DK=triton_next_power_of_2(dk),
         BLOCK_DV=triton_next_power_of_2(dv),
         BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m,

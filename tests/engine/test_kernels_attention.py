@@ -159,12 +159,13 @@ def test_paged_prefill_sinks_window_dk_ne_dv(kernels):
 
 @pytest.mark.parametrize("window", [None, 6], ids=["causal", "window+sinks"])
 def test_varlen_prefill_wide_keys(kernels, window):
-    """MLA's expanded prefill: Dk (here 48, like 192) is not a power of two and differs from Dv."""
+    """MLA's expanded prefill: Dk (here 48 or 40, like 192) is not a power of two and differs from Dv."""
     paged, _ = kernels
     gen = torch.Generator().manual_seed(5)
     q_lens, kv_lens = [17, 2], [17, 9]  # a fresh prompt and an extend over 7 cached rows
-    q = torch.randn(sum(q_lens), 2, 48, generator=gen)
-    k = torch.randn(sum(kv_lens), 2, 48, generator=gen)
+    dk = 40 if window else 48  # 32 + 16 through the tensor cores; 32 + 8 (masked to 16)
+    q = torch.randn(sum(q_lens), 2, dk, generator=gen)
+    k = torch.randn(sum(kv_lens), 2, dk, generator=gen)
     v = torch.randn(sum(kv_lens), 2, 32, generator=gen)
     sinks = torch.randn(2, generator=gen) if window else None
     args = (q, k, v, _cu(q_lens), _cu(kv_lens), 0.15)
