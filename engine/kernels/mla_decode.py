@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .attention_config import DecodeConfig, mla_decode_config, triton_next_power_of_2
-from .paged_attention import LOG2E, dot_precision, split_reduce
+from .paged_attention import LOG2E, dot_precision, finish_split, split_buffers, split_reduce
 
 
 @triton.jit
@@ -28,6 +28,7 @@ def _mla_decode_split_kernel(
     seq_lens_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    out_ptr,
     qk_scale,
     H,
     stride_qlb,
@@ -48,6 +49,9 @@ def _mla_decode_split_kernel(
     stride_lb,
     stride_lh,
     stride_ls,
+    stride_ob,
+    stride_oh,
+    stride_od,
     R: tl.constexpr,
     DR: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -110,18 +114,11 @@ def _mla_decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=DOT_PREC)
         m_i = m_new
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
-    tl.store(
-        mid_o_ptr
-        + b * stride_mb
-        + heads[:, None] * stride_mh
-        + split * stride_ms
-        + offs_r[None, :] * stride_md,
-        acc / l_safe[:, None],
-        mask=h_mask[:, None] & r_mask[None, :],
-    )
+    finish_split(
+        acc, l_i, m_i, heads, h_mask, offs_r, r_mask, b, split, mid_o_ptr, mid_lse_ptr, out_ptr, out_ptr,
+        stride_mb, stride_mh, stride_ms, stride_md, stride_lb, stride_lh, stride_ls,
+        stride_ob, stride_oh, stride_od, NUM_SPLITS, False,
+    )  # fmt: skip
 
 
 def mla_decode(
@@ -160,8 +157,7 @@ def mla_decode(
     max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
     cfg = config or mla_decode_config(batch, heads, rank, max_len, q_latent.device, num_splits)
     splits = cfg.num_splits
-    mid_o = torch.empty((batch, heads, splits, rank), dtype=torch.float32, device=q_latent.device)
-    mid_lse = torch.empty((batch, heads, splits), dtype=torch.float32, device=q_latent.device)
+    mid_o, mid_lse = split_buffers(batch, heads, splits, rank, q_latent.device)
     grid = (triton.cdiv(heads, cfg.block_h), batch, splits)
     _mla_decode_split_kernel[grid](
         q_latent,
@@ -171,6 +167,7 @@ def mla_decode(
         seq_lens,
         mid_o,
         mid_lse,
+        out,
         scale * LOG2E,
         heads,
         *q_latent.stride(),
@@ -179,6 +176,7 @@ def mla_decode(
         *block_tables.stride(),
         *mid_o.stride(),
         *mid_lse.stride(),
+        *out.stride(),
         R=rank,
         DR=rope_dim,
         BLOCK_R=triton_next_power_of_2(rank),
@@ -191,4 +189,6 @@ def mla_decode(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return split_reduce(mid_o, mid_lse, None, out)
+    if splits > 1:
+        split_reduce(mid_o, mid_lse, None, out)
+    return out

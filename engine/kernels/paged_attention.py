@@ -108,6 +108,64 @@ def split_reduce(mid_o: Tensor, mid_lse: Tensor, sinks: Tensor | None, out: Tens
 
 
 @triton.jit
+def finish_split(
+    acc,  # [BLOCK_G, BLOCK_DV] fp32, unnormalised
+    l_i,  # [BLOCK_G] sum of exp2 (relative to m_i)
+    m_i,  # [BLOCK_G] running max (log2 units; -inf when the split saw no key)
+    heads,
+    h_mask,
+    offs_d,
+    d_mask,
+    b,
+    split,
+    mid_o_ptr,
+    mid_lse_ptr,
+    sinks_ptr,
+    out_ptr,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_md,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    NUM_SPLITS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+):
+    """With one split the program writes the final output (sink included); otherwise its partial for the
+    reduce kernel: the split's output divided by its own sum, and its log2-sum-exp2."""
+    if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=h_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_fin = tl.maximum(m_i, sink)
+            rescale = tl.exp2(m_i - m_fin)
+            acc = acc * rescale[:, None]
+            l_i = l_i * rescale + tl.exp2(sink - m_fin)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=h_mask[:, None] & d_mask[None, :],
+        )
+    else:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
+        tl.store(
+            mid_o_ptr
+            + b * stride_mb
+            + heads[:, None] * stride_mh
+            + split * stride_ms
+            + offs_d[None, :] * stride_md,
+            acc / l_safe[:, None],
+            mask=h_mask[:, None] & d_mask[None, :],
+        )
+
+
+@triton.jit
 def _paged_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -116,6 +174,8 @@ def _paged_decode_split_kernel(
     seq_lens_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    sinks_ptr,
+    out_ptr,
     qk_scale,
     window,
     stride_qb,
@@ -138,6 +198,9 @@ def _paged_decode_split_kernel(
     stride_lb,
     stride_lh,
     stride_ls,
+    stride_ob,
+    stride_oh,
+    stride_od,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DK: tl.constexpr,
@@ -147,6 +210,7 @@ def _paged_decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -207,18 +271,11 @@ def _paged_decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=g_mask)
-    tl.store(
-        mid_o_ptr
-        + b * stride_mb
-        + heads[:, None] * stride_mh
-        + split * stride_ms
-        + offs_dv[None, :] * stride_md,
-        acc / l_safe[:, None],
-        mask=g_mask[:, None] & dv_mask[None, :],
-    )
+    finish_split(
+        acc, l_i, m_i, heads, g_mask, offs_dv, dv_mask, b, split, mid_o_ptr, mid_lse_ptr, sinks_ptr, out_ptr,
+        stride_mb, stride_mh, stride_ms, stride_md, stride_lb, stride_lh, stride_ls,
+        stride_ob, stride_oh, stride_od, NUM_SPLITS, HAS_SINKS,
+    )  # fmt: skip
 
 
 def _check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor) -> None:
@@ -266,8 +323,7 @@ def paged_decode(
         max_len = min(max_len, sliding_window)
     cfg = config or paged_decode_config(batch, kv_heads, dk, max_len, q.device, num_splits)
     splits = cfg.num_splits
-    mid_o = torch.empty((batch, heads, splits, dv), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    mid_o, mid_lse = split_buffers(batch, heads, splits, dv, q.device)
     _paged_decode_split_kernel[(batch, kv_heads, splits)](
         q,
         k_cache,
@@ -276,6 +332,8 @@ def paged_decode(
         seq_lens,
         mid_o,
         mid_lse,
+        sinks if sinks is not None else mid_lse,
+        out,
         scale * LOG2E,
         sliding_window or 0,
         *q.stride(),
@@ -284,6 +342,7 @@ def paged_decode(
         *block_tables.stride(),
         *mid_o.stride(),
         *mid_lse.stride(),
+        *out.stride(),
         GROUP=group,
         BLOCK_G=max(16, triton_next_power_of_2(group)),
         DK=dk,
@@ -293,12 +352,26 @@ def paged_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n,
         NUM_SPLITS=splits,
+        HAS_SINKS=sinks is not None,
         USE_WINDOW=sliding_window is not None,
         DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return split_reduce(mid_o, mid_lse, sinks, out)
+    if splits > 1:
+        split_reduce(mid_o, mid_lse, sinks, out)
+    return out
+
+
+def split_buffers(
+    batch: int, heads: int, splits: int, dv: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Partial outputs [B, H, S, Dv] and log2-sum-exp2 [B, H, S] in fp32 (1-element stand-ins for one split,
+    where the split kernel writes the final output itself)."""
+    if splits == 1:
+        return torch.empty((1, 1, 1, 1), device=device), torch.empty((1, 1, 1), device=device)
+    mid_o = torch.empty((batch, heads, splits, dv), dtype=torch.float32, device=device)
+    return mid_o, torch.empty((batch, heads, splits), dtype=torch.float32, device=device)
 
 
 @triton.jit
