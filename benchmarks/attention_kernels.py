@@ -4,6 +4,7 @@
   pages in shuffled order: time, K/V bytes read, achieved GB/s and fraction of the H200's HBM peak.
 - mla_decode, DeepSeek-V3 attention per GPU (H=128, R=512, Dr=64), 256 x 2,000: the same, plus TFLOP/s
   (its 128 heads make it nearly compute-bound: ~240 FLOP per byte of latent cache).
+- the same two at 8 sequences x 32,768 tokens (long context: split-K over the sequence).
 - paged_prefill over 16k tokens (one fresh 16k prompt; and 4,096 new tokens over 12,288 cached), and the MLA
   expanded varlen_prefill (H=128, Dk=192, Dv=128) over 16k: TFLOP/s and MFU.
 
@@ -84,8 +85,7 @@ def decode_qwen3(sweep: bool, batch: int = 256, length: int = 2000) -> None:
     if not sweep:
         return
     for block_n, warps, stages, splits in [
-        (64, 4, 3, 2), (32, 4, 2, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 3, 1), (128, 8, 3, 1),
-        (128, 8, 2, 1),
+        (64, 4, 3, 2), (64, 4, 2, 1), (64, 4, 4, 1), (128, 4, 3, 1), (32, 4, 3, 1),
     ]:  # fmt: skip
         cfg = DecodeConfig(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages)
         _timed(
@@ -111,14 +111,21 @@ def decode_mla(sweep: bool, batch: int = 256, length: int = 2000) -> None:
     _timed(name, run, nbytes, flops, "default")
     if not sweep:
         return
-    for block_h, block_n, warps, stages, splits in [
-        (16, 32, 4, 2, 2), (16, 64, 4, 2, 1), (16, 32, 4, 3, 1), (16, 32, 8, 2, 1), (32, 32, 4, 2, 1),
-        (32, 32, 8, 2, 1), (32, 64, 8, 2, 1), (64, 32, 8, 2, 1), (64, 16, 8, 2, 1), (64, 32, 4, 2, 1),
+    for block_h, block_n, warps, stages, splits, v_split in [
+        (64, 32, 8, 1, 1, 1), (64, 32, 8, 3, 1, 1), (64, 64, 8, 2, 1, 1), (64, 64, 8, 1, 1, 1), (64, 16, 8, 3, 1, 1),
+        (64, 32, 8, 2, 2, 1), (32, 32, 4, 2, 1, 1), (32, 32, 4, 3, 1, 1), (32, 64, 4, 2, 1, 1),
+        (64, 32, 4, 2, 1, 2), (64, 32, 4, 1, 1, 2), (64, 64, 4, 1, 1, 2), (64, 32, 8, 2, 1, 2), (128, 32, 8, 1, 1, 2),
+        (128, 32, 8, 2, 1, 2), (128, 16, 8, 2, 1, 2),
     ]:  # fmt: skip
         cfg = DecodeConfig(
-            block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages, block_h=block_h
+            block_n=block_n,
+            num_splits=splits,
+            num_warps=warps,
+            num_stages=stages,
+            block_h=block_h,
+            v_split=v_split,
         )
-        note = f"h={block_h} n={block_n} w={warps} s={stages} splits={splits}"
+        note = f"h={block_h} n={block_n} w={warps} s={stages} splits={splits} v_split={v_split}"
         _timed(name, lambda cfg=cfg: run(cfg), nbytes, flops, note)
 
 
@@ -146,8 +153,8 @@ def prefill(sweep: bool, tokens: int = 16384) -> None:
         _timed(name, run, flops=flops, note="default")
         if sweep and q_len == tokens:
             for block_m, block_n, warps, stages in [
-                (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (128, 64, 8, 2),
-                (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4),
+                (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+                (64, 128, 8, 3),
             ]:  # fmt: skip
                 cfg = PrefillConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
                 _timed(
@@ -171,7 +178,7 @@ def prefill(sweep: bool, tokens: int = 16384) -> None:
     _timed(name, run_mla, flops=flops, note="default")
     if sweep:
         for block_m, block_n, warps, stages in [
-            (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2),
+            (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3),
         ]:  # fmt: skip
             cfg = PrefillConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
             _timed(
@@ -198,7 +205,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     copy_ceiling()
     decode_qwen3(args.sweep)
+    decode_qwen3(False, batch=8, length=32768)  # long context: split-K
     decode_mla(args.sweep)
+    decode_mla(False, batch=8, length=32768)
     prefill(args.sweep)
 
 

@@ -29,6 +29,9 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     block_h: int = 16  # MLA: query heads per program (GQA decode uses the KV group, padded to >= 16)
+    v_split: int = (
+        1  # MLA: programs sharing one head block, each accumulating 1/v_split of the latent columns
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,9 +60,13 @@ def _mla_decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    V_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    hb = tl.program_id(0)
+    # V_SPLIT > 1: V_SPLIT adjacent programs share heads and pages, each accumulating 1/V_SPLIT of the latent
+    # columns (a smaller fp32 accumulator per program, at the price of recomputing the scores)
+    hb = tl.program_id(0) // V_SPLIT
+    vb = tl.program_id(0) % V_SPLIT
     b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -87,9 +91,11 @@ def _mla_decode_split_kernel(
         mask=h_mask[:, None] & dr_mask[None, :],
         other=0.0,
     )
+    offs_rv = vb * (BLOCK_R // V_SPLIT) + tl.arange(0, BLOCK_R // V_SPLIT)
+    rv_mask = offs_rv < R
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R // V_SPLIT], tl.float32)
     bt_row = bt_ptr + b * stride_btb
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + offs_n
@@ -111,11 +117,19 @@ def _mla_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=DOT_PREC)
+        if V_SPLIT == 1:
+            v = c_kv
+        else:
+            v = tl.load(
+                row[:, None] + offs_rv[None, :] * stride_kvd,
+                mask=k_valid[:, None] & rv_mask[None, :],
+                other=0.0,
+            )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     finish_split(
-        acc, l_i, m_i, heads, h_mask, offs_r, r_mask, b, split, mid_o_ptr, mid_lse_ptr, out_ptr, out_ptr,
+        acc, l_i, m_i, heads, h_mask, offs_rv, rv_mask, b, split, mid_o_ptr, mid_lse_ptr, out_ptr, out_ptr,
         stride_mb, stride_mh, stride_ms, stride_md, stride_lb, stride_lh, stride_ls,
         stride_ob, stride_oh, stride_od, NUM_SPLITS, False,
     )  # fmt: skip
@@ -158,7 +172,7 @@ def mla_decode(
     cfg = config or mla_decode_config(batch, heads, rank, max_len, q_latent.device, num_splits)
     splits = cfg.num_splits
     mid_o, mid_lse = split_buffers(batch, heads, splits, rank, q_latent.device)
-    grid = (triton.cdiv(heads, cfg.block_h), batch, splits)
+    grid = (triton.cdiv(heads, cfg.block_h) * cfg.v_split, batch, splits)
     _mla_decode_split_kernel[grid](
         q_latent,
         q_rope,
@@ -185,6 +199,7 @@ def mla_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=cfg.block_n,
         NUM_SPLITS=splits,
+        V_SPLIT=cfg.v_split,
         DOT_PREC=dot_precision(q_latent.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

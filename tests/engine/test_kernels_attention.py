@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moefleet.engine.kernels.attention_config import DecodeConfig
 from moefleet.engine.kernels.attention_reference import (
     mla_decode_ref,
     paged_decode_ref,
@@ -185,8 +186,8 @@ def test_varlen_prefill_wide_keys(kernels, window):
     _close(got, varlen_prefill_ref(*args, sinks=sinks, sliding_window=window))
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_mla_decode_matches_reference(kernels, num_splits):
+@pytest.mark.parametrize("num_splits,v_split", [(1, 1), (3, 1), (2, 2)])
+def test_mla_decode_matches_reference(kernels, num_splits, v_split):
     _, mla = kernels
     gen = torch.Generator().manual_seed(6)
     lens, rank, rope = [1, 33, 40], 64, 16
@@ -195,8 +196,11 @@ def test_mla_decode_matches_reference(kernels, num_splits):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q_latent = torch.randn(3, 16, rank, generator=gen)
     q_rope = torch.randn(3, 16, rope, generator=gen)
+    config = None  # the per-shape default, with num_splits forced
+    if v_split > 1:  # two programs per head block, each accumulating half of the latent columns
+        config = DecodeConfig(block_n=16, num_splits=num_splits, num_warps=4, num_stages=1, v_split=v_split)
     got = mla.mla_decode(
-        q_latent, q_rope, kv, tables, seq_lens, 0.1, kv_lora_rank=rank, num_splits=num_splits
+        q_latent, q_rope, kv, tables, seq_lens, 0.1, kv_lora_rank=rank, num_splits=num_splits, config=config
     )
     _close(got, mla_decode_ref(q_latent, q_rope, kv, tables, seq_lens, 0.1, kv_lora_rank=rank))
 
