@@ -375,6 +375,15 @@ def split_buffers(
 
 
 @triton.jit
+def _load_rows(ptrs, valid, MASKED: tl.constexpr):
+    """Masked tiles load under `valid`; unmasked ones (all keys below ctx) without predicates."""
+    if MASKED:
+        return tl.load(ptrs, mask=valid, other=0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _prefill_tile(
     acc,
     l_i,
@@ -418,7 +427,7 @@ def _prefill_tile(
     keys = start_n + offs_n
     k_valid = keys < ctx
     if PAGED:
-        block = tl.load(bt_row + (keys // BLOCK_SIZE) * stride_btm, mask=k_valid, other=0).to(tl.int64)
+        block = _load_rows(bt_row + (keys // BLOCK_SIZE) * stride_btm, k_valid, MASKED).to(tl.int64)
         slot = keys % BLOCK_SIZE
         k_rows = block * stride_kb + slot * stride_ks + kh * stride_kh
         v_rows = block * stride_vb + slot * stride_vs + kh * stride_vh
@@ -427,7 +436,7 @@ def _prefill_tile(
         v_rows = (kv_base + keys).to(tl.int64) * stride_vb + kh * stride_vh
     # the key width is split into a power-of-two part (DK_A) and a remainder (Dk = 192 -> 128 + 64), so no
     # zero padding goes through the tensor cores
-    k_a = tl.load(k_ptr + k_rows[:, None] + offs_dka[None, :] * stride_kd, mask=k_valid[:, None], other=0.0)
+    k_a = _load_rows(k_ptr + k_rows[:, None] + offs_dka[None, :] * stride_kd, k_valid[:, None], MASKED)
     s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if HAS_DK_B:
         k_b = tl.load(
@@ -437,7 +446,7 @@ def _prefill_tile(
         )
         s += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PREC)
     if BLOCK_DV == DV:
-        v = tl.load(v_ptr + v_rows[:, None] + offs_dv[None, :] * stride_vd, mask=k_valid[:, None], other=0.0)
+        v = _load_rows(v_ptr + v_rows[:, None] + offs_dv[None, :] * stride_vd, k_valid[:, None], MASKED)
     else:
         v = tl.load(
             v_ptr + v_rows[:, None] + offs_dv[None, :] * stride_vd,
