@@ -18,6 +18,13 @@ PAD_FACTOR = 4
 PAD_MIN_ROWS = 4096
 
 
+def torch_path(tokens_per_expert: list[int], num_rows: int) -> str:
+    """CPU path choice: "padded" (one batched matmul over rows padded to the busiest expert) while the padding
+    stays small (decode, balanced prefill), else "loop" (one matmul per expert that has rows: skewed routing)."""
+    padded_rows = len(tokens_per_expert) * max(tokens_per_expert, default=0)
+    return "padded" if padded_rows <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS) else "loop"
+
+
 class Experts(nn.Module):
     def __init__(self, local_experts: range, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -72,20 +79,40 @@ class Experts(nn.Module):
             f"expert {e} {s}_proj" for e in self.local_experts for s in SHARDS if (e, s) not in self.loaded
         ]
 
-    def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """hidden [N, D] grouped by local expert (counts in `tokens_per_expert`) -> [N, D] unweighted outputs.
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        tokens_per_expert: list[int] | None = None,
+        *,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
-        Two interchangeable reference paths (a grouped GEMM kernel can replace both): one batched matmul
-        over rows padded to the busiest expert when padding stays small (few launches: decode, balanced
-        prefill), else a loop over the experts that have rows (heavily skewed routing).
+        Rows per expert come either as a host list `tokens_per_expert` or as a device tensor `counts` [E_local]
+        (no host synchronisation on CUDA). On CUDA the fused Triton kernel runs (`kernels.fused_moe`); on CPU
+        a torch path that computes exactly what transformers computes per expert.
         """
-        num_rows = hidden.shape[0]
-        if num_rows == 0:
+        if tokens_per_expert is None and counts is None:
+            raise ValueError("Experts.forward needs tokens_per_expert (host list) or counts (tensor)")
+        if hidden.is_cuda:
+            if counts is None:
+                counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
+                    hidden.device, non_blocking=True
+                )
+            return self.forward_fused(hidden, counts)
+        if tokens_per_expert is None:
+            assert counts is not None
+            tokens_per_expert = [int(c) for c in counts.tolist()]
+        if hidden.shape[0] == 0:
             return torch.empty_like(hidden)
-        padded_rows = len(tokens_per_expert) * max(tokens_per_expert)
-        if padded_rows <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS):
+        if torch_path(tokens_per_expert, hidden.shape[0]) == "padded":
             return self.forward_padded(hidden, tokens_per_expert)
         return self.forward_loop(hidden, tokens_per_expert)
+
+    def forward_fused(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from moefleet.engine.kernels.fused_moe import fused_experts_grouped
+
+        return fused_experts_grouped(hidden, counts, self.w13, self.w2)
 
     def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         out = torch.empty_like(hidden)
