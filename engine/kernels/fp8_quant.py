@@ -89,23 +89,19 @@ def quantize_per_token_group_reference(x: torch.Tensor, group: int) -> tuple[tor
 
 
 def quantize_weight_block(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [O, I] -> (fp8 [O, I], scale_inv [ceil(O/bo), ceil(I/bi)]): amax/448 per tile, DeepSeek's format.
+    """W [..., O, I] -> (fp8 [..., O, I], scale_inv [..., ceil(O/bo), ceil(I/bi)]): amax/448 per tile.
 
-    Used to make FP8 checkpoints from bf16 weights (tiny test models) and by `--quantization fp8` on a bf16
-    checkpoint; a loop over tiles, host or device.
+    DeepSeek's format; used to make FP8 checkpoints from bf16 weights (tiny test models) and by
+    `--quantization fp8` on a bf16 checkpoint. Ragged edge tiles are padded with zeros for the amax.
     """
-    rows, cols = weight.shape
+    rows, cols = weight.shape[-2:]
     br, bc = block
-    scales = torch.empty(-(-rows // br), -(-cols // bc), dtype=torch.float32, device=weight.device)
-    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=weight.device)
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            tile = weight[i * br : (i + 1) * br, j * bc : (j + 1) * bc].float()
-            scale = tile.abs().max().clamp(min=SCALE_EPS) / FP8_MAX
-            q[i * br : (i + 1) * br, j * bc : (j + 1) * bc] = (
-                (tile / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-            )
-            scales[i, j] = scale
+    tiles_r, tiles_c = -(-rows // br), -(-cols // bc)
+    padded = torch.nn.functional.pad(weight.float(), (0, tiles_c * bc - cols, 0, tiles_r * br - rows))
+    tiles = padded.reshape(*weight.shape[:-2], tiles_r, br, tiles_c, bc)
+    scales = tiles.abs().amax(dim=(-3, -1)).clamp(min=SCALE_EPS) / FP8_MAX
+    q = (tiles / scales[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.reshape(padded.shape)[..., :rows, :cols].contiguous()
     return q, scales
 
 
