@@ -428,3 +428,37 @@ def experts_reference_topk(hidden, w13, w2, topk_ids, topk_weights) -> torch.Ten
             w = 1.0 if topk_weights is None else float(topk_weights[t, k])
             out[t] += w * expert_reference(hidden[t : t + 1].cpu(), w13[e].cpu(), w2[e].cpu())[0]
     return out
+
+
+def w8a8_block_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block_shape: tuple[int, int],
+    out_dtype: torch.dtype | None = None,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """Dense FP8 linear: x [M, K] (quantised per token group on the fly) @ W^T, W fp8 [N, K] with block
+    scale_inv [N/bn, K/bk] -> [M, N] in `out_dtype` (x's by default). The same GEMM kernel as the experts,
+    run as one expert whose valid rows are all M."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    config = config or pick_config(1, n, k, rows, True)
+    a, a_s = quantize_per_token_group(x.contiguous(), block_shape[1])
+    valid = torch.full((1,), rows, dtype=torch.int32, device=x.device)
+    _gemm(
+        a,
+        a_s,
+        weight.unsqueeze(0),
+        scale_inv.unsqueeze(0),
+        out,
+        n=n,
+        config=config,
+        block_shape=block_shape,
+        masked_m=valid,
+        capacity=rows,
+    )
+    return out

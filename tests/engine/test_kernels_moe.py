@@ -2,8 +2,9 @@
 
 Tolerances: float32 inputs 1e-4 (the kernel sums K tiles in another order than the reference); FP8 paths are
 compared with a reference that quantises exactly as the format says (per-token-group activations, block
-weights, bf16 intermediate), at 2e-2 relative to the output's scale (bf16 rounding of the intermediate and
-of the output). The interpreter is slow: shapes are tiny, blocks 16.
+weights, bf16 intermediate), at 5e-2 of the output's max magnitude: the kernel's and the reference's bf16
+intermediates can differ by one bf16 ulp, which can move a requantised e4m3 value by one e4m3 step (6-12%
+of that element; groups are only 16 wide here). Measured 0.7-1.8% over 6 seeds. The interpreter is slow: shapes are tiny, blocks 16.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def test_fused_topk_matches_reference(tokens, top_k, ids_kind):
 def test_fused_grouped_matches_reference(counts):
     num_experts, hidden, inter = 4, 32, 16
     w13, w2 = weights(num_experts, hidden, inter, seed=1)
-    x = torch.randn(sum(counts), hidden)
+    x = torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(10))
     out = fused_moe.fused_experts_grouped(x, torch.tensor(counts), w13, w2, config=CFG)
     expert_of_row = [e for e, c in enumerate(counts) for _ in range(c)]
     ref = torch.stack(
@@ -145,7 +146,7 @@ def test_fused_grouped_matches_reference(counts):
 def test_fused_masked_matches_reference():
     num_experts, capacity, hidden, inter = 3, 19, 16, 32
     w13, w2 = weights(num_experts, hidden, inter, seed=2)
-    x = torch.randn(num_experts, capacity, hidden)
+    x = torch.randn(num_experts, capacity, hidden, generator=torch.Generator().manual_seed(11))
     masked_m = torch.tensor([0, capacity, 5])
     out = fused_moe.fused_experts_masked(x, masked_m, w13, w2, config=CFG)
     assert out.shape == x.shape
@@ -164,7 +165,7 @@ def test_default_configs_cover_all_sizes():
 
 
 def test_quantize_per_token_group_matches_reference():
-    x = torch.randn(5, 40, dtype=torch.bfloat16) * 3
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16) * 3
     x[1] = 0  # an all-zero row: scale eps, values 0
     q, s = fp8_quant.quantize_per_token_group(x, 16)
     q_ref, s_ref = fp8_quant.quantize_per_token_group_reference(x, 16)
@@ -210,9 +211,10 @@ def test_fp8_topk_matches_w8a8_reference():
     num_experts, hidden, inter, tokens, top_k = 3, 32, 32, 6, 2
     w13, w2 = weights(num_experts, hidden, inter, seed=4)
     w13q, w13s, w2q, w2s = quantized_experts(w13, w2)
-    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
     ids = torch.tensor([[0, 2], [1, -1], [2, 0], [2, 1], [-1, -1], [0, 1]])
-    topk_weights = torch.rand(tokens, top_k)
+    topk_weights = torch.rand(tokens, top_k, generator=g)
     out = fused_moe.fused_experts_topk(
         x, w13q, w2q, ids, topk_weights, w13_scale=w13s, w2_scale=w2s, block_shape=BLOCK, config=CFG
     )
@@ -226,7 +228,7 @@ def test_fp8_topk_matches_w8a8_reference():
                     topk_weights[t, k]
                     * fp8_expert_reference(x[t : t + 1], w13q[e], w13s[e], w2q[e], w2s[e])[0]
                 )
-    torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(out.float(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)
     assert out[4].abs().max() == 0  # no local hit -> zero
 
 
@@ -234,13 +236,15 @@ def test_fp8_masked_matches_w8a8_reference():
     num_experts, capacity, hidden, inter = 2, 5, 16, 16
     w13, w2 = weights(num_experts, hidden, inter, seed=5)
     w13q, w13s, w2q, w2s = quantized_experts(w13, w2)
-    x = torch.randn(num_experts, capacity, hidden).to(torch.bfloat16)
+    x = torch.randn(num_experts, capacity, hidden, generator=torch.Generator().manual_seed(9)).to(
+        torch.bfloat16
+    )
     masked_m = torch.tensor([3, 0])
     out = fused_moe.fused_experts_masked(
         x, masked_m, w13q, w2q, w13_scale=w13s, w2_scale=w2s, block_shape=BLOCK, config=CFG
     )
     ref = fp8_expert_reference(x[0, :3], w13q[0], w13s[0], w2q[0], w2s[0])
-    torch.testing.assert_close(out[0, :3].float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(out[0, :3].float(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)
 
 
 def test_fp8_weights_must_come_with_scales():
@@ -260,7 +264,7 @@ def test_experts_cpu_paths(counts):
     w13, w2 = weights(num_experts, hidden, inter, seed=6)
     experts.w13.data.copy_(w13)
     experts.w2.data.copy_(w2)
-    x = torch.randn(sum(counts), hidden)
+    x = torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(13))
     expect = "loop" if counts[0] == 600 else "padded"  # 8 x 600 padded rows > max(4 x 601, 4096)
     assert torch_path(counts, sum(counts)) == expect
     expert_of_row = [e for e, c in enumerate(counts) for _ in range(c)]
@@ -276,3 +280,18 @@ def test_experts_cpu_paths(counts):
     torch.testing.assert_close(experts(x, counts=torch.tensor(counts)), ref, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="tokens_per_expert"):
         experts(x)
+
+
+def test_w8a8_block_linear_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(40, 48, generator=g)  # 40 rows: a ragged 16-row tile
+    wq, ws = fp8_quant.quantize_weight_block(weight, BLOCK)
+    x = torch.randn(5, 48, generator=g).to(torch.bfloat16)
+    out = fused_moe.w8a8_block_linear(x, wq, ws, BLOCK, config=CFG)
+    assert out.shape == (5, 40) and out.dtype == torch.bfloat16
+    q, s = fp8_quant.quantize_per_token_group_reference(x, 16)
+    a = q.float() * s.repeat_interleave(16, 1)
+    w = wq.float() * ws.repeat_interleave(16, 0)[:40].repeat_interleave(16, 1)
+    ref = a @ w.T
+    torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    assert fused_moe.w8a8_block_linear(x[:0], wq, ws, BLOCK, config=CFG).shape == (0, 40)

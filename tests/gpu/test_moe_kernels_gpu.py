@@ -220,3 +220,15 @@ def test_experts_layer_fused_equals_cpu_path():
     cpu = experts.cpu()(x.cpu(), counts)
     torch.testing.assert_close(fused.cpu(), cpu, atol=1e-4, rtol=1e-4)  # float32: IEEE dots, no TF32
     torch.testing.assert_close(fused_dev, fused, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 100, 4096])
+def test_w8a8_block_linear(k, rows):
+    fused_moe, fp8_quant, _ = k
+    weight = torch.randn(1536, 7168, device=DEV) / 7168**0.5
+    wq, ws = fp8_quant.quantize_weight_block(weight, (128, 128))
+    x = torch.randn(rows, 7168, device=DEV, dtype=torch.bfloat16)
+    out = fused_moe.w8a8_block_linear(x, wq, ws, (128, 128))
+    q, s = fp8_quant.quantize_per_token_group_reference(x, 128)
+    ref = (q.float() * s.repeat_interleave(128, 1)) @ fp8_quant.dequantize_block(wq, ws, (128, 128)).T
+    close(out, ref, 2e-2)
