@@ -295,3 +295,16 @@ def test_w8a8_block_linear_matches_reference():
     ref = a @ w.T
     torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
     assert fused_moe.w8a8_block_linear(x[:0], wq, ws, BLOCK, config=CFG).shape == (0, 40)
+
+
+def test_tuned_table_picks_the_first_bucket_that_fits(monkeypatch):
+    from moefleet.engine.kernels import fused_moe_configs as cfgs
+
+    table = cfgs._table()
+    key = "E=128,I=768,D=2048,dtype=bf16,device=NVIDIA_H200"
+    assert key in table, "the checked-in table lost the Qwen3-30B-A3B entry"
+    (small_rows, small), (large_rows, large) = table[key][0], table[key][-1]
+    monkeypatch.setattr(cfgs, "_device_name", lambda: "NVIDIA_H200")
+    assert cfgs.pick_config(128, 768, 2048, 1, False) == small
+    assert cfgs.pick_config(128, 768, 2048, small_rows + 1, False) == table[key][1][1]
+    assert cfgs.pick_config(128, 768, 2048, large_rows * 10, False) == large

@@ -51,6 +51,9 @@ def ref_grouped(x, expert_of_row, w13, w2):
 
 
 def close(out, ref, frac):
+    assert out.shape == ref.shape
+    if ref.numel() == 0:
+        return
     err = (out.float() - ref).abs().max().item()
     assert err <= frac * max(ref.abs().max().item(), 1e-6), f"max error {err} vs max {ref.abs().max().item()}"
 
