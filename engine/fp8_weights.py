@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from moefleet.engine.kernels.fp8_quant import quantize_weight_block
@@ -150,3 +151,40 @@ def fp8_stream(
         raise ValueError(
             f"FP8 checkpoint: {len(unpaired)} weights/scales have no partner, e.g. {unpaired[:4]}"
         )
+
+
+def quantize_model(model: nn.Module, block: tuple[int, int] = DEFAULT_BLOCK) -> Fp8Plan:
+    """Quantise an already-filled model in place to block FP8 (every eligible linear and experts layer;
+    used by `moefleet bench --quantization fp8` on its random weights). Expert stacks go one expert at a
+    time so the float32 temporaries stay small."""
+    plan = plan_fp8(model, [], {})
+    plan.block = block
+    old = {name: model.get_submodule(name) for name in plan.linears | plan.experts}
+    saved: dict[str, tuple[Any, Any]] = {
+        name: (m.w13.data, m.w2.data) if isinstance(m, Experts) else (m.weight.data, m.bias)
+        for name, m in old.items()
+    }
+    apply_plan(model, plan)
+    with torch.no_grad():
+        for name in plan.linears:
+            weight, bias = saved[name]
+            new: Any = model.get_submodule(name)
+            q, s = quantize_weight_block(weight, block)
+            new.weight.copy_(q)
+            new.weight_scale_inv.copy_(s)
+            if bias is not None:
+                new.bias.copy_(bias)
+        for name in plan.experts:
+            w13, w2 = saved[name]
+            experts = model.get_submodule(name)
+            assert isinstance(experts, Experts)
+            assert experts.w13_scale_inv is not None and experts.w2_scale_inv is not None
+            for e in range(w13.shape[0]):
+                q, s = quantize_weight_block(w13[e], block)
+                experts.w13[e].copy_(q)
+                experts.w13_scale_inv[e].copy_(s)
+                q, s = quantize_weight_block(w2[e], block)
+                experts.w2[e].copy_(q)
+                experts.w2_scale_inv[e].copy_(s)
+        del saved
+    return plan

@@ -56,6 +56,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("float32", "bfloat16", "float16"),
         help="default: float32 on cpu, bfloat16 on cuda",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("auto", "none", "fp8"),
+        help="weights: auto (default) = what the checkpoint has (block-FP8 stays FP8), none = dequantize "
+        "to --dtype, fp8 = quantize linears and experts to 128x128 block FP8 at load",
+    )
     parser.add_argument("--served-model-name", help="model name clients send (default: basename of --model)")
     parser.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
     parser.add_argument(
@@ -247,6 +253,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         name: getattr(args, name)
         for name in (
             "dtype",
+            "quantization",
             "max_num_seqs",
             "max_num_batched_tokens",
             "max_model_len",

@@ -188,3 +188,23 @@ def test_quantization_fp8_on_a_bf16_checkpoint_and_bad_values(tmp_path):
     # 128x128 blocks on the tiny model: one ragged tile per small matrix; moe_intermediate_size 32 < 128 rows
     with pytest.raises(ValueError, match="not a multiple of the weight block rows 128"):
         load_model(src, quantization="fp8")
+
+
+def test_quantize_model_in_place_matches_block_quantizer():
+    from moefleet.engine.fp8_weights import quantize_model
+    from moefleet.engine.layers.linear import Fp8Linear
+
+    with one_torch_thread():
+        model = load_model(tiny_model_dir("deepseek_grouped"))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        quantize_model(model, BLOCK)
+    name = "model.layers.1.self_attn.o_proj"
+    layer = model.get_submodule(name)
+    assert isinstance(layer, Fp8Linear)
+    q, s, _ = quantize_and_restore(before[name + ".weight"], BLOCK)  # the test's own tile-by-tile quantizer
+    assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8))
+    torch.testing.assert_close(layer.weight_scale_inv, s, atol=0, rtol=1e-6)
+    experts = model.get_submodule("model.layers.2.mlp.experts")
+    q, s, _ = quantize_and_restore(before["model.layers.2.mlp.experts.w2"][3], BLOCK)
+    assert torch.equal(experts.w2[3].view(torch.uint8), q.view(torch.uint8))
+    assert not isinstance(model.get_submodule("model.layers.1.self_attn.kv_b_proj"), Fp8Linear)
