@@ -325,8 +325,24 @@ def serve_http(
         pass
 
 
+def print_weight_plan(args: argparse.Namespace, world_size: int) -> None:
+    """Weights per GPU this deployment will hold (memory_plan), before anything loads."""
+    from moefleet.engine.fp8_weights import resolve_quantization
+    from moefleet.engine.memory_plan import startup_line
+
+    config = engine_config(args)
+    try:
+        quantization = resolve_quantization(config.hf_config, config.quantization)
+        dtype_bytes = 4 if config.dtype == "float32" else 2
+        line = startup_line(config.hf_config, world_size, quantization, dtype_bytes)
+    except (KeyError, TypeError, ValueError) as exc:  # a config this plan does not know: no estimate
+        line = f"weights per GPU: no estimate ({type(exc).__name__}: {exc})"
+    print(f"moefleet serve: {line}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     launch = check_args(args)
+    print_weight_plan(args, launch.world_size)
     if launch.world_size > 1:
         from moefleet.engine.server.group_serve import run_group
 
