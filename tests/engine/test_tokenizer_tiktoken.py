@@ -170,3 +170,17 @@ def test_serve_tiny_kimi_chat_with_openai_client(kimi_dir):
             process.kill()
             out, _ = process.communicate()
     assert process.returncode == 0
+
+
+def test_incremental_detokenizer_waits_for_whole_characters(kimi_dir):
+    from moefleet.engine.detokenizer import IncrementalDetokenizer
+    from moefleet.engine.sampling_params import SamplingParams
+
+    tok = Tokenizer(kimi_dir)
+    text = "你好世界 🐉 ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several byte tokens here
+    detok = IncrementalDetokenizer(tok, tok.encode("Hi"), SamplingParams(max_tokens=len(ids)), [])
+    deltas = [detok.update(i)[0] for i in ids]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
