@@ -32,6 +32,7 @@ from moefleet.engine.kernels.fused_moe_configs import MoEConfig, pick_config
 from moefleet.engine.kernels.moe_align import AlignedRows, align_grouped, align_topk
 
 # The CPU interpreter cannot multiply fp8 (nor bf16) tiles: there fp8 tiles are widened to float32 first
+# (on GPUs, to bf16 when the FP8 group is narrower than the 32-wide K of fp8 MMAs: tiny test models)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -69,6 +70,7 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr,
     FP8: tl.constexpr,
     UPCAST_FP8: tl.constexpr,
+    UPCAST_TYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr,
     GROUP_K: tl.constexpr,
@@ -131,10 +133,10 @@ def _moe_gemm_kernel(
             u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if FP8:
             if UPCAST_FP8:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+                a = a.to(UPCAST_TYPE)
+                b = b.to(UPCAST_TYPE)
                 if SWIGLU:
-                    u = u.to(tl.float32)
+                    u = u.to(UPCAST_TYPE)
             k_group = (k_tile * BLOCK_K) // GROUP_K
             a_s = tl.load(as_ptrs + k_group * stride_ask, mask=row_mask, other=0.0)
             b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
@@ -247,7 +249,8 @@ def _gemm(
         SWIGLU=swiglu,
         MUL_WEIGHT=weights is not None,
         FP8=fp8,
-        UPCAST_FP8=fp8 and _INTERPRET,
+        UPCAST_FP8=fp8 and (_INTERPRET or block_k < 32),  # fp8 MMAs need K tiles of 32
+        UPCAST_TYPE=tl.float32 if _INTERPRET else tl.bfloat16,  # bf16 holds every e4m3 value exactly
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
         GROUP_N=block_shape[0] if block_shape else 1,
         GROUP_K=block_shape[1] if block_shape else 1,

@@ -13,40 +13,13 @@ import shutil
 
 import pytest
 import torch
-from moefleet.engine.loader import build_model, load_model, safetensors_files
+from moefleet.engine.loader import build_model, load_model
 from moefleet.engine.models.fp8 import dequantize_block_fp8, dequantize_stream
 from safetensors.torch import load_file, save_file
+from support.fp8_checkpoint import BLOCK, quantize_and_restore, quantize_block_fp8, write_fp8_checkpoint
 from support.tiny_models import PagedDriver, one_torch_thread, tiny_model_dir
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="torch without float8")
-BLOCK = (16, 16)
-
-
-def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference quantizer: per-tile amax / 448 scales (what DeepSeek's checkpoints hold as scale_inv)."""
-    quantized, scales, _ = quantize_and_restore(weight, block)
-    return quantized, scales
-
-
-def quantize_and_restore(weight: torch.Tensor, block: tuple[int, int]):
-    """(fp8 weight, scale_inv, the weight it stands for), tile by tile."""
-    rows, cols = weight.shape
-    br, bc = block
-    scales = torch.empty(-(-rows // br), -(-cols // bc))
-    quantized = torch.empty_like(weight, dtype=torch.float8_e4m3fn)
-    restored = torch.empty_like(weight)
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            tiles = (slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc))
-            scales[i, j] = weight[tiles].abs().max().clamp(min=1e-12) / 448.0
-            quantized[tiles] = (weight[tiles] / scales[i, j]).to(torch.float8_e4m3fn)
-            restored[tiles] = quantized[tiles].float() * scales[i, j]
-    return quantized, scales, restored
-
-
-def is_quantized(name: str, tensor: torch.Tensor) -> bool:
-    # As in DeepSeek's release: linear weights only (not embeddings, norms, router gate, lm_head).
-    return tensor.dim() == 2 and "embed" not in name and "lm_head" not in name and ".mlp.gate." not in name
 
 
 def test_dequantize_ragged_tiles_hand_computed():
@@ -72,26 +45,6 @@ def test_stream_pairs_across_order_and_reports_orphans():
     assert set(names) == {"a.weight", "n.weight"} and names["a.weight"].dtype == torch.float32
     with pytest.raises(ValueError, match="no partner.*b.weight"):
         list(dequantize_stream([("b.weight", q)], BLOCK))
-
-
-def write_fp8_checkpoint(src, dst):
-    """Copy tiny model `src` to `dst` with its linear weights in block FP8; returns the restored weights."""
-    shutil.copytree(src, dst)
-    restored_checkpoint = {}
-    for file in safetensors_files(dst):
-        out = {}
-        for name, tensor in load_file(str(file)).items():
-            if is_quantized(name, tensor):
-                out[name], out[name + "_scale_inv"], restored_checkpoint[name] = quantize_and_restore(
-                    tensor, BLOCK
-                )
-            else:
-                out[name] = restored_checkpoint[name] = tensor
-        save_file(out, str(file))
-    config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
-    (dst / "config.json").write_text(json.dumps(config))
-    return restored_checkpoint
 
 
 def test_fp8_deepseek_checkpoint_loads_dequantized(tmp_path):
