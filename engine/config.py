@@ -13,6 +13,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
+QUANTIZATIONS = ("auto", "none", "fp8")  # see fp8_weights.py
 # Without an explicit max_model_len we take the checkpoint's max_position_embeddings, but no more than this:
 # very long defaults (128k+) would make every request's worst case reserve a huge share of the KV pool.
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
@@ -27,6 +28,8 @@ class EngineConfig:
     device: str = "cpu"
     # None: bfloat16 on CUDA, float32 on CPU.
     dtype: str | None = None
+    # Weights: "auto" = what the checkpoint has (block-FP8 stays FP8), "none" = dequantize, "fp8" = quantize.
+    quantization: str = "auto"
     max_num_seqs: int = 256
     # Token budget of one step: prompt chunks + decodes together (chunked prefill).
     max_num_batched_tokens: int = 8192
@@ -54,6 +57,8 @@ class EngineConfig:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype ({self.dtype!r}) must be one of {DTYPES}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization ({self.quantization!r}) must be one of {QUANTIZATIONS}")
         _require_positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(

@@ -12,6 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from moefleet.engine.fp8_weights import (
+    apply_plan,
+    checkpoint_block,
+    fp8_stream,
+    plan_fp8,
+    resolve_quantization,
+)
 from moefleet.engine.models import CausalLM, model_class
 from safetensors import safe_open
 
@@ -96,13 +103,34 @@ def build_model(
     return model.eval()
 
 
+def checkpoint_names(files: list[Path]) -> list[str]:
+    """Every tensor name in the shards (header reads only)."""
+    names: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names
+
+
 def load_model(
-    model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    quantization: str = "auto",
 ) -> CausalLM:
-    """Read config.json, build the model on `device`/`dtype` and load its (local) weights."""
+    """Read config.json, build the model on `device`/`dtype` and load its (local) weights.
+
+    `quantization` (fp8_weights.py): "auto" keeps a block-FP8 checkpoint in FP8, "none" dequantises it,
+    "fp8" also quantises a bf16 checkpoint's linears and experts at load."""
     config = read_config(model_dir)
     model = build_model(config, device, dtype)
     files = safetensors_files(model_dir)
+    weights = iter_weights(files, model)
+    if resolve_quantization(config, quantization) == "fp8":
+        plan = plan_fp8(model, checkpoint_names(files), config)
+        apply_plan(model, plan)
+        model.fp8_block_size = None  # the FP8 stream below dequantises what is not kept
+        weights = fp8_stream(weights, model, plan, checkpoint_block(config), device)
     with torch.no_grad():
-        model.load_weights(iter_weights(files, model))
+        model.load_weights(weights)
     return model

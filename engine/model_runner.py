@@ -48,7 +48,11 @@ class ModelRunner:
         self.dtype = dtype_from_name(config.dtype)
         self.block_size = config.block_size
         # Any: models follow the engine contract (forward, compute_logits), not one base class.
-        self.model: Any = model if model is not None else load_model(config.model, self.device, self.dtype)
+        self.model: Any = (
+            model
+            if model is not None
+            else load_model(config.model, self.device, self.dtype, config.quantization)
+        )
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")

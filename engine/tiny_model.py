@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-ARCHES = ("qwen3_moe", "deepseek_v3")
+# kimi_k2: the DeepSeek-V3 architecture (one routing group, one dense layer) with a tiktoken tokenizer.
+ARCHES = ("qwen3_moe", "deepseek_v3", "kimi_k2")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -335,6 +336,8 @@ def make_tiny_model(
         raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(ARCHES)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if arch == "kimi_k2":
+        return _make_tiny_kimi(out, seed, shards, overrides)
     vocab_size = train_tokenizer(out)
     config = default_config(arch, vocab_size)
     config.update(overrides)
@@ -354,4 +357,26 @@ def make_tiny_model(
     init = _Init(seed)
     weights = qwen3_moe_weights(config, init) if arch == "qwen3_moe" else deepseek_v3_weights(config, init)
     save_weights(weights, out, shards)
+    return out
+
+
+def _make_tiny_kimi(out: Path, seed: int, shards: int | None, overrides: dict[str, Any]) -> Path:
+    """Kimi-K2 layout: DeepSeek-V3 config with n_group 1, tiktoken.model + Kimi special tokens."""
+    from moefleet.engine.tiny_tiktoken import write_tiktoken_tokenizer
+
+    ids = write_tiktoken_tokenizer(out, CORPUS)
+    config = default_config("deepseek_v3", ids["vocab_size"])
+    config.update({"n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 2.827})
+    config.update({k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    config.update(overrides)
+    _write_json(out / "config.json", config)
+    _write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": ids["bos_token_id"],
+            "eos_token_id": ids["eos_token_id"],
+            "pad_token_id": ids["pad_token_id"],
+        },
+    )
+    save_weights(deepseek_v3_weights(config, _Init(seed)), out, shards)
     return out

@@ -1,7 +1,7 @@
-"""Tokenizer of an HF checkpoint directory without transformers: `tokenizers` for the vocabulary, jinja2 for
-the chat template.
+"""Tokenizer of an HF checkpoint directory without transformers: `tokenizers` (tokenizer.json) or `tiktoken`
+(tiktoken.model, Kimi-K2) for the vocabulary, jinja2 for the chat template.
 
-Reads tokenizer.json, special tokens from tokenizer_config.json / special_tokens_map.json, EOS ids from
+Reads tokenizer.json (or tiktoken.model: see `TiktokenVocab`), special tokens from tokenizer_config.json / special_tokens_map.json, EOS ids from
 generation_config.json (an int or a list), and the chat template from tokenizer_config.json (or a
 chat_template.jinja file). Templates render in the same sandbox with the same helpers as transformers'
 `apply_chat_template` (raise_exception, strftime_now, tojson, namespace, bos_token, eos_token, ...), so ids
@@ -21,6 +21,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+TIKTOKEN_FILE = "tiktoken.model"
 SPECIAL_TOKEN_NAMES = (
     "bos_token",
     "eos_token",
@@ -53,12 +54,19 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise ValueError(
-                f"model ({str(model_dir)!r}) has no tokenizer.json: moefleet needs a fast tokenizer file"
-            )
-        self._tokenizer = HFTokenizer.from_file(str(path))
         config = _read_json(model_dir / "tokenizer_config.json")
+        self._tokenizer: Any
+        if path.is_file():
+            self._tokenizer = HFTokenizer.from_file(str(path))
+        elif (model_dir / TIKTOKEN_FILE).is_file():
+            from moefleet.engine.tiktoken_vocab import TiktokenVocab
+
+            self._tokenizer = TiktokenVocab(model_dir / TIKTOKEN_FILE, config)
+        else:
+            raise ValueError(
+                f"model ({str(model_dir)!r}) has neither tokenizer.json nor {TIKTOKEN_FILE}: moefleet needs a "
+                "fast tokenizer file or a tiktoken BPE file"
+            )
         special_map = _read_json(model_dir / "special_tokens_map.json")
         generation = _read_json(model_dir / "generation_config.json")
 
@@ -97,7 +105,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # BOS (when the model wants one) comes from tokenizer.json's post-processor, as in transformers>=5;
-        # tokenizer_config's add_bos_token is not consulted.
+        # tokenizer_config's add_bos_token is not consulted. tiktoken vocabularies never add one (Kimi's
+        # tokenizer class keeps PreTrainedTokenizer's default: no special tokens around a completion).
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

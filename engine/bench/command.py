@@ -37,6 +37,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=defaults.warmup)
     p.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=defaults.dtype)
+    p.add_argument(
+        "--quantization",
+        choices=["none", "fp8"],
+        default="none",
+        help="fp8: random weights quantised to 128x128 block FP8 (w8a8 Triton GEMMs on CUDA)",
+    )
     p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "deepep"])
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
     p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented per-part steps")
@@ -121,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                         preset=preset, num_layers=args.layers, dense_layers=args.dense_layers, mode=mode,
                         batch_size=batch or BenchOptions().batch_size, kv_len=args.kv_len,
                         prefill_tokens=args.prefill_tokens, prefill_seq_len=args.prefill_seq_len,
-                        steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                        steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype, quantization=args.quantization,
                         backend=args.moe_backend, breakdown=not args.no_breakdown,
                     )  # fmt: skip
                 except ValueError as exc:

@@ -38,6 +38,7 @@ class BenchOptions:
     warmup: int = 3
     device: str = "cuda"
     dtype: str = "bfloat16"
+    quantization: str = "none"  # "fp8": linears and experts quantised to 128x128 block FP8 after random init
     backend: str = "auto"
     block_size: int = 64
     kv_memory_fraction: float = 0.9
@@ -245,6 +246,10 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     finally:
         parallel_layout.set_layout(parallel_layout.ParallelLayout())
     random_init(model, options.seed)
+    if options.quantization == "fp8":
+        from moefleet.engine.fp8_weights import quantize_model
+
+        quantize_model(model)
     if group is not None:
         apply_expert_parallel(model, group, options.backend)
 

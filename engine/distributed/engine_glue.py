@@ -44,7 +44,7 @@ def build_engine(
     check_model_experts_divisible(config.hf_config, state.world_size)
     set_expert_parallel_layout(state.device_group)
     assert config.dtype is not None
-    model = load_model(config.model, state.device, config.dtype)
+    model = load_model(config.model, state.device, config.dtype, config.quantization)
     hidden_size = int(config.hf_config.get("hidden_size", 0))
     apply_expert_parallel(
         model, state.device_group, backend, hidden_size=hidden_size, device_type=state.device.type, **options

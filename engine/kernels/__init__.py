@@ -1,3 +1,3 @@
-"""Triton kernels for the GPU fast path (issue 8): paged/varlen attention (`paged_attention`, `mla_decode`) with
-slow torch references from the formula (`attention_reference`), and the fused MoE kernels. Each kernel has a
-pure-torch reference used on CPU and as the test oracle; kernels run under TRITON_INTERPRET=1 in CPU tests."""
+"""Triton kernels of the GPU fast path: paged/varlen attention (`paged_attention`, `mla_decode`), fused MoE
+(`fused_moe`, `moe_align`) and FP8 block GEMMs. Each has a slow torch reference written from the formula (the
+test oracle); CPU tests run the kernels under TRITON_INTERPRET=1."""

@@ -18,6 +18,13 @@ PAD_FACTOR = 4
 PAD_MIN_ROWS = 4096
 
 
+def torch_path(tokens_per_expert: list[int], num_rows: int) -> str:
+    """CPU path choice: "padded" (one batched matmul over rows padded to the busiest expert) while the padding
+    stays small (decode, balanced prefill), else "loop" (one matmul per expert that has rows: skewed routing)."""
+    padded_rows = len(tokens_per_expert) * max(tokens_per_expert, default=0)
+    return "padded" if padded_rows <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS) else "loop"
+
+
 class Experts(nn.Module):
     def __init__(self, local_experts: range, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -31,6 +38,65 @@ class Experts(nn.Module):
         self.w13.weight_loader = self._load_per_expert  # type: ignore[attr-defined]
         self.w2.weight_loader = self._load_per_expert  # type: ignore[attr-defined]
         self.loaded: set[tuple[int, str]] = set()  # (logical expert, shard) seen, for completeness checks
+        # FP8 (set by `to_fp8`): w13/w2 in float8_e4m3fn with block scales w13_scale_inv/w2_scale_inv.
+        self.block_shape: tuple[int, int] | None = None
+        self.w13_scale_inv: torch.Tensor | None
+        self.w2_scale_inv: torch.Tensor | None
+        self.register_buffer("w13_scale_inv", None, persistent=False)
+        self.register_buffer("w2_scale_inv", None, persistent=False)
+        self.loaded_scales: set[tuple[int, str]] = set()
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Store weights as float8_e4m3fn + per-(bo x bi)-tile scales (DeepSeek's format), before loading.
+
+        w13_scale_inv [E_local, 2I/bo, ceil(D/bi)], w2_scale_inv [E_local, ceil(D/bo), ceil(I/bi)]; gate and
+        up must not share a scale tile, so I must be a multiple of bo."""
+        bo, bi = block
+        inter, hidden = self.intermediate_size, self.hidden_size
+        if inter % bo:
+            raise ValueError(
+                f"FP8 experts: moe intermediate size {inter} is not a multiple of the weight block rows {bo}; "
+                "serve with --quantization none"
+            )
+        device, num_local = self.w13.device, self.w13.shape[0]
+        fp8 = torch.float8_e4m3fn
+        self.block_shape = (bo, bi)
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=fp8, device=device), False)
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=fp8, device=device), False)
+        self.w13.weight_loader = self._load_per_expert  # type: ignore[attr-defined]
+        self.w2.weight_loader = self._load_per_expert  # type: ignore[attr-defined]
+        f32 = torch.float32
+        self.w13_scale_inv = torch.empty(
+            num_local, 2 * inter // bo, -(-hidden // bi), dtype=f32, device=device
+        )
+        self.w2_scale_inv = torch.empty(
+            num_local, -(-hidden // bo), -(-inter // bi), dtype=f32, device=device
+        )
+
+    def load_scale(self, expert_id: int, shard: str, scale: torch.Tensor) -> None:
+        """Load `experts.{expert_id}.{shard}_proj.weight_scale_inv`; a no-op for non-local experts."""
+        if expert_id not in self.local_experts:
+            return
+        if self.block_shape is None or self.w13_scale_inv is None or self.w2_scale_inv is None:
+            raise ValueError(
+                f"expert {expert_id} {shard}_proj has an FP8 scale but these experts are not FP8"
+            )
+        local = expert_id - self.local_experts.start
+        tiles = self.intermediate_size // self.block_shape[0]
+        targets = {
+            "gate": self.w13_scale_inv[local, :tiles],
+            "up": self.w13_scale_inv[local, tiles:],
+            "down": self.w2_scale_inv[local],
+        }
+        if shard not in targets:
+            raise ValueError(f"unknown expert shard {shard!r} (expected one of {SHARDS})")
+        if targets[shard].shape != scale.shape:
+            raise ValueError(
+                f"expert {expert_id} {shard}_proj scale has shape {tuple(scale.shape)}, "
+                f"expected {tuple(targets[shard].shape)}"
+            )
+        targets[shard].copy_(scale)
+        self.loaded_scales.add((expert_id, shard))
 
     def _load_per_expert(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard: str) -> None:
         """Load checkpoint `experts.{expert_id}.{shard}_proj.weight`; a no-op for non-local experts."""
@@ -68,34 +134,83 @@ class Experts(nn.Module):
             raise ValueError(f"unknown stacked expert tensor {name!r}")
 
     def missing(self) -> list[str]:
-        return [
+        missing = [
             f"expert {e} {s}_proj" for e in self.local_experts for s in SHARDS if (e, s) not in self.loaded
         ]
+        if self.block_shape is not None:
+            missing += [
+                f"expert {e} {s}_proj.weight_scale_inv"
+                for e in self.local_experts
+                for s in SHARDS
+                if (e, s) not in self.loaded_scales
+            ]
+        return missing
 
-    def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """hidden [N, D] grouped by local expert (counts in `tokens_per_expert`) -> [N, D] unweighted outputs.
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) in float32 (FP8 experts) or as stored: what the CPU path multiplies with."""
+        if self.block_shape is None:
+            return self.w13, self.w2
+        from moefleet.engine.kernels.fp8_quant import dequantize_block
 
-        Two interchangeable reference paths (a grouped GEMM kernel can replace both): one batched matmul
-        over rows padded to the busiest expert when padding stays small (few launches: decode, balanced
-        prefill), else a loop over the experts that have rows (heavily skewed routing).
+        assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+        return (
+            dequantize_block(self.w13, self.w13_scale_inv, self.block_shape),
+            dequantize_block(self.w2, self.w2_scale_inv, self.block_shape),
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        tokens_per_expert: list[int] | None = None,
+        *,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
+
+        Rows per expert come either as a host list `tokens_per_expert` or as a device tensor `counts` [E_local]
+        (no host synchronisation on CUDA). On CUDA the fused Triton kernel runs (`kernels.fused_moe`); on CPU
+        a torch path that computes exactly what transformers computes per expert.
         """
-        num_rows = hidden.shape[0]
-        if num_rows == 0:
+        if tokens_per_expert is None and counts is None:
+            raise ValueError("Experts.forward needs tokens_per_expert (host list) or counts (tensor)")
+        if hidden.is_cuda:
+            if counts is None:
+                counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
+                    hidden.device, non_blocking=True
+                )
+            return self.forward_fused(hidden, counts)
+        if tokens_per_expert is None:
+            assert counts is not None
+            tokens_per_expert = [int(c) for c in counts.tolist()]
+        if hidden.shape[0] == 0:
             return torch.empty_like(hidden)
-        padded_rows = len(tokens_per_expert) * max(tokens_per_expert)
-        if padded_rows <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS):
+        if torch_path(tokens_per_expert, hidden.shape[0]) == "padded":
             return self.forward_padded(hidden, tokens_per_expert)
         return self.forward_loop(hidden, tokens_per_expert)
 
+    def forward_fused(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from moefleet.engine.kernels.fused_moe import fused_experts_grouped
+
+        return fused_experts_grouped(
+            hidden,
+            counts,
+            self.w13,
+            self.w2,
+            w13_scale=self.w13_scale_inv,
+            w2_scale=self.w2_scale_inv,
+            block_shape=self.block_shape,
+        )
+
     def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        w13, w2 = (w.to(hidden.dtype) for w in self.dequantized())
         out = torch.empty_like(hidden)
         start = 0
         for local, count in enumerate(tokens_per_expert):
             if count == 0:
                 continue
             rows = hidden[start : start + count]
-            gate, up = F.linear(rows, self.w13[local]).chunk(2, dim=-1)
-            out[start : start + count] = F.linear(F.silu(gate) * up, self.w2[local])
+            gate, up = F.linear(rows, w13[local]).chunk(2, dim=-1)
+            out[start : start + count] = F.linear(F.silu(gate) * up, w2[local])
             start += count
         return out
 
@@ -108,6 +223,7 @@ class Experts(nn.Module):
         )
         padded = hidden.new_zeros(len(tokens_per_expert), max(tokens_per_expert), hidden.shape[1])
         padded[expert, position] = hidden
-        gate, up = torch.bmm(padded, self.w13.transpose(1, 2)).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))
+        w13, w2 = (w.to(hidden.dtype) for w in self.dequantized())
+        gate, up = torch.bmm(padded, w13.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))
         return out[expert, position]

@@ -47,3 +47,47 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T (+ b) with W kept in float8_e4m3fn plus block scales (DeepSeek-V3/R1, Kimi-K2 checkpoints).
+
+    `weight` [out, in] fp8 and `weight_scale_inv` [ceil(out/bo), ceil(in/bi)] float32 load by name from the
+    checkpoint (W = fp8 * scale per bo x bi tile). On CUDA a Triton w8a8 block GEMM runs (activations
+    quantised per token per group of bi columns on the fly); on CPU the weight is dequantised and multiplied
+    in the activation dtype (exact w.r.t. the dequantised weights; slow, for tests).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, block: tuple[int, int], bias: bool = False, dtype=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        scale_shape = (-(-out_features // block[0]), -(-in_features // block[1]))
+        self.weight = set_weight_loader(
+            nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), False)
+        )
+        self.weight_scale_inv = set_weight_loader(
+            nn.Parameter(torch.empty(scale_shape, dtype=torch.float32), False)
+        )
+        self.bias = (
+            set_weight_loader(nn.Parameter(torch.zeros(out_features, dtype=dtype), False)) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from moefleet.engine.kernels.fp8_quant import dequantize_block
+
+        flat = x.reshape(-1, self.in_features)
+        if x.is_cuda:
+            from moefleet.engine.kernels.fused_moe import w8a8_block_linear
+
+            out = w8a8_block_linear(flat, self.weight, self.weight_scale_inv, self.block)  # type: ignore[arg-type]
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            weight = dequantize_block(self.weight, self.weight_scale_inv, self.block).to(x.dtype)  # type: ignore[arg-type]
+            out = F.linear(flat, weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 block={list(self.block)}"

@@ -56,6 +56,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("float32", "bfloat16", "float16"),
         help="default: float32 on cpu, bfloat16 on cuda",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("auto", "none", "fp8"),
+        help="weights: auto (default) = what the checkpoint has (block-FP8 stays FP8), none = dequantize "
+        "to --dtype, fp8 = quantize linears and experts to 128x128 block FP8 at load",
+    )
     parser.add_argument("--served-model-name", help="model name clients send (default: basename of --model)")
     parser.add_argument("--max-num-seqs", type=int, help="most sequences in one step")
     parser.add_argument(
@@ -247,6 +253,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         name: getattr(args, name)
         for name in (
             "dtype",
+            "quantization",
             "max_num_seqs",
             "max_num_batched_tokens",
             "max_model_len",
@@ -318,8 +325,24 @@ def serve_http(
         pass
 
 
+def print_weight_plan(args: argparse.Namespace, world_size: int) -> None:
+    """Weights per GPU this deployment will hold (memory_plan), before anything loads."""
+    from moefleet.engine.fp8_weights import resolve_quantization
+    from moefleet.engine.memory_plan import startup_line
+
+    config = engine_config(args)
+    try:
+        quantization = resolve_quantization(config.hf_config, config.quantization)
+        dtype_bytes = 4 if config.dtype == "float32" else 2
+        line = startup_line(config.hf_config, world_size, quantization, dtype_bytes)
+    except (KeyError, TypeError, ValueError) as exc:  # a config this plan does not know: no estimate
+        line = f"weights per GPU: no estimate ({type(exc).__name__}: {exc})"
+    print(f"moefleet serve: {line}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     launch = check_args(args)
+    print_weight_plan(args, launch.world_size)
     if launch.world_size > 1:
         from moefleet.engine.server.group_serve import run_group
 

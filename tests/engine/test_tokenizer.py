@@ -94,5 +94,5 @@ def test_missing_chat_template_is_a_clear_error(model_dir, tmp_path):
 
 
 def test_missing_tokenizer_json(tmp_path):
-    with pytest.raises(ValueError, match="no tokenizer.json"):
+    with pytest.raises(ValueError, match="neither tokenizer.json nor tiktoken.model"):
         Tokenizer(tmp_path)
