@@ -9,28 +9,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .attention import create_attention_backend
 from .config import EngineConfig
-from .context import ForwardContext, forward_context
+from .forward_batch import ForwardBatch
 from .loader import dtype_from_name, load_model
 from .sampler import SamplingBatch, sample
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    context: ForwardContext
-    sample_indices: torch.Tensor  # [S] rows of the step's hidden states whose logits are sampled
 
 
 class ModelRunner:
@@ -52,6 +44,7 @@ class ModelRunner:
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device)
         self.num_kv_blocks = self._count_kv_blocks()
         self._allocate_kv_cache()
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
@@ -123,13 +116,8 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
         try:
-            context = ForwardContext(
-                is_prefill=True, query_lens=lens, context_lens=lens, block_size=self.block_size
-            )
-            input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-            positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-            with forward_context(context):
-                hidden = self.model(input_ids, positions)
+            batch = ForwardBatch.prefill_without_cache(lens, self.device, self.attn_backend)
+            hidden = self.model(batch.input_ids, batch.positions, batch)
             rows = torch.arange(config.max_num_seqs, device=self.device) % num_tokens
             self.model.compute_logits(hidden[rows])
         finally:
@@ -149,56 +137,51 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def prepare(self, batch: SchedulerOutput) -> StepInputs:
-        """Flatten the scheduled chunks into model inputs and forward metadata."""
+    def prepare(self, batch: SchedulerOutput, is_prefill: bool | None = None) -> ForwardBatch:
+        """Flatten the scheduled chunks into one ForwardBatch (one host->device copy).
+
+        `is_prefill` is the group-agreed mode of an expert-parallel step (None alone)."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
         query_lens: list[int] = []
-        context_lens: list[int] = []
+        seq_lens: list[int] = []
         sample_indices: list[int] = []
-        bs = self.block_size
         for s in batch.scheduled:
             end = s.start + s.num_new_tokens
-            table = s.seq.block_table
             input_ids.extend(s.seq.token_ids[s.start : end])
             positions.extend(range(s.start, end))
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
             query_lens.append(s.num_new_tokens)
-            context_lens.append(end)
+            seq_lens.append(end)
             if s.samples:
                 sample_indices.append(len(input_ids) - 1)
-        width = max((len(s.seq.block_table) for s in batch.scheduled), default=0)
-        block_tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in batch.scheduled]
-
-        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        context = ForwardContext(
-            is_prefill=batch.is_prefill,
+        return ForwardBatch.build(
+            input_ids=input_ids,
+            positions=positions,
             query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=tensor(slot_mapping),
-            # Host tensor: only attention's index-map builder reads it, on the CPU (no device round trip).
-            block_tables=torch.tensor(block_tables, dtype=torch.long).reshape(len(block_tables), width),
-            block_size=bs,
+            seq_lens=seq_lens,
+            block_tables=[s.seq.block_table for s in batch.scheduled],
+            block_size=self.block_size,
+            sample_indices=sample_indices,
+            device=self.device,
+            attn_backend=self.attn_backend,
+            dp_is_prefill=is_prefill,
         )
-        return StepInputs(tensor(input_ids), tensor(positions), context, tensor(sample_indices))
+
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """Forward one batch and return float32 logits [S, V] of its sampled rows."""
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        return self.model.compute_logits(hidden[fb.sample_indices]).float()
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput, is_prefill: bool | None = None) -> list[int]:
         """One forward over `batch`; returns one sampled token per sampling sequence (scheduled order).
 
-        `is_prefill` overrides the forward mode (expert-parallel ranks agree on one mode per step).
+        `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step).
         """
-        inputs = self.prepare(batch)
-        if is_prefill is not None:
-            inputs.context.is_prefill = is_prefill
-        with forward_context(inputs.context):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if inputs.sample_indices.numel() == 0:
+        fb = self.prepare(batch, is_prefill)
+        logits = self.forward_logits(fb)  # [S, V]
+        if logits.shape[0] == 0:
             return []
-        logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]
         sampling = [s.seq for s in batch.sampling]
         self._ban_early_stop_tokens(logits, sampling)
         return sample(logits, self._sampling_batch(sampling))

@@ -1,9 +1,10 @@
 """One rank of `moefleet bench`: build a preset on random weights, time decode or prefill steps.
 
 Data flow: preset config -> (EP group, layout) -> model on device with random weights -> EP dispatchers ->
-KV cache for the scenario -> a fixed ForwardContext (decode: B sequences at kv_len; prefill: sequences of
-seq_len) -> warm-up, timed steps (no instrumentation), then instrumented steps for the per-part breakdown.
-Decode steps reuse one context, so every step runs at the same KV length (a steady-state step).
+KV cache for the scenario -> warm-up, timed steps (no instrumentation), then instrumented steps for the
+per-part breakdown. Every step is what the engine does per step: build a new ForwardBatch from host lists
+(prepare), forward, logits of the sampled rows, greedy sample read back to the host. Decode steps keep
+every sequence at the same KV length (a steady-state step; the new token's slot is rewritten each step).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import torch
 from moefleet.engine import parallel_layout
+from moefleet.engine.attention import create_attention_backend
 from moefleet.engine.bench.floor import decode_step_bytes
 from moefleet.engine.bench.presets import num_experts, preset_config
-from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.experts import Experts
 from torch import nn
 
@@ -39,6 +41,8 @@ class BenchOptions:
     device: str = "cuda"
     dtype: str = "bfloat16"
     backend: str = "auto"
+    attention_backend: str = "auto"
+    cuda_graphs: str = "off"
     block_size: int = 64
     kv_memory_fraction: float = 0.9
     breakdown: bool = True
@@ -197,31 +201,56 @@ def parameter_bytes(model: nn.Module) -> tuple[int, int, int]:
     return routed, embedding, other
 
 
-def build_context(
-    options: BenchOptions, device: torch.device, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, int]:
-    """Inputs and forward metadata for the scenario, plus the number of KV blocks it needs."""
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """Host lists of one step of the scenario (what the scheduler would hand the model runner)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    num_blocks: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def build_scenario(options: BenchOptions, vocab_size: int) -> Scenario:
+    """Decode: B sequences at kv_len cached tokens computing one more; prefill: whole prompts of seq_len."""
     bs = options.block_size
     if options.mode == "decode":
-        num_seqs, query_len, context_len = options.batch_size, 1, options.kv_len + 1
+        num_seqs, query_len, seq_len = options.batch_size, 1, options.kv_len + 1
     else:
         num_seqs = options.prefill_tokens // options.prefill_seq_len
-        query_len = context_len = options.prefill_seq_len
-    blocks_per_seq = math.ceil(context_len / bs)
-    block_tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
-    positions = torch.arange(context_len - query_len, context_len).repeat(num_seqs)  # [T]
-    seq_of_token = torch.arange(num_seqs).repeat_interleave(query_len)
-    slot_mapping = block_tables[seq_of_token, positions // bs].long() * bs + positions % bs
-    context = ForwardContext(
-        is_prefill=options.mode == "prefill",
+        query_len = seq_len = options.prefill_seq_len
+    blocks_per_seq = math.ceil(seq_len / bs)
+    tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(num_seqs)]
+    generator = torch.Generator().manual_seed(options.seed)
+    input_ids = torch.randint(0, vocab_size, (num_seqs * query_len,), generator=generator).tolist()
+    return Scenario(
+        input_ids=input_ids,
+        positions=list(range(seq_len - query_len, seq_len)) * num_seqs,
         query_lens=[query_len] * num_seqs,
-        context_lens=[context_len] * num_seqs,
-        slot_mapping=slot_mapping.to(device),
-        block_tables=block_tables.to(device),
-        block_size=bs,
+        seq_lens=[seq_len] * num_seqs,
+        block_tables=tables,
+        num_blocks=num_seqs * blocks_per_seq,
     )
-    input_ids = torch.randint(0, vocab_size, (num_seqs * query_len,), device=device)
-    return input_ids, positions.to(device), context, num_seqs * blocks_per_seq
+
+
+def prepare(scenario: Scenario, options: BenchOptions, device: torch.device, backend: Any) -> ForwardBatch:
+    """A new ForwardBatch for one step, as ModelRunner.prepare builds it."""
+    return ForwardBatch.build(
+        input_ids=scenario.input_ids,
+        positions=scenario.positions,
+        query_lens=scenario.query_lens,
+        seq_lens=scenario.seq_lens,
+        block_tables=scenario.block_tables,
+        block_size=options.block_size,
+        device=device,
+        attn_backend=backend,
+    )
 
 
 def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
@@ -257,17 +286,16 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         kv_capacity = int(free * options.kv_memory_fraction) // kv_bytes_per_token
     else:
         kv_capacity = 0
-    input_ids, positions, context, num_blocks = build_context(options, device, int(config["vocab_size"]))
+    scenario = build_scenario(options, int(config["vocab_size"]))
     for m in attention:
-        m.kv_cache = torch.randn(m.kv_cache_shape(num_blocks, options.block_size), dtype=dtype, device=device)
-    sample_rows = torch.tensor(
-        [sum(context.query_lens[: i + 1]) - 1 for i in range(len(context.query_lens))], device=device
-    )
+        shape = m.kv_cache_shape(scenario.num_blocks, options.block_size)
+        m.kv_cache = torch.randn(shape, dtype=dtype, device=device)
+    backend = create_attention_backend(options.attention_backend, device)
 
     def step() -> None:
-        with forward_context(context):
-            hidden = model(input_ids, positions)
-            model.compute_logits(hidden[sample_rows]).argmax(dim=-1)
+        batch = prepare(scenario, options, device, backend)
+        hidden = model(batch.input_ids, batch.positions, batch)
+        model.compute_logits(hidden[batch.sample_indices]).argmax(dim=-1).tolist()
 
     def barrier() -> None:
         if group is not None:
@@ -318,7 +346,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         rank=rank,
         world_size=world_size,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        tokens_per_step=context.num_tokens,
+        tokens_per_step=scenario.num_tokens,
         step_times_s=times,
         breakdown_s=breakdown,
         kv_capacity_tokens=kv_capacity,

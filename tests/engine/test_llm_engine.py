@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from moefleet.engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from moefleet.engine.context import get_context
 from moefleet.engine.scheduler import SchedulerOutput
 from support.tiny_models import one_torch_thread, tiny_model_dir
 
@@ -181,7 +180,7 @@ def test_idle_step_and_step_agreement(model_dir):
     engine = LLMEngine(EngineConfig(model=model_dir, max_model_len=128), step_agreement=agree)
     model = engine.model_runner.model
     hook = model.register_forward_hook(
-        lambda m, args, out: seen.append((args[0].numel(), get_context().is_prefill))
+        lambda m, args, out: seen.append((args[0].numel(), args[2].is_prefill))
     )
     assert engine.step() == [] and seen == [(0, True)]  # idle forward, T = 0
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -202,9 +201,7 @@ def test_warmup_runs_the_largest_step_without_touching_the_cache(model_dir):
     runner = engine.model_runner
     caches = [layer.kv_cache for layer in runner.attention_layers]
     seen = []
-    hook = runner.model.register_forward_hook(
-        lambda m, args, out: seen.append(list(get_context().query_lens))
-    )
+    hook = runner.model.register_forward_hook(lambda m, args, out: seen.append(list(args[2].query_lens)))
     runner.warmup()
     hook.remove()
     assert seen == [[64, 64, 22]]
