@@ -71,6 +71,9 @@ class ForwardBatch:
     # normal vs low-latency from it; attention decides per row from query_lens.
     dp_is_prefill: bool | None = None
     attn_backend: AttentionBackend | None = None
+    # A padded decode batch over a CUDA graph's static buffers: kernels must size launches from host
+    # shapes only (never from the host lists, which are placeholders at capture).
+    for_cuda_graph: bool = False
     derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     # ---- sizes ---------------------------------------------------------------------------------------

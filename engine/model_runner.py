@@ -44,7 +44,7 @@ class ModelRunner:
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
-        self.attn_backend = create_attention_backend(config.attention_backend, self.device)
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device, config.block_size)
         self.num_kv_blocks = self._count_kv_blocks()
         self._allocate_kv_cache()
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.

@@ -290,7 +290,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     for m in attention:
         shape = m.kv_cache_shape(scenario.num_blocks, options.block_size)
         m.kv_cache = torch.randn(shape, dtype=dtype, device=device)
-    backend = create_attention_backend(options.attention_backend, device)
+    backend = create_attention_backend(options.attention_backend, device, options.block_size)
 
     def step() -> None:
         batch = prepare(scenario, options, device, backend)
