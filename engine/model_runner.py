@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import create_attention_backend
 from .config import EngineConfig
+from .cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
 from .forward_batch import ForwardBatch
 from .loader import dtype_from_name, load_model
 from .sampler import SamplingBatch, sample
@@ -45,8 +46,17 @@ class ModelRunner:
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
         self.attn_backend = create_attention_backend(config.attention_backend, self.device, config.block_size)
+        expert_parallel = any(getattr(m, "ep_size", 1) > 1 for m in self.model.modules())
+        self.use_cuda_graphs, why = decide_cuda_graphs(
+            config.cuda_graphs, self.device, self.attn_backend.supports_cuda_graphs, expert_parallel
+        )
+        self.graph_runner: CudaGraphRunner | None = None
         self.num_kv_blocks = self._count_kv_blocks()
         self._allocate_kv_cache()
+        if self.use_cuda_graphs:
+            why = self._capture_cuda_graphs()
+        print(f"CUDA graphs: {why}", flush=True)
+        logger.info("CUDA graphs: %s", why)
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
         self._default_generator = torch.Generator(self.device).manual_seed(config.seed)
         self._generators: dict[int, torch.Generator] = {}
@@ -89,17 +99,60 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device)
         self.warmup()
         activation_peak = torch.cuda.max_memory_allocated(self.device) - before
+        # Captured graphs keep a private pool about the size of the largest bucket's decode activations.
+        graph_reserve = self._decode_activation_peak() if self.use_cuda_graphs else 0
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        used = total - free
+        budget = int(total * self.config.kv_cache_memory_fraction) - used - activation_peak - graph_reserve
         logger.info(
-            "GPU memory: %.2f GiB total, %.2f GiB in use, activation peak %.2f GiB, KV budget %.2f GiB",
+            "GPU memory: %.2f GiB total, %.2f GiB in use, activation peak %.2f GiB, CUDA graphs %.2f GiB, "
+            "KV budget %.2f GiB",
             total / 2**30,
-            (total - free) / 2**30,
+            used / 2**30,
             activation_peak / 2**30,
+            graph_reserve / 2**30,
             budget / 2**30,
         )
         return max(budget, 0)
+
+    @torch.inference_mode()
+    def _decode_activation_peak(self) -> int:
+        """Peak bytes of a decode-width step at the largest graph bucket (one token per sequence), measured
+        without a KV cache; reserved for the CUDA-graph memory pool before the KV cache is sized."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        caches = [layer.kv_cache for layer in self.attention_layers]
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
+        try:
+            lens = [1] * self.config.max_num_seqs
+            batch = ForwardBatch.prefill_without_cache(lens, self.device, self.attn_backend)
+            self.forward_logits(batch)
+        finally:
+            for layer, cache in zip(self.attention_layers, caches, strict=True):
+                layer.kv_cache = cache
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+    def _capture_cuda_graphs(self) -> str:
+        """Capture decode graphs (before the engine serves); on failure run eagerly and say why."""
+        config = self.config
+        runner = CudaGraphRunner(
+            self.model,
+            self.attn_backend,
+            max_batch_size=config.max_num_seqs,
+            max_blocks_per_seq=config.max_blocks_per_seq,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        try:
+            runner.capture()
+        except RuntimeError as exc:  # e.g. a host sync in the decode step (see docs/engine.md)
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", exc)
+            return f"off: capture failed ({str(exc).splitlines()[0][:200]})"
+        self.graph_runner = runner
+        return f"on: {len(runner.sizes)} decode buckets up to {runner.sizes[-1]}, {runner.pool_bytes / 2**20:.0f} MiB"
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -179,7 +232,10 @@ class ModelRunner:
         `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step).
         """
         fb = self.prepare(batch, is_prefill)
-        logits = self.forward_logits(fb)  # [S, V]
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            logits = self.graph_runner.replay(fb)  # [S, V]
+        else:
+            logits = self.forward_logits(fb)  # [S, V]
         if logits.shape[0] == 0:
             return []
         sampling = [s.seq for s in batch.sampling]

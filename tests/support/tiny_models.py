@@ -137,11 +137,8 @@ class PagedDriver:
         self.free = list(range(self.num_blocks))
         random.Random(0).shuffle(self.free)
 
-    def step(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> torch.Tensor:
-        """Feed `chunks` [(seq_id, new token ids)] in one forward.
-
-        Returns logits [B, V] of each chunk's last token (or [T, V] for every token with `all_logits`).
-        """
+    def batch(self, chunks: list[tuple[int, list[int]]]) -> ForwardBatch:
+        """The ForwardBatch feeding `chunks` [(seq_id, new token ids)]; grows block tables and lengths."""
         input_ids, positions, query_lens, seq_lens = [], [], [], []
         for seq_id, tokens in chunks:
             start = self.lengths.get(seq_id, 0)
@@ -154,7 +151,7 @@ class PagedDriver:
             query_lens.append(len(tokens))
             seq_lens.append(end)
             self.lengths[seq_id] = end
-        batch = ForwardBatch.build(
+        return ForwardBatch.build(
             input_ids=input_ids,
             positions=positions,
             query_lens=query_lens,
@@ -164,6 +161,13 @@ class PagedDriver:
             device=self.device,
             attn_backend=self.attn_backend,
         )
+
+    def step(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> torch.Tensor:
+        """Feed `chunks` [(seq_id, new token ids)] in one forward.
+
+        Returns logits [B, V] of each chunk's last token (or [T, V] for every token with `all_logits`).
+        """
+        batch = self.batch(chunks)
         with torch.no_grad():
             hidden = self.model(batch.input_ids, batch.positions, batch)
             if not all_logits:
