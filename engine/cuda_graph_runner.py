@@ -161,9 +161,13 @@ class CudaGraphRunner:
         block_size: int,
         device: torch.device,
         extra_sizes: Iterable[int] = (),
+        sizes: list[int] | None = None,
     ):
+        """`sizes` replaces the default buckets (e.g. one size for a benchmark)."""
         self.model, self.backend, self.block_size, self.device = model, backend, block_size, device
-        self.sizes = capture_batch_sizes(max_batch_size, extra_sizes)
+        self.sizes = sorted(sizes) if sizes else capture_batch_sizes(max_batch_size, extra_sizes)
+        if self.sizes[-1] > max_batch_size:
+            raise ValueError(f"capture sizes {self.sizes} exceed max_batch_size ({max_batch_size})")
         self.static = StaticInputs.allocate(max_batch_size, max_blocks_per_seq, device)
         self.graphs: dict[int, Any] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static logits [N, V]

@@ -20,7 +20,9 @@ import torch
 from moefleet.engine import parallel_layout
 from moefleet.engine.attention import create_attention_backend
 from moefleet.engine.bench.floor import decode_step_bytes
+from moefleet.engine.bench.flops import forward_flops, peak_flops
 from moefleet.engine.bench.presets import num_experts, preset_config
+from moefleet.engine.cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
 from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.experts import Experts
 from torch import nn
@@ -41,8 +43,9 @@ class BenchOptions:
     device: str = "cuda"
     dtype: str = "bfloat16"
     backend: str = "auto"
-    attention_backend: str = "auto"
-    cuda_graphs: str = "off"
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    cuda_graphs: str = "auto"  # auto: decode steps replay CUDA graphs when capturable (CUDA, triton)
+    peak_tflops: float | None = None  # for prefill MFU; None: from the device name (flops.py)
     block_size: int = 64
     kv_memory_fraction: float = 0.9
     breakdown: bool = True
@@ -72,13 +75,22 @@ class RankResult:
     kv_capacity_tokens: int = 0
     bandwidth_bytes_per_s: float = 0.0
     floor_bytes: dict[str, int] = field(default_factory=dict)
+    prepare_times_s: list[float] = field(default_factory=list)  # host time building each ForwardBatch
+    flops_per_step: int = 0
+    peak_flops: float | None = None
+    attention_backend: str = ""
+    cuda_graphs: str = ""
+
+    @property
+    def prepare_time_s(self) -> float:
+        return statistics.median(self.prepare_times_s) if self.prepare_times_s else 0.0
 
     @property
     def step_time_s(self) -> float:
         return statistics.median(self.step_times_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "step_time_s": self.step_time_s}
+        return {**asdict(self), "step_time_s": self.step_time_s, "prepare_time_s": self.prepare_time_s}
 
 
 def _sync(device: torch.device) -> None:
@@ -291,11 +303,23 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         shape = m.kv_cache_shape(scenario.num_blocks, options.block_size)
         m.kv_cache = torch.randn(shape, dtype=dtype, device=device)
     backend = create_attention_backend(options.attention_backend, device, options.block_size)
+    graphs, graphs_why = None, "off: prefill" if options.mode == "prefill" else ""
+    if options.mode == "decode":
+        graphs, graphs_why = _capture_decode_graph(model, backend, options, scenario, device, group)
+    print(f"rank {rank}: CUDA graphs {graphs_why}", flush=True)
+    prepare_times: list[float] = []
 
-    def step() -> None:
+    def step(eager: bool = False) -> None:
+        """What the engine does per step: prepare a new batch, forward, logits, greedy sample to the host."""
+        start = time.perf_counter()
         batch = prepare(scenario, options, device, backend)
-        hidden = model(batch.input_ids, batch.positions, batch)
-        model.compute_logits(hidden[batch.sample_indices]).argmax(dim=-1).tolist()
+        prepare_times.append(time.perf_counter() - start)
+        if graphs is not None and not eager:
+            logits = graphs.replay(batch)
+        else:
+            hidden = model(batch.input_ids, batch.positions, batch)
+            logits = model.compute_logits(hidden[batch.sample_indices])
+        logits.argmax(dim=-1).tolist()  # the step's one host sync: sampled tokens
 
     def barrier() -> None:
         if group is not None:
@@ -305,6 +329,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         for _ in range(options.warmup):
             step()
         barrier()
+        prepare_times.clear()
         times = []
         for _ in range(options.steps):
             _sync(device)
@@ -312,6 +337,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             step()
             _sync(device)
             times.append(time.perf_counter() - start)
+        timed_prepare = list(prepare_times)
         breakdown: dict[str, float] = {}
         if options.breakdown:
             timer = PartTimer(device)
@@ -322,7 +348,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
                 barrier()
                 _sync(device)
                 start = time.perf_counter()
-                step()
+                step(eager=True)  # hooks do not fire inside a graph replay
                 _sync(device)
                 total += time.perf_counter() - start
             remove()
@@ -342,10 +368,12 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         kv_bytes_per_token=kv_bytes_per_token,
         kv_len=options.kv_len,
     )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = options.peak_tflops * 1e12 if options.peak_tflops else peak_flops(device_name)
     return RankResult(
         rank=rank,
         world_size=world_size,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        device_name=device_name,
         tokens_per_step=scenario.num_tokens,
         step_times_s=times,
         breakdown_s=breakdown,
@@ -357,4 +385,47 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             "kv_cache": floor.kv_cache,
             "total": floor.total,
         },
+        prepare_times_s=timed_prepare,
+        flops_per_step=forward_flops(
+            config, scenario.query_lens, scenario.seq_lens, num_sampled=len(scenario.query_lens)
+        ),
+        peak_flops=peak,
+        attention_backend=backend.name,
+        cuda_graphs=graphs_why,
     )
+
+
+def _capture_decode_graph(
+    model: nn.Module,
+    backend: Any,
+    options: BenchOptions,
+    scenario: Scenario,
+    device: torch.device,
+    group: Any,
+) -> tuple[CudaGraphRunner | None, str]:
+    """One CUDA graph for the scenario's batch size, as the engine captures its buckets (or why not)."""
+    expert_parallel = group is not None and dist_world_size(group) > 1
+    use, why = decide_cuda_graphs(options.cuda_graphs, device, backend.supports_cuda_graphs, expert_parallel)
+    if not use:
+        return None, why
+    runner = CudaGraphRunner(
+        model,
+        backend,
+        max_batch_size=options.batch_size,
+        max_blocks_per_seq=len(scenario.block_tables[0]),
+        block_size=options.block_size,
+        device=device,
+        sizes=[options.batch_size],
+    )
+    try:
+        with torch.inference_mode():
+            runner.capture()
+    except RuntimeError as exc:
+        return None, f"off: capture failed ({str(exc).splitlines()[0][:160]})"
+    return runner, f"on: batch {options.batch_size}, {runner.pool_bytes / 2**20:.0f} MiB"
+
+
+def dist_world_size(group: Any) -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_world_size(group))
