@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         if self.use_cuda_graphs:
             why = self._capture_cuda_graphs()
-        print(f"CUDA graphs: {why}", flush=True)
+        print(f"CUDA graphs: {why}", file=sys.stderr, flush=True)
         logger.info("CUDA graphs: %s", why)
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
         self._default_generator = torch.Generator(self.device).manual_seed(config.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -50,7 +51,7 @@ def resolve_attention_backend(name: str, device: torch.device, block_size: int =
 
 def create_attention_backend(name: str, device: torch.device, block_size: int = 16) -> AttentionBackend:
     chosen, why = resolve_attention_backend(name, device, block_size)
-    print(f"attention backend: {chosen} ({why})", flush=True)
+    print(f"attention backend: {chosen} ({why})", file=sys.stderr, flush=True)
     logger.info("attention backend: %s (%s)", chosen, why)
     if chosen == "triton":
         from .triton_backend import TritonAttentionBackend

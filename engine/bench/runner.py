@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -306,7 +307,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     graphs, graphs_why = None, "off: prefill" if options.mode == "prefill" else ""
     if options.mode == "decode":
         graphs, graphs_why = _capture_decode_graph(model, backend, options, scenario, device, group)
-    print(f"rank {rank}: CUDA graphs {graphs_why}", flush=True)
+    print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
     prepare_times: list[float] = []
 
     def step(eager: bool = False) -> None:

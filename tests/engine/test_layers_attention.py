@@ -153,3 +153,42 @@ def test_zero_tokens_skip_attention():
     for p in mla.parameters():
         torch.nn.init.normal_(p, std=0.2)
     assert mla(torch.zeros(0, dtype=torch.long), torch.zeros(0, 32), idle).shape == (0, 32)
+
+
+def test_two_batches_alive_at_once_interleave_layers():
+    """Two micro-batches (disjoint sequences, same caches) interleaved layer by layer, as two-batch overlap
+    runs them, give what each gives alone: no per-step state lives outside the ForwardBatch."""
+    torch.manual_seed(3)
+    rotary = RotaryEmbedding(4, 10000.0, interleaved=True)
+    config = MLAConfig(32, 2, None, 16, 8, 4, 8, softmax_scale=12**-0.5)
+    layers = [MLAttention(config, rotary) for _ in range(2)]
+    for layer in layers:
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    hidden = {s: torch.randn(n, 32) for s, n in LENGTHS.items()}
+    micro = [[(0, 0, 9)], [(1, 0, 6), (2, 0, 5)]]
+
+    def fresh_caches():
+        for layer in layers:
+            layer.kv_cache = torch.zeros(layer.kv_cache_shape(32, BLOCK))
+
+    def inputs(steps):
+        return torch.cat([hidden[s][a : a + n] for s, a, n in steps])
+
+    fresh_caches()
+    cache = Cache()
+    alone = []
+    for steps in micro:
+        batch, x = cache.batch(steps), inputs(steps)
+        for layer in layers:
+            x = layer(batch.positions, x, batch)
+        alone.append(x)
+    fresh_caches()
+    cache = Cache()
+    batches = [cache.batch(steps) for steps in micro]
+    xs = [inputs(steps) for steps in micro]
+    for layer in layers:
+        for i, batch in enumerate(batches):
+            xs[i] = layer(batch.positions, xs[i], batch)
+    for got, want in zip(xs, alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
