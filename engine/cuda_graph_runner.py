@@ -200,14 +200,16 @@ class CudaGraphRunner:
         pool = None
         stream = torch.cuda.Stream(self.device)
         for bucket in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
-            batch = static_batch(self.static, bucket, self.block_size, self.backend)
-            self.backend.init_forward_metadata_capture(batch)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile Triton kernels, settle the allocator
-                    self._step(batch)
+                    self._step(static_batch(self.static, bucket, self.block_size, self.backend))
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
+            # A fresh batch: its per-step memo (rotary cos/sin, backend metadata) must be computed inside
+            # the capture from the static buffers, never reused from the warm-up runs.
+            batch = static_batch(self.static, bucket, self.block_size, self.backend)
+            self.backend.init_forward_metadata_capture(batch)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.outputs[bucket] = self._step(batch)

@@ -147,37 +147,47 @@ class ForwardBatch:
         query_lens, seq_lens = list(query_lens), list(seq_lens)
         num_seqs, num_tokens = len(query_lens), len(input_ids)
         check_lens(query_lens, seq_lens, num_tokens, len(positions))
-        width = max((len(t) for t in block_tables), default=0)
         if len(block_tables) != num_seqs:
             raise ValueError(f"block_tables has {len(block_tables)} rows for {num_seqs} sequences")
-        tables = [list(t) + [-1] * (width - len(t)) for t in block_tables]
+        width = max((len(t) for t in block_tables), default=0)
         if slot_mapping is None:
-            slot_mapping = slots_for(query_lens, seq_lens, tables, block_size)
+            check_tables(seq_lens, block_tables, block_size)
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
         if sample_indices is None:
-            sample_indices = cu[1:]
-            sample_indices = [c - 1 for c in sample_indices]
-        parts: list[Sequence[int]] = [
-            input_ids,
-            positions,
-            slot_mapping,
-            sample_indices,
-            query_lens,
-            seq_lens,
-            cu,
-            [x for row in tables for x in row],
-        ]
-        sizes = [len(p) for p in parts]
-        flat = [x for p in parts for x in p]
-        host = torch.tensor(flat, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
+            sample_indices = [c - 1 for c in cu[1:]]
+        # One host buffer: [ids T | positions T | samples S | (slots T) | query_lens B | seq_lens B | cu B+1 |
+        # block tables B*M]; the part after the first three (four) is converted to int32 on the device.
+        head: list[Sequence[int]] = [input_ids, positions, sample_indices]
+        if slot_mapping is not None:
+            head.append(slot_mapping)
+        tail: list[Sequence[int]] = [query_lens, seq_lens, cu]
+        head_sizes, tail_sizes = [len(p) for p in head], [len(p) for p in tail]
+        table_size = num_seqs * width
+        total = sum(head_sizes) + sum(tail_sizes) + table_size
+        host = torch.empty(total, dtype=torch.int64, pin_memory=device.type == "cuda")
+        offset = 0
+        for part in (*head, *tail):
+            host[offset : offset + len(part)] = torch.tensor(part, dtype=torch.int64)
+            offset += len(part)
+        host_tables = host[offset:].view(num_seqs, width)
+        host_tables.fill_(-1)
+        for row, table in enumerate(block_tables):
+            if len(table):
+                host_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int64)
         dev = host.to(device, non_blocking=True)
-        ids, pos, slots, samples, rest = dev.split([*sizes[:4], sum(sizes[4:])])
-        qlens, slens, cu_t, tables_t = rest.to(torch.int32).split(sizes[4:])
-        host_tables = host.narrow(0, sum(sizes[:7]), sizes[7]).view(num_seqs, width)
+        head_t = dev[: sum(head_sizes)].split(head_sizes)
+        qlens, slens, cu_t, tables_t = dev[sum(head_sizes) :].to(torch.int32).split([*tail_sizes, table_size])
+        ids, pos, samples = head_t[0], head_t[1], head_t[2]
+        tables_t = tables_t.view(num_seqs, width)
+        if slot_mapping is not None:
+            slots = head_t[3]
+        else:  # on the device: table[p // block_size] * block_size + p % block_size for every new token
+            seq = torch.repeat_interleave(
+                torch.arange(num_seqs, device=device), qlens.long(), output_size=num_tokens
+            )
+            slots = tables_t.long()[seq, pos // block_size] * block_size + pos % block_size
         return cls(
             mode=ForwardMode.of(query_lens),
             block_size=block_size,
@@ -189,7 +199,7 @@ class ForwardBatch:
             query_lens_t=qlens,
             seq_lens_t=slens,
             cu_query_lens=cu_t,
-            block_tables=tables_t.view(num_seqs, width),
+            block_tables=tables_t,
             sample_indices=samples,
             block_tables_cpu=host_tables,
             dp_is_prefill=dp_is_prefill,
@@ -226,14 +236,10 @@ def check_lens(query_lens: list[int], seq_lens: list[int], num_tokens: int, num_
         )
 
 
-def slots_for(
-    query_lens: list[int], seq_lens: list[int], tables: Sequence[Sequence[int]], block_size: int
-) -> list[int]:
-    """Flat KV slot of every new token: table[p // block_size] * block_size + p % block_size."""
-    slots: list[int] = []
-    for q, s, table in zip(query_lens, seq_lens, tables, strict=True):
-        for p in range(s - q, s):
-            if p // block_size >= len(table) or table[p // block_size] < 0:
-                raise ValueError(f"position {p} has no KV block in its block table {list(table)}")
-            slots.append(table[p // block_size] * block_size + p % block_size)
-    return slots
+def check_tables(seq_lens: list[int], block_tables: Sequence[Sequence[int]], block_size: int) -> None:
+    """Every sequence's table covers its seq_len (slots are then computed on the device)."""
+    for s, table in zip(seq_lens, block_tables, strict=True):
+        if len(table) * block_size < s:
+            raise ValueError(
+                f"a sequence of {s} tokens has only {len(table)} KV blocks of {block_size} in its block table"
+            )

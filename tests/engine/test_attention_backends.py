@@ -59,7 +59,7 @@ def test_forward_mode_and_batch_tensors():
     assert batch.cu_query_lens.tolist() == [0, 1, 4] and batch.seq_lens_t.tolist() == [5, 3]
     assert batch.sample_indices.tolist() == [0, 3]
     assert (batch.max_query_len, batch.max_seq_len, batch.num_tokens) == (3, 5, 4)
-    with pytest.raises(ValueError, match="no KV block"):
+    with pytest.raises(ValueError, match="KV blocks of 4"):
         ForwardBatch.build(
             input_ids=[1], positions=[4], query_lens=[1], seq_lens=[5], block_tables=[[2]], block_size=4,
             device="cpu",
