@@ -36,6 +36,7 @@ def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
         "cuda_graphs": slowest.get("cuda_graphs", ""),
         "tflops_per_gpu": slowest.get("flops_per_step", 0) / step / 1e12,
         "mfu": _mfu(options, slowest, step),
+        "host_syncs_per_step": slowest.get("host_syncs_per_step"),
     }
 
 
@@ -52,7 +53,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| preset | layers | GPUs | mode | batch/GPU | len | step ms | tok/s/GPU | attn ms | dispatch ms | "
         "experts ms | combine ms | other ms | KV tokens/GPU | HBM floor ms | floor/step | prep ms | "
-        "TFLOP/s | MFU | attn | graphs |"
+        "TFLOP/s | MFU | attn | graphs | syncs/step |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -61,11 +62,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ratio = "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.1%}"
         mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
         graphs = (r.get("cuda_graphs") or "-").split(":")[0]
+        syncs = "-" if r.get("host_syncs_per_step") is None else str(r["host_syncs_per_step"])
         lines.append(
             f"| {r['preset']} | {r['layers']} | {r['gpus']} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
             f"{r['step_ms']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | {b['attention']:.2f} | "
             f"{b['dispatch']:.2f} | {b['experts']:.2f} | {b['combine']:.2f} | {b['other']:.2f} | "
             f"{r['kv_capacity_tokens_per_gpu']:,} | {floor} | {ratio} | {r.get('prepare_ms', 0.0):.2f} | "
-            f"{r.get('tflops_per_gpu', 0.0):.1f} | {mfu} | {r.get('attention_backend') or '-'} | {graphs} |"
+            f"{r.get('tflops_per_gpu', 0.0):.1f} | {mfu} | {r.get('attention_backend') or '-'} | {graphs} | "
+            f"{syncs} |"
         )
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -81,6 +82,8 @@ class RankResult:
     peak_flops: float | None = None
     attention_backend: str = ""
     cuda_graphs: str = ""
+    # Synchronising CUDA calls in one timed-path step (torch's sync debug mode); None off CUDA.
+    host_syncs_per_step: int | None = None
 
     @property
     def prepare_time_s(self) -> float:
@@ -97,6 +100,20 @@ class RankResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_host_syncs(fn: Callable[[], Any]) -> int:
+    """How many synchronising CUDA operations `fn` issues (copies to the host, stream syncs, ...): torch's
+    sync debug mode warns once per such call."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def random_init(model: nn.Module, seed: int) -> None:
@@ -356,6 +373,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             breakdown = {part: t / steps for part, t in timer.totals.items()}
             breakdown["other"] = max(0.0, total / steps - sum(breakdown.values()))
             breakdown["instrumented_step"] = total / steps
+        syncs = count_host_syncs(step) if device.type == "cuda" else None
         bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
 
     routed, embedding, other = parameter_bytes(model)
@@ -393,6 +411,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         peak_flops=peak,
         attention_backend=backend.name,
         cuda_graphs=graphs_why,
+        host_syncs_per_step=syncs,
     )
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
-from moefleet.engine.bench.command import run_options
-from moefleet.engine.bench.floor import decode_step_bytes, expected_active_fraction
-from moefleet.engine.bench.presets import PRESETS, preset_config
-from moefleet.engine.bench.report import format_table, summarize
-from moefleet.engine.bench.runner import BenchOptions, run_rank
+import torch
+
+if not torch.cuda.is_available():  # the Triton attention kernels run in Triton's interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from moefleet.engine.bench.command import run_options  # noqa: E402
+from moefleet.engine.bench.floor import decode_step_bytes, expected_active_fraction  # noqa: E402
+from moefleet.engine.bench.presets import PRESETS, preset_config  # noqa: E402
+from moefleet.engine.bench.report import format_table, summarize  # noqa: E402
+from moefleet.engine.bench.runner import BenchOptions, run_rank  # noqa: E402
 
 
 def test_active_fraction_limits_and_value():
@@ -122,4 +127,18 @@ def test_each_step_prepares_a_new_batch_and_reports_it():
     assert result["flops_per_step"] > 0
     row = summarize(_asdict(options), [result])
     assert row["mfu"] is None  # no peak known for a CPU
-    assert "| torch | off |" in format_table([row])
+    assert "| torch | off | - |" in format_table([row])  # no sync count off CUDA
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_triton_attention_backend_runs_in_the_bench(mode):
+    """`--attention-backend triton` on CPU (interpreted kernels): same tokens per step, the backend named."""
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from dataclasses import replace
+
+    options = replace(_tiny(mode), attention_backend="triton", steps=1, warmup=1, breakdown=False)
+    result = run_rank(options).to_dict()
+    assert result["attention_backend"] == "triton" and result["tokens_per_step"] == (
+        4 if mode == "decode" else 64
+    )
+    assert result["step_time_s"] > 0

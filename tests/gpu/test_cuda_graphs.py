@@ -109,3 +109,27 @@ def test_bfloat16_greedy_with_graphs_matches_eager(name):
     total = sum(len(g) for g in with_graphs)
     assert [g[0] for g in with_graphs] == [e[0] for e in eager]
     assert same / total >= TOP1_AGREEMENT
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_host_sync_per_graph_decode_step(name):
+    """The issue's goal on one GPU: a greedy decode step replayed from a graph synchronises with the host
+    once (reading the sampled tokens). Counted with torch's sync debug mode (bench/runner.py)."""
+    from moefleet.engine import LLMEngine
+    from moefleet.engine.bench.runner import count_host_syncs
+    from moefleet.engine.config import EngineConfig
+
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_model_dir(name)), device="cuda", dtype="bfloat16", max_num_seqs=8,
+            max_num_batched_tokens=64, attention_backend="triton", cuda_graphs="auto",
+        )
+    )  # fmt: skip
+    assert engine.model_runner.graph_runner is not None
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(str(i), list(range(5 + i, 20 + i)), params)
+    engine.step()  # the prompts
+    counts = [count_host_syncs(engine.step) for _ in range(3)]
+    print(f"{name}: host syncs per decode step {counts}")
+    assert counts == [1, 1, 1]
