@@ -86,6 +86,13 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend ({self.attention_backend!r}) must be one of {ATTENTION_BACKENDS}"
             )
+        if self.attention_backend == "triton" and (
+            self.block_size < 16 or self.block_size & (self.block_size - 1)
+        ):
+            raise ValueError(
+                f"block_size ({self.block_size}) must be a power of two >= 16 for attention_backend 'triton' "
+                "(its kernels read whole pages): raise block_size or use attention_backend 'torch'"
+            )
         if self.cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graphs ({self.cuda_graphs!r}) must be one of {CUDA_GRAPH_MODES}")
         if self.kv_cache_bytes is None and self.device == "cpu":

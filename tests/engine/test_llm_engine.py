@@ -155,6 +155,12 @@ def test_config_and_params_validation(model_dir, tmp_path):
         EngineConfig(model=model_dir, max_num_batched_tokens=8, max_num_seqs=16)
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(model=model_dir, block_size=0)
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(model=model_dir, attention_backend="flash")
+    with pytest.raises(ValueError, match=r"block_size \(8\) must be a power of two >= 16"):
+        EngineConfig(model=model_dir, attention_backend="triton", block_size=8)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        EngineConfig(model=model_dir, cuda_graphs="on")
     config = EngineConfig(model=model_dir)
     assert config.dtype == "float32" and config.max_model_len == 1024
     with pytest.raises(ValueError, match="fewer than one max_model_len"):
