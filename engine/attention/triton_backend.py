@@ -56,6 +56,8 @@ class SeqGroup:
     # Extend groups: packed context of the group's sequences (cu_kv_lens [b + 1] int32, S rows).
     cu_kv_lens: torch.Tensor | None = None
     num_kv: int = 0
+    # Every sequence of the group is a whole prompt in this step: its context is its own new rows.
+    fresh: bool = False
 
 
 @dataclass
@@ -97,6 +99,7 @@ def seq_group(batch: ForwardBatch, picked: list[int], with_kv: bool) -> SeqGroup
         cu_query_lens=cu_q,
         max_query_len=max(q_lens, default=0),
         max_seq_len=max(s_lens, default=0),
+        fresh=q_lens == s_lens,
     )
     if with_kv:
         cu_kv = torch.zeros(len(picked) + 1, dtype=torch.int32, device=device)
@@ -189,13 +192,11 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         c = layer.config
         cache_backed = layer.kv_cache.numel() > 0
+        flat = layer.kv_cache.view(-1, layer.kv_cache.shape[-1]) if cache_backed else entry
         if cache_backed:
-            flat = layer.kv_cache.view(-1, layer.kv_cache.shape[-1])
             store_rows(flat, entry, batch.slot_mapping)
-        else:
-            if batch.query_lens != batch.seq_lens:
-                raise ValueError("attention has no KV cache allocated, so seq_lens must equal query_lens")
-            flat = entry
+        elif batch.query_lens != batch.seq_lens:
+            raise ValueError("attention has no KV cache allocated, so seq_lens must equal query_lens")
         meta = self.mla_metadata(batch, cache_backed, layer.absorb_for_decode)
         parts: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         if meta.decode is not None:
@@ -209,8 +210,10 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.extend is not None:
             g = meta.extend
             qn, qp = (q_nope, q_pe) if g.row_index is None else (q_nope[g.row_index], q_pe[g.row_index])
-            context = flat if not cache_backed else flat[context_slots(g, batch.block_size)]  # [S, R + Dr]
-            context = context.to(q_nope.dtype)
+            if g.fresh:  # whole prompts: the context is the step's own rows (no gather from the cache)
+                context = entry if g.row_index is None else entry[g.row_index]
+            else:
+                context = flat[context_slots(g, batch.block_size)].to(q_nope.dtype)  # [S, R + Dr]
             latent, k_pe = context.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
             k_nope, values = layer.expand_latent(latent)  # [S, H, Dn], [S, H, Dv]
             keys = torch.cat([k_nope, k_pe[:, None, :].expand(-1, c.num_heads, -1)], dim=-1)
