@@ -223,3 +223,22 @@ def test_triton_backend_greedy_generation_matches_transformers(name, triton_back
     model = load_model(path, "cpu", torch.float32)
     driver = PagedDriver(model, num_blocks=16, block_size=BLOCK, attn_backend=triton_backend)
     assert driver.generate(prompts, 6, prefill_chunks=2) == expected
+
+
+def test_engine_with_triton_backend_equals_transformers(triton_backend):
+    """The whole engine (ModelRunner.prepare -> ForwardBatch -> Triton backend) with a small token budget, so
+    steps mix decodes with prompt chunks: greedy tokens equal transformers (float32)."""
+    from moefleet.engine import LLM, SamplingParams
+    from support.reference import transformers_greedy
+    from support.tiny_models import tiny_model_dir
+
+    path = tiny_model_dir("deepseek_grouped")
+    prompts = [list(range(3, 23)), list(range(40, 47)), list(range(60, 90))]
+    llm = LLM(
+        str(path), attention_backend="triton", block_size=BLOCK, max_num_batched_tokens=12, max_num_seqs=4,
+        max_model_len=128,
+    )  # fmt: skip
+    assert llm.engine.model_runner.attn_backend.name == "triton"
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    got = [r.token_ids for r in llm.generate(prompts, params)]
+    assert got == transformers_greedy(path, prompts, 5)
