@@ -13,6 +13,7 @@ S sampled rows.
 
 from __future__ import annotations
 
+import array
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -165,17 +166,21 @@ class ForwardBatch:
         tail: list[Sequence[int]] = [query_lens, seq_lens, cu]
         head_sizes, tail_sizes = [len(p) for p in head], [len(p) for p in tail]
         table_size = num_seqs * width
-        total = sum(head_sizes) + sum(tail_sizes) + table_size
-        host = torch.empty(total, dtype=torch.int64, pin_memory=device.type == "cuda")
-        offset = 0
+        flat: list[int] = []
         for part in (*head, *tail):
-            host[offset : offset + len(part)] = torch.tensor(part, dtype=torch.int64)
-            offset += len(part)
-        host_tables = host[offset:].view(num_seqs, width)
-        host_tables.fill_(-1)
-        for row, table in enumerate(block_tables):
-            if len(table):
-                host_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int64)
+            flat.extend(part)
+        for table in block_tables:
+            flat.extend(table)
+            flat.extend([-1] * (width - len(table)))
+        # One conversion for the whole step (array -> tensor is ~5x faster than torch.tensor on a list).
+        host = (
+            torch.frombuffer(array.array("q", flat), dtype=torch.int64)
+            if flat
+            else torch.empty(0, dtype=torch.int64)
+        )
+        if device.type == "cuda":
+            host = host.pin_memory()
+        host_tables = host[len(flat) - table_size :].view(num_seqs, width)
         dev = host.to(device, non_blocking=True)
         head_t = dev[: sum(head_sizes)].split(head_sizes)
         qlens, slens, cu_t, tables_t = dev[sum(head_sizes) :].to(torch.int32).split([*tail_sizes, table_size])
