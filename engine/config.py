@@ -14,6 +14,8 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "fp8")  # see fp8_weights.py
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+CUDA_GRAPH_MODES = ("auto", "off")
 # Without an explicit max_model_len we take the checkpoint's max_position_embeddings, but no more than this:
 # very long defaults (128k+) would make every request's worst case reserve a huge share of the KV pool.
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
@@ -41,6 +43,10 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.85
     kv_cache_bytes: int | None = None
     seed: int = 0
+    # "auto": triton on CUDA (when its kernels import), torch (padded-SDPA reference) elsewhere.
+    attention_backend: str = "auto"
+    # "auto": capture decode steps in CUDA graphs on CUDA with a backend that supports them; "off": eager.
+    cuda_graphs: str = "auto"
     hf_config: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +87,19 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction ({self.kv_cache_memory_fraction}) must be in (0, 1]")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) must be >= 1 (or None for the default)")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend ({self.attention_backend!r}) must be one of {ATTENTION_BACKENDS}"
+            )
+        if self.attention_backend == "triton" and (
+            self.block_size < 16 or self.block_size & (self.block_size - 1)
+        ):
+            raise ValueError(
+                f"block_size ({self.block_size}) must be a power of two >= 16 for attention_backend 'triton' "
+                "(its kernels read whole pages): raise block_size or use attention_backend 'torch'"
+            )
+        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graphs ({self.cuda_graphs!r}) must be one of {CUDA_GRAPH_MODES}")
         if self.kv_cache_bytes is None and self.device == "cpu":
             self.kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
 

@@ -9,28 +9,22 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
+from .attention import create_attention_backend
 from .config import EngineConfig
-from .context import ForwardContext, forward_context
+from .cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
+from .forward_batch import ForwardBatch
 from .loader import dtype_from_name, load_model
 from .sampler import SamplingBatch, sample
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    context: ForwardContext
-    sample_indices: torch.Tensor  # [S] rows of the step's hidden states whose logits are sampled
 
 
 class ModelRunner:
@@ -56,8 +50,18 @@ class ModelRunner:
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device, config.block_size)
+        expert_parallel = any(getattr(m, "ep_size", 1) > 1 for m in self.model.modules())
+        self.use_cuda_graphs, why = decide_cuda_graphs(
+            config.cuda_graphs, self.device, self.attn_backend.supports_cuda_graphs, expert_parallel
+        )
+        self.graph_runner: CudaGraphRunner | None = None
         self.num_kv_blocks = self._count_kv_blocks()
         self._allocate_kv_cache()
+        if self.use_cuda_graphs:
+            why = self._capture_cuda_graphs()
+        print(f"CUDA graphs: {why}", file=sys.stderr, flush=True)
+        logger.info("CUDA graphs: %s", why)
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
         self._default_generator = torch.Generator(self.device).manual_seed(config.seed)
         self._generators: dict[int, torch.Generator] = {}
@@ -100,17 +104,60 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device)
         self.warmup()
         activation_peak = torch.cuda.max_memory_allocated(self.device) - before
+        # Captured graphs keep a private pool about the size of the largest bucket's decode activations.
+        graph_reserve = self._decode_activation_peak() if self.use_cuda_graphs else 0
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        used = total - free
+        budget = int(total * self.config.kv_cache_memory_fraction) - used - activation_peak - graph_reserve
         logger.info(
-            "GPU memory: %.2f GiB total, %.2f GiB in use, activation peak %.2f GiB, KV budget %.2f GiB",
+            "GPU memory: %.2f GiB total, %.2f GiB in use, activation peak %.2f GiB, CUDA graphs %.2f GiB, "
+            "KV budget %.2f GiB",
             total / 2**30,
-            (total - free) / 2**30,
+            used / 2**30,
             activation_peak / 2**30,
+            graph_reserve / 2**30,
             budget / 2**30,
         )
         return max(budget, 0)
+
+    @torch.inference_mode()
+    def _decode_activation_peak(self) -> int:
+        """Peak bytes of a decode-width step at the largest graph bucket (one token per sequence), measured
+        without a KV cache; reserved for the CUDA-graph memory pool before the KV cache is sized."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        caches = [layer.kv_cache for layer in self.attention_layers]
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
+        try:
+            lens = [1] * self.config.max_num_seqs
+            batch = ForwardBatch.prefill_without_cache(lens, self.device, self.attn_backend)
+            self.forward_logits(batch)
+        finally:
+            for layer, cache in zip(self.attention_layers, caches, strict=True):
+                layer.kv_cache = cache
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+    def _capture_cuda_graphs(self) -> str:
+        """Capture decode graphs (before the engine serves); on failure run eagerly and say why."""
+        config = self.config
+        runner = CudaGraphRunner(
+            self.model,
+            self.attn_backend,
+            max_batch_size=config.max_num_seqs,
+            max_blocks_per_seq=config.max_blocks_per_seq,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        try:
+            runner.capture()
+        except RuntimeError as exc:  # e.g. a host sync in the decode step (see docs/engine.md)
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", exc)
+            return f"off: capture failed ({str(exc).splitlines()[0][:200]})"
+        self.graph_runner = runner
+        return f"on: {len(runner.sizes)} decode buckets up to {runner.sizes[-1]}, {runner.pool_bytes / 2**20:.0f} MiB"
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -127,13 +174,8 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
         try:
-            context = ForwardContext(
-                is_prefill=True, query_lens=lens, context_lens=lens, block_size=self.block_size
-            )
-            input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-            positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-            with forward_context(context):
-                hidden = self.model(input_ids, positions)
+            batch = ForwardBatch.prefill_without_cache(lens, self.device, self.attn_backend)
+            hidden = self.model(batch.input_ids, batch.positions, batch)
             rows = torch.arange(config.max_num_seqs, device=self.device) % num_tokens
             self.model.compute_logits(hidden[rows])
         finally:
@@ -153,56 +195,54 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def prepare(self, batch: SchedulerOutput) -> StepInputs:
-        """Flatten the scheduled chunks into model inputs and forward metadata."""
+    def prepare(self, batch: SchedulerOutput, is_prefill: bool | None = None) -> ForwardBatch:
+        """Flatten the scheduled chunks into one ForwardBatch (one host->device copy).
+
+        `is_prefill` is the group-agreed mode of an expert-parallel step (None alone)."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
         query_lens: list[int] = []
-        context_lens: list[int] = []
+        seq_lens: list[int] = []
         sample_indices: list[int] = []
-        bs = self.block_size
         for s in batch.scheduled:
             end = s.start + s.num_new_tokens
-            table = s.seq.block_table
             input_ids.extend(s.seq.token_ids[s.start : end])
             positions.extend(range(s.start, end))
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
             query_lens.append(s.num_new_tokens)
-            context_lens.append(end)
+            seq_lens.append(end)
             if s.samples:
                 sample_indices.append(len(input_ids) - 1)
-        width = max((len(s.seq.block_table) for s in batch.scheduled), default=0)
-        block_tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in batch.scheduled]
-
-        def tensor(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        context = ForwardContext(
-            is_prefill=batch.is_prefill,
+        return ForwardBatch.build(
+            input_ids=input_ids,
+            positions=positions,
             query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=tensor(slot_mapping),
-            # Host tensor: only attention's index-map builder reads it, on the CPU (no device round trip).
-            block_tables=torch.tensor(block_tables, dtype=torch.long).reshape(len(block_tables), width),
-            block_size=bs,
+            seq_lens=seq_lens,
+            block_tables=[s.seq.block_table for s in batch.scheduled],
+            block_size=self.block_size,
+            sample_indices=sample_indices,
+            device=self.device,
+            attn_backend=self.attn_backend,
+            dp_is_prefill=is_prefill,
         )
-        return StepInputs(tensor(input_ids), tensor(positions), context, tensor(sample_indices))
+
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """Forward one batch and return float32 logits [S, V] of its sampled rows."""
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        return self.model.compute_logits(hidden[fb.sample_indices]).float()
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput, is_prefill: bool | None = None) -> list[int]:
         """One forward over `batch`; returns one sampled token per sampling sequence (scheduled order).
 
-        `is_prefill` overrides the forward mode (expert-parallel ranks agree on one mode per step).
+        `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step).
         """
-        inputs = self.prepare(batch)
-        if is_prefill is not None:
-            inputs.context.is_prefill = is_prefill
-        with forward_context(inputs.context):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if inputs.sample_indices.numel() == 0:
+        fb = self.prepare(batch, is_prefill)
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            logits = self.graph_runner.replay(fb)  # [S, V]
+        else:
+            logits = self.forward_logits(fb)  # [S, V]
+        if logits.shape[0] == 0:
             return []
-        logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]
         sampling = [s.seq for s in batch.sampling]
         self._ban_early_stop_tokens(logits, sampling)
         return sample(logits, self._sampling_batch(sampling))

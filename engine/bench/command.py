@@ -44,6 +44,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="fp8: random weights quantised to 128x128 block FP8 (w8a8 Triton GEMMs on CUDA)",
     )
     p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "deepep"])
+    p.add_argument(
+        "--attention-backend", default=defaults.attention_backend, choices=["auto", "torch", "triton"],
+        help="auto = triton on CUDA, torch on CPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--cuda-graphs", default=defaults.cuda_graphs, choices=["auto", "off"],
+        help="auto = decode steps replay a CUDA graph (CUDA, triton backend, single GPU) when capturable",
+    )  # fmt: skip
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache page size (tokens)")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for prefill MFU (default: by GPU name)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
     p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented per-part steps")
     p.add_argument("--json", metavar="FILE", help="also write every row (and per-rank data) as JSON")
@@ -129,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
                         prefill_tokens=args.prefill_tokens, prefill_seq_len=args.prefill_seq_len,
                         steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype, quantization=args.quantization,
                         backend=args.moe_backend, breakdown=not args.no_breakdown,
+                        attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
+                        block_size=args.block_size, peak_tflops=args.peak_tflops,
                     )  # fmt: skip
                 except ValueError as exc:
                     raise CommandError(str(exc)) from None

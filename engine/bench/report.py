@@ -31,24 +31,44 @@ def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
         "bandwidth_gb_s": bandwidth / 1e9,
         "hbm_floor_ms": None if floor_s is None else floor_s * 1e3,
         "floor_ratio": None if floor_s is None else floor_s / step,
+        "prepare_ms": slowest.get("prepare_time_s", 0.0) * 1e3,
+        "attention_backend": slowest.get("attention_backend", ""),
+        "cuda_graphs": slowest.get("cuda_graphs", ""),
+        "tflops_per_gpu": slowest.get("flops_per_step", 0) / step / 1e12,
+        "mfu": _mfu(options, slowest, step),
+        "host_syncs_per_step": slowest.get("host_syncs_per_step"),
     }
+
+
+def _mfu(options: dict[str, Any], rank: dict[str, Any], step_s: float) -> float | None:
+    """Prefill: useful FLOPs per second (flops.py) over the device's dense bf16 peak."""
+    peak = rank.get("peak_flops")
+    if options["mode"] != "prefill" or not peak or not rank.get("flops_per_step"):
+        return None
+    return float(rank["flops_per_step"] / step_s / peak)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table, one line per summary row."""
     head = (
         "| preset | layers | GPUs | mode | batch/GPU | len | step ms | tok/s/GPU | attn ms | dispatch ms | "
-        "experts ms | combine ms | other ms | KV tokens/GPU | HBM floor ms | floor/step |"
+        "experts ms | combine ms | other ms | KV tokens/GPU | HBM floor ms | floor/step | prep ms | "
+        "TFLOP/s | MFU | attn | graphs | syncs/step |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = r["breakdown_ms"]
         floor = "-" if r["hbm_floor_ms"] is None else f"{r['hbm_floor_ms']:.2f}"
         ratio = "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.1%}"
+        mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+        graphs = (r.get("cuda_graphs") or "-").split(":")[0]
+        syncs = "-" if r.get("host_syncs_per_step") is None else str(r["host_syncs_per_step"])
         lines.append(
             f"| {r['preset']} | {r['layers']} | {r['gpus']} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
             f"{r['step_ms']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | {b['attention']:.2f} | "
             f"{b['dispatch']:.2f} | {b['experts']:.2f} | {b['combine']:.2f} | {b['other']:.2f} | "
-            f"{r['kv_capacity_tokens_per_gpu']:,} | {floor} | {ratio} |"
+            f"{r['kv_capacity_tokens_per_gpu']:,} | {floor} | {ratio} | {r.get('prepare_ms', 0.0):.2f} | "
+            f"{r.get('tflops_per_gpu', 0.0):.1f} | {mfu} | {r.get('attention_backend') or '-'} | {graphs} | "
+            f"{syncs} |"
         )
     return "\n".join(lines)

@@ -1,25 +1,31 @@
 """One rank of `moefleet bench`: build a preset on random weights, time decode or prefill steps.
 
 Data flow: preset config -> (EP group, layout) -> model on device with random weights -> EP dispatchers ->
-KV cache for the scenario -> a fixed ForwardContext (decode: B sequences at kv_len; prefill: sequences of
-seq_len) -> warm-up, timed steps (no instrumentation), then instrumented steps for the per-part breakdown.
-Decode steps reuse one context, so every step runs at the same KV length (a steady-state step).
+KV cache for the scenario -> warm-up, timed steps (no instrumentation), then instrumented steps for the
+per-part breakdown. Every step is what the engine does per step: build a new ForwardBatch from host lists
+(prepare), forward, logits of the sampled rows, greedy sample read back to the host. Decode steps keep
+every sequence at the same KV length (a steady-state step; the new token's slot is rewritten each step).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from moefleet.engine import parallel_layout
+from moefleet.engine.attention import create_attention_backend
 from moefleet.engine.bench.floor import decode_step_bytes
+from moefleet.engine.bench.flops import forward_flops, peak_flops
 from moefleet.engine.bench.presets import num_experts, preset_config
-from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
+from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.experts import Experts
 from torch import nn
 
@@ -40,6 +46,9 @@ class BenchOptions:
     dtype: str = "bfloat16"
     quantization: str = "none"  # "fp8": linears and experts quantised to 128x128 block FP8 after random init
     backend: str = "auto"
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    cuda_graphs: str = "auto"  # auto: decode steps replay CUDA graphs when capturable (CUDA, triton)
+    peak_tflops: float | None = None  # for prefill MFU; None: from the device name (flops.py)
     block_size: int = 64
     kv_memory_fraction: float = 0.9
     breakdown: bool = True
@@ -69,18 +78,43 @@ class RankResult:
     kv_capacity_tokens: int = 0
     bandwidth_bytes_per_s: float = 0.0
     floor_bytes: dict[str, int] = field(default_factory=dict)
+    prepare_times_s: list[float] = field(default_factory=list)  # host time building each ForwardBatch
+    flops_per_step: int = 0
+    peak_flops: float | None = None
+    attention_backend: str = ""
+    cuda_graphs: str = ""
+    # Synchronising CUDA calls in one timed-path step (torch's sync debug mode); None off CUDA.
+    host_syncs_per_step: int | None = None
+
+    @property
+    def prepare_time_s(self) -> float:
+        return statistics.median(self.prepare_times_s) if self.prepare_times_s else 0.0
 
     @property
     def step_time_s(self) -> float:
         return statistics.median(self.step_times_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "step_time_s": self.step_time_s}
+        return {**asdict(self), "step_time_s": self.step_time_s, "prepare_time_s": self.prepare_time_s}
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_host_syncs(fn: Callable[[], Any]) -> int:
+    """How many synchronising CUDA operations `fn` issues (copies to the host, stream syncs, ...): torch's
+    sync debug mode warns once per such call."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def random_init(model: nn.Module, seed: int) -> None:
@@ -198,31 +232,56 @@ def parameter_bytes(model: nn.Module) -> tuple[int, int, int]:
     return routed, embedding, other
 
 
-def build_context(
-    options: BenchOptions, device: torch.device, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, int]:
-    """Inputs and forward metadata for the scenario, plus the number of KV blocks it needs."""
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """Host lists of one step of the scenario (what the scheduler would hand the model runner)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    num_blocks: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def build_scenario(options: BenchOptions, vocab_size: int) -> Scenario:
+    """Decode: B sequences at kv_len cached tokens computing one more; prefill: whole prompts of seq_len."""
     bs = options.block_size
     if options.mode == "decode":
-        num_seqs, query_len, context_len = options.batch_size, 1, options.kv_len + 1
+        num_seqs, query_len, seq_len = options.batch_size, 1, options.kv_len + 1
     else:
         num_seqs = options.prefill_tokens // options.prefill_seq_len
-        query_len = context_len = options.prefill_seq_len
-    blocks_per_seq = math.ceil(context_len / bs)
-    block_tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
-    positions = torch.arange(context_len - query_len, context_len).repeat(num_seqs)  # [T]
-    seq_of_token = torch.arange(num_seqs).repeat_interleave(query_len)
-    slot_mapping = block_tables[seq_of_token, positions // bs].long() * bs + positions % bs
-    context = ForwardContext(
-        is_prefill=options.mode == "prefill",
+        query_len = seq_len = options.prefill_seq_len
+    blocks_per_seq = math.ceil(seq_len / bs)
+    tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(num_seqs)]
+    generator = torch.Generator().manual_seed(options.seed)
+    input_ids = torch.randint(0, vocab_size, (num_seqs * query_len,), generator=generator).tolist()
+    return Scenario(
+        input_ids=input_ids,
+        positions=list(range(seq_len - query_len, seq_len)) * num_seqs,
         query_lens=[query_len] * num_seqs,
-        context_lens=[context_len] * num_seqs,
-        slot_mapping=slot_mapping.to(device),
-        block_tables=block_tables.to(device),
-        block_size=bs,
+        seq_lens=[seq_len] * num_seqs,
+        block_tables=tables,
+        num_blocks=num_seqs * blocks_per_seq,
     )
-    input_ids = torch.randint(0, vocab_size, (num_seqs * query_len,), device=device)
-    return input_ids, positions.to(device), context, num_seqs * blocks_per_seq
+
+
+def prepare(scenario: Scenario, options: BenchOptions, device: torch.device, backend: Any) -> ForwardBatch:
+    """A new ForwardBatch for one step, as ModelRunner.prepare builds it."""
+    return ForwardBatch.build(
+        input_ids=scenario.input_ids,
+        positions=scenario.positions,
+        query_lens=scenario.query_lens,
+        seq_lens=scenario.seq_lens,
+        block_tables=scenario.block_tables,
+        block_size=options.block_size,
+        device=device,
+        attn_backend=backend,
+    )
 
 
 def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
@@ -262,17 +321,28 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         kv_capacity = int(free * options.kv_memory_fraction) // kv_bytes_per_token
     else:
         kv_capacity = 0
-    input_ids, positions, context, num_blocks = build_context(options, device, int(config["vocab_size"]))
+    scenario = build_scenario(options, int(config["vocab_size"]))
     for m in attention:
-        m.kv_cache = torch.randn(m.kv_cache_shape(num_blocks, options.block_size), dtype=dtype, device=device)
-    sample_rows = torch.tensor(
-        [sum(context.query_lens[: i + 1]) - 1 for i in range(len(context.query_lens))], device=device
-    )
+        shape = m.kv_cache_shape(scenario.num_blocks, options.block_size)
+        m.kv_cache = torch.randn(shape, dtype=dtype, device=device)
+    backend = create_attention_backend(options.attention_backend, device, options.block_size)
+    graphs, graphs_why = None, "off: prefill" if options.mode == "prefill" else ""
+    if options.mode == "decode":
+        graphs, graphs_why = _capture_decode_graph(model, backend, options, scenario, device, group)
+    print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
+    prepare_times: list[float] = []
 
-    def step() -> None:
-        with forward_context(context):
-            hidden = model(input_ids, positions)
-            model.compute_logits(hidden[sample_rows]).argmax(dim=-1)
+    def step(eager: bool = False) -> None:
+        """What the engine does per step: prepare a new batch, forward, logits, greedy sample to the host."""
+        start = time.perf_counter()
+        batch = prepare(scenario, options, device, backend)
+        prepare_times.append(time.perf_counter() - start)
+        if graphs is not None and not eager:
+            logits = graphs.replay(batch)
+        else:
+            hidden = model(batch.input_ids, batch.positions, batch)
+            logits = model.compute_logits(hidden[batch.sample_indices])
+        logits.argmax(dim=-1).tolist()  # the step's one host sync: sampled tokens
 
     def barrier() -> None:
         if group is not None:
@@ -282,6 +352,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         for _ in range(options.warmup):
             step()
         barrier()
+        prepare_times.clear()
         times = []
         for _ in range(options.steps):
             _sync(device)
@@ -289,6 +360,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             step()
             _sync(device)
             times.append(time.perf_counter() - start)
+        timed_prepare = list(prepare_times)
         breakdown: dict[str, float] = {}
         if options.breakdown:
             timer = PartTimer(device)
@@ -299,13 +371,14 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
                 barrier()
                 _sync(device)
                 start = time.perf_counter()
-                step()
+                step(eager=True)  # hooks do not fire inside a graph replay
                 _sync(device)
                 total += time.perf_counter() - start
             remove()
             breakdown = {part: t / steps for part, t in timer.totals.items()}
             breakdown["other"] = max(0.0, total / steps - sum(breakdown.values()))
             breakdown["instrumented_step"] = total / steps
+        syncs = count_host_syncs(step) if device.type == "cuda" else None
         bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
 
     routed, embedding, other = parameter_bytes(model)
@@ -319,11 +392,13 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         kv_bytes_per_token=kv_bytes_per_token,
         kv_len=options.kv_len,
     )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = options.peak_tflops * 1e12 if options.peak_tflops else peak_flops(device_name)
     return RankResult(
         rank=rank,
         world_size=world_size,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        tokens_per_step=context.num_tokens,
+        device_name=device_name,
+        tokens_per_step=scenario.num_tokens,
         step_times_s=times,
         breakdown_s=breakdown,
         kv_capacity_tokens=kv_capacity,
@@ -334,4 +409,48 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             "kv_cache": floor.kv_cache,
             "total": floor.total,
         },
+        prepare_times_s=timed_prepare,
+        flops_per_step=forward_flops(
+            config, scenario.query_lens, scenario.seq_lens, num_sampled=len(scenario.query_lens)
+        ),
+        peak_flops=peak,
+        attention_backend=backend.name,
+        cuda_graphs=graphs_why,
+        host_syncs_per_step=syncs,
     )
+
+
+def _capture_decode_graph(
+    model: nn.Module,
+    backend: Any,
+    options: BenchOptions,
+    scenario: Scenario,
+    device: torch.device,
+    group: Any,
+) -> tuple[CudaGraphRunner | None, str]:
+    """One CUDA graph for the scenario's batch size, as the engine captures its buckets (or why not)."""
+    expert_parallel = group is not None and dist_world_size(group) > 1
+    use, why = decide_cuda_graphs(options.cuda_graphs, device, backend.supports_cuda_graphs, expert_parallel)
+    if not use:
+        return None, why
+    runner = CudaGraphRunner(
+        model,
+        backend,
+        max_batch_size=options.batch_size,
+        max_blocks_per_seq=len(scenario.block_tables[0]),
+        block_size=options.block_size,
+        device=device,
+        sizes=[options.batch_size],
+    )
+    try:
+        with torch.inference_mode():
+            runner.capture()
+    except RuntimeError as exc:
+        return None, f"off: capture failed ({str(exc).splitlines()[0][:160]})"
+    return runner, f"on: batch {options.batch_size}, {runner.pool_bytes / 2**20:.0f} MiB"
+
+
+def dist_world_size(group: Any) -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_world_size(group))

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from moefleet.engine.forward_batch import ForwardBatch
 from torch import nn
 
 
@@ -139,9 +140,9 @@ class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to q [T, H, R] and k [T, Hk, R] at `positions` [T].
 
     cos/sin are computed in float32 (exact for any position) then cast to the input dtype, which is what HF
-    does; a cached table can replace this when positions get long. One instance is shared by all layers
-    of a model, which call it with the step's same `positions` tensor: cos/sin are computed once for it
-    (so a caller must pass a new tensor, not rewrite the old one in place, when positions change).
+    does. One instance is shared by all layers of a model: given the step's ForwardBatch, cos/sin are
+    computed once per step and memoised on the batch (no state on the module, so two batches can be in
+    flight at once).
     """
 
     inv_freq: torch.Tensor
@@ -154,23 +155,20 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         inv_freq, self.attention_scaling = compute_inv_freq(rotary_dim, theta, scaling or RopeScaling())
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        # (positions, dtype, cos, sin) of the last call: the next layers of the same step reuse it.
-        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        last = self._last
-        if last is not None and last[0] is positions and last[1] == dtype:
-            return last[2], last[3]
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, R/2]
         cos = (freqs.cos() * self.attention_scaling).to(dtype)
         sin = (freqs.sin() * self.attention_scaling).to(dtype)
-        self._last = (positions, dtype, cos, sin)
         return cos, sin
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, batch: ForwardBatch | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
+        if batch is None or positions is not batch.positions:
+            cos, sin = self.cos_sin(positions, q.dtype)
+        else:
+            cos, sin = batch.memo(("rope", id(self), q.dtype), lambda: self.cos_sin(positions, q.dtype))
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

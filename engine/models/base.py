@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import torch
+from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.embedding import LMHead, VocabEmbedding
 from moefleet.engine.layers.experts import Experts
 from moefleet.engine.layers.norm import RMSNorm
@@ -39,7 +40,9 @@ class DecoderConfig(Protocol):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block (HF names): hidden += self_attn(norm(hidden)); hidden += mlp(norm(hidden))."""
+    """Pre-norm residual block (HF names): hidden += self_attn(norm(hidden)); hidden += mlp(norm(hidden)).
+
+    `self_attn(positions, hidden, batch)`: attention modules take the step's ForwardBatch."""
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, rms_norm_eps: float):
         super().__init__()
@@ -48,13 +51,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), batch)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class DecoderModel(nn.Module):
-    """HF `model.*`: embed_tokens -> layers (each `layer(positions, hidden)`) -> final norm."""
+    """HF `model.*`: embed_tokens -> layers (each `layer(positions, hidden, batch)`) -> final norm."""
 
     def __init__(self, config: DecoderConfig, layers: Iterable[nn.Module]):
         super().__init__()
@@ -62,15 +65,15 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(positions, hidden)
+            hidden = layer(positions, hidden, batch)
         return self.norm(hidden)
 
 
 class CausalLM(nn.Module):
-    """Base for `model(input_ids [T], positions [T]) -> hidden [T, D]` models: a `DecoderModel` over the
+    """Base for `model(input_ids [T], positions [T], batch) -> hidden [T, D]` models: a `DecoderModel` over the
     given decoder layers and an `lm_head` (optionally tied to the embedding)."""
 
     def __init__(self, config: DecoderConfig, layers: Iterable[nn.Module]):
@@ -84,9 +87,9 @@ class CausalLM(nn.Module):
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids [T], positions [T] -> hidden [T, D]; metadata from engine.context.get_context()."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """input_ids [T], positions [T] -> hidden [T, D]; the step's metadata is `batch` (forward_batch.py)."""
+        return self.model(input_ids, positions, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> float32 logits [B, V]."""

@@ -7,6 +7,7 @@ Shape legend: T tokens, D hidden, H heads, Hk KV heads, Dh head dim.
 from __future__ import annotations
 
 import torch
+from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.attention import PagedAttention
 from moefleet.engine.layers.linear import Linear
 from moefleet.engine.layers.mlp import GatedMLP
@@ -37,13 +38,13 @@ class Qwen3MoeAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q = self.q_norm(self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim))
         v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v)
+        q, k = self.rotary(positions, q, k, batch)
+        out = self.attn(q, k, v, batch)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

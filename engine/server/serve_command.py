@@ -70,6 +70,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, help="context length: prompt + output tokens")
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from memory)")
     parser.add_argument("--seed", type=int, help="engine seed for requests without their own seed")
+    parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "triton"),
+        help="auto = triton on CUDA (paged kernels), torch (padded reference) on CPU (default auto)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "off"),
+        help="auto = capture decode steps in CUDA graphs on CUDA with the triton backend (default auto)",
+    )
     group = parser.add_argument_group("multi-process (one process per GPU; DP attention + EP MoE)")
     group.add_argument(
         "--nnodes", type=int, default=None, help="nodes in the group (env MOEFLEET_NNODES, default 1)"
@@ -259,6 +269,8 @@ def engine_config(args: argparse.Namespace) -> Any:
             "max_model_len",
             "num_kv_blocks",
             "seed",
+            "attention_backend",
+            "cuda_graphs",
         )
         if getattr(args, name) is not None
     }

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
-from moefleet.engine.bench.command import run_options
-from moefleet.engine.bench.floor import decode_step_bytes, expected_active_fraction
-from moefleet.engine.bench.presets import PRESETS, preset_config
-from moefleet.engine.bench.report import format_table, summarize
-from moefleet.engine.bench.runner import BenchOptions, run_rank
+import torch
+
+if not torch.cuda.is_available():  # the Triton attention kernels run in Triton's interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from moefleet.engine.bench.command import run_options  # noqa: E402
+from moefleet.engine.bench.floor import decode_step_bytes, expected_active_fraction  # noqa: E402
+from moefleet.engine.bench.presets import PRESETS, preset_config  # noqa: E402
+from moefleet.engine.bench.report import format_table, summarize  # noqa: E402
+from moefleet.engine.bench.runner import BenchOptions, run_rank  # noqa: E402
 
 
 def test_active_fraction_limits_and_value():
@@ -80,3 +85,60 @@ def test_two_rank_expert_parallel_run():
     single = run_rank(_tiny("decode")).to_dict()
     assert ranks[0]["breakdown_s"]["dispatch"] > 0
     assert ranks[0]["floor_bytes"]["dense_weights"] == single["floor_bytes"]["dense_weights"]
+
+
+def test_forward_flops_hand_counted():
+    from moefleet.engine.bench.flops import forward_flops, peak_flops
+
+    gqa = {
+        "hidden_size": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2,
+        "num_hidden_layers": 1, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 3,
+        "intermediate_size": 7, "vocab_size": 10, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    }  # fmt: skip
+    # 3 tokens x (attention 48 + router 16 + experts 72) + 6 causal pairs x 8 + LM head 40 = 496 MACs.
+    assert forward_flops(gqa, [3], [3], num_sampled=1) == 2 * 496
+    mla = {
+        "hidden_size": 4, "num_attention_heads": 1, "kv_lora_rank": 2, "q_lora_rank": None,
+        "qk_nope_head_dim": 1, "qk_rope_head_dim": 1, "v_head_dim": 1, "num_hidden_layers": 2,
+        "first_k_dense_replace": 1, "intermediate_size": 5, "moe_intermediate_size": 2,
+        "n_routed_experts": 2, "num_experts_per_tok": 1, "n_shared_experts": 1, "vocab_size": 3,
+    }  # fmt: skip
+    # 2 new tokens over 2 cached: 7 visible pairs, 4 context rows expanded through kv_b.
+    # dense layer 2 x (24 + 60) + 4 x 4 + 7 x 3 = 205; MoE layer 2 x (24 + 56) + 16 + 21 = 197; head 12.
+    assert forward_flops(mla, [2], [4], num_sampled=1) == 2 * (205 + 197 + 12)
+    assert peak_flops("NVIDIA H200") == 989.4e12 and peak_flops("cpu") is None
+
+
+def test_each_step_prepares_a_new_batch_and_reports_it():
+    from moefleet.engine.bench import runner
+
+    built = []
+    original = runner.prepare
+    runner.prepare = lambda *a: built.append(1) or original(*a)  # type: ignore[assignment]
+    try:
+        result = run_rank(_tiny("prefill")).to_dict()
+    finally:
+        runner.prepare = original  # type: ignore[assignment]
+    options = _tiny("prefill")
+    # warm-up + timed + instrumented steps each build their own ForwardBatch
+    assert len(built) == options.warmup + options.steps + max(2, options.steps // 2)
+    assert len(result["prepare_times_s"]) == options.steps and result["prepare_time_s"] > 0
+    assert result["attention_backend"] == "torch" and result["cuda_graphs"].startswith("off")
+    assert result["flops_per_step"] > 0
+    row = summarize(_asdict(options), [result])
+    assert row["mfu"] is None  # no peak known for a CPU
+    assert "| torch | off | - |" in format_table([row])  # no sync count off CUDA
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_triton_attention_backend_runs_in_the_bench(mode):
+    """`--attention-backend triton` on CPU (interpreted kernels): same tokens per step, the backend named."""
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from dataclasses import replace
+
+    options = replace(_tiny(mode), attention_backend="triton", steps=1, warmup=1, breakdown=False)
+    result = run_rank(options).to_dict()
+    assert result["attention_backend"] == "triton" and result["tokens_per_step"] == (
+        4 if mode == "decode" else 64
+    )
+    assert result["step_time_s"] > 0

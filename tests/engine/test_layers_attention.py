@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.forward_batch import ForwardBatch, ForwardMode
 from moefleet.engine.layers.attention import PagedAttention
 from moefleet.engine.layers.mla import MLAConfig, MLAttention
 from moefleet.engine.layers.rotary import RotaryEmbedding
@@ -25,33 +25,34 @@ def dense_causal(q, k, v, scale):
 
 
 class Cache:
-    """Hands out shuffled blocks; builds ForwardContexts for steps of (seq, start, count)."""
+    """Hands out shuffled blocks; builds ForwardBatches for steps of (seq, start, count)."""
 
     def __init__(self, num_blocks=32):
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
         self.tables: dict[int, list[int]] = {}
 
-    def context(self, steps):
-        slots, query_lens, context_lens = [], [], []
+    def batch(self, steps, backend=None):
+        query_lens, seq_lens = [], []
         for seq, start, count in steps:
             table = self.tables.setdefault(seq, [])
             while len(table) * BLOCK < start + count:
                 table.append(self.free.pop())
-            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + count)]
             query_lens.append(count)
-            context_lens.append(start + count)
-        width = max(len(self.tables[s]) for s, _, _ in steps)
-        tables = torch.full((len(steps), width), -1, dtype=torch.int32)
-        for row, (seq, _, _) in enumerate(steps):
-            tables[row, : len(self.tables[seq])] = torch.tensor(self.tables[seq])
-        return ForwardContext(
-            is_prefill=any(q > 1 for q in query_lens),
+            seq_lens.append(start + count)
+        return ForwardBatch.build(
+            input_ids=[0] * sum(query_lens),
+            positions=[p for _, a, n in steps for p in range(a, a + n)],
             query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=torch.tensor(slots),
-            block_tables=tables,
+            seq_lens=seq_lens,
+            block_tables=[self.tables[seq] for seq, _, _ in steps],
             block_size=BLOCK,
+            device="cpu",
+            attn_backend=backend,
         )
+
+
+def no_cache(lens):
+    return ForwardBatch.prefill_without_cache(lens, "cpu")
 
 
 # Three sequences of 9, 6 and 5 tokens fed as: step 1 = prefill seq0[:5], seq1 whole; step 2 = seq0[5:8]
@@ -78,8 +79,7 @@ def test_gqa_paged_attention_matches_dense():
         q = torch.cat([seq_q[s][a : a + n] for s, a, n in steps])
         k = torch.cat([seq_k[s][a : a + n] for s, a, n in steps])
         v = torch.cat([seq_v[s][a : a + n] for s, a, n in steps])
-        with forward_context(cache.context(steps)):
-            out = attn(q, k, v)
+        out = attn(q, k, v, cache.batch(steps))
         for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
             outputs[s].append(piece)
     for s in LENGTHS:
@@ -91,28 +91,25 @@ def test_gqa_paged_attention_matches_dense():
 def test_gqa_without_cache_attends_within_the_step_and_rejects_history():
     attn = PagedAttention(2, 1, 4, 0.5)
     q, k, v = torch.randn(5, 2, 4), torch.randn(5, 1, 4), torch.randn(5, 1, 4)
-    with forward_context(ForwardContext(is_prefill=True, query_lens=[3, 2], context_lens=[3, 2])):
-        out = attn(q, k, v)
+    out = attn(q, k, v, no_cache([3, 2]))
     torch.testing.assert_close(out[:3], dense_causal(q[:3], k[:3], v[:3], 0.5))
     torch.testing.assert_close(out[3:], dense_causal(q[3:], k[3:], v[3:], 0.5))
-    with forward_context(ForwardContext(is_prefill=False, query_lens=[1], context_lens=[4])):
-        with pytest.raises(ValueError, match="no KV cache allocated"):
-            attn(q[:1], k[:1], v[:1])
+    decode = ForwardBatch.build(
+        input_ids=[0], positions=[3], query_lens=[1], seq_lens=[4], block_tables=[[0]], block_size=BLOCK,
+        device="cpu",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no KV cache allocated"):
+        attn(q[:1], k[:1], v[:1], decode)
 
 
 def test_negative_slots_are_not_written():
     attn = PagedAttention(1, 1, 2, 1.0)
     attn.kv_cache = torch.zeros(attn.kv_cache_shape(2, BLOCK))
-    ctx = ForwardContext(
-        is_prefill=True,
-        query_lens=[2],
-        context_lens=[2],
-        slot_mapping=torch.tensor([0, -1]),
-        block_tables=torch.tensor([[0]]),
-        block_size=BLOCK,
-    )
-    with forward_context(ctx):
-        attn(torch.ones(2, 1, 2), torch.ones(2, 1, 2), torch.ones(2, 1, 2))
+    batch = ForwardBatch.build(
+        input_ids=[0, 0], positions=[0, 1], query_lens=[2], seq_lens=[2], block_tables=[[0]],
+        block_size=BLOCK, slot_mapping=[0, -1], device="cpu",
+    )  # fmt: skip
+    attn(torch.ones(2, 1, 2), torch.ones(2, 1, 2), torch.ones(2, 1, 2), batch)
     assert attn.kv_cache[0].view(-1, 2)[0].tolist() == [1.0, 1.0]
     assert attn.kv_cache[0].view(-1, 2)[1:].abs().sum() == 0
 
@@ -131,8 +128,7 @@ def test_mla_paged_matches_mla_on_whole_sequences(absorb):
     hidden = {s: torch.randn(n, 32) for s, n in LENGTHS.items()}
     reference = {}
     for s, n in LENGTHS.items():
-        with forward_context(ForwardContext(is_prefill=True, query_lens=[n], context_lens=[n])):
-            reference[s] = mla(torch.arange(n), hidden[s])
+        reference[s] = mla(torch.arange(n), hidden[s], no_cache([n]))
     mla.kv_cache = torch.zeros(mla.kv_cache_shape(32, BLOCK))
     mla.absorb_for_decode = absorb
     assert mla.kv_cache.shape == (32, BLOCK, 16 + 4)
@@ -141,8 +137,7 @@ def test_mla_paged_matches_mla_on_whole_sequences(absorb):
     for steps in STEPS:
         x = torch.cat([hidden[s][a : a + n] for s, a, n in steps])
         pos = torch.cat([torch.arange(a, a + n) for _, a, n in steps])
-        with forward_context(cache.context(steps)):
-            out = mla(pos, x)
+        out = mla(pos, x, cache.batch(steps))
         for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
             outputs[s].append(piece)
     for s in LENGTHS:
@@ -151,10 +146,49 @@ def test_mla_paged_matches_mla_on_whole_sequences(absorb):
 
 def test_zero_tokens_skip_attention():
     attn = PagedAttention(2, 1, 4, 0.5)
-    with forward_context(ForwardContext(is_prefill=False)):
-        assert attn(torch.zeros(0, 2, 4), torch.zeros(0, 1, 4), torch.zeros(0, 1, 4)).shape == (0, 2, 4)
+    idle = no_cache([])
+    assert idle.mode is ForwardMode.IDLE
+    assert attn(torch.zeros(0, 2, 4), torch.zeros(0, 1, 4), torch.zeros(0, 1, 4), idle).shape == (0, 2, 4)
     mla = MLAttention(MLAConfig(32, 2, 8, 16, 8, 4, 8, softmax_scale=0.3), RotaryEmbedding(4, 10000.0))
     for p in mla.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    with forward_context(ForwardContext(is_prefill=False)):
-        assert mla(torch.zeros(0, dtype=torch.long), torch.zeros(0, 32)).shape == (0, 32)
+    assert mla(torch.zeros(0, dtype=torch.long), torch.zeros(0, 32), idle).shape == (0, 32)
+
+
+def test_two_batches_alive_at_once_interleave_layers():
+    """Two micro-batches (disjoint sequences, same caches) interleaved layer by layer, as two-batch overlap
+    runs them, give what each gives alone: no per-step state lives outside the ForwardBatch."""
+    torch.manual_seed(3)
+    rotary = RotaryEmbedding(4, 10000.0, interleaved=True)
+    config = MLAConfig(32, 2, None, 16, 8, 4, 8, softmax_scale=12**-0.5)
+    layers = [MLAttention(config, rotary) for _ in range(2)]
+    for layer in layers:
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    hidden = {s: torch.randn(n, 32) for s, n in LENGTHS.items()}
+    micro = [[(0, 0, 9)], [(1, 0, 6), (2, 0, 5)]]
+
+    def fresh_caches():
+        for layer in layers:
+            layer.kv_cache = torch.zeros(layer.kv_cache_shape(32, BLOCK))
+
+    def inputs(steps):
+        return torch.cat([hidden[s][a : a + n] for s, a, n in steps])
+
+    fresh_caches()
+    cache = Cache()
+    alone = []
+    for steps in micro:
+        batch, x = cache.batch(steps), inputs(steps)
+        for layer in layers:
+            x = layer(batch.positions, x, batch)
+        alone.append(x)
+    fresh_caches()
+    cache = Cache()
+    batches = [cache.batch(steps) for steps in micro]
+    xs = [inputs(steps) for steps in micro]
+    for layer in layers:
+        for i, batch in enumerate(batches):
+            xs[i] = layer(batch.positions, xs[i], batch)
+    for got, want in zip(xs, alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

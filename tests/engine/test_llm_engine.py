@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from moefleet.engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from moefleet.engine.context import get_context
 from moefleet.engine.scheduler import SchedulerOutput
 from support.tiny_models import one_torch_thread, tiny_model_dir
 
@@ -156,6 +155,12 @@ def test_config_and_params_validation(model_dir, tmp_path):
         EngineConfig(model=model_dir, max_num_batched_tokens=8, max_num_seqs=16)
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(model=model_dir, block_size=0)
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(model=model_dir, attention_backend="flash")
+    with pytest.raises(ValueError, match=r"block_size \(8\) must be a power of two >= 16"):
+        EngineConfig(model=model_dir, attention_backend="triton", block_size=8)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        EngineConfig(model=model_dir, cuda_graphs="on")
     config = EngineConfig(model=model_dir)
     assert config.dtype == "float32" and config.max_model_len == 1024
     with pytest.raises(ValueError, match="fewer than one max_model_len"):
@@ -181,7 +186,7 @@ def test_idle_step_and_step_agreement(model_dir):
     engine = LLMEngine(EngineConfig(model=model_dir, max_model_len=128), step_agreement=agree)
     model = engine.model_runner.model
     hook = model.register_forward_hook(
-        lambda m, args, out: seen.append((args[0].numel(), get_context().is_prefill))
+        lambda m, args, out: seen.append((args[0].numel(), args[2].is_prefill))
     )
     assert engine.step() == [] and seen == [(0, True)]  # idle forward, T = 0
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -202,9 +207,7 @@ def test_warmup_runs_the_largest_step_without_touching_the_cache(model_dir):
     runner = engine.model_runner
     caches = [layer.kv_cache for layer in runner.attention_layers]
     seen = []
-    hook = runner.model.register_forward_hook(
-        lambda m, args, out: seen.append(list(get_context().query_lens))
-    )
+    hook = runner.model.register_forward_hook(lambda m, args, out: seen.append(list(args[2].query_lens)))
     runner.warmup()
     hook.remove()
     assert seen == [[64, 64, 22]]

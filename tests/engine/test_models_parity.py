@@ -102,15 +102,15 @@ def test_greedy_generation_matches_transformers(name, reference):
 @pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
 def test_idle_step_with_zero_tokens(name):
     """Idle data-parallel ranks run the model on T = 0 tokens (so MoE collectives line up)."""
-    from moefleet.engine.context import ForwardContext, forward_context
+    from moefleet.engine.forward_batch import ForwardBatch, ForwardMode
 
     model = load_model(tiny_model_dir(name))
     PagedDriver(model)  # allocate caches as in serving
-    empty = torch.zeros(0, dtype=torch.long)
-    ctx = ForwardContext(
-        is_prefill=False, slot_mapping=empty, block_tables=torch.zeros(0, 1, dtype=torch.int32)
+    batch = ForwardBatch.build(
+        input_ids=[], positions=[], query_lens=[], seq_lens=[], block_tables=[], block_size=4, device="cpu"
     )
-    with torch.no_grad(), forward_context(ctx):
-        hidden = model(empty, empty)
+    assert batch.mode is ForwardMode.IDLE
+    with torch.no_grad():
+        hidden = model(batch.input_ids, batch.positions, batch)
     assert hidden.shape == (0, model.config.hidden_size)
     assert model.compute_logits(hidden).shape == (0, model.config.vocab_size)

@@ -3,7 +3,7 @@
     from support.tiny_models import tiny_model_dir, TINY_CONFIGS
     path = tiny_model_dir("qwen3_norm_topk")          # created once, reused across tests and sessions
 
-Also `PagedDriver`: a minimal paged-KV driver (block tables, slot mapping, ForwardContext) that runs a
+Also `PagedDriver`: a minimal paged-KV driver (block tables -> ForwardBatch) that runs a
 moefleet model for prefill / chunked prefill / decode steps without the engine, for model-level tests.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from moefleet.engine import tiny_model
-from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.forward_batch import ForwardBatch
 
 # name -> (arch, config overrides, make_tiny_model kwargs)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -125,6 +125,8 @@ class PagedDriver:
     block_size: int = 4
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # None: the torch reference backend; pass a TritonAttentionBackend to drive the Triton kernels.
+    attn_backend: Any = None
     tables: dict[int, list[int]] = field(default_factory=dict)
     lengths: dict[int, int] = field(default_factory=dict)
 
@@ -135,43 +137,41 @@ class PagedDriver:
         self.free = list(range(self.num_blocks))
         random.Random(0).shuffle(self.free)
 
-    def step(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> torch.Tensor:
-        """Feed `chunks` [(seq_id, new token ids)] in one forward.
-
-        Returns logits [B, V] of each chunk's last token (or [T, V] for every token with `all_logits`).
-        """
-        input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+    def batch(self, chunks: list[tuple[int, list[int]]]) -> ForwardBatch:
+        """The ForwardBatch feeding `chunks` [(seq_id, new token ids)]; grows block tables and lengths."""
+        input_ids, positions, query_lens, seq_lens = [], [], [], []
         for seq_id, tokens in chunks:
             start = self.lengths.get(seq_id, 0)
             end = start + len(tokens)
             table = self.tables.setdefault(seq_id, [])
             while len(table) * self.block_size < end:
                 table.append(self.free.pop())
-            for pos in range(start, end):
-                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             input_ids += tokens
             positions += range(start, end)
             query_lens.append(len(tokens))
-            context_lens.append(end)
+            seq_lens.append(end)
             self.lengths[seq_id] = end
-        width = max(len(self.tables[s]) for s, _ in chunks)
-        block_tables = torch.full((len(chunks), width), -1, dtype=torch.int32)
-        for row, (seq_id, _) in enumerate(chunks):
-            block_tables[row, : len(self.tables[seq_id])] = torch.tensor(self.tables[seq_id])
-        ctx = ForwardContext(
-            is_prefill=any(q > 1 for q in query_lens),
+        return ForwardBatch.build(
+            input_ids=input_ids,
+            positions=positions,
             query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=block_tables.to(self.device),
+            seq_lens=seq_lens,
+            block_tables=[self.tables[seq_id] for seq_id, _ in chunks],
             block_size=self.block_size,
+            device=self.device,
+            attn_backend=self.attn_backend,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        with torch.no_grad(), forward_context(ctx):
-            hidden = self.model(ids, pos)
+
+    def step(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> torch.Tensor:
+        """Feed `chunks` [(seq_id, new token ids)] in one forward.
+
+        Returns logits [B, V] of each chunk's last token (or [T, V] for every token with `all_logits`).
+        """
+        batch = self.batch(chunks)
+        with torch.no_grad():
+            hidden = self.model(batch.input_ids, batch.positions, batch)
             if not all_logits:
-                hidden = hidden[torch.cumsum(torch.tensor(query_lens), 0) - 1]
+                hidden = hidden[batch.sample_indices]
             return self.model.compute_logits(hidden)  # type: ignore[operator]
 
     def generate(

@@ -1,0 +1,245 @@
+"""CUDA graphs for decode steps: capture one graph per batch-size bucket, replay with static inputs.
+
+A decode step (every sequence computes one token) of n sequences runs in the graph of the smallest bucket
+>= n: the live ForwardBatch is copied into the graph's static buffers (`fill_static`), rows n..bucket are
+padding (token 0 at position 0, KV slot -1 so nothing is written, seq_len 1 over page 0, so every kernel
+reads valid memory and produces finite values that are dropped), then the graph replays and the first n
+rows of its logits are the step's logits. Graphs share one memory pool, captured largest first.
+
+The pure parts (bucket sizes, bucket choice, the static fill) run and are tested on CPU; capture/replay
+need CUDA (tests/gpu/test_cuda_graphs.py). Whether graphs are used at all is `decide_cuda_graphs`, also
+pure. Shape legend: n live sequences, N bucket size, M max blocks per sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .forward_batch import ForwardBatch, ForwardMode
+
+logger = logging.getLogger(__name__)
+
+
+def capture_batch_sizes(max_batch_size: int, extra: Iterable[int] = ()) -> list[int]:
+    """Buckets 1, 2, 4, 8, then every 16 up to 256, every 32 beyond, capped at (and including)
+    max_batch_size; `extra` adds sizes a data-parallel group pads to. Sorted ascending, unique."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size ({max_batch_size}) must be >= 1")
+    sizes = {1, 2, 4, 8, *range(16, 257, 16), *range(288, max_batch_size + 1, 32), max_batch_size}
+    sizes |= {int(e) for e in extra if 1 <= int(e) <= max_batch_size}
+    return sorted(s for s in sizes if s <= max_batch_size)
+
+
+def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
+    """The smallest captured size >= num_seqs (None: too large for any graph, run eagerly)."""
+    for size in sizes:
+        if size >= num_seqs:
+            return size
+    return None
+
+
+def decide_cuda_graphs(
+    mode: str, device: torch.device, backend_supports_graphs: bool, expert_parallel: bool
+) -> tuple[bool, str]:
+    """(use graphs?, why) for `--cuda-graphs mode`. auto = on for CUDA decode with a graph-capable attention
+    backend on a single rank; `off` always off."""
+    if mode not in ("auto", "off"):
+        raise ValueError(f"cuda_graphs ({mode!r}) must be 'auto' or 'off'")
+    if mode == "off":
+        return False, "off: requested"
+    if device.type != "cuda":
+        return False, "off: not a CUDA device"
+    if not backend_supports_graphs:
+        return False, "off: the attention backend cannot be captured (use --attention-backend triton)"
+    if expert_parallel:
+        return False, "off: expert-parallel groups are not captured yet"
+    return True, "on: CUDA decode with a graph-capable attention backend"
+
+
+@dataclass
+class StaticInputs:
+    """Preallocated device inputs of the captured decode graphs (views [:N] serve bucket N)."""
+
+    input_ids: torch.Tensor  # [max N] int64
+    positions: torch.Tensor  # [max N] int64
+    slot_mapping: torch.Tensor  # [max N] int64
+    seq_lens: torch.Tensor  # [max N] int32
+    query_lens: torch.Tensor  # [max N] int32, all ones
+    cu_query_lens: torch.Tensor  # [max N + 1] int32, 0..max N
+    block_tables: torch.Tensor  # [max N, M] int32
+    sample_indices: torch.Tensor  # [max N] int64, 0..max N - 1
+
+    @classmethod
+    def allocate(cls, max_batch_size: int, max_blocks_per_seq: int, device: torch.device) -> StaticInputs:
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        static = cls(
+            input_ids=zeros(max_batch_size),
+            positions=zeros(max_batch_size),
+            slot_mapping=torch.full((max_batch_size,), -1, dtype=torch.int64, device=device),
+            seq_lens=torch.ones(max_batch_size, dtype=torch.int32, device=device),
+            query_lens=torch.ones(max_batch_size, dtype=torch.int32, device=device),
+            cu_query_lens=torch.arange(max_batch_size + 1, dtype=torch.int32, device=device),
+            block_tables=zeros(max_batch_size, max_blocks_per_seq, dtype=torch.int32),
+            sample_indices=torch.arange(max_batch_size, dtype=torch.int64, device=device),
+        )
+        return static
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return int(self.block_tables.shape[1])
+
+
+def fill_static(static: StaticInputs, batch: ForwardBatch, bucket: int) -> None:
+    """Copy a live decode batch of n sequences into the static buffers of `bucket` (>= n), padding rows
+    n..bucket (device-to-device copies and fills only: no host sync)."""
+    n = batch.num_seqs
+    width = int(batch.block_tables.shape[1])
+    if batch.mode is not ForwardMode.DECODE or batch.num_tokens != n:
+        raise ValueError(f"only decode steps run in CUDA graphs (got a {batch.mode.value} step)")
+    if not n <= bucket <= static.max_batch_size or width > static.max_blocks_per_seq:
+        raise ValueError(
+            f"a batch of {n} sequences x {width} blocks does not fit bucket {bucket} of static buffers "
+            f"[{static.max_batch_size}, {static.max_blocks_per_seq}]"
+        )
+    static.input_ids[:n].copy_(batch.input_ids)
+    static.input_ids[n:bucket].zero_()
+    static.positions[:n].copy_(batch.positions)
+    static.positions[n:bucket].zero_()
+    static.slot_mapping[:n].copy_(batch.slot_mapping)
+    static.slot_mapping[n:bucket].fill_(-1)
+    static.seq_lens[:n].copy_(batch.seq_lens_t)
+    static.seq_lens[n:bucket].fill_(1)
+    # Columns past `width` keep stale page ids: the kernels read only pages below each seq_len.
+    static.block_tables[:n, :width].copy_(batch.block_tables)
+    static.block_tables[n:bucket, 0].zero_()
+
+
+def static_batch(static: StaticInputs, bucket: int, block_size: int, backend: Any) -> ForwardBatch:
+    """The ForwardBatch a graph of `bucket` rows is captured with: views of the static buffers. Its host
+    lists are placeholders (seq_lens 1): graph-safe kernels size launches from tensor shapes only."""
+    return ForwardBatch(
+        mode=ForwardMode.DECODE,
+        block_size=block_size,
+        query_lens=[1] * bucket,
+        seq_lens=[1] * bucket,
+        input_ids=static.input_ids[:bucket],
+        positions=static.positions[:bucket],
+        slot_mapping=static.slot_mapping[:bucket],
+        query_lens_t=static.query_lens[:bucket],
+        seq_lens_t=static.seq_lens[:bucket],
+        cu_query_lens=static.cu_query_lens[: bucket + 1],
+        block_tables=static.block_tables[:bucket],
+        sample_indices=static.sample_indices[:bucket],
+        block_tables_cpu=torch.zeros(bucket, 1, dtype=torch.int64),
+        attn_backend=backend,
+        for_cuda_graph=True,
+    )
+
+
+class CudaGraphRunner:
+    """Captures `model` decode steps per bucket and replays them. `forward(model, batch) -> logits [n, V]`
+    is the eager step being captured (ModelRunner.forward_logits)."""
+
+    def __init__(
+        self,
+        model: Any,
+        backend: Any,
+        *,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+        extra_sizes: Iterable[int] = (),
+        sizes: list[int] | None = None,
+    ):
+        """`sizes` replaces the default buckets (e.g. one size for a benchmark)."""
+        self.model, self.backend, self.block_size, self.device = model, backend, block_size, device
+        self.sizes = sorted(sizes) if sizes else capture_batch_sizes(max_batch_size, extra_sizes)
+        if self.sizes[-1] > max_batch_size:
+            raise ValueError(f"capture sizes {self.sizes} exceed max_batch_size ({max_batch_size})")
+        self.static = StaticInputs.allocate(max_batch_size, max_blocks_per_seq, device)
+        self.graphs: dict[int, Any] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static logits [N, V]
+        self.pool_bytes = 0
+
+    def _step(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        return self.model.compute_logits(hidden).float()  # decode: every row samples
+
+    def check_capturable(self) -> None:
+        """One eager padded step with CUDA's sync debug mode set to error: any host synchronisation in the
+        decode step (e.g. `.tolist()` in an MoE dispatcher) raises here, before a capture could fail."""
+        batch = static_batch(self.static, self.sizes[-1], self.block_size, self.backend)
+        torch.cuda.synchronize(self.device)
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.backend.init_cuda_graph_state(
+            self.static.max_batch_size, self.static.max_blocks_per_seq, self.device
+        )
+        self.check_capturable()
+        before = torch.cuda.memory_reserved(self.device)
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        for bucket in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile Triton kernels, settle the allocator
+                    self._step(static_batch(self.static, bucket, self.block_size, self.backend))
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            # A fresh batch: its per-step memo (rotary cos/sin, backend metadata) must be computed inside
+            # the capture from the static buffers, never reused from the warm-up runs.
+            batch = static_batch(self.static, bucket, self.block_size, self.backend)
+            self.backend.init_forward_metadata_capture(batch)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.outputs[bucket] = self._step(batch)
+            pool = graph.pool()
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize(self.device)
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
+        logger.info(
+            "CUDA graphs: captured %d decode buckets (%s), %.1f MiB",
+            len(self.sizes),
+            ", ".join(map(str, self.sizes)),
+            self.pool_bytes / 2**20,
+        )
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return (
+            batch.mode is ForwardMode.DECODE
+            and bool(self.graphs)
+            and bucket_for(batch.num_seqs, self.sizes) is not None
+            and int(batch.block_tables.shape[1]) <= self.static.max_blocks_per_seq
+            and int(batch.sample_indices.shape[0]) == batch.num_seqs
+        )
+
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [n, V] of a decode batch (a view of the graph's output: read it before the next replay)."""
+        bucket = bucket_for(batch.num_seqs, self.sizes)
+        assert bucket is not None
+        fill_static(self.static, batch, bucket)
+        self.backend.init_forward_metadata_replay(
+            static_batch(self.static, bucket, self.block_size, self.backend)
+        )
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][: batch.num_seqs]

@@ -1,0 +1,95 @@
+"""The pure parts of CUDA-graph decode (engine/cuda_graph_runner.py) on CPU: bucket sizes and choice, the
+on/off decision, and the static-buffer fill. The padded static batch is run through a tiny model with the
+Triton backend (interpreted) and its first n rows must equal the eager step: what a replay computes,
+minus the graph itself (tests/gpu/test_cuda_graphs.py captures and replays on a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moefleet.engine.cuda_graph_runner import (  # noqa: E402
+    StaticInputs,
+    bucket_for,
+    capture_batch_sizes,
+    decide_cuda_graphs,
+    fill_static,
+    static_batch,
+)
+from moefleet.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+
+
+def test_capture_sizes_and_buckets():
+    assert capture_batch_sizes(1) == [1]
+    assert capture_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    sizes = capture_batch_sizes(320, extra=[24, 1000])
+    assert sizes[:6] == [1, 2, 4, 8, 16, 24] and sizes[-3:] == [256, 288, 320] and 1000 not in sizes
+    assert bucket_for(1, sizes) == 1 and bucket_for(3, sizes) == 4 and bucket_for(17, sizes) == 24
+    assert bucket_for(320, sizes) == 320 and bucket_for(321, sizes) is None
+    with pytest.raises(ValueError, match="max_batch_size"):
+        capture_batch_sizes(0)
+
+
+def test_decide_cuda_graphs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decide_cuda_graphs("auto", cuda, True, False)[0] is True
+    assert decide_cuda_graphs("off", cuda, True, False)[0] is False
+    assert decide_cuda_graphs("auto", cpu, True, False)[0] is False
+    assert "attention backend" in decide_cuda_graphs("auto", cuda, False, False)[1]
+    assert "expert-parallel" in decide_cuda_graphs("auto", cuda, True, True)[1]
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        decide_cuda_graphs("on", cuda, True, False)
+
+
+def _decode_batch():
+    return ForwardBatch.build(
+        input_ids=[11, 12, 13], positions=[40, 7, 18], query_lens=[1, 1, 1], seq_lens=[41, 8, 19],
+        block_tables=[[5, 2, 9], [3], [4, 6]], block_size=16, device="cpu",
+    )  # fmt: skip
+
+
+def test_fill_static_pads_rows_safely():
+    static = StaticInputs.allocate(8, 4, torch.device("cpu"))
+    static.block_tables.fill_(77)  # stale pages of an earlier step
+    static.input_ids.fill_(99)
+    fill_static(static, _decode_batch(), bucket=4)
+    assert static.input_ids.tolist() == [11, 12, 13, 0, 99, 99, 99, 99]  # rows past the bucket untouched
+    assert static.positions[:4].tolist() == [40, 7, 18, 0]
+    assert static.slot_mapping[:4].tolist() == [9 * 16 + 8, 3 * 16 + 7, 6 * 16 + 2, -1]
+    assert static.seq_lens[:4].tolist() == [41, 8, 19, 1]
+    assert static.block_tables[:4, :3].tolist() == [[5, 2, 9], [3, -1, -1], [4, 6, -1], [0, 77, 77]]
+    batch = static_batch(static, 4, 16, backend=None)
+    assert batch.mode is ForwardMode.DECODE and batch.for_cuda_graph and batch.num_tokens == 4
+    assert batch.cu_query_lens.tolist() == [0, 1, 2, 3, 4] and batch.sample_indices.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="does not fit"):
+        fill_static(static, _decode_batch(), bucket=2)
+    prefill = ForwardBatch.prefill_without_cache([2], "cpu")
+    with pytest.raises(ValueError, match="only decode"):
+        fill_static(static, prefill, bucket=4)
+
+
+@pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
+def test_padded_static_batch_equals_eager_decode(name):
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from moefleet.engine.attention.triton_backend import TritonAttentionBackend
+    from moefleet.engine.loader import load_model
+    from support.tiny_models import PagedDriver, tiny_model_dir
+
+    backend = TritonAttentionBackend()
+    model = load_model(tiny_model_dir(name), "cpu", torch.float32)
+    driver = PagedDriver(model, num_blocks=16, block_size=16, attn_backend=backend)
+    driver.step([(0, list(range(3, 23))), (1, list(range(5, 12))), (2, [7, 8, 9])])
+    decode = driver.batch([(0, [30]), (1, [31]), (2, [32])])
+    with torch.no_grad():
+        eager = model.compute_logits(model(decode.input_ids, decode.positions, decode))
+        static = StaticInputs.allocate(8, 4, torch.device("cpu"))
+        fill_static(static, decode, bucket=8)
+        padded = static_batch(static, 8, 16, backend)
+        graph_like = model.compute_logits(model(padded.input_ids, padded.positions, padded))
+    assert torch.isfinite(graph_like).all()
+    torch.testing.assert_close(graph_like[:3], eager, atol=1e-4, rtol=1e-4)
