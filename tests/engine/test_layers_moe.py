@@ -70,8 +70,64 @@ def test_logical_to_physical_map_sits_between_routing_and_dispatch():
         w13, w2 = moe.experts.w13.clone(), moe.experts.w2.clone()
         moe.experts.w13[perm] = w13
         moe.experts.w2[perm] = w2
-        moe.logical_to_physical.copy_(perm)
+        moe.logical_to_physical.copy_(perm.unsqueeze(1))
     torch.testing.assert_close(moe(hidden), expected)
+
+
+def test_redundant_slots_hold_replicas_and_outputs_do_not_change():
+    """8 experts in 12 slots: the loader fills every slot holding an expert (slot 8 holds expert 0, ...), the
+    layer picks a replica per (token, expert) on device, and the output equals the dense reference."""
+    routing = RoutingConfig(EXPERTS, 2)
+    plain = make_moe(routing)
+    parallel_layout.set_layout(ParallelLayout(num_redundant_experts=4))
+    try:
+        moe = MoE(DIM, INTER, routing)
+    finally:
+        parallel_layout.set_layout(ParallelLayout())
+    assert moe.experts.local_experts == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert moe.logical_replicas.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]
+    assert moe.logical_to_physical[0].tolist() == [0, 8] + [-1] * 3
+    with torch.no_grad():
+        moe.gate.weight.copy_(plain.gate.weight)
+    for e in range(EXPERTS):
+        for shard in ("gate", "up", "down"):
+            inter = slice(0, INTER) if shard == "gate" else slice(INTER, 2 * INTER)
+            w = plain.experts.w2[e] if shard == "down" else plain.experts.w13[e, inter]
+            param = moe.experts.w2 if shard == "down" else moe.experts.w13
+            param.weight_loader(param, w, e, shard)
+    assert moe.experts.missing() == []
+    torch.testing.assert_close(moe.experts.w13[8], plain.experts.w13[0])
+    hidden = torch.randn(40, DIM)
+    hits = []
+    moe.dispatcher.dispatch_start = _spy(moe.dispatcher.dispatch_start, hits)  # type: ignore[method-assign]
+    torch.testing.assert_close(moe(hidden), dense_reference(plain, hidden))
+    # One rank holds both replicas of expert 0: the first local one (slot 0) takes its rows.
+    physical = hits[0]
+    _, logical = plain.gate(hidden)
+    assert (logical == 0).any() and set(physical[logical == 0].tolist()) == {0}
+    assert int(physical.max()) < 12
+
+
+def _spy(fn, seen):
+    def wrapper(hidden, topk_ids, topk_weights):
+        seen.append(topk_ids.clone())
+        return fn(hidden, topk_ids, topk_weights)
+
+    return wrapper
+
+
+def test_replica_on_own_rank_is_preferred():
+    from moefleet.engine.eplb.expert_location import ExpertLocation, choose_replicas
+
+    # 4 experts in 6 slots over 3 ranks: rank 0 holds [0, 1], ranks 1 and 2 both hold [2, 3].
+    location = ExpertLocation(4, 3, [[0, 1, 2, 3, 2, 3]])
+    log2phy, replicas = location.layer_tensors(0)
+    ids = torch.tensor([[0, 2], [2, 3], [3, 1], [1, 2]])
+    # Rank 0 has no replica of 2 or 3: token t takes replica t mod 2 (slots 2/4 and 3/5).
+    assert choose_replicas(ids, log2phy, replicas, 0, 2).tolist() == [[0, 2], [4, 5], [3, 1], [1, 4]]
+    # Ranks 1 and 2 keep experts 2 and 3 at home.
+    assert choose_replicas(ids, log2phy, replicas, 1, 2).tolist() == [[0, 2], [2, 3], [3, 1], [1, 2]]
+    assert choose_replicas(ids, log2phy, replicas, 2, 2).tolist() == [[0, 4], [4, 5], [5, 1], [1, 4]]
 
 
 def test_expert_parallel_layout_keeps_only_local_experts():
@@ -81,7 +137,7 @@ def test_expert_parallel_layout_keeps_only_local_experts():
     finally:
         parallel_layout.set_layout(ParallelLayout())
     experts = moe.experts
-    assert experts.local_experts == range(4, 8)
+    assert experts.local_experts == [4, 5, 6, 7]
     assert experts.w13.shape == (4, 2 * INTER, DIM) and experts.w2.shape == (4, DIM, INTER)
     for e in range(EXPERTS):
         for shard, shape in (("gate", (INTER, DIM)), ("up", (INTER, DIM)), ("down", (DIM, INTER))):
@@ -100,15 +156,15 @@ def test_expert_loader_rejects_wrong_shapes():
         moe.experts.w13.weight_loader(moe.experts.w13, torch.zeros(INTER + 1, DIM), 2, "up")
 
 
-def test_expert_load_counts_physical_hits():
+def test_expert_load_counts_logical_hits():
     moe = make_moe(RoutingConfig(EXPERTS, 2))
     hidden = torch.randn(30, DIM)
     _, ids = moe.gate(hidden)
-    moe.logical_to_physical.copy_(torch.arange(EXPERTS).flip(0))  # physical = 7 - logical
+    moe.logical_to_physical.copy_(torch.arange(EXPERTS).flip(0).unsqueeze(1))  # physical = 7 - logical
     moe.expert_load = torch.zeros(EXPERTS, dtype=torch.long)
     moe(hidden)
     moe(torch.zeros(0, DIM))
-    assert moe.expert_load.tolist() == torch.bincount(7 - ids.flatten(), minlength=EXPERTS).tolist()
+    assert moe.expert_load.tolist() == torch.bincount(ids.flatten(), minlength=EXPERTS).tolist()
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 0, 2, 7], [40, 0, 0, 0, 0, 0, 0, 1], [0] * 8])
