@@ -82,7 +82,7 @@ def apply_expert_parallel(
 
 
 def _check_built_for(name: str, layer: nn.Module, rank: int, world_size: int) -> None:
-    local = layer.experts.local_experts  # type: ignore[union-attr]
+    local: range | list[int] = layer.experts.local_experts  # type: ignore[union-attr,assignment]
     if isinstance(local, list):  # EPLB slots (MoE): any expert per slot; the layer knows its rank
         built_for = (getattr(layer, "ep_rank", rank), getattr(layer, "ep_size", world_size))
         if built_for != (rank, world_size):
@@ -91,11 +91,11 @@ def _check_built_for(name: str, layer: nn.Module, rank: int, world_size: int) ->
                 f"{world_size}: call set_expert_parallel_layout(group) before building the model"
             )
         return
-    expected_start = rank * len(local)  # type: ignore[arg-type]
-    if local.start != expected_start or local.step != 1:  # type: ignore[union-attr]
+    expected_start = rank * len(local)
+    if local.start != expected_start or local.step != 1:
         raise ValueError(
-            f"MoE layer {name!r} holds experts {local.start}..{local.stop - 1} but rank {rank} of "  # type: ignore[union-attr]
-            f"{world_size} must hold {expected_start}..{expected_start + len(local) - 1}: call "  # type: ignore[arg-type]
+            f"MoE layer {name!r} holds experts {local.start}..{local.stop - 1} but rank {rank} of "
+            f"{world_size} must hold {expected_start}..{expected_start + len(local) - 1}: call "
             "set_expert_parallel_layout(group) before building the model"
         )
 
