@@ -37,13 +37,15 @@ def check_expert_slots(num_experts: int, num_redundant: int, world_size: int) ->
         raise ValueError(f"--num-redundant-experts ({num_redundant}) must be >= 0")
     physical = num_experts + num_redundant
     if physical % world_size:
-        fits = [
+        fits = next(
             n for n in range(num_redundant, num_redundant + world_size) if (num_experts + n) % world_size == 0
-        ]
+        )
+        what = f"num_experts ({num_experts})"
+        if num_redundant:
+            what += f" + redundant experts ({num_redundant}) = {physical} physical expert slots"
         raise ValueError(
-            f"num_experts ({num_experts}) + redundant experts ({num_redundant}) = {physical} physical expert "
-            f"slots are not divisible by expert-parallel size ({world_size}): use --num-redundant-experts "
-            f"{fits[0]} (or change nnodes * nproc_per_node)"
+            f"{what} is not divisible by expert-parallel size ({world_size}): use --num-redundant-experts "
+            f"{fits} (EPLB spare slots) or pick nnodes * nproc_per_node that divides {physical}"
         )
     return physical // world_size
 

@@ -14,7 +14,9 @@ from moefleet.engine.eplb import planner
 def gpu_load_by_hand(loads, phy2log, gpus):
     replicas = Counter(phy2log)
     per_gpu = len(phy2log) // gpus
-    return [sum(loads[e] / replicas[e] for e in phy2log[g * per_gpu : (g + 1) * per_gpu]) for g in range(gpus)]
+    return [
+        sum(loads[e] / replicas[e] for e in phy2log[g * per_gpu : (g + 1) * per_gpu]) for g in range(gpus)
+    ]
 
 
 def check_invariants(loads, phy2log, num_physical, gpus):
@@ -105,14 +107,18 @@ def test_zipf_skew_with_one_eighth_redundant_slots_balances_to_095(gpus, nodes):
     layers = [zipf(num_experts, 1.2, seed) for seed in range(3)]
     for num_nodes, groups in ((1, 1), (nodes, 8)):
         result = planner.plan(layers, num_physical, gpus, num_nodes=num_nodes, num_groups=groups)
-        for loads, phy2log, predicted in zip(layers, result.phy2log, result.predicted_balancedness, strict=True):
+        for loads, phy2log, predicted in zip(
+            layers, result.phy2log, result.predicted_balancedness, strict=True
+        ):
             check_invariants(loads, phy2log, num_physical, gpus)
             totals = gpu_load_by_hand(loads, phy2log, gpus)
             assert predicted == pytest.approx((sum(totals) / gpus) / max(totals), rel=1e-6)
         if num_nodes == 1:  # the global policy is the one that reaches the target on this skew
             assert min(result.predicted_balancedness) >= 0.95, result.predicted_balancedness
         # Either way far better than the start-up placement (slot p holds expert p mod 256).
-        start = [planner.balancedness(w, [p % num_experts for p in range(num_physical)], gpus) for w in layers]
+        start = [
+            planner.balancedness(w, [p % num_experts for p in range(num_physical)], gpus) for w in layers
+        ]
         assert result.mean_predicted_balancedness > max(start)
 
 
@@ -134,5 +140,7 @@ def test_plan_with_previous_moves_less_and_predicts_the_same():
 
 
 def test_uneven_slots_are_refused_with_numbers():
-    with pytest.raises(ValueError, match=r"physical expert slots \(258\) are not divisible by the number of GPUs \(4\)"):
+    with pytest.raises(
+        ValueError, match=r"physical expert slots \(258\) are not divisible by the number of GPUs \(4\)"
+    ):
         planner.plan_layer([1.0] * 256, 258, 4)
