@@ -37,6 +37,26 @@ def expected_slot(tensors, layer: int, expert: int) -> tuple[torch.Tensor, torch
     return torch.cat([gate, up]), down
 
 
+def check_slot_weights(model_dir, results, slots_per_rank: int) -> None:
+    """Every rank's slots hold the checkpoint weights of the expert the (common) new placement names."""
+    tensors = checkpoint(model_dir)
+    assert len({str(r["phy2log"]) for r in results}) == 1  # every rank installed the same placement
+    phy2log = results[0]["phy2log"]
+    for rank, result in enumerate(results):
+        for i, after in enumerate(result["after_slots"]):
+            assert after["local_experts"] == phy2log[i][rank * slots_per_rank : (rank + 1) * slots_per_rank]
+            for slot, expert in enumerate(after["local_experts"]):
+                w13, w2 = expected_slot(tensors, after["layer"], expert)
+                assert torch.equal(after["w13"][slot], w13), (rank, i, slot, expert)
+                assert torch.equal(after["w2"][slot], w2), (rank, i, slot, expert)
+
+
+def reference_tokens(model_dir) -> list[list[int]]:
+    with one_torch_thread():
+        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        return [r.token_ids for r in LLM(str(model_dir), max_model_len=128).generate(PROMPTS, greedy)]
+
+
 def test_live_rebalance_keeps_outputs_and_moves_checkpoint_weights(start_group):
     model_dir = tiny_model_dir("qwen3_norm_topk")
     options = {"model": str(model_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "redundant": REDUNDANT}
@@ -44,9 +64,7 @@ def test_live_rebalance_keeps_outputs_and_moves_checkpoint_weights(start_group):
     codes = group.wait(timeout_s=200)
     assert codes == [0] * RANKS, [group.stderr(r)[-3000:] for r in range(RANKS)]
     results = group.results()
-    with one_torch_thread():
-        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        reference = [r.token_ids for r in LLM(str(model_dir), max_model_len=128).generate(PROMPTS, greedy)]
+    reference = reference_tokens(model_dir)
     front = results[0]
     for tag, prefix in (("warmup", "w"), ("during", "s"), ("after", "a")):
         assert [front[tag][f"{prefix}{i}"] for i in range(len(PROMPTS))] == reference, tag
@@ -58,21 +76,32 @@ def test_live_rebalance_keeps_outputs_and_moves_checkpoint_weights(start_group):
     assert state["rebalances"] == 1 and 0 < state["balancedness"] <= 1
     assert state["placement"]["num_physical_experts"] == 12 and state["placement"]["slots_per_rank"] == 3
 
-    tensors = checkpoint(model_dir)
-    placements = {str(r["phy2log"]) for r in results}
-    assert len(placements) == 1  # every rank installed the same placement
     phy2log = results[0]["phy2log"]
     start = [p % 8 for p in range(12)]
     assert any(layer != start for layer in phy2log)  # something really moved
     for layer_slots in phy2log:
         assert set(layer_slots) == set(range(8)) and len(layer_slots) == 12
     for rank, result in enumerate(results):
-        for i, (before, after) in enumerate(zip(result["before"], result["after_slots"], strict=True)):
-            assert before["local_experts"] == start[rank * 3 : (rank + 1) * 3]
-            assert after["local_experts"] == phy2log[i][rank * 3 : (rank + 1) * 3]
-            for slot, expert in enumerate(after["local_experts"]):
-                w13, w2 = expected_slot(tensors, after["layer"], expert)
-                assert torch.equal(after["w13"][slot], w13), (rank, i, slot, expert)
-                assert torch.equal(after["w2"][slot], w2), (rank, i, slot, expert)
+        assert [b["local_experts"] for b in result["before"]] == [start[rank * 3 : (rank + 1) * 3]] * 2
+    check_slot_weights(model_dir, results, 3)
     # Hot experts got the spare slots: some expert has more than one replica in some layer.
     assert any(max(Counter(layer).values()) > 1 for layer in phy2log)
+
+
+def test_automatic_rebalance_every_k_steps_on_deepseek_over_two_nodes(start_group):
+    """DeepSeek-V3 (grouped routing: 4 groups over 2 nodes -> hierarchical policy, shared experts, a dense
+    first layer), 16 experts + 2 redundant over 2 nodes x 1 rank, `--eplb-interval-steps 3`: the controller
+    rebalances by itself while requests run; outputs and weights stay right."""
+    model_dir = tiny_model_dir("deepseek_grouped")
+    options = {"model": str(model_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "redundant": 2}
+    group = start_group("eplb", 2, 1, options=options | {"interval": 3})
+    codes = group.wait(timeout_s=200)
+    assert codes == [0, 0], [group.stderr(r)[-3000:] for r in range(2)]
+    results = group.results()
+    reference = reference_tokens(model_dir)
+    front = results[0]
+    for tag, prefix in (("warmup", "w"), ("during", "s"), ("after", "a")):
+        assert [front[tag][f"{prefix}{i}"] for i in range(len(PROMPTS))] == reference, tag
+    assert results[0]["rebalances_total"] == results[1]["rebalances_total"] >= 2
+    assert front["state"]["placement"]["slots_per_rank"] == 9
+    check_slot_weights(model_dir, results, 9)

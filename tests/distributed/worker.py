@@ -323,7 +323,11 @@ def scenario_eplb(options: dict[str, Any], out_dir: str) -> None:
     state = groups.init_distributed(
         groups.LaunchConfig.from_env(), hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60
     )
-    eplb = EPLBConfig(num_redundant_experts=options["redundant"], layers_per_step=1, stats_every_steps=10**6)
+    interval = options.get("interval", 0)
+    eplb = EPLBConfig(
+        num_redundant_experts=options["redundant"], layers_per_step=1, stats_every_steps=10**6,
+        interval_steps=interval,
+    )  # fmt: skip
     engine = build_engine(config, state, backend="a2a", eplb=eplb)
     loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
     controller = engine.eplb
@@ -356,7 +360,8 @@ def scenario_eplb(options: dict[str, Any], out_dir: str) -> None:
             result["warmup"] = await run_all("w")  # fill the load window
             streaming = asyncio.ensure_future(run_all("s"))
             await asyncio.sleep(0.05)  # requests are in flight when the rebalance starts
-            result["rebalance"] = await asyncio.wrap_future(controller.submit("rebalance"))
+            if not interval:  # else the controller rebalances by itself every `interval` steps
+                result["rebalance"] = await asyncio.wrap_future(controller.submit("rebalance"))
             result["during"] = await streaming
             result["after"] = await run_all("a")
             result["state"] = await asyncio.wrap_future(controller.submit("read"))
@@ -367,6 +372,7 @@ def scenario_eplb(options: dict[str, Any], out_dir: str) -> None:
         run_worker_rank(loop, state)
     result["after_slots"] = slots()
     result["phy2log"] = controller.location.phy2log
+    result["rebalances_total"] = controller.rebalances_total
     torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
     groups.shutdown(state)
 
