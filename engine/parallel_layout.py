@@ -15,6 +15,8 @@ class ParallelLayout:
     ep_size: int = 1
     # EPLB: extra physical expert slots (copies of busy experts); slots per rank = (E + this) / ep_size.
     num_redundant_experts: int = 0
+    # Ranks per node (consecutive ranks share a node); 0 = unknown / one node. Replica choice prefers the node.
+    ranks_per_node: int = 0
 
     def __post_init__(self) -> None:
         if self.ep_size < 1 or not 0 <= self.ep_rank < self.ep_size:

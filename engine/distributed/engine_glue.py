@@ -56,7 +56,7 @@ def build_engine(
     active `eplb`, an `EPLBController` as `engine.eplb` (load recorder, rebalances)."""
     eplb = eplb or EPLBConfig()
     check_model_expert_slots(config.hf_config, state.world_size, eplb.num_redundant_experts)
-    set_expert_parallel_layout(state.device_group, eplb.num_redundant_experts)
+    set_expert_parallel_layout(state.device_group, eplb.num_redundant_experts, state.launch.nproc_per_node)
     assert config.dtype is not None
     model = load_model(config.model, state.device, config.dtype)
     hidden_size = int(config.hf_config.get("hidden_size", 0))

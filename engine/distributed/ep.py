@@ -21,15 +21,15 @@ from torch import nn
 
 
 def set_expert_parallel_layout(
-    group: dist.ProcessGroup | None, num_redundant_experts: int = 0
+    group: dist.ProcessGroup | None, num_redundant_experts: int = 0, ranks_per_node: int = 0
 ) -> parallel_layout.ParallelLayout:
-    """Publish this rank's place in the EP group (and the EPLB redundant slot count) so model construction
-    allocates only this rank's expert slots."""
+    """Publish this rank's place in the EP group (and the EPLB redundant slot count, ranks per node) so model
+    construction allocates only this rank's expert slots."""
     layout = (
         parallel_layout.ParallelLayout(num_redundant_experts=num_redundant_experts)
         if group is None
         else parallel_layout.ParallelLayout(
-            dist.get_rank(group), dist.get_world_size(group), num_redundant_experts
+            dist.get_rank(group), dist.get_world_size(group), num_redundant_experts, ranks_per_node
         )
     )
     parallel_layout.set_layout(layout)

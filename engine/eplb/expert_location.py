@@ -10,7 +10,8 @@ hold any logical expert, and a logical expert may have several replicas.
     replicas  [L, E]      number of replicas
 
 The router still returns logical ids; `choose_replicas` picks a physical slot per (token, expert) on device:
-a replica on the token's own rank if there is one (no network hop), else one spread by token index.
+a replica on the token's own rank if there is one (no network hop), else one on its node (spread by token
+index), else one spread by token index over all replicas.
 Shape legend: T tokens, K top-k, L MoE layers, E logical experts, P physical slots, R max replicas.
 """
 
@@ -139,20 +140,35 @@ class ExpertLocation:
 
 
 def choose_replicas(
-    logical_ids: torch.Tensor, log2phy: torch.Tensor, replicas: torch.Tensor, rank: int, slots_per_rank: int
+    logical_ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    replicas: torch.Tensor,
+    rank: int,
+    slots_per_rank: int,
+    ranks_per_node: int = 0,
 ) -> torch.Tensor:
     """logical_ids [T, K] -> physical slots [T, K], on device without a host sync.
 
-    A replica on this rank wins (the first one); otherwise replica (token index mod replica count).
+    A replica on this rank wins (the first one); else one on this node (ranks_per_node consecutive ranks;
+    0 = one node), token t taking the node's replica (t mod count); else replica (t mod replica count).
     """
     if log2phy.shape[1] == 1:  # no redundant slots: one replica each
         return log2phy[:, 0][logical_ids]
     candidates = log2phy[logical_ids]  # [T, K, R]
-    on_rank = (candidates >= 0) & (torch.div(candidates, slots_per_rank, rounding_mode="floor") == rank)
-    local_choice = on_rank.to(torch.int8).argmax(dim=-1)  # first local replica (0 when none)
+    valid = candidates >= 0
+    owner = torch.div(candidates, slots_per_rank, rounding_mode="floor")  # rank of each replica
+    on_rank = valid & (owner == rank)
     token = torch.arange(logical_ids.shape[0], device=logical_ids.device).unsqueeze(1)  # [T, 1]
-    spread = token % replicas[logical_ids]  # [T, K]
-    choice = torch.where(on_rank.any(dim=-1), local_choice, spread)
+    choice = token % replicas[logical_ids]  # [T, K] spread over all replicas
+    if ranks_per_node:
+        on_node = valid & (torch.div(owner, ranks_per_node, rounding_mode="floor") == rank // ranks_per_node)
+        node_count = on_node.sum(dim=-1)  # [T, K]
+        wanted = token % node_count.clamp(min=1)  # which of the node's replicas
+        # Position of the (wanted+1)-th replica on this node: first index where the running count passes it.
+        nth = (on_node & (on_node.cumsum(dim=-1) == (wanted + 1).unsqueeze(-1))).to(torch.int8).argmax(dim=-1)
+        choice = torch.where(node_count > 0, nth, choice)
+    local_choice = on_rank.to(torch.int8).argmax(dim=-1)  # first local replica (0 when none)
+    choice = torch.where(on_rank.any(dim=-1), local_choice, choice)
     return candidates.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 

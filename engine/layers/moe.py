@@ -38,6 +38,8 @@ class MoE(nn.Module):
         self.gate = Router(hidden_size, routing)
         layout = parallel_layout.current()
         self.ep_size, self.ep_rank = layout.ep_size, layout.ep_rank
+        # 0: one node (a node preference would add nothing over "any replica").
+        self.ranks_per_node = layout.ranks_per_node if 0 < layout.ranks_per_node < layout.ep_size else 0
         num_experts, redundant = routing.num_experts, layout.num_redundant_experts
         self.slots_per_rank = check_expert_slots(num_experts, redundant, layout.ep_size)
         location = ExpertLocation.initial(1, num_experts, redundant, layout.ep_size)
@@ -65,7 +67,12 @@ class MoE(nn.Module):
             )
         topk_weights, logical_ids = self.gate(hidden)  # [T, K] each
         physical_ids = choose_replicas(
-            logical_ids, self.logical_to_physical, self.logical_replicas, self.ep_rank, self.slots_per_rank
+            logical_ids,
+            self.logical_to_physical,
+            self.logical_replicas,
+            self.ep_rank,
+            self.slots_per_rank,
+            self.ranks_per_node,
         )
         if self.expert_load is not None:
             flat = logical_ids.flatten()

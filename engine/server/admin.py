@@ -76,8 +76,8 @@ async def _run(eplb: Any, kind: str, timeout_s: float) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(eplb.submit(kind)), timeout_s)
     except TimeoutError:
         raise OpenAIError(f"EPLB {kind} did not finish within {timeout_s:.0f} s", 504) from None
-    except RuntimeError as exc:  # e.g. the group stopped
-        raise OpenAIError(f"EPLB {kind} failed: {exc}", 503) from None
+    except Exception as exc:  # e.g. the group stopped (the controller fails what is pending)
+        raise OpenAIError(f"EPLB {kind} failed: {type(exc).__name__}: {exc}", 503) from None
 
 
 def make_admin_router(token: str | None, find_controller: Callable[[], Any] | None = None) -> APIRouter:

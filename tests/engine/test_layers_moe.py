@@ -130,6 +130,38 @@ def test_replica_on_own_rank_is_preferred():
     assert choose_replicas(ids, log2phy, replicas, 2, 2).tolist() == [[0, 4], [4, 5], [5, 1], [1, 4]]
 
 
+def test_replica_on_own_node_is_preferred_next():
+    from moefleet.engine.eplb.expert_location import ExpertLocation, choose_replicas
+
+    # 4 experts, 8 slots, 4 ranks of 2 slots, 2 ranks per node. Expert 3 lives on ranks 1 (node 0), 2 and 3
+    # (node 1); expert 2 only on rank 1 (node 0).
+    location = ExpertLocation(4, 4, [[0, 1, 2, 3, 3, 0, 3, 1]])
+    log2phy, replicas = location.layer_tensors(0)
+    ids = torch.tensor([[3, 2], [3, 2], [3, 0], [3, 1]])
+    # Rank 0 (node 0): its node's only replica of 3 is slot 3; expert 2 -> slot 2; 0 and 1 are local.
+    assert choose_replicas(ids, log2phy, replicas, 0, 2, 2).tolist() == [[3, 2], [3, 2], [3, 0], [3, 1]]
+    # Rank 2 holds slot 4 (expert 3) and 5 (expert 0): local. Expert 1 on node 1 is slot 7 (rank 3).
+    assert choose_replicas(ids, log2phy, replicas, 2, 2, 2).tolist() == [[4, 2], [4, 2], [4, 5], [4, 7]]
+    # Without node information rank 0 spreads expert 3 over slots 3, 4, 6 by token index.
+    assert choose_replicas(ids, log2phy, replicas, 0, 2).tolist() == [[3, 2], [4, 2], [6, 0], [3, 1]]
+
+
+def test_node_replicas_are_spread_by_token():
+    from moefleet.engine.eplb.expert_location import ExpertLocation, choose_replicas
+
+    # 2 experts, 8 slots, 4 ranks x 2 slots, 2 ranks per node: slots hold [0, 0 | 1, 1 || 1, 0 | 1, 0].
+    location = ExpertLocation(2, 4, [[0, 0, 1, 1, 1, 0, 1, 0]])
+    log2phy, replicas = location.layer_tensors(0)
+    ids = torch.ones(4, 1, dtype=torch.long)  # four tokens, all for expert 1
+    # Rank 0 has no replica; its node's are slots 2 and 3 (rank 1): token t takes the (t mod 2)-th.
+    assert choose_replicas(ids, log2phy, replicas, 0, 2, 2).flatten().tolist() == [2, 3, 2, 3]
+    # Ranks with a local replica use their first one.
+    assert choose_replicas(ids, log2phy, replicas, 1, 2, 2).flatten().tolist() == [2, 2, 2, 2]
+    assert choose_replicas(ids, log2phy, replicas, 2, 2, 2).flatten().tolist() == [4, 4, 4, 4]
+    # Without node information: spread over all four replicas (slots 2, 3, 4, 6).
+    assert choose_replicas(ids, log2phy, replicas, 0, 2).flatten().tolist() == [2, 3, 4, 6]
+
+
 def test_expert_parallel_layout_keeps_only_local_experts():
     parallel_layout.set_layout(ParallelLayout(ep_rank=1, ep_size=2))
     try:
