@@ -13,13 +13,20 @@ from dataclasses import dataclass
 class ParallelLayout:
     ep_rank: int = 0
     ep_size: int = 1
+    # EPLB: extra physical expert slots (copies of busy experts); slots per rank = (E + this) / ep_size.
+    num_redundant_experts: int = 0
+    # Ranks per node (consecutive ranks share a node); 0 = unknown / one node. Replica choice prefers the node.
+    ranks_per_node: int = 0
 
     def __post_init__(self) -> None:
         if self.ep_size < 1 or not 0 <= self.ep_rank < self.ep_size:
             raise ValueError(f"ep_rank ({self.ep_rank}) must be in [0, ep_size ({self.ep_size}))")
+        if self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts ({self.num_redundant_experts}) must be >= 0")
 
     def local_experts(self, num_experts: int) -> range:
-        """Contiguous block of expert ids owned by this rank (physical = logical until EPLB)."""
+        """Contiguous block of physical expert slots owned by this rank (without redundant experts, also the
+        logical experts it holds at start; `moefleet.engine.eplb` maps slots to logical experts)."""
         if num_experts % self.ep_size:
             raise ValueError(
                 f"num_experts ({num_experts}) is not divisible by expert-parallel size ({self.ep_size})"

@@ -56,6 +56,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for prefill MFU (default: by GPU name)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
     p.add_argument("--no-breakdown", action="store_true", help="skip the instrumented per-part steps")
+    p.add_argument(
+        "--routing-skew",
+        default="",
+        metavar="zipf:S",
+        help="synthetic Zipf(S) expert popularity at the router",
+    )
+    p.add_argument(
+        "--num-redundant-experts", type=int, default=0, metavar="N", help="EPLB spare expert slots"
+    )
+    p.add_argument(
+        "--eplb",
+        action="store_true",
+        help="rebalance after the timed steps and time again (before/after table)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every row (and per-rank data) as JSON")
     return p
 
@@ -114,7 +128,7 @@ def run_options(options: Any, nproc: int) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from moefleet.engine.bench.report import format_table, summarize
+    from moefleet.engine.bench.report import eplb_summary, format_eplb_table, format_table, summarize
     from moefleet.engine.bench.runner import BenchOptions
 
     if args.device == "cuda":
@@ -141,16 +155,24 @@ def run(args: argparse.Namespace) -> int:
                         backend=args.moe_backend, breakdown=not args.no_breakdown,
                         attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                         block_size=args.block_size, peak_tflops=args.peak_tflops,
+                        routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
+                        eplb=args.eplb,
                     )  # fmt: skip
                 except ValueError as exc:
                     raise CommandError(str(exc)) from None
                 ranks = run_options(options, args.nproc_per_node)
                 row = summarize(asdict(options), ranks)
+                eplb = eplb_summary(ranks)
+                if eplb is not None:
+                    row["eplb"] = eplb
                 rows.append(row)
                 raw.append({"options": asdict(options), "summary": row, "ranks": ranks})
                 print(format_table([row]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
+    if any("eplb" in row for row in rows):
+        print()
+        print(format_eplb_table([row for row in rows if "eplb" in row]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=2)

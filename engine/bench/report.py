@@ -72,3 +72,46 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{syncs} |"
         )
     return "\n".join(lines)
+
+
+def eplb_summary(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """--eplb: the group's step time (slowest rank) before and after the rebalance, balancedness, pauses."""
+    if not ranks or not ranks[0].get("eplb"):
+        return None
+    import statistics
+
+    def group_step(key: str) -> float:
+        return max(statistics.median(r["eplb"][key]) for r in ranks)
+
+    first = ranks[0]["eplb"]
+    pauses = [
+        max(r["eplb"]["pause_per_layer_ms"][i] for r in ranks)
+        for i in range(len(first["pause_per_layer_ms"]))
+    ]
+    before, after = group_step("step_times_before_s"), group_step("step_times_after_s")
+    return {
+        "step_ms_before": before * 1e3,
+        "step_ms_after": after * 1e3,
+        "speedup": before / after,
+        "balancedness_before": first["balancedness_before"],
+        "predicted_balancedness": first["predicted_balancedness"],
+        "balancedness_after": first["balancedness_after"],
+        "max_pause_per_layer_ms": max(pauses, default=0.0),
+        "moved_experts": first["moved_experts"],
+    }
+
+
+def format_eplb_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| preset | GPUs | mode | step ms before | step ms after | speedup | balancedness before | predicted | "
+        "after | max pause/layer ms | moved experts |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        e = r["eplb"]
+        lines.append(
+            f"| {r['preset']} | {r['gpus']} | {r['mode']} | {e['step_ms_before']:.2f} | {e['step_ms_after']:.2f} | "
+            f"{e['speedup']:.2f}x | {e['balancedness_before']:.3f} | {e['predicted_balancedness']:.3f} | "
+            f"{e['balancedness_after']:.3f} | {e['max_pause_per_layer_ms']:.2f} | {e['moved_experts']} |"
+        )
+    return "\n".join(lines)

@@ -53,6 +53,9 @@ class BenchOptions:
     kv_memory_fraction: float = 0.9
     breakdown: bool = True
     seed: int = 0
+    routing_skew: str = ""  # "zipf:S": synthetic skew injected at the router (moefleet.engine.eplb.bench)
+    num_redundant_experts: int = 0  # EPLB spare slots
+    eplb: bool = False  # rebalance after the timed steps, then time again
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -60,6 +63,11 @@ class BenchOptions:
         for name in ("batch_size", "kv_len", "prefill_tokens", "prefill_seq_len", "steps", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        from moefleet.engine.eplb.bench import parse_skew
+
+        parse_skew(self.routing_skew)
+        if self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts ({self.num_redundant_experts}) must be >= 0")
         if self.prefill_tokens % self.prefill_seq_len:
             raise ValueError(
                 f"prefill_tokens ({self.prefill_tokens}) must be a multiple of prefill_seq_len "
@@ -89,6 +97,7 @@ class RankResult:
     @property
     def prepare_time_s(self) -> float:
         return statistics.median(self.prepare_times_s) if self.prepare_times_s else 0.0
+    eplb: dict[str, Any] = field(default_factory=dict)  # --eplb: before/after a rebalance
 
     @property
     def step_time_s(self) -> float:
@@ -299,7 +308,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     )
     torch.manual_seed(options.seed + rank)
     config = preset_config(options.preset, options.num_layers, options.dense_layers)
-    set_expert_parallel_layout(group)
+    set_expert_parallel_layout(group, options.num_redundant_experts)
     try:
         model = build_model(config, device, options.dtype)
     finally:
@@ -311,6 +320,12 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         quantize_model(model)
     if group is not None:
         apply_expert_parallel(model, group, options.backend)
+    from moefleet.engine.eplb import bench as eplb_bench
+
+    skew = eplb_bench.parse_skew(options.routing_skew)
+    if skew:
+        eplb_bench.apply_routing_skew(model, skew, rank, options.seed)
+    recorder = eplb_bench.attach_recorder(model, 10**9) if options.eplb else None
 
     dtype = dtype_from_name(options.dtype)
     attention = [m for m in model.modules() if hasattr(m, "kv_cache_shape")]
@@ -379,6 +394,31 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             breakdown["other"] = max(0.0, total / steps - sum(breakdown.values()))
             breakdown["instrumented_step"] = total / steps
         syncs = count_host_syncs(step) if device.type == "cuda" else None
+        eplb: dict[str, Any] = {}
+        if recorder is not None:
+            eplb = eplb_bench.rebalance(
+                model,
+                recorder,
+                group,
+                options.num_redundant_experts,
+                num_groups=int(config.get("n_group") or 1),
+            )
+            location = eplb.pop("location")
+            for _ in range(options.warmup):
+                step()
+            barrier()
+            after = []
+            for _ in range(options.steps):
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                after.append(time.perf_counter() - start)
+            eplb["step_times_before_s"] = times
+            eplb["step_times_after_s"] = after
+            eplb["balancedness_after"] = eplb_bench.measured_balancedness(
+                recorder.read(group), location, world_size
+            )
         bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
 
     routed, embedding, other = parameter_bytes(model)
@@ -417,6 +457,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         attention_backend=backend.name,
         cuda_graphs=graphs_why,
         host_syncs_per_step=syncs,
+        eplb=eplb,
     )
 
 

@@ -75,6 +75,8 @@ class DPFrontEndClient(StreamingEngineClient):
             logger.exception("DP engine loop stopped")
             self._dead = exc
             self._fail_all(EngineDeadError(f"the DP group stopped: {type(exc).__name__}: {exc}"))
+            if self._loop.eplb is not None:  # admin requests waiting for an EPLB command
+                self._loop.eplb.fail_pending(EngineDeadError(f"the DP group stopped: {exc}"))
             if self._state is not None:
                 time.sleep(self._exit_grace_s)  # let the event loop send the errors to the clients
                 fatal(

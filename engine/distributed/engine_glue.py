@@ -19,8 +19,16 @@ from typing import Any
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
 from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
-from moefleet.engine.distributed.groups import DistributedState, check_model_experts_divisible
-from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, RequestRouter, Shutdown
+from moefleet.engine.distributed.groups import DistributedState
+from moefleet.engine.distributed.request_router import (
+    AbortRequest,
+    AddRequest,
+    GroupCommand,
+    RequestRouter,
+    Shutdown,
+)
+from moefleet.engine.eplb.config import EPLBConfig
+from moefleet.engine.eplb.expert_location import check_model_expert_slots
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.loader import load_model
 from moefleet.engine.scheduler import SchedulerOutput
@@ -38,11 +46,17 @@ def make_step_agreement(coordinator: DPStepCoordinator) -> Callable[[SchedulerOu
 
 
 def build_engine(
-    config: EngineConfig, state: DistributedState, backend: str = "auto", **options: Any
+    config: EngineConfig,
+    state: DistributedState,
+    backend: str = "auto",
+    eplb: EPLBConfig | None = None,
+    **options: Any,
 ) -> LLMEngine:
-    """This rank's engine: local expert block only, EP dispatchers installed, DP step agreement set."""
-    check_model_experts_divisible(config.hf_config, state.world_size)
-    set_expert_parallel_layout(state.device_group)
+    """This rank's engine: local expert slots only, EP dispatchers installed, DP step agreement set; with an
+    active `eplb`, an `EPLBController` as `engine.eplb` (load recorder, rebalances)."""
+    eplb = eplb or EPLBConfig()
+    check_model_expert_slots(config.hf_config, state.world_size, eplb.num_redundant_experts)
+    set_expert_parallel_layout(state.device_group, eplb.num_redundant_experts, state.launch.nproc_per_node)
     assert config.dtype is not None
     model = load_model(config.model, state.device, config.dtype, config.quantization)
     hidden_size = int(config.hf_config.get("hidden_size", 0))
@@ -50,7 +64,21 @@ def build_engine(
         model, state.device_group, backend, hidden_size=hidden_size, device_type=state.device.type, **options
     )
     agreement = make_step_agreement(DPStepCoordinator(state.cpu_group))
-    return LLMEngine(config, model=model, step_agreement=agreement)
+    engine = LLMEngine(config, model=model, step_agreement=agreement)
+    if eplb.active:
+        from moefleet.engine.eplb import controller
+
+        engine.eplb = controller.EPLBController(  # type: ignore[attr-defined]
+            model,
+            eplb,
+            state.rank,
+            state.world_size,
+            state.device_group,
+            num_nodes=state.launch.nnodes,
+            num_groups=int(config.hf_config.get("n_group") or 1),
+        )
+        controller.set_current(engine.eplb)  # type: ignore[attr-defined]
+    return engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +109,10 @@ class DPEngineLoop:
         self.engine, self.router, self.on_outputs, self.idle_wait_s = engine, router, on_outputs, idle_wait_s
         self._pending: list[Any] = []
         self._group_idle = False
+        # EPLB (optional): commands enter on the front end and run on every rank at a step boundary.
+        self.eplb: Any = getattr(engine, "eplb", None)
+        if self.eplb is not None and router.is_front_end:
+            self.eplb.bind(lambda command: router.submit(GroupCommand(command)))
 
     def load(self) -> int:
         stats = self.engine.stats()
@@ -99,6 +131,9 @@ class DPEngineLoop:
         messages = self.router.exchange(self.load(), self._pending, self._deliver)
         running = True
         rejected: list[Any] = []
+        commands = [m.payload for m in messages if isinstance(m, GroupCommand)]
+        if self.eplb is not None:  # a boundary every rank reaches together: between two forwards
+            self.eplb.on_step_boundary(commands, self.engine.num_steps_total)
         for message in messages:
             if isinstance(message, AddRequest):
                 prompt_token_ids, sampling_params = message.payload

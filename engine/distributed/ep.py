@@ -3,8 +3,9 @@
 Model code builds only this rank's experts (it reads `parallel_layout.current()`, set by
 `set_expert_parallel_layout` before the model is built) and holds a single-rank `LocalDispatcher`.
 `apply_expert_parallel` then walks the modules and installs group-aware dispatchers. MoE layers are found by
-duck typing: a module with a `dispatcher` attribute and an `experts` child whose `local_experts` is the range
-of physical expert ids it owns. For two-batch overlap each layer gets one dispatcher per micro-batch in
+duck typing: a module with a `dispatcher` attribute and an `experts` child whose `local_experts` lists what
+its physical slots hold (a range of expert ids, or the logical expert per slot under EPLB); rank r owns
+physical slots [r * S, (r + 1) * S), S = len(local_experts). For two-batch overlap each layer gets one dispatcher per micro-batch in
 `layer.dispatchers` (handles must not cross micro-batches); `layer.dispatcher` is micro-batch 0's.
 """
 
@@ -19,12 +20,17 @@ from moefleet.engine.layers.token_dispatch import TokenDispatcher
 from torch import nn
 
 
-def set_expert_parallel_layout(group: dist.ProcessGroup | None) -> parallel_layout.ParallelLayout:
-    """Publish this rank's place in the EP group so model construction allocates only local experts."""
+def set_expert_parallel_layout(
+    group: dist.ProcessGroup | None, num_redundant_experts: int = 0, ranks_per_node: int = 0
+) -> parallel_layout.ParallelLayout:
+    """Publish this rank's place in the EP group (and the EPLB redundant slot count, ranks per node) so model
+    construction allocates only this rank's expert slots."""
     layout = (
-        parallel_layout.ParallelLayout()
+        parallel_layout.ParallelLayout(num_redundant_experts=num_redundant_experts)
         if group is None
-        else parallel_layout.ParallelLayout(dist.get_rank(group), dist.get_world_size(group))
+        else parallel_layout.ParallelLayout(
+            dist.get_rank(group), dist.get_world_size(group), num_redundant_experts, ranks_per_node
+        )
     )
     parallel_layout.set_layout(layout)
     return layout
@@ -34,7 +40,9 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, module) of every MoE layer: has `dispatcher` and `experts.local_experts`."""
     for name, module in model.named_modules():
         experts = getattr(module, "experts", None)
-        if hasattr(module, "dispatcher") and isinstance(getattr(experts, "local_experts", None), range):
+        if hasattr(module, "dispatcher") and isinstance(
+            getattr(experts, "local_experts", None), range | list
+        ):
             yield name, module
 
 
@@ -54,7 +62,7 @@ def apply_expert_parallel(
 ) -> int:
     """Install `num_micro_batches` dispatchers on every MoE layer of `model`; returns the number of layers.
 
-    Checks that each layer was built for this rank's expert block (built after `set_expert_parallel_layout`),
+    Checks that each layer was built for this rank's expert slots (built after `set_expert_parallel_layout`),
     because a layer holding all experts under EP would silently compute with the wrong experts.
     """
     if num_micro_batches not in (1, 2):
@@ -63,14 +71,7 @@ def apply_expert_parallel(
     world_size = 1 if group is None else dist.get_world_size(group)
     count = 0
     for name, layer in moe_layers(model):
-        local: range = layer.experts.local_experts  # type: ignore[union-attr,assignment]
-        expected_start = rank * len(local)
-        if local.start != expected_start or local.step != 1:
-            raise ValueError(
-                f"MoE layer {name!r} holds experts {local.start}..{local.stop - 1} but rank {rank} of "
-                f"{world_size} must hold {expected_start}..{expected_start + len(local) - 1}: call "
-                "set_expert_parallel_layout(group) before building the model"
-            )
+        _check_built_for(name, layer, rank, world_size)
         total = num_physical_experts(layer, world_size)
         dispatchers = [make(backend, group, total, **dispatcher_options) for _ in range(num_micro_batches)]
         # setattr: nn.Module's typed __setattr__ does not know these plain attributes.
@@ -78,6 +79,25 @@ def apply_expert_parallel(
         setattr(layer, "dispatcher", dispatchers[0])  # noqa: B010
         count += 1
     return count
+
+
+def _check_built_for(name: str, layer: nn.Module, rank: int, world_size: int) -> None:
+    local: range | list[int] = layer.experts.local_experts  # type: ignore[union-attr,assignment]
+    if isinstance(local, list):  # EPLB slots (MoE): any expert per slot; the layer knows its rank
+        built_for = (getattr(layer, "ep_rank", rank), getattr(layer, "ep_size", world_size))
+        if built_for != (rank, world_size):
+            raise ValueError(
+                f"MoE layer {name!r} was built for rank {built_for[0]} of {built_for[1]}, not rank {rank} of "
+                f"{world_size}: call set_expert_parallel_layout(group) before building the model"
+            )
+        return
+    expected_start = rank * len(local)
+    if local.start != expected_start or local.step != 1:
+        raise ValueError(
+            f"MoE layer {name!r} holds experts {local.start}..{local.stop - 1} but rank {rank} of "
+            f"{world_size} must hold {expected_start}..{expected_start + len(local) - 1}: call "
+            "set_expert_parallel_layout(group) before building the model"
+        )
 
 
 def count_routed_expert_parameters(model: nn.Module) -> int:

@@ -43,7 +43,15 @@ class Shutdown:
     """Every rank leaves its serving loop after this exchange."""
 
 
-Message = AddRequest | AbortRequest | Shutdown
+@dataclass(frozen=True, slots=True)
+class GroupCommand:
+    """Reaches every rank in the same exchange, i.e. at one step boundary all ranks agree on (e.g. an EPLB
+    rebalance); `DPEngineLoop` hands the payload to its step-boundary hook."""
+
+    payload: Any
+
+
+Message = AddRequest | AbortRequest | Shutdown | GroupCommand
 
 
 def route_messages(
@@ -51,7 +59,7 @@ def route_messages(
 ) -> list[list[Message]]:
     """Pure: split front-end messages into one list per rank. New requests go to the least-loaded rank
     (loads updated as they are placed; `owners` records request -> rank), aborts to the owning rank
-    (dropped if unknown, e.g. already finished), Shutdown to every rank."""
+    (dropped if unknown, e.g. already finished), Shutdown and GroupCommands to every rank."""
     loads = list(loads)
     per_rank: list[list[Message]] = [[] for _ in loads]
     for i, message in enumerate(inbox):
@@ -60,7 +68,7 @@ def route_messages(
             loads[rank] += message.cost
             owners[message.request_id] = rank
             per_rank[rank].append(message)
-        elif isinstance(message, Shutdown):
+        elif isinstance(message, Shutdown | GroupCommand):
             for messages in per_rank:
                 messages.append(message)
         elif message.request_id in owners:

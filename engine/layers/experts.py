@@ -1,12 +1,16 @@
 """This rank's routed experts, stored stacked, and their grouped SwiGLU computation.
 
 w13 [E_local, 2*I, D] holds gate (rows :I) and up (rows I:) projections; w2 [E_local, D, I] the down
-projection. Only local experts are allocated; the weight loader silently skips checkpoint experts owned by
-other ranks, so one loader serves every expert-parallel layout.
+projection. Only this rank's physical slots are allocated; `local_experts[s]` is the logical expert slot s
+holds (any expert, several slots may hold the same one: EPLB replicas). The weight loader fills every slot
+holding a checkpoint expert and silently skips the others, so one loader serves every placement. Tensors
+with one row per slot (leading dim E_local) are what EPLB moves between ranks (`slot_tensors`).
 Shape legend: N rows grouped by local expert, D hidden, I expert intermediate size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +30,9 @@ def torch_path(tokens_per_expert: list[int], num_rows: int) -> str:
 
 
 class Experts(nn.Module):
-    def __init__(self, local_experts: range, hidden_size: int, intermediate_size: int):
+    def __init__(self, local_experts: Sequence[int], hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.local_experts = local_experts
+        self.local_experts: list[int] = list(local_experts)  # logical expert of each local slot
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         num_local = len(local_experts)
         self.w13 = nn.Parameter(
@@ -81,28 +85,40 @@ class Experts(nn.Module):
             raise ValueError(
                 f"expert {expert_id} {shard}_proj has an FP8 scale but these experts are not FP8"
             )
-        local = expert_id - self.local_experts.start
         tiles = self.intermediate_size // self.block_shape[0]
-        targets = {
-            "gate": self.w13_scale_inv[local, :tiles],
-            "up": self.w13_scale_inv[local, tiles:],
-            "down": self.w2_scale_inv[local],
-        }
-        if shard not in targets:
-            raise ValueError(f"unknown expert shard {shard!r} (expected one of {SHARDS})")
-        if targets[shard].shape != scale.shape:
-            raise ValueError(
-                f"expert {expert_id} {shard}_proj scale has shape {tuple(scale.shape)}, "
-                f"expected {tuple(targets[shard].shape)}"
-            )
-        targets[shard].copy_(scale)
-        self.loaded_scales.add((expert_id, shard))
+        for local in self.slots_of(expert_id):
+            targets = {
+                "gate": self.w13_scale_inv[local, :tiles],
+                "up": self.w13_scale_inv[local, tiles:],
+                "down": self.w2_scale_inv[local],
+            }
+            if shard not in targets:
+                raise ValueError(f"unknown expert shard {shard!r} (expected one of {SHARDS})")
+            if targets[shard].shape != scale.shape:
+                raise ValueError(
+                    f"expert {expert_id} {shard}_proj scale has shape {tuple(scale.shape)}, "
+                    f"expected {tuple(targets[shard].shape)}"
+                )
+            targets[shard].copy_(scale)
+            self.loaded_scales.add((expert_id, shard))
 
     def _load_per_expert(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard: str) -> None:
-        """Load checkpoint `experts.{expert_id}.{shard}_proj.weight`; a no-op for non-local experts."""
-        if expert_id not in self.local_experts:
-            return
-        local = expert_id - self.local_experts.start
+        """Load checkpoint `experts.{expert_id}.{shard}_proj.weight` into every slot holding that expert."""
+        for local in self.slots_of(expert_id):
+            self._load_slot(local, loaded, expert_id, shard)
+
+    def slots_of(self, expert_id: int) -> list[int]:
+        """Local slots holding logical expert `expert_id` (empty when it lives on other ranks only)."""
+        return [slot for slot, e in enumerate(self.local_experts) if e == expert_id]
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Tensors with one row per local slot: what moves when a slot changes expert (EPLB)."""
+        tensors = [self.w13, self.w2]
+        if self.w13_scale_inv is not None and self.w2_scale_inv is not None:
+            tensors += [self.w13_scale_inv, self.w2_scale_inv]  # FP8: the block scales move with their weights
+        return tensors
+
+    def _load_slot(self, local: int, loaded: torch.Tensor, expert_id: int, shard: str) -> None:
         inter = self.intermediate_size
         if shard == "gate":
             target = self.w13[local, :inter]
@@ -122,25 +138,27 @@ class Experts(nn.Module):
 
     def load_stacked(self, name: str, loaded: torch.Tensor) -> None:
         """Load transformers>=5 stacked tensors: `gate_up_proj` [E, 2I, D] or `down_proj` [E, D, I] (all experts)."""
-        rows = loaded[self.local_experts.start : self.local_experts.stop]
         if name == "gate_up_proj":
             for local, expert_id in enumerate(self.local_experts):
-                self._load_per_expert(self.w13, rows[local, : self.intermediate_size], expert_id, "gate")
-                self._load_per_expert(self.w13, rows[local, self.intermediate_size :], expert_id, "up")
+                self._load_slot(local, loaded[expert_id, : self.intermediate_size], expert_id, "gate")
+                self._load_slot(local, loaded[expert_id, self.intermediate_size :], expert_id, "up")
         elif name == "down_proj":
             for local, expert_id in enumerate(self.local_experts):
-                self._load_per_expert(self.w2, rows[local], expert_id, "down")
+                self._load_slot(local, loaded[expert_id], expert_id, "down")
         else:
             raise ValueError(f"unknown stacked expert tensor {name!r}")
 
     def missing(self) -> list[str]:
         missing = [
-            f"expert {e} {s}_proj" for e in self.local_experts for s in SHARDS if (e, s) not in self.loaded
+            f"expert {e} {s}_proj"
+            for e in sorted(set(self.local_experts))
+            for s in SHARDS
+            if (e, s) not in self.loaded
         ]
         if self.block_shape is not None:
             missing += [
                 f"expert {e} {s}_proj.weight_scale_inv"
-                for e in self.local_experts
+                for e in sorted(set(self.local_experts))
                 for s in SHARDS
                 if (e, s) not in self.loaded_scales
             ]

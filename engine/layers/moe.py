@@ -3,15 +3,19 @@
 The layer never talks to process groups: `self.dispatcher` (a `TokenDispatcher`) decides where rows go.
 By default it is a `LocalDispatcher` over this rank's experts, which is right for a single rank;
 `moefleet.engine.distributed` installs an expert-parallel dispatcher from outside.
-`logical_to_physical` is a buffer (identity until EPLB replaces its contents in place).
+Experts are placed in P = E + N physical slots (N redundant, `ParallelLayout.num_redundant_experts`);
+this rank holds slots [rank * P/W, (rank+1) * P/W), `experts.local_experts` names the logical expert of
+each. `logical_to_physical` [E, R] (-1 padded) and `logical_replicas` [E] are buffers EPLB rewrites in
+place (`set_placement`); the replica of each (token, expert) is chosen on device (`choose_replicas`).
 Works with T = 0 tokens: idle data-parallel ranks still run the layer so collectives line up.
-Shape legend: T tokens, D hidden, K top-k, E experts (logical), N dispatched rows.
+Shape legend: T tokens, D hidden, K top-k, E experts (logical), R max replicas, N dispatched rows.
 """
 
 from __future__ import annotations
 
 import torch
 from moefleet.engine import parallel_layout
+from moefleet.engine.eplb.expert_location import ExpertLocation, check_expert_slots, choose_replicas
 from moefleet.engine.layers.experts import Experts
 from moefleet.engine.layers.router import Router, RoutingConfig
 from moefleet.engine.layers.token_dispatch import LocalDispatcher, TokenDispatcher
@@ -19,7 +23,8 @@ from torch import nn
 
 
 class MoE(nn.Module):
-    logical_to_physical: torch.Tensor  # [E] logical -> physical expert id; EPLB rewrites it in place
+    logical_to_physical: torch.Tensor  # [E, R] logical -> physical slots (-1 padded); EPLB rewrites in place
+    logical_replicas: torch.Tensor  # [E] replicas per logical expert
 
     def __init__(
         self,
@@ -32,13 +37,26 @@ class MoE(nn.Module):
         self.hidden_size = hidden_size
         self.gate = Router(hidden_size, routing)
         layout = parallel_layout.current()
-        self.ep_size = layout.ep_size
-        self.experts = Experts(layout.local_experts(routing.num_experts), hidden_size, intermediate_size)
+        self.ep_size, self.ep_rank = layout.ep_size, layout.ep_rank
+        # 0: one node (a node preference would add nothing over "any replica").
+        self.ranks_per_node = layout.ranks_per_node if 0 < layout.ranks_per_node < layout.ep_size else 0
+        num_experts, redundant = routing.num_experts, layout.num_redundant_experts
+        self.slots_per_rank = check_expert_slots(num_experts, redundant, layout.ep_size)
+        location = ExpertLocation.initial(1, num_experts, redundant, layout.ep_size)
+        local = location.local_slots(0, layout.ep_rank)
+        self.experts = Experts(local, hidden_size, intermediate_size)
         self.shared_experts = shared_experts
-        self.register_buffer("logical_to_physical", torch.arange(routing.num_experts), persistent=False)
+        log2phy, replicas = location.layer_tensors(0)
+        self.register_buffer("logical_to_physical", log2phy, persistent=False)
+        self.register_buffer("logical_replicas", replicas, persistent=False)
         self.dispatcher: TokenDispatcher = LocalDispatcher(len(self.experts.local_experts))
-        # EPLB's recorder assigns an int64 tensor [num physical experts]; routed hits are added on device.
+        # EPLB's recorder assigns an int64 tensor [E]; routed (token, logical expert) hits are added on device.
         self.expert_load: torch.Tensor | None = None
+
+    def set_placement(self, log2phy: torch.Tensor, replicas: torch.Tensor) -> None:
+        """Replace the maps in place (same shapes, so captured CUDA graphs stay valid)."""
+        self.logical_to_physical.copy_(log2phy)
+        self.logical_replicas.copy_(replicas)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> [T, D]."""
@@ -48,9 +66,16 @@ class MoE(nn.Module):
                 "LocalDispatcher: install an expert-parallel dispatcher (moefleet.engine.distributed) first"
             )
         topk_weights, logical_ids = self.gate(hidden)  # [T, K] each
-        physical_ids = self.logical_to_physical[logical_ids]
+        physical_ids = choose_replicas(
+            logical_ids,
+            self.logical_to_physical,
+            self.logical_replicas,
+            self.ep_rank,
+            self.slots_per_rank,
+            self.ranks_per_node,
+        )
         if self.expert_load is not None:
-            flat = physical_ids.flatten()
+            flat = logical_ids.flatten()
             self.expert_load.index_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         pending = self.dispatcher.dispatch_start(hidden, physical_ids, topk_weights)
         dispatched = self.dispatcher.dispatch_finish(pending)

@@ -7,7 +7,7 @@ its pod's probes (`WorkerNodeClient`). Every rank steps its `DPEngineLoop` until
 Shutdown. A group is all-or-nothing: if any rank dies, the watchdog makes the others exit (code 17) so the
 operator restarts the group whole.
 
-Everything that can be checked before processes start is checked here (experts divisible by the world size,
+Everything that can be checked before processes start is checked here (expert slots divisible by the ranks,
 engine config, the HTTP port on node 0), so mistakes fail fast with exit code 2.
 """
 
@@ -55,7 +55,7 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.distributed.request_router import RequestRouter
     from moefleet.engine.distributed.watchdog import Watchdog, fatal
-    from moefleet.engine.server.serve_command import engine_config, serve_http
+    from moefleet.engine.server.serve_command import engine_config, eplb_config, serve_http
     from moefleet.engine.server.worker_client import WorkerNodeClient
 
     _set_cpu_threads(args, launch)
@@ -65,7 +65,7 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
     )
     watchdog = Watchdog(state.launch).start()
     try:
-        engine = build_engine(config, state, backend=args.moe_backend)
+        engine = build_engine(config, state, backend=args.moe_backend, eplb=eplb_config(args))
         loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
         if state.rank == 0:
             serve_http(DPFrontEndClient(loop, state), sock, args)
@@ -92,12 +92,12 @@ def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: in
 def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
     """Checks that need the model's config.json but no process group (exit code 2 on failure)."""
     from moefleet.engine.cli import CommandError
-    from moefleet.engine.distributed.groups import check_model_experts_divisible
-    from moefleet.engine.server.serve_command import engine_config
+    from moefleet.engine.eplb.expert_location import check_model_expert_slots
+    from moefleet.engine.server.serve_command import engine_config, eplb_config
 
     config = engine_config(args)
     try:
-        check_model_experts_divisible(config.hf_config, launch.world_size)
+        check_model_expert_slots(config.hf_config, launch.world_size, eplb_config(args).num_redundant_experts)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 

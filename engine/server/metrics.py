@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # Latency buckets sized for LLM serving: TTFT spans ms (short prompt, idle server) to a minute (long prompt
@@ -138,6 +139,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(_EngineLoadCollector(read_stats))
+        register_eplb_metrics(self.registry)
         for reason in ("stop", "length", "abort", "error"):
             self.requests.labels(finish_reason=reason)  # export zeros so rates work from the start
 
@@ -181,3 +183,64 @@ class RequestTracker:
         self._metrics.prompt_tokens.inc(self.prompt_tokens)
         self._metrics.generation_tokens.inc(self.output_tokens)
         self._metrics.e2e_request_latency.observe(time.perf_counter() - self._arrival)
+
+
+# ---- EPLB (expert-parallel load balancing) ---------------------------------------------------------------
+# Read from this process's EPLBController (one rank per process) at scrape time; nothing is exported when
+# EPLB is off. Values are the last group-wide reading (refreshed every `stats_every_steps` engine steps and
+# on GET /admin/eplb), so scraping never triggers a collective. No per-expert series (bounded cardinality).
+EPLB_REBALANCE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _EPLBCollector(Collector):
+    def __init__(self, find_controller: Callable[[], object | None]):
+        self._find = find_controller
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        eplb: Any = self._find()
+        if eplb is None:
+            return
+        snap = eplb.snapshot
+        yield GaugeMetricFamily(
+            "moefleet_eplb_balancedness",
+            "Mean over MoE layers of mean/max per-GPU routed load in the EPLB window (1 = perfectly balanced).",
+            value=float(snap.balancedness),
+        )
+        layers = GaugeMetricFamily(
+            "moefleet_eplb_layer_balancedness",
+            "Per MoE layer: mean/max per-GPU routed load.",
+            labels=["layer"],
+        )
+        for layer, value in zip(eplb.layer_ids, snap.per_layer, strict=False):
+            layers.add_metric([str(layer)], float(value))
+        yield layers
+        yield CounterMetricFamily(
+            "moefleet_eplb_rebalances", "Expert rebalances completed.", value=float(eplb.rebalances_total)
+        )
+        durations = list(eplb.rebalance_seconds)
+        cumulative = [float(sum(1 for d in durations if d <= bound)) for bound in EPLB_REBALANCE_BUCKETS]
+        yield HistogramMetricFamily(
+            "moefleet_eplb_rebalance_seconds",
+            "Time the serving loop paused for each rebalance (all layer chunks).",
+            buckets=[(str(b), c) for b, c in zip(EPLB_REBALANCE_BUCKETS, cumulative, strict=True)]
+            + [("+Inf", float(len(durations)))],
+            sum_value=float(sum(durations)),
+        )
+        routed = CounterMetricFamily(
+            "moefleet_eplb_routed_tokens",
+            "(token, expert) assignments routed by this rank, summed over MoE layers.",
+            labels=["rank"],
+        )
+        routed.add_metric([str(eplb.rank)], float(eplb.routed_tokens_total))
+        yield routed
+
+
+def register_eplb_metrics(
+    registry: CollectorRegistry, find_controller: Callable[[], object | None] | None = None
+) -> None:
+    """Export this process's EPLB state (the controller found by `find_controller`, default: the current one)."""
+    if find_controller is None:
+        from moefleet.engine.eplb.controller import current
+
+        find_controller = current
+    registry.register(_EPLBCollector(find_controller))

@@ -108,6 +108,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("auto", "a2a", "deepep"),
         help="expert-parallel dispatch: auto = DeepEP on CUDA when installed, else all-to-all (default auto)",
     )
+    eplb = parser.add_argument_group("expert-parallel load balancing (EPLB; docs/distributed.md)")
+    eplb.add_argument(
+        "--num-redundant-experts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="extra physical expert slots holding copies of busy experts; (experts + N) must divide by the "
+        "number of ranks (env MOEFLEET_EPLB_REDUNDANT_EXPERTS, default 0)",
+    )
+    eplb.add_argument(
+        "--eplb",
+        action="store_true",
+        default=None,
+        help="record expert load and allow rebalancing (on by itself with redundant experts or an interval; "
+        "env MOEFLEET_EPLB_ENABLED)",
+    )
+    eplb.add_argument(
+        "--eplb-window-steps",
+        type=int,
+        default=1000,
+        metavar="W",
+        help="expert load is summed over the last W engine steps (default 1000)",
+    )
+    eplb.add_argument(
+        "--eplb-interval-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="rebalance automatically every K engine steps (default 0: only on POST /admin/eplb/rebalance)",
+    )
+    eplb.add_argument(
+        "--admin-token-file",
+        metavar="F",
+        help="file holding the bearer token of the /admin routes (or env MOEFLEET_ADMIN_TOKEN); without one "
+        "every admin request is refused",
+    )
     parser.add_argument(
         "--print-examples",
         action="store_true",
@@ -171,14 +207,59 @@ def check_args(args: argparse.Namespace) -> ParallelLaunch:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
+    check_expert_slots(args, launch)
+    from moefleet.engine.server.admin import admin_token
+
+    try:
+        admin_token(getattr(args, "admin_token_file", None))
+    except ValueError as exc:
+        raise CommandError(str(exc), "write the admin bearer token into that file") from None
     warn_unsupported_settings(os.environ)
     return launch
 
 
+def eplb_config(args: argparse.Namespace) -> Any:
+    """The EPLBConfig the flags (then MOEFLEET_EPLB_* variables) describe; a bad value is a CommandError."""
+    from moefleet.engine.cli import CommandError
+    from moefleet.engine.eplb.config import EPLBConfig
+
+    redundant = getattr(args, "num_redundant_experts", None)
+    if redundant is None:
+        redundant = _env_int("MOEFLEET_EPLB_REDUNDANT_EXPERTS", 0)
+    enabled = getattr(args, "eplb", None)
+    if enabled is None:
+        enabled = os.environ.get("MOEFLEET_EPLB_ENABLED", "").lower() in ("1", "true", "yes")
+    try:
+        return EPLBConfig(
+            num_redundant_experts=redundant,
+            enabled=bool(enabled),
+            window_steps=getattr(args, "eplb_window_steps", 1000),
+            interval_steps=getattr(args, "eplb_interval_steps", 0),
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc), "see `moefleet serve --help` (EPLB options)") from None
+
+
+def check_expert_slots(args: argparse.Namespace, launch: ParallelLaunch) -> None:
+    """Routed experts + redundant slots must split evenly over the ranks (reads only config.json)."""
+    import json
+
+    from moefleet.engine.cli import CommandError
+    from moefleet.engine.eplb.expert_location import check_model_expert_slots
+
+    config = eplb_config(args)
+    try:
+        with open(os.path.join(args.model, "config.json")) as f:
+            hf_config = json.load(f)
+        check_model_expert_slots(hf_config, launch.world_size, config.num_redundant_experts)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CommandError(f"--model {args.model}: cannot read config.json: {exc}") from None
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
 # Settings the operator passes that this engine does not act on yet. Say so instead of dropping them silently.
-UNSUPPORTED_ENV = {
-    "MOEFLEET_EPLB_REDUNDANT_EXPERTS": "redundant experts (EPLB) are not implemented yet; serving without them",
-}
+UNSUPPORTED_ENV: dict[str, str] = {}
 
 
 def unsupported_settings(env: Any) -> list[str]:
@@ -281,11 +362,15 @@ def engine_config(args: argparse.Namespace) -> Any:
 
 
 def build_engine_client(args: argparse.Namespace) -> Any:
+    from moefleet.engine import parallel_layout
     from moefleet.engine.cli import CommandError
     from moefleet.engine.llm_engine import LLMEngine
     from moefleet.engine.server.async_engine import LocalEngineClient
 
     config = engine_config(args)
+    # One process holds every slot; redundant experts are honoured (loaded as replicas) like in a group.
+    redundant = eplb_config(args).num_redundant_experts
+    parallel_layout.set_layout(parallel_layout.ParallelLayout(num_redundant_experts=redundant))
     try:
         engine = LLMEngine(config)
     except ValueError as exc:  # unsupported architecture, missing tokenizer, bad checkpoint: say so plainly
@@ -319,7 +404,10 @@ def serve_http(
 
     name = served_model_name(args)
     port = sock.getsockname()[1]
+    from moefleet.engine.server.admin import admin_token, make_admin_router
+
     routers = [importlib.import_module(module).make_router(client) for module in ROUTER_MODULES]
+    routers.append(make_admin_router(admin_token(getattr(args, "admin_token_file", None))))
     app = build_app(client, name, routers)
     # host/port only label uvicorn's log lines; it serves on the socket bound before the model loaded.
     config = uvicorn.Config(

@@ -306,6 +306,77 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     groups.shutdown(state)
 
 
+def scenario_eplb(options: dict[str, Any], out_dir: str) -> None:
+    """The real engine with redundant experts and a live rebalance: rank 0 streams greedy requests through
+    DPFrontEndClient and asks for a rebalance (every rank moves weights at the same step boundary, one layer
+    per boundary) while they run, then runs the prompts again on the new placement. Every rank saves its slot
+    weights and the logical expert of each slot, before and after."""
+    import asyncio
+
+    from moefleet.engine.config import EngineConfig
+    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+    from moefleet.engine.eplb.config import EPLBConfig
+    from moefleet.engine.sampling_params import SamplingParams
+
+    config = EngineConfig(model=options["model"], max_model_len=128, num_kv_blocks=64)
+    state = groups.init_distributed(
+        groups.LaunchConfig.from_env(), hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60
+    )
+    interval = options.get("interval", 0)
+    eplb = EPLBConfig(
+        num_redundant_experts=options["redundant"], layers_per_step=1, stats_every_steps=10**6,
+        interval_steps=interval,
+    )  # fmt: skip
+    engine = build_engine(config, state, backend="a2a", eplb=eplb)
+    loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+    controller = engine.eplb
+
+    def slots() -> list[dict[str, Any]]:
+        return [
+            {"local_experts": list(layer.experts.local_experts), "w13": layer.experts.w13.clone(),
+             "w2": layer.experts.w2.clone(), "layer": index}
+            for layer, index in zip(controller.layers, controller.layer_ids, strict=True)
+        ]  # fmt: skip
+
+    result: dict[str, Any] = {"before": slots()}
+    if state.rank == 0:
+        client = DPFrontEndClient(loop)
+        client.start()
+        greedy = SamplingParams(temperature=0, max_tokens=options["max_tokens"], ignore_eos=True)
+
+        async def one(request_id: str, prompt: list[int]) -> list[int]:
+            tokens: list[int] = []
+            async for out in client.generate(request_id, prompt, greedy):
+                tokens.extend(out.new_token_ids)
+            return tokens
+
+        async def run_all(tag: str) -> dict[str, list[int]]:
+            prompts = {f"{tag}{i}": p for i, p in enumerate(options["prompts"])}
+            results = await asyncio.gather(*(one(rid, p) for rid, p in prompts.items()))
+            return dict(zip(prompts, results, strict=True))
+
+        async def everything() -> None:
+            result["warmup"] = await run_all("w")  # fill the load window
+            streaming = asyncio.ensure_future(run_all("s"))
+            await asyncio.sleep(0.05)  # requests are in flight when the rebalance starts
+            if not interval:  # else the controller rebalances by itself every `interval` steps
+                result["rebalance"] = await asyncio.wrap_future(controller.submit("rebalance"))
+            result["during"] = await streaming
+            result["after"] = await run_all("a")
+            result["state"] = await asyncio.wrap_future(controller.submit("read"))
+
+        asyncio.run(everything())
+        client.shutdown()
+    else:
+        run_worker_rank(loop, state)
+    result["after_slots"] = slots()
+    result["phy2log"] = controller.location.phy2log
+    result["rebalances_total"] = controller.rebalances_total
+    torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
+    groups.shutdown(state)
+
+
 def scenario_engine_peer_dies(options: dict[str, Any]) -> None:
     """Rank 0 streams a long request through DPFrontEndClient; the test kills rank 1 mid-stream. The client
     must get an error (printed here) and rank 0 must then exit with the watchdog code, not hang."""
@@ -352,6 +423,10 @@ def main() -> None:
     if scenario == "engine":
         torch.set_num_threads(1)
         scenario_engine(options, out_dir)
+        return
+    if scenario == "eplb":
+        torch.set_num_threads(1)
+        scenario_eplb(options, out_dir)
         return
     if scenario == "engine-peer-dies":
         torch.set_num_threads(1)

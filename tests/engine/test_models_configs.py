@@ -85,7 +85,7 @@ def test_expert_parallel_rank_allocates_its_share():
     finally:
         parallel_layout.set_layout(ParallelLayout())
     experts = model.get_submodule("model.layers.3.mlp.experts")
-    assert experts.local_experts == range(24, 32) and experts.w13.shape == (8, 4096, 7168)
+    assert experts.local_experts == list(range(24, 32)) and experts.w13.shape == (8, 4096, 7168)
     assert param_count(model) < 60  # 671B total; 8 of 256 routed experts per layer here
 
 

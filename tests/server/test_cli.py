@@ -131,12 +131,73 @@ def test_operator_rendered_engine_args_parse(manifest):
             assert parsed.model == deployment.model.path and parsed.nnodes == role.nodes_per_replica
 
 
-def test_unsupported_operator_settings_are_reported_not_dropped():
+def test_redundant_experts_are_honoured_not_warned_about():
     from moefleet.engine.server.serve_command import unsupported_settings
 
     assert unsupported_settings({}) == []
-    assert unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "0"}) == []
-    (warning,) = unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "32"})
-    assert warning.startswith(
-        "MOEFLEET_EPLB_REDUNDANT_EXPERTS=32: redundant experts (EPLB) are not implemented"
+    assert unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "32"}) == []
+
+
+DEEPSEEK_R1_CONFIG = {"architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 256, "n_group": 8,
+                      "max_position_embeddings": 163840}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "manifest", ["deepseek-r1-reference.yaml", "kimi-k2-h200.yaml", "qwen3-moe-small.yaml"]
+)
+def test_manifest_roles_pass_the_serve_preflight(manifest, tmp_path, monkeypatch):
+    """Every role of the example deployments passes `moefleet serve`'s start-up checks with exactly the args
+    and environment the operator renders (DeepSeek-R1's EP72 decode: 256 + 32 redundant = 4 slots per GPU)."""
+    yaml = pytest.importorskip("yaml")
+    from moefleet.engine.server.serve_command import check_args, eplb_config
+    from moefleet.operator import render, spec
+
+    path = Path(__file__).parents[2] / "manifests" / manifest
+    checked = 0
+    for body in yaml.safe_load_all(path.read_text()):
+        if not body or body.get("kind") != "MoEDeployment":
+            continue
+        body.setdefault("metadata", {}).setdefault("namespace", "default")
+        deployment = spec.parse(body, default_image="moefleet:test")
+        config = dict(DEEPSEEK_R1_CONFIG, n_routed_experts=deployment.model.num_experts or 256)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        for role in deployment.roles:
+            container = render.render_statefulset(deployment, role.name, 0)["spec"]["template"]["spec"][
+                "containers"
+            ][0]
+            for item in container["env"]:
+                if "value" in item:
+                    monkeypatch.setenv(item["name"], item["value"])
+            args = [a.replace("$(MOEFLEET_NODE_RANK)", "0") for a in container["args"]]
+            args[args.index("--model") + 1] = str(tmp_path)
+            parsed = build_parser().parse_args(["serve", *args])
+            launch = check_args(parsed)  # raises CommandError (exit 2) on uneven expert slots
+            slots = (
+                config["n_routed_experts"] + eplb_config(parsed).num_redundant_experts
+            ) / launch.world_size
+            assert slots == int(slots) >= 1
+            if manifest.startswith("deepseek") and role.name == "decode":
+                assert (
+                    launch.world_size == 72 and eplb_config(parsed).num_redundant_experts == 32 and slots == 4
+                )
+            checked += 1
+    assert checked
+
+
+def test_uneven_expert_slots_fail_preflight_with_a_fix(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_R1_CONFIG))
+    argv = ["serve", "--model", str(tmp_path), "--nnodes", "9", "--nproc-per-node", "8", "--port", "0"]
+    assert main(argv) == 2
+    error = _error_lines(capsys)[0]
+    assert "num_experts (256) is not divisible by expert-parallel size (72)" in error
+    assert "use --num-redundant-experts 32" in error
+    assert main([*argv, "--num-redundant-experts", "8"]) == 2
+    assert "256) + redundant experts (8) = 264 physical expert slots" in _error_lines(capsys)[0]
+
+
+def test_admin_token_file_must_exist(fake_model_dir, capsys):
+    assert (
+        main(["serve", "--model", str(fake_model_dir), "--admin-token-file", str(fake_model_dir / "nope")])
+        == 2
     )
+    assert "--admin-token-file" in _error_lines(capsys)[0]
