@@ -70,7 +70,7 @@ def common_labels(deployment: str, component: str) -> dict[str, str]:
 
 
 def group_name(deployment: str, role: str, replica: int) -> str:
-    """StatefulSet, headless Service and PDB name of one group (deterministic: restarts make no duplicates)."""
+    """StatefulSet and headless Service name of one group (deterministic: restarts make no duplicates)."""
     return f"{deployment}-{role}-{replica}"
 
 
@@ -84,6 +84,11 @@ def group_labels(deployment: str, role: str, replica: int) -> dict[str, str]:
 
 
 def role_service_name(deployment: str, role: str) -> str:
+    return f"{deployment}-{role}"
+
+
+def role_pdb_name(deployment: str, role: str) -> str:
+    """The role's PodDisruptionBudget (one per role: at most one group of the role disrupted at a time)."""
     return f"{deployment}-{role}"
 
 

@@ -72,18 +72,42 @@ def test_unschedulable_pod_keeps_the_schedulers_message():
     assert not pod_failed(pod)
 
 
-def test_child_state_reads_hash_and_replicas():
+def test_child_state_reads_hash_replicas_revision_and_live_content():
     body = {
+        "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": "m-decode-0", "annotations": {L.SPEC_HASH: "abc"}},
-        "spec": {"replicas": 9},
-        "status": {"readyReplicas": 7},
+        "metadata": {
+            "name": "m-decode-0",
+            "generation": 4,
+            "resourceVersion": "812",
+            "uid": "x",
+            "labels": {"a": "b"},
+            "annotations": {L.SPEC_HASH: "abc"},
+            "managedFields": [{"manager": "kubectl"}],
+        },
+        "spec": {"replicas": 9, "serviceName": "m-decode-0"},
+        "status": {"readyReplicas": 7, "observedGeneration": 3, "updateRevision": "m-decode-0-5d8f"},
     }
-    assert child_state(body) == child_state(dict(body))
     state = child_state(body)
     assert (state.kind, state.name, state.spec_hash, state.replicas, state.ready_replicas) == (
         "StatefulSet", "m-decode-0", "abc", 9, 7,
     )  # fmt: skip
+    assert (state.update_revision, state.generation, state.observed_generation, state.resource_version) == (
+        "m-decode-0-5d8f", 4, 3, 812,
+    )  # fmt: skip
+    assert not state.revision_known  # the controller has not observed generation 4 yet
+    # Only what the operator sets can drift: no status, uid, managedFields or resourceVersion.
+    assert state.live == {
+        "metadata": {"labels": {"a": "b"}, "annotations": {L.SPEC_HASH: "abc"}},
+        "spec": {"replicas": 9, "serviceName": "m-decode-0"},
+    }
+
+
+def test_pod_revision_comes_from_the_statefulset_controllers_label():
+    body = running_pod()
+    body["metadata"]["labels"][L.CONTROLLER_REVISION] = "m-decode-0-7c9b"
+    assert pod_state(body).revision == "m-decode-0-7c9b"
+    assert pod_state(running_pod()).revision == ""
 
 
 def test_settings_from_environment():

@@ -175,7 +175,7 @@ def test_scale_up_touches_only_the_new_groups_and_the_gateway_config():
     result = settle(bigger, children, pods, status=status)
     touched = {(o["kind"], o["metadata"]["name"]) for o in result.apply}
     assert touched == {("ConfigMap", "m-gateway")} | {
-        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service", "PodDisruptionBudget")
+        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")
     }
     assert not result.delete and not result.delete_pods
     assert result.status["groupsReady"]["decode"] == "1/3"
@@ -187,9 +187,7 @@ def test_scale_down_deletes_only_the_removed_groups():
     smaller = make_spec(roles={"decode": {"replicas": 1}})
     result = settle(smaller, children, pods)
     deleted = {(c.kind, c.name) for c in result.delete}
-    assert deleted == {
-        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service", "PodDisruptionBudget")
-    }
+    assert deleted == {(kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")}
     assert {(o["kind"], o["metadata"]["name"]) for o in result.apply} == {("ConfigMap", "m-gateway")}
     assert not result.delete_pods
     assert [g["name"] for g in result.status["groups"]] == ["m-prefill-0", "m-decode-0"]
@@ -503,7 +501,7 @@ def test_hand_edited_statefulset_env_is_reapplied_with_an_event():
         ("StatefulSet", "m-prefill-0", lambda b: b["spec"]["template"]["spec"]["containers"][0]["env"].append(
             {"name": "EXTRA", "value": "1"})),
         ("Service", "m-decode", lambda b: b["spec"]["selector"].update({"moefleet.ai/role": "prefill"})),
-        ("PodDisruptionBudget", "m-decode-0", lambda b: b["spec"].update(maxUnavailable=5)),
+        ("PodDisruptionBudget", "m-decode", lambda b: b["spec"].update(maxUnavailable=5)),
         ("ConfigMap", "m-gateway", lambda b: b["data"].update({"config.json": "{}"})),
         ("Deployment", "m-gateway", lambda b: b["metadata"]["labels"].pop("app.kubernetes.io/managed-by")),
     ],
