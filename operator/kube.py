@@ -210,7 +210,7 @@ class Kube:
         condition = {
             "type": L.GROUP_READY_CONDITION,
             "status": "True" if ready else "False",
-            "reason": "GroupReady" if ready else "GroupNotReady",
+            "reason": L.GATE_REASONS[0] if ready else L.GATE_REASONS[1],
             "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.request(

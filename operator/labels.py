@@ -35,6 +35,7 @@ CONTROLLER_REVISION = "controller-revision-hash"
 # listed by the role Service the gateway reads) only while its whole group is, so the gateway never routes
 # to a group that is forming, restarting or missing a node.
 GROUP_READY_CONDITION = "moefleet.ai/group-ready"
+GATE_REASONS = ("GroupReady", "GroupNotReady")  # the reasons the operator writes on that condition
 
 # Annotations.
 # sha256 (16 hex) of the rendered object without this annotation: equal hash => no write (idempotent apply).

@@ -47,7 +47,10 @@ class PodState:
     deleting: bool = False
     unschedulable: str | None = None  # the scheduler's message when PodScheduled=False/Unschedulable
     failure: str | None = None  # why a container died (termination message / reason / exit code)
-    group_ready_gate: bool = False  # the operator's GROUP_READY_CONDITION on this pod
+    group_ready_gate: bool = False  # GROUP_READY_CONDITION is True on this pod (whoever set it)
+    # ... and the operator set it (its reasons): a condition someone else opened (kwok's fake kubelet opens
+    # every readiness gate) is taken over, so the gate always reflects the operator's decision.
+    gate_by_operator: bool = False
     revision: str = ""  # controller-revision-hash: the StatefulSet template revision it was created from
 
 
@@ -135,6 +138,7 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         unschedulable=unschedulable,
         failure=failure,
         group_ready_gate=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("status") == "True",
+        gate_by_operator=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("reason") in L.GATE_REASONS,
         revision=(metadata.get("labels") or {}).get(L.CONTROLLER_REVISION, ""),
     )
 

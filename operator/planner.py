@@ -317,7 +317,7 @@ def plan(
             continue  # its pods are going away
         wanted = record.get("phase") == READY
         for pod in views[record["name"]].pods:
-            if pod.group_ready_gate != wanted:
+            if pod.group_ready_gate != wanted or (wanted and not pod.gate_by_operator):
                 out.pod_gates.append((pod.name, wanted))
 
     # One Event per decision of this pass (not per child): children, re-forms, restarts, drift.

@@ -17,7 +17,7 @@ def running_pod(name="m-decode-0-1", ready=True, restarts=0):
             "phase": "Running",
             "conditions": [
                 {"type": "ContainersReady", "status": "True" if ready else "False"},
-                {"type": L.GROUP_READY_CONDITION, "status": "True"},
+                {"type": L.GROUP_READY_CONDITION, "status": "True", "reason": "GroupReady"},
             ],
             "containerStatuses": [{"name": "engine", "restartCount": restarts, "state": {"running": {}}}],
         },
@@ -27,7 +27,10 @@ def running_pod(name="m-decode-0-1", ready=True, restarts=0):
 def test_ready_running_pod():
     pod = pod_state(running_pod())
     assert (pod.group, pod.ready, pod.phase, pod.restart_count) == ("m-decode-0", True, "Running", 0)
-    assert pod.group_ready_gate
+    assert pod.group_ready_gate and pod.gate_by_operator
+    foreign = running_pod()
+    foreign["status"]["conditions"][1].pop("reason")  # what kwok writes: status only
+    assert pod_state(foreign).group_ready_gate and not pod_state(foreign).gate_by_operator
     assert not pod_failed(pod)
 
 

@@ -15,7 +15,7 @@ from moefleet.operator.drift import drifted_fields
 from moefleet.operator.observed import Failure, PodState, child_state
 from moefleet.operator.planner import Observed, members_hash, plan, restart_decision
 from moefleet.operator.spec import RestartPolicySpec, parse
-from moefleet.operator.status import condition_events, timestamp
+from moefleet.operator.status import condition_events, invalid_spec_status, timestamp
 from support.operator_catalogue import merge, valid_base
 
 NOW = 1_800_000_000.0
@@ -96,7 +96,11 @@ def converged(spec, gateway_ready=True, stale=(), gates=True):
         for r in range(role.replicas):
             group = L.group_name(spec.name, role.name, r)
             pods[group] = pods_for(
-                group, role.nodes_per_replica, group_ready_gate=gates, revision=f"{group}-rev1"
+                group,
+                role.nodes_per_replica,
+                group_ready_gate=gates,
+                gate_by_operator=gates,
+                revision=f"{group}-rev1",
             )
     return children, pods
 
@@ -158,6 +162,21 @@ def test_group_ready_gate_follows_the_group():
     result = settle(spec, children, pods, status=status)
     assert sorted(result.pod_gates) == [("m-decode-0-0", False), ("m-decode-0-1", False)]
     assert not result.delete_pods
+
+
+def test_a_gate_opened_by_someone_else_is_taken_over():
+    """kwok's fake kubelet (or anyone) opening the gate is not the operator's decision: it writes its own."""
+    spec = make_spec()
+    children, pods = converged(spec)
+    pods["m-prefill-0"] = pods_for(
+        "m-prefill-0", 1, group_ready_gate=True, gate_by_operator=False, revision="m-prefill-0-rev1"
+    )
+    assert settle(spec, children, pods).pod_gates == [("m-prefill-0-0", True)]
+    pods["m-decode-0"][1] = PodState(  # its group is not Ready: a foreign open gate is closed
+        "m-decode-0-1", "m-decode-0-1", "m-decode-0", False, "Running", group_ready_gate=True
+    )
+    gates = settle(spec, children, pods).pod_gates
+    assert sorted(gates) == [("m-decode-0-0", False), ("m-decode-0-1", False), ("m-prefill-0-0", True)]
 
 
 def test_gateway_not_ready_keeps_ready_false():
@@ -548,7 +567,9 @@ def test_pods_on_an_older_revision_are_reformed_without_reapplying_the_statefuls
     spec = make_spec()
     children, pods = converged(spec)
     status = settle(spec, children, pods).status
-    pods["m-decode-0"] = pods_for("m-decode-0", 2, revision="m-decode-0-rev0", group_ready_gate=True)
+    pods["m-decode-0"] = pods_for(
+        "m-decode-0", 2, revision="m-decode-0-rev0", group_ready_gate=True, gate_by_operator=True
+    )
     result = settle(spec, children, pods, status=status)
     assert result.delete_pods == {"m-decode-0": ["m-decode-0-0", "m-decode-0-1"]}
     assert not result.apply
@@ -569,3 +590,12 @@ def test_a_statefulset_its_controller_has_not_observed_is_not_counted_as_current
         "True", "RolloutPending",
     )  # fmt: skip
     assert cond(result.status, "Available")["status"] == "True"
+
+
+def test_first_status_posts_no_condition_event_unless_degraded():
+    spec = make_spec()
+    first = settle(spec, {}, {}).status
+    assert condition_events({}, first) == []
+    invalid = invalid_spec_status({}, "spec.roles", "must not be empty", 1, NOW)
+    [event] = condition_events({}, invalid)
+    assert (event.type, event.reason) == ("Warning", "DegradedTrue") and "spec.roles" in event.message
