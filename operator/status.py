@@ -266,18 +266,20 @@ def invalid_spec_status(
 
 def condition_events(previous_status: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
     """At most one event per status write, naming every condition that changed (one decision, one Event);
-    none for the first status unless it is Degraded. Its reason is the first change in CONDITION_TYPES order, e.g. `AvailableFalse`; it is a Warning when the
-    deployment became unavailable or degraded."""
+    none for the first status unless it is Degraded. Its reason names the most important change (`AvailableFalse`, then `DegradedTrue`, else the first in
+    CONDITION_TYPES order); it is a Warning when the deployment became unavailable or degraded."""
     before = {c["type"]: c.get("status") for c in previous_status.get("conditions") or []}
     changed = [c for c in status.get("conditions") or [] if before.get(c["type"]) != c["status"]]
     if not before:  # the first status: the Created event already says it began; only problems are news
         changed = [c for c in changed if c["type"] == "Degraded" and c["status"] == "True"]
     if not changed:
         return []
-    warning = any(
-        (c["type"] == "Degraded" and c["status"] == "True")
-        or (c["type"] == "Available" and c["status"] == "False" and before.get("Available") == "True")
+    bad = [
+        c
         for c in changed
-    )
+        if (c["type"] == "Available" and c["status"] == "False" and before.get("Available") == "True")
+        or (c["type"] == "Degraded" and c["status"] == "True")
+    ]
     message = "; ".join(f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in changed)
-    return [Event("Warning" if warning else "Normal", f"{changed[0]['type']}{changed[0]['status']}", message)]
+    first = (bad or changed)[0]
+    return [Event("Warning" if bad else "Normal", f"{first['type']}{first['status']}", message)]

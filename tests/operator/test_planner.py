@@ -440,7 +440,7 @@ def test_one_restarting_group_of_four_keeps_the_deployment_available():
     assert cond(result.status, "Degraded")["reason"] == "GroupRestarting"
     # One decision, one condition Event (a Warning: Degraded), naming every change.
     events = condition_events(status, result.status)
-    assert len(events) == 1 and events[0].type == "Warning" and events[0].reason == "ReadyFalse"
+    assert len(events) == 1 and events[0].type == "Warning" and events[0].reason == "DegradedTrue"
     assert "Degraded=True GroupRestarting" in events[0].message
 
 
