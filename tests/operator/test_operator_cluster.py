@@ -7,6 +7,7 @@ select the `moefleet.test/pool: operator` nodes so other tests' nodes never matt
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -517,3 +518,143 @@ def test_readiness_gate_closes_on_every_pod_while_the_group_is_not_ready(
     moed = wait_ready(kube_cluster, kube_namespace, name)
     assert pods_by_group(kube_cluster, kube_namespace, name) == before
     assert "restarts" not in moed["status"]["groups"][0]
+
+
+def _events(cluster, namespace: str, name: str, reason: str) -> list[dict]:
+    items = cluster.api_get(f"/api/v1/namespaces/{namespace}/events")["items"]
+    return [e for e in items if e["involvedObject"]["name"] == name and e["reason"] == reason]
+
+
+def _engine_env(cluster, namespace: str, sts: str) -> list[dict]:
+    body = cluster.api_get(f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{sts}")
+    return body["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_hand_edit_of_an_owned_field_is_reverted_with_one_aggregated_event(
+    operator, pool, kube_cluster, kube_namespace
+):
+    """`kubectl patch` of a StatefulSet's env (the spec-hash annotation untouched) is reverted; the group is
+    not restarted; the same edit again bumps the DriftCorrected Event's count instead of a new Event."""
+    name = "drift"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 1}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    sts = "drift-mixed-0"
+    rendered = _engine_env(kube_cluster, kube_namespace, sts)
+    pods = pods_by_group(kube_cluster, kube_namespace, name)
+    patch = [
+        {"op": "replace", "path": "/spec/template/spec/containers/0/env/0/value", "value": "hand-edited"}
+    ]
+    for attempt in (1, 2):
+        kube_cluster.kubectl(
+            "patch", "statefulset", sts, "-n", kube_namespace, "--type=json", "-p", json.dumps(patch)
+        )
+        wait_for(
+            lambda: _engine_env(kube_cluster, kube_namespace, sts) == rendered, 30, f"edit {attempt} reverted"
+        )
+        wait_for(
+            lambda n=attempt: (
+                sum(e.get("count", 1) for e in _events(kube_cluster, kube_namespace, name, "DriftCorrected"))
+                == n
+            ),
+            30,
+            f"DriftCorrected count {attempt}",
+        )
+    [event] = _events(kube_cluster, kube_namespace, name, "DriftCorrected")
+    assert event["type"] == "Warning" and event["count"] == 2
+    assert f"StatefulSet {sts} (spec.template.spec.containers[0].env[0].value)" in event["message"]
+    assert event["lastTimestamp"] >= event["firstTimestamp"]
+    wait_ready(kube_cluster, kube_namespace, name)
+    assert pods_by_group(kube_cluster, kube_namespace, name) == pods  # reverted, never restarted
+
+
+def _evict(cluster, namespace: str, pod: str) -> subprocess.CompletedProcess:
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+    return cluster.kubectl(
+        "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction", "-f", "-",
+        input=json.dumps(body), check=False,
+    )  # fmt: skip
+
+
+def test_role_budget_lets_a_drain_take_only_one_group_of_a_role_at_a_time(
+    operator, pool, kube_cluster, kube_namespace
+):
+    name = "budget"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 2}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    pdb_path = f"/apis/policy/v1/namespaces/{kube_namespace}/poddisruptionbudgets/budget-mixed"
+    wait_for(
+        lambda: kube_cluster.api_get(pdb_path).get("status", {}).get("disruptionsAllowed") == 1,
+        30,
+        "the role budget to allow one disruption",
+    )
+    first = _evict(kube_cluster, kube_namespace, "budget-mixed-0-0")
+    assert first.returncode == 0, first.stderr
+    # Group 0 is now disrupted: no pod of group 1 may go, while group 0's other pod still can (a broken group
+    # never blocks a drain).
+    refused = _evict(kube_cluster, kube_namespace, "budget-mixed-1-0")
+    assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
+    wait_for(
+        lambda: condition(get_moed(kube_cluster, kube_namespace, name), "Ready").get("status") == "False",
+        30,
+        "Ready=False while group 0 is down",
+    )
+    same_group = _evict(kube_cluster, kube_namespace, "budget-mixed-0-1")
+    assert same_group.returncode == 0 or "not found" in same_group.stderr, same_group.stderr
+    body = get_moed(kube_cluster, kube_namespace, name)
+    assert condition(body, "Available")["status"] == "True"  # one group of two down: still serving
+    wait_ready(kube_cluster, kube_namespace, name)
+    wait_for(
+        lambda: kube_cluster.api_get(pdb_path).get("status", {}).get("disruptionsAllowed") == 1,
+        60,
+        "the budget to recover",
+    )
+    assert _evict(kube_cluster, kube_namespace, "budget-mixed-1-0").returncode == 0
+
+
+def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
+    operator, pool, kube_cluster, kube_namespace
+):
+    """While the operator is down, a StatefulSet's template is changed and a pod recreated from it. Back up,
+    the operator reverts the template (drift) and re-forms the group, whose pod now runs an older revision:
+    Ready comes back only when every pod carries the StatefulSet's updateRevision."""
+    name = "revision"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    sts_path = f"/apis/apps/v1/namespaces/{kube_namespace}/statefulsets/revision-mixed-0"
+    original = kube_cluster.api_get(sts_path)["status"]["updateRevision"]
+    operator.stop()
+    try:
+        patch = [{"op": "replace", "path": "/spec/template/spec/containers/0/env/0/value", "value": "other"}]
+        kube_cluster.kubectl(
+            "patch",
+            "statefulset",
+            "revision-mixed-0",
+            "-n",
+            kube_namespace,
+            "--type=json",
+            "-p",
+            json.dumps(patch),
+        )
+        wait_for(
+            lambda: kube_cluster.api_get(sts_path)["status"]["updateRevision"] != original,
+            30,
+            "a new revision",
+        )
+        kube_cluster.kubectl("delete", "pod", "revision-mixed-0-1", "-n", kube_namespace, "--wait=true")
+
+        def recreated_from_new_template() -> bool:
+            pod = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/pods/revision-mixed-0-1")
+            return pod["metadata"]["labels"].get("controller-revision-hash") not in ("", None, original)
+
+        wait_for(recreated_from_new_template, 30, "revision-mixed-0-1 recreated from the edited template")
+    finally:
+        operator.start()
+    moed = wait_ready(kube_cluster, kube_namespace, name)
+    sts = kube_cluster.api_get(sts_path)
+    assert sts["status"]["updateRevision"] == original  # the template was reverted to the rendered one
+    pods = list_items(
+        kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", "moefleet.ai/group=revision-mixed-0"
+    )
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert sorted(p["metadata"]["labels"]["controller-revision-hash"] for p in live) == [original, original]
+    assert moed["status"]["roles"]["mixed"]["updatedGroups"] == 1
