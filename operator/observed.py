@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +73,7 @@ def live_content(body: Mapping[str, Any]) -> dict[str, Any]:
     metadata = body.get("metadata") or {}
     content = {k: v for k, v in body.items() if k not in _NOT_CONTENT}
     meta = {k: metadata[k] for k in ("labels", "annotations") if metadata.get(k)}
-    return {"metadata": meta, **content}
+    return copy.deepcopy({"metadata": meta, **content})  # a snapshot: the watch's body may be reused
 
 
 def _int(value: Any) -> int:
