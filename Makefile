@@ -48,8 +48,10 @@ cluster-bins: venv
 cluster: cluster-bins
 	PYTHONPATH=tests $(PY) -m support.controlplane
 
+# MOEFLEET_REQUIRE_ORACLES=1: a missing transformers fails the run instead of skipping the parity tests
+# (tests/support/oracles.py; CI=1 does the same).
 pytest: venv
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	MOEFLEET_REQUIRE_ORACLES=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: venv cluster-bins lint typecheck pytest
 

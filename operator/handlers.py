@@ -49,8 +49,9 @@ class _State:
         self.guard = threading.Lock()
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.failures: dict[tuple[str, str], Failure] = {}  # (namespace, group) -> latest pod failure
-        # (namespace, deployment) -> {(kind, name): (hash, when)}: our applies the watches may not show yet
-        self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, float]]] = {}
+        # (namespace, deployment) -> {(kind, name): (hash, resourceVersion, when)}: our applies the watches
+        # may not show yet (a drift re-apply keeps the hash, so the resourceVersion says when it is seen)
+        self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, int, float]]] = {}
         self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
 
     def client(self) -> Kube:
@@ -158,11 +159,12 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
             children[(child.kind, child.name)] = child
     now = time.monotonic()
     applied = STATE.applied.setdefault(key, {})
-    for child_key, (spec_hash, when) in list(applied.items()):
+    for child_key, (spec_hash, version, when) in list(applied.items()):
         seen = children.get(child_key)
-        if now - when > _APPLIED_TTL or (seen is not None and seen.spec_hash == spec_hash):
+        caught_up = seen is not None and seen.spec_hash == spec_hash and seen.resource_version >= version
+        if now - when > _APPLIED_TTL or caught_up:
             del applied[child_key]  # the watch caught up (or the entry is too old to trust)
-        else:
+        else:  # what we applied, content unknown (no drift check, no revision) until the watch shows it
             ready, replicas = (seen.ready_replicas, seen.replicas) if seen is not None else (0, 0)
             children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready, replicas)
     if podmonitors:
@@ -202,7 +204,7 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             status = invalid_spec_status(previous, error.field, str(error), generation, now)
             if status != previous:
                 events = condition_events(previous, status)
-                response = kube.execute(ref, planner.Plan(status=status), True, events)
+                response, _ = kube.execute(ref, planner.Plan(status=status), True, events)
                 _remember_status(namespace, name, response, status)
             return
         # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
@@ -223,13 +225,14 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             "changed" if write_status else "same",
         )
         try:
-            response = kube.execute(ref, the_plan, write_status, events)
+            response, versions = kube.execute(ref, the_plan, write_status, events)
         except KubeError as error:
             raise kopf.TemporaryError(str(error), delay=min(SETTINGS.resync_seconds, 10)) from error
         applied = STATE.applied.setdefault((namespace, name), {})
         for obj in the_plan.apply:
-            meta = obj["metadata"]
-            applied[(obj["kind"], meta["name"])] = (meta["annotations"][L.SPEC_HASH], time.monotonic())
+            key = (obj["kind"], obj["metadata"]["name"])
+            spec_hash = obj["metadata"]["annotations"][L.SPEC_HASH]
+            applied[key] = (spec_hash, versions.get(key, 0), time.monotonic())
         if write_status:
             _remember_status(namespace, name, response, the_plan.status)
         for group in the_plan.delete_pods:

@@ -45,6 +45,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     L.KIND: (f"/apis/{L.API_VERSION}", L.PLURAL),
 }
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+# Repeats of one Event within this window update its count (Kubernetes' event correlator uses 10 minutes).
+EVENT_AGGREGATION_SECONDS = 600.0
+EVENT_CACHE_SIZE = 4096
 _SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -62,6 +65,31 @@ def _path(kind: str, namespace: str, name: str | None = None, subresource: str |
     if subresource:
         path += f"/{subresource}"
     return path
+
+
+def _event_body(spec_ref: Mapping[str, str], event: Event, name: str, now: str) -> dict[str, Any]:
+    namespace = spec_ref["namespace"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": L.API_VERSION,
+            "kind": L.KIND,
+            "name": spec_ref["name"],
+            "namespace": namespace,
+            "uid": spec_ref["uid"],
+        },
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "type": event.type,
+        "source": {"component": L.EVENT_SOURCE},
+        "reportingComponent": L.EVENT_SOURCE,
+        "reportingInstance": os.environ.get("HOSTNAME", L.EVENT_SOURCE),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 class Kube:
@@ -95,6 +123,8 @@ class Kube:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, str]] = Counter()
         self._crd_cache: dict[str, tuple[bool, float]] = {}
+        # (namespace, uid, type, reason, message) -> (event name, count, first posted at, monotonic)
+        self._events: dict[tuple[str, str, str, str, str], tuple[str, int, float]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------
     def _refresh_token(self) -> None:
@@ -180,7 +210,7 @@ class Kube:
         condition = {
             "type": L.GROUP_READY_CONDITION,
             "status": "True" if ready else "False",
-            "reason": "GroupReady" if ready else "GroupNotReady",
+            "reason": L.GATE_REASONS[0] if ready else L.GATE_REASONS[1],
             "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.request(
@@ -193,32 +223,37 @@ class Kube:
         )
 
     def create_event(self, spec_ref: Mapping[str, str], event: Event) -> None:
-        """A core/v1 Event on the MoEDeployment (kubectl describe shows them)."""
+        """A core/v1 Event on the MoEDeployment (kubectl describe shows them). Repeats are aggregated as
+        Kubernetes does: the same (object, type, reason, message) within EVENT_AGGREGATION_SECONDS bumps
+        `count` and `lastTimestamp` of the existing Event instead of creating another one."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         namespace = spec_ref["namespace"]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{spec_ref['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": L.API_VERSION,
-                "kind": L.KIND,
-                "name": spec_ref["name"],
-                "namespace": namespace,
-                "uid": spec_ref["uid"],
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "source": {"component": L.EVENT_SOURCE},
-            "reportingComponent": L.EVENT_SOURCE,
-            "reportingInstance": os.environ.get("HOSTNAME", L.EVENT_SOURCE),
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        key = (namespace, spec_ref["uid"], event.type, event.reason, event.message[:1024])
+        with self._lock:
+            seen = self._events.get(key)
         try:
-            self.request("POST", _path("Event", namespace), "events", body=body)
+            if seen is not None and time.monotonic() - seen[2] < EVENT_AGGREGATION_SECONDS:
+                name, count = seen[0], seen[1] + 1
+                patched = self.request(
+                    "PATCH",
+                    _path("Event", namespace, name),
+                    "events",
+                    body={"count": count, "lastTimestamp": now},
+                    content_type="application/merge-patch+json",
+                    missing_ok=True,
+                )
+                if patched is not None:
+                    with self._lock:
+                        self._events[key] = (name, count, seen[2])
+                    return
+            name = f"{spec_ref['name']}.{uuid.uuid4().hex[:16]}"
+            self.request(
+                "POST", _path("Event", namespace), "events", body=_event_body(spec_ref, event, name, now)
+            )
+            with self._lock:
+                if len(self._events) >= EVENT_CACHE_SIZE:  # forget the oldest (insertion order)
+                    self._events.pop(next(iter(self._events)))
+                self._events[key] = (name, 1, time.monotonic())
         except (KubeError, httpx.HTTPError) as error:  # events are best effort
             log.warning("could not post event %s: %s", event.reason, error)
 
@@ -243,12 +278,17 @@ class Kube:
         self._crd_cache[name] = (found, time.monotonic())
         return found
 
-    def execute(self, ref: Mapping[str, str], plan: Plan, write_status: bool, events: list[Event]) -> Any:
+    def execute(
+        self, ref: Mapping[str, str], plan: Plan, write_status: bool, events: list[Event]
+    ) -> tuple[Any, dict[tuple[str, str], int]]:
         """Run a plan for the MoEDeployment `ref` ({namespace, name, uid}). Returns the status write's
-        response (None when the status was unchanged)."""
+        response (None when the status was unchanged) and the resourceVersion of every applied child."""
         namespace = ref["namespace"]
+        applied: dict[tuple[str, str], int] = {}
         for obj in plan.apply:
-            self.apply(obj)
+            response = self.apply(obj) or {}
+            version = (response.get("metadata") or {}).get("resourceVersion") or 0
+            applied[(obj["kind"], obj["metadata"]["name"])] = int(version)
         for child in plan.delete:
             self.delete(child.kind, namespace, child.name)
         # Gates before the status, so Ready=True is never reported while the gateway cannot route yet.
@@ -260,4 +300,4 @@ class Kube:
                 self.delete("Pod", namespace, pod)
         for event in events:
             self.create_event(ref, event)
-        return response
+        return response, applied

@@ -35,6 +35,7 @@ CONTROLLER_REVISION = "controller-revision-hash"
 # listed by the role Service the gateway reads) only while its whole group is, so the gateway never routes
 # to a group that is forming, restarting or missing a node.
 GROUP_READY_CONDITION = "moefleet.ai/group-ready"
+GATE_REASONS = ("GroupReady", "GroupNotReady")  # the reasons the operator writes on that condition
 
 # Annotations.
 # sha256 (16 hex) of the rendered object without this annotation: equal hash => no write (idempotent apply).
@@ -70,7 +71,7 @@ def common_labels(deployment: str, component: str) -> dict[str, str]:
 
 
 def group_name(deployment: str, role: str, replica: int) -> str:
-    """StatefulSet, headless Service and PDB name of one group (deterministic: restarts make no duplicates)."""
+    """StatefulSet and headless Service name of one group (deterministic: restarts make no duplicates)."""
     return f"{deployment}-{role}-{replica}"
 
 
@@ -84,6 +85,11 @@ def group_labels(deployment: str, role: str, replica: int) -> dict[str, str]:
 
 
 def role_service_name(deployment: str, role: str) -> str:
+    return f"{deployment}-{role}"
+
+
+def role_pdb_name(deployment: str, role: str) -> str:
+    """The role's PodDisruptionBudget (one per role: at most one group of the role disrupted at a time)."""
     return f"{deployment}-{role}"
 
 

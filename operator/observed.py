@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moefleet.operator import labels as L
@@ -18,6 +19,20 @@ class ChildState:
     spec_hash: str
     ready_replicas: int = 0  # Deployments: status.readyReplicas
     replicas: int = 0  # StatefulSets / Deployments: spec.replicas (a group's current size)
+    # StatefulSets: the controller's revision for the current template, valid once it has observed the
+    # object's latest generation (pods with another controller-revision-hash run an older template).
+    update_revision: str = ""
+    generation: int = 0
+    observed_generation: int = 0
+    resource_version: int = 0
+    # The live object's labels/annotations and content (spec, data, ...): drift.py compares the fields the
+    # operator sets with it. None when unknown (our own write not seen by the watch yet).
+    live: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def revision_known(self) -> bool:
+        """The StatefulSet controller has processed this spec: update_revision describes it."""
+        return bool(self.update_revision) and self.observed_generation >= self.generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +48,11 @@ class PodState:
     deleting: bool = False
     unschedulable: str | None = None  # the scheduler's message when PodScheduled=False/Unschedulable
     failure: str | None = None  # why a container died (termination message / reason / exit code)
-    group_ready_gate: bool = False  # the operator's GROUP_READY_CONDITION on this pod
+    group_ready_gate: bool = False  # GROUP_READY_CONDITION is True on this pod (whoever set it)
+    # ... and the operator set it (its reasons): a condition someone else opened (kwok's fake kubelet opens
+    # every readiness gate) is taken over, so the gate always reflects the operator's decision.
+    gate_by_operator: bool = False
+    revision: str = ""  # controller-revision-hash: the StatefulSet template revision it was created from
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +65,24 @@ class Failure:
     seen_at: float
 
 
+_NOT_CONTENT = ("apiVersion", "kind", "metadata", "status")
+
+
+def live_content(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What drift detection compares: labels, annotations and every content field (spec, data, ...)."""
+    metadata = body.get("metadata") or {}
+    content = {k: v for k, v in body.items() if k not in _NOT_CONTENT}
+    meta = {k: metadata[k] for k in ("labels", "annotations") if metadata.get(k)}
+    return copy.deepcopy({"metadata": meta, **content})  # a snapshot: the watch's body may be reused
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def child_state(body: Mapping[str, Any]) -> ChildState:
     metadata = body.get("metadata") or {}
     status = body.get("status") or {}
@@ -55,6 +92,11 @@ def child_state(body: Mapping[str, Any]) -> ChildState:
         spec_hash=(metadata.get("annotations") or {}).get(L.SPEC_HASH, ""),
         ready_replicas=int(status.get("readyReplicas") or 0),
         replicas=int((body.get("spec") or {}).get("replicas") or 0),
+        update_revision=str(status.get("updateRevision") or ""),
+        generation=_int(metadata.get("generation")),
+        observed_generation=_int(status.get("observedGeneration")),
+        resource_version=_int(metadata.get("resourceVersion")),
+        live=live_content(body),
     )
 
 
@@ -97,6 +139,8 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         unschedulable=unschedulable,
         failure=failure,
         group_ready_gate=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("status") == "True",
+        gate_by_operator=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("reason") in L.GATE_REASONS,
+        revision=(metadata.get("labels") or {}).get(L.CONTROLLER_REVISION, ""),
     )
 
 

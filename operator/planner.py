@@ -11,6 +11,13 @@ Group rules (DESIGN.md "Operator contracts"):
 - A changed StatefulSet (nodesPerReplica, image, args, ...) re-forms its group: broken groups at once,
   serving groups one at a time and only while every other group is Ready.
 - Scaling adds/removes whole groups and leaves the others untouched.
+- Drift: a child whose live fields differ from the rendered ones on a field the operator sets (drift.py) is
+  re-applied, with a DriftCorrected Warning.
+- Rollouts are measured: a group runs the current spec when its StatefulSet is the rendered one, the
+  StatefulSet controller has observed it, and every pod carries its updateRevision. A group whose pods are
+  on an older revision (e.g. the operator stopped between applying the StatefulSet and deleting the pods) is
+  re-formed like a changed one.
+- Events: one per decision (all children created in this pass -> one Created event), not one per child.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moefleet.operator import labels as L
+from moefleet.operator.drift import drifted_fields
 from moefleet.operator.observed import ChildState, Failure, PodState, pod_failed
 from moefleet.operator.spec import MoEDeploymentSpec, RestartPolicySpec
 from moefleet.operator.status import (
@@ -157,24 +165,31 @@ def plan(
     desired_by_key = {(obj["kind"], obj["metadata"]["name"]): obj for obj in desired}
     hashes = {key: obj["metadata"]["annotations"][L.SPEC_HASH] for key, obj in desired_by_key.items()}
 
-    # 1. Children that are not StatefulSets: apply when missing or different, delete when unwanted.
+    # 1. Children that are not StatefulSets: apply when missing, different or drifted; delete when unwanted.
+    decisions: dict[str, list[str]] = {}  # event reason -> what it concerns (one Event per reason)
+    drift: list[str] = []
     for key, obj in desired_by_key.items():
         if key[0] == "StatefulSet":
             continue
         seen = observed.children.get(key)
         if seen is None or seen.spec_hash != hashes[key]:
             out.apply.append(obj)
-            out.events.append(Event("Normal", "Created" if seen is None else "Updated", f"{key[0]} {key[1]}"))
+            decisions.setdefault("Created" if seen is None else "Updated", []).append(f"{key[0]} {key[1]}")
+        elif seen.live is not None and (fields := drifted_fields(obj, seen.live)):
+            out.apply.append(obj)
+            drift.append(f"{key[0]} {key[1]} ({', '.join(fields[:3])})")
     for key, seen in sorted(observed.children.items()):
         if key not in desired_by_key and key[0] in managed_kinds:
             out.delete.append(seen)
-            out.events.append(Event("Normal", "Deleted", f"{key[0]} {key[1]} (no longer wanted)"))
+            decisions.setdefault("Deleted", []).append(f"{key[0]} {key[1]}")
 
     # 2. Groups.
     previous_groups = {g["name"]: g for g in previous_status.get("groups") or []}
     groups: list[Obj] = []
     views: dict[str, GroupView] = {}
     outdated: list[str] = []
+    current: dict[str, bool] = {}
+    rolled_out_by_pods: set[str] = set()  # outdated only by their pods' revision (the StatefulSet is current)
     for role in spec.roles:
         for replica in range(role.replicas):
             name = L.group_name(spec.name, role.name, replica)
@@ -190,11 +205,33 @@ def plan(
             view = _group_view(name, nodes, observed.pods.get(name, ()), record.get("retired", []))
             views[name] = view
             record.update(name=name, role=role.name, replica=replica, nodes=nodes)
+            desired_sts = desired_by_key[("StatefulSet", name)]
+            drifted = (
+                drifted_fields(desired_sts, seen.live)
+                if seen is not None and not is_outdated and seen.live is not None
+                else []
+            )
             if seen is None:
-                out.apply.append(desired_by_key[("StatefulSet", name)])
-                out.events.append(Event("Normal", "Created", f"StatefulSet {name} (group of {nodes} nodes)"))
+                out.apply.append(desired_sts)
+                decisions.setdefault("Created", []).append(f"StatefulSet {name} (group of {nodes} nodes)")
             elif is_outdated:
                 outdated.append(name)
+            elif drifted:
+                out.apply.append(desired_sts)
+                drift.append(f"StatefulSet {name} ({', '.join(drifted[:3])})")
+            elif seen.revision_known and any(
+                p.revision and p.revision != seen.update_revision for p in view.pods
+            ):
+                outdated.append(name)  # the StatefulSet is current but its pods were made from an older one
+                rolled_out_by_pods.add(name)
+            # Measured: the rendered StatefulSet, observed by its controller, every pod at its revision.
+            current[name] = (
+                seen is not None
+                and not is_outdated
+                and not drifted
+                and seen.revision_known
+                and all(p.revision == seen.update_revision for p in view.pods)
+            )
             groups.append(record)
 
     # 2a. Re-form changed groups: broken ones at once, serving ones one at a time while all others are Ready.
@@ -204,8 +241,9 @@ def plan(
         if views[name].ready and (reforming or not others_ready):
             continue  # keeps serving with its old spec; Progressing says it waits
         reforming.add(name)
-        out.apply.append(desired_by_key[("StatefulSet", name)])
-        out.events.append(Event("Normal", "ReformingGroup", f"group {name}: spec changed; re-forming it"))
+        if name not in rolled_out_by_pods:
+            out.apply.append(desired_by_key[("StatefulSet", name)])
+        decisions.setdefault("ReformingGroup", []).append(name)
         if views[name].pods:
             out.delete_pods[name] = [p.name for p in views[name].pods]
 
@@ -279,8 +317,19 @@ def plan(
             continue  # its pods are going away
         wanted = record.get("phase") == READY
         for pod in views[record["name"]].pods:
-            if pod.group_ready_gate != wanted:
+            if pod.group_ready_gate != wanted or (wanted and not pod.gate_by_operator):
                 out.pod_gates.append((pod.name, wanted))
+
+    # One Event per decision of this pass (not per child): children, re-forms, restarts, drift.
+    reforms = decisions.pop("ReformingGroup", [])
+    decided = [Event("Normal", r, f"{r} {len(w)} object(s): {', '.join(w)}") for r, w in decisions.items()]
+    if reforms:
+        message = f"spec changed; re-forming group(s) {', '.join(reforms)} (all pods of a group together)"
+        decided.append(Event("Normal", "ReformingGroup", message))
+    out.events = decided + out.events
+    if drift:
+        message = f"changed outside the operator, re-applied: {'; '.join(drift)}"
+        out.events.append(Event("Warning", "DriftCorrected", message))
 
     gateway = observed.children.get(("Deployment", L.gateway_name(spec.name)))
     out.status = build_status(
@@ -292,5 +341,6 @@ def plan(
         gateway_ready_replicas=gateway.ready_replicas if gateway is not None else None,
         previous_status=previous_status,
         now=now,
+        current=current,
     )
     return out

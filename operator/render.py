@@ -255,20 +255,36 @@ def render_role_service(spec: MoEDeploymentSpec, role_name: str) -> Obj:
     )
 
 
-def render_pdb(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
-    """One voluntary eviction at a time per group (losing one pod restarts the group anyway)."""
-    name = L.group_name(spec.name, role_name, replica)
+def render_role_pdb(spec: MoEDeploymentSpec, role_name: str) -> Obj:
+    """At most one group of a role disrupted at a time (node drains, voluntary evictions).
+
+    One budget over every engine pod of the role, maxUnavailable 1: an eviction is allowed only while every
+    pod of the role is Ready. A pod is Ready only while its whole group is (the group-ready gate), so once
+    one pod of group A is evicted, all of A counts as unavailable and no healthy pod of another group can
+    be evicted until A is Ready again; A's own pods stay evictable (unhealthyPodEvictionPolicy AlwaysAllow),
+    so a broken group never blocks a drain. This also bounds each group (one pod at a time). It replaces the
+    former per-group budgets rather than sitting next to them: the eviction API refuses (HTTP 500) any pod
+    that more than one PodDisruptionBudget selects.
+    """
     return _finish(
         spec,
         {
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
-            "metadata": {"name": name, "labels": L.group_labels(spec.name, role_name, replica)},
+            "metadata": {
+                "name": L.role_pdb_name(spec.name, role_name),
+                "labels": {**L.common_labels(spec.name, L.COMPONENT_ENGINE), L.ROLE: role_name},
+            },
             "spec": {
                 "maxUnavailable": 1,
-                # A group that is already broken must not block node drains.
                 "unhealthyPodEvictionPolicy": "AlwaysAllow",
-                "selector": {"matchLabels": {L.GROUP_LABEL: name, **L.selector_labels(spec.name)}},
+                "selector": {
+                    "matchLabels": {
+                        **L.selector_labels(spec.name),
+                        L.COMPONENT: L.COMPONENT_ENGINE,
+                        L.ROLE: role_name,
+                    }
+                },
             },
         },
     )
@@ -410,9 +426,9 @@ def render_all(spec: MoEDeploymentSpec, pod_monitor_supported: bool) -> list[Obj
     out: list[Obj] = []
     for role in spec.roles:
         out.append(render_role_service(spec, role.name))
+        out.append(render_role_pdb(spec, role.name))
         for replica in range(role.replicas):
             out.append(render_headless_service(spec, role.name, replica))
-            out.append(render_pdb(spec, role.name, replica))
             out.append(render_statefulset(spec, role.name, replica))
     out.append(render_gateway_configmap(spec))
     out.append(render_gateway_service(spec))

@@ -26,7 +26,7 @@ BACKOFF = "BackOff"  # failed; waiting for the backoff delay before restarting
 FAILED = "Failed"  # failed and out of restarts for this window
 UNSCHEDULABLE = "Unschedulable"  # some pod cannot be placed
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+CONDITION_TYPES = ("Available", "Ready", "Progressing", "Degraded")
 
 
 def timestamp(epoch: float) -> str:
@@ -90,6 +90,62 @@ def _degraded(groups: Sequence[Mapping[str, Any]], unschedulable: Mapping[str, s
     return "AsExpected", "no group is failing"
 
 
+def min_ready_groups(replicas: int) -> int:
+    """A role's minimum serving capacity: all its groups but one (the role PDB's budget), at least one."""
+    return max(1, replicas - 1) if replicas > 0 else 0
+
+
+def _available(
+    spec: MoEDeploymentSpec, ready_by_role: Mapping[str, int], gateway_ready: int
+) -> tuple[bool, str, str]:
+    short = [
+        f"role {role.name}: {ready_by_role.get(role.name, 0)}/{role.replicas} group(s) Ready "
+        f"(needs {min_ready_groups(role.replicas)})"
+        for role in spec.roles
+        if role.replicas > 0 and ready_by_role.get(role.name, 0) < min_ready_groups(role.replicas)
+    ]
+    if not any(role.replicas > 0 for role in spec.roles):
+        return False, "NoGroups", "every role has replicas: 0"
+    if short:
+        return False, "MinimumGroupsUnavailable", "; ".join(short)
+    if gateway_ready < 1:
+        return False, "GatewayUnavailable", "no gateway replica is Ready"
+    summary = ", ".join(f"{r.name} {ready_by_role.get(r.name, 0)}/{r.replicas}" for r in spec.roles)
+    return True, "MinimumGroupsAvailable", f"groups Ready per role: {summary}; gateway Ready"
+
+
+def _progressing(
+    groups: Sequence[Mapping[str, Any]],
+    current: Mapping[str, bool],
+    outdated: Sequence[str],
+    reforming: set[str],
+    gateway_ready: bool,
+) -> tuple[bool, str, str]:
+    not_ready = [g for g in groups if g.get("phase") != READY]
+    stuck = [g for g in not_ready if g.get("phase") in (UNSCHEDULABLE, FAILED)]
+    if stuck and len(stuck) == len(not_ready) and not reforming:
+        first = stuck[0]
+        why = "cannot be scheduled" if first.get("phase") == UNSCHEDULABLE else "is out of restarts"
+        return (
+            False,
+            "Stalled",
+            f"{len(stuck)} group(s) cannot progress without a change; group {first['name']} {why} "
+            "(see the Degraded condition)",
+        )
+    if outdated:
+        doing = ", ".join(sorted(reforming)) or "none (waiting for every other group to be Ready)"
+        return True, "Reforming", f"{len(outdated)} changed group(s) to re-form one at a time; now: {doing}"
+    if not_ready:
+        names = ", ".join(g["name"] for g in not_ready[:5])
+        return True, "GroupsStarting", f"{len(not_ready)} group(s) not Ready: {names}"
+    old = [g["name"] for g in groups if not current.get(g["name"], False)]
+    if old:
+        return True, "RolloutPending", f"pods of {len(old)} group(s) not yet at their StatefulSet's revision"
+    if not gateway_ready:
+        return True, "GatewayStarting", "the gateway Deployment is not available yet"
+    return False, "Complete", "every group runs the current spec and is Ready; the gateway is Ready"
+
+
 def build_status(
     spec: MoEDeploymentSpec,
     groups: Sequence[Obj],
@@ -99,46 +155,55 @@ def build_status(
     gateway_ready_replicas: int | None,
     previous_status: Mapping[str, Any],
     now: float,
+    current: Mapping[str, bool] | None = None,
 ) -> Obj:
-    """The full status object written to the status subresource."""
+    """The full status object written to the status subresource.
+
+    `current[group]`: every pod of the group was created from its StatefulSet's update revision and that
+    StatefulSet is the rendered one (measured by the planner); None = every group not outdated is current.
+    Conditions (docs/operator.md "Conditions"):
+    - Available: every role with replicas has at least `min_ready_groups` Ready groups (any spec version)
+      and the gateway has a Ready replica: the deployment can serve. One restarting group of ten keeps it.
+    - Ready: every desired group is Ready at the current spec, and the whole gateway is Ready.
+    - Progressing: True while groups are created, restarted, re-formed or rolled; False with reason
+      Complete when done, Stalled when the remaining groups cannot move without a change.
+    - Degraded: True with the most actionable problem (InsufficientGPUs, Unschedulable, RestartLimit,
+      GroupRestarting), else False / AsExpected.
+    """
+    if current is None:
+        current = {g["name"]: g["name"] not in outdated for g in groups}
     roles: Obj = {}
     groups_ready: Obj = {}
+    ready_by_role: dict[str, int] = {}
     for role in spec.roles:
         mine = [g for g in groups if g["role"] == role.name]
         ready_count = sum(g.get("phase") == READY for g in mine)
+        ready_by_role[role.name] = ready_count
         roles[role.name] = {
             "replicas": role.replicas,
             "readyGroups": ready_count,
+            "updatedGroups": sum(bool(current.get(g["name"])) for g in mine),
+            "minReadyGroups": min_ready_groups(role.replicas),
             "nodesPerGroup": role.nodes_per_replica,
             "readyNodes": sum(int(g.get("readyNodes", 0)) for g in mine),
         }
         groups_ready[role.name] = f"{ready_count}/{role.replicas}"
 
+    gateway_ready_count = gateway_ready_replicas or 0
     gateway_ready = gateway_ready_replicas is not None and gateway_ready_replicas >= spec.gateway.replicas
-    all_groups_ready = bool(groups) and all(g.get("phase") == READY for g in groups)
+    all_groups_ready = bool(groups) and all(
+        g.get("phase") == READY and current.get(g["name"], False) for g in groups
+    )
     degraded_reason, degraded_message = _degraded(groups, unschedulable)
-
-    not_ready = [g["name"] for g in groups if g.get("phase") != READY]
-    if outdated:
-        doing = ", ".join(sorted(reforming)) or "none (waiting for every other group to be Ready)"
-        progressing = (
-            True,
-            "Reforming",
-            f"{len(outdated)} changed group(s) to re-form one at a time; now: {doing}",
-        )
-    elif not_ready:
-        progressing = (
-            True,
-            "GroupsStarting",
-            f"{len(not_ready)} group(s) not Ready: {', '.join(not_ready[:5])}",
-        )
-    elif not gateway_ready:
-        progressing = (True, "GatewayStarting", "the gateway Deployment is not available yet")
-    else:
-        progressing = (False, "Complete", "every group and the gateway are Ready")
+    progressing = _progressing(groups, current, outdated, reforming, gateway_ready)
+    available = _available(spec, ready_by_role, gateway_ready_count)
 
     if all_groups_ready and gateway_ready:
-        ready = (True, "AllGroupsReady", f"{len(groups)} group(s) and the gateway are Ready")
+        ready = (
+            True,
+            "AllGroupsReady",
+            f"{len(groups)} group(s) at the current spec and the gateway are Ready",
+        )
     elif not groups:
         ready = (False, "NoGroups", "every role has replicas: 0")
     else:
@@ -148,6 +213,7 @@ def build_status(
     status: Obj = {
         "observedGeneration": generation,
         "conditions": [
+            condition("Available", *available, previous_status, generation, now),
             condition("Ready", *ready, previous_status, generation, now),
             condition("Progressing", *progressing, previous_status, generation, now),
             condition(
@@ -163,7 +229,7 @@ def build_status(
         "roles": roles,
         "groupsReady": groups_ready,
         "groups": list(groups),
-        "gateway": {"replicas": spec.gateway.replicas, "readyReplicas": gateway_ready_replicas or 0},
+        "gateway": {"replicas": spec.gateway.replicas, "readyReplicas": gateway_ready_count},
     }
     restarted = [g for g in groups if g.get("lastRestartTime")]
     last = max(restarted, key=lambda g: g["lastRestartTime"], default=None)
@@ -187,7 +253,10 @@ def invalid_spec_status(
     status = {k: v for k, v in previous_status.items() if k not in ("conditions", "observedGeneration")}
     reason_message = f"{field}: {message}"
     status["observedGeneration"] = generation
+    # The children are left as they are, so whether they can serve is unknown here: keep Available as it was.
+    available = [c for c in previous_status.get("conditions") or [] if c.get("type") == "Available"]
     status["conditions"] = [
+        *available,
         condition("Ready", False, "InvalidSpec", reason_message, previous_status, generation, now),
         condition("Progressing", False, "InvalidSpec", reason_message, previous_status, generation, now),
         condition("Degraded", True, "InvalidSpec", reason_message, previous_status, generation, now),
@@ -196,17 +265,21 @@ def invalid_spec_status(
 
 
 def condition_events(previous_status: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
-    """One event per condition whose status changed (Degraded=True is a Warning)."""
+    """At most one event per status write, naming every condition that changed (one decision, one Event);
+    none for the first status unless it is Degraded. Its reason names the most important change (`AvailableFalse`, then `DegradedTrue`, else the first in
+    CONDITION_TYPES order); it is a Warning when the deployment became unavailable or degraded."""
     before = {c["type"]: c.get("status") for c in previous_status.get("conditions") or []}
-    events = []
-    for cond in status.get("conditions") or []:
-        if before.get(cond["type"]) != cond["status"]:
-            warning = cond["type"] == "Degraded" and cond["status"] == "True"
-            events.append(
-                Event(
-                    "Warning" if warning else "Normal",
-                    f"{cond['type']}{cond['status']}",
-                    f"{cond['reason']}: {cond['message']}",
-                )
-            )
-    return events
+    changed = [c for c in status.get("conditions") or [] if before.get(c["type"]) != c["status"]]
+    if not before:  # the first status: the Created event already says it began; only problems are news
+        changed = [c for c in changed if c["type"] == "Degraded" and c["status"] == "True"]
+    if not changed:
+        return []
+    bad = [
+        c
+        for c in changed
+        if (c["type"] == "Available" and c["status"] == "False" and before.get("Available") == "True")
+        or (c["type"] == "Degraded" and c["status"] == "True")
+    ]
+    message = "; ".join(f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in changed)
+    first = (bad or changed)[0]
+    return [Event("Warning" if bad else "Normal", f"{first['type']}{first['status']}", message)]

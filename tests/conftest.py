@@ -2,8 +2,9 @@
 
 # The Kubernetes control plane / Prometheus fixtures (kube_cluster, kube_namespace, prometheus) are used by
 # tests/cluster/ and tests/operator/, so they are registered for the whole suite. Importing the plugin is
-# cheap: nothing starts until a test asks for a fixture.
-pytest_plugins = ["support.cluster_fixtures"]
+# cheap: nothing starts until a test asks for a fixture. `support.oracles` turns a missing transformers into a
+# failure under CI / MOEFLEET_REQUIRE_ORACLES (make test) instead of skipped parity tests.
+pytest_plugins = ["support.cluster_fixtures", "support.oracles"]
 
 import os  # noqa: E402
 

@@ -9,7 +9,8 @@
         run_worker_rank(loop, state)      # blocks until the front end shuts down; no HTTP on this rank
 
 The front end's engine thread runs `loop.step()` forever: each step hands queued requests/aborts to the
-ranks (least-loaded placement) and streams every rank's outputs into the per-request queues.
+ranks (least-loaded placement), streams every rank's outputs into the per-request queues and keeps every
+rank's engine stats, so this rank's `/metrics` describes the whole group.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moefleet.engine.distributed.groups import DistributedState
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown
 from moefleet.engine.distributed.watchdog import fatal, guard
 from moefleet.engine.server.async_engine import EngineDeadError, RequestRejectedError, StreamingEngineClient
+from moefleet.engine.server.metrics import group_stats
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,12 @@ class DPFrontEndClient(StreamingEngineClient):
         self._loop = loop
         self._state, self._exit_grace_s = state, exit_grace_s
         loop.on_outputs = self._on_outputs
-        self._stats = dict(engine.stats())
+        self._rank_stats: list[dict[str, float]] = [dict(engine.stats())]  # until the first exchange
+        self._stats = group_stats(self._rank_stats)
+
+    def rank_stats(self) -> list[dict[str, float]]:
+        """Every rank's engine stats as of the last step's exchange (rank order); `stats()` is their sum."""
+        return self._rank_stats
 
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> None:
         # cost = prompt length: the load the request adds to its rank until that rank reports again.
@@ -70,7 +77,10 @@ class DPFrontEndClient(StreamingEngineClient):
     def _run(self) -> None:
         try:
             while self._loop.step():
-                self._stats = dict(self._loop.engine.stats())
+                rank_stats = self._loop.router.rank_stats
+                if rank_stats is not self._rank_stats:
+                    self._rank_stats = rank_stats
+                    self._stats = group_stats(rank_stats)
         except BaseException as exc:  # a collective failed (peer gone) or a bug: fail clients, never hang
             logger.exception("DP engine loop stopped")
             self._dead = exc

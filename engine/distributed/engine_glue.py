@@ -114,8 +114,8 @@ class DPEngineLoop:
         if self.eplb is not None and router.is_front_end:
             self.eplb.bind(lambda command: router.submit(GroupCommand(command)))
 
-    def load(self) -> int:
-        stats = self.engine.stats()
+    def load(self, stats: dict[str, float] | None = None) -> int:
+        stats = self.engine.stats() if stats is None else stats
         return int(stats["num_running"] + stats["num_waiting"])
 
     def _deliver(self, rank: int, outputs: list[Any]) -> None:
@@ -128,7 +128,8 @@ class DPEngineLoop:
     def step(self) -> bool:
         if self.router.is_front_end and self._group_idle:
             self.router.wait_for_inbox(self.idle_wait_s)
-        messages = self.router.exchange(self.load(), self._pending, self._deliver)
+        stats = self.engine.stats()  # travels to the front end: its /metrics describes the whole group
+        messages = self.router.exchange(self.load(stats), self._pending, self._deliver, stats)
         running = True
         rejected: list[Any] = []
         commands = [m.payload for m in messages if isinstance(m, GroupCommand)]

@@ -2,8 +2,9 @@
 
 Design: piggy-back on the step loop. Every rank calls `exchange` once per step, before the DP step
 agreement, over the CPU gloo group (works across nodes through the same rendezvous, no extra ports):
-  1. gather to the front-end rank: each rank's load (tokens running + queued) and its outputs of the last
-     step (finished tokens, opaque Python objects);
+  1. gather to the front-end rank: each rank's load (tokens running + queued), its outputs of the last
+     step (finished tokens, opaque Python objects) and its engine stats (`rank_stats`: what the front end's
+     `/metrics` sums over the group);
   2. the front end delivers the outputs, drains its inbox of new requests/aborts, places each new request on
      the least-loaded rank (`pick_dp_rank`, counting what it just placed), and routes aborts to the owner;
   3. scatter the per-rank message lists.
@@ -88,6 +89,8 @@ class RequestRouter:
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._arrived = threading.Event()
         self._turn = 0
+        # Front end: every rank's engine stats as of the last exchange (rank order), for group-wide metrics.
+        self.rank_stats: list[dict[str, float]] = []
 
     @property
     def is_front_end(self) -> bool:
@@ -107,9 +110,15 @@ class RequestRouter:
         return arrived or not self._inbox.empty()
 
     def exchange(
-        self, load: int, outputs: list[Any], deliver: Callable[[int, list[Any]], None] | None = None
+        self,
+        load: int,
+        outputs: list[Any],
+        deliver: Callable[[int, list[Any]], None] | None = None,
+        stats: dict[str, float] | None = None,
     ) -> list[Message]:
-        """Every rank, every step: report `load` and last step's `outputs`; get this rank's new messages.
+        """Every rank, every step: report `load`, last step's `outputs` and `stats` (this rank's
+        `LLMEngine.stats()`); get this rank's new messages. The front end keeps every rank's `stats` in
+        `rank_stats`.
 
         On the front end, `deliver(rank, outputs)` is called for every rank's outputs (e.g. to push them into
         per-request queues of the HTTP server). Outputs of finished requests should carry their id so the
@@ -117,18 +126,20 @@ class RequestRouter:
         """
         if self.group is None or self.world_size == 1:
             inbox = self._drain()
+            self.rank_stats = [dict(stats or {})]
             if deliver is not None:
                 deliver(0, outputs)
             return route_messages(inbox, [load], self.owners)[0]
         gathered: list[Any] | None = [None] * self.world_size if self.is_front_end else None
-        dist.gather_object((load, outputs), gathered, dst=self.front_end_rank, group=self.group)
+        dist.gather_object((load, outputs, stats or {}), gathered, dst=self.front_end_rank, group=self.group)
         scattered: list[Any] | None = None
         if self.is_front_end:
             assert gathered is not None
             if deliver is not None:
-                for rank, (_, rank_outputs) in enumerate(gathered):
+                for rank, (_, rank_outputs, _) in enumerate(gathered):
                     deliver(rank, rank_outputs)
-            loads = [rank_load for rank_load, _ in gathered]
+            self.rank_stats = [rank_stats for _, _, rank_stats in gathered]
+            loads = [rank_load for rank_load, _, _ in gathered]
             scattered = route_messages(self._drain(), loads, self.owners, self._turn)
             self._turn += 1
         received: list[Any] = [None]

@@ -36,7 +36,9 @@ def build_app(client: EngineClient, served_model_name: str, routers: Sequence[AP
 
     app = FastAPI(title="moefleet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     state = ServerState(
-        client=client, served_model_name=served_model_name, metrics=ServerMetrics(client.stats)
+        client=client,
+        served_model_name=served_model_name,
+        metrics=ServerMetrics(client.stats, client.rank_stats),
     )
     app.state.moefleet = state
     install_error_handlers(app)

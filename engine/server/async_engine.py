@@ -64,6 +64,10 @@ class EngineClient(ABC):
     def stats(self) -> dict[str, float]:
         """Latest load snapshot: num_running, num_waiting, kv_blocks_used, kv_blocks_total, kv_usage."""
 
+    def rank_stats(self) -> list[dict[str, float]]:
+        """Latest snapshot of every DP rank this client exports (`/metrics` sums them); one engine here."""
+        return [self.stats()]
+
     @property
     @abstractmethod
     def dead_error(self) -> BaseException | None:

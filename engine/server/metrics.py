@@ -2,7 +2,9 @@
 
 Each app gets its own `CollectorRegistry` (several servers in one test process must not collide). Load
 gauges are read from the engine client's stats snapshot at scrape time, so they are never stale and the
-engine thread is never touched by the scraper. Names: `moefleet_` prefix, base units, counters `_total`.
+engine thread is never touched by the scraper. In a DP group they describe the whole group (the front end
+receives every rank's stats with each step's request exchange) and are repeated per rank with a `dp_rank`
+label under `moefleet_dp_rank_*`. Names: `moefleet_` prefix, base units, counters `_total`.
 """
 
 from __future__ import annotations
@@ -80,33 +82,86 @@ E2E_BUCKETS = (
     1920.0,
 )
 
-# stats() key -> (metric name, help)
+# stats() key -> (metric name, help). Every name describes the whole DP group (summed over its ranks); the
+# same numbers per rank are exported as `moefleet_dp_rank_<suffix>{dp_rank="r"}` (see `rank_series_name`).
 _LOAD_GAUGES = {
     "num_running": (
         "moefleet_num_requests_running",
-        "Requests currently scheduled in the engine (prefill or decode).",
+        "Requests currently scheduled in the engine (prefill or decode), all DP ranks of the group.",
     ),
-    "num_waiting": ("moefleet_num_requests_waiting", "Requests queued in the engine, not yet scheduled."),
-    "kv_usage": ("moefleet_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1)."),
-    "kv_blocks_used": ("moefleet_kv_cache_blocks_used", "KV cache blocks in use."),
-    "kv_blocks_total": ("moefleet_kv_cache_blocks_total", "KV cache blocks allocated for this engine."),
+    "num_waiting": (
+        "moefleet_num_requests_waiting",
+        "Requests queued in the engine, not yet scheduled, all DP ranks of the group.",
+    ),
+    "kv_usage": (
+        "moefleet_kv_cache_usage_ratio",
+        "KV cache blocks in use / blocks allocated, over all DP ranks of the group (0..1).",
+    ),
+    "kv_blocks_used": ("moefleet_kv_cache_blocks_used", "KV cache blocks in use, all DP ranks of the group."),
+    "kv_blocks_total": (
+        "moefleet_kv_cache_blocks_total",
+        "KV cache blocks allocated, all DP ranks of the group.",
+    ),
 }
+# Engine counters (monotonic per rank, so their sum over the group is monotonic too).
+_ENGINE_COUNTERS = {
+    "num_preemptions_total": (
+        "moefleet_num_preemptions",  # exported as moefleet_num_preemptions_total
+        "Running requests preempted (KV blocks freed, recomputed later), all DP ranks of the group.",
+    ),
+}
+_SUMMED = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "num_preemptions_total")
+
+
+def rank_series_name(name: str) -> str:
+    """`moefleet_num_requests_running` -> `moefleet_dp_rank_num_requests_running` (one series per rank)."""
+    return "moefleet_dp_rank_" + name.removeprefix("moefleet_")
+
+
+def group_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Pure: one DP group's load from its ranks' `LLMEngine.stats()`. Counts and blocks are summed; the KV
+    usage ratio is blocks used / blocks allocated over the whole group (not a sum or mean of ratios)."""
+    totals = {key: float(sum(stats.get(key, 0.0) for stats in per_rank)) for key in _SUMMED}
+    blocks = totals["kv_blocks_total"]
+    totals["kv_usage"] = totals["kv_blocks_used"] / blocks if blocks > 0 else 0.0
+    return totals
 
 
 class _EngineLoadCollector(Collector):
-    def __init__(self, read_stats: Callable[[], dict[str, float]]):
-        self._read_stats = read_stats
+    """Group-wide load gauges and engine counters, plus one `dp_rank`-labelled series per rank."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self._read_stats()
+    def __init__(self, read_rank_stats: Callable[[], list[dict[str, float]]]):
+        self._read_rank_stats = read_rank_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        per_rank = self._read_rank_stats()
+        if not per_rank:  # a node that is not its group's front end: the front end exports the group
+            return
+        group = group_stats(per_rank)
         for key, (name, documentation) in _LOAD_GAUGES.items():
-            yield GaugeMetricFamily(name, documentation, value=float(stats.get(key, 0.0)))
+            yield GaugeMetricFamily(name, documentation, value=group[key])
+        for key, (name, documentation) in _ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(name, documentation, value=group[key])
+        for key, (name, documentation) in _LOAD_GAUGES.items():
+            family = GaugeMetricFamily(
+                rank_series_name(name), f"Per DP rank: {documentation}", labels=["dp_rank"]
+            )
+            for rank, stats in enumerate(per_rank):
+                family.add_metric([str(rank)], float(stats.get(key, 0.0)))
+            yield family
 
 
 class ServerMetrics:
     """All metrics of one server, registered in a registry of its own."""
 
-    def __init__(self, read_stats: Callable[[], dict[str, float]]):
+    def __init__(
+        self,
+        read_stats: Callable[[], dict[str, float]],
+        read_rank_stats: Callable[[], list[dict[str, float]]] | None = None,
+    ):
+        """`read_rank_stats` gives one stats dict per DP rank of the group (front end of a DP group), an
+        empty list on a node that exports no load (its group's front end does); without it, `read_stats` is
+        the only rank (single-process server)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "moefleet_requests",
@@ -138,7 +193,7 @@ class ServerMetrics:
             buckets=E2E_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_EngineLoadCollector(read_stats))
+        self.registry.register(_EngineLoadCollector(read_rank_stats or (lambda: [read_stats()])))
         register_eplb_metrics(self.registry)
         for reason in ("stop", "length", "abort", "error"):
             self.requests.labels(finish_reason=reason)  # export zeros so rates work from the start

@@ -1,7 +1,8 @@
 """`EngineClient` of a node that is not the group's front end (node rank > 0, local rank 0).
 
-Such a node takes no requests, but Kubernetes probes every pod's `/health`, and its `/metrics` shows its own
-KV usage and queue. So it serves the same app: `/health` answers 200 while its rank steps, and the
+Such a node takes no requests, but Kubernetes probes every pod's `/health`. So it serves the same app
+(its `/metrics` has no load gauges: the group's front end exports the whole group's, so a sum over pods
+counts every request once): `/health` answers 200 while its rank steps, and the
 completion routes answer 503 saying where requests go. When the front end shuts the group down, the loop
 ends and `finished` is set so the HTTP server stops too.
 """
@@ -56,6 +57,9 @@ class WorkerNodeClient(StreamingEngineClient):
         # Only the front end can stop the group; a worker leaving early is handled by the caller.
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def rank_stats(self) -> list[dict[str, float]]:
+        return []  # the front end's /metrics covers this rank
 
     @property
     def loop_running(self) -> bool:

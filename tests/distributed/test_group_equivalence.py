@@ -84,6 +84,11 @@ def test_group_matches_single_process(start_group, worker_module, nnodes, nproc_
     }
     assert sorted(placed) == [f"r{i}" for i in range(7)]
     assert results[0]["router_owners"] == placed
+    # The front end holds every rank's engine stats of the last (third) exchange, in rank order: what its
+    # /metrics sums over the group.
+    assert results[0]["router_rank_stats"] == [
+        {"num_running": float(r + 1), "kv_blocks_used": float(10 * r + 2)} for r in range(len(results))
+    ]
     owner_of_r3 = placed["r3"]
     aborts = [m.request_id for m in results[owner_of_r3]["router_got"][0] if not isinstance(m, AddRequest)]
     assert aborts == ["r3"]

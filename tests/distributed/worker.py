@@ -215,12 +215,14 @@ def scenario_all(state: groups.DistributedState) -> dict[str, Any]:
     outputs: list[Any] = []
     for step in range(3):
         load = 10 * rank if step == 0 else 0
-        messages = router.exchange(load, outputs, lambda r, outs: delivered.append((r, outs)))
+        stats = {"num_running": float(rank + 1), "kv_blocks_used": float(10 * rank + step)}
+        messages = router.exchange(load, outputs, lambda r, outs: delivered.append((r, outs)), stats)
         got.append(messages)
         outputs = [m.request_id for m in messages if isinstance(m, AddRequest)]
     result["router_got"] = got
     result["router_delivered"] = delivered
     result["router_owners"] = dict(router.owners)
+    result["router_rank_stats"] = router.rank_stats  # front end: every rank's stats of the last exchange
     return result
 
 

@@ -1,4 +1,5 @@
-"""Paged attention (GQA and MLA) against dense causal attention, for mixed prefill/chunk/decode batches."""
+"""Paged attention against independent oracles, for mixed prefill/chunk/decode batches: GQA against dense
+causal attention written out here, MLA against transformers' DeepseekV3Attention on whole sequences."""
 
 from __future__ import annotations
 
@@ -114,21 +115,56 @@ def test_negative_slots_are_not_written():
     assert attn.kv_cache[0].view(-1, 2)[1:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("absorb", [True, False])
-def test_mla_paged_matches_mla_on_whole_sequences(absorb):
-    """MLA over the cache in mixed chunks equals MLA run on each whole sequence without a cache.
+def transformers_mla(mla: MLAttention, q_lora_rank: int | None):
+    """The oracle: transformers' DeepseekV3Attention (eager, interleaved rope) holding `mla`'s weights."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-    The last step is decode-only, which uses the weight-absorbed latent attention when `absorb`.
-    """
+    c = mla.config
+    config = transformers.DeepseekV3Config(
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_heads,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_nope_head_dim,
+        qk_rope_head_dim=c.qk_rope_head_dim,
+        v_head_dim=c.v_head_dim,
+        rope_interleave=True,
+        rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=64,
+    )
+    config._attn_implementation = "eager"
+    attention = hf.DeepseekV3Attention(config, layer_idx=0).eval()
+    attention.load_state_dict(mla.state_dict(), strict=True)  # same parameter names, every one of them
+    assert attention.scaling == pytest.approx(c.softmax_scale)
+    rotary = hf.DeepseekV3RotaryEmbedding(config)
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        """One whole sequence [L, D], causal, positions 0..L-1."""
+        length = hidden.shape[0]
+        mask = torch.full((length, length), -math.inf).triu(1)[None, None]
+        cos_sin = rotary(hidden[None], torch.arange(length)[None])
+        with torch.no_grad():
+            return attention(hidden[None], cos_sin, mask)[0][0]
+
+    return run
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 8])
+@pytest.mark.parametrize("absorb", [True, False])
+def test_mla_paged_matches_transformers(absorb, q_lora_rank):
+    """MLA over the paged latent cache, fed in mixed prefill/chunk/decode steps, equals transformers'
+    DeepseekV3Attention run on each whole sequence. The last step is decode-only, which uses the
+    weight-absorbed latent attention when `absorb`."""
     torch.manual_seed(2)
-    config = MLAConfig(32, 2, None, 16, 8, 4, 8, softmax_scale=12**-0.5)
+    config = MLAConfig(32, 2, q_lora_rank, 16, 8, 4, 8, softmax_scale=12**-0.5)
     mla = MLAttention(config, RotaryEmbedding(4, 10000.0, interleaved=True))
     for p in mla.parameters():
         torch.nn.init.normal_(p, std=0.2)
+    oracle = transformers_mla(mla, q_lora_rank)
     hidden = {s: torch.randn(n, 32) for s, n in LENGTHS.items()}
-    reference = {}
-    for s, n in LENGTHS.items():
-        reference[s] = mla(torch.arange(n), hidden[s], no_cache([n]))
+    reference = {s: oracle(hidden[s]) for s in LENGTHS}
     mla.kv_cache = torch.zeros(mla.kv_cache_shape(32, BLOCK))
     mla.absorb_for_decode = absorb
     assert mla.kv_cache.shape == (32, BLOCK, 16 + 4)
@@ -142,6 +178,20 @@ def test_mla_paged_matches_mla_on_whole_sequences(absorb):
             outputs[s].append(piece)
     for s in LENGTHS:
         torch.testing.assert_close(torch.cat(outputs[s]), reference[s], atol=1e-5, rtol=1e-5)
+
+
+def test_mla_without_cache_matches_transformers():
+    """A prefill-only step with no cache allocated (the profiling/warm-up path) attends within the step."""
+    torch.manual_seed(3)
+    config = MLAConfig(32, 2, None, 16, 8, 4, 8, softmax_scale=12**-0.5)
+    mla = MLAttention(config, RotaryEmbedding(4, 10000.0, interleaved=True))
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    oracle = transformers_mla(mla, None)
+    x = torch.randn(9, 32)
+    out = mla(torch.cat([torch.arange(5), torch.arange(4)]), x, no_cache([5, 4]))
+    torch.testing.assert_close(out[:5], oracle(x[:5]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[5:], oracle(x[5:]), atol=1e-5, rtol=1e-5)
 
 
 def test_zero_tokens_skip_attention():

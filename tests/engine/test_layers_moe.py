@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,19 +201,36 @@ def test_expert_load_counts_logical_hits():
     assert moe.expert_load.tolist() == torch.bincount(ids.flatten(), minlength=EXPERTS).tolist()
 
 
+def swiglu_rows_reference(w13: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Slow oracle from the SwiGLU formula, one row and one output element at a time, float64:
+    out_j = sum_i silu(g_i) * u_i * W2[j, i] with g = W_gate x, u = W_up x and silu(g) = g / (1 + e^-g)."""
+    inter = w2.shape[1]
+    w13, w2 = w13.double(), w2.double()
+    out = torch.zeros(rows.shape[0], w2.shape[0], dtype=torch.float64)
+    for r, x in enumerate(rows.double()):
+        gate = [float((w13[i] * x).sum()) for i in range(inter)]
+        up = [float((w13[inter + i] * x).sum()) for i in range(inter)]
+        act = [g / (1.0 + math.exp(-g)) * u for g, u in zip(gate, up, strict=True)]
+        for j in range(w2.shape[0]):
+            out[r, j] = sum(a * float(w2[j, i]) for i, a in enumerate(act))
+    return out
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 0, 2, 7], [40, 0, 0, 0, 0, 0, 0, 1], [0] * 8])
-def test_expert_paths_agree(counts):
+def test_expert_paths_match_the_formula(counts):
+    """Every path (padded, per-expert loop, and whichever `forward` picks) equals the slow formula on every row;
+    with no rows at all every path returns an empty [0, D] (the oracle for that case is its shape)."""
     moe = make_moe(RoutingConfig(EXPERTS, 2))
     hidden = torch.randn(sum(counts), DIM)
-    loop = moe.experts.forward_loop(hidden, counts)
-    torch.testing.assert_close(moe.experts.forward_padded(hidden, counts) if sum(counts) else loop, loop)
-    torch.testing.assert_close(moe.experts(hidden, counts), loop)
-    # Row r of expert e equals that expert's SwiGLU on row r.
+    expected = torch.zeros(0, DIM, dtype=torch.float64)
     start = 0
     for e, c in enumerate(counts):
-        if c:
-            w13, w2 = moe.experts.w13[e], moe.experts.w2[e]
-            x = hidden[start]
-            ref = (F.silu(x @ w13[:INTER].T) * (x @ w13[INTER:].T)) @ w2.T
-            torch.testing.assert_close(loop[start], ref, atol=1e-5, rtol=1e-5)
-            start += c
+        rows = hidden[start : start + c]
+        expected = torch.cat([expected, swiglu_rows_reference(moe.experts.w13[e], moe.experts.w2[e], rows)])
+        start += c
+    assert expected.shape == (sum(counts), DIM)
+    experts = moe.experts
+    for path in (experts.forward_loop, experts.forward_padded, experts):
+        got = path(hidden, counts)
+        assert got.shape == (sum(counts), DIM) and got.dtype == hidden.dtype
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ def running_pod(name="m-decode-0-1", ready=True, restarts=0):
             "phase": "Running",
             "conditions": [
                 {"type": "ContainersReady", "status": "True" if ready else "False"},
-                {"type": L.GROUP_READY_CONDITION, "status": "True"},
+                {"type": L.GROUP_READY_CONDITION, "status": "True", "reason": "GroupReady"},
             ],
             "containerStatuses": [{"name": "engine", "restartCount": restarts, "state": {"running": {}}}],
         },
@@ -27,7 +27,10 @@ def running_pod(name="m-decode-0-1", ready=True, restarts=0):
 def test_ready_running_pod():
     pod = pod_state(running_pod())
     assert (pod.group, pod.ready, pod.phase, pod.restart_count) == ("m-decode-0", True, "Running", 0)
-    assert pod.group_ready_gate
+    assert pod.group_ready_gate and pod.gate_by_operator
+    foreign = running_pod()
+    foreign["status"]["conditions"][1].pop("reason")  # what kwok writes: status only
+    assert pod_state(foreign).group_ready_gate and not pod_state(foreign).gate_by_operator
     assert not pod_failed(pod)
 
 
@@ -72,18 +75,42 @@ def test_unschedulable_pod_keeps_the_schedulers_message():
     assert not pod_failed(pod)
 
 
-def test_child_state_reads_hash_and_replicas():
+def test_child_state_reads_hash_replicas_revision_and_live_content():
     body = {
+        "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": "m-decode-0", "annotations": {L.SPEC_HASH: "abc"}},
-        "spec": {"replicas": 9},
-        "status": {"readyReplicas": 7},
+        "metadata": {
+            "name": "m-decode-0",
+            "generation": 4,
+            "resourceVersion": "812",
+            "uid": "x",
+            "labels": {"a": "b"},
+            "annotations": {L.SPEC_HASH: "abc"},
+            "managedFields": [{"manager": "kubectl"}],
+        },
+        "spec": {"replicas": 9, "serviceName": "m-decode-0"},
+        "status": {"readyReplicas": 7, "observedGeneration": 3, "updateRevision": "m-decode-0-5d8f"},
     }
-    assert child_state(body) == child_state(dict(body))
     state = child_state(body)
     assert (state.kind, state.name, state.spec_hash, state.replicas, state.ready_replicas) == (
         "StatefulSet", "m-decode-0", "abc", 9, 7,
     )  # fmt: skip
+    assert (state.update_revision, state.generation, state.observed_generation, state.resource_version) == (
+        "m-decode-0-5d8f", 4, 3, 812,
+    )  # fmt: skip
+    assert not state.revision_known  # the controller has not observed generation 4 yet
+    # Only what the operator sets can drift: no status, uid, managedFields or resourceVersion.
+    assert state.live == {
+        "metadata": {"labels": {"a": "b"}, "annotations": {L.SPEC_HASH: "abc"}},
+        "spec": {"replicas": 9, "serviceName": "m-decode-0"},
+    }
+
+
+def test_pod_revision_comes_from_the_statefulset_controllers_label():
+    body = running_pod()
+    body["metadata"]["labels"][L.CONTROLLER_REVISION] = "m-decode-0-7c9b"
+    assert pod_state(body).revision == "m-decode-0-7c9b"
+    assert pod_state(running_pod()).revision == ""
 
 
 def test_settings_from_environment():

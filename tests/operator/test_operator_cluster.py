@@ -7,6 +7,7 @@ select the `moefleet.test/pool: operator` nodes so other tests' nodes never matt
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -126,6 +127,16 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
         _kimi_volume(kube_cluster, kube_namespace)
     start = time.monotonic()
     kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", str(path))
+    # What a kubectl user runs: the Available condition exists and turns True.
+    kube_cluster.kubectl(
+        "wait",
+        "-n",
+        kube_namespace,
+        "--for=condition=Available",
+        f"moed/{name}",
+        "--timeout=180s",
+        timeout=200,
+    )
     moed = wait_ready(kube_cluster, kube_namespace, name, timeout=180)
     took = time.monotonic() - start
     spec = moed["spec"]
@@ -133,7 +144,7 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
     found = children(kube_cluster, kube_namespace, name)
     groups = [(role, r) for role, rs in spec["roles"].items() for r in range(rs["replicas"])]
     assert found["StatefulSet"] == sorted(f"{name}-{role}-{r}" for role, r in groups)
-    assert found["PodDisruptionBudget"] == found["StatefulSet"]
+    assert found["PodDisruptionBudget"] == sorted(f"{name}-{role}" for role in spec["roles"])  # one per role
     assert found["Deployment"] == [f"{name}-gateway"] and found["ConfigMap"] == [f"{name}-gateway"]
     headless = {f"{name}-{role}-{r}" for role, r in groups}
     assert set(found["Service"]) == headless | {f"{name}-{role}" for role in spec["roles"]} | {
@@ -144,6 +155,18 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
         assert status["roles"][role]["readyGroups"] == role_spec["replicas"]
         assert status["roles"][role]["readyNodes"] == role_spec["replicas"] * role_spec["nodesPerReplica"]
         assert status["groupsReady"][role] == f"{role_spec['replicas']}/{role_spec['replicas']}"
+        assert status["roles"][role]["updatedGroups"] == role_spec["replicas"]
+    assert [condition(moed, t)["status"] for t in ("Available", "Ready", "Progressing", "Degraded")] == [
+        "True", "True", "False", "False",
+    ]  # fmt: skip
+    revisions = {
+        sts["metadata"]["name"]: sts["status"]["updateRevision"]
+        for sts in list_items(
+            kube_cluster,
+            f"/apis/apps/v1/namespaces/{kube_namespace}/statefulsets",
+            f"moefleet.ai/deployment={name}",
+        )
+    }
     nodes = {n["metadata"]["name"]: n for n in kube_cluster.api_get("/api/v1/nodes")["items"]}
     pods = list_items(
         kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
@@ -156,9 +179,13 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
         assert str(gpus) == str(spec["roles"][pod["metadata"]["labels"]["moefleet.ai/role"]]["gpusPerNode"])
         if path.stem == "kimi-k2-h200":
             assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H200"
-        # The readiness gate is open: the whole group is Ready.
+        # The readiness gate is open, by the operator's own write (kwok would open it by itself, without
+        # the operator's reason): the whole group is Ready.
         gate = [c for c in pod["status"]["conditions"] if c["type"] == "moefleet.ai/group-ready"]
-        assert gate and gate[0]["status"] == "True", pod["status"]["conditions"]
+        assert gate and (gate[0]["status"], gate[0].get("reason")) == ("True", "GroupReady"), gate
+        # ... and the pod runs its StatefulSet's current template (what "updatedGroups" measured).
+        labels = pod["metadata"]["labels"]
+        assert labels["controller-revision-hash"] == revisions[labels["moefleet.ai/group"]]
     print(f"{path.stem}: Ready in {took:.1f}s with {len(pods)} engine pods")
 
 
@@ -240,15 +267,34 @@ def test_scaling_touches_only_added_and_removed_groups(operator, pool, kube_clus
     assert kube_cluster.api_get(sts_path)["metadata"]["resourceVersion"] == first
     now = pods_by_group(kube_cluster, kube_namespace, name)
     assert now["scale-mixed-0"] == pods["scale-mixed-0"] and now["scale-mixed-1"] == kept
-    assert children(kube_cluster, kube_namespace, name)["PodDisruptionBudget"] == [
-        "scale-mixed-0",
-        "scale-mixed-1",
-    ]
+    assert children(kube_cluster, kube_namespace, name)["PodDisruptionBudget"] == ["scale-mixed"]
 
 
-def test_operator_restart_mid_reconcile_converges_without_duplicates(
+def uids(cluster, namespace: str, name: str) -> dict[tuple[str, str], str]:
+    """(kind, name) -> uid of every object labelled with the deployment (pods included)."""
+    selector = f"moefleet.ai/deployment={name}"
+    paths = {
+        "StatefulSet": f"/apis/apps/v1/namespaces/{namespace}/statefulsets",
+        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
+        "Service": f"/api/v1/namespaces/{namespace}/services",
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
+        "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+        "Pod": f"/api/v1/namespaces/{namespace}/pods",
+    }
+    out = {}
+    for kind, path in paths.items():
+        for obj in list_items(cluster, path, selector):
+            if not obj["metadata"].get("deletionTimestamp"):
+                out[(kind, obj["metadata"]["name"])] = obj["metadata"]["uid"]
+    return out
+
+
+def test_operator_killed_mid_reconcile_converges_without_recreating_anything(
     operator, pool, kube_cluster, kube_namespace
 ):
+    """SIGKILL the operator while its first reconcile is visibly under way (some children exist, not all),
+    restart it: it converges, and every object that existed at the kill keeps its uid (nothing deleted and
+    recreated, no group restarted or re-formed); the objects counted by uid are exactly the desired ones."""
     name = "restart"
     operator.stop()
     kube_cluster.apply(
@@ -263,22 +309,38 @@ def test_operator_restart_mid_reconcile_converges_without_duplicates(
     )
     operator.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not children(kube_cluster, kube_namespace, name)["StatefulSet"]:
-        time.sleep(0.05)
-    operator.stop(kill=True)  # SIGKILL in the middle of (or right after) the first reconcile
-    partial = children(kube_cluster, kube_namespace, name)
+    while time.monotonic() < deadline and not uids(kube_cluster, kube_namespace, name):
+        time.sleep(0.02)
+    operator.stop(kill=True)  # inside the first reconcile: its applies have started
+    at_kill = uids(kube_cluster, kube_namespace, name)
+    assert at_kill, "the operator created nothing before it was killed"
     operator.start()
-    wait_ready(kube_cluster, kube_namespace, name)
-    found = children(kube_cluster, kube_namespace, name)
+    moed = wait_ready(kube_cluster, kube_namespace, name)
+    time.sleep(2)  # a few more resyncs: a restarted operator must not keep rewriting either
+    after = uids(kube_cluster, kube_namespace, name)
+    changed = {key for key, uid in at_kill.items() if after.get(key) != uid}
+    assert not changed, f"deleted and recreated after the restart: {sorted(changed)}"
     groups = [f"restart-{role}-{r}" for role in ("decode", "prefill") for r in (0, 1)]
-    assert found["StatefulSet"] == groups and found["PodDisruptionBudget"] == groups
-    assert found["Deployment"] == ["restart-gateway"] and found["ConfigMap"] == ["restart-gateway"]
-    assert sorted(found["Service"]) == sorted(
-        [*groups, "restart-prefill", "restart-decode", "restart-gateway"]
-    )
-    assert len([p for p in found["Pod"] if "gateway" not in p]) == 4
+    wanted = {("StatefulSet", g) for g in groups} | {("Service", g) for g in groups}
+    wanted |= {
+        (kind, f"restart-{role}")
+        for role in ("prefill", "decode")
+        for kind in ("Service", "PodDisruptionBudget")
+    }
+    wanted |= {
+        ("Deployment", "restart-gateway"),
+        ("ConfigMap", "restart-gateway"),
+        ("Service", "restart-gateway"),
+    }
+    wanted |= {("Pod", f"{g}-0") for g in groups}
+    assert {key for key in after if not (key[0] == "Pod" and "gateway" in key[1])} == wanted
+    assert all("restarts" not in g for g in moed["status"]["groups"])
+    events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
+    mine = [e for e in events if e["involvedObject"]["name"] == name]
+    assert not [e for e in mine if e["reason"] in ("ReformingGroup", "GroupRestarting", "DriftCorrected")]
+    partial = sum(kind != "Pod" for kind, _ in at_kill)
     print(
-        f"killed the operator with {len(partial['StatefulSet'])} StatefulSet(s) created; converged after restart"
+        f"killed the operator with {partial} of {len(wanted) - 4} children created; converged after restart"
     )
 
 
@@ -456,3 +518,143 @@ def test_readiness_gate_closes_on_every_pod_while_the_group_is_not_ready(
     moed = wait_ready(kube_cluster, kube_namespace, name)
     assert pods_by_group(kube_cluster, kube_namespace, name) == before
     assert "restarts" not in moed["status"]["groups"][0]
+
+
+def _events(cluster, namespace: str, name: str, reason: str) -> list[dict]:
+    items = cluster.api_get(f"/api/v1/namespaces/{namespace}/events")["items"]
+    return [e for e in items if e["involvedObject"]["name"] == name and e["reason"] == reason]
+
+
+def _engine_env(cluster, namespace: str, sts: str) -> list[dict]:
+    body = cluster.api_get(f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{sts}")
+    return body["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_hand_edit_of_an_owned_field_is_reverted_with_one_aggregated_event(
+    operator, pool, kube_cluster, kube_namespace
+):
+    """`kubectl patch` of a StatefulSet's env (the spec-hash annotation untouched) is reverted; the group is
+    not restarted; the same edit again bumps the DriftCorrected Event's count instead of a new Event."""
+    name = "drift"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 1}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    sts = "drift-mixed-0"
+    rendered = _engine_env(kube_cluster, kube_namespace, sts)
+    pods = pods_by_group(kube_cluster, kube_namespace, name)
+    patch = [
+        {"op": "replace", "path": "/spec/template/spec/containers/0/env/0/value", "value": "hand-edited"}
+    ]
+    for attempt in (1, 2):
+        kube_cluster.kubectl(
+            "patch", "statefulset", sts, "-n", kube_namespace, "--type=json", "-p", json.dumps(patch)
+        )
+        wait_for(
+            lambda: _engine_env(kube_cluster, kube_namespace, sts) == rendered, 30, f"edit {attempt} reverted"
+        )
+        wait_for(
+            lambda n=attempt: (
+                sum(e.get("count", 1) for e in _events(kube_cluster, kube_namespace, name, "DriftCorrected"))
+                == n
+            ),
+            30,
+            f"DriftCorrected count {attempt}",
+        )
+    [event] = _events(kube_cluster, kube_namespace, name, "DriftCorrected")
+    assert event["type"] == "Warning" and event["count"] == 2
+    assert f"StatefulSet {sts} (spec.template.spec.containers[0].env[0].value)" in event["message"]
+    assert event["lastTimestamp"] >= event["firstTimestamp"]
+    wait_ready(kube_cluster, kube_namespace, name)
+    assert pods_by_group(kube_cluster, kube_namespace, name) == pods  # reverted, never restarted
+
+
+def _evict(cluster, namespace: str, pod: str) -> subprocess.CompletedProcess:
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+    return cluster.kubectl(
+        "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction", "-f", "-",
+        input=json.dumps(body), check=False,
+    )  # fmt: skip
+
+
+def test_role_budget_lets_a_drain_take_only_one_group_of_a_role_at_a_time(
+    operator, pool, kube_cluster, kube_namespace
+):
+    name = "budget"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 2}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    pdb_path = f"/apis/policy/v1/namespaces/{kube_namespace}/poddisruptionbudgets/budget-mixed"
+    wait_for(
+        lambda: kube_cluster.api_get(pdb_path).get("status", {}).get("disruptionsAllowed") == 1,
+        30,
+        "the role budget to allow one disruption",
+    )
+    first = _evict(kube_cluster, kube_namespace, "budget-mixed-0-0")
+    assert first.returncode == 0, first.stderr
+    # Group 0 is now disrupted: no pod of group 1 may go, while group 0's other pod still can (a broken group
+    # never blocks a drain).
+    refused = _evict(kube_cluster, kube_namespace, "budget-mixed-1-0")
+    assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
+    wait_for(
+        lambda: condition(get_moed(kube_cluster, kube_namespace, name), "Ready").get("status") == "False",
+        30,
+        "Ready=False while group 0 is down",
+    )
+    same_group = _evict(kube_cluster, kube_namespace, "budget-mixed-0-1")
+    assert same_group.returncode == 0 or "not found" in same_group.stderr, same_group.stderr
+    body = get_moed(kube_cluster, kube_namespace, name)
+    assert condition(body, "Available")["status"] == "True"  # one group of two down: still serving
+    wait_ready(kube_cluster, kube_namespace, name)
+    wait_for(
+        lambda: kube_cluster.api_get(pdb_path).get("status", {}).get("disruptionsAllowed") == 1,
+        60,
+        "the budget to recover",
+    )
+    assert _evict(kube_cluster, kube_namespace, "budget-mixed-1-0").returncode == 0
+
+
+def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
+    operator, pool, kube_cluster, kube_namespace
+):
+    """While the operator is down, a StatefulSet's template is changed and a pod recreated from it. Back up,
+    the operator reverts the template (drift) and re-forms the group, whose pod now runs an older revision:
+    Ready comes back only when every pod carries the StatefulSet's updateRevision."""
+    name = "revision"
+    kube_cluster.apply(small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2}}), kube_namespace)
+    wait_ready(kube_cluster, kube_namespace, name)
+    sts_path = f"/apis/apps/v1/namespaces/{kube_namespace}/statefulsets/revision-mixed-0"
+    original = kube_cluster.api_get(sts_path)["status"]["updateRevision"]
+    operator.stop()
+    try:
+        patch = [{"op": "replace", "path": "/spec/template/spec/containers/0/env/0/value", "value": "other"}]
+        kube_cluster.kubectl(
+            "patch",
+            "statefulset",
+            "revision-mixed-0",
+            "-n",
+            kube_namespace,
+            "--type=json",
+            "-p",
+            json.dumps(patch),
+        )
+        wait_for(
+            lambda: kube_cluster.api_get(sts_path)["status"]["updateRevision"] != original,
+            30,
+            "a new revision",
+        )
+        kube_cluster.kubectl("delete", "pod", "revision-mixed-0-1", "-n", kube_namespace, "--wait=true")
+
+        def recreated_from_new_template() -> bool:
+            pod = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/pods/revision-mixed-0-1")
+            return pod["metadata"]["labels"].get("controller-revision-hash") not in ("", None, original)
+
+        wait_for(recreated_from_new_template, 30, "revision-mixed-0-1 recreated from the edited template")
+    finally:
+        operator.start()
+    moed = wait_ready(kube_cluster, kube_namespace, name)
+    sts = kube_cluster.api_get(sts_path)
+    assert sts["status"]["updateRevision"] == original  # the template was reverted to the rendered one
+    pods = list_items(
+        kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", "moefleet.ai/group=revision-mixed-0"
+    )
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert sorted(p["metadata"]["labels"]["controller-revision-hash"] for p in live) == [original, original]
+    assert moed["status"]["roles"]["mixed"]["updatedGroups"] == 1

@@ -5,13 +5,17 @@ Each test builds the observed cluster by hand, so the expected writes are stated
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 from moefleet.operator import labels as L
 from moefleet.operator import render
-from moefleet.operator.observed import ChildState, Failure, PodState
+from moefleet.operator.drift import drifted_fields
+from moefleet.operator.observed import Failure, PodState, child_state
 from moefleet.operator.planner import Observed, members_hash, plan, restart_decision
 from moefleet.operator.spec import RestartPolicySpec, parse
-from moefleet.operator.status import timestamp
+from moefleet.operator.status import condition_events, invalid_spec_status, timestamp
 from support.operator_catalogue import merge, valid_base
 
 NOW = 1_800_000_000.0
@@ -38,19 +42,66 @@ def pods_for(group, nodes, ready=True, uid_prefix="", **fields):
     ]
 
 
+def as_returned_by_the_api(obj):
+    """What a GET returns for an applied object: server defaults added, quantities as strings, zero values
+    omitted (written from the API's documented behaviour, independently of drift.py)."""
+    body = copy.deepcopy(obj)
+    body["metadata"].update(generation=1, resourceVersion="100", uid="child-uid")
+    spec = body.get("spec", {})
+    if body["kind"] == "Service":
+        spec.setdefault("type", "ClusterIP")
+        spec["ipFamilies"] = ["IPv4"]
+        if spec.get("publishNotReadyAddresses") is False:
+            del spec["publishNotReadyAddresses"]
+    template = spec.get("template", {}).get("spec")
+    if template is not None:
+        template.update(restartPolicy="Always", dnsPolicy="ClusterFirst", schedulerName="default-scheduler")
+        if template.get("enableServiceLinks") is False:
+            pass  # a *bool pointer: false is kept
+        for container in template["containers"]:
+            container.setdefault("terminationMessagePath", "/dev/termination-log")
+            for key in ("limits", "requests"):
+                for name, value in container.get("resources", {}).get(key, {}).items():
+                    container["resources"][key][name] = str(value)
+            for probe in ("startupProbe", "readinessProbe"):
+                if probe in container:
+                    container[probe].update(timeoutSeconds=1, successThreshold=1)
+                    container[probe]["httpGet"].setdefault("scheme", "HTTP")
+            for env in container.get("env", []):
+                if "fieldRef" in env.get("valueFrom", {}):
+                    env["valueFrom"]["fieldRef"].setdefault("apiVersion", "v1")
+    if body["kind"] == "StatefulSet":
+        spec.setdefault("revisionHistoryLimit", 10)
+        body["status"] = {"observedGeneration": 1, "updateRevision": f"{body['metadata']['name']}-rev1"}
+    return body
+
+
+def child(obj, api_body=None, ready=0):
+    """The observed state of an applied child, as the index builds it from the API's body."""
+    state = child_state(api_body or as_returned_by_the_api(obj))
+    return dataclasses.replace(state, ready_replicas=ready)
+
+
 def converged(spec, gateway_ready=True, stale=(), gates=True):
     """Observed state where every desired child exists as rendered and every group's pods are Ready."""
     children = {}
     pods = {}
     for obj in render.render_all(spec, False):
         key = (obj["kind"], obj["metadata"]["name"])
-        spec_hash = "old" if key[1] in stale else obj["metadata"]["annotations"][L.SPEC_HASH]
         ready = spec.gateway.replicas if (obj["kind"] == "Deployment" and gateway_ready) else 0
-        children[key] = ChildState(key[0], key[1], spec_hash, ready, obj.get("spec", {}).get("replicas", 0))
+        children[key] = child(obj, ready=ready)
+        if key[1] in stale:
+            children[key] = dataclasses.replace(children[key], spec_hash="old")
     for role in spec.roles:
         for r in range(role.replicas):
             group = L.group_name(spec.name, role.name, r)
-            pods[group] = pods_for(group, role.nodes_per_replica, group_ready_gate=gates)
+            pods[group] = pods_for(
+                group,
+                role.nodes_per_replica,
+                group_ready_gate=gates,
+                gate_by_operator=gates,
+                revision=f"{group}-rev1",
+            )
     return children, pods
 
 
@@ -85,6 +136,8 @@ def test_converged_deployment_makes_no_writes_and_a_stable_status():
     assert first.status["roles"]["decode"] == {
         "replicas": 1,
         "readyGroups": 1,
+        "updatedGroups": 1,
+        "minReadyGroups": 1,
         "nodesPerGroup": 2,
         "readyNodes": 2,
     }
@@ -111,6 +164,21 @@ def test_group_ready_gate_follows_the_group():
     assert not result.delete_pods
 
 
+def test_a_gate_opened_by_someone_else_is_taken_over():
+    """kwok's fake kubelet (or anyone) opening the gate is not the operator's decision: it writes its own."""
+    spec = make_spec()
+    children, pods = converged(spec)
+    pods["m-prefill-0"] = pods_for(
+        "m-prefill-0", 1, group_ready_gate=True, gate_by_operator=False, revision="m-prefill-0-rev1"
+    )
+    assert settle(spec, children, pods).pod_gates == [("m-prefill-0-0", True)]
+    pods["m-decode-0"][1] = PodState(  # its group is not Ready: a foreign open gate is closed
+        "m-decode-0-1", "m-decode-0-1", "m-decode-0", False, "Running", group_ready_gate=True
+    )
+    gates = settle(spec, children, pods).pod_gates
+    assert sorted(gates) == [("m-decode-0-0", False), ("m-decode-0-1", False), ("m-prefill-0-0", True)]
+
+
 def test_gateway_not_ready_keeps_ready_false():
     spec = make_spec()
     children, pods = converged(spec, gateway_ready=False)
@@ -126,7 +194,7 @@ def test_scale_up_touches_only_the_new_groups_and_the_gateway_config():
     result = settle(bigger, children, pods, status=status)
     touched = {(o["kind"], o["metadata"]["name"]) for o in result.apply}
     assert touched == {("ConfigMap", "m-gateway")} | {
-        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service", "PodDisruptionBudget")
+        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")
     }
     assert not result.delete and not result.delete_pods
     assert result.status["groupsReady"]["decode"] == "1/3"
@@ -138,9 +206,7 @@ def test_scale_down_deletes_only_the_removed_groups():
     smaller = make_spec(roles={"decode": {"replicas": 1}})
     result = settle(smaller, children, pods)
     deleted = {(c.kind, c.name) for c in result.delete}
-    assert deleted == {
-        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service", "PodDisruptionBudget")
-    }
+    assert deleted == {(kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")}
     assert {(o["kind"], o["metadata"]["name"]) for o in result.apply} == {("ConfigMap", "m-gateway")}
     assert not result.delete_pods
     assert [g["name"] for g in result.status["groups"]] == ["m-prefill-0", "m-decode-0"]
@@ -273,10 +339,12 @@ def test_image_change_reforms_one_group_at_a_time():
         result = settle(new, children, pods, status=status)
         status = result.status
         assert len(result.delete_pods) <= 1, "two serving groups re-formed at once"
-        for obj in result.apply:
-            children[(obj["kind"], obj["metadata"]["name"])] = ChildState(
-                obj["kind"], obj["metadata"]["name"], obj["metadata"]["annotations"][L.SPEC_HASH], 1, 1
-            )
+        for obj in result.apply:  # the StatefulSet controller's new revision for the new template
+            body = as_returned_by_the_api(obj)
+            if obj["kind"] == "StatefulSet":
+                body["status"]["updateRevision"] = f"{obj['metadata']['name']}-rev2"
+            ready = 1 if obj["kind"] == "Deployment" else 0  # the new gateway pod comes up at once
+            children[(obj["kind"], obj["metadata"]["name"])] = child(obj, body, ready=ready)
         for group in result.delete_pods:
             order.append(group)
             pods[group] = []  # deleted; replacements come in the next round
@@ -286,9 +354,10 @@ def test_image_change_reforms_one_group_at_a_time():
             for group, group_pods in pods.items():
                 if not group_pods:
                     nodes = new.role(group.split("-")[1]).nodes_per_replica
-                    pods[group] = pods_for(group, nodes, uid_prefix="v2-")
+                    pods[group] = pods_for(group, nodes, uid_prefix="v2-", revision=f"{group}-rev2")
     assert order == ["m-prefill-0", "m-decode-0", "m-decode-1", "m-decode-2"]
-    assert cond(status, "Ready")["status"] == "True" and cond(status, "Progressing")["status"] == "False"
+    assert cond(status, "Ready")["status"] == "True", status["conditions"]
+    assert cond(status, "Progressing")["status"] == "False"
 
 
 def test_reform_waits_while_another_group_is_not_ready_but_fixes_broken_groups_at_once():
@@ -345,3 +414,188 @@ def test_invalid_spec_status_names_the_field_and_keeps_the_rest():
     assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
     assert degraded["message"].startswith("spec.eplb.threshold")
     assert cond(status, "Ready")["status"] == "False"
+
+
+# -- conditions as kubectl users read them (Available / Ready / Progressing / Degraded) ----------------------
+def failed_pod(group, index):
+    name = f"{group}-{index}"
+    return PodState(name, name, group, False, "Failed", failure="container engine exited 1: NCCL timeout")
+
+
+def test_one_restarting_group_of_four_keeps_the_deployment_available():
+    spec = make_spec(roles={"decode": {"replicas": 4}})
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    assert [cond(status, t)["status"] for t in ("Available", "Ready", "Progressing", "Degraded")] == [
+        "True", "True", "False", "False",
+    ]  # fmt: skip
+    pods["m-decode-2"][0] = failed_pod("m-decode-2", 0)
+    result = settle(spec, children, pods, status=status, now=NOW + 5)
+    available, ready = cond(result.status, "Available"), cond(result.status, "Ready")
+    assert (available["status"], available["reason"]) == ("True", "MinimumGroupsAvailable")
+    assert "decode 3/4" in available["message"]
+    assert available["lastTransitionTime"] == timestamp(NOW)  # it never went away
+    assert (ready["status"], ready["reason"]) == ("False", "GroupsNotReady")
+    assert cond(result.status, "Progressing")["status"] == "True"
+    assert cond(result.status, "Degraded")["reason"] == "GroupRestarting"
+    # One decision, one condition Event (a Warning: Degraded), naming every change.
+    events = condition_events(status, result.status)
+    assert len(events) == 1 and events[0].type == "Warning" and events[0].reason == "DegradedTrue"
+    assert "Degraded=True GroupRestarting" in events[0].message
+
+
+def test_two_groups_down_of_four_is_unavailable_and_names_the_role():
+    spec = make_spec(roles={"decode": {"replicas": 4}})
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    pods["m-decode-1"][1] = failed_pod("m-decode-1", 1)
+    pods["m-decode-3"][0] = failed_pod("m-decode-3", 0)
+    result = settle(spec, children, pods, status=status, now=NOW + 5)
+    available = cond(result.status, "Available")
+    assert (available["status"], available["reason"]) == ("False", "MinimumGroupsUnavailable")
+    assert available["message"] == "role decode: 2/4 group(s) Ready (needs 3)"
+    assert result.status["roles"]["decode"]["minReadyGroups"] == 3
+    [event] = condition_events(status, result.status)
+    assert event.type == "Warning" and event.reason == "AvailableFalse"
+
+
+def test_single_group_role_is_unavailable_while_it_restarts():
+    spec = make_spec()
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    pods["m-prefill-0"][0] = failed_pod("m-prefill-0", 0)
+    result = settle(spec, children, pods, status=status, now=NOW + 5)
+    assert cond(result.status, "Available")["message"] == "role prefill: 0/1 group(s) Ready (needs 1)"
+
+
+def test_progressing_is_false_and_stalled_when_only_unschedulable_groups_remain():
+    spec = make_spec()
+    children, pods = converged(spec)
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pods["m-decode-0"] = [
+        PodState(f"m-decode-0-{i}", f"u{i}", "m-decode-0", False, "Pending", unschedulable=message)
+        for i in range(2)
+    ]
+    progressing = cond(settle(spec, children, pods).status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "Stalled")
+    assert "m-decode-0 cannot be scheduled" in progressing["message"]
+    pods["m-prefill-0"] = pods_for("m-prefill-0", 1, ready=False, revision="m-prefill-0-rev1")  # starting
+    assert cond(settle(spec, children, pods).status, "Progressing")["reason"] == "GroupsStarting"
+
+
+def test_fresh_deployment_posts_one_created_event_not_one_per_child():
+    spec = make_spec(roles={"decode": {"replicas": 3}})
+    result = settle(spec, {}, {})
+    created = [e for e in result.events if e.reason == "Created"]
+    assert len(result.events) == 1 and len(created) == 1
+    assert created[0].message.startswith(f"Created {len(result.apply)} object(s): ")
+    assert "StatefulSet m-decode-2 (group of 2 nodes)" in created[0].message
+
+
+# -- drift: hand edits of fields the operator owns are reverted ----------------------------------------------
+def test_hand_edited_statefulset_env_is_reapplied_with_an_event():
+    spec = make_spec()
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    desired = next(
+        o
+        for o in render.render_all(spec, False)
+        if (o["kind"], o["metadata"]["name"]) == ("StatefulSet", "m-decode-0")
+    )
+    edited = as_returned_by_the_api(desired)  # kubectl edit: one env value changed, the hash annotation kept
+    env = edited["spec"]["template"]["spec"]["containers"][0]["env"]
+    env[-1] = {"name": env[-1]["name"], "value": "hand-edited"}
+    children[("StatefulSet", "m-decode-0")] = child(desired, edited)
+    result = settle(spec, children, pods, status=status)
+    assert [o["metadata"]["name"] for o in result.apply] == ["m-decode-0"]
+    assert result.apply[0] == desired and not result.delete_pods  # reverted, the group keeps running
+    [event] = result.events
+    assert (event.type, event.reason) == ("Warning", "DriftCorrected")
+    assert f"StatefulSet m-decode-0 (spec.template.spec.containers[0].env[{len(env) - 1}]" in event.message
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "edit"),
+    [
+        ("StatefulSet", "m-prefill-0", lambda b: b["spec"]["template"]["spec"]["containers"][0]["env"].append(
+            {"name": "EXTRA", "value": "1"})),
+        ("Service", "m-decode", lambda b: b["spec"]["selector"].update({"moefleet.ai/role": "prefill"})),
+        ("PodDisruptionBudget", "m-decode", lambda b: b["spec"].update(maxUnavailable=5)),
+        ("ConfigMap", "m-gateway", lambda b: b["data"].update({"config.json": "{}"})),
+        ("Deployment", "m-gateway", lambda b: b["metadata"]["labels"].pop("app.kubernetes.io/managed-by")),
+    ],
+)  # fmt: skip
+def test_drift_on_every_kind_is_detected(kind, name, edit):
+    spec = make_spec()
+    children, pods = converged(spec)
+    desired = next(
+        o for o in render.render_all(spec, False) if (o["kind"], o["metadata"]["name"]) == (kind, name)
+    )
+    body = as_returned_by_the_api(desired)
+    edit(body)
+    children[(kind, name)] = child(desired, body, ready=children[(kind, name)].ready_replicas)
+    result = settle(spec, children, pods)
+    assert [(o["kind"], o["metadata"]["name"]) for o in result.apply] == [(kind, name)]
+    assert [e.reason for e in result.events] == ["DriftCorrected"]
+
+
+def test_server_defaults_and_quantity_spellings_are_not_drift():
+    spec = make_spec()
+    desired = next(
+        o
+        for o in render.render_all(spec, False)
+        if (o["kind"], o["metadata"]["name"]) == ("StatefulSet", "m-decode-0")
+    )
+    body = as_returned_by_the_api(desired)
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    container["resources"].setdefault("requests", {})
+    desired["spec"]["template"]["spec"]["containers"][0]["resources"].setdefault("requests", {})["cpu"] = (
+        "0.5"
+    )
+    container["resources"]["requests"]["cpu"] = "500m"
+    assert drifted_fields(desired, child(desired, body).live) == []
+    container["resources"]["requests"]["cpu"] = "600m"
+    assert drifted_fields(desired, child(desired, body).live) == [
+        "spec.template.spec.containers[0].resources.requests.cpu"
+    ]
+
+
+# -- rollouts measured from pods and their StatefulSet's update revision -------------------------------------
+def test_pods_on_an_older_revision_are_reformed_without_reapplying_the_statefulset():
+    """The operator applied the new StatefulSet, then stopped before deleting the pods: the hash is current,
+    but the pods' controller-revision-hash is not the StatefulSet's updateRevision."""
+    spec = make_spec()
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    pods["m-decode-0"] = pods_for(
+        "m-decode-0", 2, revision="m-decode-0-rev0", group_ready_gate=True, gate_by_operator=True
+    )
+    result = settle(spec, children, pods, status=status)
+    assert result.delete_pods == {"m-decode-0": ["m-decode-0-0", "m-decode-0-1"]}
+    assert not result.apply
+    assert cond(result.status, "Ready")["status"] == "False"
+    assert result.status["roles"]["decode"]["updatedGroups"] == 0
+    assert [e.reason for e in result.events] == ["ReformingGroup"]
+
+
+def test_a_statefulset_its_controller_has_not_observed_is_not_counted_as_current():
+    spec = make_spec()
+    children, pods = converged(spec)
+    state = children[("StatefulSet", "m-decode-0")]
+    children[("StatefulSet", "m-decode-0")] = dataclasses.replace(state, generation=2, observed_generation=1)
+    result = settle(spec, children, pods)
+    assert not result.delete_pods and not result.apply  # nothing to do but wait for the controller
+    ready, progressing = cond(result.status, "Ready"), cond(result.status, "Progressing")
+    assert ready["status"] == "False" and (progressing["status"], progressing["reason"]) == (
+        "True", "RolloutPending",
+    )  # fmt: skip
+    assert cond(result.status, "Available")["status"] == "True"
+
+
+def test_first_status_posts_no_condition_event_unless_degraded():
+    spec = make_spec()
+    first = settle(spec, {}, {}).status
+    assert condition_events({}, first) == []
+    invalid = invalid_spec_status({}, "spec.roles", "must not be empty", 1, NOW)
+    [event] = condition_events({}, invalid)
+    assert (event.type, event.reason) == ("Warning", "DegradedTrue") and "spec.roles" in event.message

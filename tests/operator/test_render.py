@@ -7,8 +7,10 @@ and review the diff (git diff tests/operator/data/).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -52,7 +54,7 @@ def test_invariants(path):
         assert (
             meta["labels"][L.DEPLOYMENT] == spec.name and meta["labels"][L.MANAGED_BY] == L.MANAGED_BY_VALUE
         )
-        assert meta["annotations"][L.SPEC_HASH] == render.object_hash(obj)
+        assert re.fullmatch(r"[0-9a-f]{16}", meta["annotations"][L.SPEC_HASH])
     statefulsets = [o for o in objects if o["kind"] == "StatefulSet"]
     assert len(statefulsets) == sum(r.replicas for r in spec.roles)
     services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
@@ -96,8 +98,51 @@ def test_hash_is_stable_and_tracks_changes():
     first = render.render_statefulset(_spec(path), "prefill", 0)
     again = render.render_statefulset(_spec(path), "prefill", 0)
     changed = render.render_statefulset(_spec(path, spec={"image": "other:2"}), "prefill", 0)
-    assert first == again
+    assert first == again  # rendering is deterministic (two separate parses and renders)
     assert first["metadata"]["annotations"][L.SPEC_HASH] != changed["metadata"]["annotations"][L.SPEC_HASH]
+    hashes = [o["metadata"]["annotations"][L.SPEC_HASH] for o in render.render_all(_spec(path), False)]
+    assert len(set(hashes)) == len(hashes)  # every child has its own content
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "X", "value": "1"}),
+        lambda o: o["spec"].update(replicas=o["spec"]["replicas"] + 1),
+        lambda o: o["metadata"]["labels"].update({"extra": "label"}),
+        lambda o: o["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=31),
+    ],
+)
+def test_hash_changes_with_any_field_and_ignores_only_its_own_annotation(edit):
+    sts = render.render_statefulset(_spec(MANIFESTS[0]), "prefill", 0)
+    recorded = sts["metadata"]["annotations"][L.SPEC_HASH]
+    edited = copy.deepcopy(sts)
+    edit(edited)
+    assert render.object_hash(edited) != recorded
+    edited_annotation = copy.deepcopy(sts)
+    edited_annotation["metadata"]["annotations"][L.SPEC_HASH] = "0" * 16
+    assert render.object_hash(edited_annotation) == recorded
+
+
+def test_role_budget_allows_one_disruption_over_all_groups_of_the_role():
+    spec = _spec(
+        next(p for p in MANIFESTS if p.stem == "deepseek-r1-reference"),
+        spec={"roles": {"decode": {"replicas": 3}}},
+    )
+    objects = render.render_all(spec, False)
+    pdbs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PodDisruptionBudget"}
+    assert sorted(pdbs) == ["deepseek-r1-decode", "deepseek-r1-prefill"]  # one per role, none per group
+    decode = pdbs["deepseek-r1-decode"]
+    assert decode["maxUnavailable"] == 1 and decode["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # It selects every engine pod of the role (all three groups) and nothing else.
+    for obj in objects:
+        if obj["kind"] != "StatefulSet":
+            continue
+        pod_labels = obj["spec"]["template"]["metadata"]["labels"]
+        selected = decode["selector"]["matchLabels"].items() <= pod_labels.items()
+        assert selected == (pod_labels[L.ROLE] == "decode"), obj["metadata"]["name"]
+    gateway = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not decode["selector"]["matchLabels"].items() <= gateway.items()
 
 
 def test_scaling_one_role_leaves_other_groups_byte_identical():
@@ -110,11 +155,7 @@ def test_scaling_one_role_leaves_other_groups_byte_identical():
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {("ConfigMap", "deepseek-r1-gateway")}  # only the gateway's group list
     added = set(after) - set(before)
-    assert added == {
-        (kind, f"deepseek-r1-decode-{i}")
-        for i in (1, 2)
-        for kind in ("StatefulSet", "Service", "PodDisruptionBudget")
-    }
+    assert added == {(kind, f"deepseek-r1-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")}
 
 
 def test_pvc_and_user_resources_are_rendered():

@@ -40,13 +40,28 @@ def test_missing_image_without_operator_default_names_spec_image():
         parse(merge(valid_base(), {"spec": {"image": None}}))
 
 
+# Read off the manifests by hand: name -> (experts, redundant experts, {role: (replicas, nodes, GPUs/node)}).
+EXPECTED_MANIFESTS = {
+    "deepseek-r1-reference.yaml": ("deepseek-r1", 256, 32, {"prefill": (1, 4, 8), "decode": (1, 9, 8)}),
+    "kimi-k2-h200.yaml": ("kimi-k2", 384, 96, {"prefill": (1, 4, 8), "decode": (1, 12, 8)}),
+    "qwen3-moe-small.yaml": ("qwen3-moe-small", 128, 0, {"mixed": (1, 1, 4)}),
+}
+
+
+def test_every_example_manifest_has_expectations():
+    assert sorted(EXPECTED_MANIFESTS) == sorted(p.name for p in MANIFESTS)
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_example_manifests_parse(path):
+def test_example_manifests_parse_to_the_layout_they_describe(path):
+    name, experts, redundant, roles = EXPECTED_MANIFESTS[path.name]
     spec = parse(load_manifest(path), default_image="img")
-    for role in spec.roles:
-        assert role.replicas >= 1
-        if spec.model.num_experts:
-            assert (spec.model.num_experts + spec.eplb.redundant_experts) % role.ranks_per_group == 0
+    assert (spec.name, spec.model.num_experts, spec.eplb.redundant_experts) == (name, experts, redundant)
+    got = {r.name: (r.replicas, r.nodes_per_replica, r.gpus_per_node) for r in spec.roles}
+    assert got == roles
+    assert spec.disaggregated == ("mixed" not in roles)
+    for role in spec.roles:  # ranks per group = nodes x GPUs, e.g. 9 x 8 = 72 for DeepSeek's decode
+        assert role.ranks_per_group == roles[role.name][1] * roles[role.name][2]
 
 
 def test_reference_layout_matches_the_reference_deployment():

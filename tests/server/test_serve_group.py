@@ -59,9 +59,12 @@ def test_two_nodes_of_two_ranks_serve_like_transformers(name):
             assert list(pool.map(complete, PROMPTS)) == expected
         assert httpx.get(front_end + "/health", timeout=10).status_code == 200
 
-        # Node 1 answers probes and shows its own load, but sends clients to node 0.
+        # Node 1 answers probes but sends clients to node 0, whose /metrics covers node 1's ranks too.
         assert httpx.get(worker + "/health", timeout=10).json() == {"status": "ok"}
-        assert "moefleet_kv_cache_blocks_total" in httpx.get(worker + "/metrics", timeout=10).text
+        worker_metrics = httpx.get(worker + "/metrics", timeout=10).text
+        assert "moefleet_requests_total" in worker_metrics and "moefleet_kv_cache" not in worker_metrics
+        front_end_metrics = httpx.get(front_end + "/metrics", timeout=10).text
+        assert 'moefleet_dp_rank_kv_cache_blocks_total{dp_rank="3"}' in front_end_metrics
         refused = httpx.post(
             worker + "/v1/completions", json={"model": model.name, "prompt": [5]}, timeout=10
         )
