@@ -18,9 +18,11 @@ from torch import nn
 from .config import EngineConfig
 from .context import ForwardContext, forward_context
 from .loader import dtype_from_name, load_model
+from .logprobs import record_prompt, record_sampled, save_sampled
 from .sampler import SamplingBatch, sample
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+from .structured_output import GrammarCompiler, GrammarMasks, compiler_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class ModelRunner:
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
         self._default_generator = torch.Generator(self.device).manual_seed(config.seed)
         self._generators: dict[int, torch.Generator] = {}
+        # Structured outputs: per-sequence grammar matchers, the compiler built on first use.
+        self.grammar = GrammarMasks(self._grammar_compiler)
 
     # ---- KV cache ----------------------------------------------------------------------------------------
 
@@ -196,18 +200,37 @@ class ModelRunner:
             inputs.context.is_prefill = is_prefill
         with forward_context(inputs.context):
             hidden = self.model(inputs.input_ids, inputs.positions)
+        record_prompt(self.model.compute_logits, hidden, batch.scheduled)  # only requests with prompt_logprobs
         if inputs.sample_indices.numel() == 0:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]
         sampling = [s.seq for s in batch.sampling]
+        raw_logprobs = save_sampled(logits, sampling)  # raw distribution, before bans and grammar masks
         self._ban_early_stop_tokens(logits, sampling)
-        return sample(logits, self._sampling_batch(sampling))
+        self.grammar.apply(logits, sampling)
+        tokens = sample(logits, self._sampling_batch(sampling))
+        self.grammar.accept(sampling, tokens)
+        record_sampled(raw_logprobs, sampling, tokens)
+        return tokens
 
     # ---- sampling state ----------------------------------------------------------------------------------
 
     def release(self, seq: Sequence) -> None:
         """Forget per-request state of a finished or aborted sequence."""
         self._generators.pop(seq.seq_id, None)
+        self.grammar.release(seq)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        path = Path(self.config.model) / "tokenizer.json"
+        vocab_size = int(self.config.hf_config.get("vocab_size", 0)) or None
+        backend = BackendTokenizer.from_file(str(path))
+        return compiler_for(
+            str(path.resolve()), backend, vocab_size or backend.get_vocab_size(), self.eos_token_ids
+        )
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         return SamplingBatch(
