@@ -132,7 +132,9 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self.model_runner.release(seq)
                 del self._requests[seq.request_id]
-            outputs.append(attach_logprobs(self._output(seq, [token_id], delta, finish_reason, stop_reason), seq))
+            outputs.append(
+                attach_logprobs(self._output(seq, [token_id], delta, finish_reason, stop_reason), seq)
+            )
         return outputs
 
     def stats(self) -> dict[str, float]:

@@ -14,7 +14,8 @@ Shape legend: R rows that asked, V vocabulary, K most top alternatives asked in 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 

@@ -200,7 +200,9 @@ class ModelRunner:
             inputs.context.is_prefill = is_prefill
         with forward_context(inputs.context):
             hidden = self.model(inputs.input_ids, inputs.positions)
-        record_prompt(self.model.compute_logits, hidden, batch.scheduled)  # only requests with prompt_logprobs
+        record_prompt(
+            self.model.compute_logits, hidden, batch.scheduled
+        )  # only requests with prompt_logprobs
         if inputs.sample_indices.numel() == 0:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]

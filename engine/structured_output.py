@@ -35,9 +35,7 @@ def _xgrammar() -> Any:
     try:
         import xgrammar
     except ImportError as exc:  # pragma: no cover - xgrammar is a dependency
-        raise GrammarError(
-            "structured outputs need the xgrammar package: pip install xgrammar"
-        ) from exc
+        raise GrammarError("structured outputs need the xgrammar package: pip install xgrammar") from exc
     return xgrammar
 
 
@@ -95,7 +93,9 @@ _compilers: dict[Any, GrammarCompiler] = {}
 _compilers_lock = threading.Lock()
 
 
-def compiler_for(key: Any, backend_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> GrammarCompiler:
+def compiler_for(
+    key: Any, backend_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]
+) -> GrammarCompiler:
     """One compiler per (key, vocab size) in this process (the server and a local engine share it)."""
     with _compilers_lock:
         compiler = _compilers.get((key, vocab_size))

@@ -49,7 +49,9 @@ def test_logprobs_match_transformers(hf_logprobs, budget, num_kv_blocks):
         max_num_seqs=4,
         **extra,
     )
-    asked = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    asked = SamplingParams(
+        temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3, prompt_logprobs=2
+    )
     plain = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     params = [asked, plain, asked, asked]
     engine = llm.engine
