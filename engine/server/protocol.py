@@ -236,11 +236,12 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The batch of prompts (one for a single prompt)."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if self.prompt and isinstance(self.prompt[0], str | list):
-            return self.prompt  # type: ignore[return-value]
-        return [self.prompt]  # type: ignore[list-item]
+        prompt: Any = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], str | list):
+            return list(prompt)
+        return [list(prompt)]
 
 
 MAX_PROMPTS = 256
@@ -315,7 +316,12 @@ def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
             function["arguments"] = json.loads(arguments)
         except ValueError:
             pass
-    return {**call, "function": function, "name": function.get("name"), "arguments": function.get("arguments")}
+    return {
+        **call,
+        "function": function,
+        "name": function.get("name"),
+        "arguments": function.get("arguments"),
+    }
 
 
 class FunctionDefinition(BaseModel):
@@ -442,7 +448,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
