@@ -1,4 +1,4 @@
-"""Structured outputs: JSON / JSON-schema / regex / choice grammars enforced as a token bitmask (xgrammar).
+"""Structured outputs: JSON object / JSON-schema / regex / choice grammars enforced as a token bitmask (xgrammar).
 
 Why xgrammar (over llguidance; both are on PyPI, both install as CPU wheels for Python 3.11): it is the
 default backend of vLLM and SGLang, compiles a JSON schema once per tokenizer into a cached adaptive token
@@ -68,11 +68,10 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutput) -> Any:
         try:
-            if spec.kind == "json":
-                return self._compiler.compile_builtin_json_grammar()
+            if spec.kind == "json":  # an object (OpenAI's json_object), compact like json_schema
+                return self._compiler.compile_grammar(json_schema_grammar('{"type": "object"}', strict=False))
             if spec.kind == "json_schema":
-                # Compact JSON (no free whitespace): a model cannot pad its output with blanks forever.
-                return self._compiler.compile_json_schema(spec.spec, any_whitespace=False, strict_mode=True)
+                return self._compiler.compile_grammar(json_schema_grammar(spec.spec))
             if spec.kind == "regex":
                 return self._compiler.compile_regex(spec.spec)
             if spec.kind == "choice":
@@ -80,6 +79,19 @@ class GrammarCompiler:
         except (RuntimeError, ValueError) as exc:
             raise GrammarError(f"invalid {spec.kind} for structured output: {exc}") from exc
         raise GrammarError(f"unknown structured output kind {spec.kind!r}")
+
+
+# xgrammar 0.2.9 writes the characters of a length-bounded string (minLength/maxLength) as [^"\\\r\n], which
+# admits raw control characters that JSON forbids in strings (its unbounded strings exclude them).
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
+
+
+def json_schema_grammar(schema: str, strict: bool = True) -> str:
+    """EBNF of a JSON schema: compact JSON (no free whitespace, so a model cannot pad its output with blanks
+    forever), strict (no properties beyond the schema's), control characters never inside strings."""
+    grammar = _xgrammar().Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+    return str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
 
 def choice_grammar(choices: list[str]) -> str:
