@@ -297,8 +297,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it (OpenAI's shape; arguments also parsed for templates that
-        print them with tojson)."""
+        """The message as chat templates read it."""
         message: dict[str, Any] = {"role": self.role, "content": self.text()}
         for name in ("name", "tool_call_id", "reasoning_content"):
             if getattr(self, name) is not None:
@@ -309,19 +308,16 @@ class ChatMessage(BaseModel):
 
 
 def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's shape (function.arguments a JSON string, which DeepSeek's template concatenates and Qwen3's
+    prints as is), plus top-level `name` and parsed `arguments` for templates that read those."""
     function = dict(call.get("function") or {})
-    arguments = function.get("arguments")
+    arguments: Any = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            function["arguments"] = json.loads(arguments)
+            arguments = json.loads(arguments)
         except ValueError:
             pass
-    return {
-        **call,
-        "function": function,
-        "name": function.get("name"),
-        "arguments": function.get("arguments"),
-    }
+    return {**call, "function": function, "name": function.get("name"), "arguments": arguments}
 
 
 class FunctionDefinition(BaseModel):

@@ -134,3 +134,30 @@ def test_family_from_template_markers():
     assert family_of_template("{{'<｜tool▁calls▁begin｜>'}}") == "deepseek_v3"
     assert family_of_template("<|tool_calls_section_begin|>") == "kimi_k2"
     assert family_of_template("<|im_start|>") is None and family_of_template(None) is None
+
+
+def test_tool_call_history_renders_in_deepseek_and_qwen3_template_styles():
+    """An assistant turn with tool_calls and the tool's answer reach templates in the shapes they read:
+    DeepSeek concatenates function.arguments (a string), Qwen3 prints arguments (string or tojson)."""
+    import jinja2
+    from moefleet.engine.server.protocol import ChatMessage
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [
+        ChatMessage(role="assistant", content=None, tool_calls=[call]).for_template(),
+        ChatMessage(role="tool", content="42", tool_call_id="c1").for_template(),
+    ]
+    deepseek = jinja2.Template(
+        "{% for m in messages %}{% for t in m.tool_calls or [] %}"
+        "{{ t['type'] + ':' + t['function']['name'] + ':' + t['function']['arguments'] }}"
+        "{% endfor %}{% if m.role == 'tool' %}|{{ m.content }}|{{ m.tool_call_id }}{% endif %}{% endfor %}"
+    )
+    assert deepseek.render(messages=messages) == 'function:f:{"x": 1}|42|c1'
+    qwen3 = jinja2.Template(
+        "{% for m in messages %}{% for t in m.tool_calls or [] %}"
+        "{% if t.function is defined %}{% set t = t.function %}{% endif %}"
+        "{{ t.name }}={% if t.arguments is string %}{{ t.arguments }}{% else %}{{ t.arguments | tojson }}{% endif %}"
+        "{% endfor %}{% endfor %}"
+    )
+    assert qwen3.render(messages=messages) == 'f={"x": 1}'
+    assert messages[0]["tool_calls"][0]["arguments"] == {"x": 1} and messages[0]["content"] == ""
