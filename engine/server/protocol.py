@@ -107,7 +107,8 @@ class _SamplingRequest(BaseModel):
     @field_validator("max_tokens")
     @classmethod
     def _max_tokens(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
+        # 0 only scores an echoed prompt (completions with echo=true); the handlers check that.
+        if value is not None and value < 0:
             raise ValueError(f"max_tokens must be at least 1 (got {value})")
         return value
 

@@ -317,6 +317,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             check_token_ids(list(prompt), getattr(state.client, "vocab_size", None))
             prompt_ids.append(list(prompt))
             prompt_texts.append(tokenizer.decode(list(prompt)) if body.echo else "")
+    # max_tokens 0 with echo scores the prompt only: one token is generated and dropped.
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
+        raise OpenAIError(
+            "max_tokens must be at least 1 (0 is only allowed with echo=true, to score the prompt)",
+            param="max_tokens",
+        )
     structured = structured_output(body)
     await check_grammar(state, structured, _structured_param(body))
     n, best_of = body.n, body.best_of or body.n
@@ -326,7 +333,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     request_id, created, model = random_id("cmpl"), now(), state.served_model_name
     for p, ids in enumerate(prompt_ids):
         max_tokens = resolve_max_tokens(
-            len(ids), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, state.client.max_model_len, "max_tokens"
+            len(ids),
+            1 if score_only else body.max_tokens,
+            DEFAULT_COMPLETION_MAX_TOKENS,
+            state.client.max_model_len,
+            "max_tokens",
         )
         base = to_sampling_params(body, max_tokens)
         base.structured = structured
@@ -353,6 +364,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
 
         def render(i: int, output: Any) -> list[dict[str, Any]]:
             member = members[i]
+            if score_only:
+                output = replace(output, new_token_ids=[], text_delta="", logprobs=None, num_output_tokens=0)
             member.add(output)
             text, logprobs = output.text_delta, None
             if body.logprobs is not None and output.logprobs:
@@ -390,6 +403,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         await _collect(group, first, members)
     except ClientDisconnected:
         return Response(status_code=499)
+    if score_only:
+        for member in members:
+            member.text, member.token_ids, member.logprobs, member.num_output_tokens = "", [], [], 0
     chosen = members
     if ranked:  # best_of: the n choices of each prompt with the highest cumulative logprob
         chosen = []
@@ -526,6 +542,9 @@ async def create_chat_completion(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ) -> Response:
     check_model(state, body.model)
+    if body.requested_max_tokens == 0:
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise OpenAIError(f"{param} must be at least 1 (got 0)", param=param)
     tokenizer = state.client.tokenizer
     messages = [m.for_template() for m in body.messages]
     template_kwargs = dict(body.chat_template_kwargs or {})

@@ -398,3 +398,24 @@ def test_models_tokenize_detokenize(server, client):
     assert text == "Hello, how are you today?"
     bad = httpx.post(server.base_url + "/detokenize", json={"tokens": [10**6]}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(client, stream):
+    kwargs = dict(model=NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    reference = client.completions.create(**{**kwargs, "max_tokens": 1}).choices[0].logprobs
+    if stream:
+        text, token_logprobs = "", []
+        for chunk in client.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                text += choice.text
+                token_logprobs += choice.logprobs.token_logprobs if choice.logprobs else []
+    else:
+        out = client.completions.create(**kwargs)
+        text, token_logprobs = out.choices[0].text, out.choices[0].logprobs.token_logprobs
+        assert out.usage.completion_tokens == 0
+    assert len(token_logprobs) == len(PROMPT)
+    assert token_logprobs == pytest.approx(reference.token_logprobs[: len(PROMPT)], abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0)
+    assert bad.value.body["param"] == "max_tokens"
