@@ -198,18 +198,18 @@ class ModelRunner:
         inputs = self.prepare(batch)
         if is_prefill is not None:
             inputs.context.is_prefill = is_prefill
+        sampling = [s.seq for s in batch.sampling]
+        grammar_mask = self.grammar.prepare(sampling, self.device)  # host fill overlaps the forward
         with forward_context(inputs.context):
             hidden = self.model(inputs.input_ids, inputs.positions)
-        record_prompt(
-            self.model.compute_logits, hidden, batch.scheduled
-        )  # only requests with prompt_logprobs
+        # Prompt logprobs of the requests that asked for them (a no-op for the rest).
+        record_prompt(self.model.compute_logits, hidden, batch.scheduled)
         if inputs.sample_indices.numel() == 0:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()  # [S, V]
-        sampling = [s.seq for s in batch.sampling]
         raw_logprobs = save_sampled(logits, sampling)  # raw distribution, before bans and grammar masks
         self._ban_early_stop_tokens(logits, sampling)
-        self.grammar.apply(logits, sampling)
+        self.grammar.apply(logits, grammar_mask)
         tokens = sample(logits, self._sampling_batch(sampling))
         self.grammar.accept(sampling, tokens)
         record_sampled(raw_logprobs, sampling, tokens)

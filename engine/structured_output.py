@@ -5,9 +5,10 @@ default backend of vLLM and SGLang, compiles a JSON schema once per tokenizer in
 mask (most tokens' validity is precomputed, so the per-token host work is a small fill of a [S, V/32] int32
 bitmask), and ships the device kernel that applies the bitmask to a batch of logits rows in place.
 
-Flow per step (model runner): `GrammarMasks.apply(logits, seqs)` fills one bitmask row per constrained
-sequence (host, the library's own work), copies the bitmask to the logits' device once and masks the rows
-there; after sampling, `accept(seqs, tokens)` advances each sequence's matcher. The sampled token's logprobs
+Flow per step (model runner): before the forward, `GrammarMasks.prepare(seqs, device)` fills one bitmask row
+per constrained sequence (host, the library's own work, on its thread pool) and starts one copy of the bitmask
+to the device, so on a GPU the fill overlaps the forward; after the logits, `apply` masks the rows there in
+one kernel; after sampling, `accept(seqs, tokens)` advances each sequence's matcher. The sampled token's logprobs
 are taken before the mask (engine/logprobs.py), so they stay the model's raw distribution.
 
 The HTTP server compiles each grammar once at request time (`GrammarCompilers.compile`), so a bad schema is
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -117,6 +119,12 @@ def compiler_for(
         return compiler
 
 
+@dataclass(slots=True)
+class PendingMask:
+    rows: list[int]  # sampling rows to mask
+    bitmask: torch.Tensor  # [S, ceil(V / 32)] int32 on the logits' device
+
+
 class GrammarMasks:
     """Per-sequence grammar matchers of one model runner, and the batched bitmask they produce."""
 
@@ -124,6 +132,7 @@ class GrammarMasks:
         self._compiler_factory = compiler_factory  # () -> GrammarCompiler, built on first use
         self._compiler: GrammarCompiler | None = None
         self._matchers: dict[int, Any] = {}
+        self._batch: Any = None  # xgrammar.BatchGrammarMatcher, made on first use
 
     def _matcher(self, seq: Sequence) -> Any:
         matcher = self._matchers.get(seq.seq_id)
@@ -139,22 +148,33 @@ class GrammarMasks:
             self._matchers[seq.seq_id] = matcher
         return matcher
 
-    def apply(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
-        """Mask (to -inf) every token the grammar forbids next, in the rows of constrained sequences."""
+    def prepare(self, seqs: Seq[Sequence], device: torch.device) -> PendingMask | None:
+        """Before the forward: fill the bitmask rows of the constrained sequences (host, xgrammar's threads)
+        and start its copy to `device`, so on a GPU this host work overlaps the forward."""
         rows = [i for i, seq in enumerate(seqs) if seq.params.structured is not None]
         if not rows:
-            return
+            return None
+        matchers = [self._matcher(seqs[i]) for i in rows]
+        live = [(row, m) for row, m in zip(rows, matchers, strict=True) if not m.is_terminated()]
+        if not live:  # after the grammar's end (ignore_eos) nothing is masked
+            return None
         xgr = _xgrammar()
-        bitmask = xgr.allocate_token_bitmask(len(seqs), logits.shape[1])
-        masked = []
-        for row in rows:
-            matcher = self._matcher(seqs[row])
-            if not matcher.is_terminated():  # after the grammar's end (ignore_eos) nothing is masked
-                matcher.fill_next_token_bitmask(bitmask, row)
-                masked.append(row)
-        if masked:
-            xgr.apply_token_bitmask_inplace(
-                logits, bitmask.to(logits.device, non_blocking=True), indices=masked
+        assert self._compiler is not None
+        bitmask = xgr.allocate_token_bitmask(len(seqs), self._compiler.vocab_size)
+        if self._batch is None:
+            self._batch = xgr.BatchGrammarMatcher()
+        self._batch.batch_fill_next_token_bitmask(
+            [m for _, m in live], bitmask, indices=[row for row, _ in live]
+        )
+        if device.type == "cuda":
+            bitmask = bitmask.pin_memory()
+        return PendingMask([row for row, _ in live], bitmask.to(device, non_blocking=True))
+
+    def apply(self, logits: torch.Tensor, pending: PendingMask | None) -> None:
+        """Mask (to -inf) every token the grammar forbids next, in the rows `prepare` filled."""
+        if pending is not None:
+            _xgrammar().apply_token_bitmask_inplace(
+                logits, pending.bitmask, vocab_size=logits.shape[1], indices=pending.rows
             )
 
     def accept(self, seqs: Seq[Sequence], tokens: list[int]) -> None:
