@@ -2,7 +2,7 @@
 
 Values are the model's raw distribution: log_softmax of the float32 logits before anything the sampler or
 the request changes (temperature, top-k/top-p, min_tokens bans, grammar masks), as OpenAI documents them.
-Each step costs one device->host copy of [R] + [R, k] numbers for the R rows that asked.
+Each step costs one device->host copy of [R, 1 + 2k] numbers for the R rows that asked.
 
 Prompt logprobs: the hidden state at position p gives the logits of token p + 1, so a prefill chunk over
 positions [start, end) yields the logprobs of prompt tokens start + 1 .. end (the last prompt position's
@@ -111,14 +111,15 @@ def attach(output: RequestOutput, seq: Sequence) -> RequestOutput:
 def _gather(
     logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]
 ) -> list[tuple[float, list[tuple[int, float]]]]:
-    """(chosen token's logprob, top-k (id, logprob) pairs) per row, with one host copy for all rows."""
-    values = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-    k = max(ks, default=0)
+    """(chosen token's logprob, top-k (id, logprob) pairs) per row, with one device->host copy for all rows
+    (ids travel as float32, exact below 2**24)."""
+    values = logprobs.gather(1, chosen.unsqueeze(1))  # [R, 1]
+    k = min(max(ks, default=0), logprobs.shape[1])
     if k == 0:
-        return [(v, []) for v in values]
-    top_values, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
-    top_v, top_i = top_values.tolist(), top_ids.tolist()
+        return [(v, []) for v in values.squeeze(1).tolist()]
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    packed = torch.cat([values, top_values, top_ids.float()], dim=1).tolist()  # [R, 1 + 2k]
     return [
-        (v, list(zip(ids[:kr], vals[:kr], strict=True)))
-        for v, ids, vals, kr in zip(values, top_i, top_v, ks, strict=True)
+        (row[0], [(int(i), v) for i, v in zip(row[1 + k : 1 + k + kr], row[1 : 1 + kr], strict=True)])
+        for row, kr in zip(packed, ks, strict=True)
     ]
