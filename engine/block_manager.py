@@ -3,7 +3,10 @@
 A sequence's block table lists the physical blocks holding its tokens in order; token i lives in slot
 `block_table[i // block_size] * block_size + i % block_size`. Blocks are handed out lazily, as a
 sequence's computed length grows (prompt chunk by chunk, then one decode token at a time).
-No prefix caching: blocks are never shared between sequences.
+Blocks are reference counted: `share` lets a sequence start with another's full prompt blocks (the n > 1
+choices of one request). Shared blocks are only ever full blocks of the common prompt, which nobody writes
+again, so no copy-on-write is needed; each sharer writes its own blocks from the first unshared token on.
+A block returns to the pool when its last holder frees it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class BlockManager:
         self.block_size = block_size
         # FIFO reuse keeps recently freed blocks cold for a while, which makes use-after-free bugs visible.
         self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -51,10 +55,29 @@ class BlockManager:
         if needed > len(self._free):
             raise RuntimeError(f"KV pool exhausted: {seq!r} needs {needed} blocks, {len(self._free)} free")
         for _ in range(needed):
-            seq.block_table.append(self._free.popleft())
+            block = self._free.popleft()
+            self._refs[block] = 1
+            seq.block_table.append(block)
+
+    def share(self, seq: Sequence, blocks: list[int]) -> None:
+        """Start `seq`'s (empty) block table with `blocks`, full blocks of cached tokens another sequence holds."""
+        if seq.block_table:
+            raise RuntimeError(f"{seq!r} already holds blocks; only an empty block table can share")
+        for block in blocks:
+            if self._refs[block] < 1:
+                raise RuntimeError(f"block {block} is free; only blocks in use can be shared")
+            self._refs[block] += 1
+        seq.block_table.extend(blocks)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
 
     def free(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks to the pool; its cached tokens are gone (recompute if resumed)."""
-        self._free.extend(seq.block_table)
+        """Drop `seq`'s hold on its blocks (unshared ones return to the pool); its cached tokens are gone
+        (recompute if resumed)."""
+        for block in seq.block_table:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
         seq.block_table.clear()
         seq.num_cached_tokens = 0

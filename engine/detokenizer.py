@@ -80,8 +80,9 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, flush: bool) -> int:
         """Append newly completed text to output_text; returns how many characters were added."""
-        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        skip = self.params.skip_special_tokens
+        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset], skip)
+        full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset :], skip)
         if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not flush):
             return 0  # nothing new, or an incomplete character: wait for the next token
         new_text = full_text[len(prefix_text) :]

@@ -15,6 +15,7 @@ from torch import nn
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .logprobs import attach as attach_logprobs
 from .model_runner import ModelRunner
 from .sampling_params import FinishReason, RequestOutput, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -131,7 +132,9 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self.model_runner.release(seq)
                 del self._requests[seq.request_id]
-            outputs.append(self._output(seq, [token_id], delta, finish_reason, stop_reason))
+            outputs.append(
+                attach_logprobs(self._output(seq, [token_id], delta, finish_reason, stop_reason), seq)
+            )
         return outputs
 
     def stats(self) -> dict[str, float]:

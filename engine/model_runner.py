@@ -20,9 +20,11 @@ from .config import EngineConfig
 from .cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
 from .forward_batch import ForwardBatch
 from .loader import dtype_from_name, load_model
+from .logprobs import record_prompt, record_sampled, save_sampled
 from .sampler import SamplingBatch, sample
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+from .structured_output import GrammarCompiler, GrammarMasks, compiler_for
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class ModelRunner:
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
         self._default_generator = torch.Generator(self.device).manual_seed(config.seed)
         self._generators: dict[int, torch.Generator] = {}
+        # Structured outputs: per-sequence grammar matchers, the compiler built on first use.
+        self.grammar = GrammarMasks(self._grammar_compiler)
 
     # ---- KV cache ----------------------------------------------------------------------------------------
 
@@ -237,21 +241,44 @@ class ModelRunner:
         `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step).
         """
         fb = self.prepare(batch, is_prefill)
+        sampling = [s.seq for s in batch.sampling]
+        grammar_mask = self.grammar.prepare(sampling, self.device)  # host fill overlaps the forward
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
-            logits = self.graph_runner.replay(fb)  # [S, V]
+            logits = self.graph_runner.replay(fb)  # [S, V]; decode only, so no prompt logprobs here
         else:
-            logits = self.forward_logits(fb)  # [S, V]
+            hidden = self.model(fb.input_ids, fb.positions, fb)
+            # Prompt logprobs of the requests that asked for them (a no-op for the rest).
+            record_prompt(self.model.compute_logits, hidden, batch.scheduled)
+            logits = self.model.compute_logits(hidden[fb.sample_indices])  # [S, V]
         if logits.shape[0] == 0:
             return []
-        sampling = [s.seq for s in batch.sampling]
+        logits = logits.float()
+        raw_logprobs = save_sampled(logits, sampling)  # raw distribution, before bans and grammar masks
         self._ban_early_stop_tokens(logits, sampling)
-        return sample(logits, self._sampling_batch(sampling))
+        self.grammar.apply(logits, grammar_mask)
+        tokens = sample(logits, self._sampling_batch(sampling))
+        self.grammar.accept(sampling, tokens)
+        record_sampled(raw_logprobs, sampling, tokens)
+        return tokens
 
     # ---- sampling state ----------------------------------------------------------------------------------
 
     def release(self, seq: Sequence) -> None:
         """Forget per-request state of a finished or aborted sequence."""
         self._generators.pop(seq.seq_id, None)
+        self.grammar.release(seq)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        path = Path(self.config.model) / "tokenizer.json"
+        vocab_size = int(self.config.hf_config.get("vocab_size", 0)) or None
+        backend = BackendTokenizer.from_file(str(path))
+        return compiler_for(
+            str(path.resolve()), backend, vocab_size or backend.get_vocab_size(), self.eos_token_ids
+        )
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         return SamplingBatch(

@@ -11,6 +11,10 @@ A budget can only run out on the last sequence of the step, so at most one runni
 prompt and it is the newest; decodes therefore always come first and are never starved by a long prompt.
 A sequence samples when its step computes up to its last token (prompt fully cached).
 
+Prefix sharing (n > 1): a waiting sequence with a `prefix_share_key` whose running sibling (same key, same
+prompt) has cached the prompt's full blocks starts with those blocks (reference counted, block_manager.py)
+and computes only the rest of its prompt. While the sibling is still prefilling, the sequence waits for it.
+
 Scheduling only decides and reserves blocks; `advance` records the computed tokens after the model ran.
 """
 
@@ -120,9 +124,12 @@ class Scheduler:
         # Admitting right after a preemption would only evict again; let the running set shrink first.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._share_prefix(seq):
+                break  # its sibling is still prefilling the common prompt
             # Keep one block per running sequence free so admissions do not force next step's decodes to preempt.
             num_new = self._fit(seq, min(seq.num_uncached_tokens, budget), reserve_blocks=len(self.running))
             if num_new == 0:
+                self.block_manager.free(seq)  # a waiting sequence holds no blocks
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -153,6 +160,30 @@ class Scheduler:
                     seq.finish_reason = "abort"
                     return seq
         return None
+
+    def _share_prefix(self, seq: Sequence) -> bool:
+        """Give `seq` the full prompt blocks of a running sibling; False when it should wait for the sibling
+        to finish prefilling them. Sequences without a key (or asking for prompt logprobs) never wait."""
+        key = seq.params.prefix_share_key
+        if key is None or seq.block_table or seq.prompt_logprobs is not None:
+            return True
+        bs = self.block_manager.block_size
+        num_blocks = (seq.num_prompt_tokens - 1) // bs  # full blocks before the last prompt token
+        if num_blocks == 0:
+            return True
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        for other in self.running:
+            if (
+                other.params.prefix_share_key == key
+                and other.num_prompt_tokens == seq.num_prompt_tokens
+                and other.token_ids[: other.num_prompt_tokens] == prompt
+            ):
+                if other.num_cached_tokens < num_blocks * bs:
+                    return False
+                self.block_manager.share(seq, other.block_table[:num_blocks])
+                seq.num_cached_tokens = num_blocks * bs
+                return True
+        return True
 
     def _fit(self, seq: Sequence, num_tokens: int, reserve_blocks: int = 0) -> int:
         """How many of the next `num_tokens` tokens of `seq` fit in its blocks plus the free ones."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from enum import Enum, auto
 
-from .sampling_params import FinishReason, SamplingParams
+from .sampling_params import FinishReason, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(Enum):
@@ -30,6 +30,13 @@ class Sequence:
         self.params = params
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
+        # Logprobs (written by the model runner, engine/logprobs.py): the prompt's, filled chunk by chunk
+        # (the first prompt token has none), and the last sampled token's, taken by the engine each step.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        self.new_logprob: TokenLogprob | None = None
+        self.prompt_logprobs_sent = False
 
     def __len__(self) -> int:
         return len(self.token_ids)

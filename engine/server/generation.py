@@ -120,3 +120,95 @@ class Generation:
         with contextlib.suppress(Exception):
             await self._outputs.aclose()  # type: ignore[attr-defined]
         self._tracker.finish(finish_reason)
+
+
+class GenerationGroup:
+    """The engine requests of one HTTP request (n choices, several prompts): `next()` returns
+    (member index, output) from whichever member produced next, until every member finished.
+
+    One disconnect watcher serves the group; each member aborts its engine request when the group closes
+    early. With one member, outputs are read directly (no extra task per token)."""
+
+    def __init__(
+        self,
+        client: EngineClient,
+        metrics: ServerMetrics,
+        request: Request | None,
+        members: list[tuple[str, list[int], Any]],
+    ):
+        self.members = [Generation(client, metrics, None, rid, ids, params) for rid, ids, params in members]
+        self._remaining = len(self.members)
+        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+        self._consumer: asyncio.Task | None = None
+        self._disconnected = False
+        self.finished = False
+        self._watcher = asyncio.ensure_future(self._watch(request)) if request is not None else None
+
+    @property
+    def done(self) -> bool:
+        """Every member has delivered its finished output."""
+        return self._remaining == 0
+
+    async def _watch(self, request: Request) -> None:
+        await _wait_for_disconnect(request)
+        self._disconnected = True
+        if self._consumer is not None and not self.finished:
+            self._consumer.cancel()
+
+    async def _pump(self, index: int, generation: Generation) -> None:
+        try:
+            while True:
+                output = await generation.next()
+                self._queue.put_nowait((index, output))
+                if output.finished:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # delivered to the consumer, which closes the group
+            self._queue.put_nowait((index, exc))
+
+    async def next(self) -> tuple[int, Any]:
+        if self._disconnected:
+            await self.close()
+            raise ClientDisconnected(self.members[0].request_id)
+        self._consumer = asyncio.current_task()
+        try:
+            if len(self.members) == 1:
+                index, item = 0, await self.members[0].next()
+            else:
+                if not self._pumps:
+                    self._pumps = [
+                        asyncio.ensure_future(self._pump(i, g)) for i, g in enumerate(self.members)
+                    ]
+                index, item = await self._queue.get()
+        except asyncio.CancelledError:
+            await self.close()
+            if self._disconnected:
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                raise ClientDisconnected(self.members[0].request_id) from None
+            raise
+        finally:
+            self._consumer = None
+        if isinstance(item, BaseException):
+            await self.close()
+            raise item
+        if item.finished:
+            self._remaining -= 1
+        return index, item
+
+    async def close(self) -> None:
+        """End early (idempotent): every member still running is aborted in the engine."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        for pump in self._pumps:
+            pump.cancel()
+        if self._pumps:
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+        for generation in self.members:
+            await generation.close()

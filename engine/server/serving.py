@@ -6,18 +6,25 @@ Streaming follows OpenAI's chunk format exactly and ends with `data: [DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
-from moefleet.engine.sampling_params import SamplingParams
+from moefleet.engine.sampling_params import SamplingParams, StructuredOutput, TokenLogprob
 from moefleet.engine.server.async_engine import EngineClient
 from moefleet.engine.server.errors import OpenAIError
-from moefleet.engine.server.generation import ClientDisconnected, Generation
+from moefleet.engine.server.generation import ClientDisconnected, GenerationGroup
 from moefleet.engine.server.metrics import ServerMetrics
+from moefleet.engine.server.output_format import (
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    structured_output,
+)
 from moefleet.engine.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -26,11 +33,21 @@ from moefleet.engine.server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    NamedToolChoice,
     Usage,
     _SamplingRequest,
     now,
     random_id,
 )
+from moefleet.engine.server.tool_parsers import (
+    StreamingToolParser,
+    ToolCall,
+    ToolParser,
+    parser_for_template,
+    split_reasoning,
+    template_marks_reasoning,
+)
+from moefleet.engine.structured_output import GrammarError, compiler_for
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -118,31 +135,6 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _start(
-    state: ServerState, request: Request, request_id: str, prompt_ids: list[int], params: SamplingParams
-) -> tuple[Generation, Any]:
-    """Submit and wait for the first output, so admission errors still get a proper HTTP status."""
-    generation = Generation(state.client, state.metrics, request, request_id, prompt_ids, params)
-    try:
-        return generation, await generation.next()
-    except BaseException:
-        await generation.close()
-        raise
-
-
-async def _run(generation: Generation, first: Any) -> tuple[str, list[int], Any]:
-    """A non-streamed reply: the text and token ids up to the finished output (then the generation closes)."""
-    try:
-        text, token_ids, output = first.text_delta, list(first.new_token_ids), first
-        while not output.finished:
-            output = await generation.next()
-            text += output.text_delta
-            token_ids += output.new_token_ids
-        return text, token_ids, output
-    finally:
-        await generation.close()
-
-
 def _chunk(
     request_id: str, object_name: str, created: int, model: str, choice: dict[str, Any], include_usage: bool
 ) -> dict[str, Any]:
@@ -160,172 +152,559 @@ def _chunk(
     return chunk
 
 
-def _usage_chunk(request_id: str, created: int, model: str, object_name: str, last: Any) -> dict[str, Any]:
+def _usage_chunk(request_id: str, created: int, model: str, object_name: str, usage: Usage) -> dict[str, Any]:
     # OpenAI's final chunk with stream_options.include_usage: no choices, only usage.
-    usage = Usage.of(last.num_prompt_tokens, last.num_output_tokens).model_dump()
     return {
         "id": request_id,
         "object": object_name,
         "created": created,
         "model": model,
         "choices": [],
-        "usage": usage,
+        "usage": usage.model_dump(),
     }
-
-
-async def _event_stream(
-    generation: Generation,
-    first: Any,
-    render: Callable[[Any], list[dict[str, Any]]],
-    usage_chunk: Callable[[Any], dict[str, Any]] | None,
-) -> AsyncIterator[str]:
-    """SSE body: rendered chunks per output, then the usage chunk, then [DONE]; errors become an SSE error."""
-    output = first
-    try:
-        while True:
-            for chunk in render(output):
-                yield _sse(chunk)
-            if output.finished:
-                break
-            output = await generation.next()
-        if usage_chunk is not None:
-            yield _sse(usage_chunk(output))
-    except OpenAIError as exc:
-        yield _sse(exc.body())
-    except ClientDisconnected:
-        return
-    finally:
-        await generation.close()
-    yield _sse("[DONE]")
 
 
 def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+# ---- requests with several engine members (n choices x prompts) ------------------------------------------
+
+
+@dataclass
+class Member:
+    """One engine request of an HTTP request: choice `index` of prompt `prompt_index`, and what it produced."""
+
+    index: int
+    prompt_index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_output_tokens: int = 0
+
+    def add(self, output: Any) -> None:
+        self.text += output.text_delta
+        self.token_ids += output.new_token_ids
+        if output.logprobs:
+            self.logprobs += output.logprobs
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        self.num_output_tokens = output.num_output_tokens
+        if output.finished:
+            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs)
+
+
+def choice_params(params: SamplingParams, choice: int, share_key: str | None) -> SamplingParams:
+    """The parameters of choice `choice`: with a seed s, choice i samples with seed s + i (so it equals a
+    single request with seed s + i); choices of one prompt share its KV blocks."""
+    seed = None if params.seed is None else params.seed + choice
+    return replace(params, seed=seed, prefix_share_key=share_key)
+
+
+def _usage(members: list[Member]) -> Usage:
+    prompts = {m.prompt_index: len(m.prompt_ids) for m in members}
+    return Usage.of(sum(prompts.values()), sum(m.num_output_tokens for m in members))
+
+
+async def _start_group(
+    state: ServerState, request: Request, request_id: str, members: list[Member]
+) -> tuple[GenerationGroup, tuple[int, Any]]:
+    """Submit every member and wait for the first output, so admission errors still get an HTTP status."""
+    ids = [request_id] if len(members) == 1 else [f"{request_id}-{i}" for i in range(len(members))]
+    group = GenerationGroup(
+        state.client,
+        state.metrics,
+        request,
+        [(rid, m.prompt_ids, m.params) for rid, m in zip(ids, members, strict=True)],
+    )
+    try:
+        return group, await group.next()
+    except BaseException:
+        await group.close()
+        raise
+
+
+async def _collect(group: GenerationGroup, first: tuple[int, Any], members: list[Member]) -> None:
+    """A non-streamed reply: every member's outputs up to its finished one (then the group closes)."""
+    try:
+        index, output = first
+        members[index].add(output)
+        while not group.done:
+            index, output = await group.next()
+            members[index].add(output)
+    finally:
+        await group.close()
+
+
+async def _group_stream(
+    group: GenerationGroup,
+    first: tuple[int, Any],
+    render: Callable[[int, Any], list[dict[str, Any]]],
+    usage_chunk: Callable[[], dict[str, Any]] | None,
+) -> AsyncIterator[str]:
+    """SSE body: rendered chunks per output, then the usage chunk, then [DONE]; errors become an SSE error."""
+    item = first
+    try:
+        while True:
+            for chunk in render(*item):
+                yield _sse(chunk)
+            if group.done:
+                break
+            item = await group.next()
+        if usage_chunk is not None:
+            yield _sse(usage_chunk())
+    except OpenAIError as exc:
+        yield _sse(exc.body())
+    except ClientDisconnected:
+        return
+    finally:
+        await group.close()
+    yield _sse("[DONE]")
+
+
+async def check_grammar(state: ServerState, structured: StructuredOutput | None, param: str) -> None:
+    """Compile the request's grammar once here, so a bad schema or regex is a 400 naming the field."""
+    if structured is None:
+        return
+    tokenizer = state.client.tokenizer
+    backend = getattr(tokenizer, "_tokenizer", None)
+    vocab_size = getattr(state.client, "vocab_size", None)
+    if backend is None or vocab_size is None:
+        raise OpenAIError(
+            "structured outputs need the model's fast tokenizer (tokenizer.json); this server has none",
+            param=param,
+        )
+    eos = list(getattr(tokenizer, "eos_token_ids", []) or [])
+    try:
+        compiler = compiler_for(("server", id(backend)), backend, int(vocab_size), eos)
+        await asyncio.to_thread(compiler.compile, structured)
+    except GrammarError as exc:
+        raise OpenAIError(str(exc), param=param) from exc
+
+
+def _structured_param(body: _SamplingRequest) -> str:
+    for name in ("guided_json", "guided_regex", "guided_choice"):
+        if getattr(body, name) is not None:
+            return name
+    if isinstance(body, ChatCompletionRequest) and body.tool_choice not in (None, "auto", "none"):
+        return "tool_choice"
+    return "response_format"
+
+
+# ---- /v1/completions ---------------------------------------------------------------------------------------
+
+
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     check_model(state, body.model)
     tokenizer = state.client.tokenizer
-    if isinstance(body.prompt, str):
-        prompt_ids = list(tokenizer.encode(body.prompt))
-    else:
-        prompt_ids = list(body.prompt)
-        check_token_ids(prompt_ids, getattr(state.client, "vocab_size", None))
-    max_tokens = resolve_max_tokens(
-        len(prompt_ids),
-        body.max_tokens,
-        DEFAULT_COMPLETION_MAX_TOKENS,
-        state.client.max_model_len,
-        "max_tokens",
-    )
-    params = to_sampling_params(body, max_tokens)
+    prompts = body.prompts()
+    prompt_ids: list[list[int]] = []
+    prompt_texts: list[str] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            prompt_ids.append(list(tokenizer.encode(prompt)))
+            prompt_texts.append(prompt)
+        else:
+            check_token_ids(list(prompt), getattr(state.client, "vocab_size", None))
+            prompt_ids.append(list(prompt))
+            prompt_texts.append(tokenizer.decode(list(prompt)) if body.echo else "")
+    # max_tokens 0 with echo scores the prompt only: one token is generated and dropped.
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
+        raise OpenAIError(
+            "max_tokens must be at least 1 (0 is only allowed with echo=true, to score the prompt)",
+            param="max_tokens",
+        )
+    structured = structured_output(body)
+    await check_grammar(state, structured, _structured_param(body))
+    n, best_of = body.n, body.best_of or body.n
+    ranked = best_of > n
+    echo_logprobs_asked = body.echo and body.logprobs is not None
+    members: list[Member] = []
     request_id, created, model = random_id("cmpl"), now(), state.served_model_name
+    for p, ids in enumerate(prompt_ids):
+        max_tokens = resolve_max_tokens(
+            len(ids),
+            1 if score_only else body.max_tokens,
+            DEFAULT_COMPLETION_MAX_TOKENS,
+            state.client.max_model_len,
+            "max_tokens",
+        )
+        base = to_sampling_params(body, max_tokens)
+        base.structured = structured
+        if body.logprobs is not None or ranked:
+            base.logprobs = body.logprobs or 0
+        if echo_logprobs_asked:
+            base.prompt_logprobs = body.logprobs
+        share = f"{request_id}-{p}" if best_of > 1 else None
+        for j in range(best_of):
+            members.append(Member(p * best_of + j, p, ids, choice_params(base, j, share)))
     try:
-        generation, first = await _start(state, request, request_id, prompt_ids, params)
+        group, first = await _start_group(state, request, request_id, members)
     except ClientDisconnected:
         return Response(status_code=499)
+    texts = TokenTexts(tokenizer)
 
-    if body.stream:
+    def choice_index(member: Member) -> int:
+        return member.prompt_index * n + member.index % best_of
+
+    if body.stream:  # best_of == n here (the protocol refuses streaming a ranked request)
         include_usage = body.include_usage
+        offsets = [0] * len(members)
+        started = [False] * len(members)
 
-        def render(output: Any) -> list[dict[str, Any]]:
-            if not output.text_delta and not output.finished and not body.return_token_ids:
+        def render(i: int, output: Any) -> list[dict[str, Any]]:
+            member = members[i]
+            if score_only:
+                output = replace(output, new_token_ids=[], text_delta="", logprobs=None, num_output_tokens=0)
+            member.add(output)
+            text, logprobs = output.text_delta, None
+            if body.logprobs is not None and output.logprobs:
+                logprobs = completion_logprobs(texts, output.logprobs, offsets[i])
+            if body.echo and not started[i]:
+                text = prompt_texts[member.prompt_index] + text
+                if echo_logprobs_asked and output.prompt_logprobs is not None:
+                    logprobs = echo_logprobs(
+                        texts, member.prompt_ids, output.prompt_logprobs, output.logprobs or []
+                    )
+            started[i] = True
+            if not text and not output.finished and not body.return_token_ids and logprobs is None:
                 return []
+            offsets[i] += len(text)
             choice: dict[str, Any] = {
-                "index": 0,
-                "text": output.text_delta,
-                "logprobs": None,
+                "index": choice_index(member),
+                "text": text,
+                "logprobs": logprobs,
                 "finish_reason": output.finish_reason,
             }
+            if output.finished:
+                choice["stop_reason"] = output.stop_reason
             if body.return_token_ids:
                 choice["token_ids"] = list(output.new_token_ids)
             return [_chunk(request_id, "text_completion", created, model, choice, include_usage)]
 
         usage = (
-            partial(_usage_chunk, request_id, created, model, "text_completion") if include_usage else None
+            (lambda: _usage_chunk(request_id, created, model, "text_completion", _usage(members)))
+            if include_usage
+            else None
         )
-        return _streaming_response(_event_stream(generation, first, render, usage))
+        return _streaming_response(_group_stream(group, first, render, usage))
 
     try:
-        text, token_ids, last = await _run(generation, first)
+        await _collect(group, first, members)
     except ClientDisconnected:
         return Response(status_code=499)
+    if score_only:
+        for member in members:
+            member.text, member.token_ids, member.logprobs, member.num_output_tokens = "", [], [], 0
+    chosen = members
+    if ranked:  # best_of: the n choices of each prompt with the highest cumulative logprob
+        chosen = []
+        for p in range(len(prompt_ids)):
+            candidates = [m for m in members if m.prompt_index == p]
+            candidates.sort(key=lambda m: m.cumulative_logprob, reverse=True)
+            for j, m in enumerate(candidates[:n]):
+                m.index = p * best_of + j
+                chosen.append(m)
+    choices = []
+    data_token_ids = []
+    for member in chosen:
+        prefix = prompt_texts[member.prompt_index] if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            if body.echo:
+                logprobs = echo_logprobs(
+                    texts, member.prompt_ids, member.prompt_logprobs or [], member.logprobs
+                )
+            else:
+                logprobs = completion_logprobs(texts, member.logprobs, 0)
+        choices.append(
+            CompletionChoice(
+                index=choice_index(member),
+                text=prefix + member.text,
+                logprobs=logprobs,
+                finish_reason=member.finish_reason,  # type: ignore[arg-type]
+                stop_reason=member.stop_reason,
+            )
+        )
+        data_token_ids.append(member.token_ids)
     response = CompletionResponse(
-        id=request_id,
-        created=created,
-        model=model,
-        choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
-        usage=Usage.of(last.num_prompt_tokens, last.num_output_tokens),
+        id=request_id, created=created, model=model, choices=choices, usage=_usage(members)
     )
     data = response.model_dump()
     if body.return_token_ids:  # extension: exact ids for clients (and tests) that compare tokens
-        data["choices"][0]["token_ids"] = token_ids
-        data["prompt_token_ids"] = prompt_ids
+        for choice_data, token_ids in zip(data["choices"], data_token_ids, strict=True):
+            choice_data["token_ids"] = token_ids
+        data["prompt_token_ids"] = prompt_ids[0] if len(prompt_ids) == 1 else prompt_ids
     return JSONResponse(data)
 
 
-async def create_chat_completion(
-    state: ServerState, body: ChatCompletionRequest, request: Request
-) -> Response:
-    check_model(state, body.model)
-    tokenizer = state.client.tokenizer
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+# ---- /v1/chat/completions ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatMode:
+    """How a chat request's output is read: tool-call parser, reasoning split, forced tool JSON."""
+
+    parser: ToolParser | None
+    reasoning: bool
+    starts_inside_reasoning: bool
+    forced: str | None  # "named" or "required": the output is the JSON the grammar forced
+    forced_name: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.parser is None and not self.reasoning and self.forced is None
+
+
+def chat_mode(body: ChatCompletionRequest, chat_template: str | None, prompt_text: str) -> ChatMode:
+    tools_on = bool(body.tools) and body.tool_choice != "none"
+    forced, forced_name = None, None
+    if isinstance(body.tool_choice, NamedToolChoice):
+        forced, forced_name = "named", body.tool_choice.name
+    elif body.tool_choice == "required":
+        forced = "required"
+    parser = parser_for_template(chat_template) if tools_on and forced is None else None
+    reasoning = forced is None and template_marks_reasoning(chat_template)
+    inside = reasoning and prompt_text.rstrip().endswith("<think>")
+    return ChatMode(parser, reasoning, inside, forced, forced_name)
+
+
+def forced_tool_calls(mode: ChatMode, text: str) -> list[ToolCall]:
+    """The tool calls a forced tool_choice's JSON output stands for (none if it was cut off)."""
+    if mode.forced == "named":
+        assert mode.forced_name is not None
+        return [ToolCall(mode.forced_name, text)]
     try:
-        templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        items = json.loads(text)
+    except ValueError:
+        return []
+    return [
+        ToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False))
+        for item in items
+        if isinstance(item, dict) and isinstance(item.get("name"), str)
+    ]
+
+
+def _chat_message(mode: ChatMode, text: str) -> tuple[ChatResponseMessage, bool]:
+    """(message, has tool calls) of a whole output."""
+    if mode.forced is not None:
+        calls = forced_tool_calls(mode, text)
+        return ChatResponseMessage(
+            content=None if calls else text, tool_calls=[c.to_openai() for c in calls] or None
+        ), bool(calls)
+    reasoning = None
+    if mode.reasoning:
+        reasoning, text = split_reasoning(text, mode.starts_inside_reasoning)
+    parsed: list[ToolCall] = []
+    if mode.parser is not None:
+        text, parsed = mode.parser.parse(text)
+    content = text if text or not parsed else None
+    return (
+        ChatResponseMessage(
+            content=content, reasoning_content=reasoning, tool_calls=[c.to_openai() for c in parsed] or None
+        ),
+        bool(parsed),
+    )
+
+
+def _render_template(
+    tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]
+) -> tuple[list[int], str]:
+    """(prompt ids, prompt text) of the chat template applied to `messages`."""
+    render = getattr(tokenizer, "render_chat", None)
+    try:
+        if render is not None:
+            text = render(messages, add_generation_prompt=True, **kwargs)
+            return list(tokenizer.encode(text, add_special_tokens=False)), text
+        templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except ValueError as exc:  # no template, or the template rejects the messages (e.g. role order)
         raise OpenAIError(str(exc), param="messages") from exc
     except Exception as exc:  # any other failure inside the model's own jinja template
         raise OpenAIError(
             f"the model's chat template failed on these messages: {exc}", param="messages"
         ) from exc
-    prompt_ids = list(tokenizer.encode(templated)) if isinstance(templated, str) else list(templated)
+    if isinstance(templated, str):
+        return list(tokenizer.encode(templated)), templated
+    return list(templated), tokenizer.decode(list(templated))
+
+
+async def create_chat_completion(
+    state: ServerState, body: ChatCompletionRequest, request: Request
+) -> Response:
+    check_model(state, body.model)
+    if body.requested_max_tokens == 0:
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise OpenAIError(f"{param} must be at least 1 (got 0)", param=param)
+    tokenizer = state.client.tokenizer
+    messages = [m.for_template() for m in body.messages]
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.tools:
+        template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+    prompt_ids, prompt_text = _render_template(tokenizer, messages, template_kwargs)
+    mode = chat_mode(body, getattr(tokenizer, "chat_template", None), prompt_text)
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(
         len(prompt_ids), body.requested_max_tokens, None, state.client.max_model_len, max_param
     )
-    params = to_sampling_params(body, max_tokens)
+    structured = structured_output(body)
+    await check_grammar(state, structured, _structured_param(body))
+    base = to_sampling_params(body, max_tokens)
+    base.structured = structured
+    if body.logprobs:
+        base.logprobs = body.top_logprobs or 0
+    if mode.parser is not None:
+        base.skip_special_tokens = False  # some templates' tool-call markers are special tokens
+    share = None
     request_id, created, model = random_id("chatcmpl"), now(), state.served_model_name
+    if body.n > 1:
+        share = request_id
+    members = [Member(j, 0, prompt_ids, choice_params(base, j, share)) for j in range(body.n)]
     try:
-        generation, first = await _start(state, request, request_id, prompt_ids, params)
+        group, first = await _start_group(state, request, request_id, members)
     except ClientDisconnected:
         return Response(status_code=499)
+    texts = TokenTexts(tokenizer)
+    top_k = body.top_logprobs or 0
 
     if body.stream:
         include_usage = body.include_usage
-        sent_role = False
+        sent_role = [False] * len(members)
+        parsers = [
+            StreamingToolParser(mode.parser, mode.reasoning, mode.starts_inside_reasoning) for _ in members
+        ]
+        named_started = [False] * len(members)
 
-        def chunk(delta: dict[str, Any], finish_reason: Any = None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        def chunk(
+            index: int, delta: dict[str, Any], finish_reason: Any = None, logprobs: Any = None
+        ) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return _chunk(request_id, "chat.completion.chunk", created, model, choice, include_usage)
 
-        def render(output: Any) -> list[dict[str, Any]]:
-            nonlocal sent_role
+        def tool_call_deltas(index: int, calls: list[ToolCall], first_number: int) -> list[dict[str, Any]]:
+            out = []
+            for k, call in enumerate(calls, start=first_number):
+                head = {
+                    "index": k,
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": ""},
+                }
+                out.append(chunk(index, {"tool_calls": [head]}))
+                out.append(
+                    chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]})
+                )
+            return out
+
+        def render(i: int, output: Any) -> list[dict[str, Any]]:
+            member = members[i]
+            member.add(output)
             chunks = []
-            if not sent_role:  # OpenAI opens every chat stream with the role
-                chunks.append(chunk({"role": "assistant", "content": ""}))
-                sent_role = True
-            if output.text_delta:
-                chunks.append(chunk({"content": output.text_delta}))
+            if not sent_role[i]:  # OpenAI opens every chat stream with the role
+                chunks.append(chunk(i, {"role": "assistant", "content": ""}))
+                sent_role[i] = True
+            logprobs = (
+                chat_logprobs(texts, output.logprobs, top_k) if body.logprobs and output.logprobs else None
+            )
+            delta_text = output.text_delta
+            finish_reason = output.finish_reason
+            if mode.forced == "named":
+                if not named_started[i]:
+                    named_started[i] = True
+                    assert mode.forced_name is not None
+                    head = ToolCall(mode.forced_name, "")
+                    chunks.append(
+                        chunk(
+                            i,
+                            {
+                                "tool_calls": [
+                                    {
+                                        "index": 0,
+                                        "id": head.id,
+                                        "type": "function",
+                                        "function": {"name": head.name, "arguments": ""},
+                                    }
+                                ]
+                            },
+                        )
+                    )
+                if delta_text or logprobs:
+                    chunks.append(
+                        chunk(
+                            i,
+                            {"tool_calls": [{"index": 0, "function": {"arguments": delta_text}}]},
+                            logprobs=logprobs,
+                        )
+                    )
+            elif mode.forced == "required":
+                if logprobs:
+                    chunks.append(chunk(i, {}, logprobs=logprobs))
+                if output.finished:
+                    calls = forced_tool_calls(mode, member.text)
+                    chunks += tool_call_deltas(i, calls, 0)
+                    if calls:
+                        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+                    elif member.text:
+                        chunks.append(chunk(i, {"content": member.text}))
+            elif mode.plain:
+                if delta_text or logprobs:
+                    chunks.append(chunk(i, {"content": delta_text}, logprobs=logprobs))
+            else:
+                parser = parsers[i]
+                sent = len(parser.calls)
+                d = parser.feed(delta_text)
+                if output.finished:
+                    tail = parser.finish()
+                    d.content += tail.content
+                    d.reasoning += tail.reasoning
+                    d.tool_calls += tail.tool_calls
+                if d.reasoning:
+                    chunks.append(chunk(i, {"reasoning_content": d.reasoning}))
+                if d.content or logprobs:
+                    chunks.append(chunk(i, {"content": d.content}, logprobs=logprobs))
+                chunks += tool_call_deltas(i, d.tool_calls, sent)
+                if output.finished and parser.calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
             if output.finished:
-                chunks.append(chunk({}, output.finish_reason))
+                chunks.append(chunk(i, {}, finish_reason))
             return chunks
 
         usage = (
-            partial(_usage_chunk, request_id, created, model, "chat.completion.chunk")
+            (lambda: _usage_chunk(request_id, created, model, "chat.completion.chunk", _usage(members)))
             if include_usage
             else None
         )
-        return _streaming_response(_event_stream(generation, first, render, usage))
+        return _streaming_response(_group_stream(group, first, render, usage))
 
     try:
-        text, _, last = await _run(generation, first)
+        await _collect(group, first, members)
     except ClientDisconnected:
         return Response(status_code=499)
+    choices = []
+    for member in members:
+        message, has_calls = _chat_message(mode, member.text)
+        finish_reason = member.finish_reason
+        if has_calls and finish_reason == "stop" and mode.forced != "named":
+            finish_reason = "tool_calls"
+        choices.append(
+            ChatChoice(
+                index=member.index,
+                message=message,
+                logprobs=chat_logprobs(texts, member.logprobs, top_k) if body.logprobs else None,
+                finish_reason=finish_reason,  # type: ignore[arg-type]
+                stop_reason=member.stop_reason,
+            )
+        )
     response = ChatCompletionResponse(
-        id=request_id,
-        created=created,
-        model=model,
-        choices=[ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason)],
-        usage=Usage.of(last.num_prompt_tokens, last.num_output_tokens),
+        id=request_id, created=created, model=model, choices=choices, usage=_usage(members)
     )
-    return JSONResponse(response.model_dump())
+    return JSONResponse(response.model_dump(exclude_none=False))

@@ -56,3 +56,31 @@ def test_free_returns_blocks_and_forgets_cache():
 def test_rejects_empty_pool():
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(0, 16)
+
+
+def test_shared_blocks_are_freed_by_their_last_holder():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a, b, c = make_seq(9), make_seq(9), make_seq(9)
+    bm.allocate(a, 9)  # 3 blocks
+    bm.share(b, a.block_table[:2])
+    bm.allocate(b, 9)  # one more of its own
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert bm.num_used_blocks == 4 and [bm.ref_count(x) for x in a.block_table] == [2, 2, 1]
+    bm.free(a)
+    assert bm.num_used_blocks == 3  # the shared two stay with b
+    bm.share(c, b.block_table[:1])
+    bm.free(b)
+    assert bm.num_used_blocks == 1 and bm.ref_count(c.block_table[0]) == 1
+    bm.free(c)
+    assert bm.num_free_blocks == 6
+
+
+def test_share_refuses_free_blocks_and_non_empty_tables():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a, b = make_seq(4), make_seq(4)
+    with pytest.raises(RuntimeError, match="free"):
+        bm.share(a, [0])
+    bm.allocate(a, 4)
+    bm.allocate(b, 4)
+    with pytest.raises(RuntimeError, match="empty block table"):
+        bm.share(b, a.block_table)

@@ -19,13 +19,15 @@ BLOCK = 16
 class ByteTokenizer:
     eos_token_id = EOS
 
-    def encode(self, text: str) -> list[int]:
+    chat_template: str | None = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
@@ -48,6 +50,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.steps = 0
         self.thread_ids: set[int] = set()
+        # When set, every request outputs these bytes (then finishes with "stop") instead of last + 1.
+        self.script: str | None = None
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
@@ -77,10 +81,15 @@ class FakeEngine:
         for request_id, request in list(self.requests.items()):
             last = (request.output or request.prompt)[-1]
             token = (last + 1) % 256
+            script = self.script.encode() if self.script is not None else None
+            if script is not None:
+                token = script[len(request.output)]
             request.output.append(token)
             text = self.tokenizer.decode([token])
             finished = len(request.output) >= request.params.max_tokens
             reason = "length" if finished else None
+            if script is not None and len(request.output) == len(script):
+                finished, reason = True, "stop"
             for stop in request.params.stop:
                 if stop in self.tokenizer.decode(request.output):
                     finished, reason, text = True, "stop", ""

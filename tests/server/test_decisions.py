@@ -31,7 +31,10 @@ def test_prompt_that_leaves_no_room(prompt_len):
 
 def test_request_models_normalise_fields():
     request = CompletionRequest(model="m", prompt=["only one"], stop="x", top_k=0)
-    assert (request.prompt, request.stop, request.top_k) == ("only one", ["x"], -1)
+    assert (request.prompts(), request.stop, request.top_k) == (["only one"], ["x"], -1)
+    assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
+    assert CompletionRequest(model="m", prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
+    assert CompletionRequest(model="m", prompt="p").prompts() == ["p"]
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "a"}], max_tokens=5)
     assert chat.requested_max_tokens == 5
     both = ChatCompletionRequest(

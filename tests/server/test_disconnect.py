@@ -53,3 +53,20 @@ def test_non_streaming_disconnect_aborts():
         _wait_for(lambda: len(engine.aborted) == 1)
         _wait_for(lambda: server.metric("moefleet_num_requests_running") == 0)
         assert server.metric("moefleet_requests_total", 'finish_reason="abort"') == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_aborts_every_choice_of_an_n_request(stream):
+    """n = 3 choices are three engine requests: a client leaving aborts all of them."""
+    engine = FakeEngine(max_model_len=2048, step_delay=0.02)
+    with serve_app(LocalEngineClient(engine, max_model_len=2048, vocab_size=257)) as server:
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 1000, "n": 3, "stream": stream}
+        if stream:
+            assert asyncio.run(stream_last_event(server.base_url, body, 4, timeout=30)) is None
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.base_url + "/v1/completions", json=body, timeout=0.3)
+        _wait_for(lambda: len(engine.aborted) == 3)
+        assert len({request_id.rsplit("-", 1)[0] for request_id in engine.aborted}) == 1
+        _wait_for(lambda: server.metric("moefleet_num_requests_running") == 0)
+        assert not engine.requests

@@ -99,7 +99,7 @@ def test_errors_surface_as_openai_exceptions(client):
         client.completions.create(model="gpt-4", prompt="a")
     assert not_found.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
-        client.completions.create(model="tiny", prompt="a", n=2)
+        client.completions.create(model="tiny", prompt="a", n=0)
     assert bad.value.body["param"] == "n"
 
 
