@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-ARCHES = ("qwen3_moe", "deepseek_v3")
+ARCHES = ("qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from moefleet.engine.models.base import CausalLM
 from moefleet.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+from moefleet.engine.models.glm4_moe import Glm4MoeForCausalLM
+from moefleet.engine.models.gpt_oss import GptOssForCausalLM
 from moefleet.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 
@@ -22,4 +26,12 @@ def model_class(architecture: str) -> type[CausalLM]:
         ) from None
 
 
-__all__ = ["MODEL_REGISTRY", "CausalLM", "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "model_class"]
+__all__ = [
+    "MODEL_REGISTRY",
+    "CausalLM",
+    "DeepseekV3ForCausalLM",
+    "Glm4MoeForCausalLM",
+    "GptOssForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "model_class",
+]
