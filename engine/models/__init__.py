@@ -6,6 +6,7 @@ from moefleet.engine.models.base import CausalLM
 from moefleet.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from moefleet.engine.models.glm4_moe import Glm4MoeForCausalLM
 from moefleet.engine.models.gpt_oss import GptOssForCausalLM
+from moefleet.engine.models.llama4 import Llama4ForCausalLM
 from moefleet.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
@@ -13,6 +14,9 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
+    "Llama4ForCausalLM": Llama4ForCausalLM,
+    # The text model of a Llama-4 (vision) checkpoint; the vision tower is skipped.
+    "Llama4ForConditionalGeneration": Llama4ForCausalLM,
 }
 
 
@@ -32,6 +36,7 @@ __all__ = [
     "DeepseekV3ForCausalLM",
     "Glm4MoeForCausalLM",
     "GptOssForCausalLM",
+    "Llama4ForCausalLM",
     "Qwen3MoeForCausalLM",
     "model_class",
 ]
