@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-ARCHES = ("qwen3_moe", "deepseek_v3")
+ARCHES = ("qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -329,12 +329,13 @@ def save_weights(weights: dict[str, torch.Tensor], out_dir: Path, shards: int | 
 def make_tiny_model(
     arch: str, out_dir: str | Path, seed: int = 0, shards: int | None = None, **overrides: Any
 ) -> Path:
-    """Write a tiny random `arch` checkpoint ("qwen3_moe" | "deepseek_v3") to `out_dir`; returns the path.
+    """Write a tiny random `arch` checkpoint (one of ARCHES) to `out_dir`; returns the path.
 
-    `overrides` replace config.json fields (e.g. num_hidden_layers=4, rope_scaling={...}).
+    `overrides` replace config.json fields (e.g. num_hidden_layers=4, rope_scaling={...}); `mxfp4=True`
+    (gpt_oss only) writes the experts as MXFP4 blocks + scales, as the released checkpoints.
     """
-    if arch not in ARCHES + EMERGING_ARCHES:
-        raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(ARCHES + EMERGING_ARCHES)})")
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(ARCHES)})")
     mxfp4 = bool(overrides.pop("mxfp4", False))
     if mxfp4 and arch != "gpt_oss":
         raise ValueError("mxfp4=True is only for arch 'gpt_oss' (its experts ship as MXFP4)")

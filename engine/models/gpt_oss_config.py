@@ -58,12 +58,11 @@ class GptOssConfig:
         heads = _get(d, "num_attention_heads", arch, kind=int)
         layers = _get(d, "num_hidden_layers", arch, kind=int)
         max_pos = _get(d, "max_position_embeddings", arch, 131072, int)
+        rope_params: dict = d.get("rope_scaling") or d.get("rope_parameters") or {}
         rope_source = d
-        if not (d.get("rope_scaling") or d.get("rope_parameters")):
+        if not rope_params:
             rope_source = {**d, "rope_scaling": {**DEFAULT_ROPE, "rope_theta": d.get("rope_theta", 150000.0)}}
-        elif not d.get("rope_theta") and "rope_theta" not in (
-            d.get("rope_scaling") or d.get("rope_parameters")
-        ):
+        elif not d.get("rope_theta") and "rope_theta" not in rope_params:
             rope_source = {**d, "rope_theta": 150000.0}
         theta, scaling = parse_rope_scaling(rope_source, max_pos)
         layer_types = _get(

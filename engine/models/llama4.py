@@ -34,7 +34,12 @@ TEXT_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("model.language_model.", "model."),
 )
-SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+SKIPPED_PREFIXES = (
+    "vision_model.",
+    "multi_modal_projector.",
+    "model.vision_model.",
+    "model.multi_modal_projector.",
+)
 STACKED = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<name>gate_up_proj|down_proj)$")
 
 
@@ -53,7 +58,11 @@ class Llama4Attention(nn.Module):
     def __init__(self, config: Llama4TextConfig, layer: int, rotary: RotaryEmbedding):
         super().__init__()
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
         bias = c.attention_bias
         self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
         self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
@@ -66,7 +75,11 @@ class Llama4Attention(nn.Module):
             (c.floor_scale, c.attn_scale) if (c.attn_temperature_tuning and not self.use_rope) else None
         )
         self.attn = LocalPagedAttention(
-            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5, chunk_size=c.layer_chunk(layer)
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.head_dim**-0.5,
+            chunk_size=c.layer_chunk(layer),
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -92,7 +105,9 @@ def decoder_layer(config: Llama4TextConfig, layer: int, rotary: RotaryEmbedding)
     mlp: nn.Module
     if c.is_moe_layer(layer):
         shared = GatedMLP(c.hidden_size, c.intermediate_size)
-        mlp = InputScaledMoE(c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, shared)
+        mlp = InputScaledMoE(
+            c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, shared
+        )
     else:
         mlp = GatedMLP(c.hidden_size, c.intermediate_size_mlp)
     return DecoderLayer(Llama4Attention(c, layer, rotary), mlp, c.hidden_size, c.rms_norm_eps)

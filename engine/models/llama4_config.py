@@ -41,7 +41,9 @@ class Llama4TextConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     attention_bias: bool = False
     tie_word_embeddings: bool = False
-    fp8_weight_block_size: tuple[int, int] | None = None  # the FP8 Maverick release is per-channel: unsupported
+    fp8_weight_block_size: tuple[int, int] | None = (
+        None  # the FP8 Maverick release is per-channel: unsupported
+    )
 
     @classmethod
     def from_dict(cls, d: dict) -> Llama4TextConfig:
@@ -69,7 +71,9 @@ class Llama4TextConfig:
             "chunked_attention" if rope and chunk is not None else "full_attention" for rope in no_rope_layers
         ]
         max_pos = _get(d, "max_position_embeddings", arch, 131072, int)
-        rope_source = d if (d.get("rope_theta") or d.get("rope_parameters")) else {**d, "rope_theta": 500000.0}
+        rope_source = (
+            d if (d.get("rope_theta") or d.get("rope_parameters")) else {**d, "rope_theta": 500000.0}
+        )
         theta, scaling = parse_rope_scaling(rope_source, max_pos)
         cfg = cls(
             vocab_size=_get(d, "vocab_size", arch, kind=int),
