@@ -255,3 +255,99 @@ def test_config_defaults_follow_transformers():
         {k: v for k, v in _config("glm4_moe").items() if k != "partial_rotary_factor"}
     )
     assert glm.rotary_dim == glm.head_dim // 2
+
+
+# gpt-oss ships an o200k-style tokenizer.json (a regex Split, then byte-level without its own regex) and a
+# harmony chat template in chat_template.jinja; this is a small tokenizer of that shape.
+O200K_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+HARMONY_SPECIALS = ["<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"]
+HARMONY_TEMPLATE = """{%- set effort = reasoning_effort | default("medium") -%}
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+Current date: {{ strftime_now("%Y-%m-%d") }}
+
+Reasoning: {{ effort }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
+{%- for message in messages -%}
+{%- if message.role in ["system", "developer"] -%}
+<|start|>developer<|message|># Instructions
+
+{{ message.content }}<|end|>
+{%- elif message.role == "assistant" -%}
+<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
+{%- else -%}
+<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"""
+
+
+def _harmony_tokenizer(out_dir):
+    from moefleet.engine.tiny_model import CORPUS
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=HARMONY_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    out_dir.mkdir()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|return|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 131072,
+        "added_tokens_decoder": {
+            str(tokenizer.token_to_id(t)): {"content": t, "special": True, "normalized": False}
+            for t in HARMONY_SPECIALS
+        },
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (out_dir / "chat_template.jinja").write_text(HARMONY_TEMPLATE)
+    return out_dir
+
+
+def test_gpt_oss_style_tokenizer_and_harmony_template_match_transformers(tmp_path):
+    from moefleet.engine.tokenizer import Tokenizer
+
+    path = _harmony_tokenizer(tmp_path / "harmony")
+    ours, hf = Tokenizer(str(path)), transformers.AutoTokenizer.from_pretrained(path)
+    text = "Don't stop: 12345 knights rode 3 days.\n\nWhat's the capital of France?"
+    assert ours.encode(text) == hf(text)["input_ids"] and ours.decode(ours.encode(text)) == text
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "And three plus three?"},
+    ]
+    for kwargs in ({}, {"reasoning_effort": "high"}):
+        expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+        got = ours.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        assert got == expected
+        assert ours.decode(got, skip_special_tokens=False).endswith("<|end|><|start|>assistant")
+        assert got.count(ours.token_to_id("<|start|>")) == 6  # system, 4 messages, generation prompt
+    assert "Reasoning: high" in ours.render_chat(messages, reasoning_effort="high")
+    assert ours.eos_token == "<|return|>"
