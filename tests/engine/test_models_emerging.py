@@ -351,3 +351,31 @@ def test_gpt_oss_style_tokenizer_and_harmony_template_match_transformers(tmp_pat
         assert got.count(ours.token_to_id("<|start|>")) == 6  # system, 4 messages, generation prompt
     assert "Reasoning: high" in ours.render_chat(messages, reasoning_effort="high")
     assert ours.eos_token == "<|return|>"
+
+
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["float", "mxfp4"])
+def test_gpt_oss_expert_parallel_rank_holds_its_experts_and_biases(tmp_path, mxfp4):
+    """Rank 1 of EP4 over 8 experts holds experts 2 and 3 (weights, biases) exactly as the one-rank model."""
+    from moefleet.engine import parallel_layout
+
+    path = make_tiny_model("gpt_oss", tmp_path / "g", mxfp4=mxfp4)
+    full = load_model(path)
+    parallel_layout.set_layout(parallel_layout.ParallelLayout(ep_rank=1, ep_size=4))
+    try:
+        shard = load_model(path)
+    finally:
+        parallel_layout.set_layout(parallel_layout.ParallelLayout())
+    for layer in range(2):
+        ours = shard.get_submodule(f"model.layers.{layer}.mlp.experts")
+        ref = full.get_submodule(f"model.layers.{layer}.mlp.experts")
+        assert ours.local_experts == range(2, 4) and ours.w13.shape[0] == 2
+        for name in ("w13", "w2", "w13_bias", "w2_bias"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name)[2:4], rtol=0, atol=0)
+    # The one-rank model's expert 3 is transformers' expert 3: gate = even columns, up = odd columns.
+    tensors = load_file(path / "model.safetensors")
+    if not mxfp4:
+        gate_up = tensors["model.layers.1.mlp.experts.gate_up_proj"][3]  # [D, 2I]
+        inter = gate_up.shape[1] // 2
+        experts = full.get_submodule("model.layers.1.mlp.experts")
+        torch.testing.assert_close(experts.w13[3, :inter], gate_up[:, 0::2].T, rtol=0, atol=0)
+        torch.testing.assert_close(experts.w13[3, inter:], gate_up[:, 1::2].T, rtol=0, atol=0)
