@@ -67,9 +67,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         },
         {"shards": 2},
     ),
-    # GLM-4.5: grouped sigmoid top-k (4 groups, 2 chosen) + correction bias, one shared expert, one dense
+    # GLM-4.5: grouped sigmoid top-k (4 groups, 3 chosen) + correction bias, one shared expert, one dense
     # first layer, q/k norm, q/k/v bias, half the head rotated (partial_rotary_factor 0.5), MTP layer skipped.
-    "glm4_grouped": ("glm4_moe", {}, {}),
+    "glm4_grouped": ("glm4_moe", {"topk_group": 3}, {}),
     # GLM-4.5-Air style flat routing: one group, every layer MoE, two shared experts, no q/k norm or bias,
     # a quarter of the head rotated, no renormalisation; sharded safetensors.
     "glm4_flat": (
