@@ -86,9 +86,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         },
         {"shards": 2},
     ),
-    # gpt-oss: sliding window of 4 (shorter than every prompt) then full attention, sinks, yarn RoPE,
+    # gpt-oss: sliding window of 5 (shorter than the test prompts) then full attention, sinks, yarn RoPE,
     # top-2 of 8 experts with biases and the clamped SwiGLU.
-    "gpt_oss_sliding": ("gpt_oss", {}, {}),
+    "gpt_oss_sliding": ("gpt_oss", {"sliding_window": 5}, {}),
     # gpt-oss: full attention first, then two sliding layers of window 7, top-3 of 4 experts, a low
     # swiglu_limit (the clamp bites), plain RoPE, no attention bias, tied embeddings.
     "gpt_oss_full_first": (
