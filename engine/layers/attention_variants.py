@@ -78,21 +78,24 @@ def attention_with_sinks(
     """q [T, H, D]; k/v [B, C_max, Hk, D] per sequence; sinks [H] -> [T, H, D].
 
     softmax over [q.k * scale (masked), sink_h] in float32, the sink's column dropped before the values.
+    As `paged_attention`, the H / Hk query heads of a KV head are folded into the query axis (no K/V copies).
     """
     num_tokens, num_heads, dim = q.shape
     num_seqs, max_query, num_kv_heads = batch.num_seqs, batch.max_query, k.shape[2]
     rep = num_heads // num_kv_heads
     padded = q.new_zeros(num_seqs * max_query, num_heads, dim)
     padded[batch.query_dest] = q
-    qp = padded.view(num_seqs, max_query, num_heads, dim).transpose(1, 2)  # [B, H, Q, D]
-    keys = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, C, D]
-    values = v.repeat_interleave(rep, dim=2).transpose(1, 2)
-    scores = torch.matmul(qp, keys.transpose(2, 3)).float() * scale  # [B, H, Q, C]
-    scores = scores.masked_fill(~batch.mask, float("-inf"))
-    sink = sinks.float().view(1, num_heads, 1, 1).expand(num_seqs, -1, max_query, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    out = torch.matmul(probs.to(values.dtype), values)  # [B, H, Q, Dv]
-    return out.transpose(1, 2).reshape(num_seqs * max_query, num_heads, -1)[batch.query_dest]
+    # [B, Q, Hk, rep, D] -> [B, Hk, Q * rep, D]; row q * rep + r is query q of head hk * rep + r.
+    qp = padded.view(num_seqs, max_query, num_kv_heads, rep, dim).permute(0, 2, 1, 3, 4)
+    qp = qp.reshape(num_seqs, num_kv_heads, max_query * rep, dim)
+    scores = torch.matmul(qp, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, Q * rep, C]
+    mask = batch.mask[:, :, :, None, :].expand(-1, -1, -1, rep, -1).reshape(num_seqs, 1, max_query * rep, -1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, num_kv_heads, 1, rep).expand(num_seqs, -1, max_query, -1)
+    probs = torch.softmax(torch.cat([scores, sink.reshape(num_seqs, num_kv_heads, -1, 1)], dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :-1].to(v.dtype), v.transpose(1, 2))  # [B, Hk, Q * rep, Dv]
+    out = out.view(num_seqs, num_kv_heads, max_query, rep, -1).permute(0, 2, 1, 3, 4)
+    return out.reshape(num_seqs * max_query, num_heads, -1)[batch.query_dest]
 
 
 class LocalPagedAttention(PagedAttention):
