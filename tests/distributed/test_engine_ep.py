@@ -1,5 +1,5 @@
 """The real engine on tiny Qwen3-MoE, DeepSeek-V3 (MLA, grouped top-k, shared experts), GLM-4.5, gpt-oss and
-Llama-4 checkpoints split over 2 ranks (and gpt-oss / Llama-4 over 4 ranks on 2 nodes) (DP attention, EP MoE over gloo
+Llama-4 checkpoints split over 2 ranks (and Llama-4 over 4 ranks on 2 nodes) (DP attention, EP MoE over gloo
 all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on both ranks,
 and the greedy tokens equal a single-process run of the same model; a bad request is refused, not fatal."""
 
@@ -34,7 +34,6 @@ MAX_TOKENS = 6
         ("glm4_grouped", 1, 2),
         ("gpt_oss_sliding", 1, 2),
         ("llama4_chunked", 1, 2),
-        ("gpt_oss_sliding", 2, 2),
         ("llama4_chunked", 2, 2),
     ],
     ids=lambda v: v if isinstance(v, str) else str(v),
