@@ -1,6 +1,6 @@
 """The real engine on tiny Qwen3-MoE, DeepSeek-V3 (MLA, grouped top-k, shared experts), GLM-4.5, gpt-oss and
 Llama-4 checkpoints split over 2 ranks (and Llama-4 over 4 ranks on 2 nodes) (DP attention, EP MoE over gloo
-all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on both ranks,
+all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on every rank,
 and the greedy tokens equal a single-process run of the same model; a bad request is refused, not fatal."""
 
 from __future__ import annotations
