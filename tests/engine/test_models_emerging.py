@@ -379,3 +379,17 @@ def test_gpt_oss_expert_parallel_rank_holds_its_experts_and_biases(tmp_path, mxf
         experts = full.get_submodule("model.layers.1.mlp.experts")
         torch.testing.assert_close(experts.w13[3, :inter], gate_up[:, 0::2].T, rtol=0, atol=0)
         torch.testing.assert_close(experts.w13[3, inter:], gate_up[:, 1::2].T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["glm4_flat", "gpt_oss_full_first", "llama4_all_moe"])
+def test_transformers_saved_checkpoint_loads(name, tmp_path):
+    """What transformers' save_pretrained writes (GLM: stacked experts in v5) loads to transformers' logits."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(name), dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "saved")
+    prompt = list(range(11, 33))
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    got = PagedDriver(load_model(tmp_path / "saved", "cpu", torch.float32)).step(
+        [(0, prompt)], all_logits=True
+    )
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
