@@ -20,6 +20,7 @@ from moefleet.engine.layers.attention_variants import LocalPagedAttention
 from moefleet.engine.layers.experts import Experts
 from moefleet.engine.layers.linear import Linear, set_weight_loader
 from moefleet.engine.layers.moe_variants import GptOssMoE
+from moefleet.engine.layers.norm import RMSNorm
 from moefleet.engine.layers.rotary import RotaryEmbedding
 from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.gpt_oss_config import GptOssConfig
@@ -29,6 +30,14 @@ from torch import nn
 STACKED = re.compile(
     r"^(?P<module>.+\.mlp\.experts)\.(?P<name>gate_up_proj|down_proj)(?P<suffix>_bias|_blocks|_scales)?$"
 )
+
+
+class GptOssRMSNorm(RMSNorm):
+    """gpt-oss multiplies the weight before casting back (`(w * x_normed_f32).to(dtype)`); same in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
 
 class GptOssAttention(nn.Module):
@@ -75,7 +84,10 @@ def decoder_layer(config: GptOssConfig, layer: int, rotary: RotaryEmbedding) -> 
         c.swiglu_alpha,
         c.swiglu_limit,
     )
-    return DecoderLayer(GptOssAttention(c, layer, rotary), mlp, c.hidden_size, c.rms_norm_eps)
+    block = DecoderLayer(GptOssAttention(c, layer, rotary), mlp, c.hidden_size, c.rms_norm_eps)
+    block.input_layernorm = GptOssRMSNorm(c.hidden_size, c.rms_norm_eps)
+    block.post_attention_layernorm = GptOssRMSNorm(c.hidden_size, c.rms_norm_eps)
+    return block
 
 
 class GptOssForCausalLM(CausalLM):
@@ -85,6 +97,7 @@ class GptOssForCausalLM(CausalLM):
         c = config
         rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, interleaved=False)
         super().__init__(c, [decoder_layer(c, i, rotary) for i in range(c.num_hidden_layers)])
+        self.model.norm = GptOssRMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         return super().load_weights(self._from_hf(weights), strict)
