@@ -6,8 +6,9 @@
 
 Weights are stored like `Experts` (w13 [E_local, 2I, D] gate rows then up rows, w2 [E_local, D, I]); the
 biases are `w13_bias` [E_local, 2I] (same row order) and `w2_bias` [E_local, D], loaded from full [E, ...]
-tensors (this rank's rows are taken). The computation is a loop over experts with rows (a reference path;
-a fused kernel would take the biases and the activation as parameters).
+tensors (this rank's rows are taken). The computation is the two reference paths of `Experts` (padded
+batched matmul or loop over experts) with biases and the clamped activation; a fused grouped-GEMM kernel
+would take the biases and the activation as parameters.
 Shape legend: N rows grouped by local expert, D hidden, I expert intermediate size.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from moefleet.engine.layers.experts import Experts
+from moefleet.engine.layers.experts import PAD_FACTOR, PAD_MIN_ROWS, Experts
 from torch import nn
 
 
@@ -49,7 +50,19 @@ class BiasedClampedExperts(Experts):
             param.copy_(rows)
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs."""
+        """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
+
+        As `Experts.forward`: one batched matmul over rows padded to the busiest expert while padding
+        stays small (decode, balanced prefill), else a loop over the experts that have rows.
+        """
+        num_rows = hidden.shape[0]
+        if num_rows == 0:
+            return torch.empty_like(hidden)
+        if len(tokens_per_expert) * max(tokens_per_expert) <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS):
+            return self.forward_padded(hidden, tokens_per_expert)
+        return self.forward_loop(hidden, tokens_per_expert)
+
+    def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         out = torch.empty_like(hidden)
         start = 0
         for local, count in enumerate(tokens_per_expert):
@@ -61,3 +74,17 @@ class BiasedClampedExperts(Experts):
             out[start : start + count] = F.linear(act, self.w2[local], self.w2_bias[local])
             start += count
         return out
+
+    def forward_padded(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        counts = torch.tensor(tokens_per_expert, device=hidden.device)
+        expert = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=hidden.device), counts)
+        position = (
+            torch.arange(hidden.shape[0], device=hidden.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        )
+        padded = hidden.new_zeros(len(tokens_per_expert), max(tokens_per_expert), hidden.shape[1])
+        padded[expert, position] = hidden
+        gate_up = torch.baddbmm(self.w13_bias[:, None, :], padded, self.w13.transpose(1, 2))
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = clamped_swiglu(gate, up, self.alpha, self.limit)
+        out = torch.baddbmm(self.w2_bias[:, None, :], act, self.w2.transpose(1, 2))
+        return out[expert, position]

@@ -393,3 +393,24 @@ def test_transformers_saved_checkpoint_loads(name, tmp_path):
         [(0, prompt)], all_logits=True
     )
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_biased_clamped_experts_paths_match_the_formula():
+    """Padded and loop paths both equal the gpt-oss expert written out per row."""
+    from moefleet.engine.layers.experts_variants import BiasedClampedExperts
+
+    g = torch.Generator().manual_seed(3)
+    experts = BiasedClampedExperts(range(4, 7), hidden_size=8, intermediate_size=5, alpha=1.702, limit=1.5)
+    for param in experts.parameters():
+        param.copy_(torch.randn(param.shape, generator=g))
+    counts = [3, 0, 2]
+    hidden = torch.randn(sum(counts), 8, generator=g)
+    expected = []
+    for row, local in zip(hidden, [0, 0, 0, 2, 2], strict=True):
+        gate_up = experts.w13[local] @ row + experts.w13_bias[local]
+        gate, up = gate_up[:5].clamp(max=1.5), gate_up[5:].clamp(-1.5, 1.5)
+        act = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+        expected.append(experts.w2[local] @ act + experts.w2_bias[local])
+    for path in (experts.forward_padded, experts.forward_loop, experts.forward):
+        torch.testing.assert_close(path(hidden, counts), torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert experts(hidden[:0], [0, 0, 0]).shape == (0, 8)
