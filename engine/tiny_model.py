@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 # kimi_k2: the DeepSeek-V3 architecture (one routing group, one dense layer) with a tiktoken tokenizer.
-ARCHES = ("qwen3_moe", "deepseek_v3", "kimi_k2")
+ARCHES = ("qwen3_moe", "deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "llama4")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -47,6 +47,8 @@ def main(): print("hello world") return 0  # code looks like this, with brackets
 
 
 def default_config(arch: str, vocab_size: int) -> dict[str, Any]:
+    if arch in EMERGING_ARCHES:
+        return emerging_default_config(arch, vocab_size)
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": 64,
@@ -328,12 +330,16 @@ def save_weights(weights: dict[str, torch.Tensor], out_dir: Path, shards: int | 
 def make_tiny_model(
     arch: str, out_dir: str | Path, seed: int = 0, shards: int | None = None, **overrides: Any
 ) -> Path:
-    """Write a tiny random `arch` checkpoint ("qwen3_moe" | "deepseek_v3") to `out_dir`; returns the path.
+    """Write a tiny random `arch` checkpoint (one of ARCHES) to `out_dir`; returns the path.
 
-    `overrides` replace config.json fields (e.g. num_hidden_layers=4, rope_scaling={...}).
+    `overrides` replace config.json fields (e.g. num_hidden_layers=4, rope_scaling={...}); `mxfp4=True`
+    (gpt_oss only) writes the experts as MXFP4 blocks + scales, as the released checkpoints.
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(ARCHES)})")
+    mxfp4 = bool(overrides.pop("mxfp4", False))
+    if mxfp4 and arch != "gpt_oss":
+        raise ValueError("mxfp4=True is only for arch 'gpt_oss' (its experts ship as MXFP4)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if arch == "kimi_k2":
@@ -355,7 +361,16 @@ def make_tiny_model(
         out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos}
     )
     init = _Init(seed)
-    weights = qwen3_moe_weights(config, init) if arch == "qwen3_moe" else deepseek_v3_weights(config, init)
+    if arch in EMERGING_ARCHES:
+        weights = EMERGING_WEIGHTS[arch](config, init)
+        if mxfp4:
+            weights = mxfp4_expert_weights(weights)
+            config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+            _write_json(out / "config.json", config)
+    else:
+        weights = (
+            qwen3_moe_weights(config, init) if arch == "qwen3_moe" else deepseek_v3_weights(config, init)
+        )
     save_weights(weights, out, shards)
     return out
 
@@ -380,3 +395,238 @@ def _make_tiny_kimi(out: Path, seed: int, shards: int | None, overrides: dict[st
     )
     save_weights(deepseek_v3_weights(config, _Init(seed)), out, shards)
     return out
+# ---------------------------------------------------------------------------------------------------------
+# GLM-4.5 (glm4_moe), gpt-oss (gpt_oss) and Llama-4 text (llama4): the emerging MoE families.
+
+EMERGING_ARCHES = ("glm4_moe", "gpt_oss", "llama4")
+
+
+def emerging_default_config(arch: str, vocab_size: int) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": 1024,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
+    if arch == "glm4_moe":
+        return {
+            "architectures": ["Glm4MoeForCausalLM"],
+            "model_type": "glm4_moe",
+            **common,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "attention_bias": True,
+            "use_qk_norm": True,
+            "n_routed_experts": 16,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 4,
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "first_k_dense_replace": 1,
+            "num_nextn_predict_layers": 1,
+        }
+    if arch == "gpt_oss":
+        return {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            **common,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "rms_norm_eps": 1e-5,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "attention_bias": True,
+            "swiglu_limit": 7.0,
+            "rope_theta": 150000.0,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 256,
+            },
+            "router_aux_loss_coef": 0.001,
+            "output_router_logits": False,
+        }
+    if arch == "llama4":
+        return {
+            "architectures": ["Llama4ForCausalLM"],
+            "model_type": "llama4_text",
+            **common,
+            "intermediate_size": 32,
+            "intermediate_size_mlp": 128,
+            "num_hidden_layers": 4,
+            "rms_norm_eps": 1e-5,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2,
+            "no_rope_layers": [1, 1, 1, 0],
+            "attention_chunk_size": 8,
+            "use_qk_norm": True,
+            "attn_temperature_tuning": True,
+            "floor_scale": 4,
+            "attn_scale": 0.1,
+            "attention_bias": False,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "router_aux_loss_coef": 0.001,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+        }
+    raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(EMERGING_ARCHES)})")
+
+
+def _attention(init: _Init, prefix: str, cfg: dict, bias: bool, o_bias: bool) -> dict[str, torch.Tensor]:
+    d, heads, kv_heads, head_dim = (
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    )
+    w: dict[str, torch.Tensor] = {}
+    for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+        w[f"{prefix}.{name}_proj.weight"] = init.linear(rows * head_dim, d)
+        if bias:
+            w[f"{prefix}.{name}_proj.bias"] = init.normal(rows * head_dim, std=0.1)
+    w[f"{prefix}.o_proj.weight"] = init.linear(d, heads * head_dim, gain=OUTPUT_GAIN)
+    if o_bias:
+        w[f"{prefix}.o_proj.bias"] = init.normal(d, std=0.1)
+    return w
+
+
+def glm4_moe_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
+    d, head_dim = cfg["hidden_size"], cfg["head_dim"]
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
+    }
+    num_layers = cfg["num_hidden_layers"]
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = init.norm(d)
+        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        w.update(_attention(init, f"{p}.self_attn", cfg, bias=cfg.get("attention_bias", False), o_bias=False))
+        if cfg.get("use_qk_norm"):
+            w[f"{p}.self_attn.q_norm.weight"] = init.norm(head_dim)
+            w[f"{p}.self_attn.k_norm.weight"] = init.norm(head_dim)
+        if i >= cfg.get("first_k_dense_replace", 1):
+            num_experts, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+            w[f"{p}.mlp.gate.weight"] = init.linear(num_experts, d, gain=3.0)
+            w[f"{p}.mlp.gate.e_score_correction_bias"] = init.normal(num_experts, std=0.05)
+            w.update(_experts(init, f"{p}.mlp", num_experts, d, inter))
+            w.update(_mlp(init, f"{p}.mlp.shared_experts", d, inter * cfg.get("n_shared_experts", 1)))
+        else:
+            w.update(_mlp(init, f"{p}.mlp", d, cfg["intermediate_size"]))
+    for j in range(cfg.get("num_nextn_predict_layers") or 0):  # MTP layers: engines skip them
+        p = f"model.layers.{num_layers + j}"
+        w[f"{p}.enorm.weight"] = init.norm(d)
+        w[f"{p}.hnorm.weight"] = init.norm(d)
+        w[f"{p}.eh_proj.weight"] = init.linear(d, 2 * d)
+    w["model.norm.weight"] = init.norm(d)
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    return w
+
+
+def gpt_oss_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
+    """HF gpt-oss layout (unquantized): experts stacked and transposed, gate/up interleaved in columns."""
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    num_experts, inter = cfg["num_local_experts"], cfg["intermediate_size"]
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = init.norm(d)
+        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        bias = cfg.get("attention_bias", True)
+        w.update(_attention(init, f"{p}.self_attn", cfg, bias=bias, o_bias=bias))
+        w[f"{p}.self_attn.sinks"] = init.normal(heads, std=1.0)
+        w[f"{p}.mlp.router.weight"] = init.linear(num_experts, d, gain=3.0)
+        w[f"{p}.mlp.router.bias"] = init.normal(num_experts, std=0.5)
+        gate_up = torch.stack([init.linear(2 * inter, d, gain=2.0) for _ in range(num_experts)])  # [E, 2I, D]
+        down = torch.stack([init.linear(d, inter, gain=OUTPUT_GAIN) for _ in range(num_experts)])  # [E, D, I]
+        w[f"{p}.mlp.experts.gate_up_proj"] = gate_up.transpose(1, 2).contiguous()  # [E, D, 2I]
+        w[f"{p}.mlp.experts.gate_up_proj_bias"] = init.normal(num_experts, 2 * inter, std=0.1)
+        w[f"{p}.mlp.experts.down_proj"] = down.transpose(1, 2).contiguous()  # [E, I, D]
+        w[f"{p}.mlp.experts.down_proj_bias"] = init.normal(num_experts, d, std=0.1)
+    w["model.norm.weight"] = init.norm(d)
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    return w
+
+
+def mxfp4_expert_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss expert matrices as shipped: `*_blocks` (packed e2m1 pairs) + `*_scales` (e8m0), rows = outputs.
+
+    Replaces `experts.gate_up_proj` [E, D, 2I] / `down_proj` [E, I, D] by their MXFP4 encodings of the
+    [E, out, in] matrices (what the released checkpoints carry); the values change to the nearest MXFP4 ones.
+    """
+    from moefleet.engine.models.mxfp4 import quantize_mxfp4
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            blocks, scales = quantize_mxfp4(tensor.transpose(1, 2).contiguous())
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
+        else:
+            out[name] = tensor
+    return out
+
+
+def llama4_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
+    """HF Llama4ForCausalLM layout: `feed_forward.*`, experts stacked as [E, D, 2I] / [E, I, D]."""
+    d, num_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    num_experts, inter = cfg["num_local_experts"], cfg["intermediate_size"]
+    step = cfg.get("interleave_moe_layer_step", 1)
+    moe_layers = cfg.get("moe_layers")
+    if moe_layers is None:
+        moe_layers = list(range(step - 1, num_layers, step))
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
+    }
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = init.norm(d)
+        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        bias = cfg.get("attention_bias", False)
+        w.update(_attention(init, f"{p}.self_attn", cfg, bias=bias, o_bias=bias))
+        f = f"{p}.feed_forward"
+        if i in moe_layers:
+            w[f"{f}.router.weight"] = init.linear(num_experts, d, gain=3.0)
+            gate_up = torch.stack([init.linear(2 * inter, d) for _ in range(num_experts)])  # [E, 2I, D]
+            down = torch.stack([init.linear(d, inter, gain=OUTPUT_GAIN) for _ in range(num_experts)])
+            w[f"{f}.experts.gate_up_proj"] = gate_up.transpose(1, 2).contiguous()  # [E, D, 2I]
+            w[f"{f}.experts.down_proj"] = down.transpose(1, 2).contiguous()  # [E, I, D]
+            w.update(_mlp(init, f"{f}.shared_expert", d, inter))
+        else:
+            w.update(_mlp(init, f, d, cfg["intermediate_size_mlp"]))
+    w["model.norm.weight"] = init.norm(d)
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    return w
+
+
+EMERGING_WEIGHTS = {"glm4_moe": glm4_moe_weights, "gpt_oss": gpt_oss_weights, "llama4": llama4_weights}

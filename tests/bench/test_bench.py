@@ -48,6 +48,26 @@ def test_presets_keep_full_width_and_set_depth():
     assert PRESETS["deepseek-v3"]["num_hidden_layers"] == 61  # presets are not mutated
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("llama")
+    glm = preset_config("glm-4.5", num_layers=4, dense_layers=1)
+    assert glm["n_routed_experts"] == 160 and glm["first_k_dense_replace"] == 1
+    gpt = preset_config("gpt-oss-120b", num_layers=3)
+    assert gpt["num_local_experts"] == 128 and gpt["layer_types"] == [
+        "sliding_attention",
+        "full_attention",
+    ] * 1 + ["sliding_attention"]
+    with pytest.raises(ValueError, match="gpt-oss has no dense layers"):
+        preset_config("gpt-oss-120b", num_layers=3, dense_layers=1)
+    llama = preset_config("llama4-maverick", num_layers=2)
+    assert llama["num_local_experts"] == 128 and llama["moe_layers"] == [0, 1]
+
+
+@pytest.mark.parametrize("preset", ["tiny-glm4", "tiny-gpt-oss", "tiny-llama4"])
+def test_new_family_presets_run(preset):
+    from dataclasses import replace
+
+    result = run_rank(replace(_tiny("decode"), preset=preset)).to_dict()
+    assert result["step_time_s"] > 0 and result["breakdown_s"]["experts"] > 0
+    assert result["floor_bytes"]["total"] > result["floor_bytes"]["kv_cache"] > 0
 
 
 def _tiny(mode: str) -> BenchOptions:
@@ -142,3 +162,10 @@ def test_triton_attention_backend_runs_in_the_bench(mode):
         4 if mode == "decode" else 64
     )
     assert result["step_time_s"] > 0
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_parses_as_its_architecture(preset):
+    from moefleet.engine.models import model_class
+
+    config = preset_config(preset, num_layers=2)
+    parsed = model_class(config["architectures"][0]).config_class.from_dict(config)  # type: ignore[attr-defined]
+    assert parsed.hidden_size == PRESETS[preset]["hidden_size"]

@@ -1,5 +1,6 @@
-"""The real engine on tiny Qwen3-MoE and DeepSeek-V3 (MLA, grouped top-k, shared experts) checkpoints split over 2 ranks (DP attention, EP MoE over gloo
-all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on both ranks,
+"""The real engine on tiny Qwen3-MoE, DeepSeek-V3 (MLA, grouped top-k, shared experts), GLM-4.5, gpt-oss and
+Llama-4 checkpoints split over 2 ranks (and Llama-4 over 4 ranks on 2 nodes) (DP attention, EP MoE over gloo
+all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on every rank,
 and the greedy tokens equal a single-process run of the same model; a bad request is refused, not fatal."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from moefleet.engine.llm_engine import LLM
 from moefleet.engine.sampling_params import SamplingParams
 from support.tiny_models import one_torch_thread, tiny_model_dir
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
 PROMPTS = [
     [5, 17, 42, 99, 3, 250],
@@ -25,15 +26,30 @@ PROMPTS = [
 MAX_TOKENS = 6
 
 
-@pytest.mark.parametrize("tiny", ["qwen3_norm_topk", "deepseek_grouped"])
-def test_two_rank_engine_matches_single_process(start_group, tiny):
+@pytest.mark.parametrize(
+    ("tiny", "nnodes", "nproc_per_node"),
+    [
+        ("qwen3_norm_topk", 1, 2),
+        ("deepseek_grouped", 1, 2),
+        ("glm4_grouped", 1, 2),
+        ("gpt_oss_sliding", 1, 2),
+        ("llama4_chunked", 1, 2),
+        ("llama4_chunked", 2, 2),
+    ],
+    ids=lambda v: v if isinstance(v, str) else str(v),
+)
+def test_multi_rank_engine_matches_single_process(start_group, tiny, nnodes, nproc_per_node):
+    world = nnodes * nproc_per_node
     model_dir = str(tiny_model_dir(tiny))
     group = start_group(
-        "engine", 1, 2, options={"model": model_dir, "prompts": PROMPTS, "max_tokens": MAX_TOKENS}
+        "engine",
+        nnodes,
+        nproc_per_node,
+        options={"model": model_dir, "prompts": PROMPTS, "max_tokens": MAX_TOKENS},
     )
-    codes = group.wait(timeout_s=120)
-    assert codes == [0, 0], [group.stderr(r)[-3000:] for r in range(2)]
-    front, other = group.results()
+    codes = group.wait(timeout_s=120 * world // 2)
+    assert codes == [0] * world, [group.stderr(r)[-3000:] for r in range(world)]
+    front, *others = group.results()
     with one_torch_thread():
         greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         single = LLM(model_dir, max_model_len=128)
@@ -44,8 +60,10 @@ def test_two_rank_engine_matches_single_process(start_group, tiny):
     assert (
         front["tokens"]["bad"].startswith("RequestRejectedError: ") and "vocabulary" in front["tokens"]["bad"]
     )
-    assert front["prompt_tokens_total"] > 0 and other["prompt_tokens_total"] > 0  # both DP ranks served
-    assert front["expert_params"] == other["expert_params"] == full_expert_params // 2 > 0
+    assert front["prompt_tokens_total"] > 0 and all(
+        o["prompt_tokens_total"] > 0 for o in others
+    )  # all served
+    assert all(r["expert_params"] == full_expert_params // world > 0 for r in (front, *others))
 
 
 def test_peer_death_fails_client_requests_and_exits(start_group):

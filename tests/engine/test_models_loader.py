@@ -44,7 +44,9 @@ def test_missing_directory_and_config(tmp_path):
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(
-        ValueError, match="'LlamaForCausalLM'.*supported: DeepseekV3ForCausalLM, Qwen3MoeForCausalLM"
+        ValueError,
+        match="'LlamaForCausalLM'.*supported: DeepseekV3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, "
+        "Llama4ForCausalLM, Llama4ForConditionalGeneration, Qwen3MoeForCausalLM",
     ):
         load_model(tmp_path)
 

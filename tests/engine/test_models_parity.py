@@ -99,7 +99,9 @@ def test_greedy_generation_matches_transformers(name, reference):
     assert tokens1 == expected[1][:1]
 
 
-@pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
+@pytest.mark.parametrize(
+    "name", ["qwen3_norm_topk", "deepseek_grouped", "glm4_grouped", "gpt_oss_sliding", "llama4_chunked"]
+)
 def test_idle_step_with_zero_tokens(name):
     """Idle data-parallel ranks run the model on T = 0 tokens (so MoE collectives line up)."""
     from moefleet.engine.forward_batch import ForwardBatch, ForwardMode

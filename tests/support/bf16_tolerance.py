@@ -6,6 +6,7 @@
 The aggregate error is not bounded: MoE routing is discrete, so a position whose top-k experts flip in bf16
 has a large error (up to ~0.6 relative on the tiny random models, whose router scores are near-tied).
 Measured 2026-11-28, identical on CPU and H200: median 1.3e-2 to 2.4e-2, top-1 agreement 90% to 98%.
+GLM-4.5 / gpt-oss / Llama-4 tiny configs, CPU 2026-11-30: median 1.3e-2 to 2.0e-2, agreement 90% to 98%.
 """
 
 from __future__ import annotations

@@ -67,6 +67,64 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         },
         {"shards": 2},
     ),
+    # GLM-4.5: grouped sigmoid top-k (4 groups, 3 chosen) + correction bias, one shared expert, one dense
+    # first layer, q/k norm, q/k/v bias, half the head rotated (partial_rotary_factor 0.5), MTP layer skipped.
+    "glm4_grouped": ("glm4_moe", {"topk_group": 3}, {}),
+    # GLM-4.5-Air style flat routing: one group, every layer MoE, two shared experts, no q/k norm or bias,
+    # a quarter of the head rotated, no renormalisation; sharded safetensors.
+    "glm4_flat": (
+        "glm4_moe",
+        {
+            "n_group": 1,
+            "topk_group": 1,
+            "first_k_dense_replace": 0,
+            "n_shared_experts": 2,
+            "use_qk_norm": False,
+            "attention_bias": False,
+            "partial_rotary_factor": 0.25,
+            "norm_topk_prob": False,
+        },
+        {"shards": 2},
+    ),
+    # gpt-oss: sliding window of 5 (shorter than the test prompts) then full attention, sinks, yarn RoPE,
+    # top-2 of 8 experts with biases and the clamped SwiGLU.
+    "gpt_oss_sliding": ("gpt_oss", {"sliding_window": 5}, {}),
+    # gpt-oss: full attention first, then two sliding layers of window 7, top-3 of 4 experts, a low
+    # swiglu_limit (the clamp bites), plain RoPE, no attention bias, tied embeddings.
+    "gpt_oss_full_first": (
+        "gpt_oss",
+        {
+            "num_hidden_layers": 3,
+            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+            "sliding_window": 7,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 3,
+            "swiglu_limit": 0.5,
+            "attention_bias": False,
+            "rope_scaling": {"rope_type": "default", "rope_theta": 10000.0},
+            "tie_word_embeddings": True,
+        },
+        {},
+    ),
+    # Llama-4 (Maverick style): MoE every 2nd layer with dense layers between, chunks of 8 tokens (shorter
+    # than the prompts) on RoPE layers, layer 3 a global NoPE layer with temperature tuning (floor_scale 4),
+    # q/k L2 norm, llama3 RoPE scaling.
+    "llama4_chunked": ("llama4", {}, {}),
+    # Llama-4 (Scout style): every layer MoE, no chunking, no q/k norm, NoPE every 2nd layer without
+    # temperature tuning, plain RoPE.
+    "llama4_all_moe": (
+        "llama4",
+        {
+            "num_hidden_layers": 2,
+            "interleave_moe_layer_step": 1,
+            "no_rope_layers": [1, 0],
+            "attention_chunk_size": None,
+            "use_qk_norm": False,
+            "attn_temperature_tuning": False,
+            "rope_scaling": None,
+        },
+        {},
+    ),
 }
 
 

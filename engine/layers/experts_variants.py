@@ -1,0 +1,90 @@
+"""gpt-oss experts: `Experts` with per-expert biases and the clamped SwiGLU.
+
+    gate, up = x W_gate^T + b_gate, x W_up^T + b_up
+    gate = min(gate, limit); up = clamp(up, -limit, limit)
+    out  = ((up + 1) * gate * sigmoid(alpha * gate)) W_down^T + b_down
+
+Weights are stored like `Experts` (w13 [E_local, 2I, D] gate rows then up rows, w2 [E_local, D, I]); the
+biases are `w13_bias` [E_local, 2I] (same row order) and `w2_bias` [E_local, D], loaded from full [E, ...]
+tensors (this rank's rows are taken). The computation is the two reference paths of `Experts` (padded
+batched matmul or loop over experts) with biases and the clamped activation; a fused grouped-GEMM kernel
+would take the biases and the activation as parameters.
+Shape legend: N rows grouped by local expert, D hidden, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from moefleet.engine.layers.experts import PAD_FACTOR, PAD_MIN_ROWS, Experts
+from torch import nn
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class BiasedClampedExperts(Experts):
+    def __init__(
+        self, local_experts: range, hidden_size: int, intermediate_size: int, alpha: float, limit: float
+    ):
+        super().__init__(local_experts, hidden_size, intermediate_size)
+        self.alpha, self.limit = alpha, limit
+        num_local = len(local_experts)
+        self.w13_bias = nn.Parameter(torch.zeros(num_local, 2 * intermediate_size), requires_grad=False)
+        self.w2_bias = nn.Parameter(torch.zeros(num_local, hidden_size), requires_grad=False)
+        self.w13_bias.weight_loader = self._load_bias  # type: ignore[attr-defined]
+        self.w2_bias.weight_loader = self._load_bias  # type: ignore[attr-defined]
+
+    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """`loaded` [E, ...] for all experts: this rank's rows go into `param` [E_local, ...]."""
+        rows = loaded[self.local_experts.start : self.local_experts.stop]
+        if rows.shape != param.shape:
+            raise ValueError(
+                f"expert bias has shape {tuple(loaded.shape)}, expected [num_experts, {param.shape[1]}] "
+                f"covering local experts {self.local_experts.start}..{self.local_experts.stop - 1}"
+            )
+        with torch.no_grad():
+            param.copy_(rows)
+
+    def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
+
+        As `Experts.forward`: one batched matmul over rows padded to the busiest expert while padding
+        stays small (decode, balanced prefill), else a loop over the experts that have rows.
+        """
+        num_rows = hidden.shape[0]
+        if num_rows == 0:
+            return torch.empty_like(hidden)
+        if len(tokens_per_expert) * max(tokens_per_expert) <= max(PAD_FACTOR * num_rows, PAD_MIN_ROWS):
+            return self.forward_padded(hidden, tokens_per_expert)
+        return self.forward_loop(hidden, tokens_per_expert)
+
+    def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        out = torch.empty_like(hidden)
+        start = 0
+        for local, count in enumerate(tokens_per_expert):
+            if count == 0:
+                continue
+            rows = hidden[start : start + count]
+            gate, up = F.linear(rows, self.w13[local], self.w13_bias[local]).chunk(2, dim=-1)
+            act = clamped_swiglu(gate, up, self.alpha, self.limit)
+            out[start : start + count] = F.linear(act, self.w2[local], self.w2_bias[local])
+            start += count
+        return out
+
+    def forward_padded(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        counts = torch.tensor(tokens_per_expert, device=hidden.device)
+        expert = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=hidden.device), counts)
+        position = (
+            torch.arange(hidden.shape[0], device=hidden.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        )
+        padded = hidden.new_zeros(len(tokens_per_expert), max(tokens_per_expert), hidden.shape[1])
+        padded[expert, position] = hidden
+        gate_up = torch.baddbmm(self.w13_bias[:, None, :], padded, self.w13.transpose(1, 2))
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = clamped_swiglu(gate, up, self.alpha, self.limit)
+        out = torch.baddbmm(self.w2_bias[:, None, :], act, self.w2.transpose(1, 2))
+        return out[expert, position]
