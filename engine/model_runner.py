@@ -54,8 +54,12 @@ class ModelRunner:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
         self.attn_backend = create_attention_backend(config.attention_backend, self.device, config.block_size)
         expert_parallel = any(getattr(m, "ep_size", 1) > 1 for m in self.model.modules())
+        # Attention variants on the torch reference path (windows, chunks, sinks) cannot be captured.
+        capturable = self.attn_backend.supports_cuda_graphs and all(
+            getattr(m, "supports_cuda_graphs", True) for m in self.model.modules()
+        )
         self.use_cuda_graphs, why = decide_cuda_graphs(
-            config.cuda_graphs, self.device, self.attn_backend.supports_cuda_graphs, expert_parallel
+            config.cuda_graphs, self.device, capturable, expert_parallel
         )
         self.graph_runner: CudaGraphRunner | None = None
         self.num_kv_blocks = self._count_kv_blocks()

@@ -395,6 +395,8 @@ def _make_tiny_kimi(out: Path, seed: int, shards: int | None, overrides: dict[st
     )
     save_weights(deepseek_v3_weights(config, _Init(seed)), out, shards)
     return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GLM-4.5 (glm4_moe), gpt-oss (gpt_oss) and Llama-4 text (llama4): the emerging MoE families.
 

@@ -6,7 +6,14 @@ import argparse
 import os
 from typing import Any
 
-ARCHES = ("qwen3_moe", "deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "llama4")  # = tiny_model.ARCHES (not imported: no torch at CLI parse)
+ARCHES = (
+    "qwen3_moe",
+    "deepseek_v3",
+    "kimi_k2",
+    "glm4_moe",
+    "gpt_oss",
+    "llama4",
+)  # = tiny_model.ARCHES (not imported: no torch at CLI parse)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -97,6 +97,7 @@ class RankResult:
     @property
     def prepare_time_s(self) -> float:
         return statistics.median(self.prepare_times_s) if self.prepare_times_s else 0.0
+
     eplb: dict[str, Any] = field(default_factory=dict)  # --eplb: before/after a rebalance
 
     @property

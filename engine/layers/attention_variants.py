@@ -14,9 +14,9 @@ Shape legend: T new tokens, B sequences, Q_max longest query, C_max longest cont
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
-from moefleet.engine.context import ForwardContext, get_context
 from moefleet.engine.layers.attention import (
     PaddedBatch,
     PagedAttention,
@@ -25,9 +25,12 @@ from moefleet.engine.layers.attention import (
     write_slots,
 )
 
+if TYPE_CHECKING:
+    from moefleet.engine.forward_batch import ForwardBatch
+
 
 def local_mask(
-    ctx: ForwardContext, batch: PaddedBatch, sliding_window: int | None, chunk_size: int | None
+    ctx: ForwardBatch, batch: PaddedBatch, sliding_window: int | None, chunk_size: int | None
 ) -> torch.Tensor:
     """`batch.mask` [B, 1, Q_max, C_max] narrowed to the window / chunk of each real query row.
 
@@ -35,7 +38,7 @@ def local_mask(
     """
     device = batch.mask.device
     query_lens = torch.tensor(ctx.query_lens, dtype=torch.long, device=device)
-    context_lens = torch.tensor(ctx.context_lens, dtype=torch.long, device=device)
+    context_lens = torch.tensor(ctx.seq_lens, dtype=torch.long, device=device)
     max_context = batch.mask.shape[-1]
     query_index = torch.arange(batch.max_query, device=device)[None, :]  # [1, Q_max]
     query_pos = (context_lens - query_lens)[:, None] + query_index  # [B, Q_max]
@@ -50,21 +53,21 @@ def local_mask(
 
 
 def local_batch_for(
-    ctx: ForwardContext,
+    ctx: ForwardBatch,
     device: torch.device,
     cache_backed: bool,
     sliding_window: int | None,
     chunk_size: int | None,
 ) -> PaddedBatch:
-    """The step's `PaddedBatch` with the local mask (memoised on the context per window / chunk size)."""
+    """The step's `PaddedBatch` with the local mask (memoised on the forward batch per window / chunk size)."""
     batch = padded_batch_for(ctx, device, cache_backed)
     if sliding_window is None and chunk_size is None:
         return batch
     key = ("local_batch", str(device), cache_backed, sliding_window, chunk_size)
-    if key not in ctx.derived:
-        mask = local_mask(ctx, batch, sliding_window, chunk_size)
-        ctx.derived[key] = replace(batch, mask=mask, fresh_prefill=False)
-    return ctx.derived[key]
+    return ctx.memo(
+        key,
+        lambda: replace(batch, mask=local_mask(ctx, batch, sliding_window, chunk_size), fresh_prefill=False),
+    )
 
 
 def attention_with_sinks(
@@ -101,8 +104,12 @@ def attention_with_sinks(
 class LocalPagedAttention(PagedAttention):
     """`PagedAttention` with an optional sliding window or attention chunk, and optional per-head sinks.
 
-    Same cache layout and `kv_cache_shape`; `forward(q, k, v, sinks=None)` with sinks [H] (gpt-oss).
+    Same cache layout and `kv_cache_shape`; `forward(q, k, v, batch, sinks=None)` with sinks [H] (gpt-oss).
+    It always runs the torch reference path (host-built index maps), whatever the step's attention backend,
+    so models using it are never captured in CUDA graphs (`supports_cuda_graphs`).
     """
+
+    supports_cuda_graphs = False
 
     def __init__(
         self,
@@ -120,14 +127,19 @@ class LocalPagedAttention(PagedAttention):
         self.sliding_window, self.chunk_size = sliding_window, chunk_size
 
     def forward(  # type: ignore[override]
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hk, D] -> [T, H, D]."""
         if q.shape[0] == 0:
             return q.new_empty(0, self.num_heads, self.head_dim)
-        ctx = get_context()
+        ctx = batch
         cache_backed = self.kv_cache.numel() > 0
-        batch = local_batch_for(ctx, q.device, cache_backed, self.sliding_window, self.chunk_size)
+        padded = local_batch_for(ctx, q.device, cache_backed, self.sliding_window, self.chunk_size)
         if cache_backed:
             k_flat = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
             v_flat = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
@@ -135,11 +147,11 @@ class LocalPagedAttention(PagedAttention):
             write_slots(v_flat, ctx, v)
         else:
             k_flat, v_flat = k, v
-        keys = k_flat[batch.kv_source].to(q.dtype)  # [B, C_max, Hk, D]
-        values = v_flat[batch.kv_source].to(q.dtype)
+        keys = k_flat[padded.kv_source].to(q.dtype)  # [B, C_max, Hk, D]
+        values = v_flat[padded.kv_source].to(q.dtype)
         if sinks is not None:
-            return attention_with_sinks(q, keys, values, batch, self.scale, sinks)
-        return paged_attention(q, keys, values, batch, self.scale)
+            return attention_with_sinks(q, keys, values, padded, self.scale, sinks)
+        return paged_attention(q, keys, values, padded, self.scale)
 
     def extra_repr(self) -> str:
         return f"sliding_window={self.sliding_window}, chunk_size={self.chunk_size}"

@@ -115,7 +115,10 @@ class Experts(nn.Module):
         """Tensors with one row per local slot: what moves when a slot changes expert (EPLB)."""
         tensors = [self.w13, self.w2]
         if self.w13_scale_inv is not None and self.w2_scale_inv is not None:
-            tensors += [self.w13_scale_inv, self.w2_scale_inv]  # FP8: the block scales move with their weights
+            tensors += [
+                self.w13_scale_inv,
+                self.w2_scale_inv,
+            ]  # FP8: the block scales move with their weights
         return tensors
 
     def _load_slot(self, local: int, loaded: torch.Tensor, expert_id: int, shard: str) -> None:

@@ -14,6 +14,8 @@ Shape legend: N rows grouped by local expert, D hidden, I expert intermediate si
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from moefleet.engine.layers.experts import PAD_FACTOR, PAD_MIN_ROWS, Experts
@@ -28,7 +30,12 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: fl
 
 class BiasedClampedExperts(Experts):
     def __init__(
-        self, local_experts: range, hidden_size: int, intermediate_size: int, alpha: float, limit: float
+        self,
+        local_experts: Sequence[int],
+        hidden_size: int,
+        intermediate_size: int,
+        alpha: float,
+        limit: float,
     ):
         super().__init__(local_experts, hidden_size, intermediate_size)
         self.alpha, self.limit = alpha, limit
@@ -40,14 +47,21 @@ class BiasedClampedExperts(Experts):
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """`loaded` [E, ...] for all experts: this rank's rows go into `param` [E_local, ...]."""
-        rows = loaded[self.local_experts.start : self.local_experts.stop]
-        if rows.shape != param.shape:
+        if (
+            loaded.dim() != 2
+            or loaded.shape[1] != param.shape[1]
+            or loaded.shape[0] <= max(self.local_experts)
+        ):
             raise ValueError(
                 f"expert bias has shape {tuple(loaded.shape)}, expected [num_experts, {param.shape[1]}] "
-                f"covering local experts {self.local_experts.start}..{self.local_experts.stop - 1}"
+                f"covering local experts {sorted(set(self.local_experts))}"
             )
         with torch.no_grad():
-            param.copy_(rows)
+            param.copy_(loaded[torch.tensor(self.local_experts, dtype=torch.long)])  # one row per local slot
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """EPLB moves the biases with their slot's weights."""
+        return [*super().slot_tensors(), self.w13_bias, self.w2_bias]
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.

@@ -12,7 +12,6 @@ Shape legend: T tokens, D hidden, K top-k.
 from __future__ import annotations
 
 import torch
-from moefleet.engine import parallel_layout
 from moefleet.engine.layers.experts_variants import BiasedClampedExperts
 from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.router import RoutingConfig
@@ -32,7 +31,8 @@ class GptOssMoE(MoE):
     ):
         super().__init__(hidden_size, intermediate_size, RoutingConfig(num_experts=num_experts, top_k=top_k))
         self.gate = TopkSoftmaxRouter(hidden_size, num_experts, top_k)  # type: ignore[assignment]
-        local_experts: range = parallel_layout.current().local_experts(num_experts)
+        # Same physical slots as the base layer built (EPLB: the logical expert of each local slot).
+        local_experts = list(self.experts.local_experts)
         self.experts = BiasedClampedExperts(local_experts, hidden_size, intermediate_size, alpha, limit)
 
 

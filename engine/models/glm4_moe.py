@@ -11,6 +11,8 @@ Shape legend: T tokens, H heads, Hk KV heads, Dh head dim, R rotary dims.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from moefleet.engine.layers.attention import PagedAttention
 from moefleet.engine.layers.linear import Linear
@@ -22,6 +24,9 @@ from moefleet.engine.layers.router import RoutingConfig
 from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.glm4_moe_config import Glm4MoeConfig
 from torch import nn
+
+if TYPE_CHECKING:
+    from moefleet.engine.forward_batch import ForwardBatch
 
 
 def partial_rotary(
@@ -53,7 +58,7 @@ class Glm4MoeAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -61,7 +66,7 @@ class Glm4MoeAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = partial_rotary(self.rotary, positions, q, k)
-        out = self.attn(q, k, v)
+        out = self.attn(q, k, v, batch)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from moefleet.engine.layers.attention_variants import LocalPagedAttention
@@ -26,6 +27,9 @@ from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.gpt_oss_config import GptOssConfig
 from moefleet.engine.models.mxfp4 import BLOCKS_SUFFIX, SCALES_SUFFIX, dequantize_mxfp4
 from torch import nn
+
+if TYPE_CHECKING:
+    from moefleet.engine.forward_batch import ForwardBatch
 
 STACKED = re.compile(
     r"^(?P<module>.+\.mlp\.experts)\.(?P<name>gate_up_proj|down_proj)(?P<suffix>_bias|_blocks|_scales)?$"
@@ -64,13 +68,13 @@ class GptOssAttention(nn.Module):
             sliding_window=c.layer_window(layer),
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, sinks=self.sinks)
+        q, k = self.rotary(positions, q, k, batch)
+        out = self.attn(q, k, v, batch, sinks=self.sinks)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -124,28 +128,31 @@ class GptOssForCausalLM(CausalLM):
                 if len(parts) == 2:
                     del pending[f"{module}.{kind}"]
                     local = self._local(module, name)
-                    blocks = parts[BLOCKS_SUFFIX][local.start : local.stop]
-                    scales = parts[SCALES_SUFFIX][local.start : local.stop]
+                    index = torch.tensor(local, dtype=torch.long)
+                    blocks = parts[BLOCKS_SUFFIX][index]
+                    scales = parts[SCALES_SUFFIX][index]
                     dense = dequantize_mxfp4(blocks, scales, self.lm_head.weight.dtype)  # [E_local, out, in]
-                    yield from _per_expert(module, kind, dense, local, offset=local.start)
+                    yield from _per_expert(module, kind, dense, local, compact=True)
         if pending:
             missing = [
                 f"{n}{SCALES_SUFFIX if BLOCKS_SUFFIX in p else BLOCKS_SUFFIX}" for n, p in pending.items()
             ]
             raise ValueError(f"MXFP4 checkpoint is missing {', '.join(sorted(missing))}")
 
-    def _local(self, module: str, name: str) -> range:
+    def _local(self, module: str, name: str) -> list[int]:
+        """The logical experts this rank holds in that layer (each once, also when several slots hold it)."""
         experts = self._experts(module, name)
         assert isinstance(experts, Experts)
-        return experts.local_experts
+        return sorted(set(experts.local_experts))
 
 
 def _per_expert(
-    module: str, kind: str, matrices: torch.Tensor, local: range, offset: int = 0
+    module: str, kind: str, matrices: torch.Tensor, local: list[int], compact: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """matrices [E(-offset), out, in] -> this rank's `{module}.{e}.{gate,up,down}_proj.weight` [out, in]."""
-    for expert in local:
-        matrix = matrices[expert - offset]
+    """matrices [E, out, in] (or [len(local), out, in] when `compact`) -> this rank's
+    `{module}.{e}.{gate,up,down}_proj.weight` [out, in]."""
+    for i, expert in enumerate(local):
+        matrix = matrices[i] if compact else matrices[expert]
         if kind == "gate_up_proj":
             yield f"{module}.{expert}.gate_proj.weight", matrix[0::2]
             yield f"{module}.{expert}.up_proj.weight", matrix[1::2]

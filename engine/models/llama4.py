@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from moefleet.engine.layers.attention_variants import LocalPagedAttention
@@ -27,6 +28,9 @@ from moefleet.engine.layers.rotary import RotaryEmbedding
 from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.llama4_config import Llama4TextConfig
 from torch import nn
+
+if TYPE_CHECKING:
+    from moefleet.engine.forward_batch import ForwardBatch
 
 # Prefixes of a Llama4ForConditionalGeneration checkpoint: text model -> ours, others skipped.
 TEXT_PREFIXES = (
@@ -82,7 +86,7 @@ class Llama4Attention(nn.Module):
             chunk_size=c.layer_chunk(layer),
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -90,13 +94,13 @@ class Llama4Attention(nn.Module):
         if self.rotary is not None:
             # Interleaved pairs as Llama-4's complex rotation; the de-interleaved output order is the same
             # permutation for q and k, so scores (and the permutation-invariant L2 norm) are unchanged.
-            q, k = self.rotary(positions, q, k)
+            q, k = self.rotary(positions, q, k, batch)
         if self.qk_norm_eps is not None:
             q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
         if self.temperature is not None:
             scales = temperature_scales(positions, *self.temperature)
             q = (q * scales[:, None, None]).to(q.dtype)
-        out = self.attn(q, k, v)
+        out = self.attn(q, k, v, batch)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

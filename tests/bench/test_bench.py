@@ -162,6 +162,8 @@ def test_triton_attention_backend_runs_in_the_bench(mode):
         4 if mode == "decode" else 64
     )
     assert result["step_time_s"] > 0
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_parses_as_its_architecture(preset):
     from moefleet.engine.models import model_class

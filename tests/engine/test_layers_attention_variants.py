@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from moefleet.engine.context import ForwardContext, forward_context
+from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.attention_variants import LocalPagedAttention
 
 BLOCK = 4
@@ -22,32 +22,25 @@ LENGTHS = {0: 9, 1: 6, 2: 5}
 
 
 class Cache:
-    """Hands out shuffled blocks; builds ForwardContexts for steps of (seq, start, count)."""
+    """Hands out shuffled blocks; builds ForwardBatches for steps of (seq, start, count)."""
 
     def __init__(self, num_blocks=32):
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
         self.tables: dict[int, list[int]] = {}
 
     def context(self, steps):
-        slots, query_lens, context_lens = [], [], []
         for seq, start, count in steps:
             table = self.tables.setdefault(seq, [])
             while len(table) * BLOCK < start + count:
                 table.append(self.free.pop())
-            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + count)]
-            query_lens.append(count)
-            context_lens.append(start + count)
-        width = max(len(self.tables[s]) for s, _, _ in steps)
-        tables = torch.full((len(steps), width), -1, dtype=torch.int32)
-        for row, (seq, _, _) in enumerate(steps):
-            tables[row, : len(self.tables[seq])] = torch.tensor(self.tables[seq])
-        return ForwardContext(
-            is_prefill=any(q > 1 for q in query_lens),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=torch.tensor(slots),
-            block_tables=tables,
+        return ForwardBatch.build(
+            input_ids=[0] * sum(n for _, _, n in steps),
+            positions=[p for _, a, n in steps for p in range(a, a + n)],
+            query_lens=[n for _, _, n in steps],
+            seq_lens=[a + n for _, a, n in steps],
+            block_tables=[self.tables[seq] for seq, _, _ in steps],
             block_size=BLOCK,
+            device="cpu",
         )
 
 
@@ -96,8 +89,7 @@ def test_local_attention_matches_the_definition(window, chunk, with_sinks):
         q = torch.cat([seq_q[s][a : a + n] for s, a, n in steps])
         k = torch.cat([seq_k[s][a : a + n] for s, a, n in steps])
         v = torch.cat([seq_v[s][a : a + n] for s, a, n in steps])
-        with forward_context(cache.context(steps)):
-            out = attn(q, k, v, sinks=sinks)
+        out = attn(q, k, v, cache.context(steps), sinks=sinks)
         for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
             outputs[s].append(piece)
     for s in LENGTHS:
@@ -108,8 +100,7 @@ def test_local_attention_matches_the_definition(window, chunk, with_sinks):
 def test_without_cache_attends_within_the_step():
     attn = LocalPagedAttention(2, 1, 4, 0.5, sliding_window=2)
     q, k, v = torch.randn(5, 2, 4), torch.randn(5, 1, 4), torch.randn(5, 1, 4)
-    with forward_context(ForwardContext(is_prefill=True, query_lens=[3, 2], context_lens=[3, 2])):
-        out = attn(q, k, v)
+    out = attn(q, k, v, ForwardBatch.prefill_without_cache([3, 2], "cpu"))
     torch.testing.assert_close(out[:3], reference(q[:3], k[:3], v[:3], 0.5, window=2), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[3:], reference(q[3:], k[3:], v[3:], 0.5, window=2), atol=1e-6, rtol=1e-6)
 
