@@ -56,6 +56,7 @@ class Drain:
         self.started_at: float | None = None
         self.forced = False
         self.in_flight = 0  # requests inside the app (changed on the event loop only)
+        self.signals = 0
         self.listeners: list[
             Callable[[bool], None]
         ] = []  # called with `forced` on begin (e.g. tell the group)
@@ -89,8 +90,10 @@ class Drain:
                 logger.exception("drain listener failed")
 
     def on_signal(self) -> None:
-        """First signal drains, the next forces."""
-        self.begin(force=self.draining)
+        """This process's first signal drains, its second forces. A drain begun otherwise (another node of the
+        group asked) does not count: Kubernetes signals every pod of a group at about the same time."""
+        self.signals += 1
+        self.begin(force=self.signals >= 2)
 
     def action(self) -> str:
         return drain_action(self._clock(), self.started_at, self.timeout_s, self.in_flight, self.forced)

@@ -100,6 +100,7 @@ class Stream:
     done: bool = False  # saw data: [DONE]
     started: float = 0.0
     ended: float | None = None
+
     def __post_init__(self) -> None:
         self.first_token = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
