@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "moefleet.engine.tiny_model_command",  # moefleet make-tiny-model
     "moefleet.operator.cli",  # moefleet operator
     "moefleet.engine.bench.command",  # moefleet bench
+    "moefleet.engine.loadtest.command",  # moefleet loadtest
 ]
 
 USAGE_ERROR = 2

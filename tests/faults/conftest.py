@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 MOEFLEET = str(Path(sys.executable).with_name("moefleet"))
 MODEL = "qwen3_norm_topk"
@@ -170,3 +172,37 @@ def record(name: str, **figures: float | int | str) -> None:
     if path:
         with open(path, "a") as out:
             out.write(line + "\n")
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    """One sample of /metrics, e.g. metric(url, "moefleet_requests_total", 'finish_reason="abort"')."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{wanted} not in /metrics")
+
+
+SHARED_MAX_REQUEST_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One `moefleet serve` for the load and fuzz tests (they leave it as they found it: nothing in flight)."""
+    from support.tiny_models import tiny_model_dir
+
+    log = tmp_path_factory.mktemp("shared-serve") / "serve.log"
+    extra = [
+        "--max-num-seqs",
+        "256",
+        "--max-num-batched-tokens",
+        "512",
+        "--max-request-bytes",
+        str(SHARED_MAX_REQUEST_BYTES),
+    ]
+    server = ServeProcess(tiny_model_dir(MODEL), log, extra)
+    try:
+        server.wait_ready(timeout=120)
+        yield server
+    finally:
+        server.kill()

@@ -76,8 +76,8 @@ def test_json_depth_agrees_with_json_on_generated_documents():
 
     documents = [
         {"a": [1, {"b": "]]]"}, [[[]]]], "c": {"d": {"e": "{{"}}},
-        [{"x": []}, {"y": [[{"z": "\\\""}]]}],
-        {"s": "quote \" inside", "t": [["[", "]"]]},
+        [{"x": []}, {"y": [[{"z": '\\"'}]]}],
+        {"s": 'quote " inside', "t": [["[", "]"]]},
     ]
     for document in documents:
         assert json_depth(json.dumps(document).encode()) == depth_of(document)

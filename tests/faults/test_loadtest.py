@@ -1,0 +1,146 @@
+"""`moefleet loadtest`: its pure parts against hand-computed values / numpy, then a real run against a real
+`moefleet serve` (tiny model, CPU) with a third of the clients hanging up mid-stream: nothing hung, nothing
+lost, every request accounted for on both sides, and the server's KV cache back to 0 afterwards."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+
+import numpy as np
+import pytest
+from faults.conftest import MOEFLEET, metric, record, wait_until
+from moefleet.engine.loadtest.plan import Distribution, parse_distribution, plan_requests
+from moefleet.engine.loadtest.report import RequestResult, percentile, summarize
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("64", Distribution("fixed", 64)),
+        ("uniform:16-256", Distribution("uniform", 16, 256)),
+        ("normal:128,32", Distribution("normal", 128, 32)),
+    ],
+)
+def test_parse_distribution(text, expected):
+    assert parse_distribution(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["0", "uniform:9-3", "uniform:5", "normal:1", "poisson:3", "x"])
+def test_bad_distribution_says_what_is_expected(text):
+    with pytest.raises(ValueError, match="uniform:LOW-HIGH"):
+        parse_distribution(text)
+
+
+def test_plan_is_seeded_and_leaves_mid_stream():
+    args = (300, parse_distribution("uniform:4-40"), parse_distribution("uniform:8-64"), 50.0, 1 / 3, 7)
+    plan = plan_requests(*args)
+    assert plan == plan_requests(*args)  # same seed, same load
+    assert plan != plan_requests(*args[:-1], 8)
+    leaving = [p for p in plan if p.leave_after_chunks is not None]
+    assert len(leaving) == 100
+    assert all(1 <= p.leave_after_chunks <= max(1, p.max_tokens // 2) for p in leaving)
+    assert all(4 <= p.prompt_len <= 40 and 8 <= p.max_tokens <= 64 for p in plan)
+    gaps = np.diff([p.send_at_s for p in plan])
+    assert (gaps >= 0).all() and 1 / 50 * 0.7 < gaps.mean() < 1 / 50 * 1.3  # Poisson at 50 req/s
+    assert all(
+        p.send_at_s == 0
+        for p in plan_requests(5, Distribution("fixed", 1), Distribution("fixed", 1), 0, 0, 0)
+    )
+
+
+def test_percentile_matches_numpy():
+    rng = random.Random(3)
+    for n in (1, 2, 5, 100):
+        values = [rng.random() for _ in range(n)]
+        for q in (0, 50, 90, 99, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_summary_counts():
+    results = [
+        RequestResult(
+            0, finish_reason="length", output_tokens=10, ttft_s=0.1, itl_s=[0.01, 0.03], latency_s=1
+        ),
+        RequestResult(1, left_early=True, output_tokens=3, ttft_s=0.3),
+        RequestResult(2, error="http 503: draining"),
+        RequestResult(3, hung=True, error="hung: no end within the request timeout"),
+        RequestResult(4, output_tokens=2, latency_s=2),  # ended with neither finish_reason nor error: lost
+    ]
+    summary = summarize(results, wall_s=2.0)
+    assert (summary["completed"], summary["left_early"], summary["hung"], summary["lost"]) == (2, 1, 1, 1)
+    assert summary["errors"] == 1 and summary["errors_by_kind"] == {"http 503": 1}
+    assert summary["output_tokens"] == 15 and summary["output_tokens_per_s"] == 7.5
+    assert summary["ttft_s"]["p50"] == pytest.approx(0.2) and summary["itl_s"]["p50"] == pytest.approx(0.02)
+
+
+def _loadtest(url: str, tmp_path, requests: int, concurrency: int, timeout: float) -> dict:
+    out = tmp_path / f"loadtest-{requests}.json"
+    command = [
+        MOEFLEET,
+        "loadtest",
+        "--url",
+        url,
+        "--requests",
+        str(requests),
+        "--concurrency",
+        str(concurrency),
+    ]
+    command += ["--prompt-len", "uniform:4-24", "--output-len", "uniform:8-32", "--ignore-eos"]
+    command += [
+        "--disconnect-fraction",
+        "0.3333",
+        "--request-timeout",
+        "120",
+        "--seed",
+        "1",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "time to first token" in done.stdout and "lost 0" in done.stdout
+    return json.loads(out.read_text())
+
+
+def _check_accounted(server_url: str, summary: dict, requests: int, before: dict[str, float]) -> float:
+    """Nothing hung or lost; the server counted the same; its KV cache drains to 0. Seconds until it did."""
+    leaving = round(requests * 0.3333)
+    assert (summary["hung"], summary["lost"], summary["errors"]) == (0, 0, 0), summary
+    assert summary["left_early"] == leaving and summary["completed"] == requests - leaving
+    assert summary["finish_reasons"] == {
+        "length": requests - leaving
+    }  # ignore_eos: every one ran to max_tokens
+
+    def settled() -> bool:
+        running = metric(server_url, "moefleet_num_requests_running")
+        waiting = metric(server_url, "moefleet_num_requests_waiting")
+        return running == waiting == 0 and metric(server_url, "moefleet_kv_cache_blocks_used") == 0
+
+    kv_zero_s = wait_until(settled, timeout=15, interval=0.1)
+    for reason, expected in (("length", requests - leaving), ("abort", leaving)):
+        counted = metric(server_url, "moefleet_requests_total", f'finish_reason="{reason}"') - before[reason]
+        assert counted == expected, (reason, counted, expected)
+    return kv_zero_s
+
+
+def _finished(server_url: str) -> dict[str, float]:
+    return {
+        r: metric(server_url, "moefleet_requests_total", f'finish_reason="{r}"') for r in ("length", "abort")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_loadtest_with_vanishing_clients(shared_server, tmp_path):
+    url = shared_server.base_url
+    before = _finished(url)
+    summary = _loadtest(url, tmp_path, requests=90, concurrency=48, timeout=150)
+    kv_zero_s = _check_accounted(url, summary, 90, before)
+    record("loadtest_vanishing_clients", requests=90, concurrency=48, left_early=summary["left_early"],
+           hung=0, lost=0, kv_blocks_leaked=0, kv_zero_after_s=round(kv_zero_s, 2),
+           ttft_p99_ms=round(summary["ttft_s"]["p99"] * 1000, 1),
+           output_tok_per_s=round(summary["output_tokens_per_s"], 1))  # fmt: skip
