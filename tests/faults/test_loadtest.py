@@ -138,9 +138,23 @@ def _finished(server_url: str) -> dict[str, float]:
 def test_loadtest_with_vanishing_clients(shared_server, tmp_path):
     url = shared_server.base_url
     before = _finished(url)
-    summary = _loadtest(url, tmp_path, requests=90, concurrency=48, timeout=150)
+    summary = _loadtest(url, tmp_path, requests=90, concurrency=48, timeout=150, output_len="uniform:8-32")
     kv_zero_s = _check_accounted(url, summary, 90, before)
     record("loadtest_vanishing_clients", requests=90, concurrency=48, left_early=summary["left_early"],
            hung=0, lost=0, kv_blocks_leaked=0, kv_zero_after_s=round(kv_zero_s, 2),
            ttft_p99_ms=round(summary["ttft_s"]["p99"] * 1000, 1),
            output_tok_per_s=round(summary["output_tokens_per_s"], 1))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_thousand_concurrent_streams_on_one_server(shared_server, tmp_path):
+    """The issue's 1,000 concurrent streams, against one server (the gateway and a local fleet do not exist
+    yet): all 1,000 connections open at once, a third hang up mid-stream; short outputs keep it bounded."""
+    url = shared_server.base_url
+    before = _finished(url)
+    summary = _loadtest(url, tmp_path, requests=1000, concurrency=1000, timeout=220, output_len="uniform:4-8")
+    kv_zero_s = _check_accounted(url, summary, 1000, before)
+    record("loadtest_1000_streams_one_server", requests=1000, concurrency=1000, left_early=summary["left_early"],
+           hung=0, lost=0, kv_blocks_leaked=0, kv_zero_after_s=round(kv_zero_s, 2), wall_s=round(summary["wall_s"], 1),
+           ttft_p50_s=round(summary["ttft_s"]["p50"], 1), ttft_p99_s=round(summary["ttft_s"]["p99"], 1))  # fmt: skip
