@@ -8,6 +8,7 @@ finish_reason "abort" (still a proper end of stream), exit 0. A second SIGTERM f
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
@@ -79,12 +80,26 @@ def test_sigterm_lets_streams_finish(tmp_path):
 def test_short_drain_timeout_aborts_streams(tmp_path):
     drain_timeout = 1.0
     server = _start(tmp_path, drain_timeout=drain_timeout)
+    plain: dict = {}
+
+    def plain_request() -> None:  # a non-streamed request in flight too: its text so far, finish_reason abort
+        body = {
+            "model": tiny_model_dir(MODEL).name,
+            "prompt": [9, 8, 7],
+            "max_tokens": 1000,
+            "ignore_eos": True,
+        }
+        plain["status"], plain["reply"] = status_of(server.base_url + "/v1/completions", "POST", json=body)
+
+    waiter = threading.Thread(target=plain_request, daemon=True)
     try:
+        waiter.start()
         streams = _streams(server, max_tokens=1000)  # minutes of decoding: cannot finish in the drain
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)  # (refusals are checked above; this server stops within a second)
         for stream in streams:
             assert stream.join(60), "a stream hung after the drain timeout"
+        waiter.join(60)
         code = server.wait(timeout=30)
         exited_s = time.monotonic() - signalled
     finally:
@@ -92,6 +107,9 @@ def test_short_drain_timeout_aborts_streams(tmp_path):
     for stream in streams:  # cut short, but closed properly: finish_reason "abort", then [DONE]
         assert (stream.status, stream.finish_reason, stream.done) == (200, "abort", True), stream
         assert 0 < stream.tokens < 1000 and stream.error is None and stream.exception is None
+    assert plain["status"] == 200, plain
+    assert plain["reply"]["choices"][0]["finish_reason"] == "abort"
+    assert 0 < plain["reply"]["usage"]["completion_tokens"] < 1000
     assert code == 0, server.log()[-3000:]
     ended_s = max(s.ended or 0 for s in streams) - signalled
     assert ended_s < drain_timeout + 10, ended_s
