@@ -40,9 +40,23 @@ json_values = ANY_JSON
 seen: dict[str, Any] = {"requests": 0, "statuses": {}, "5xx": 0}
 
 
-def _bounded(body: dict[str, Any], served: bool, max_new: int) -> dict[str, Any]:
+# What most clients send; the other optional fields are kept in a minority of examples (each has its own rules).
+COMMON = {
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "stream",
+    "stream_options",
+    "temperature",
+    "seed",
+    "stop",
+}
+
+
+def _bounded(body: dict[str, Any], served: bool, max_new: int, common_only: bool) -> dict[str, Any]:
     """Schema-valid bodies, made cheap: a small generation budget, and (mostly) the served model's name."""
-    body = dict(body)
+    body = {k: v for k, v in body.items() if k in COMMON} if common_only else dict(body)
     if served:
         body["model"] = SERVED
     for key in ("max_tokens", "max_completion_tokens"):
@@ -61,6 +75,7 @@ def _schema_bodies(model: Any) -> st.SearchStrategy[dict[str, Any]]:
         from_schema(model.model_json_schema()),
         st.booleans() | st.just(True),  # the served model's name in about 3 of 4 examples
         st.integers(1, MAX_NEW),
+        st.booleans(),
     )
 
 
