@@ -88,3 +88,14 @@ def test_operator_grace_period_covers_the_engine_drain():
     from moefleet.operator.render import PRESTOP_SLEEP_S, TERMINATION_GRACE_S
 
     assert TERMINATION_GRACE_S >= PRESTOP_SLEEP_S + DEFAULT_DRAIN_TIMEOUT_S + ABORT_FLUSH_S + 5
+
+
+def test_serve_refuses_a_negative_drain_timeout(capsys):
+    from moefleet.engine.cli import main
+    from support.tiny_models import tiny_model_dir
+
+    model = str(tiny_model_dir("qwen3_norm_topk"))
+    assert main(["serve", "--model", model, "--port", "0", "--drain-timeout", "-1"]) == 2
+    assert "--drain-timeout -1 must be >= 0 seconds" in capsys.readouterr().err
+    assert main(["serve", "--model", model, "--port", "0", "--max-request-bytes", "0"]) == 2
+    assert "--max-request-bytes 0 must be a positive integer" in capsys.readouterr().err

@@ -162,3 +162,43 @@ def test_thousand_concurrent_streams_on_one_server(shared_server, tmp_path):
     record("loadtest_1000_streams_one_server", requests=1000, concurrency=1000, left_early=summary["left_early"],
            hung=0, lost=0, kv_blocks_leaked=0, kv_zero_after_s=round(kv_zero_s, 2), wall_s=round(summary["wall_s"], 1),
            ttft_p50_s=round(summary["ttft_s"]["p50"], 1), ttft_p99_s=round(summary["ttft_s"]["p99"], 1))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "mode", [["--endpoint", "chat"], ["--no-stream"]], ids=["chat-stream", "completions-json"]
+)
+def test_loadtest_chat_and_plain_json(shared_server, tmp_path, mode):
+    out = tmp_path / "summary.json"
+    command = [MOEFLEET, "loadtest", "--url", shared_server.base_url + "/v1", "--requests", "12"]
+    command += [
+        "--concurrency",
+        "4",
+        "--output-len",
+        "uniform:2-6",
+        "--ignore-eos",
+        "--json",
+        str(out),
+        *mode,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(out.read_text())
+    assert (summary["completed"], summary["errors"], summary["hung"], summary["lost"]) == (12, 0, 0, 0)
+    assert summary["finish_reasons"] == {"length": 12}
+    assert 12 * 2 <= summary["output_tokens"] <= 12 * 6  # usage counts (streams: include_usage), not guesses
+
+
+def test_loadtest_usage_errors(capsys):
+    from moefleet.engine.cli import main
+
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--prompt-len", "uniform:9-3"]) == 2
+    assert "bad length distribution 'uniform:9-3'" in capsys.readouterr().err
+    assert (
+        main(["loadtest", "--url", "http://127.0.0.1:9", "--no-stream", "--disconnect-fraction", "0.5"]) == 2
+    )
+    assert "needs streams" in capsys.readouterr().err
+    assert main(["loadtest", "--url", "http://127.0.0.1:9"]) == 2  # nothing listens: no model list
+    err = capsys.readouterr().err
+    assert "cannot list the models at http://127.0.0.1:9" in err and "pass --model" in err
