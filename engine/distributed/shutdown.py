@@ -32,7 +32,7 @@ def request_drain(store: Any, force: bool = False) -> None:
 
 
 def drain_requested(store: Any) -> str | None:
-    """ "drain", "force" or None."""
+    """The pending drain request: "drain", "force" or None."""
     if not store.check([DRAIN_KEY]):
         return None
     return str(store.get(DRAIN_KEY).decode())
@@ -44,10 +44,6 @@ def announce_shutdown(store: Any) -> None:
         store.set(SHUTDOWN_KEY, "1")
     except Exception as exc:
         logger.warning("could not announce the group shutdown: %s", exc)
-
-
-def shutdown_announced(store: Any) -> bool:
-    return bool(store.check([SHUTDOWN_KEY]))
 
 
 def mark_left(store: Any) -> None:

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from moefleet.engine.server.drain import Drain
-from moefleet.engine.server.errors import error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -145,6 +144,8 @@ class RequestGuard:
 async def _respond(
     send: Send, status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
 ) -> None:
+    from moefleet.engine.server.errors import error_body  # here: `moefleet --help` must not import fastapi
+
     payload = json.dumps(error_body(message, status, code=code)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
