@@ -99,3 +99,20 @@ def test_serve_refuses_a_negative_drain_timeout(capsys):
     assert "--drain-timeout -1 must be >= 0 seconds" in capsys.readouterr().err
     assert main(["serve", "--model", model, "--port", "0", "--max-request-bytes", "0"]) == 2
     assert "--max-request-bytes 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_forced_stop_has_a_hard_deadline(monkeypatch):
+    """After a second signal, a stop that hangs (e.g. a rank stuck in a collective) still ends the process."""
+    import threading
+
+    import moefleet.engine.server.drain as drain_module
+
+    exited = threading.Event()
+    codes: list[int] = []
+    monkeypatch.setattr(drain_module.os, "_exit", lambda code: (codes.append(code), exited.set()))
+    monkeypatch.setattr(drain_module, "FORCE_EXIT_S", 0.05)
+    drain = Drain(timeout_s=30)
+    drain.on_signal()
+    assert not exited.wait(0.2)  # a plain drain has no hard deadline
+    drain.on_signal()
+    assert exited.wait(5) and codes == [drain_module.EXIT_FORCED]
