@@ -140,6 +140,12 @@ def _group_affinity(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> Ob
     }
 
 
+# Graceful drain (engine/server/drain.py): the preStop sleep lets the endpoint removal reach every proxy before
+# SIGTERM; the grace period covers it + the engine's --drain-timeout (default 30 s) + the ordered group stop.
+PRESTOP_SLEEP_S = 5
+TERMINATION_GRACE_S = PRESTOP_SLEEP_S + 30 + 25
+
+
 def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
     """One group: nodesPerReplica pods started together (Parallel), updated only by the operator (OnDelete)."""
     role = spec.role(role_name)
@@ -174,6 +180,7 @@ def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) ->
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
         # Keep the crash reason: the operator copies it into the group-restart Event.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
@@ -183,7 +190,7 @@ def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) ->
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "affinity": _group_affinity(spec, role, replica),
     }
     if role.node_selector:

@@ -23,6 +23,7 @@ from typing import Any
 from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestRejected
 from moefleet.engine.distributed.groups import DistributedState
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown
+from moefleet.engine.distributed.shutdown import announce_shutdown
 from moefleet.engine.distributed.watchdog import fatal, guard
 from moefleet.engine.server.async_engine import EngineDeadError, RequestRejectedError, StreamingEngineClient
 from moefleet.engine.server.metrics import group_stats
@@ -62,7 +63,10 @@ class DPFrontEndClient(StreamingEngineClient):
         self._loop.router.submit(AbortRequest(request_id))
 
     def _request_stop(self) -> None:
-        """Tell every rank to leave its loop (the engine thread stops after that exchange)."""
+        """Tell every rank to leave its loop (the engine thread stops after that exchange); announced in the
+        store first, so no rank's watchdog takes the orderly stop for a failure (exit 0, not 17)."""
+        if self._state is not None:
+            announce_shutdown(self._state.store)
         self._loop.router.submit(Shutdown())
 
     def _on_outputs(self, outputs: list[Any]) -> None:

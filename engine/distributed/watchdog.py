@@ -10,6 +10,9 @@ exit non-zero quickly. Three layers:
   Python code cannot interrupt.
 - `fatal(reason)` / `guard()`: a rank that hits an error posts the reason under the store's abort key, so
   the others exit with the first cause instead of a secondary "connection closed" error.
+An orderly stop is not a failure: once the front end announced the shutdown (shutdown.py), silent peers and a
+vanished store no longer make a rank exit 17. The watchdog also relays drain requests of other nodes to
+`on_drain` (set on the front end).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch.distributed as dist
 from moefleet.engine.distributed.groups import ABORT_KEY, LaunchConfig
+from moefleet.engine.distributed.shutdown import DRAIN_KEY, FORCE, SHUTDOWN_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._store: dist.TCPStore | None = None
+        # Front end: called (from the watchdog thread) with force=True/False when another node asks to drain.
+        self.on_drain: Callable[[bool], None] | None = None
+        self.group_stopping = False  # the front end announced an orderly shutdown
 
     def _connect(self) -> dist.TCPStore:
         # Own client connection: the main thread's store may be busy inside a blocking call.
@@ -99,11 +106,19 @@ class Watchdog:
                 store.add(keys[me], 1)
                 if store.check([ABORT_KEY]):
                     self._leave(f"the group is going down: {store.get(ABORT_KEY).decode()}")
+                if not self.group_stopping and store.check([SHUTDOWN_KEY]):
+                    self.group_stopping = True
+                if self.on_drain is not None and store.check([DRAIN_KEY]):
+                    on_drain, self.on_drain = self.on_drain, None  # once; "force" may follow "drain"
+                    forced = store.get(DRAIN_KEY).decode() == FORCE
+                    on_drain(forced)
+                    if not forced:
+                        self.on_drain = _on_force_only(on_drain)
                 # add(key, 0) reads a counter without blocking on keys a rank has not written yet.
                 values = {rank: store.add(keys[rank], 0) for rank in last_change}
             except Exception as exc:  # the store lives in rank 0: it is gone or unreachable
-                if self._stop.is_set():
-                    return
+                if self._stop.is_set() or self.group_stopping:
+                    return  # an orderly stop: rank 0 took the store down on its way out
                 self._leave(
                     f"lost the group's rendezvous store at {master} (rank 0 on node 0 died, is unreachable or "
                     f"is going down: {exc})"
@@ -113,7 +128,7 @@ class Watchdog:
                 if last_value.get(rank) != value:
                     last_value[rank] = value
                     last_change[rank] = now
-            dead = stale_ranks(last_change, now, self.timeout_s)
+            dead = [] if self.group_stopping else stale_ranks(last_change, now, self.timeout_s)
             if dead:
                 nodes = sorted({rank // self.launch.nproc_per_node for rank in dead})
                 message = f"rank(s) {dead} on node(s) {nodes} stopped heartbeating for more than {self.timeout_s:g} s"
@@ -123,6 +138,16 @@ class Watchdog:
                     pass
                 self._leave(message)
             self._stop.wait(self.interval_s)
+
+
+def _on_force_only(on_drain: Callable[[bool], None]) -> Callable[[bool], None]:
+    """After a plain drain request, only a later "force" is news."""
+
+    def relay(forced: bool) -> None:
+        if forced:
+            on_drain(True)
+
+    return relay
 
 
 def fatal(store: dist.Store | None, rank: int, reason: str) -> None:

@@ -181,6 +181,14 @@ class StreamingEngineClient(EngineClient):
         with self._lock:
             return list(self._streams)
 
+    def abort_all(self) -> int:
+        """Abort every request in flight (drain timeout, forced stop); each ends with finish_reason "abort".
+        Returns how many were asked to stop."""
+        request_ids = self._in_flight()
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
+
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         self._deliver_all([(request_id, item, last)])
 

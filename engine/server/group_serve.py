@@ -7,6 +7,11 @@ its pod's probes (`WorkerNodeClient`). Every rank steps its `DPEngineLoop` until
 Shutdown. A group is all-or-nothing: if any rank dies, the watchdog makes the others exit (code 17) so the
 operator restarts the group whole.
 
+A SIGTERM is not a failure: on node 0 it drains the group (drain.py); on any other node it asks node 0 to
+drain the group (distributed/shutdown.py), and that node's /health turns not-ready at once. Node 0 then
+announces the shutdown, sends Shutdown to every rank and waits for all of them to leave before it takes the
+rendezvous store down, so every rank exits 0.
+
 Everything that can be checked before processes start is checked here (expert slots divisible by the ranks,
 engine config, the HTTP port on node 0), so mistakes fail fast with exit code 2.
 """
@@ -18,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from typing import Any
 
 from moefleet.engine.server.launch import ParallelLaunch
@@ -25,6 +31,7 @@ from moefleet.engine.server.launch import ParallelLaunch
 logger = logging.getLogger(__name__)
 
 CHILD_JOIN_TIMEOUT_S = 30.0
+PEER_LEAVE_TIMEOUT_S = 20.0  # node 0 waits this long for the other ranks to leave before closing the store
 
 
 def _launch_config(launch: ParallelLaunch, local_rank: int) -> Any:
@@ -54,7 +61,9 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
     from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.distributed.request_router import RequestRouter
+    from moefleet.engine.distributed.shutdown import mark_left, request_drain, wait_for_peers_to_leave
     from moefleet.engine.distributed.watchdog import Watchdog, fatal
+    from moefleet.engine.server.drain import Drain
     from moefleet.engine.server.serve_command import engine_config, eplb_config, serve_http
     from moefleet.engine.server.worker_client import WorkerNodeClient
 
@@ -67,24 +76,39 @@ def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int,
     try:
         engine = build_engine(config, state, backend=args.moe_backend, eplb=eplb_config(args))
         loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+        drain = Drain(args.drain_timeout)
         if state.rank == 0:
-            serve_http(DPFrontEndClient(loop, state), sock, args)
+            watchdog.on_drain = drain.begin  # another node's SIGTERM drains the whole group
+            serve_http(DPFrontEndClient(loop, state), sock, args, drain=drain)
+            # The client's shutdown announced it and sent Shutdown; keep the store up until everyone left.
+            if not wait_for_peers_to_leave(state.store, state.world_size - 1, PEER_LEAVE_TIMEOUT_S):
+                logger.warning("not every rank reported leaving within %s s", PEER_LEAVE_TIMEOUT_S)
         elif sock is not None:  # local rank 0 of another node: /health and /metrics for its pod
+            store = state.store
+            drain.listeners.append(lambda force: _in_thread(request_drain, store, force))
             client = WorkerNodeClient(loop, f"{launch.master_addr}", state)
-            serve_http(client, sock, args, stop=client.finished)
-            if client.loop_running:  # stopped by a signal while the group runs: the group cannot go on
-                fatal(state.store, state.rank, f"node {launch.node_rank} was stopped (signal)")
+            serve_http(client, sock, args, stop=client.finished, drain=drain)
+            if not client.finished.is_set():  # the HTTP server died while the group runs: it cannot go on
+                fatal(state.store, state.rank, f"node {launch.node_rank}'s HTTP server stopped unexpectedly")
+            mark_left(state.store)
         else:
             run_worker_rank(loop, state)
+            mark_left(state.store)
     finally:
         watchdog.stop()
         groups.shutdown(state)
 
 
+def _in_thread(target: Any, *args: Any) -> None:
+    # From a signal handler: a store call may block (its host gone); never block the event loop on it.
+    threading.Thread(target=target, args=args, daemon=True).start()
+
+
 def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int) -> None:
-    # Ctrl-C in a terminal reaches the whole process group; children leave through the front end's
-    # Shutdown (or the watchdog), never half-way through a collective.
+    # Ctrl-C in a terminal (or a SIGTERM to the whole process group) reaches every process; children leave
+    # through the front end's Shutdown after the drain (or the watchdog), never half-way through a collective.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper())
     _run_rank(args, launch, local_rank)
 
@@ -129,8 +153,8 @@ def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
             for child in children:
                 child.join(CHILD_JOIN_TIMEOUT_S)
                 if child.is_alive():  # it missed Shutdown (e.g. the group broke): do not leave it behind
-                    logger.warning("rank process %s did not exit; terminating it", child.name)
-                    child.terminate()
+                    logger.warning("rank process %s did not exit; killing it", child.name)
+                    child.kill()  # it ignores SIGTERM
                     child.join(5)
     finally:
         sock.close()

@@ -19,7 +19,9 @@ import sys
 import threading
 from typing import Any
 
+from moefleet.engine.server.drain import ABORT_FLUSH_S, DEFAULT_DRAIN_TIMEOUT_S, Drain
 from moefleet.engine.server.launch import ParallelLaunch
+from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_PORT = 8000
 
@@ -145,6 +147,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "every admin request is refused",
     )
     parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT: refuse new requests, let requests in flight finish for up to this long, then "
+        f"abort them (finish_reason 'abort') and exit 0; a second signal forces (default {DEFAULT_DRAIN_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="BYTES",
+        help=f"larger request bodies get 413 before they are read (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    parser.add_argument(
         "--print-examples",
         action="store_true",
         help="print curl and openai-client examples once the server listens",
@@ -203,7 +220,15 @@ def check_args(args: argparse.Namespace) -> ParallelLaunch:
         )
     if args.device.split(":")[0] not in ("cpu", "cuda"):
         raise CommandError(f"--device {args.device} is not supported", "use --device cpu or --device cuda")
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+    if args.drain_timeout < 0:
+        raise CommandError(f"--drain-timeout {args.drain_timeout:g} must be >= 0 seconds")
+    for flag in (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+        "num_kv_blocks",
+        "max_request_bytes",
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
@@ -382,25 +407,66 @@ def served_model_name(args: argparse.Namespace) -> str:
     return str(args.served_model_name or os.path.basename(os.path.normpath(args.model)))
 
 
-async def _serve(server: Any, sock: socket.socket, on_started: Any, stop: threading.Event | None) -> None:
+async def _serve(
+    server: Any, sock: socket.socket, on_started: Any, stop: threading.Event | None, drain: Drain, client: Any
+) -> None:
+    """Serve until `stop` is set (a worker node's group ended) or the drain says stop (see drain.py)."""
+    from moefleet.engine.server.drain import ABORT, STOP, abort_in_flight
+
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         on_started()
-    while stop is not None and not task.done():
-        if stop.is_set():
-            server.should_exit = True
-        await asyncio.sleep(0.1)
+    aborted_at: float | None = None
+    while not task.done():
+        if stop is not None:  # a node that is not the front end: it stops when its group loop ends
+            if stop.is_set():
+                server.should_exit = True
+        else:
+            action = drain.action()
+            if action == ABORT and aborted_at is None:
+                aborted = abort_in_flight(client)
+                print(
+                    f"moefleet serve: aborted {aborted} request(s) still in flight",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                aborted_at = asyncio.get_running_loop().time()
+            flushed = (
+                aborted_at is not None and asyncio.get_running_loop().time() - aborted_at > ABORT_FLUSH_S
+            )
+            if action == STOP or flushed:
+                server.should_exit = True
+                server.force_exit = drain.forced or flushed  # do not wait on connections that hang on
+        await asyncio.sleep(0.05)
     await task
 
 
+def make_server(config: Any, drain: Drain) -> Any:
+    """A uvicorn server whose SIGTERM/SIGINT drains (first signal) or forces (second) instead of stopping."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Not recorded in _captured_signals: uvicorn would re-raise it after serving and die by the signal
+            # (exit 143) instead of returning 0 after an orderly drain.
+            drain.on_signal()
+
+    return DrainingServer(config)
+
+
 def serve_http(
-    client: Any, sock: socket.socket, args: argparse.Namespace, stop: threading.Event | None = None
+    client: Any,
+    sock: socket.socket,
+    args: argparse.Namespace,
+    stop: threading.Event | None = None,
+    drain: Drain | None = None,
 ) -> None:
-    """Serve the app over `client` on the bound socket until Ctrl-C / SIGTERM (graceful shutdown) or `stop`."""
+    """Serve the app over `client` on the bound socket until a drain ends (SIGTERM / Ctrl-C) or `stop`."""
     import uvicorn
     from moefleet.engine.server.api import build_app
+    from moefleet.engine.server.request_guard import RequestGuard
 
     name = served_model_name(args)
     port = sock.getsockname()[1]
@@ -408,20 +474,21 @@ def serve_http(
 
     routers = [importlib.import_module(module).make_router(client) for module in ROUTER_MODULES]
     routers.append(make_admin_router(admin_token(getattr(args, "admin_token_file", None))))
-    app = build_app(client, name, routers)
+    drain = drain if drain is not None else Drain(args.drain_timeout)
+    app = RequestGuard(build_app(client, name, routers), drain, max_request_bytes=args.max_request_bytes)
     # host/port only label uvicorn's log lines; it serves on the socket bound before the model loaded.
     config = uvicorn.Config(
         app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5
     )
-    server = uvicorn.Server(config)
+    server = make_server(config, drain)
 
     def on_started() -> None:
         if args.print_examples:
             print(examples(args.host, port, name), flush=True)
 
     try:
-        asyncio.run(_serve(server, sock, on_started, stop))
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a clean exit
+        asyncio.run(_serve(server, sock, on_started, stop, drain, client))
+    except KeyboardInterrupt:  # a Ctrl-C outside uvicorn's handlers (e.g. during start-up): a clean exit
         pass
 
 

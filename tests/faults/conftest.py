@@ -1,0 +1,208 @@
+"""Fault-injection helpers: real `moefleet serve` processes (output to a file, never a pipe that can fill) and
+streaming clients in threads that record what they saw and when, so a test can signal or kill mid-stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+MOEFLEET = str(Path(sys.executable).with_name("moefleet"))
+MODEL = "qwen3_norm_topk"
+# Long enough contexts for long streams; small prefill chunks keep a step short on a loaded 2-core machine.
+SERVE_ARGS = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batched-tokens", "64"]
+SERVE_ARGS += ["--log-level", "warning", "--print-examples"]
+
+
+class ServeProcess:
+    """One `moefleet serve` process (a whole server, or one node of a group)."""
+
+    def __init__(self, model: Path, log: Path, extra: list[str]):
+        self.log_path = log
+        self._log = log.open("w")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [MOEFLEET, "serve", "--model", str(model), "--port", "0", *SERVE_ARGS, *extra]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.base_url = ""
+
+    def wait_ready(self, timeout: float) -> str:
+        """The address from the examples banner (printed once the server listens)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"is serving '[^']+' at (http://\S+)", self.log())
+            if match:
+                self.base_url = match.group(1)
+                return self.base_url
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready; exit code {self.process.poll()}; log:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def children(self) -> list[int]:
+        """Pids of the rank processes this node spawned (multiprocessing spawn children)."""
+        pids = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"spawn_main" in cmdline:
+                    pids.append(int(pid))
+        return sorted(pids)
+
+    def kill(self) -> None:
+        """Teardown: make sure nothing is left behind (children too)."""
+        pids = self.children() if self.process.poll() is None else []
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+@dataclass
+class Stream:
+    """One streaming completion in a thread: what came back and when (monotonic seconds)."""
+
+    base_url: str
+    model: str
+    max_tokens: int
+    prompt: list[int] = field(default_factory=lambda: [5, 6, 7, 8])
+    status: int | None = None
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: dict[str, Any] | None = None  # an SSE error event
+    exception: str | None = None  # a transport error (connection reset, timeout)
+    done: bool = False  # saw data: [DONE]
+    started: float = 0.0
+    ended: float | None = None
+
+    def __post_init__(self) -> None:
+        self.first_token = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Stream:
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        body = {"model": self.model, "prompt": self.prompt, "max_tokens": self.max_tokens, "stream": True}
+        body |= {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        try:
+            with httpx.stream("POST", self.base_url + "/v1/completions", json=body, timeout=120) as response:
+                self.status = response.status_code
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: ") :]
+                    if data == "[DONE]":
+                        self.done = True
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        self.error = event["error"]
+                        continue
+                    choice = event["choices"][0]
+                    if choice.get("token_ids"):
+                        self.tokens += len(choice["token_ids"])
+                        self.first_token.set()
+                    if choice["finish_reason"] is not None:
+                        self.finish_reason = choice["finish_reason"]
+        except httpx.HTTPError as exc:
+            self.exception = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.ended = time.monotonic()
+            self.first_token.set()
+
+    def join(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+def wait_until(condition: Any, timeout: float, interval: float = 0.02) -> float:
+    """Poll until `condition()` holds; the seconds it took. Fails the test after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def status_of(url: str, method: str = "GET", **kwargs: Any) -> tuple[int, Any]:
+    response = httpx.request(method, url, timeout=10, **kwargs)
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, response.text
+
+
+def record(name: str, **figures: float | int | str) -> None:
+    """Append a measured figure to $MOEFLEET_RELIABILITY_FIGURES (JSON lines), for docs/reliability.md."""
+    path = os.environ.get("MOEFLEET_RELIABILITY_FIGURES")
+    line = json.dumps({"test": name, **figures})
+    print(f"figure: {line}")
+    if path:
+        with open(path, "a") as out:
+            out.write(line + "\n")
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    """One sample of /metrics, e.g. metric(url, "moefleet_requests_total", 'finish_reason="abort"')."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{wanted} not in /metrics")
+
+
+SHARED_MAX_REQUEST_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One `moefleet serve` for the load and fuzz tests (they leave it as they found it: nothing in flight)."""
+    from support.tiny_models import tiny_model_dir
+
+    log = tmp_path_factory.mktemp("shared-serve") / "serve.log"
+    extra = [
+        "--max-num-seqs",
+        "256",
+        "--max-num-batched-tokens",
+        "512",
+        "--max-request-bytes",
+        str(SHARED_MAX_REQUEST_BYTES),
+    ]
+    server = ServeProcess(tiny_model_dir(MODEL), log, extra)
+    try:
+        server.wait_ready(timeout=120)
+        yield server
+    finally:
+        server.kill()
