@@ -1,13 +1,16 @@
 """Per-shape launch configs for the attention kernels: pure functions of host-known shapes (no autotune, no
 device reads), so a CUDA graph captured for a batch-size bucket replays with the same grid.
 
-Tile choices for Hopper (H200: 132 SMs, 228 KB shared memory per SM, 64K registers per SM):
+Tile choices for Hopper (H200: 132 SMs, 227 KB shared memory per block, 64K registers per SM), from the sweep
+in benchmarks/attention_kernels.py (numbers in docs/benchmarks.md, "Attention kernels"):
 - decode is memory-bound: one program per (sequence, KV head, split) reads each page once for all the query
-  heads that share the KV head; BLOCK_N keys per iteration (several 16-token pages), 2-3 stages in flight.
-  Split-K (flash-decoding) is used when B * Hk programs would not fill the machine a few times over.
-- MLA decode: the latent row (512 + 64) is wide, so the fp32 accumulator [BLOCK_H, 512] limits BLOCK_H; head
-  blocks of one (sequence, split) are adjacent in the grid so the page is read from HBM once and from L2 after.
-- prefill is compute-bound: 128 x 64 tiles with 8 warps (FA2-style), smaller tiles for wide heads (Dk = 192).
+  heads that share the KV head; 64 keys (four 16-token pages) per iteration, 3 stages of cp.async in flight.
+  Split-K (flash-decoding) only when B * Hk programs would not cover the GPU twice; with one split the
+  kernel writes the output itself (no reduce launch).
+- MLA decode at H = 128 is compute-heavy (~240 FLOP per latent byte): 64 heads per program so the dots use
+  wgmma, 64 keys per iteration; the two head blocks of a (sequence, split) are adjacent in the grid, so the
+  page comes from HBM once and from L2 for the other.
+- prefill is compute-bound: 128 x 128 tiles, 8 warps, 3 stages (FA2-style); 128 x 64 for wide heads (Dk 192).
 On CPU (TRITON_INTERPRET=1, the tests) tiles are 16 wide so that small shapes still cross tile boundaries.
 """
 
@@ -86,21 +89,23 @@ def mla_decode_config(
     if device.type != "cuda":
         splits = num_splits or choose_num_splits(batch, max_seq_len, device)
         return DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1, block_h=16)
-    # measured on H200 (docs/benchmarks.md, "Attention kernels"): 64 heads x 32 keys with 8 warps (the two
-    # warpgroups share the 512-wide accumulator) beat 16- and 32-head blocks at H = 128
+    # measured on H200 (docs/benchmarks.md, "Attention kernels"): at H = 128, 64 heads x 64 keys with 8 warps
+    # (two warpgroups sharing the 512-wide accumulator, wgmma) 687 us against 909 us for 64 x 32 and 990 us
+    # for 32 x 32; splitting the latent columns over two programs (v_split) was 2x slower
     if heads >= 64:
-        block_h, warps = 64, 8
+        block_h, block_n, warps = 64, 64, 8
     else:
-        block_h, warps = max(16, triton_next_power_of_2(heads)), 4
+        block_h, block_n, warps = max(16, triton_next_power_of_2(heads)), 32, 4
     programs = batch * -(-heads // block_h)
     splits = num_splits or choose_num_splits(programs, max_seq_len, device)
-    return DecodeConfig(block_n=32, num_splits=splits, num_warps=warps, num_stages=2, block_h=block_h)
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=2, block_h=block_h)
 
 
 def prefill_config(head_dim_k: int, head_dim_v: int, device: torch.device) -> PrefillConfig:
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    # measured on H200: 128 x 128 tiles, 8 warps, 3 stages for D = 128; 128 x 64 for MLA's Dk = 192
+    # measured on H200: 128 x 128 tiles, 8 warps, 3 stages for D = 128 (402 TFLOP/s at 16k causal);
+    # 128 x 64 for MLA's Dk = 192 (409 TFLOP/s)
     if max(head_dim_k, head_dim_v) <= 128:
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
     return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)

@@ -669,7 +669,7 @@ def paged_prefill(
     seq_lens: Tensor,  # [B] int32 context lengths (cached + new)
     scale: float,
     *,
-    max_query_len: int,
+    max_query_len: int,  # host int >= the longest query of the batch (sizes the grid; longer rows are cut)
     sinks: Tensor | None = None,
     sliding_window: int | None = None,
     config: PrefillConfig | None = None,

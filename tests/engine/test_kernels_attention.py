@@ -215,3 +215,18 @@ def test_mla_decode_empty_batch_and_bad_rank(kernels):
     assert out.shape == (0, 16, 64)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         mla.mla_decode(torch.zeros(0, 16, 64), torch.zeros(0, 16, 8), kv, tables, lens, 1.0, kv_lora_rank=64)
+
+
+def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
+    from moefleet.engine.kernels import attention_config as ac
+
+    # an H200's 132 SMs stand in for the device query on this CUDA-less machine
+    monkeypatch.setattr(ac, "_sm_count", lambda device: ac.H200_SMS)
+    cuda = torch.device("cuda")
+    assert ac.choose_num_splits(1024, 2000, cuda) == 1  # 256 sequences x 4 KV heads fill the GPU
+    assert ac.choose_num_splits(32, 32768, cuda) == 9  # 8 sequences x 4 KV heads: ~2 programs per SM
+    assert ac.choose_num_splits(1, 1 << 20, cuda) == ac.MAX_SPLITS
+    assert ac.choose_num_splits(1, 300, cuda) == 1  # too short to split
+    assert ac.mla_decode_config(4, 128, 512, 32768, cuda, num_splits=5).num_splits == 5
+    mla = ac.mla_decode_config(256, 128, 512, 2000, cuda)
+    assert (mla.block_h, mla.block_n, mla.num_splits) == (64, 64, 1)
