@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from moefleet.engine.kernels.fp8_quant import quantize_weight_block
+from moefleet.engine.kernels.fp8_blocks import quantize_weight_block
 from moefleet.engine.layers.experts import Experts
 from moefleet.engine.layers.linear import Fp8Linear, Linear
 from moefleet.engine.models.fp8 import FP8_DTYPES, SCALE_SUFFIX, dequantize_block_fp8

@@ -129,6 +129,8 @@ def load_model(
     if resolve_quantization(config, quantization) == "fp8":
         plan = plan_fp8(model, checkpoint_names(files), config)
         apply_plan(model, plan)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the replaced bf16 tensors' blocks go back before the KV cache is sized
         model.fp8_block_size = None  # the FP8 stream below dequantises what is not kept
         weights = fp8_stream(weights, model, plan, checkpoint_block(config), device)
     with torch.no_grad():

@@ -8,7 +8,10 @@ Read from the checkpoint as data only - its `tokenization_kimi.py` is never exec
 - pre-tokenisation: Kimi's pattern `KIMI_PAT_STR` (the `pat_str` constant of tokenization_kimi.py: Han runs
   split from other letters, then the cl100k-style branches).
 Encoding treats special-token text in the input as the special token (Kimi's `encode` allows all of them);
-decoding with skip_special_tokens drops every special id.
+decoding with skip_special_tokens drops every special id. Special tokens around a completion follow
+transformers' `PreTrainedTokenizer.build_inputs_with_special_tokens` (which Kimi's class does not
+override): tokenizer_config `special_tokens_pattern` "bos" / "eos" / "bos_eos", default none - so Kimi-K2
+completions get no BOS.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import tiktoken
 
+SPECIAL_TOKENS_PATTERNS = ("none", "bos", "eos", "bos_eos")
 RESERVED_SPECIAL = 256 + 2  # Kimi: range(num_base, num_base + num_reserved_special_tokens + 2)
 KIMI_PAT_STR = "|".join(
     [
@@ -72,9 +76,23 @@ class TiktokenVocab:
             name=path.name, pat_str=KIMI_PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
         self._bytes_to_id = ranks
+        pattern = tokenizer_config.get("special_tokens_pattern") or "none"
+        if pattern not in SPECIAL_TOKENS_PATTERNS:
+            raise ValueError(
+                f"tokenizer_config.json special_tokens_pattern {pattern!r} is not supported for tiktoken "
+                f"vocabularies (supported: {', '.join(SPECIAL_TOKENS_PATTERNS)})"
+            )
+        bos, eos = (self._special_id(tokenizer_config.get(k)) for k in ("bos_token", "eos_token"))
+        self.prefix = [bos] if "bos" in pattern and bos is not None else []
+        self.suffix = [eos] if "eos" in pattern and eos is not None else []
+
+    def _special_id(self, value: Any) -> int | None:
+        text = value.get("content") if isinstance(value, dict) else value
+        return self.special_tokens.get(text) if isinstance(text, str) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> _Encoding:
-        return _Encoding(self.encoding.encode(text, allowed_special="all"))
+        ids = self.encoding.encode(text, allowed_special="all")
+        return _Encoding(self.prefix + ids + self.suffix if add_special_tokens else ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:

@@ -14,10 +14,15 @@ import os
 import torch
 import triton
 import triton.language as tl
+from moefleet.engine.kernels.fp8_blocks import (  # noqa: F401 (re-exported)
+    FP8_DTYPE,
+    FP8_MAX,
+    SCALE_EPS,
+    dequantize_block,
+    quantize_per_token_group_reference,
+    quantize_weight_block,
+)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
-SCALE_EPS = 1e-10  # an all-zero group gets this scale (its values quantise to 0 either way)
 # The CPU interpreter rounds float -> e4m3 wrongly when the mantissa carries into the exponent (124.95 -> 64):
 # there the kernel writes float32 values and torch does the final cast.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -72,42 +77,3 @@ def quantize_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor,
             EPS=SCALE_EPS,
         )
     return q.to(FP8_DTYPE), scales
-
-
-def quantize_per_token_group_reference(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of `quantize_per_token_group` (the same formula, column group by column group)."""
-    rows, cols = x.shape
-    groups = -(-cols // group)
-    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=x.device)
-    scales = torch.empty((rows, groups), dtype=torch.float32, device=x.device)
-    for g in range(groups):
-        part = x[:, g * group : (g + 1) * group].float()
-        scale = part.abs().amax(dim=1).clamp(min=SCALE_EPS) / FP8_MAX
-        q[:, g * group : (g + 1) * group] = (part / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        scales[:, g] = scale
-    return q, scales
-
-
-def quantize_weight_block(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [..., O, I] -> (fp8 [..., O, I], scale_inv [..., ceil(O/bo), ceil(I/bi)]): amax/448 per tile.
-
-    DeepSeek's format; used to make FP8 checkpoints from bf16 weights (tiny test models) and by
-    `--quantization fp8` on a bf16 checkpoint. Ragged edge tiles are padded with zeros for the amax.
-    """
-    rows, cols = weight.shape[-2:]
-    br, bc = block
-    tiles_r, tiles_c = -(-rows // br), -(-cols // bc)
-    padded = torch.nn.functional.pad(weight.float(), (0, tiles_c * bc - cols, 0, tiles_r * br - rows))
-    tiles = padded.reshape(*weight.shape[:-2], tiles_r, br, tiles_c, bc)
-    scales = tiles.abs().amax(dim=(-3, -1)).clamp(min=SCALE_EPS) / FP8_MAX
-    q = (tiles / scales[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.reshape(padded.shape)[..., :rows, :cols].contiguous()
-    return q, scales
-
-
-def dequantize_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp8 W [..., O, I] with scale_inv [..., ceil(O/bo), ceil(I/bi)] -> float32 (the CPU path's weights)."""
-    rows, cols = weight.shape[-2:]
-    br, bc = block
-    scale = scale_inv.float().repeat_interleave(br, -2)[..., :rows, :].repeat_interleave(bc, -1)[..., :cols]
-    return weight.float() * scale

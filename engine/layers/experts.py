@@ -171,7 +171,7 @@ class Experts(nn.Module):
         """(w13, w2) in float32 (FP8 experts) or as stored: what the CPU path multiplies with."""
         if self.block_shape is None:
             return self.w13, self.w2
-        from moefleet.engine.kernels.fp8_quant import dequantize_block
+        from moefleet.engine.kernels.fp8_blocks import dequantize_block
 
         assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
         return (

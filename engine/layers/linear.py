@@ -75,7 +75,7 @@ class Fp8Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from moefleet.engine.kernels.fp8_quant import dequantize_block
+        from moefleet.engine.kernels.fp8_blocks import dequantize_block
 
         flat = x.reshape(-1, self.in_features)
         if x.is_cuda:

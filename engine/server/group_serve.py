@@ -129,13 +129,14 @@ def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
 def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
     """This node's part of a multi-process group; returns the exit code of local rank 0."""
     from moefleet.engine.cli import CommandError
-    from moefleet.engine.server.serve_command import _check_device, bind_socket
+    from moefleet.engine.server.serve_command import _check_device, bind_socket, print_weight_plan
 
     check_group(args, launch)
     # Every node's local rank 0 listens: node 0 serves the API, the others /health and /metrics (probes).
     sock = bind_socket(args.host, args.port)
     try:
         _check_device(args.device)
+        print_weight_plan(args, launch.world_size)
         context = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe
         children = [
             context.Process(

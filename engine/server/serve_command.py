@@ -502,14 +502,13 @@ def print_weight_plan(args: argparse.Namespace, world_size: int) -> None:
         quantization = resolve_quantization(config.hf_config, config.quantization)
         dtype_bytes = 4 if config.dtype == "float32" else 2
         line = startup_line(config.hf_config, world_size, quantization, dtype_bytes)
-    except (KeyError, TypeError, ValueError) as exc:  # a config this plan does not know: no estimate
-        line = f"weights per GPU: no estimate ({type(exc).__name__}: {exc})"
-    print(f"moefleet serve: {line}", file=sys.stderr, flush=True)
+    except (KeyError, TypeError, ValueError):  # a config this plan does not know: the load will say why
+        return
+    print(f"moefleet serve: {line}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     launch = check_args(args)
-    print_weight_plan(args, launch.world_size)
     if launch.world_size > 1:
         from moefleet.engine.server.group_serve import run_group
 
@@ -517,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
     try:
         _check_device(args.device)
+        print_weight_plan(args, launch.world_size)
         serve_http(build_engine_client(args), sock, args)
     finally:
         sock.close()

@@ -77,20 +77,24 @@ def test_example_deployments_match_manifests():
     assert "| DeepSeek-R1 reference | decode | 72 | 4 |" in table
 
 
-def test_serve_prints_the_weight_plan_at_start_up(capsys):
+def test_serve_prints_the_weight_plan_at_start_up(capsys, tmp_path):
     import argparse
+    import json
 
     from moefleet.engine.server import serve_command
     from support.tiny_models import tiny_model_dir
 
     parser = argparse.ArgumentParser()
     serve_command.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--model", str(tiny_model_dir("deepseek_grouped"))])
-    serve_command.print_weight_plan(args, 2)
-    err = capsys.readouterr().err
-    config = __import__("json").loads((tiny_model_dir("deepseek_grouped") / "config.json").read_text())
-    plan = memory_plan.weight_bytes(config, 2, 0, "none", 4)  # float32 on CPU
-    assert (
+    model = tiny_model_dir("deepseek_grouped")
+    serve_command.print_weight_plan(parser.parse_args(["serve", "--model", str(model)]), 2)
+    out = capsys.readouterr().out
+    plan = memory_plan.weight_bytes(json.loads((model / "config.json").read_text()), 2, 0, "none", 4)  # fp32
+    line = (
         f"weights per GPU (none, EP2, {plan.expert_slots} expert slots/layer): {plan.total / 2**30:.2f} GiB"
-        in err
     )
+    assert line in out
+    # a config the plan cannot size prints nothing (loading the model reports the real problem)
+    (tmp_path / "config.json").write_text('{"architectures": ["Unknown"]}')
+    serve_command.print_weight_plan(parser.parse_args(["serve", "--model", str(tmp_path)]), 1)
+    assert capsys.readouterr().out == ""

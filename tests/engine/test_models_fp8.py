@@ -161,3 +161,31 @@ def test_quantize_model_in_place_matches_block_quantizer():
     q, s, _ = quantize_and_restore(before["model.layers.2.mlp.experts.w2"][3], BLOCK)
     assert torch.equal(experts.w2[3].view(torch.uint8), q.view(torch.uint8))
     assert not isinstance(model.get_submodule("model.layers.1.self_attn.kv_b_proj"), Fp8Linear)
+
+
+def test_fp8_stream_pairs_scales_in_any_order(fp8_dirs):
+    """Scales before their weights (other shard order) load the same FP8 model; orphans are named."""
+    from moefleet.engine.fp8_weights import apply_plan, checkpoint_block, fp8_stream, plan_fp8
+
+    fp8_dir, _, _ = fp8_dirs
+    config = json.loads((fp8_dir / "config.json").read_text())
+    stored = load_file(str(fp8_dir / "model.safetensors"))
+    with one_torch_thread():
+        in_order = load_model(fp8_dir)
+        model = build_model(config)
+        plan = plan_fp8(model, stored, config)
+        apply_plan(model, plan)
+        model.fp8_block_size = None
+        reversed_items = sorted(stored.items(), key=lambda kv: kv[0].endswith("_scale_inv"), reverse=True)
+        model.load_weights(fp8_stream(reversed_items, model, plan, checkpoint_block(config), "cpu"))
+    tensors_a = [*in_order.named_parameters(), *in_order.named_buffers()]  # expert scales are buffers
+    tensors_b = [*model.named_parameters(), *model.named_buffers()]
+    assert any(n.endswith("w13_scale_inv") for n, _ in tensors_a)
+    for (name, a), (_, b) in zip(tensors_a, tensors_b, strict=True):
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b,
+        ), name
+    with pytest.raises(ValueError, match="no partner.*q_a_proj.weight_scale_inv"):
+        name = "model.layers.1.self_attn.q_a_proj.weight"
+        list(fp8_stream([(name + "_scale_inv", stored[name + "_scale_inv"])], model, plan, BLOCK, "cpu"))

@@ -184,3 +184,22 @@ def test_incremental_detokenizer_waits_for_whole_characters(kimi_dir):
     deltas = [detok.update(i)[0] for i in ids]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_bos_only_where_special_tokens_pattern_asks(kimi_dir, tmp_path):
+    import shutil
+
+    tok = Tokenizer(kimi_dir)
+    assert tok.encode("Hello") == tok.encode("Hello", add_special_tokens=False)  # Kimi: no pattern, no BOS
+    other = tmp_path / "bos"
+    shutil.copytree(kimi_dir, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["special_tokens_pattern"] = "bos"  # what transformers' PreTrainedTokenizer honours
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    with_bos = Tokenizer(other)
+    assert with_bos.encode("Hello") == [with_bos.bos_token_id, *tok.encode("Hello")]
+    assert with_bos.encode("Hello", add_special_tokens=False) == tok.encode("Hello")
+    config["special_tokens_pattern"] = "cls_sep"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="special_tokens_pattern 'cls_sep' is not supported"):
+        Tokenizer(other)
