@@ -121,13 +121,6 @@ def check_experts_divisible(num_experts: int, world_size: int) -> None:
         )
 
 
-def check_model_experts_divisible(hf_config: dict[str, Any], world_size: int) -> None:
-    """`check_experts_divisible` for a model's config.json (nothing to check without routed experts)."""
-    num_experts = hf_config.get("num_experts", hf_config.get("n_routed_experts"))
-    if num_experts is not None:
-        check_experts_divisible(int(num_experts), world_size)
-
-
 def model_config_hash(hf_config: dict[str, Any]) -> str:
     """Short stable hash of a model's config.json contents (key order does not matter)."""
     blob = json.dumps(hf_config, sort_keys=True, default=str).encode()

@@ -39,8 +39,11 @@ def _start_node(model: Path, node_rank: int, master_port: int, token_file: Path)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _stream_token_ids(base: str, model: str, prompt: list[int], started: threading.Event) -> list[int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
+def stream_token_ids(
+    base: str, model: str, prompt: list[int], new_tokens: int, started: threading.Event
+) -> list[int]:
+    """Greedy streamed completion; sets `started` once the first token arrived."""
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True}
     body |= {"ignore_eos": True, "return_token_ids": True}
     tokens: list[int] = []
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as response:
@@ -95,7 +98,9 @@ def test_rebalance_over_http_while_streaming_keeps_greedy_outputs(tmp_path):
         # During: streams are producing tokens when the rebalance is requested.
         started = threading.Event()
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            streams = [pool.submit(_stream_token_ids, front_end, model.name, p, started) for p in PROMPTS]
+            streams = [
+                pool.submit(stream_token_ids, front_end, model.name, p, NEW_TOKENS, started) for p in PROMPTS
+            ]
             assert started.wait(120)
             reply = httpx.post(front_end + "/admin/eplb/rebalance", headers=auth, timeout=120)
             assert reply.status_code == 200, reply.text
