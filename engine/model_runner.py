@@ -280,9 +280,7 @@ class ModelRunner:
         path = Path(self.config.model) / "tokenizer.json"
         vocab_size = int(self.config.hf_config.get("vocab_size", 0)) or None
         backend = BackendTokenizer.from_file(str(path))
-        return compiler_for(
-            str(path.resolve()), backend, vocab_size or backend.get_vocab_size(), self.eos_token_ids
-        )
+        return compiler_for(backend, vocab_size or backend.get_vocab_size(), self.eos_token_ids)
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         return SamplingBatch(

@@ -11,12 +11,14 @@ to the device, so on a GPU the fill overlaps the forward; after the logits, `app
 one kernel; after sampling, `accept(seqs, tokens)` advances each sequence's matcher. The sampled token's logprobs
 are taken before the mask (engine/logprobs.py), so they stay the model's raw distribution.
 
-The HTTP server compiles each grammar once at request time (`GrammarCompilers.compile`), so a bad schema is
-a 400 there; the engine compiles again from the same cache (same process) or its own (another rank).
+The HTTP server compiles each grammar once at request time (`compiler_for(...).compile`, off the event loop), so
+a bad schema is a 400 there; a local engine then finds it in the same compiler's cache, while the ranks of a
+DP group compile it on first use (inside their step: that step waits for the compile; cached afterwards).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Sequence as Seq
@@ -107,15 +109,17 @@ _compilers: dict[Any, GrammarCompiler] = {}
 _compilers_lock = threading.Lock()
 
 
-def compiler_for(
-    key: Any, backend_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]
-) -> GrammarCompiler:
-    """One compiler per (key, vocab size) in this process (the server and a local engine share it)."""
+def compiler_for(backend_tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> GrammarCompiler:
+    """One compiler (and so one grammar cache) per tokenizer content, vocabulary size and stop ids in this
+    process: the HTTP server's check and a local engine's step share it, so the engine's compile of a grammar
+    the server already compiled is a cache hit."""
+    content = hashlib.sha256(backend_tokenizer.to_str().encode()).hexdigest()
+    key = (content, vocab_size, tuple(stop_token_ids))
     with _compilers_lock:
-        compiler = _compilers.get((key, vocab_size))
+        compiler = _compilers.get(key)
         if compiler is None:
             compiler = GrammarCompiler(backend_tokenizer, vocab_size, stop_token_ids)
-            _compilers[(key, vocab_size)] = compiler
+            _compilers[key] = compiler
         return compiler
 
 

@@ -30,20 +30,16 @@ class TokenTexts:
 
 
 def completion_logprobs(
-    texts: TokenTexts, entries: Sequence[TokenLogprob | None], text_offset: int
+    texts: TokenTexts, entries: Sequence[TokenLogprob], text_offset: int
 ) -> dict[str, Any]:
     """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs (dicts; the sampled token is
-    included, as vLLM does) and text_offset (character offsets, starting at `text_offset`). A None entry is
-    the first prompt token (echo), which has no logprob."""
+    included, as vLLM does) and text_offset (character offsets, starting at `text_offset`)."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     offsets: list[int] = []
     offset = text_offset
     for entry in entries:
-        if entry is None:
-            # Only the first prompt token; its text is still needed for offsets.
-            raise ValueError("use completion_logprobs_with_first for a prompt's first token")
         token = texts.text(entry.token_id)
         tokens.append(token)
         token_logprobs.append(entry.logprob)
@@ -66,7 +62,8 @@ def echo_logprobs(
     prompt_entries: Sequence[TokenLogprob | None],
     output_entries: Sequence[TokenLogprob],
 ) -> dict[str, Any]:
-    """Completions logprobs of an echoed prompt followed by the output (offsets from 0)."""
+    """Completions logprobs of an echoed prompt followed by the output (offsets from 0); the first prompt
+    token has no logprob (null entries, as OpenAI)."""
     first = texts.text(prompt_ids[0])
     rest = completion_logprobs(texts, [e for e in prompt_entries[1:] if e is not None], len(first))
     tail = completion_logprobs(texts, output_entries, len(first) + sum(len(t) for t in rest["tokens"]))

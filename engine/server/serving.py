@@ -60,6 +60,7 @@ class ServerState:
     client: EngineClient
     served_model_name: str
     metrics: ServerMetrics
+    grammar_compiler: Any = None  # structured outputs: built on the first request that needs it
 
 
 def resolve_max_tokens(
@@ -285,8 +286,9 @@ async def check_grammar(state: ServerState, structured: StructuredOutput | None,
         )
     eos = list(getattr(tokenizer, "eos_token_ids", []) or [])
     try:
-        compiler = compiler_for(("server", id(backend)), backend, int(vocab_size), eos)
-        await asyncio.to_thread(compiler.compile, structured)
+        if state.grammar_compiler is None:  # the first structured request builds the tokenizer's tables
+            state.grammar_compiler = await asyncio.to_thread(compiler_for, backend, int(vocab_size), eos)
+        await asyncio.to_thread(state.grammar_compiler.compile, structured)
     except GrammarError as exc:
         raise OpenAIError(str(exc), param=param) from exc
 

@@ -129,7 +129,7 @@ def test_streamed_completion_logprobs_equal_unstreamed(client):
             if choice.logprobs is not None:
                 streamed += choice.logprobs.token_logprobs
     assert text == whole.text
-    assert streamed == pytest.approx(whole.logprobs.token_logprobs, abs=1e-6)
+    assert streamed == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -415,7 +415,25 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(client, stream):
         text, token_logprobs = out.choices[0].text, out.choices[0].logprobs.token_logprobs
         assert out.usage.completion_tokens == 0
     assert len(token_logprobs) == len(PROMPT)
-    assert token_logprobs == pytest.approx(reference.token_logprobs[: len(PROMPT)], abs=1e-6)
+    assert token_logprobs == pytest.approx(reference.token_logprobs[: len(PROMPT)], abs=1e-5)
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0)
     assert bad.value.body["param"] == "max_tokens"
+
+
+def test_batched_string_prompts_echo_each_prompt_with_its_logprobs(client):
+    prompts = ["Hello, how are you today?", "The quick brown fox"]
+    out = client.completions.create(
+        model=NAME, prompt=prompts, max_tokens=2, temperature=0, echo=True, logprobs=1
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for prompt, choice in zip(prompts, out.choices, strict=True):
+        assert choice.text.startswith(prompt)
+        single = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1
+        )
+        assert choice.text == single.choices[0].text
+        assert choice.logprobs.token_logprobs == pytest.approx(
+            single.choices[0].logprobs.token_logprobs, abs=1e-5
+        )
+    assert out.usage.completion_tokens == 4
