@@ -52,7 +52,7 @@ def _refuses_new_work(server: ServeProcess) -> float:
 def test_sigterm_lets_streams_finish(tmp_path):
     server = _start(tmp_path, drain_timeout=60)
     try:
-        streams = _streams(server, max_tokens=160)
+        streams = _streams(server, max_tokens=400)  # long enough to still run during the checks
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)
         not_ready_s = _refuses_new_work(server)
@@ -63,7 +63,7 @@ def test_sigterm_lets_streams_finish(tmp_path):
     finally:
         server.kill()
     for stream in streams:  # every token of every stream arrived, ended normally
-        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 160, "length", True)
+        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 400, "length", True)
         assert stream.error is None and stream.exception is None
     assert code == 0, server.log()[-3000:]
     assert "exit code 17" not in server.log()

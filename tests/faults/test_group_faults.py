@@ -68,7 +68,7 @@ def test_sigterm_drains_the_whole_group_and_exits_0(tmp_path):
     try:
         front_end, worker = (node.wait_ready(timeout=180) for node in nodes)
         model = tiny_model_dir(MODEL).name
-        streams = [Stream(front_end, model, 80, prompt=[5 + i, 6, 7]).start() for i in range(4)]
+        streams = [Stream(front_end, model, 200, prompt=[5 + i, 6, 7]).start() for i in range(4)]
         for stream in streams:
             assert stream.first_token.wait(90) and stream.tokens > 0, nodes[0].log()[-3000:]
         signalled = time.monotonic()
@@ -88,7 +88,7 @@ def test_sigterm_drains_the_whole_group_and_exits_0(tmp_path):
         for node in nodes:
             node.kill()
     for stream in streams:
-        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 80, "length", True)
+        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 200, "length", True)
     logs = [node.log() for node in nodes]
     assert codes == [0, 0], "\n---\n".join(log[-3000:] for log in logs)
     assert not any(f"exit code {EXIT_CODE}" in log for log in logs)

@@ -108,12 +108,13 @@ def _loadtest(url: str, tmp_path, requests: int, concurrency: int, timeout: floa
 
 def _check_accounted(server_url: str, summary: dict, requests: int, before: dict[str, float]) -> float:
     """Nothing hung or lost; the server counted the same; its KV cache drains to 0. Seconds until it did."""
-    leaving = round(requests * 0.3333)
+    planned_to_leave = round(requests * 0.3333)
     assert (summary["hung"], summary["lost"], summary["errors"]) == (0, 0, 0), summary
-    assert summary["left_early"] == leaving and summary["completed"] == requests - leaving
-    assert summary["finish_reasons"] == {
-        "length": requests - leaving
-    }  # ignore_eos: every one ran to max_tokens
+    # A client whose stream ended before it reached its leaving point (some tokens decode to no text, so
+    # fewer content chunks than tokens) simply completed: every request is one or the other.
+    leaving, completed = summary["left_early"], summary["completed"]
+    assert leaving + completed == requests and 0.9 * planned_to_leave <= leaving <= planned_to_leave, summary
+    assert summary["finish_reasons"] == {"length": completed}  # ignore_eos: every one ran to max_tokens
 
     def settled() -> bool:
         running = metric(server_url, "moefleet_num_requests_running")
@@ -128,7 +129,7 @@ def _check_accounted(server_url: str, summary: dict, requests: int, before: dict
     # its last token is a normal finish there, so "abort" is at most the number of clients that left.
     assert counted["error"] == counted["stop"] == 0, counted
     assert counted["length"] + counted["abort"] == requests, counted
-    assert requests - leaving <= counted["length"] and counted["abort"] <= leaving, counted
+    assert completed <= counted["length"] and counted["abort"] <= leaving, counted
     return kv_zero_s
 
 
