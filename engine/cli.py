@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "moefleet.operator.cli",  # moefleet operator
     "moefleet.engine.bench.command",  # moefleet bench
     "moefleet.engine.gateway.command",  # moefleet gateway
+    "moefleet.engine.local_fleet",  # moefleet local
     "moefleet.engine.loadtest.command",  # moefleet loadtest
 ]
 

@@ -1,0 +1,103 @@
+"""`moefleet local`: the plan of a manifest's processes (pure), and one real fleet serving through its gateway."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+from moefleet.engine.local_fleet import load_manifest, plan_fleet
+from server.conftest import wait_for
+from support.controlplane import free_port
+from support.tiny_models import tiny_model_dir
+
+MANIFESTS = sorted(Path(__file__).resolve().parents[2].joinpath("manifests").glob("*.yaml"))
+
+
+def _plan(path, tmp_path, **overrides):
+    options = {
+        "model": str(tmp_path),
+        "device": "cpu",
+        "dtype": None,
+        "gateway_port": 8000,
+        "first_port": 18000,
+        "ranks_per_group": 2,
+        "max_replicas": 1,
+    }
+    options.update(overrides)
+    return plan_fleet(load_manifest(str(path)), **options)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_example_plans_one_group_per_role_and_a_gateway(path, tmp_path):
+    body = load_manifest(str(path))
+    plan = _plan(path, tmp_path)
+    roles = list(body["spec"]["roles"])
+    assert [g.role for g in plan.groups] == roles
+    ports = [g.port for g in plan.groups]
+    assert len(set(ports)) == len(ports) and 8000 not in ports
+    for group in plan.groups:
+        argv = list(group.argv)
+        assert argv[0] == "serve" and argv[argv.index("--model") + 1] == str(tmp_path)
+        assert int(argv[argv.index("--nproc-per-node") + 1]) <= 2
+        assert group.env["MOEFLEET_ROLE"] == group.role
+    assert plan.gateway.mode == ("disaggregated" if "decode" in roles else "mixed")
+    assert {r: [g.url for g in e.groups] for r, e in plan.gateway.roles.items()} == {
+        g.role: [g.url] for g in plan.groups
+    }
+
+
+def test_dtype_flag_overrides_the_manifest_and_gpus_are_split_per_group(tmp_path):
+    reference = next(p for p in MANIFESTS if p.name == "deepseek-r1-reference.yaml")
+    default = _plan(reference, tmp_path).groups[0].argv
+    assert default[len(default) - 1 - default[::-1].index("--dtype") + 1] == "bfloat16"  # the manifest's
+    explicit = _plan(reference, tmp_path, dtype="float32").groups[0].argv
+    assert explicit[-2:] == ("--dtype", "float32")
+    plan = _plan(reference, tmp_path, device="cuda", num_gpus=4, ranks_per_group=2)
+    assert [g.env["CUDA_VISIBLE_DEVICES"] for g in plan.groups] == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="needs GPUs 2..3 but this machine has 3"):
+        _plan(reference, tmp_path, device="cuda", num_gpus=3, ranks_per_group=2)
+
+
+def test_missing_model_directory_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="pass --model DIR"):
+        _plan(MANIFESTS[0], tmp_path, model=str(tmp_path / "nope"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: Service\n")
+    with pytest.raises(ValueError, match="exactly one MoEDeployment"):
+        load_manifest(str(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_local_fleet_serves_a_manifest_through_its_gateway(tmp_path):
+    manifest = next(p for p in MANIFESTS if p.name == "qwen3-moe-small.yaml")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())",
+         "local", "-f", str(manifest), "--model", str(tiny_model_dir("qwen3_norm_topk")), "--port", str(port),
+         "--first-engine-port", str(free_port()), "--ranks-per-group", "1", "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines: list[str] = []
+        assert process.stdout is not None
+
+        def serving() -> bool:
+            line = process.stdout.readline()
+            lines.append(line)
+            return "through the gateway" in line or process.poll() is not None
+
+        wait_for(serving, timeout=600, interval=0)
+        assert process.poll() is None, "".join(lines)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="Qwen/Qwen3-30B-A3B", prompt=[5, 6, 7], max_tokens=4)
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    assert code == 0
+    assert (tmp_path / "gateway.json").exists() and (tmp_path / "qwen3-moe-small-mixed-0.log").exists()
