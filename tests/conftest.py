@@ -13,6 +13,14 @@ import pytest  # noqa: E402
 # Subprocesses (multi-process tests, `moefleet serve`) inherit the environment variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
+
+# Triton kernels are tested on CPU-only machines (CI) under Triton's interpreter. triton.jit reads
+# TRITON_INTERPRET when a kernel - and triton.language's own helpers (tl.sum, tl.cdiv) - are decorated, i.e.
+# at first import, so it is set here, before any test module can import triton. GPU machines compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():

@@ -1,0 +1,115 @@
+"""Per-shape launch configs for the attention kernels: pure functions of host-known shapes (no autotune, no
+device reads), so a CUDA graph captured for a batch-size bucket replays with the same grid.
+
+Tile choices for Hopper (H200: 132 SMs, 227 KB shared memory per block, 64K registers per SM), from the sweep
+in benchmarks/attention_kernels.py (numbers in docs/benchmarks.md, "Attention kernels"):
+- decode is memory-bound: one program per (sequence, KV head, split) reads each page once for all the query
+  heads that share the KV head; 64 keys (four 16-token pages) per iteration, 3 stages of cp.async in flight.
+  Split-K (flash-decoding) only when B * Hk programs would not cover the GPU twice; with one split the
+  kernel writes the output itself (no reduce launch).
+- MLA decode at H = 128 is compute-heavy (~240 FLOP per latent byte): 64 heads per program so the dots use
+  wgmma, 64 keys per iteration; the two head blocks of a (sequence, split) are adjacent in the grid, so the
+  page comes from HBM once and from L2 for the other.
+- prefill is compute-bound: 128 x 128 tiles, 8 warps, 3 stages (FA2-style); 128 x 64 for wide heads (Dk 192).
+On CPU (TRITON_INTERPRET=1, the tests) tiles are 16 wide so that small shapes still cross tile boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+H200_SMS = 132
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    block_n: int  # keys per tile iteration
+    num_splits: int  # split-K over the sequence
+    num_warps: int
+    num_stages: int
+    block_h: int = 16  # MLA: query heads per program (GQA decode uses the KV group, padded to >= 16)
+    v_split: int = (
+        1  # MLA: programs sharing one head block, each accumulating 1/v_split of the latent columns
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillConfig:
+    block_m: int  # queries per program
+    block_n: int  # keys per tile iteration
+    num_warps: int
+    num_stages: int
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H200_SMS
+
+
+def choose_num_splits(programs: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits so that programs * splits covers the GPU ~2x, each split keeping >= MIN_KEYS_PER_SPLIT keys."""
+    if device.type != "cuda":
+        return 1 if max_seq_len <= 32 else 2
+    target = 2 * _sm_count(device)
+    if programs >= target:
+        return 1
+    wanted = -(-target // max(programs, 1))
+    by_length = max(1, max_seq_len // MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+def paged_decode_config(
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    device: torch.device,
+    num_splits: int | None = None,
+) -> DecodeConfig:
+    splits = num_splits or choose_num_splits(batch * kv_heads, max_seq_len, device)
+    if device.type != "cuda":
+        return DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1)
+    block_n = 64 if head_dim <= 128 else 32
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=4, num_stages=3)
+
+
+def mla_decode_config(
+    batch: int,
+    heads: int,
+    kv_lora_rank: int,
+    max_seq_len: int,
+    device: torch.device,
+    num_splits: int | None = None,
+) -> DecodeConfig:
+    if device.type != "cuda":
+        splits = num_splits or choose_num_splits(batch, max_seq_len, device)
+        return DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1, block_h=16)
+    # measured on H200 (docs/benchmarks.md, "Attention kernels"): at H = 128, 64 heads x 64 keys with 8 warps
+    # (two warpgroups sharing the 512-wide accumulator, wgmma) 687 us against 909 us for 64 x 32 and 990 us
+    # for 32 x 32; splitting the latent columns over two programs (v_split) was 2x slower
+    if heads >= 64:
+        block_h, block_n, warps = 64, 64, 8
+    else:
+        block_h, block_n, warps = max(16, triton_next_power_of_2(heads)), 32, 4
+    programs = batch * -(-heads // block_h)
+    splits = num_splits or choose_num_splits(programs, max_seq_len, device)
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=2, block_h=block_h)
+
+
+def prefill_config(head_dim_k: int, head_dim_v: int, device: torch.device) -> PrefillConfig:
+    if device.type != "cuda":
+        return PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    # measured on H200: 128 x 128 tiles, 8 warps, 3 stages for D = 128 (402 TFLOP/s at 16k causal);
+    # 128 x 64 for MLA's Dk = 192 (409 TFLOP/s)
+    if max(head_dim_k, head_dim_v) <= 128:
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

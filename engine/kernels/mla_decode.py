@@ -1,0 +1,209 @@
+"""Triton MLA decode over the compressed latent cache (DeepSeek-V3 / Kimi-K2 with absorbed weights).
+
+kv_cache [N_blocks, block_size, R + Dr] rows = [c_kv (R) | k_pe (Dr)] (a [N, bs, 1, R + Dr] view is accepted).
+score(h, j) = (q_latent[h] . c_kv[j] + q_rope[h] . k_pe[j]) * scale; out[h] = sum_j softmax(score)[h, j] c_kv[j].
+One latent KV head is shared by all H query heads: a program covers BLOCK_H heads of one (sequence, split) and
+loads each page once for them; the head blocks of one (sequence, split) are adjacent in the grid (axis 0), so
+the page comes from HBM once and from L2 for the others. Split-K (flash-decoding) with the same reduce kernel
+as paged_decode; capture-safe (no host reads of seq_lens; empty splits exit their loop at once).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .attention_config import DecodeConfig, mla_decode_config, triton_next_power_of_2
+from .paged_attention import LOG2E, dot_precision, finish_split, split_buffers, split_reduce
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    ql_ptr,
+    qr_ptr,
+    kv_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    out_ptr,
+    qk_scale,
+    H,
+    stride_qlb,
+    stride_qlh,
+    stride_qld,
+    stride_qrb,
+    stride_qrh,
+    stride_qrd,
+    stride_kvb,
+    stride_kvs,
+    stride_kvd,
+    stride_btb,
+    stride_btm,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_md,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    R: tl.constexpr,
+    DR: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    V_SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # V_SPLIT > 1: V_SPLIT adjacent programs share heads and pages, each accumulating 1/V_SPLIT of the latent
+    # columns (a smaller fp32 accumulator per program, at the price of recomputing the scores)
+    hb = tl.program_id(0) // V_SPLIT
+    vb = tl.program_id(0) % V_SPLIT
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    h_mask = heads < H
+    r_mask = offs_r < R
+    dr_mask = offs_dr < DR
+    q_lat = tl.load(
+        ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_r[None, :] * stride_qld,
+        mask=h_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )
+    q_pe = tl.load(
+        qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_dr[None, :] * stride_qrd,
+        mask=h_mask[:, None] & dr_mask[None, :],
+        other=0.0,
+    )
+    offs_rv = vb * (BLOCK_R // V_SPLIT) + tl.arange(0, BLOCK_R // V_SPLIT)
+    rv_mask = offs_rv < R
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R // V_SPLIT], tl.float32)
+    bt_row = bt_ptr + b * stride_btb
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + offs_n
+        k_valid = keys < end
+        block = tl.load(bt_row + (keys // BLOCK_SIZE) * stride_btm, mask=k_valid, other=0).to(tl.int64)
+        row = kv_ptr + block * stride_kvb + (keys % BLOCK_SIZE) * stride_kvs
+        c_kv = tl.load(
+            row[:, None] + offs_r[None, :] * stride_kvd, mask=k_valid[:, None] & r_mask[None, :], other=0.0
+        )
+        k_pe = tl.load(
+            row[:, None] + (R + offs_dr[None, :]) * stride_kvd,
+            mask=k_valid[:, None] & dr_mask[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q_lat, tl.trans(c_kv), input_precision=DOT_PREC)
+        s += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PREC)
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # the scale folds into one FMA inside exp2
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_SPLIT == 1:
+            v = c_kv
+        else:
+            v = tl.load(
+                row[:, None] + offs_rv[None, :] * stride_kvd,
+                mask=k_valid[:, None] & rv_mask[None, :],
+                other=0.0,
+            )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    finish_split(
+        acc, l_i, m_i, heads, h_mask, offs_rv, rv_mask, b, split, mid_o_ptr, mid_lse_ptr, out_ptr, out_ptr,
+        stride_mb, stride_mh, stride_ms, stride_md, stride_lb, stride_lh, stride_ls,
+        stride_ob, stride_oh, stride_od, NUM_SPLITS, False,
+    )  # fmt: skip
+
+
+def mla_decode(
+    q_latent: Tensor,  # [B, H, R], q_nope already multiplied by the absorbed W_UK
+    q_rope: Tensor,  # [B, H, Dr]
+    kv_cache: Tensor,  # [N, block_size, R + Dr]
+    block_tables: Tensor,  # [B, M] int32
+    seq_lens: Tensor,  # [B] int32 including the new token
+    scale: float,
+    *,
+    kv_lora_rank: int,
+    num_splits: int | None = None,
+    out: Tensor | None = None,  # [B, H, R]
+    max_seq_len: int | None = None,  # host hint for choosing splits (default: the block table's capacity)
+    config: DecodeConfig | None = None,
+) -> Tensor:
+    if kv_cache.dim() == 4 and kv_cache.shape[2] == 1:
+        kv_cache = kv_cache.squeeze(2)
+    batch, heads, rank = q_latent.shape
+    rope_dim = q_rope.shape[-1]
+    if kv_cache.dim() != 3 or kv_cache.shape[-1] != kv_lora_rank + rope_dim or rank != kv_lora_rank:
+        raise ValueError(
+            f"mla_decode wants kv_cache [N, block_size, kv_lora_rank + rope_dim] = [*, *, {kv_lora_rank} + "
+            f"{rope_dim}] and q_latent [B, H, {kv_lora_rank}]; got {tuple(kv_cache.shape)} and "
+            f"{tuple(q_latent.shape)}"
+        )
+    block_size = kv_cache.shape[1]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32 tensors")
+    if out is None:
+        out = q_latent.new_empty((batch, heads, rank))
+    if batch == 0:
+        return out
+    max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    cfg = config or mla_decode_config(batch, heads, rank, max_len, q_latent.device, num_splits)
+    splits = cfg.num_splits
+    mid_o, mid_lse = split_buffers(batch, heads, splits, rank, q_latent.device)
+    grid = (triton.cdiv(heads, cfg.block_h) * cfg.v_split, batch, splits)
+    _mla_decode_split_kernel[grid](
+        q_latent,
+        q_rope,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        mid_o,
+        mid_lse,
+        out,
+        scale * LOG2E,
+        heads,
+        *q_latent.stride(),
+        *q_rope.stride(),
+        *kv_cache.stride(),
+        *block_tables.stride(),
+        *mid_o.stride(),
+        *mid_lse.stride(),
+        *out.stride(),
+        R=rank,
+        DR=rope_dim,
+        BLOCK_R=triton_next_power_of_2(rank),
+        BLOCK_DR=triton_next_power_of_2(rope_dim),
+        BLOCK_H=cfg.block_h,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=cfg.block_n,
+        NUM_SPLITS=splits,
+        V_SPLIT=cfg.v_split,
+        DOT_PREC=dot_precision(q_latent.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        split_reduce(mid_o, mid_lse, None, out)
+    return out
