@@ -37,10 +37,17 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward_gqa(
-        self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        layer: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write k/v [T, Hk, D] into `layer.kv_cache` ([2, N, bs, Hk, D]; empty = attend within the step),
-        then attend with q [T, H, D] -> [T, H, Dv]."""
+        then attend with q [T, H, D] -> [T, H, Dv]. `layer.sliding_window` (None = full causal): the query
+        at position p sees keys p - W < j <= p; `sinks` [H]: per-head logits added to each softmax."""
 
     @abstractmethod
     def forward_mla(

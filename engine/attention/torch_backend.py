@@ -11,7 +11,7 @@ Shape legend: T new tokens, B sequences, H query heads, Hk KV heads, D head dim,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -107,34 +107,61 @@ def build_padded_batch(batch: SeqLayout, device: torch.device, cache_backed: boo
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PaddedBatch, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: PaddedBatch,
+    scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D]; k [B, C_max, Hk, D] and v [B, C_max, Hk, Dv] gathered per sequence -> [T, H, Dv].
 
     The H / Hk query heads sharing a KV head are folded into the query axis, so keys and values are never
-    repeated per head (MLA's latent attention has Hk = 1 and H = 128).
+    repeated per head (MLA's latent attention has Hk = 1 and H = 128). `sinks` [H] (gpt-oss): one logit per
+    head joins each softmax and takes probability mass but adds no value.
     """
     num_tokens, num_heads, dim = q.shape
     num_seqs, max_query, num_kv_heads = batch.num_seqs, batch.max_query, k.shape[2]
     rep = num_heads // num_kv_heads
     padded = q.new_zeros(num_seqs * max_query, num_heads, dim)
     padded[batch.query_dest] = q
-    if batch.fresh_prefill:
+    if batch.fresh_prefill and sinks is None:
         # Padded query rows only see padded keys past their own sequence; their output is dropped.
         qp = padded.view(num_seqs, max_query, num_heads, dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             qp, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=rep > 1
         )
         return out.transpose(1, 2).reshape(num_seqs * max_query, num_heads, -1)[batch.query_dest]
-    # [B, Q, Hk, rep, D] -> [B, Hk, Q * rep, D]
+    # [B, Q, Hk, rep, D] -> [B, Hk, Q * rep, D]; row q * rep + r is query q of head hk * rep + r.
     qp = padded.view(num_seqs, max_query, num_kv_heads, rep, dim).permute(0, 2, 1, 3, 4)
     qp = qp.reshape(num_seqs, num_kv_heads, max_query * rep, dim)
     mask = batch.mask[:, :, :, None, :].expand(-1, -1, -1, rep, -1).reshape(num_seqs, 1, max_query * rep, -1)
-    out = F.scaled_dot_product_attention(
-        qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-    )
+    if sinks is None:
+        out = F.scaled_dot_product_attention(
+            qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+        )
+    else:
+        scores = torch.matmul(qp, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, Q * rep, C]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        sink = sinks.float().view(1, num_kv_heads, 1, rep, 1).expand(num_seqs, -1, max_query, -1, -1)
+        probs = torch.softmax(torch.cat([scores, sink.reshape(num_seqs, num_kv_heads, -1, 1)], -1), -1)
+        out = torch.matmul(probs[..., :-1].to(v.dtype), v.transpose(1, 2))  # [B, Hk, Q * rep, Dv]
     out = out.view(num_seqs, num_kv_heads, max_query, rep, -1).permute(0, 2, 1, 3, 4)
     return out.reshape(num_seqs * max_query, num_heads, -1)[batch.query_dest]
+
+
+def window_mask(batch: SeqLayout, padded: PaddedBatch, sliding_window: int) -> PaddedBatch:
+    """`padded` with each real query row at position p narrowed to keys p - W < j <= p (padded rows keep
+    the full mask, so no softmax row is all masked)."""
+    query_lens = torch.tensor(batch.query_lens, dtype=torch.long)
+    seq_lens = torch.tensor(batch.seq_lens, dtype=torch.long)
+    query_index = torch.arange(padded.max_query)[None, :]  # [1, Q_max]
+    query_pos = (seq_lens - query_lens)[:, None] + query_index  # [B, Q_max]
+    key_pos = torch.arange(padded.mask.shape[-1])[None, None, :]  # [1, 1, C_max]
+    keep = key_pos > query_pos[:, :, None] - sliding_window
+    real_row = (query_index < query_lens[:, None])[:, :, None]
+    mask = padded.mask & (keep | ~real_row)[:, None].to(padded.mask.device)
+    return replace(padded, mask=mask, fresh_prefill=False)
 
 
 def padded_batch_for(batch: ForwardBatch, device: torch.device, cache_backed: bool) -> PaddedBatch:
@@ -215,10 +242,22 @@ class TorchAttentionBackend(AttentionBackend):
         return None  # built lazily per (device, cache) by the helpers above, memoised on the batch
 
     def forward_gqa(
-        self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        layer: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cache_backed = layer.kv_cache.numel() > 0
         padded = padded_batch_for(batch, q.device, cache_backed)
+        window = getattr(layer, "sliding_window", None)
+        if window is not None:
+            base = padded
+            padded = batch.memo(
+                ("window", str(q.device), cache_backed, window), lambda: window_mask(batch, base, window)
+            )
         if cache_backed:
             k_flat = layer.kv_cache[0].view(-1, layer.num_kv_heads, layer.head_dim)
             v_flat = layer.kv_cache[1].view(-1, layer.num_kv_heads, layer.head_dim)
@@ -227,7 +266,7 @@ class TorchAttentionBackend(AttentionBackend):
         else:
             k_flat, v_flat = k, v
         keys, values = k_flat[padded.kv_source], v_flat[padded.kv_source]  # [B, C_max, Hk, D]
-        return paged_attention(q, keys.to(q.dtype), values.to(q.dtype), padded, layer.scale)
+        return paged_attention(q, keys.to(q.dtype), values.to(q.dtype), padded, layer.scale, sinks)
 
     def forward_mla(
         self,

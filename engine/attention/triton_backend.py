@@ -149,12 +149,22 @@ class TritonAttentionBackend(AttentionBackend):
     # ---- GQA ------------------------------------------------------------------------------------------
 
     def forward_gqa(
-        self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        layer: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from moefleet.engine.forward_batch import ForwardMode
 
         kernels = _kernels()
         num_tokens = q.shape[0]
+        local = {
+            "sinks": None if sinks is None else sinks.float().contiguous(),
+            "sliding_window": getattr(layer, "sliding_window", None),
+        }
         if layer.kv_cache.numel() == 0:
             if batch.query_lens != batch.seq_lens:
                 raise ValueError("attention has no KV cache allocated, so seq_lens must equal query_lens")
@@ -166,6 +176,7 @@ class TritonAttentionBackend(AttentionBackend):
                 batch.cu_query_lens,
                 layer.scale,
                 max_query_len=batch.max_query_len,
+                **local,
             )
         k_cache, v_cache = layer.kv_cache[0], layer.kv_cache[1]  # [N, bs, Hk, D]
         store_rows(k_cache.view(-1, k_cache[0, 0].numel()), k.reshape(num_tokens, -1), batch.slot_mapping)
@@ -173,11 +184,11 @@ class TritonAttentionBackend(AttentionBackend):
         if batch.mode is ForwardMode.DECODE:
             return kernels.paged_decode(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens_t, layer.scale,
-                max_seq_len=self._max_seq_hint(batch, batch.max_seq_len),
+                max_seq_len=self._max_seq_hint(batch, batch.max_seq_len), **local,
             )  # fmt: skip
         return kernels.paged_prefill(
             q, k_cache, v_cache, batch.block_tables, batch.cu_query_lens, batch.seq_lens_t, layer.scale,
-            max_query_len=batch.max_query_len,
+            max_query_len=batch.max_query_len, **local,
         )  # fmt: skip
 
     # ---- MLA ------------------------------------------------------------------------------------------

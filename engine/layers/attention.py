@@ -14,6 +14,7 @@ from moefleet.engine.attention.torch_backend import (
     build_padded_batch,
     padded_batch_for,
     paged_attention,
+    window_mask,
     write_slots,
 )
 from moefleet.engine.forward_batch import ForwardBatch
@@ -25,6 +26,7 @@ __all__ = [
     "build_padded_batch",
     "padded_batch_for",
     "paged_attention",
+    "window_mask",
     "write_slots",
 ]
 
@@ -37,8 +39,19 @@ class PagedAttention(nn.Module):
     (useful for warm-up/profiling runs, which must then be whole prompts).
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        # None: full causal attention; W: the query at position p sees keys p - W < j <= p.
+        self.sliding_window = sliding_window
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({num_heads}) is not divisible by num_key_value_heads ({num_kv_heads})"
@@ -54,8 +67,15 @@ class PagedAttention(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hk, D] -> [T, H, D]."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hk, D] -> [T, H, D]; sinks [H] (gpt-oss) join every softmax."""
         if q.shape[0] == 0:
             return q.new_empty(0, self.num_heads, self.head_dim)
-        return batch.backend.forward_gqa(self, q, k, v, batch)
+        return batch.backend.forward_gqa(self, q, k, v, batch, sinks=sinks)

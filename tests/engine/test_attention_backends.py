@@ -242,3 +242,54 @@ def test_engine_with_triton_backend_equals_transformers(triton_backend):
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     got = [r.token_ids for r in llm.generate(prompts, params)]
     assert got == transformers_greedy(path, prompts, 5)
+
+
+def dense_local(q, k, v, scale, window=None, sinks=None):
+    """The formula for one whole sequence: causal (and p - W < j when windowed) softmax, with exp(sink_h)
+    added to each head's denominator. q [L, H, D], k/v [L, Hk, D] -> [L, H, Dv]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    pos = torch.arange(q.shape[0])
+    visible = pos[None, :] <= pos[:, None]
+    if window is not None:
+        visible &= pos[None, :] > pos[:, None] - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks[:, None, None].expand(-1, q.shape[0], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize(("window", "with_sinks"), [(5, False), (None, True), (7, True)])
+def test_sliding_window_and_sinks_match_the_formula(backend_name, window, with_sinks, request):
+    """gpt-oss-style attention through both backends: mixed prefill / chunk / decode steps over pages."""
+    if backend_name == "triton":
+        backend = request.getfixturevalue("triton_backend")
+    else:
+        backend = TorchAttentionBackend()
+    g = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim, scale = 4, 2, 16, 0.25
+    sinks = torch.randn(heads, generator=g) if with_sinks else None
+    seq_q = {s: torch.randn(n, heads, dim, generator=g) for s, n in LENGTHS.items()}
+    seq_k = {s: torch.randn(n, kv_heads, dim, generator=g) for s, n in LENGTHS.items()}
+    seq_v = {s: torch.randn(n, kv_heads, dim, generator=g) for s, n in LENGTHS.items()}
+    attn = PagedAttention(heads, kv_heads, dim, scale, sliding_window=window)
+    attn.kv_cache = torch.zeros(attn.kv_cache_shape(16, BLOCK))
+    pages = Pages()
+    outputs: dict[int, list[torch.Tensor]] = {s: [] for s in LENGTHS}
+    for steps in STEPS:
+        q = torch.cat([seq_q[s][a : a + n] for s, a, n in steps])
+        k = torch.cat([seq_k[s][a : a + n] for s, a, n in steps])
+        v = torch.cat([seq_v[s][a : a + n] for s, a, n in steps])
+        out = attn(q, k, v, pages.batch(steps, backend), sinks=sinks)
+        for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
+            outputs[s].append(piece)
+    for s in LENGTHS:
+        expected = dense_local(seq_q[s], seq_k[s], seq_v[s], scale, window, sinks)
+        torch.testing.assert_close(torch.cat(outputs[s]), expected, **TOL)
+    with pytest.raises(ValueError, match="sliding_window"):
+        PagedAttention(heads, kv_heads, dim, scale, sliding_window=0)

@@ -93,3 +93,46 @@ def test_padded_static_batch_equals_eager_decode(name):
         graph_like = model.compute_logits(model(padded.input_ids, padded.positions, padded))
     assert torch.isfinite(graph_like).all()
     torch.testing.assert_close(graph_like[:3], eager, atol=1e-4, rtol=1e-4)
+
+
+def test_replay_plumbing_with_a_stand_in_graph():
+    """`CudaGraphRunner.replay` on CPU with a stand-in for the captured graph (it re-runs the step on the
+    static batch into the static output, as a replay would): buckets, fill and output slicing are right,
+    and `can_run` refuses what no graph covers."""
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from moefleet.engine.attention.triton_backend import TritonAttentionBackend
+    from moefleet.engine.cuda_graph_runner import CudaGraphRunner
+    from moefleet.engine.loader import load_model
+    from support.tiny_models import PagedDriver, tiny_model_dir
+
+    backend = TritonAttentionBackend()
+    model = load_model(tiny_model_dir("qwen3_norm_topk"), "cpu", torch.float32)
+    driver = PagedDriver(model, num_blocks=16, block_size=16, attn_backend=backend)
+    runner = CudaGraphRunner(
+        model, backend, max_batch_size=4, max_blocks_per_seq=4, block_size=16, device=torch.device("cpu")
+    )
+
+    class StandIn:
+        def __init__(self, bucket):
+            self.bucket = bucket
+
+        def replay(self):
+            batch = static_batch(runner.static, self.bucket, 16, backend)
+            runner.outputs[self.bucket].copy_(runner._step(batch))
+
+    vocab = model.config.vocab_size
+    for bucket in runner.sizes:
+        runner.graphs[bucket] = StandIn(bucket)
+        runner.outputs[bucket] = torch.zeros(bucket, vocab)
+    assert runner.sizes == [1, 2, 4]
+    with torch.no_grad():
+        driver.step([(0, list(range(3, 23))), (1, list(range(5, 12))), (2, [7, 8, 9])])
+        decode = driver.batch([(0, [30]), (1, [31]), (2, [32])])
+        assert runner.can_run(decode)
+        eager = runner._step(decode)
+        replayed = runner.replay(decode)
+    assert replayed.shape == (3, vocab)
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+    assert runner.static.slot_mapping[3].item() == -1  # the pad row of bucket 4 writes nothing
+    mixed = driver.batch([(0, [1]), (3, [1, 2])])
+    assert not runner.can_run(mixed)  # not a decode step
