@@ -63,12 +63,26 @@ class BiasedClampedExperts(Experts):
         """EPLB moves the biases with their slot's weights."""
         return [*super().slot_tensors(), self.w13_bias, self.w2_bias]
 
-    def forward(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def forward(  # type: ignore[override]
+        self,
+        hidden: torch.Tensor,
+        tokens_per_expert: list[int] | None = None,
+        *,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
         As `Experts.forward`: one batched matmul over rows padded to the busiest expert while padding
         stays small (decode, balanced prefill), else a loop over the experts that have rows.
         """
+        if tokens_per_expert is None:  # device counts (a CUDA dispatcher): rows past their sum are padding
+            assert counts is not None
+            tokens_per_expert = [int(c) for c in counts.tolist()]
+            valid = sum(tokens_per_expert)
+            if valid < hidden.shape[0]:
+                out = torch.zeros_like(hidden)
+                out[:valid] = self.forward(hidden[:valid], tokens_per_expert)
+                return out
         num_rows = hidden.shape[0]
         if num_rows == 0:
             return torch.empty_like(hidden)

@@ -79,7 +79,7 @@ class MoE(nn.Module):
             self.expert_load.index_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         pending = self.dispatcher.dispatch_start(hidden, physical_ids, topk_weights)
         dispatched = self.dispatcher.dispatch_finish(pending)
-        expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert)
+        expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert, counts=dispatched.counts)
         pending = self.dispatcher.combine_start(expert_out, dispatched)
         # Shared experts run while the combine is in flight.
         shared = self.shared_experts(hidden) if self.shared_experts is not None else None

@@ -22,8 +22,10 @@ class DispatchedTokens:
     """Rows routed to this rank's experts, grouped by local expert (expert 0's rows first)."""
 
     hidden: torch.Tensor  # [N, D]
-    tokens_per_expert: list[int]  # [E_local], sums to N
+    tokens_per_expert: list[int] | None  # [E_local] on the host, sums to the valid rows; or None, then:
     handle: Any  # opaque, passed back to combine
+    # [E_local] on the device (no host sync); rows past their sum are padding the experts skip.
+    counts: torch.Tensor | None = None
 
 
 class TokenDispatcher(Protocol):
@@ -76,11 +78,27 @@ def unpermute_and_reduce(
     return out
 
 
+def permute_by_expert_on_device(
+    topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`permute_by_expert` without a host synchronisation (CUDA-graph capturable): all T*K hits are kept,
+    padding hits (ids < 0) sorted last; returns (order [T*K], token_index [T*K], counts [num_experts],
+    valid [T*K] per sorted hit). Rows past sum(counts) are padding: their outputs must be ignored."""
+    flat = topk_ids.reshape(-1)
+    top_k = topk_ids.shape[1] if topk_ids.dim() == 2 else 1
+    keys = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
+    order = torch.sort(keys, stable=True).indices
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))  # no bincount: its size syncs
+    return order, order // top_k, counts[:num_experts], keys[order] < num_experts
+
+
 @dataclass
 class _LocalHandle:
     order: torch.Tensor
     topk_weights: torch.Tensor
     num_tokens: int
+    valid: torch.Tensor | None = None  # per sorted hit, on the device path
 
 
 class LocalDispatcher:
@@ -90,15 +108,21 @@ class LocalDispatcher:
         self.num_local_experts = num_local_experts
 
     def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
-        order, token_index, counts = permute_by_expert(topk_ids, self.num_local_experts)
+        if hidden.is_cuda:  # counts stay on the device: no host sync, so the decode step can be captured
+            order, token_index, counts, valid = permute_by_expert_on_device(topk_ids, self.num_local_experts)
+            handle = _LocalHandle(order, topk_weights, hidden.shape[0], valid)
+            return DispatchedTokens(hidden[token_index], None, handle, counts=counts)
+        order, token_index, host_counts = permute_by_expert(topk_ids, self.num_local_experts)
         handle = _LocalHandle(order, topk_weights, hidden.shape[0])
-        return DispatchedTokens(hidden[token_index], counts.tolist(), handle)
+        return DispatchedTokens(hidden[token_index], host_counts.tolist(), handle)
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
         return pending
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
         h: _LocalHandle = dispatched.handle
+        if h.valid is not None:  # padding rows' outputs are undefined: zero them, never multiply them
+            expert_output = torch.where(h.valid[:, None], expert_output, torch.zeros_like(expert_output))
         return unpermute_and_reduce(expert_output, h.order, h.topk_weights, h.num_tokens)
 
     def combine_finish(self, pending: Any) -> torch.Tensor:

@@ -53,3 +53,43 @@ def test_zero_tokens():
     assert dispatched.hidden.shape == (0, 8) and dispatched.tokens_per_expert == [0, 0, 0, 0]
     out = dispatcher.combine_finish(dispatcher.combine_start(dispatched.hidden, dispatched))
     assert out.shape == (0, 8)
+
+
+def test_device_permutation_matches_the_host_one_and_padding_hits_add_nothing():
+    """The sync-free (CUDA) permutation keeps padding hits (ids < 0) sorted last; counts and the valid rows
+    equal the host permutation's, and combine ignores whatever the experts wrote for padding rows."""
+    from moefleet.engine.layers.token_dispatch import (
+        DispatchedTokens,
+        LocalDispatcher,
+        _LocalHandle,
+        permute_by_expert,
+        permute_by_expert_on_device,
+    )
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[2, 0], [1, -1], [0, 2], [-1, -1], [1, 1]])
+    weights = torch.rand(5, 2)
+    order, token_index, counts, valid = permute_by_expert_on_device(ids, 3)
+    host_order, host_token_index, host_counts = permute_by_expert(ids, 3)
+    assert counts.tolist() == host_counts.tolist() == [2, 3, 2]
+    n = int(counts.sum())
+    assert torch.equal(order[:n], host_order) and torch.equal(token_index[:n], host_token_index)
+    assert valid.tolist() == [True] * n + [False] * (10 - n)
+    hidden = torch.randn(5, 4)
+    sorted_rows = hidden[token_index]
+    outputs = sorted_rows * 3.0
+    outputs[n:] = float("nan")  # what a kernel may leave in padding rows
+    dispatcher = LocalDispatcher(3)
+    device_path = dispatcher.combine_start(
+        outputs, DispatchedTokens(sorted_rows, None, _LocalHandle(order, weights, 5, valid), counts=counts)
+    )
+    host_path = dispatcher.combine_start(
+        outputs[:n], DispatchedTokens(sorted_rows[:n], [2, 3, 2], _LocalHandle(host_order, weights, 5))
+    )
+    torch.testing.assert_close(device_path, host_path)
+    expected = torch.zeros(5, 4)  # from the definition: sum over valid hits of weight * 3 * hidden
+    for t in range(5):
+        for k in range(2):
+            if ids[t, k] >= 0:
+                expected[t] += weights[t, k] * 3.0 * hidden[t]
+    torch.testing.assert_close(device_path, expected)
