@@ -121,6 +121,18 @@ def context_slots(group: SeqGroup, block_size: int) -> torch.Tensor:
     return blocks * block_size + pos % block_size
 
 
+def mla_dims_supported(config: Any) -> bool:
+    """Whether the Triton MLA kernels compile for these head dims (tensor-core dots need K >= 16)."""
+    dims = (config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim)
+    return all(d >= 16 and d % 16 == 0 for d in dims)
+
+
+def _torch_fallback() -> AttentionBackend:
+    from .torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
@@ -202,6 +214,10 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         c = layer.config
+        if not mla_dims_supported(c):
+            # tl.dot needs every reduced dimension >= 16 (real checkpoints: 512 / 64 / 128); tiny test models
+            # with smaller MLA dims run the reference path (not capturable: CUDA graphs then stay off).
+            return _torch_fallback().forward_mla(layer, q_nope, q_pe, entry, batch)
         cache_backed = layer.kv_cache.numel() > 0
         flat = layer.kv_cache.view(-1, layer.kv_cache.shape[-1]) if cache_backed else entry
         if cache_backed:

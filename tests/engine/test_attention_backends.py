@@ -293,3 +293,15 @@ def test_sliding_window_and_sinks_match_the_formula(backend_name, window, with_s
         torch.testing.assert_close(torch.cat(outputs[s]), expected, **TOL)
     with pytest.raises(ValueError, match="sliding_window"):
         PagedAttention(heads, kv_heads, dim, scale, sliding_window=0)
+
+
+def test_triton_mla_falls_back_to_the_reference_for_dims_tensor_cores_cannot_reduce():
+    """Tiny MLA dims (rope 8) do not compile as tl.dot on a GPU: the Triton backend must use the torch path
+    for such layers (same numbers), and keep its kernels for real shapes (DeepSeek-V3: 512 / 64 / 128 / 128)."""
+    from types import SimpleNamespace
+
+    from moefleet.engine.attention.triton_backend import mla_dims_supported
+
+    deepseek = SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    tiny = SimpleNamespace(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    assert mla_dims_supported(deepseek) and not mla_dims_supported(tiny)
