@@ -268,3 +268,38 @@ def test_tbo_off_and_auto_run_plain_steps(tmp_path):
         assert engine.stats()["tbo_steps_total"] == 0
     with pytest.raises(ValueError, match="tbo"):
         EngineConfig(model=str(path), tbo="maybe")
+
+
+# ---- flags and metrics ---------------------------------------------------------------------------------------
+
+
+def test_serve_flag_reaches_the_engine_config():
+    from moefleet.engine.cli import build_parser
+    from moefleet.engine.server.serve_command import engine_config
+
+    path = str(tiny_model_dir("qwen3_norm_topk"))
+    assert engine_config(build_parser().parse_args(["serve", "--model", path, "--tbo", "on"])).tbo == "on"
+    assert engine_config(build_parser().parse_args(["serve", "--model", path])).tbo == "auto"
+    bench = build_parser().parse_args(["bench", "--tbo", "off"])
+    assert bench.tbo == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", path, "--tbo", "maybe"])
+
+
+def test_metrics_count_group_tbo_steps_and_label_each_ranks_imbalance():
+    from moefleet.engine.server.metrics import ServerMetrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ranks = [
+        {"tbo_steps_total": 7, "tbo_last_split_imbalance": 0.25},
+        {"tbo_steps_total": 7, "tbo_last_split_imbalance": 1.0},
+    ]
+    text = ServerMetrics(lambda: ranks[0], lambda: ranks).render().decode()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert got[("moefleet_tbo_steps_total", ())] == 7  # the group's steps, not 7 + 7
+    assert got[("moefleet_tbo_split_imbalance", (("dp_rank", "0"),))] == 0.25
+    assert got[("moefleet_tbo_split_imbalance", (("dp_rank", "1"),))] == 1.0
