@@ -16,6 +16,7 @@ DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "fp8")  # see fp8_weights.py
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CUDA_GRAPH_MODES = ("auto", "off")
+TBO_MODES = ("auto", "on", "off")  # two-batch overlap, see tbo.py
 # Without an explicit max_model_len we take the checkpoint's max_position_embeddings, but no more than this:
 # very long defaults (128k+) would make every request's worst case reserve a huge share of the KV pool.
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
@@ -47,6 +48,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     # "auto": capture decode steps in CUDA graphs on CUDA with a backend that supports them; "off": eager.
     cuda_graphs: str = "auto"
+    # Two-batch overlap: "on", "off", or "auto" (on from a measured per-mode token count; none measured yet).
+    tbo: str = "auto"
     hf_config: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class EngineConfig:
             )
         if self.cuda_graphs not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graphs ({self.cuda_graphs!r}) must be one of {CUDA_GRAPH_MODES}")
+        if self.tbo not in TBO_MODES:
+            raise ValueError(f"tbo ({self.tbo!r}) must be one of {TBO_MODES}")
         if self.kv_cache_bytes is None and self.device == "cpu":
             self.kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
 

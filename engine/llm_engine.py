@@ -20,10 +20,12 @@ from .model_runner import ModelRunner
 from .sampling_params import FinishReason, RequestOutput, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
+from .tbo import wants_tbo
 from .tokenizer import Tokenizer
 
-# This rank's scheduled batch -> (run the forward?, prefill mode?), identical decisions on every rank.
-StepAgreement = Callable[[SchedulerOutput], tuple[bool, bool]]
+# This rank's scheduled batch -> (run the forward?, prefill mode?[, two-batch overlap?]), identical decisions
+# on every rank (a 2-tuple: no TBO).
+StepAgreement = Callable[[SchedulerOutput], tuple[bool, ...]]
 
 
 @dataclass(slots=True)
@@ -99,19 +101,22 @@ class LLMEngine:
         """Schedule one batch, run the model on it, and report every request that produced something."""
         outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
-        run, is_prefill = self.agree_step(batch)
+        run, is_prefill, use_tbo = self.agree_step(batch)
         if run:
-            token_ids = self.model_runner.run(batch, is_prefill=is_prefill)
+            token_ids = self.model_runner.run(batch, is_prefill=is_prefill, use_tbo=use_tbo)
             outputs += self.postprocess(batch, token_ids)
         return outputs
 
-    def agree_step(self, batch: SchedulerOutput) -> tuple[bool, bool]:
-        """(run the forward?, prefill mode?). Alone: run when there is work, in the batch's own mode. In an
-        expert-parallel group every rank must run each step in one agreed mode, an empty batch included (an
-        idle forward with T = 0), so the group's `step_agreement` decides."""
+    def agree_step(self, batch: SchedulerOutput) -> tuple[bool, bool, bool]:
+        """(run the forward?, prefill mode?, two-batch overlap?). Alone: run when there is work, in the batch's
+        own mode, TBO as `config.tbo` says. In an expert-parallel group every rank must run each step in one
+        agreed mode, an empty batch included (an idle forward with T = 0), so the group's `step_agreement`
+        decides."""
         if self.step_agreement is not None:
-            return self.step_agreement(batch)
-        return not batch.is_empty, batch.is_prefill
+            run, is_prefill, *tbo = self.step_agreement(batch)
+            return run, is_prefill, bool(tbo and tbo[0])
+        tbo_here = wants_tbo(self.config.tbo, batch.num_tokens, batch.is_prefill)
+        return not batch.is_empty, batch.is_prefill, tbo_here
 
     def postprocess(self, batch: SchedulerOutput, token_ids: list[int]) -> list[RequestOutput]:
         """Record the computed tokens, append sampled ones, detokenize, and retire finished requests."""
@@ -149,6 +154,8 @@ class LLMEngine:
             "num_preemptions_total": self.scheduler.num_preemptions_total,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "tbo_steps_total": self.model_runner.tbo_steps_total,
+            "tbo_last_split_imbalance": self.model_runner.tbo_last_split_imbalance,
         }
 
     @staticmethod

@@ -25,6 +25,7 @@ from .sampler import SamplingBatch, sample
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 from .structured_output import GrammarCompiler, GrammarMasks, compiler_for
+from .tbo import check_supported, forward_tbo
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         # Structured outputs: per-sequence grammar matchers, the compiler built on first use.
         self.grammar = GrammarMasks(self._grammar_compiler)
+        # Two-batch overlap (tbo.py): steps run as two micro-batches, and the last split's imbalance.
+        if config.tbo == "on":
+            check_supported(self.model)
+        self.tbo_steps_total = 0
+        self.tbo_last_split_imbalance = 0.0
 
     # ---- KV cache ----------------------------------------------------------------------------------------
 
@@ -239,18 +245,24 @@ class ModelRunner:
         return self.model.compute_logits(hidden[fb.sample_indices]).float()
 
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput, is_prefill: bool | None = None) -> list[int]:
+    def run(self, batch: SchedulerOutput, is_prefill: bool | None = None, use_tbo: bool = False) -> list[int]:
         """One forward over `batch`; returns one sampled token per sampling sequence (scheduled order).
 
-        `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step).
+        `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step); `use_tbo`
+        (agreed by the group too) runs the forward as two interleaved micro-batches (tbo.py).
         """
         fb = self.prepare(batch, is_prefill)
         sampling = [s.seq for s in batch.sampling]
         grammar_mask = self.grammar.prepare(sampling, self.device)  # host fill overlaps the forward
-        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+        if not use_tbo and self.graph_runner is not None and self.graph_runner.can_run(fb):
             logits = self.graph_runner.replay(fb)  # [S, V]; decode only, so no prompt logprobs here
         else:
-            hidden = self.model(fb.input_ids, fb.positions, fb)
+            if use_tbo:  # eager: CUDA graphs of the TBO step are not built
+                hidden, plan = forward_tbo(self.model, fb)
+                self.tbo_steps_total += 1
+                self.tbo_last_split_imbalance = plan.imbalance
+            else:
+                hidden = self.model(fb.input_ids, fb.positions, fb)
             # Prompt logprobs of the requests that asked for them (a no-op for the rest).
             record_prompt(self.model.compute_logits, hidden, batch.scheduled)
             logits = self.model.compute_logits(hidden[fb.sample_indices])  # [S, V]

@@ -52,6 +52,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--cuda-graphs", default=defaults.cuda_graphs, choices=["auto", "off"],
         help="auto = decode steps replay a CUDA graph (CUDA, triton backend, single GPU) when capturable",
     )  # fmt: skip
+    p.add_argument(
+        "--tbo", default=defaults.tbo, choices=["auto", "on", "off"],
+        help="two-batch overlap; auto = off until a measured token threshold exists (docs/distributed.md)",
+    )  # fmt: skip
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache page size (tokens)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for prefill MFU (default: by GPU name)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
@@ -156,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                         attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                         block_size=args.block_size, peak_tflops=args.peak_tflops,
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
-                        eplb=args.eplb,
+                        eplb=args.eplb, tbo=args.tbo,
                     )  # fmt: skip
                 except ValueError as exc:
                     raise CommandError(str(exc)) from None

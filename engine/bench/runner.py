@@ -56,6 +56,7 @@ class BenchOptions:
     routing_skew: str = ""  # "zipf:S": synthetic skew injected at the router (moefleet.engine.eplb.bench)
     num_redundant_experts: int = 0  # EPLB spare slots
     eplb: bool = False  # rebalance after the timed steps, then time again
+    tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -66,6 +67,9 @@ class BenchOptions:
         from moefleet.engine.eplb.bench import parse_skew
 
         parse_skew(self.routing_skew)
+        from moefleet.engine.tbo import wants_tbo
+
+        wants_tbo(self.tbo, 0, False)  # validates the mode
         if self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts ({self.num_redundant_experts}) must be >= 0")
         if self.prefill_tokens % self.prefill_seq_len:
@@ -299,6 +303,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     import torch.distributed as dist
     from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
     from moefleet.engine.loader import build_model, dtype_from_name
+    from moefleet.engine.tbo import forward_tbo, num_micro_batches, wants_tbo
 
     rank = 0 if group is None else dist.get_rank(group)
     world_size = 1 if group is None else dist.get_world_size(group)
@@ -320,7 +325,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
 
         quantize_model(model)
     if group is not None:
-        apply_expert_parallel(model, group, options.backend)
+        apply_expert_parallel(model, group, options.backend, num_micro_batches=num_micro_batches(options.tbo))
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)
@@ -343,7 +348,11 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         m.kv_cache = torch.randn(shape, dtype=dtype, device=device)
     backend = create_attention_backend(options.attention_backend, device, options.block_size)
     graphs, graphs_why = None, "off: prefill" if options.mode == "prefill" else ""
-    if options.mode == "decode":
+    # Every rank runs the same shapes, so each decides alike (no step agreement needed here).
+    use_tbo = wants_tbo(options.tbo, scenario.num_tokens, options.mode == "prefill")
+    if use_tbo:
+        graphs_why = "off: tbo (no CUDA graphs of the TBO step yet)"
+    elif options.mode == "decode":
         graphs, graphs_why = _capture_decode_graph(model, backend, options, scenario, device, group)
     print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
     prepare_times: list[float] = []
@@ -355,6 +364,9 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         prepare_times.append(time.perf_counter() - start)
         if graphs is not None and not eager:
             logits = graphs.replay(batch)
+        elif use_tbo:
+            hidden, _ = forward_tbo(model, batch)
+            logits = model.compute_logits(hidden[batch.sample_indices])
         else:
             hidden = model(batch.input_ids, batch.positions, batch)
             logits = model.compute_logits(hidden[batch.sample_indices])
@@ -378,7 +390,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             times.append(time.perf_counter() - start)
         timed_prepare = list(prepare_times)
         breakdown: dict[str, float] = {}
-        if options.breakdown:
+        if options.breakdown and not use_tbo:  # per-part times of an interleaved step would mislead
             timer = PartTimer(device)
             remove = instrument(model, timer)
             steps = max(2, options.steps // 2)

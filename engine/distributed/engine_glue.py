@@ -32,15 +32,25 @@ from moefleet.engine.eplb.expert_location import check_model_expert_slots
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.loader import load_model
 from moefleet.engine.scheduler import SchedulerOutput
+from moefleet.engine.tbo import num_micro_batches, wants_tbo
 
 
-def make_step_agreement(coordinator: DPStepCoordinator) -> Callable[[SchedulerOutput], tuple[bool, bool]]:
-    """LLMEngine's `step_agreement`: all-gather this rank's batch summary, return (run, prefill mode)."""
+def make_step_agreement(
+    coordinator: DPStepCoordinator, tbo: str = "off"
+) -> Callable[[SchedulerOutput], tuple[bool, bool, bool]]:
+    """LLMEngine's `step_agreement`: all-gather this rank's batch summary, return (run, prefill mode, TBO);
+    TBO only when every rank with work can use it (`tbo` is the `--tbo` mode, tbo.py)."""
 
-    def agree(batch: SchedulerOutput) -> tuple[bool, bool]:
-        info = StepInfo(num_tokens=batch.num_tokens, is_prefill=batch.is_prefill, has_work=not batch.is_empty)
+    def agree(batch: SchedulerOutput) -> tuple[bool, bool, bool]:
+        can_tbo = not batch.is_empty and wants_tbo(tbo, batch.num_tokens, batch.is_prefill)
+        info = StepInfo(
+            num_tokens=batch.num_tokens,
+            is_prefill=batch.is_prefill,
+            has_work=not batch.is_empty,
+            can_use_tbo=can_tbo,
+        )
         step = coordinator.sync(info)
-        return step.run, step.is_prefill
+        return step.run, step.is_prefill, step.use_tbo
 
     return agree
 
@@ -61,9 +71,15 @@ def build_engine(
     model = load_model(config.model, state.device, config.dtype, config.quantization)
     hidden_size = int(config.hf_config.get("hidden_size", 0))
     apply_expert_parallel(
-        model, state.device_group, backend, hidden_size=hidden_size, device_type=state.device.type, **options
+        model,
+        state.device_group,
+        backend,
+        num_micro_batches=num_micro_batches(config.tbo),
+        hidden_size=hidden_size,
+        device_type=state.device.type,
+        **options,
     )
-    agreement = make_step_agreement(DPStepCoordinator(state.cpu_group))
+    agreement = make_step_agreement(DPStepCoordinator(state.cpu_group), config.tbo)
     engine = LLMEngine(config, model=model, step_agreement=agreement)
     if eplb.active:
         from moefleet.engine.eplb import controller

@@ -13,6 +13,9 @@ Shape legend: T tokens, D hidden, K top-k, E experts (logical), R max replicas, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from moefleet.engine import parallel_layout
 from moefleet.engine.eplb.expert_location import ExpertLocation, check_expert_slots, choose_replicas
@@ -59,7 +62,16 @@ class MoE(nn.Module):
         self.logical_replicas.copy_(replicas)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, D] -> [T, D]."""
+        """hidden [T, D] -> [T, D]: the four stages in order (two-batch overlap interleaves them instead)."""
+        step = self.stage_route(hidden)
+        self.stage_dispatch(step, self.dispatcher)
+        self.stage_experts(step, self.dispatcher)
+        return self.stage_combine(step, self.dispatcher)
+
+    # ---- stages, split at the two communications (engine/tbo.py interleaves two micro-batches' stages) -----
+
+    def stage_route(self, hidden: torch.Tensor) -> MoEStep:
+        """Compute: router, top-k, logical -> physical replica (and the EPLB load count)."""
         if self.ep_size > 1 and isinstance(self.dispatcher, LocalDispatcher):
             raise RuntimeError(
                 f"expert-parallel size is {self.ep_size} but this MoE layer still has the single-rank "
@@ -77,11 +89,38 @@ class MoE(nn.Module):
         if self.expert_load is not None:
             flat = logical_ids.flatten()
             self.expert_load.index_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
-        pending = self.dispatcher.dispatch_start(hidden, physical_ids, topk_weights)
-        dispatched = self.dispatcher.dispatch_finish(pending)
+        return MoEStep(hidden, hidden, topk_weights, physical_ids)
+
+    def stage_dispatch(self, step: MoEStep, dispatcher: TokenDispatcher) -> None:
+        """Communication: launch the dispatch (an all-to-all dispatcher blocks here on the receive counts)."""
+        step.pending = dispatcher.dispatch_start(step.dispatch_input, step.physical_ids, step.topk_weights)
+
+    def stage_experts(self, step: MoEStep, dispatcher: TokenDispatcher) -> None:
+        """Compute: wait for the rows, run the experts, launch the combine, then the shared experts (which
+        run while the combine is in flight)."""
+        dispatched = dispatcher.dispatch_finish(step.pending)
         expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert, counts=dispatched.counts)
-        pending = self.dispatcher.combine_start(expert_out, dispatched)
-        # Shared experts run while the combine is in flight.
-        shared = self.shared_experts(hidden) if self.shared_experts is not None else None
-        out = self.dispatcher.combine_finish(pending)
-        return out if shared is None else out + shared
+        step.pending = dispatcher.combine_start(expert_out, dispatched)
+        step.shared = self.shared_output(step.hidden)
+
+    def stage_combine(self, step: MoEStep, dispatcher: TokenDispatcher) -> torch.Tensor:
+        """Communication: wait for the combine; returns the layer output [T, D]."""
+        out = dispatcher.combine_finish(step.pending)
+        step.pending = None
+        return out if step.shared is None else out + step.shared
+
+    def shared_output(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Shared experts on the layer input (None without them)."""
+        return self.shared_experts(hidden) if self.shared_experts is not None else None
+
+
+@dataclass(eq=False)
+class MoEStep:
+    """One micro-batch's state between the stages of one MoE layer (handles belong to its dispatcher)."""
+
+    hidden: torch.Tensor  # [T, D] layer input (shared experts read it)
+    dispatch_input: torch.Tensor  # [T, D] rows sent to the experts
+    topk_weights: torch.Tensor  # [T, K]
+    physical_ids: torch.Tensor  # [T, K]
+    pending: Any = None
+    shared: torch.Tensor | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from moefleet.engine.layers.experts_variants import BiasedClampedExperts
-from moefleet.engine.layers.moe import MoE
+from moefleet.engine.layers.moe import MoE, MoEStep
 from moefleet.engine.layers.router import RoutingConfig
 from moefleet.engine.layers.router_variants import TopkSigmoidRouter, TopkSoftmaxRouter
 from torch import nn
@@ -66,9 +66,13 @@ class InputScaledMoE(MoE):
         self.gate = _ChosenExperts()  # type: ignore[assignment]
         self.shared_expert = shared
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, D] -> [T, D]."""
+    def stage_route(self, hidden: torch.Tensor) -> MoEStep:
+        """Route on x, then the `MoE` pipeline on x * w; the shared expert reads the unscaled x."""
         weights, ids = self.router(hidden)  # [T, 1]
         self.gate.ids = ids  # type: ignore[union-attr]
-        routed = super().forward(hidden * weights.to(hidden.dtype))
-        return routed + self.shared_expert(hidden)
+        step = super().stage_route(hidden * weights.to(hidden.dtype))
+        step.hidden = hidden
+        return step
+
+    def shared_output(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.shared_expert(hidden)  # type: ignore[no-any-return]

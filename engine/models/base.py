@@ -10,14 +10,17 @@ local experts (others are skipped). transformers>=5 stacked names (`mlp.experts.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.embedding import LMHead, VocabEmbedding
 from moefleet.engine.layers.experts import Experts
+from moefleet.engine.layers.moe import MoE, MoEStep
 from moefleet.engine.layers.norm import RMSNorm
+from moefleet.engine.layers.token_dispatch import LocalDispatcher, TokenDispatcher
 from moefleet.engine.models.fp8 import SCALE_SUFFIX, dequantize_stream
 from torch import nn
 
@@ -39,10 +42,45 @@ class DecoderConfig(Protocol):
     fp8_weight_block_size: tuple[int, int] | None
 
 
+@dataclass(eq=False)
+class LayerState:
+    """One (micro-)batch flowing through the decoder stages: `hidden` is updated in place by each stage.
+
+    `micro_batch` picks the MoE layers' dispatcher: None -> `layer.dispatcher`, i -> `layer.dispatchers[i]`
+    (two-batch overlap: handles never cross micro-batches)."""
+
+    positions: torch.Tensor  # [T]
+    hidden: torch.Tensor  # [T, D]
+    batch: ForwardBatch
+    micro_batch: int | None = None
+    moe: MoEStep | None = None  # in flight between the stages of the current MoE layer
+
+    def dispatcher(self, mlp: nn.Module) -> TokenDispatcher:
+        if self.micro_batch is None:
+            return mlp.dispatcher  # type: ignore[return-value]
+        dispatchers = getattr(mlp, "dispatchers", None)
+        if dispatchers is None:
+            if isinstance(mlp.dispatcher, LocalDispatcher):  # stateless: one rank may share it
+                return mlp.dispatcher
+            raise RuntimeError("two-batch overlap needs one dispatcher per micro-batch on every MoE layer")
+        if self.micro_batch >= len(dispatchers):
+            raise RuntimeError(
+                f"two-batch overlap runs micro-batch {self.micro_batch} but the MoE layers have "
+                f"{len(dispatchers)} dispatcher(s): install them with apply_expert_parallel(num_micro_batches=2)"
+            )
+        return dispatchers[self.micro_batch]  # type: ignore[no-any-return]
+
+
+Stage = Callable[[LayerState], None]
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block (HF names): hidden += self_attn(norm(hidden)); hidden += mlp(norm(hidden)).
 
-    `self_attn(positions, hidden, batch)`: attention modules take the step's ForwardBatch."""
+    `self_attn(positions, hidden, batch)`: attention modules take the step's ForwardBatch.
+    The work is exposed as ordered `stages()` split at the MoE communications (attention + router | dispatch |
+    experts + shared experts | combine; one stage for a dense MLP); `forward` runs them in order and two-batch
+    overlap (engine/tbo.py) interleaves two micro-batches' stages - one code path for both."""
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, rms_norm_eps: float):
         super().__init__()
@@ -52,8 +90,39 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), batch)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        state = LayerState(positions, hidden, batch)
+        for stage in self.stages():
+            stage(state)
+        return state.hidden
+
+    def stages(self) -> list[Stage]:
+        if isinstance(self.mlp, MoE):
+            return [self._attention_and_route, self._dispatch, self._experts, self._combine]
+        return [self._attention_and_mlp]
+
+    def _attention(self, s: LayerState) -> None:
+        s.hidden = s.hidden + self.self_attn(s.positions, self.input_layernorm(s.hidden), s.batch)
+
+    def _attention_and_mlp(self, s: LayerState) -> None:
+        self._attention(s)
+        s.hidden = s.hidden + self.mlp(self.post_attention_layernorm(s.hidden))
+
+    def _attention_and_route(self, s: LayerState) -> None:
+        self._attention(s)
+        s.moe = self.mlp.stage_route(self.post_attention_layernorm(s.hidden))  # type: ignore[operator]
+
+    def _dispatch(self, s: LayerState) -> None:
+        assert s.moe is not None
+        self.mlp.stage_dispatch(s.moe, s.dispatcher(self.mlp))  # type: ignore[operator]
+
+    def _experts(self, s: LayerState) -> None:
+        assert s.moe is not None
+        self.mlp.stage_experts(s.moe, s.dispatcher(self.mlp))  # type: ignore[operator]
+
+    def _combine(self, s: LayerState) -> None:
+        assert s.moe is not None
+        s.hidden = s.hidden + self.mlp.stage_combine(s.moe, s.dispatcher(self.mlp))  # type: ignore[operator]
+        s.moe = None
 
 
 class DecoderModel(nn.Module):

@@ -195,6 +195,7 @@ class ServerMetrics:
         )
         self.registry.register(_EngineLoadCollector(read_rank_stats or (lambda: [read_stats()])))
         register_eplb_metrics(self.registry)
+        self.registry.register(_TBOCollector(read_rank_stats or (lambda: [read_stats()])))
         for reason in ("stop", "length", "abort", "error"):
             self.requests.labels(finish_reason=reason)  # export zeros so rates work from the start
 
@@ -299,3 +300,32 @@ def register_eplb_metrics(
 
         find_controller = current
     registry.register(_EPLBCollector(find_controller))
+
+
+# ---- Two-batch overlap (engine/tbo.py) ------------------------------------------------------------------
+# From the same per-rank stats as the load gauges (so scraping never triggers a collective). Every rank of a
+# group runs the same steps with TBO (the step agreement), so the group's count is any rank's: the max.
+
+
+class _TBOCollector(Collector):
+    def __init__(self, read_rank_stats: Callable[[], list[dict[str, float]]]):
+        self._read_rank_stats = read_rank_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        per_rank = self._read_rank_stats()
+        if not per_rank:
+            return
+        yield CounterMetricFamily(
+            "moefleet_tbo_steps",  # exported as moefleet_tbo_steps_total
+            "Engine steps run as two overlapped micro-batches (two-batch overlap).",
+            value=max(float(stats.get("tbo_steps_total", 0.0)) for stats in per_rank),
+        )
+        imbalance = GaugeMetricFamily(
+            "moefleet_tbo_split_imbalance",
+            "Per DP rank: |cost0 - cost1| / (cost0 + cost1) of the last two-batch split (attention cost; "
+            "0 = even, 1 = one micro-batch empty).",
+            labels=["dp_rank"],
+        )
+        for rank, stats in enumerate(per_rank):
+            imbalance.add_metric([str(rank)], float(stats.get("tbo_last_split_imbalance", 0.0)))
+        yield imbalance

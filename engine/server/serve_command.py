@@ -82,6 +82,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("auto", "off"),
         help="auto = capture decode steps in CUDA graphs on CUDA with the triton backend (default auto)",
     )
+    parser.add_argument(
+        "--tbo",
+        choices=("auto", "on", "off"),
+        help="two-batch overlap: each step as two micro-batches whose compute and MoE communication "
+        "interleave; auto = off until a GPU-measured token threshold exists (default auto, see docs/distributed.md)",
+    )
     group = parser.add_argument_group("multi-process (one process per GPU; DP attention + EP MoE)")
     group.add_argument(
         "--nnodes", type=int, default=None, help="nodes in the group (env MOEFLEET_NNODES, default 1)"
@@ -377,6 +383,7 @@ def engine_config(args: argparse.Namespace) -> Any:
             "seed",
             "attention_backend",
             "cuda_graphs",
+            "tbo",
         )
         if getattr(args, name) is not None
     }

@@ -171,3 +171,22 @@ def test_every_preset_parses_as_its_architecture(preset):
     config = preset_config(preset, num_layers=2)
     parsed = model_class(config["architectures"][0]).config_class.from_dict(config)  # type: ignore[attr-defined]
     assert parsed.hidden_size == PRESETS[preset]["hidden_size"]
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_tbo_on_runs_two_micro_batches_and_auto_stays_off(mode, monkeypatch):
+    from dataclasses import replace
+
+    from moefleet.engine import tbo
+
+    seen = []
+    real = tbo.forward_tbo
+    monkeypatch.setattr(tbo, "forward_tbo", lambda model, fb: seen.append(fb.num_tokens) or real(model, fb))
+    on = run_rank(replace(_tiny(mode), tbo="on")).to_dict()
+    assert seen and set(seen) == {on["tokens_per_step"]}
+    assert on["cuda_graphs"].startswith("off: tbo") and on["breakdown_s"] == {}
+    seen.clear()
+    run_rank(replace(_tiny(mode), tbo="auto", breakdown=False))
+    assert seen == []  # no measured threshold: auto is off
+    with pytest.raises(ValueError, match="tbo"):
+        replace(_tiny(mode), tbo="sometimes")

@@ -257,12 +257,12 @@ def scenario_watchdog(mode: str) -> None:
     sys.exit(5)
 
 
-def _engine_rank(model: str, max_model_len: int, backend: str) -> tuple[Any, Any, Any]:
+def _engine_rank(model: str, max_model_len: int, backend: str, **config_options: Any) -> tuple[Any, Any, Any]:
     """This rank's (DistributedState, engine, DPEngineLoop) on a tiny checkpoint, from the launch env."""
     from moefleet.engine.config import EngineConfig
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
 
-    config = EngineConfig(model=model, max_model_len=max_model_len, num_kv_blocks=64)
+    config = EngineConfig(model=model, max_model_len=max_model_len, num_kv_blocks=64, **config_options)
     launch = groups.LaunchConfig.from_env()
     state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
     engine = build_engine(config, state, backend=backend)
@@ -277,7 +277,9 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.sampling_params import SamplingParams
 
-    state, engine, loop = _engine_rank(options["model"], 128, options.get("backend", "a2a"))
+    state, engine, loop = _engine_rank(
+        options["model"], 128, options.get("backend", "a2a"), **options.get("engine", {})
+    )
     result: dict[str, Any] = {"expert_params": ep.count_routed_expert_parameters(engine.model_runner.model)}
     if state.rank == 0:
         client = DPFrontEndClient(loop)
@@ -300,10 +302,14 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
             return dict(zip(prompts, results, strict=True))
 
         result["tokens"] = asyncio.run(everything())
+        if "lone_prompt" in options:  # one request alone: the other ranks run idle steps meanwhile
+            result["lone"] = asyncio.run(one("lone", options["lone_prompt"]))
         client.shutdown()
     else:
         run_worker_rank(loop, state)
     result["prompt_tokens_total"] = engine.stats()["prompt_tokens_total"]
+    result["tbo_steps_total"] = engine.stats()["tbo_steps_total"]
+    result["num_steps_total"] = engine.num_steps_total
     torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
     groups.shutdown(state)
 

@@ -1,0 +1,246 @@
+"""Two-batch overlap (TBO): one step's ForwardBatch runs as two micro-batches whose decoder stages interleave,
+so one micro-batch's compute is queued while the other communicates (dispatch / combine of the MoE layers).
+
+    plan = plan_split(fb.query_lens, fb.seq_lens)      # pure: where to cut (decode: sequences; else tokens)
+    children = split_batch(fb, plan)                   # two ForwardBatches (one may be empty: T = 0)
+    hidden = forward_tbo(model, fb)                    # [T, D] in fb's token order, ready for sampling
+
+Stages come from `DecoderLayer.stages()` (models/base.py): attention + router | dispatch | experts + shared |
+combine for a MoE layer, one stage for a dense one; layers are concatenated so the overlap crosses layer
+boundaries. Micro-batch 0 runs `STAGE_LEAD` stages ahead of micro-batch 1 (`schedule`): with a lead of 2,
+each blocking dispatch of one micro-batch comes after the other micro-batch's latest compute stage was issued
+(the launch-order rule: on a GPU that compute is queued before the CPU blocks on receive counts).
+Micro-batch i uses `layer.dispatchers[i]` on every MoE layer (handles never cross micro-batches). Every rank
+of a group runs the same schedule (an idle rank: two empty micro-batches), so the collectives line up.
+
+Prefill cuts by balanced attention cost: a new token at position p attends to p + 1 keys; the cut may fall
+inside one sequence (its first piece goes to micro-batch 0, which writes that piece's KV at each layer before
+micro-batch 1's piece reads it - the schedule runs micro-batch 0's stage i before micro-batch 1's stage i).
+Chunked prefill: a chunk's already-cached prefix counts in its tokens' cost and stays in the KV cache.
+Not built here (GPU work): separate streams / DeepEP hooks for real overlap, CUDA graphs of the TBO step, and
+the measured `auto` thresholds (see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import TBO_MODES
+from .forward_batch import ForwardBatch, ForwardMode
+
+# Tokens per rank at and above which `--tbo auto` uses TBO, per mode. To be measured (GPU benchmark, TBO on
+# vs off side by side): None = not measured yet, so `auto` never turns TBO on.
+AUTO_MIN_TOKENS: dict[str, int | None] = {"decode": None, "prefill": None}
+# Stages micro-batch 0 runs ahead of micro-batch 1.
+STAGE_LEAD = 2
+
+
+def wants_tbo(mode: str, num_tokens: int, is_prefill: bool) -> bool:
+    """Pure: whether this rank can use TBO for a batch (`StepInfo.can_use_tbo`; the group uses it only if
+    every rank with work can)."""
+    if mode not in TBO_MODES:
+        raise ValueError(f"tbo ({mode!r}) must be one of {TBO_MODES}")
+    if mode != "auto":
+        return mode == "on"
+    threshold = AUTO_MIN_TOKENS["prefill" if is_prefill else "decode"]
+    return threshold is not None and num_tokens >= threshold
+
+
+def num_micro_batches(mode: str) -> int:
+    """Dispatchers each MoE layer needs (`apply_expert_parallel(num_micro_batches=...)`) for a `--tbo` mode."""
+    measured = any(threshold is not None for threshold in AUTO_MIN_TOKENS.values())
+    return 2 if mode == "on" or (mode == "auto" and measured) else 1
+
+
+# ---- where to cut (pure) --------------------------------------------------------------------------------
+
+
+def attention_cost(query_len: int, seq_len: int, num_tokens: int) -> int:
+    """Keys attended by the first `num_tokens` new tokens of a sequence (token at position p: p + 1 keys)."""
+    cached = seq_len - query_len
+    return num_tokens * cached + num_tokens * (num_tokens + 1) // 2
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPlan:
+    """Micro-batch 0 takes sequences [0, seq_cut) and the first `cut_tokens` new tokens of sequence seq_cut
+    (0: no sequence is cut); micro-batch 1 takes the rest. `costs` is the attention cost of each side."""
+
+    seq_cut: int
+    cut_tokens: int
+    token_cut: int  # new tokens of micro-batch 0
+    costs: tuple[int, int]
+
+    @property
+    def imbalance(self) -> float:
+        """|cost0 - cost1| / (cost0 + cost1): 0 is a perfect split, 1 everything on one side."""
+        total = sum(self.costs)
+        return abs(self.costs[0] - self.costs[1]) / total if total else 0.0
+
+
+def plan_split(query_lens: Sequence[int], seq_lens: Sequence[int]) -> SplitPlan:
+    """Decode (every sequence one token): the first ceil(B/2) sequences, the rest. Otherwise: the token cut
+    with the most even attention cost, each side at least one token (one sequence may be cut)."""
+    num_seqs = len(query_lens)
+    costs = [attention_cost(q, s, q) for q, s in zip(query_lens, seq_lens, strict=True)]
+    if all(q == 1 for q in query_lens):
+        half = (num_seqs + 1) // 2
+        return SplitPlan(half, 0, half, (sum(costs[:half]), sum(costs[half:])))
+    total = sum(costs)
+    best: tuple[int, int, int, int] | None = None  # (|2 * left - total|, seq, tokens, left)
+    prefix = 0
+    for b, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        if 2 * (prefix + costs[b]) >= total:  # the balance point is inside sequence b: search its tokens
+            lo, hi = 0, q
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if 2 * (prefix + attention_cost(q, s, mid)) >= total:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            for k in (lo - 1, lo):
+                if 0 <= k <= q:
+                    left = prefix + attention_cost(q, s, k)
+                    if best is None or abs(2 * left - total) < best[0]:
+                        best = (abs(2 * left - total), b, k, left)
+            break
+        prefix += costs[b]
+    assert best is not None
+    _, b, k, left = best
+    before = sum(query_lens[:b])
+    token_cut = min(max(before + k, 1), sum(query_lens) - 1)  # both sides non-empty
+    if token_cut != before + k:  # clamped: recompute where the cut falls
+        return _plan_at(query_lens, seq_lens, token_cut)
+    return _normalize(query_lens, b, k, token_cut, (left, total - left))
+
+
+def _plan_at(query_lens: Sequence[int], seq_lens: Sequence[int], token_cut: int) -> SplitPlan:
+    before, left = 0, 0
+    for b, (q, s) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        if before + q >= token_cut:
+            k = token_cut - before
+            left += attention_cost(q, s, k)
+            total = sum(attention_cost(q2, s2, q2) for q2, s2 in zip(query_lens, seq_lens, strict=True))
+            return _normalize(query_lens, b, k, token_cut, (left, total - left))
+        before += q
+        left += attention_cost(q, s, q)
+    raise ValueError(f"token cut {token_cut} is past the batch's {before} tokens")
+
+
+def _normalize(
+    query_lens: Sequence[int], seq: int, tokens: int, token_cut: int, costs: tuple[int, int]
+) -> SplitPlan:
+    """A cut at the end of a sequence is a cut before the next one (no sequence is cut)."""
+    if tokens == query_lens[seq]:
+        return SplitPlan(seq + 1, 0, token_cut, costs)
+    return SplitPlan(seq, tokens, token_cut, costs)
+
+
+# ---- the two micro-batches ------------------------------------------------------------------------------
+
+
+def split_batch(fb: ForwardBatch, plan: SplitPlan) -> tuple[ForwardBatch, ForwardBatch]:
+    """Two ForwardBatches over contiguous token ranges of `fb` ([0, token_cut), [token_cut, T)): token tensors
+    are views of fb's, per-sequence tensors are built from the host lists (one small copy each). Children
+    carry no sample indices: the merged hidden states are sampled with fb's."""
+    c, k = plan.seq_cut, plan.cut_tokens
+    q, s = fb.query_lens, fb.seq_lens
+    if k:  # sequence c is cut: KV length after its first piece is its cached prefix + k
+        first = (q[:c] + [k], s[:c] + [s[c] - q[c] + k], c + 1)
+        second = ([q[c] - k] + q[c + 1 :], s[c:], c)
+    else:
+        first = (q[:c], s[:c], c)
+        second = (q[c:], s[c:], c)
+    t = plan.token_cut
+    return (
+        _child(fb, *first[:2], seqs=slice(0, first[2]), tokens=slice(0, t)),
+        _child(fb, *second[:2], seqs=slice(second[2], fb.num_seqs), tokens=slice(t, fb.num_tokens)),
+    )
+
+
+def _child(
+    fb: ForwardBatch, query_lens: list[int], seq_lens: list[int], seqs: slice, tokens: slice
+) -> ForwardBatch:
+    if not query_lens:  # an empty micro-batch is an idle batch (T = 0)
+        return ForwardBatch.build(
+            input_ids=[], positions=[], query_lens=[], seq_lens=[], block_tables=[], block_size=fb.block_size,
+            device=fb.input_ids.device, slot_mapping=[], sample_indices=[], attn_backend=fb.attn_backend,
+            dp_is_prefill=fb.dp_is_prefill,
+        )  # fmt: skip
+    cu = [0]
+    for n in query_lens:
+        cu.append(cu[-1] + n)
+    host = torch.tensor(query_lens + seq_lens + cu, dtype=torch.int32)
+    qlens, slens, cu_t = host.to(fb.input_ids.device, non_blocking=True).split(
+        [len(query_lens), len(seq_lens), len(cu)]
+    )
+    return ForwardBatch(
+        mode=ForwardMode.of(query_lens),
+        block_size=fb.block_size,
+        query_lens=query_lens,
+        seq_lens=seq_lens,
+        input_ids=fb.input_ids[tokens],
+        positions=fb.positions[tokens],
+        slot_mapping=fb.slot_mapping[tokens],
+        query_lens_t=qlens,
+        seq_lens_t=slens,
+        cu_query_lens=cu_t,
+        block_tables=fb.block_tables[seqs],
+        sample_indices=fb.sample_indices[:0],
+        block_tables_cpu=fb.block_tables_cpu[seqs],
+        dp_is_prefill=fb.dp_is_prefill,
+        attn_backend=fb.attn_backend,
+    )
+
+
+# ---- interleaving ---------------------------------------------------------------------------------------
+
+
+def schedule(num_stages: int, lead: int = STAGE_LEAD) -> list[tuple[int, int]]:
+    """Pure: (micro-batch, stage index) in launch order. Tick i runs micro-batch 0's stage i, then micro-batch
+    1's stage i - lead; so micro-batch 0's stage i always precedes micro-batch 1's."""
+    if lead < 0:
+        raise ValueError(f"lead ({lead}) must be >= 0")
+    order = []
+    for tick in range(num_stages + lead):
+        if tick < num_stages:
+            order.append((0, tick))
+        if 0 <= tick - lead < num_stages:
+            order.append((1, tick - lead))
+    return order
+
+
+def check_supported(model: Any) -> None:
+    """TBO needs a `DecoderModel` (`model.model`) whose layers expose `stages()`."""
+    from .models.base import DecoderModel
+
+    decoder = getattr(model, "model", None)
+    if not isinstance(decoder, DecoderModel) or not all(hasattr(layer, "stages") for layer in decoder.layers):
+        raise ValueError(
+            f"two-batch overlap needs a decoder model with staged layers; {type(model).__name__} has none: "
+            "use --tbo off"
+        )
+
+
+def forward_tbo(model: Any, fb: ForwardBatch, lead: int = STAGE_LEAD) -> tuple[torch.Tensor, SplitPlan]:
+    """Forward `fb` as two interleaved micro-batches; returns (final hidden [T, D] in fb's token order, the
+    split plan). The result equals `model(fb.input_ids, fb.positions, fb)` up to floating-point reordering
+    of batched matmuls."""
+    from .models.base import LayerState
+
+    plan = plan_split(fb.query_lens, fb.seq_lens)
+    children = split_batch(fb, plan)
+    decoder = model.model
+    states = [
+        LayerState(child.positions, decoder.embed_tokens(child.input_ids), child, micro_batch=i)
+        for i, child in enumerate(children)
+    ]
+    stages = [stage for layer in decoder.layers for stage in layer.stages()]
+    for micro_batch, index in schedule(len(stages), lead):
+        stages[index](states[micro_batch])
+    hidden = torch.cat([state.hidden for state in states])
+    return decoder.norm(hidden), plan
