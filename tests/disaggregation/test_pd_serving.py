@@ -1,0 +1,221 @@
+"""Prefill/decode disaggregation end to end: a `prefill` engine server, a `decode` engine server and the gateway
+in disaggregated mode, over real HTTP and the real `tcp` KV transfer (float32, CPU, tiny models).
+
+Oracle: transformers greedy generation. Also: streaming and not, the official openai client, KV usage back to
+0 on both sides, a client that leaves mid-stream frees KV on both sides, and a decode server killed mid-stream
+ends the client's stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import torch
+from gateway.conftest import serve_gateway
+from moefleet.engine.config import EngineConfig
+from moefleet.engine.disaggregation.roles import PDEngineClient, make_router, pd_headers
+from moefleet.engine.llm_engine import LLMEngine
+from moefleet.engine.server.api import build_app
+from server.conftest import stream_last_event, wait_for
+from support.asgi import serve_asgi
+from support.controlplane import free_port
+from support.tiny_models import one_torch_thread, tiny_model_dir
+
+from moefleet.gateway_schema import GatewayConfig
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+NEW_TOKENS = 8
+PROMPTS = [[5, 17, 230, 99, 4], [300, 12, 41, 7, 8, 9, 10, 11, 77, 3, 1, 2, 250, 19, 20, 21, 22, 23, 24]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_torch_thread():
+        yield
+
+
+def _engine(name: str) -> LLMEngine:
+    config = EngineConfig(model=str(tiny_model_dir(name)), dtype="float32", max_model_len=256, block_size=4)
+    return LLMEngine(config)
+
+
+@contextmanager
+def _role_server(name: str, role: str) -> Iterator[tuple[str, PDEngineClient]]:
+    client = PDEngineClient(_engine(name), role, kv_host="127.0.0.1")
+    app = pd_headers(build_app(client, name, [make_router(client)]))
+    try:
+        with serve_asgi(app) as url:
+            yield url, client
+    finally:
+        client.shutdown()
+
+
+def _pd_config(prefill_url: str, decode_url: str) -> GatewayConfig:
+    return GatewayConfig.from_dict(
+        {
+            "mode": "disaggregated",
+            "roles": {
+                "prefill": {"groups": [{"name": "p0", "url": prefill_url}]},
+                "decode": {"groups": [{"name": "d0", "url": decode_url}]},
+            },
+        }
+    )
+
+
+def _hf_greedy(name: str, prompts: list[list[int]]) -> list[list[int]]:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(name), dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                eos_token_id=None,
+            )
+        out.append(gen[0, len(prompt) :].tolist())
+    return out
+
+
+def _kv_idle(*clients: PDEngineClient) -> bool:
+    for client in clients:
+        stats = client.stats()
+        if stats.get("kv_blocks_used") or stats.get("num_waiting_for_kv") or stats.get("num_sending_kv"):
+            return False
+    return True
+
+
+def _body(name: str, prompt: list[int], stream: bool = False, max_tokens: int = NEW_TOKENS) -> dict:
+    return {
+        "model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "return_token_ids": True, "stream": stream,
+    }
+
+
+async def _stream_ids(url: str, body: dict) -> list[int]:
+    ids: list[int] = []
+    async with httpx.AsyncClient(timeout=120) as http:
+        async with http.stream("POST", url + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line.removeprefix("data: "))
+                    assert "error" not in event, event
+                    ids.extend(event["choices"][0].get("token_ids") or [])
+    return ids
+
+
+@pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
+def test_prefill_decode_through_the_gateway_match_transformers(name):
+    expected = _hf_greedy(name, PROMPTS)
+    with (
+        _role_server(name, "prefill") as (prefill_url, prefill),
+        _role_server(name, "decode") as (decode_url, decode),
+        serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+    ):
+        for prompt, want in zip(PROMPTS, expected, strict=True):
+            reply = httpx.post(url + "/v1/completions", json=_body(name, prompt), timeout=120)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["token_ids"] == want
+        streamed = asyncio.run(_stream_ids(url, _body(name, PROMPTS[1], stream=True)))
+        assert streamed == expected[1]
+
+        async def concurrent() -> list[list[int]]:
+            return await asyncio.gather(*(_stream_ids(url, _body(name, p, stream=True)) for p in PROMPTS * 2))
+
+        assert asyncio.run(concurrent()) == expected * 2
+        wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
+        # The prefill group computed every prompt; the decode group computed none of them.
+        assert prefill.stats()["prompt_tokens_total"] == 3 * sum(map(len, PROMPTS)) + len(PROMPTS[1])
+        assert decode.stats()["prompt_tokens_total"] == 0
+        metrics = httpx.get(url + "/metrics").text
+        assert "moefleet_gateway_kv_transfer_seconds_count 7.0" in metrics
+
+        # The official openai client, chat included; a chat answer equals the decode server's own (mixed) one.
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        direct = openai.OpenAI(base_url=decode_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = {"model": name, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 6,
+                "temperature": 0}
+        assert (
+            client.chat.completions.create(**chat).choices[0].message.content
+            == direct.chat.completions.create(**chat).choices[0].message.content
+        )
+        deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)
+                  if c.choices]
+        assert "".join(deltas) == direct.chat.completions.create(**chat).choices[0].message.content
+        wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
+
+
+def test_a_client_that_leaves_mid_stream_frees_kv_on_both_sides():
+    name = "qwen3_norm_topk"
+    with (
+        _role_server(name, "prefill") as (prefill_url, prefill),
+        _role_server(name, "decode") as (decode_url, decode),
+        serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+    ):
+
+        async def leave() -> list[str | None]:
+            bodies = [_body(name, p, stream=True, max_tokens=200) for p in PROMPTS * 2]
+            return await asyncio.gather(*(stream_last_event(url, b, 3, timeout=60) for b in bodies))
+
+        assert asyncio.run(leave()) == [None] * 4
+        wait_for(lambda: _kv_idle(prefill, decode), timeout=15)
+        # Still serving correctly afterwards.
+        reply = httpx.post(url + "/v1/completions", json=_body(name, PROMPTS[0]), timeout=60)
+        assert reply.status_code == 200 and len(reply.json()["choices"][0]["token_ids"]) == NEW_TOKENS
+        wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
+
+
+def test_killing_the_decode_server_mid_stream_ends_the_stream_with_an_error():
+    name = "qwen3_norm_topk"
+    port = free_port()
+    env = {**os.environ, "MOEFLEET_ROLE": "decode"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moefleet.engine.cli", "serve", "--model", str(tiny_model_dir(name)),
+         "--port", str(port), "--max-model-len", "2048"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    decode_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ok(decode_url + "/health"), timeout=120, interval=0.2)
+        assert httpx.get(decode_url + "/v1/pd/bootstrap").json()["role"] == "decode"
+        with (
+            _role_server(name, "prefill") as (prefill_url, prefill),
+            serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+        ):
+            body = _body(name, PROMPTS[0], stream=True, max_tokens=1500)
+            started = None
+            events: list[str] = []
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line)
+                    if len(events) == 3:
+                        process.kill()
+                        started = time.monotonic()
+            assert started is not None and time.monotonic() - started < 15
+            assert "error" in json.loads(events[-2].removeprefix("data: ")) and events[-1] == "data: [DONE]"
+            wait_for(lambda: _kv_idle(prefill), timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
