@@ -128,9 +128,12 @@ class PDRelay:
         )
         try:
             done, _ = await asyncio.wait({prefill_task, decode_task}, return_when=asyncio.FIRST_COMPLETED)
-            if prefill_task in done and prefill_task.result() is not None:
+            failure = prefill_task.result() if prefill_task in done else None
+            if failure is not None:
                 await _cancel(decode_task)
-                return self._fail(f"prefill group {prefill.name}: {prefill_task.result()}")
+                if isinstance(failure, Response):  # the request itself is bad (4xx): say so as the engine did
+                    return gw._answer(failure)
+                return self._fail(f"prefill group {prefill.name}: {failure}")
             result = await decode_task
         except BaseException:
             await _cancel(decode_task)
@@ -148,8 +151,11 @@ class PDRelay:
             prefill_task.add_done_callback(self._background.discard)
         return result
 
-    async def _prefill(self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]) -> str | None:
-        """Run the prefill leg; None when it succeeded, else why it failed."""
+    async def _prefill(
+        self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]
+    ) -> str | Response | None:
+        """Run the prefill leg: None when it succeeded, its answer when it refused the request (4xx), else
+        why it failed."""
         gw = self.gateway
         started = time.perf_counter()
         backend.in_flight += 1
@@ -160,6 +166,10 @@ class PDRelay:
             return f"{type(exc).__name__}: {exc}"
         finally:
             backend.in_flight -= 1
+        if 400 <= answer.status_code < 500:
+            return Response(
+                answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type")
+            )
         if answer.status_code != 200:
             return f"answered {answer.status_code}: {answer.text[:300]}"
         gw.metrics.kv_transfer_seconds.observe(time.perf_counter() - started)

@@ -47,14 +47,16 @@ def single_thread():
         yield
 
 
-def _engine(name: str) -> LLMEngine:
-    config = EngineConfig(model=str(tiny_model_dir(name)), dtype="float32", max_model_len=256, block_size=4)
+def _engine(name: str, block_size: int) -> LLMEngine:
+    config = EngineConfig(
+        model=str(tiny_model_dir(name)), dtype="float32", max_model_len=256, block_size=block_size
+    )
     return LLMEngine(config)
 
 
 @contextmanager
-def _role_server(name: str, role: str) -> Iterator[tuple[str, PDEngineClient]]:
-    client = PDEngineClient(_engine(name), role, kv_host="127.0.0.1")
+def _role_server(name: str, role: str, block_size: int = 4) -> Iterator[tuple[str, PDEngineClient]]:
+    client = PDEngineClient(_engine(name, block_size), role, kv_host="127.0.0.1")
     app = pd_headers(build_app(client, name, [make_router(client)]))
     try:
         with serve_asgi(app) as url:
@@ -82,7 +84,10 @@ def _hf_greedy(name: str, prompts: list[list[int]]) -> list[list[int]]:
         ids = torch.tensor([prompt])
         with torch.no_grad():
             gen = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
                 eos_token_id=None,
             )
         out.append(gen[0, len(prompt) :].tolist())
@@ -99,8 +104,13 @@ def _kv_idle(*clients: PDEngineClient) -> bool:
 
 def _body(name: str, prompt: list[int], stream: bool = False, max_tokens: int = NEW_TOKENS) -> dict:
     return {
-        "model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "return_token_ids": True, "stream": stream,
+        "model": name,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": stream,
     }
 
 
@@ -146,14 +156,21 @@ def test_prefill_decode_through_the_gateway_match_transformers(name):
         # The official openai client, chat included; a chat answer equals the decode server's own (mixed) one.
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         direct = openai.OpenAI(base_url=decode_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        chat = {"model": name, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 6,
-                "temperature": 0}
+        chat = {
+            "model": name,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        }
         assert (
             client.chat.completions.create(**chat).choices[0].message.content
             == direct.chat.completions.create(**chat).choices[0].message.content
         )
-        deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)
-                  if c.choices]
+        deltas = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**chat, stream=True)
+            if c.choices
+        ]
         assert "".join(deltas) == direct.chat.completions.create(**chat).choices[0].message.content
         wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
 
@@ -183,19 +200,35 @@ def test_killing_the_decode_server_mid_stream_ends_the_stream_with_an_error():
     port = free_port()
     env = {**os.environ, "MOEFLEET_ROLE": "decode"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "moefleet.engine.cli", "serve", "--model", str(tiny_model_dir(name)),
-         "--port", str(port), "--max-model-len", "2048"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moefleet.engine.cli",
+            "serve",
+            "--model",
+            str(tiny_model_dir(name)),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "1024",
+            "--served-model-name",
+            name,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     decode_url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ok(decode_url + "/health"), timeout=120, interval=0.2)
         assert httpx.get(decode_url + "/v1/pd/bootstrap").json()["role"] == "decode"
         with (
-            _role_server(name, "prefill") as (prefill_url, prefill),
+            # The block size `moefleet serve` uses by default (prefill and decode layouts must match).
+            _role_server(name, "prefill", block_size=16) as (prefill_url, prefill),
             serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
         ):
-            body = _body(name, PROMPTS[0], stream=True, max_tokens=1500)
+            body = _body(name, PROMPTS[0], stream=True, max_tokens=240)
             started = None
             events: list[str] = []
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
@@ -206,7 +239,8 @@ def test_killing_the_decode_server_mid_stream_ends_the_stream_with_an_error():
                     if len(events) == 3:
                         process.kill()
                         started = time.monotonic()
-            assert started is not None and time.monotonic() - started < 15
+            assert started is not None, (response.status_code, events)
+            assert time.monotonic() - started < 15
             assert "error" in json.loads(events[-2].removeprefix("data: ")) and events[-1] == "data: [DONE]"
             wait_for(lambda: _kv_idle(prefill), timeout=10)
     finally:
