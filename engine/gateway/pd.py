@@ -11,7 +11,8 @@ Handshake (engine side: engine/disaggregation/roles.py):
      answer arrives once the decode group acknowledged (`moefleet_gateway_kv_transfer_seconds`).
 A failure of either leg before the decode group's first byte cancels the other leg (which aborts the request
 and frees its KV on that side) and answers 502/503 in OpenAI form; no retry on other groups yet.
-Requests the roles cannot split (n > 1, logprobs, structured outputs) are served whole by the decode group.
+Requests the roles cannot split (n > 1, logprobs, structured outputs), and all requests while no prefill group
+is ready, are served whole by a decode group.
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ class PDRelay:
         if not splittable(body):
             return None
         try:
-            decode = self.pick("decode", prefix_key)
             prefill = self.pick("prefill", prefix_key)
+        except NoBackendError:
+            return None  # no prefill group ready: decode groups serve whole requests meanwhile
+        try:
+            decode = self.pick("decode", prefix_key)
         except NoBackendError as exc:
             return gw._answer(JSONResponse(error_body(str(exc), 503), status_code=503))
         try:

@@ -241,9 +241,13 @@ def check_args(args: argparse.Namespace) -> ParallelLaunch:
             raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
     check_expert_slots(args, launch)
     if getattr(args, "role", "mixed") != "mixed" and launch.world_size > 1:
-        raise CommandError(
-            f"--role {args.role} runs in one process for now (this launch has {launch.world_size} ranks)",
-            "serve prefill/decode roles with one rank each, or use --role mixed (docs/distributed.md)",
+        # Multi-rank groups do not take part in KV transfer yet: they serve whole requests (the gateway sees no
+        # /v1/pd/bootstrap and sends requests whole to decode groups).
+        print(
+            f"moefleet serve: warning: --role {args.role} with {launch.world_size} ranks serves whole requests "
+            "(KV transfer needs one rank per group for now, docs/distributed.md)",
+            file=sys.stderr,
+            flush=True,
         )
     from moefleet.engine.server.admin import admin_token
 
