@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 import torch
-from gateway.conftest import serve_gateway
+from gateway.conftest import scripted_backend, serve_gateway
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.disaggregation.roles import PDEngineClient, make_router, pd_headers
 from moefleet.engine.llm_engine import LLMEngine
@@ -253,3 +253,18 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_prefill_group_answers_an_error_and_frees_the_decode_reservation(stream):
+    name = "qwen3_norm_topk"
+    app, state = scripted_backend("draining")  # healthy, but answers every completion 503
+    with (
+        serve_asgi(app) as prefill_url,
+        _role_server(name, "decode") as (decode_url, decode),
+        serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+    ):
+        reply = httpx.post(url + "/v1/completions", json=_body(name, PROMPTS[1], stream=stream), timeout=60)
+        assert reply.status_code == 502 and "prefill group p0" in reply.json()["error"]["message"]
+        assert state["requests"] == 1
+        wait_for(lambda: _kv_idle(decode), timeout=10)
