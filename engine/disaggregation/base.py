@@ -64,6 +64,10 @@ class KVReceiver(ABC):
         False: a write is under way, its `on_landed` (with an error) will still run (free them then)."""
 
     @abstractmethod
+    def refuse(self, transfer_id: str, reason: str) -> None:
+        """`transfer_id` will never be registered here (the request was rejected): refuse its sender now."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 

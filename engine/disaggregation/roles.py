@@ -131,6 +131,8 @@ class PDEngineClient(LocalEngineClient):
                 request_id, prompt, params, kv_mode="send" if self.role == "prefill" else "receive"
             )
         except (ValueError, TypeError) as exc:
+            if self.role == "decode":
+                self.receiver.refuse(pd.transfer_id, f"the decode server rejected the request: {exc}")
             self._deliver(request_id, RequestRejectedError(str(exc)), last=True)
             return
         self._transfers[request_id] = pd

@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ CHUNK_BYTES = 1 << 20
 # gateway sends the request to decode first, but the two HTTP calls race).
 REGISTER_WAIT_SECONDS = 30.0
 IO_TIMEOUT_SECONDS = 60.0
+GONE_IDS_KEPT = 4096
 _LEN = struct.Struct("!I")
 _CHUNK = struct.Struct("!II")
 
@@ -137,6 +139,8 @@ class TcpReceiver(KVReceiver):
     ):
         self.pool = pool
         self._registrations: dict[str, _Registration] = {}
+        # Ids cancelled or refused before their transfer arrived: a late sender is told at once (bounded).
+        self._gone: OrderedDict[str, str] = OrderedDict()
         self._cond = threading.Condition()
         receiver = self
 
@@ -172,19 +176,31 @@ class TcpReceiver(KVReceiver):
     def cancel(self, transfer_id: str) -> bool:
         with self._cond:
             reg = self._registrations.get(transfer_id)
-            if reg is None:
-                return True
-            if reg.in_progress:
+            if reg is not None and reg.in_progress:
                 reg.cancelled = True
                 return False
-            del self._registrations[transfer_id]
+            self._registrations.pop(transfer_id, None)
+            self._forget(transfer_id, "the decode request was aborted before its KV arrived")
             return True
+
+    def refuse(self, transfer_id: str, reason: str) -> None:
+        """The decode side will never register `transfer_id` (e.g. it rejected the request): a sender that
+        brings it is answered at once instead of after the registration wait."""
+        with self._cond:
+            self._forget(transfer_id, reason)
+
+    def _forget(self, transfer_id: str, reason: str) -> None:
+        self._gone[transfer_id] = reason
+        while len(self._gone) > GONE_IDS_KEPT:
+            self._gone.popitem(last=False)
+        self._cond.notify_all()
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
 
-    def _claim(self, transfer_id: str) -> _Registration | None:
+    def _claim(self, transfer_id: str) -> _Registration | str:
+        """The registration of `transfer_id` (marked in progress), or why there is none."""
         deadline = time.monotonic() + REGISTER_WAIT_SECONDS
         with self._cond:
             while True:
@@ -192,9 +208,11 @@ class TcpReceiver(KVReceiver):
                 if reg is not None:
                     reg.in_progress = True
                     return reg
+                if transfer_id in self._gone:
+                    return self._gone[transfer_id]
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return None
+                    return f"transfer id {transfer_id} is not expected here (not registered within {REGISTER_WAIT_SECONDS:g} s)"
                 self._cond.wait(left)
 
     def _serve(self, sock: socket.socket) -> None:
@@ -206,9 +224,9 @@ class TcpReceiver(KVReceiver):
             log.warning("bad KV transfer header: %s", exc)
             return
         reg = self._claim(transfer_id)
-        if reg is None:
+        if isinstance(reg, str):
             with _quiet():
-                _send_json(sock, {"ok": False, "error": f"transfer id {transfer_id} is not expected here"})
+                _send_json(sock, {"ok": False, "error": reg})
             return
         result = TransferResult(transfer_id, None, None)
         try:

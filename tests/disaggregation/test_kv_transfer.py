@@ -7,6 +7,7 @@ cache[b] for MLA), other blocks stay untouched; failures (layout, checksum, unkn
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -137,5 +138,24 @@ def test_a_transfer_that_arrives_before_its_registration_waits_for_it():
         sender.join(5)
         assert done.wait(5) and results[0].first_token == 9
         assert torch.equal(_block(dst, 1, 5), _block(src, 1, 2))
+    finally:
+        receiver.close()
+
+
+def test_a_sender_for_a_cancelled_or_refused_id_is_answered_at_once(monkeypatch):
+    monkeypatch.setattr(tcp, "REGISTER_WAIT_SECONDS", 20.0)
+    src, dst = _pools()
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        receiver.register("t6", [1], 2, lambda result: None)
+        assert receiver.cancel("t6") is True
+        receiver.refuse("t7", "the decode server rejected the request: too long")
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="aborted before its KV arrived"):
+            TcpSender(src).send(receiver.address, "t6", [0], 2, first_token=1)
+        with pytest.raises(TransferError, match="rejected the request"):
+            TcpSender(src).send(receiver.address, "t7", [0], 2, first_token=1)
+        assert time.monotonic() - started < 5
+        assert not dst.caches[0].any()
     finally:
         receiver.close()
