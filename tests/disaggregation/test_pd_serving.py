@@ -152,6 +152,9 @@ def test_prefill_decode_through_the_gateway_match_transformers(name):
         assert decode.stats()["prompt_tokens_total"] == 0
         metrics = httpx.get(url + "/metrics").text
         assert "moefleet_gateway_kv_transfer_seconds_count 7.0" in metrics
+        engine_metrics = httpx.get(decode_url + "/metrics").text + httpx.get(prefill_url + "/metrics").text
+        assert engine_metrics.count("moefleet_num_requests_waiting_for_kv 0.0") == 2
+        assert engine_metrics.count("moefleet_num_requests_sending_kv 0.0") == 2
 
         # The official openai client, chat included; a chat answer equals the decode server's own (mixed) one.
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
