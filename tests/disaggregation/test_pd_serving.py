@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -155,6 +156,16 @@ def test_prefill_decode_through_the_gateway_match_transformers(name):
         engine_metrics = httpx.get(decode_url + "/metrics").text + httpx.get(prefill_url + "/metrics").text
         assert engine_metrics.count("moefleet_num_requests_waiting_for_kv 0.0") == 2
         assert engine_metrics.count("moefleet_num_requests_sending_kv 0.0") == 2
+        # What moves per token and layer: an MLA model's compressed latent + roped key only, else K and V.
+        hf = json.loads((tiny_model_dir(name) / "config.json").read_text())
+        layout = httpx.get(decode_url + "/v1/pd/bootstrap").json()["kv_layout"]
+        if "kv_lora_rank" in hf:
+            per_token = [hf["kv_lora_rank"] + hf["qk_rope_head_dim"]]
+        else:
+            per_token = [2, hf["num_key_value_heads"], hf["head_dim"]]
+        assert len(layout["block_shapes"]) == hf["num_hidden_layers"]
+        for shape in layout["block_shapes"]:
+            assert math.prod(shape) == 4 * math.prod(per_token)  # block_size 4
 
         # The official openai client, chat included; a chat answer equals the decode server's own (mixed) one.
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
