@@ -282,3 +282,70 @@ def test_a_failing_prefill_group_answers_an_error_and_frees_the_decode_reservati
         assert reply.status_code == 502 and "prefill group p0" in reply.json()["error"]["message"]
         assert state["requests"] == 1
         wait_for(lambda: _kv_idle(decode), timeout=10)
+
+
+def test_the_commands_serve_pd_on_one_host_with_no_flags_beyond_role():
+    """`moefleet serve --role prefill`, `moefleet serve --role decode` and `moefleet gateway --prefill --decode`
+    as processes: the KV receiver port is announced, nothing else is configured."""
+    name = "qwen3_norm_topk"
+    ports = {"prefill": free_port(), "decode": free_port(), "gateway": free_port()}
+    moefleet = [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())"]
+    processes = [
+        subprocess.Popen(
+            [
+                *moefleet,
+                "serve",
+                "--model",
+                str(tiny_model_dir(name)),
+                "--served-model-name",
+                name,
+                "--port",
+                str(ports[role]),
+                "--max-model-len",
+                "256",
+                "--role",
+                role,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for role in ("prefill", "decode")
+    ]
+    processes.append(
+        subprocess.Popen(
+            [
+                *moefleet,
+                "gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["gateway"]),
+                "--prefill",
+                f"http://127.0.0.1:{ports['prefill']}",
+                "--decode",
+                f"http://127.0.0.1:{ports['decode']}",
+                "--poll-interval",
+                "0.2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    url = f"http://127.0.0.1:{ports['gateway']}"
+    try:
+        for port in ports.values():
+            wait_for(lambda port=port: _ok(f"http://127.0.0.1:{port}/health"), timeout=240, interval=0.2)
+        expected = _hf_greedy(name, PROMPTS[:1])[0]
+        reply = httpx.post(url + "/v1/completions", json=_body(name, PROMPTS[0]), timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["token_ids"] == expected
+        assert "moefleet_gateway_kv_transfer_seconds_count 1.0" in httpx.get(url + "/metrics").text
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
