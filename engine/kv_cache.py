@@ -119,5 +119,8 @@ class KVCachePool:
                 f"unit of layer {layer} has {len(data)} bytes, expected {self.unit_bytes(layer)}"
             )
         view = self._view(layer, block)
-        src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.dtype).reshape(view.shape)
+        writable = (
+            data if not isinstance(data, bytes) and not getattr(data, "readonly", False) else bytearray(data)
+        )
+        src = torch.frombuffer(writable, dtype=torch.uint8).view(self.dtype).reshape(view.shape)
         view.copy_(src)

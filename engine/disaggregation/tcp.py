@@ -47,15 +47,15 @@ def _send_json(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(_LEN.pack(len(data)) + data)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    parts, left = [], n
-    while left:
-        part = sock.recv(min(left, 1 << 20))
-        if not part:
-            raise TransferError(f"connection closed with {left} of {n} bytes outstanding")
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buffer = bytearray(n)
+    view, got = memoryview(buffer), 0
+    while got < n:
+        count = sock.recv_into(view[got:], n - got)
+        if count == 0:
+            raise TransferError(f"connection closed with {n - got} of {n} bytes outstanding")
+        got += count
+    return buffer
 
 
 def _recv_json(sock: socket.socket) -> dict[str, Any]:
@@ -272,16 +272,20 @@ class TcpReceiver(KVReceiver):
             if zlib.crc32(data) != crc:
                 raise TransferError(f"checksum mismatch in the chunk at byte {received}")
             received += size
-            pending += data
+            if pending:  # a unit that started in the previous chunk
+                data = pending + data
+            view, offset = memoryview(data), 0
             while index < len(units):
                 layer, block = units[index]
                 need = pool.unit_bytes(layer)
-                if len(pending) < need:
+                if len(data) - offset < need:
                     break
                 if not reg.cancelled:
-                    pool.write_unit(layer, block, pending[:need])
-                del pending[:need]
+                    pool.write_unit(layer, block, view[offset : offset + need])
+                offset += need
                 index += 1
+            pending = bytearray(view[offset:])
+            view.release()
 
 
 class _quiet:
