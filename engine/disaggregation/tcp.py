@@ -97,6 +97,7 @@ class TcpSender(KVSender):
         }
         try:
             with socket.create_connection(split_address(address), timeout=10.0) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small control messages
                 sock.settimeout(IO_TIMEOUT_SECONDS + REGISTER_WAIT_SECONDS)
                 _send_json(sock, header)
                 reply = _recv_json(sock)
@@ -216,6 +217,7 @@ class TcpReceiver(KVReceiver):
                 self._cond.wait(left)
 
     def _serve(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(IO_TIMEOUT_SECONDS)
         try:
             header = _recv_json(sock)
