@@ -59,14 +59,24 @@ class LLMEngine:
         self.vocab_size = int(config.hf_config.get("vocab_size", self.tokenizer.vocab_size))
         self._requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
+        self._kv_senders: set[str] = set()  # requests added with kv_mode="send"
+        self._kv_parked: list[Sequence] = []  # parked for sending this step, until `take_kv_sends`
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps_total = 0
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        kv_mode: str | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError (saying what to change) for requests that cannot run."""
+        """Queue a request. Raises ValueError (saying what to change) for requests that cannot run.
+
+        `kv_mode` (disaggregation, engine/disaggregation/roles.py): "send" computes the prompt and the first
+        token, then parks the request (`take_kv_sends`) until `kv_sent`; "receive" reserves blocks for the
+        prompt's KV and parks the request until `kv_landed`."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if request_id in self._requests or any(o.request_id == request_id for o in self._aborted):
             raise ValueError(f"request_id ({request_id!r}) is already in use: pick a unique id")
@@ -77,7 +87,12 @@ class LLMEngine:
                 "tokenize with this model's tokenizer"
             )
         seq = Sequence(request_id, prompt_token_ids, params)
-        self.scheduler.add(seq)
+        if kv_mode == "receive":
+            self.scheduler.reserve_for_kv(seq)
+        else:
+            self.scheduler.add(seq)
+            if kv_mode == "send":
+                self._kv_senders.add(request_id)
         detokenizer = IncrementalDetokenizer(
             self.tokenizer, seq.token_ids, params, self.tokenizer.eos_token_ids
         )
@@ -89,6 +104,7 @@ class LLMEngine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
+        self._kv_senders.discard(request_id)
         self.scheduler.abort(request_id)
         self.model_runner.release(request.seq)
         self._aborted.append(self._output(request.seq, [], "", "abort"))
@@ -131,6 +147,11 @@ class LLMEngine:
             seq = scheduled.seq
             seq.append_token(token_id)
             self.generation_tokens_total += 1
+            if seq.request_id in self._kv_senders:  # prefill role: ship the KV, the output waits for the ack
+                self._kv_senders.discard(seq.request_id)
+                self.scheduler.park_sending(seq)
+                self._kv_parked.append(seq)
+                continue
             delta, finish_reason, stop_reason = self._requests[seq.request_id].detokenizer.update(token_id)
             if finish_reason is not None:
                 seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
@@ -142,12 +163,57 @@ class LLMEngine:
             )
         return outputs
 
+    # ---- disaggregation (driven by engine/disaggregation/roles.py) ---------------------------------------
+
+    def has_runnable_requests(self) -> bool:
+        """Work for `step()`: unfinished requests other than those parked while their KV moves."""
+        sched = self.scheduler
+        parked = len(sched.waiting_for_kv) + len(sched.sending_kv)
+        return bool(self._aborted) or len(self._requests) > parked
+
+    def take_kv_sends(self) -> list[Sequence]:
+        """Prefill side: sequences parked since the last call (prompt computed, first token sampled)."""
+        parked, self._kv_parked = self._kv_parked, []
+        return parked
+
+    def kv_sent(self, request_id: str) -> RequestOutput:
+        """Prefill side: the decode side acknowledged the KV; free the blocks and report the first token."""
+        request = self._requests.pop(request_id)
+        seq = request.seq
+        token_id = seq.token_ids[-1]
+        delta, finish_reason, stop_reason = request.detokenizer.update(token_id)
+        seq.finish_reason, seq.stop_reason = finish_reason or "length", stop_reason
+        self.scheduler.finish_sent(seq)
+        self.model_runner.release(seq)
+        return self._output(seq, [token_id], delta, seq.finish_reason, stop_reason)
+
+    def kv_blocks(self, request_id: str) -> list[int]:
+        """The blocks a parked request holds (decode: reserved for its prompt; prefill: to send)."""
+        return list(self._requests[request_id].seq.block_table)
+
+    def kv_landed(self, request_id: str, first_token: int) -> RequestOutput:
+        """Decode side: the prompt's KV and the first token arrived; report the token and decode from here."""
+        request = self._requests[request_id]
+        seq = request.seq
+        self.scheduler.resume_with_kv(seq)
+        seq.append_token(first_token)
+        self.generation_tokens_total += 1
+        delta, finish_reason, stop_reason = request.detokenizer.update(first_token)
+        if finish_reason is not None:
+            seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
+            self.scheduler.finish(seq)
+            self.model_runner.release(seq)
+            del self._requests[request_id]
+        return self._output(seq, [first_token], delta, finish_reason, stop_reason)
+
     def stats(self) -> dict[str, float]:
         """Load and KV usage of this engine, for metrics and routing."""
         bm = self.scheduler.block_manager
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_waiting_for_kv": len(self.scheduler.waiting_for_kv),
+            "num_sending_kv": len(self.scheduler.sending_kv),
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_total": bm.num_blocks,
             "kv_usage": bm.usage,

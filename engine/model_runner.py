@@ -19,6 +19,7 @@ from .attention import create_attention_backend
 from .config import EngineConfig
 from .cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
 from .forward_batch import ForwardBatch
+from .kv_cache import KVCachePool
 from .loader import dtype_from_name, load_model
 from .logprobs import record_prompt, record_sampled, save_sampled
 from .sampler import SamplingBatch, sample
@@ -197,9 +198,9 @@ class ModelRunner:
                 layer.kv_cache = cache
 
     def _allocate_kv_cache(self) -> None:
-        for layer in self.attention_layers:
-            shape = layer.kv_cache_shape(self.num_kv_blocks, self.block_size)
-            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_pool = KVCachePool(
+            self.attention_layers, self.num_kv_blocks, self.block_size, self.dtype, self.device
+        )
         logger.info(
             "KV cache: %d blocks x %d tokens, %.1f MiB",
             self.num_kv_blocks,

@@ -71,6 +71,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: oldest first
+        # Disaggregation: sequences parked with their blocks while their KV moves (never scheduled).
+        self.waiting_for_kv: dict[str, Sequence] = {}  # decode side
+        self.sending_kv: dict[str, Sequence] = {}  # prefill side
         self.num_preemptions_total = 0
 
     @property
@@ -149,8 +152,51 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
 
+    # ---- disaggregation (engine/disaggregation/roles.py) ---------------------------------------------------
+
+    def reserve_for_kv(self, seq: Sequence) -> None:
+        """Decode side: check `seq` like `add`, reserve blocks for its prompt's KV and park it until it lands."""
+        self.add(seq)
+        self.waiting.pop()
+        if not self.block_manager.can_allocate(seq, seq.num_prompt_tokens):
+            raise ValueError(
+                f"the decode KV cache has no room for this prompt ({seq.num_prompt_tokens} tokens) now: retry later"
+            )
+        self.block_manager.allocate(seq, seq.num_prompt_tokens)
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        self.waiting_for_kv[seq.request_id] = seq
+
+    def resume_with_kv(self, seq: Sequence) -> None:
+        """Decode side: the prompt's KV landed in the reserved blocks; decode from the next step on."""
+        del self.waiting_for_kv[seq.request_id]
+        seq.num_cached_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        # Keep a sequence that is mid-prompt last (see the module docstring).
+        mid_prompt = (
+            bool(self.running) and self.running[-1].num_cached_tokens < self.running[-1].num_prompt_tokens
+        )
+        self.running.insert(len(self.running) - 1 if mid_prompt else len(self.running), seq)
+
+    def park_sending(self, seq: Sequence) -> None:
+        """Prefill side: stop scheduling `seq` (prompt computed), keep its blocks while they are sent."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.SENDING_KV
+        self.sending_kv[seq.request_id] = seq
+
+    def finish_sent(self, seq: Sequence) -> None:
+        """Prefill side: the transfer ended (acknowledged or failed); free the blocks."""
+        del self.sending_kv[seq.request_id]
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a request wherever it is and free its blocks now. Returns it, or None if unknown."""
+        parked = self.waiting_for_kv.pop(request_id, None) or self.sending_kv.pop(request_id, None)
+        if parked is not None:
+            self.block_manager.free(parked)
+            parked.status = SequenceStatus.FINISHED
+            parked.finish_reason = "abort"
+            return parked
         for queue in (self.waiting, self.running):
             for seq in queue:
                 if seq.request_id == request_id:

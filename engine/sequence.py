@@ -12,6 +12,9 @@ class SequenceStatus(Enum):
     WAITING = auto()  # queued, holds no KV blocks (new, or preempted and to be recomputed)
     RUNNING = auto()  # admitted: holds KV blocks, prefilling in chunks or decoding
     FINISHED = auto()
+    # Prefill/decode disaggregation (engine/disaggregation/roles.py):
+    WAITING_FOR_KV = auto()  # decode side: holds reserved blocks, its prompt's KV is being sent by prefill
+    SENDING_KV = auto()  # prefill side: prompt computed, first token sampled, blocks being sent to decode
 
 
 class Sequence:

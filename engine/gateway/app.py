@@ -24,6 +24,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from moefleet.engine.gateway.metrics import GatewayMetrics
+from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
 from moefleet.engine.server.errors import OpenAIError, error_body, install_error_handlers
@@ -45,6 +46,7 @@ class Gateway:
         self.pool = pool
         self.metrics = GatewayMetrics(lambda: role_counts(self.pool.backends.values()))
         self.turns = itertools.count()
+        self.pd = PDRelay(self)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(upstream_timeout, connect=5.0),
@@ -81,6 +83,10 @@ class Gateway:
             )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
         prefix_key = prefix_key_of(body) if self.pool.config.routing_policy == "prefix-cache" else ""
+        if self.pool.config.mode == "disaggregated":
+            answer = await self.pd.relay(path, raw, body, headers, prefix_key)
+            if answer is not None:
+                return answer  # else: served whole by a decode group
         tried: set[str] = set()
         last_error = ""
         for _attempt in range(MAX_ATTEMPTS):

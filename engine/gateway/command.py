@@ -130,10 +130,10 @@ def run(args: argparse.Namespace) -> int:
     )
     config = config_from_args(args)
     if config.mode == "disaggregated":
-        log.warning(
-            "disaggregated mode: KV transfer between prefill and decode groups is not implemented yet, so each "
-            "request is served whole by a decode group; prefill groups are health-checked but get no traffic "
-            "(docs/gateway.md)"
+        log.info(
+            "disaggregated mode: each request is prefilled by a prefill group and its KV sent to a decode group "
+            "(engines started with --role prefill / --role decode; a decode group without roles serves requests "
+            "whole, see docs/gateway.md)"
         )
     pool = BackendPool(config, poll_interval=args.poll_interval)
     gateway = Gateway(pool)

@@ -48,6 +48,13 @@ class GatewayMetrics:
             ["role"],
             registry=self.registry,
         )
+        self.kv_transfer_seconds = Histogram(
+            "moefleet_gateway_kv_transfer_seconds",
+            "Disaggregated mode: the prefill leg of a request, from sending it to a prefill group until that group "
+            "answered (prompt computed, KV pushed to the decode group and acknowledged there).",
+            buckets=UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_BackendsCollector(backend_counts))
 
     def render(self) -> bytes:

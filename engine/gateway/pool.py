@@ -31,6 +31,8 @@ log = logging.getLogger("moefleet.gateway")
 RUNNING = "moefleet_num_requests_running"
 WAITING = "moefleet_num_requests_waiting"
 KV_USAGE = "moefleet_kv_cache_usage_ratio"
+WAITING_FOR_KV = "moefleet_num_requests_waiting_for_kv"
+SENDING_KV = "moefleet_num_requests_sending_kv"
 
 
 @dataclass
@@ -75,7 +77,7 @@ def parse_load(metrics_text: str) -> tuple[int, int, float]:
         for sample in family.samples:
             if sample.name == RUNNING:
                 running += sample.value
-            elif sample.name == WAITING:
+            elif sample.name in (WAITING, WAITING_FOR_KV, SENDING_KV):  # PD roles: parked requests are load
                 waiting += sample.value
             elif sample.name == KV_USAGE:
                 kv_values.append(sample.value)

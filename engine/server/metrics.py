@@ -93,6 +93,14 @@ _LOAD_GAUGES = {
         "moefleet_num_requests_waiting",
         "Requests queued in the engine, not yet scheduled, all DP ranks of the group.",
     ),
+    "num_waiting_for_kv": (
+        "moefleet_num_requests_waiting_for_kv",
+        "Decode role: requests holding reserved KV blocks while their prompt's KV is sent by a prefill group.",
+    ),
+    "num_sending_kv": (
+        "moefleet_num_requests_sending_kv",
+        "Prefill role: requests whose KV blocks are being sent to a decode group (freed once acknowledged).",
+    ),
     "kv_usage": (
         "moefleet_kv_cache_usage_ratio",
         "KV cache blocks in use / blocks allocated, over all DP ranks of the group (0..1).",
@@ -110,7 +118,15 @@ _ENGINE_COUNTERS = {
         "Running requests preempted (KV blocks freed, recomputed later), all DP ranks of the group.",
     ),
 }
-_SUMMED = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "num_preemptions_total")
+_SUMMED = (
+    "num_running",
+    "num_waiting",
+    "num_waiting_for_kv",
+    "num_sending_kv",
+    "kv_blocks_used",
+    "kv_blocks_total",
+    "num_preemptions_total",
+)
 
 
 def rank_series_name(name: str) -> str:

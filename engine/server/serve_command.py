@@ -54,6 +54,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument(
+        "--role",
+        choices=("mixed", "prefill", "decode"),
+        default=os.environ.get("MOEFLEET_ROLE") or "mixed",
+        help="mixed (default; env MOEFLEET_ROLE): whole requests; prefill / decode: one side of a "
+        "disaggregated deployment behind `moefleet gateway` (docs/distributed.md)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         help="default: float32 on cpu, bfloat16 on cuda",
@@ -239,6 +246,15 @@ def check_args(args: argparse.Namespace) -> ParallelLaunch:
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
     check_expert_slots(args, launch)
+    if getattr(args, "role", "mixed") != "mixed" and launch.world_size > 1:
+        # Multi-rank groups do not take part in KV transfer yet: they serve whole requests (the gateway sees no
+        # /v1/pd/bootstrap and sends requests whole to decode groups).
+        print(
+            f"moefleet serve: warning: --role {args.role} with {launch.world_size} ranks serves whole requests "
+            "(KV transfer needs one rank per group for now, docs/distributed.md)",
+            file=sys.stderr,
+            flush=True,
+        )
     from moefleet.engine.server.admin import admin_token
 
     try:
@@ -407,6 +423,17 @@ def build_engine_client(args: argparse.Namespace) -> Any:
         engine = LLMEngine(config)
     except ValueError as exc:  # unsupported architecture, missing tokenizer, bad checkpoint: say so plainly
         raise CommandError(f"cannot load the model in {args.model}: {exc}", "see docs/serving.md") from None
+    role = getattr(args, "role", "mixed")
+    if role != "mixed":
+        from moefleet.engine.disaggregation.roles import PDEngineClient
+
+        client = PDEngineClient(engine, role, kv_host=args.host)
+        print(
+            f"moefleet serve: role {role}, KV transfer backend {client.sender.name} at {client.receiver.address}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return client
     return LocalEngineClient(engine)
 
 
@@ -481,8 +508,13 @@ def serve_http(
 
     routers = [importlib.import_module(module).make_router(client) for module in ROUTER_MODULES]
     routers.append(make_admin_router(admin_token(getattr(args, "admin_token_file", None))))
+    from moefleet.engine.disaggregation import roles
+
+    routers.append(roles.make_router(client))
     drain = drain if drain is not None else Drain(args.drain_timeout)
     app = RequestGuard(build_app(client, name, routers), drain, max_request_bytes=args.max_request_bytes)
+    if isinstance(client, roles.PDEngineClient):
+        app = roles.pd_headers(app)
     # host/port only label uvicorn's log lines; it serves on the socket bound before the model loaded.
     config = uvicorn.Config(
         app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5

@@ -171,7 +171,8 @@ def test_config_file_changes_are_applied_without_restart(tmp_path, monkeypatch):
             assert _served(second) == 1 and _served(first) == 2
 
 
-def test_disaggregated_config_serves_through_decode_groups_until_kv_transfer_exists():
+def test_disaggregated_config_serves_whole_requests_through_decode_groups_without_roles():
+    # Engines without --role answer 404 on /v1/pd/bootstrap: requests are not split (tests/disaggregation splits).
     with serve_fake_engine() as prefill, serve_fake_engine() as decode:
         config = GatewayConfig.from_dict(
             {

@@ -132,3 +132,15 @@ def test_parse_load_sums_per_rank_series():
         'moefleet_kv_cache_usage_ratio{dp_rank="1"} 0.25\n'
     )
     assert parse_load(text) == (5, 4, 0.375)
+
+
+def test_parse_load_counts_requests_parked_for_kv_transfer_as_waiting():
+    text = (
+        "# TYPE moefleet_num_requests_waiting gauge\n"
+        "moefleet_num_requests_waiting 1\n"
+        "# TYPE moefleet_num_requests_waiting_for_kv gauge\n"
+        "moefleet_num_requests_waiting_for_kv 2\n"
+        "# TYPE moefleet_num_requests_sending_kv gauge\n"
+        "moefleet_num_requests_sending_kv 3\n"
+    )
+    assert parse_load(text) == (0, 6, 0.0)

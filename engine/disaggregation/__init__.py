@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: KV transfer backends (base.py, tcp.py) and the engine roles (roles.py)."""

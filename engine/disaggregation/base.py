@@ -1,0 +1,78 @@
+"""The KV transfer seam: a prefill engine pushes one request's KV blocks (+ its first token) to a decode engine.
+
+Handshake (one TCP connection per transfer for the `tcp` backend):
+  1. The decode engine reserves blocks for the request and `register`s them under a transfer id (the
+     gateway's), with a callback run once the KV has landed (or the transfer failed).
+  2. The prefill engine, once the prompt is computed and the first token sampled, `send`s the request's blocks
+     to the decode engine's receiver address (`KVReceiver.address`, announced at GET /v1/pd/bootstrap).
+  3. The receiver waits (bounded) for the registration, checks the layout, writes the blocks, runs the
+     callback and acknowledges; the prefill engine frees its blocks only after the acknowledgement.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moefleet.engine.kv_cache import KVCachePool
+
+
+class TransferError(RuntimeError):
+    """A KV transfer failed (peer gone, layout mismatch, checksum mismatch, aborted, timed out)."""
+
+
+@dataclass(slots=True)
+class TransferResult:
+    """What the decode side learns when a transfer ends: the first token, or why it failed."""
+
+    transfer_id: str
+    first_token: int | None
+    error: str | None = None
+
+
+# Runs on the receiver's thread once a registered transfer ends (landed or failed).
+OnLanded = Callable[[TransferResult], None]
+
+
+class KVSender(ABC):
+    name = "?"
+
+    @abstractmethod
+    def send(
+        self, address: str, transfer_id: str, blocks: list[int], num_tokens: int, first_token: int
+    ) -> None:
+        """Push `blocks` (holding `num_tokens` prompt tokens) to the receiver at `address`; returns once the
+        receiver acknowledged, raises TransferError otherwise. Blocking: call it off the engine thread."""
+
+
+class KVReceiver(ABC):
+    name = "?"
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where senders connect (announced to the gateway)."""
+
+    @abstractmethod
+    def register(self, transfer_id: str, blocks: list[int], num_tokens: int, on_landed: OnLanded) -> None:
+        """Expect a transfer into `blocks` (reserved by the engine until `on_landed` runs or `cancel` is True)."""
+
+    @abstractmethod
+    def cancel(self, transfer_id: str) -> bool:
+        """Forget a registration. True: no write into its blocks is under way or will happen (free them now);
+        False: a write is under way, its `on_landed` (with an error) will still run (free them then)."""
+
+    @abstractmethod
+    def refuse(self, transfer_id: str, reason: str) -> None:
+        """`transfer_id` will never be registered here (the request was rejected): refuse its sender now."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def create_transfer(pool: KVCachePool, host: str = "0.0.0.0", port: int = 0) -> tuple[KVSender, KVReceiver]:
+    """The transfer backend of this engine; only `tcp` exists (GPU paths: see docs/distributed.md)."""
+    from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
+
+    return TcpSender(pool), TcpReceiver(pool, host, port)

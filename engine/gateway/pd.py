@@ -1,0 +1,192 @@
+"""Disaggregated mode: one request goes to a decode group and a prefill group, and the KV moves between them.
+
+Handshake (engine side: engine/disaggregation/roles.py):
+  1. Pick a decode group and a prefill group (routing.py, by load). Read the decode group's KV receiver
+     address from its GET /v1/pd/bootstrap (cached per group; a group that answers 404 is not a
+     `--role decode` engine: the request is then served whole there, as before engines had roles).
+  2. Send the request to the decode group with `x-moefleet-kv-transfer: <id>`: it reserves KV blocks for the
+     prompt and waits for them; its answer (or stream) is what the client gets.
+  3. At the same time send it, non-streaming, to the prefill group with the same id and
+     `x-moefleet-kv-target: <address>`: it computes the prompt and the first token and pushes the KV; its
+     answer arrives once the decode group acknowledged (`moefleet_gateway_kv_transfer_seconds`).
+A failure of either leg before the decode group's first byte cancels the other leg (which aborts the request
+and frees its KV on that side) and answers 502/503 in OpenAI form; no retry on other groups yet.
+Requests the roles cannot split (n > 1, logprobs, structured outputs), and all requests while no prefill group
+is ready, are served whole by a decode group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi.responses import JSONResponse, Response
+from moefleet.engine.gateway.pool import Backend
+from moefleet.engine.gateway.routing import NoBackendError, pick_backend
+from moefleet.engine.server.errors import error_body
+
+if TYPE_CHECKING:
+    from moefleet.engine.gateway.app import Gateway
+
+log = logging.getLogger("moefleet.gateway")
+
+TRANSFER_HEADER = "x-moefleet-kv-transfer"
+TARGET_HEADER = "x-moefleet-kv-target"
+BOOTSTRAP_PATH = "/v1/pd/bootstrap"
+# Fields whose meaning needs state the decode side would not have after a hand-over (served whole there).
+_WHOLE_ON_DECODE = (
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+    "echo",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "tools",
+    "best_of",
+)
+
+
+def splittable(body: dict[str, Any]) -> bool:
+    """Whether a request can be split between a prefill and a decode group (pure)."""
+    if body.get("n") not in (None, 1):
+        return False
+    return not any(body.get(name) not in (None, False, 0) for name in _WHOLE_ON_DECODE)
+
+
+class PDRelay:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self._bootstrap: dict[str, dict[str, Any] | None] = {}  # decode group url -> answer (None: no roles)
+        self._background: set[asyncio.Task] = set()
+
+    def pick(self, role: str, prefix_key: str) -> Backend:
+        gw = self.gateway
+        view = pick_backend(
+            gw.pool.views(),
+            role,
+            gw.pool.config.routing_policy,
+            exclude=frozenset(),
+            turn=next(gw.turns),
+            prefix_key=prefix_key,
+        )
+        return gw.pool.backends[view.name]
+
+    async def bootstrap(self, backend: Backend) -> dict[str, Any] | None:
+        if backend.url not in self._bootstrap:
+            answer = await self.gateway.client.get(backend.url + BOOTSTRAP_PATH, timeout=5.0)
+            if answer.status_code == 404:
+                self._bootstrap[backend.url] = None
+                log.warning(
+                    "decode group %s has no engine roles (%s answered 404): requests are served whole there",
+                    backend.name,
+                    BOOTSTRAP_PATH,
+                )
+            else:
+                answer.raise_for_status()
+                self._bootstrap[backend.url] = answer.json()
+        return self._bootstrap[backend.url]
+
+    async def relay(
+        self, path: str, raw: bytes, body: dict[str, Any], headers: dict[str, str], prefix_key: str
+    ) -> Response | None:
+        """The client's answer, or None when the request should be served whole by a decode group."""
+        gw = self.gateway
+        if not splittable(body):
+            return None
+        try:
+            prefill = self.pick("prefill", prefix_key)
+        except NoBackendError:
+            return None  # no prefill group ready: decode groups serve whole requests meanwhile
+        try:
+            decode = self.pick("decode", prefix_key)
+        except NoBackendError as exc:
+            return gw._answer(JSONResponse(error_body(str(exc), 503), status_code=503))
+        try:
+            boot = await self.bootstrap(decode)
+        except (httpx.HTTPError, ValueError) as exc:
+            gw.pool.mark_failed(decode.name, str(exc))
+            message = f"decode group {decode.name} did not answer {BOOTSTRAP_PATH} ({exc}); retry the request"
+            return gw._answer(JSONResponse(error_body(message, 503), status_code=503))
+        if boot is None:
+            return None
+        transfer_id = uuid.uuid4().hex
+        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        # The decode group's host as the gateway reaches it, and the port its KV receiver announced.
+        target = f"{urlsplit(decode.url).hostname}:{int(boot['kv_port'])}"
+        prefill_headers = {**headers, TRANSFER_HEADER: transfer_id, TARGET_HEADER: target}
+        prefill_task = asyncio.create_task(
+            self._prefill(prefill, path, json.dumps(prefill_body).encode(), prefill_headers)
+        )
+        decode_task = asyncio.create_task(
+            gw._try(decode, path, raw, {**headers, TRANSFER_HEADER: transfer_id}, bool(body.get("stream")))
+        )
+        try:
+            done, _ = await asyncio.wait({prefill_task, decode_task}, return_when=asyncio.FIRST_COMPLETED)
+            failure = prefill_task.result() if prefill_task in done else None
+            if failure is not None:
+                await _cancel(decode_task)
+                if isinstance(failure, Response):  # the request itself is bad (4xx): say so as the engine did
+                    return gw._answer(failure)
+                return self._fail(f"prefill group {prefill.name}: {failure}")
+            result = await decode_task
+        except BaseException:
+            await _cancel(decode_task)
+            await _cancel(prefill_task)
+            raise
+        if isinstance(result, str):
+            await _cancel(prefill_task)
+            gw.pool.mark_failed(decode.name, result)
+            return self._fail(f"decode group {decode.name}: {result}")
+        if result.status_code != 200:  # refused by the decode group: the prefill leg has nowhere to go
+            await _cancel(prefill_task)
+            return result
+        if not prefill_task.done():  # it answers right after the decode side acknowledged: let it finish
+            self._background.add(prefill_task)
+            prefill_task.add_done_callback(self._background.discard)
+        return result
+
+    async def _prefill(
+        self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]
+    ) -> str | Response | None:
+        """Run the prefill leg: None when it succeeded, its answer when it refused the request (4xx), else
+        why it failed."""
+        gw = self.gateway
+        started = time.perf_counter()
+        backend.in_flight += 1
+        try:
+            answer = await gw.client.post(backend.url + path, content=raw, headers=headers)
+        except httpx.TransportError as exc:
+            gw.pool.mark_failed(backend.name, str(exc))
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            backend.in_flight -= 1
+        if 400 <= answer.status_code < 500:
+            return Response(
+                answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type")
+            )
+        if answer.status_code != 200:
+            return f"answered {answer.status_code}: {answer.text[:300]}"
+        gw.metrics.kv_transfer_seconds.observe(time.perf_counter() - started)
+        return None
+
+    def _fail(self, why: str) -> Response:
+        message = f"disaggregated request failed before its first token ({why}); retry the request"
+        log.warning(message)
+        return self.gateway._answer(JSONResponse(error_body(message, 502), status_code=502))
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        await task

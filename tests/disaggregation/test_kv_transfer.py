@@ -1,0 +1,161 @@
+"""KV cache pool and the `tcp` transfer backend between two pools (real sockets, one process).
+
+Oracle: the destination blocks equal the source blocks read by plain tensor indexing (cache[:, b] for GQA,
+cache[b] for MLA), other blocks stay untouched; failures (layout, checksum, unknown id) are errors, not hangs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from moefleet.engine.disaggregation import tcp
+from moefleet.engine.disaggregation.base import TransferError, TransferResult
+from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
+from moefleet.engine.kv_cache import KVCachePool, block_dim
+
+
+class GQALayer:
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, 2, 8)
+
+
+class MLALayer:
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, 12)  # latent R + rope Dr only
+
+
+def _pools(dtype=torch.float32, num_blocks=6):
+    src = KVCachePool([GQALayer(), MLALayer(), GQALayer()], num_blocks, 4, dtype, torch.device("cpu"))
+    dst = KVCachePool([GQALayer(), MLALayer(), GQALayer()], num_blocks, 4, dtype, torch.device("cpu"))
+    for cache in src.caches:
+        cache.copy_(torch.randn(cache.shape).to(dtype))
+    return src, dst
+
+
+def _block(pool: KVCachePool, layer: int, block: int) -> torch.Tensor:
+    cache = pool.caches[layer]
+    return cache[:, block] if cache.dim() == 5 else cache[block]
+
+
+def _landed_into(receiver: TcpReceiver, transfer_id: str, blocks: list[int], num_tokens: int):
+    results: list[TransferResult] = []
+    done = threading.Event()
+
+    def on_landed(result: TransferResult) -> None:
+        results.append(result)
+        done.set()
+
+    receiver.register(transfer_id, blocks, num_tokens, on_landed)
+    return results, done
+
+
+def test_the_pool_owns_each_layers_cache_and_finds_the_block_dimension():
+    layers = [GQALayer(), MLALayer()]
+    pool = KVCachePool(layers, 5, 4, torch.float32, torch.device("cpu"))
+    assert [block_dim(layer, 4) for layer in layers] == [1, 0]
+    assert layers[0].kv_cache is pool.caches[0] and tuple(layers[1].kv_cache.shape) == (5, 4, 12)
+    assert pool.unit_bytes(0) == 2 * 4 * 2 * 8 * 4 and pool.unit_bytes(1) == 4 * 12 * 4
+    assert pool.bytes_per_block == pool.unit_bytes(0) + pool.unit_bytes(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_move_between_pools_in_small_chunks(dtype):
+    src, dst = _pools(dtype)
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        results, done = _landed_into(receiver, "t1", [0, 2], num_tokens=7)
+        # 7 tokens in 2 blocks of 4; chunks smaller than one unit, so units span chunks.
+        TcpSender(src, chunk_bytes=100).send(receiver.address, "t1", [3, 1], 7, first_token=42)
+        assert done.wait(5) and results[0].first_token == 42 and results[0].error is None
+        for layer in range(3):
+            assert torch.equal(_block(dst, layer, 0), _block(src, layer, 3))
+            assert torch.equal(_block(dst, layer, 2), _block(src, layer, 1))
+            for untouched in (1, 3, 4, 5):
+                assert not _block(dst, layer, untouched).any()
+    finally:
+        receiver.close()
+
+
+def test_a_layout_mismatch_is_refused_and_reported_on_both_sides():
+    src, _ = _pools()
+    other = KVCachePool([GQALayer(), MLALayer()], 6, 4, torch.float32, torch.device("cpu"))  # one layer less
+    receiver = TcpReceiver(other, "127.0.0.1")
+    try:
+        results, done = _landed_into(receiver, "t2", [0, 1], num_tokens=5)
+        with pytest.raises(TransferError, match="layout differs"):
+            TcpSender(src).send(receiver.address, "t2", [0, 1], 5, first_token=1)
+        assert done.wait(5) and results[0].first_token is None and "layout" in (results[0].error or "")
+    finally:
+        receiver.close()
+
+
+def test_a_corrupted_chunk_fails_the_checksum():
+    src, dst = _pools()
+
+    class Corrupting(TcpSender):
+        @staticmethod
+        def _send_chunk(sock, data):
+            crc = tcp.zlib.crc32(data)
+            data = bytearray(data)
+            data[0] ^= 0xFF
+            sock.sendall(tcp._CHUNK.pack(len(data), crc) + data)
+
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        results, done = _landed_into(receiver, "t3", [4], num_tokens=3)
+        with pytest.raises(TransferError):
+            Corrupting(src).send(receiver.address, "t3", [0], 3, first_token=1)
+        assert done.wait(5) and "checksum" in (results[0].error or "")
+    finally:
+        receiver.close()
+
+
+def test_an_unexpected_transfer_id_is_refused_after_the_wait(monkeypatch):
+    monkeypatch.setattr(tcp, "REGISTER_WAIT_SECONDS", 0.2)
+    src, dst = _pools()
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        with pytest.raises(TransferError, match="not expected"):
+            TcpSender(src).send(receiver.address, "nobody", [0], 2, first_token=1)
+        # A registration cancelled before any byte arrived frees at once.
+        receiver.register("t4", [1], 2, lambda result: None)
+        assert receiver.cancel("t4") is True
+    finally:
+        receiver.close()
+
+
+def test_a_transfer_that_arrives_before_its_registration_waits_for_it():
+    src, dst = _pools()
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        sender = threading.Thread(target=TcpSender(src).send, args=(receiver.address, "t5", [2], 4, 9))
+        sender.start()
+        threading.Event().wait(0.2)
+        results, done = _landed_into(receiver, "t5", [5], num_tokens=4)
+        sender.join(5)
+        assert done.wait(5) and results[0].first_token == 9
+        assert torch.equal(_block(dst, 1, 5), _block(src, 1, 2))
+    finally:
+        receiver.close()
+
+
+def test_a_sender_for_a_cancelled_or_refused_id_is_answered_at_once(monkeypatch):
+    monkeypatch.setattr(tcp, "REGISTER_WAIT_SECONDS", 20.0)
+    src, dst = _pools()
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        receiver.register("t6", [1], 2, lambda result: None)
+        assert receiver.cancel("t6") is True
+        receiver.refuse("t7", "the decode server rejected the request: too long")
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="aborted before its KV arrived"):
+            TcpSender(src).send(receiver.address, "t6", [0], 2, first_token=1)
+        with pytest.raises(TransferError, match="rejected the request"):
+            TcpSender(src).send(receiver.address, "t7", [0], 2, first_token=1)
+        assert time.monotonic() - started < 5
+        assert not dst.caches[0].any()
+    finally:
+        receiver.close()
