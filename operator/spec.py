@@ -18,6 +18,7 @@ ROLES_DISAGGREGATED = ("prefill", "decode")
 ROLE_MIXED = "mixed"
 ROUTING_POLICIES = ("least-load", "round-robin", "prefix-cache", "random")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+EPLB_MODES = ("operator", "engine", "off")
 MAX_NAME_LENGTH = 40  # "<name>-decode-<replica>" must stay a DNS label and fit StatefulSet pod labels
 MAX_REPLICAS = 512
 NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -87,6 +88,9 @@ class EplbSpec:
     window_seconds: float = 300.0
     cooldown_seconds: float = 600.0
     interval_seconds: float = 30.0
+    # operator: the operator's EPLB trigger rebalances from Prometheus; engine: the engine's own interval
+    # (the operator only reports); off: neither.
+    mode: str = "operator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +247,11 @@ def _parse_eplb(obj: Mapping[str, Any]) -> EplbSpec:
         durations[key] = parse_duration(obj.get(key, default), f"{path}.{key}")
         if durations[key] <= 0:
             raise SpecError(f"{path}.{key}", "must be longer than 0s")
+    mode = obj.get("mode", "operator")
+    if mode not in EPLB_MODES:
+        raise SpecError(f"{path}.mode", f"{mode!r} must be one of {', '.join(EPLB_MODES)}")
+    if "mode" in obj and mode != "off" and not obj.get("enabled", True):
+        raise SpecError(f"{path}.mode", "must be off (or left unset) when spec.eplb.enabled is false")
     return EplbSpec(
         enabled=bool(obj.get("enabled", True)),
         redundant_experts=_int(obj, "redundantExperts", path, 0, 0),
@@ -250,6 +259,7 @@ def _parse_eplb(obj: Mapping[str, Any]) -> EplbSpec:
         window_seconds=durations["window"],
         cooldown_seconds=durations["cooldown"],
         interval_seconds=durations["interval"],
+        mode=mode,
     )
 
 
