@@ -53,6 +53,20 @@ class ModelSpec:
     mount_path: str = "/models"
 
 
+AUTOSCALING_METRICS = ("queue", "kvUsage", "ttftP90", "tokensPerSecond")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalingSpec:
+    min_replicas: int
+    max_replicas: int
+    metric: str
+    target: float
+    tolerance: float = 0.1
+    scale_up_stabilization_seconds: float = 0.0
+    scale_down_stabilization_seconds: float = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class RoleSpec:
     name: str
@@ -64,6 +78,7 @@ class RoleSpec:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     affinity: Mapping[str, Any] | None = None
     engine_args: tuple[str, ...] = ()
+    autoscaling: AutoscalingSpec | None = None
 
     @property
     def ranks_per_group(self) -> int:
@@ -186,6 +201,51 @@ def _parse_role(name: str, obj: Mapping[str, Any]) -> RoleSpec:
         tolerations=_objects(obj, "tolerations", path),
         affinity=affinity if affinity else None,
         engine_args=_strings(obj, "engineArgs", path),
+        autoscaling=_parse_autoscaling(obj.get("autoscaling"), f"{path}.autoscaling"),
+    )
+
+
+def _number(
+    obj: Mapping[str, Any], key: str, path: str, default: float | None, low: float, high: float
+) -> float:
+    value = obj.get(key, default)
+    if value is None:
+        raise SpecError(f"{path}.{key}", "is required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise SpecError(f"{path}.{key}", f"{value!r} must be a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _parse_autoscaling(obj: Any, path: str) -> AutoscalingSpec | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, Mapping):
+        raise SpecError(path, "must be an object")
+    for key in ("minReplicas", "maxReplicas", "metric", "target"):
+        if key not in obj:
+            raise SpecError(f"{path}.{key}", "is required")
+    low = _int(obj, "minReplicas", path, 0, 0, MAX_REPLICAS)
+    high = _int(obj, "maxReplicas", path, 1, 1, MAX_REPLICAS)
+    if low > high:
+        raise SpecError(f"{path}.minReplicas", f"({low}) must be <= maxReplicas ({high})")
+    metric = obj["metric"]
+    if metric not in AUTOSCALING_METRICS:
+        raise SpecError(f"{path}.metric", f"{metric!r} must be one of {', '.join(AUTOSCALING_METRICS)}")
+    target = _number(obj, "target", path, None, 0.0, float("inf"))
+    if target <= 0:
+        raise SpecError(f"{path}.target", "must be > 0")
+    return AutoscalingSpec(
+        min_replicas=low,
+        max_replicas=high,
+        metric=metric,
+        target=target,
+        tolerance=_number(obj, "tolerance", path, 0.1, 0.0, 1.0),
+        scale_up_stabilization_seconds=parse_duration(
+            obj.get("scaleUpStabilization", "0s"), f"{path}.scaleUpStabilization"
+        ),
+        scale_down_stabilization_seconds=parse_duration(
+            obj.get("scaleDownStabilization", "5m"), f"{path}.scaleDownStabilization"
+        ),
     )
 
 
