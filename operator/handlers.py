@@ -9,6 +9,7 @@ as Events itself (kube.py), so every request it makes is counted.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
@@ -253,43 +254,45 @@ def _remember_status(namespace: str, name: str, response: Any, status: dict[str,
 
 # -- EPLB trigger: one daemon per MoEDeployment (eplb_loop.py does the work) -----------------------------
 @kopf.daemon(L.GROUP, L.VERSION, L.PLURAL, cancellation_timeout=5.0)
-def eplb_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
+async def eplb_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
     """Every spec.eplb.interval: read Prometheus, maybe rebalance one group per role, report. `body` is kopf's
-    live view (always the latest spec). Idle when no Prometheus is configured or spec.eplb.mode is off."""
+    live view (always the latest spec). Idle when no Prometheus is configured or spec.eplb.mode is off.
+    Async, with each pass in a thread of its own: a sync daemon would hold one of kopf's worker threads
+    forever, and with more deployments than workers no reconcile would run."""
     if not SETTINGS.prometheus_url:
         return
     with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as prometheus:
-        while not stopped:
-            interval = 30.0
-            metadata = body.get("metadata", {})
-            if metadata.get("deletionTimestamp"):
-                return
-            namespace, name = metadata["namespace"], metadata["name"]
-            try:
-                spec = parse(body, default_image=SETTINGS.default_image)
-            except SpecError:
-                spec = None  # the reconcile reports it
-            if spec is not None:
-                interval = spec.eplb.interval_seconds
-            if spec is not None and spec.eplb.enabled and spec.eplb.mode != "off":
-                ref = {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}
-                try:
-                    eplb_loop.cycle(
-                        spec,
-                        ref,
-                        _previous_status(namespace, name, body),
-                        STATE.client(),
-                        lambda mutate, b=body: _write_status(b, mutate),
-                        prometheus,
-                        SETTINGS.prometheus_url,
-                        SETTINGS.engine_url_template,
-                        SETTINGS.admin_timeout_seconds,
-                    )
-                except (KubeError, httpx.HTTPError) as error:
-                    log.warning(
-                        "%s/%s: EPLB cycle failed (retried in %.0fs): %s", namespace, name, interval, error
-                    )
-            stopped.wait(interval)
+        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
+            interval = await asyncio.to_thread(_eplb_pass, body, prometheus)
+            await stopped.wait(interval)
+
+
+def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
+    """One EPLB trigger cycle for one MoEDeployment; returns the seconds until the next."""
+    metadata = body.get("metadata", {})
+    namespace, name = metadata["namespace"], metadata["name"]
+    try:
+        spec = parse(body, default_image=SETTINGS.default_image)
+    except SpecError:
+        return 30.0  # the reconcile reports it
+    if not spec.eplb.enabled or spec.eplb.mode == "off":
+        return spec.eplb.interval_seconds
+    ref = {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}
+    try:
+        eplb_loop.cycle(
+            spec,
+            ref,
+            _previous_status(namespace, name, body),
+            STATE.client(),
+            lambda mutate: _write_status(body, mutate),
+            prometheus,
+            SETTINGS.prometheus_url,
+            SETTINGS.engine_url_template,
+            SETTINGS.admin_timeout_seconds,
+        )
+    except (KubeError, httpx.HTTPError) as error:
+        log.warning("%s/%s: EPLB cycle failed (retried later): %s", namespace, name, error)
+    return spec.eplb.interval_seconds
 
 
 def _write_status(body: Mapping[str, Any], mutate: Any) -> None:
