@@ -190,3 +190,28 @@ def test_mode_is_validated_naming_the_field():
         make_spec(mode="operator", enabled=False)
     assert info.value.field == "spec.eplb.mode"
     assert make_spec(enabled=False).eplb.enabled is False
+
+
+def test_the_reconcile_keeps_what_the_eplb_trigger_wrote():
+    """build_status/invalid_spec_status rewrite the whole status: EPLBReady and status.eplb must survive."""
+    from moefleet.operator.status import build_status, invalid_spec_status
+
+    eplb_ready = {"type": "EPLBReady", "status": "False", "reason": "PrometheusUnavailable", "message": "x"}
+    eplb = {
+        "enabled": True,
+        "balancedness": 0.5,
+        "roles": {"decode": {"groups": {"m-decode-0": {"rebalances": 2}}}},
+    }
+    previous = {"conditions": [eplb_ready], "eplb": eplb}
+    status = build_status(make_spec(), [], {}, [], set(), None, previous, NOW)
+    assert eplb_ready in status["conditions"]
+    assert {c["type"] for c in status["conditions"]} == {
+        "Available",
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "EPLBReady",
+    }
+    assert status["eplb"] == eplb
+    invalid = invalid_spec_status(previous, "spec.x", "bad", 2, NOW)
+    assert eplb_ready in invalid["conditions"] and invalid["eplb"] == eplb
