@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from support.controlplane import free_port
-from support.operator_cluster import condition, get_moed, wait_for
+from support.operator_cluster import condition, get_moed, patch_spec, wait_for
 from support.prometheus import PrometheusServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -214,6 +214,17 @@ def test_a_completed_rebalance_is_reported_with_an_event(setup):
     assert "eplb-prefill-0" in _events(s, "Rebalanced")[0]["message"]
     time.sleep(WINDOW_S + 2)
     assert [g for g, _ in fake.posted()].count("eplb-prefill-0") == 1  # cooldown
+
+
+def test_a_group_without_series_makes_eplb_not_ready(setup):
+    s = setup
+    patch_spec(
+        s["cluster"], s["namespace"], NAME, {"roles": {"decode": {"replicas": 3}}}
+    )  # no exporter for it
+    wait_for(lambda: condition(_moed(s), "EPLBReady").get("reason") == "SeriesAbsent", 60, "SeriesAbsent")
+    assert "eplb-decode-2" in condition(_moed(s), "EPLBReady")["message"]
+    patch_spec(s["cluster"], s["namespace"], NAME, {"roles": {"decode": {"replicas": 2}}})
+    wait_for(lambda: condition(_moed(s), "EPLBReady").get("status") == "True", 60, "EPLBReady=True again")
 
 
 def test_prometheus_down_sets_the_condition_and_never_rebalances_blind(setup):
