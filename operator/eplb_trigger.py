@@ -23,6 +23,9 @@ from moefleet.operator.spec import EPLB_MODES, MoEDeploymentSpec
 METRIC = "moefleet_eplb_balancedness"
 MODES = EPLB_MODES
 IN_PROGRESS = "InProgress"
+# Balancedness in the status is rounded to 0.01: the status is rewritten only when a reading moves that much,
+# not on every scrape-level wiggle (the dashboards have the exact series).
+STATUS_DIGITS = 2
 
 Sample = tuple[float, float]  # (unix time, balancedness)
 
@@ -193,7 +196,7 @@ def eplb_status(
         record = records.get(view.group, GroupRecord())
         entry: dict[str, Any] = {"rebalances": record.rebalances}
         if view.balancedness is not None:
-            entry["balancedness"] = round(view.balancedness, 4)
+            entry["balancedness"] = round(view.balancedness, STATUS_DIGITS)
         if record.last_rebalance_time is not None:
             entry["lastRebalanceTime"] = format_time(record.last_rebalance_time)
         if record.last_result:
@@ -207,7 +210,7 @@ def eplb_status(
         "roles": roles,
     }
     if values:
-        out["balancedness"] = round(min(values), 4)
+        out["balancedness"] = round(min(values), STATUS_DIGITS)
     return out
 
 
