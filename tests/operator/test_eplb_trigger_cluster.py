@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 from support.controlplane import free_port
 from support.operator_cluster import condition, get_moed, patch_spec, wait_for
@@ -214,6 +217,17 @@ def test_a_completed_rebalance_is_reported_with_an_event(setup):
     assert "eplb-prefill-0" in _events(s, "Rebalanced")[0]["message"]
     time.sleep(WINDOW_S + 2)
     assert [g for g, _ in fake.posted()].count("eplb-prefill-0") == 1  # cooldown
+
+
+def test_the_operator_metrics_count_decisions_and_pass_promtool(setup, operator):
+    text = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=10).text
+    assert 'moefleet_operator_eplb_decisions_total{outcome="rebalanced"}' in text
+    assert "_created" not in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make cluster-bins)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_a_group_without_series_makes_eplb_not_ready(setup):
