@@ -80,6 +80,9 @@ def test_helm_lint_strict():
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.resyncSeconds=0", "resyncSeconds"),
         ("unknownKey=1", "unknownKey"),
+        ("operator.prometheusUrl=prometheus:9090", "prometheusUrl"),
+        ("serviceMonitor.interval=often", "interval"),
+        ("dashboards.enable=true", "enable"),
     ],
 )
 def test_values_schema_rejects_bad_values(setting, field):
