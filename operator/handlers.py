@@ -9,6 +9,7 @@ as Events itself (kube.py), so every request it makes is counted.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
@@ -16,9 +17,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 import kopf
+from moefleet.operator import eplb_loop, planner, render
 from moefleet.operator import labels as L
-from moefleet.operator import planner, render
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
 from moefleet.operator.settings import OperatorSettings, from_environment
@@ -84,8 +86,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # No namespace/CRD observation (it needs namespace list/watch); the CRD exists before the operator starts.
     settings.scanning.disabled = True
     if SETTINGS.metrics_port:
-        from prometheus_client import start_http_server
+        from prometheus_client import disable_created_metrics, start_http_server
 
+        disable_created_metrics()  # no `_created` series: /metrics passes `promtool check metrics`
         start_http_server(SETTINGS.metrics_port)
     STATE.client()
 
@@ -207,6 +210,12 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
                 response, _ = kube.execute(ref, planner.Plan(status=status), True, events)
                 _remember_status(namespace, name, response, status)
             return
+        try:  # the engines' admin token (EPLB trigger), before any engine pod refers to it
+            eplb_loop.ensure_admin_secret(kube, spec, render.owner_reference(spec))
+        except (KubeError, httpx.HTTPError) as error:
+            raise kopf.TemporaryError(
+                f"admin Secret: {error}", delay=min(SETTINGS.resync_seconds, 10)
+            ) from error
         # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
         podmonitors = kube.crd_exists(L.PODMONITOR_CRD, SETTINGS.crd_cache_seconds)
         desired = render.render_all(spec, podmonitors)
@@ -242,3 +251,60 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
     resource_version = int(((response or {}).get("metadata") or {}).get("resourceVersion") or 0)
     STATE.written_status[(namespace, name)] = (resource_version, status)
+
+
+# -- EPLB trigger: one daemon per MoEDeployment (eplb_loop.py does the work) -----------------------------
+@kopf.daemon(L.GROUP, L.VERSION, L.PLURAL, cancellation_timeout=5.0)
+async def eplb_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
+    """Every spec.eplb.interval: read Prometheus, maybe rebalance one group per role, report. `body` is kopf's
+    live view (always the latest spec). Idle when no Prometheus is configured or spec.eplb.mode is off.
+    Async, with each pass in a thread of its own: a sync daemon would hold one of kopf's worker threads
+    forever, and with more deployments than workers no reconcile would run."""
+    if not SETTINGS.prometheus_url:
+        return
+    with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as prometheus:
+        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
+            interval = await asyncio.to_thread(_eplb_pass, body, prometheus)
+            await stopped.wait(interval)
+
+
+def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
+    """One EPLB trigger cycle for one MoEDeployment; returns the seconds until the next."""
+    metadata = body.get("metadata", {})
+    namespace, name = metadata["namespace"], metadata["name"]
+    try:
+        spec = parse(body, default_image=SETTINGS.default_image)
+    except SpecError:
+        return 30.0  # the reconcile reports it
+    if not spec.eplb.enabled or spec.eplb.mode == "off":
+        return spec.eplb.interval_seconds
+    ref = {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}
+    try:
+        eplb_loop.cycle(
+            spec,
+            ref,
+            _previous_status(namespace, name, body),
+            STATE.client(),
+            lambda mutate: _write_status(body, mutate),
+            prometheus,
+            SETTINGS.prometheus_url,
+            SETTINGS.engine_url_template,
+            SETTINGS.admin_timeout_seconds,
+        )
+    except (KubeError, httpx.HTTPError) as error:
+        log.warning("%s/%s: EPLB cycle failed (retried later): %s", namespace, name, error)
+    return spec.eplb.interval_seconds
+
+
+def _write_status(body: Mapping[str, Any], mutate: Any) -> None:
+    """Read-modify-write of the status under the object's lock (the reconcile holds the same lock and keeps
+    what we wrote: it carries status.eplb and EPLBReady over), so neither loop loses the other's update."""
+    metadata = body.get("metadata", {})
+    namespace, name = metadata["namespace"], metadata["name"]
+    with STATE.lock((namespace, name)):
+        previous = _previous_status(namespace, name, body)
+        status = mutate(copy.deepcopy(previous))
+        if status == previous:
+            return
+        response = STATE.client().replace_status(namespace, name, status)
+        _remember_status(namespace, name, response, status)

@@ -94,6 +94,11 @@ def _engine_env(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> list[O
         {"name": "MOEFLEET_SERVED_MODEL_NAME", "value": spec.model.served_name},
         {"name": "MOEFLEET_EPLB_ENABLED", "value": "true" if spec.eplb.enabled else "false"},
         {"name": "MOEFLEET_EPLB_REDUNDANT_EXPERTS", "value": str(spec.eplb.redundant_experts)},
+        # The admin API's bearer token (POST /admin/eplb/rebalance from the operator's EPLB trigger).
+        {
+            "name": "MOEFLEET_ADMIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": f"{spec.name}-admin", "key": "token"}},
+        },
         {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
         {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
         {"name": "POD_IP", "valueFrom": field_ref("status.podIP")},
@@ -412,6 +417,11 @@ def render_gateway_service(spec: MoEDeploymentSpec) -> Obj:
     )
 
 
+def _prom_label(key: str) -> str:
+    """A Kubernetes label key as Prometheus' service discovery spells it (non-alphanumerics -> _)."""
+    return "".join(c if c.isalnum() else "_" for c in key)
+
+
 def render_pod_monitor(spec: MoEDeploymentSpec) -> Obj:
     """Prometheus Operator PodMonitor over the engine and gateway pods (only when that CRD exists)."""
     return _finish(
@@ -422,7 +432,27 @@ def render_pod_monitor(spec: MoEDeploymentSpec) -> Obj:
             "metadata": {"name": spec.name, "labels": L.common_labels(spec.name, L.COMPONENT_ENGINE)},
             "spec": {
                 "selector": {"matchLabels": L.selector_labels(spec.name)},
-                "podMetricsEndpoints": [{"port": "http", "path": L.METRICS_PATH, "interval": "15s"}],
+                "podMetricsEndpoints": [
+                    {
+                        "port": "http",
+                        "path": L.METRICS_PATH,
+                        "interval": "15s",
+                        # deployment/role/group labels on every series: the EPLB trigger, dashboards and
+                        # alerts select and aggregate by them.
+                        "relabelings": [
+                            {
+                                "sourceLabels": [f"__meta_kubernetes_pod_label_{_prom_label(key)}"],
+                                "targetLabel": target,
+                            }
+                            for key, target in (
+                                (L.DEPLOYMENT, "deployment"),
+                                (L.ROLE, "role"),
+                                (L.GROUP_LABEL, "group"),
+                                (L.POD_INDEX, "node_rank"),
+                            )
+                        ],
+                    }
+                ],
             },
         },
     )

@@ -24,6 +24,16 @@ class OperatorSettings:
     crd_cache_seconds: float = 60.0
     # Kubernetes API request timeout in seconds.
     request_timeout_seconds: float = 30.0
+    # Prometheus base URL the EPLB trigger queries (e.g. http://prometheus-operated.monitoring:9090);
+    # empty = the trigger is idle (status.eplb is not written, nothing is rebalanced).
+    prometheus_url: str = ""
+    # Seconds a Prometheus query may take.
+    prometheus_timeout_seconds: float = 10.0
+    # Base URL of a group's rank-0 engine pod; {pod} {group} {namespace} {port} {deployment} are filled in.
+    # Only tests change it (kwok runs no containers, so they point it at a local exporter).
+    engine_url_template: str = "http://{pod}.{group}.{namespace}.svc:{port}"
+    # Seconds a POST /admin/eplb/rebalance may take (the engine answers when the rebalance is done).
+    admin_timeout_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:

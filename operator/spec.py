@@ -18,6 +18,7 @@ ROLES_DISAGGREGATED = ("prefill", "decode")
 ROLE_MIXED = "mixed"
 ROUTING_POLICIES = ("least-load", "round-robin", "prefix-cache", "random")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+EPLB_MODES = ("operator", "engine", "off")
 MAX_NAME_LENGTH = 40  # "<name>-decode-<replica>" must stay a DNS label and fit StatefulSet pod labels
 MAX_REPLICAS = 512
 NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -52,6 +53,20 @@ class ModelSpec:
     mount_path: str = "/models"
 
 
+AUTOSCALING_METRICS = ("queue", "kvUsage", "ttftP90", "tokensPerSecond")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalingSpec:
+    min_replicas: int
+    max_replicas: int
+    metric: str
+    target: float
+    tolerance: float = 0.1
+    scale_up_stabilization_seconds: float = 0.0
+    scale_down_stabilization_seconds: float = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class RoleSpec:
     name: str
@@ -63,6 +78,7 @@ class RoleSpec:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     affinity: Mapping[str, Any] | None = None
     engine_args: tuple[str, ...] = ()
+    autoscaling: AutoscalingSpec | None = None
 
     @property
     def ranks_per_group(self) -> int:
@@ -87,6 +103,9 @@ class EplbSpec:
     window_seconds: float = 300.0
     cooldown_seconds: float = 600.0
     interval_seconds: float = 30.0
+    # operator: the operator's EPLB trigger rebalances from Prometheus; engine: the engine's own interval
+    # (the operator only reports); off: neither.
+    mode: str = "operator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +201,51 @@ def _parse_role(name: str, obj: Mapping[str, Any]) -> RoleSpec:
         tolerations=_objects(obj, "tolerations", path),
         affinity=affinity if affinity else None,
         engine_args=_strings(obj, "engineArgs", path),
+        autoscaling=_parse_autoscaling(obj.get("autoscaling"), f"{path}.autoscaling"),
+    )
+
+
+def _number(
+    obj: Mapping[str, Any], key: str, path: str, default: float | None, low: float, high: float
+) -> float:
+    value = obj.get(key, default)
+    if value is None:
+        raise SpecError(f"{path}.{key}", "is required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise SpecError(f"{path}.{key}", f"{value!r} must be a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _parse_autoscaling(obj: Any, path: str) -> AutoscalingSpec | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, Mapping):
+        raise SpecError(path, "must be an object")
+    for key in ("minReplicas", "maxReplicas", "metric", "target"):
+        if key not in obj:
+            raise SpecError(f"{path}.{key}", "is required")
+    low = _int(obj, "minReplicas", path, 0, 0, MAX_REPLICAS)
+    high = _int(obj, "maxReplicas", path, 1, 1, MAX_REPLICAS)
+    if low > high:
+        raise SpecError(f"{path}.minReplicas", f"({low}) must be <= maxReplicas ({high})")
+    metric = obj["metric"]
+    if metric not in AUTOSCALING_METRICS:
+        raise SpecError(f"{path}.metric", f"{metric!r} must be one of {', '.join(AUTOSCALING_METRICS)}")
+    target = _number(obj, "target", path, None, 0.0, float("inf"))
+    if target <= 0:
+        raise SpecError(f"{path}.target", "must be > 0")
+    return AutoscalingSpec(
+        min_replicas=low,
+        max_replicas=high,
+        metric=metric,
+        target=target,
+        tolerance=_number(obj, "tolerance", path, 0.1, 0.0, 1.0),
+        scale_up_stabilization_seconds=parse_duration(
+            obj.get("scaleUpStabilization", "0s"), f"{path}.scaleUpStabilization"
+        ),
+        scale_down_stabilization_seconds=parse_duration(
+            obj.get("scaleDownStabilization", "5m"), f"{path}.scaleDownStabilization"
+        ),
     )
 
 
@@ -243,6 +307,11 @@ def _parse_eplb(obj: Mapping[str, Any]) -> EplbSpec:
         durations[key] = parse_duration(obj.get(key, default), f"{path}.{key}")
         if durations[key] <= 0:
             raise SpecError(f"{path}.{key}", "must be longer than 0s")
+    mode = obj.get("mode", "operator")
+    if mode not in EPLB_MODES:
+        raise SpecError(f"{path}.mode", f"{mode!r} must be one of {', '.join(EPLB_MODES)}")
+    if "mode" in obj and mode != "off" and not obj.get("enabled", True):
+        raise SpecError(f"{path}.mode", "must be off (or left unset) when spec.eplb.enabled is false")
     return EplbSpec(
         enabled=bool(obj.get("enabled", True)),
         redundant_experts=_int(obj, "redundantExperts", path, 0, 0),
@@ -250,6 +319,7 @@ def _parse_eplb(obj: Mapping[str, Any]) -> EplbSpec:
         window_seconds=durations["window"],
         cooldown_seconds=durations["cooldown"],
         interval_seconds=durations["interval"],
+        mode=mode,
     )
 
 

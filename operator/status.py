@@ -241,9 +241,18 @@ def build_status(
         }
     elif previous_status.get("lastRestart"):
         status["lastRestart"] = previous_status["lastRestart"]
-    # balancedness / lastRebalanceTime belong to the EPLB trigger (later work) and are carried over.
+    # Conditions other loops own (EPLBReady: eplb_loop.py) are carried over as they are.
+    status["conditions"] += _foreign_conditions(previous_status)
+    # status.eplb (balancedness, per-group records) belongs to the EPLB trigger and is carried over.
     status["eplb"] = {**(previous_status.get("eplb") or {}), "enabled": spec.eplb.enabled}
     return status
+
+
+CORE_CONDITIONS = ("Available", "Ready", "Progressing", "Degraded")
+
+
+def _foreign_conditions(previous_status: Mapping[str, Any]) -> list[Obj]:
+    return [c for c in previous_status.get("conditions") or [] if c.get("type") not in CORE_CONDITIONS]
 
 
 def invalid_spec_status(
@@ -260,6 +269,7 @@ def invalid_spec_status(
         condition("Ready", False, "InvalidSpec", reason_message, previous_status, generation, now),
         condition("Progressing", False, "InvalidSpec", reason_message, previous_status, generation, now),
         condition("Degraded", True, "InvalidSpec", reason_message, previous_status, generation, now),
+        *_foreign_conditions(previous_status),
     ]
     return status
 

@@ -25,6 +25,7 @@ ALLOWED = {
     ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch", "delete"},
     ("", "pods/status"): {"patch"},
+    ("", "secrets"): {"get", "create"},  # the admin token Secret (EPLB trigger); never list/watch
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"},
@@ -79,6 +80,9 @@ def test_helm_lint_strict():
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.resyncSeconds=0", "resyncSeconds"),
         ("unknownKey=1", "unknownKey"),
+        ("operator.prometheusUrl=prometheus:9090", "prometheusUrl"),
+        ("serviceMonitor.interval=often", "interval"),
+        ("dashboards.enable=true", "enable"),
     ],
 )
 def test_values_schema_rejects_bad_values(setting, field):
@@ -110,7 +114,8 @@ def _check_rules(rules: list[dict]) -> set[tuple[str, str]]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 assert "*" not in (group, resource) and "*" not in rule["verbs"], rule
-                assert resource != "secrets", rule
+                if resource == "secrets":  # only what the admin token needs: never list/watch/patch/delete
+                    assert set(rule["verbs"]) == {"get", "create"}, rule
                 allowed = ALLOWED.get((group, resource))
                 assert allowed is not None, f"unexpected permission on {group}/{resource}"
                 assert set(rule["verbs"]) <= allowed, f"{group}/{resource}: {rule['verbs']} beyond {allowed}"
@@ -167,7 +172,9 @@ def test_helm_install_creates_the_operator_objects(moefleet_chart):
         ("patch", "moedeployments.moefleet.ai/status", "yes"),
         ("delete", "pods", "yes"),
         ("create", "statefulsets.apps", "yes"),
-        ("get", "secrets", "no"),
+        ("get", "secrets", "yes"),
+        ("list", "secrets", "no"),
+        ("watch", "secrets", "no"),
         ("create", "pods", "no"),
         ("delete", "nodes", "no"),
     ]:

@@ -69,6 +69,7 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.log_path = workdir / "operator.log"
+        self.extra_env: dict[str, str] = {}  # more MOEFLEET_OPERATOR_* settings for the next start()
 
     def start(self) -> None:
         self.health_port, self.metrics_port = free_port(), free_port()
@@ -79,6 +80,7 @@ class OperatorProcess:
             "MOEFLEET_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "MOEFLEET_OPERATOR_DEFAULT_IMAGE": TEST_IMAGE,
             "MOEFLEET_OPERATOR_CRD_CACHE_SECONDS": str(self.crd_cache_seconds),
+            **self.extra_env,
         }
         self.starts += 1
         log = open(self.log_path, "ab")
