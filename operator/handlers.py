@@ -46,6 +46,7 @@ class _State:
 
     def __init__(self) -> None:
         self.kube: Kube | None = None
+        self.closing = False
         self.guard = threading.Lock()
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.failures: dict[tuple[str, str], Failure] = {}  # (namespace, group) -> latest pod failure
@@ -92,6 +93,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 def close(**_: Any) -> None:
+    STATE.closing = True  # a timer or event handler still running must not fail on the closed client
     if STATE.kube is not None:
         STATE.kube.close()
 
@@ -190,6 +192,17 @@ def _previous_status(namespace: str, name: str, body: Mapping[str, Any]) -> dict
 
 def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     """One level-triggered pass for one MoEDeployment (serialised per object)."""
+    if STATE.closing:
+        return
+    try:
+        _reconcile(body, indexes)
+    except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
+        if not STATE.closing:
+            raise
+        log.info("reconcile stopped: the operator is shutting down (%s)", error)
+
+
+def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     metadata = body.get("metadata", {})
     namespace, name = metadata["namespace"], metadata["name"]
     ref = {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}
