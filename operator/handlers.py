@@ -47,6 +47,8 @@ class _State:
     def __init__(self) -> None:
         self.kube: Kube | None = None
         self.closing = False
+        # (namespace, deployment) -> {(pod, uid): (gate value written, when)}: gate writes the watch may lag
+        self.gates: dict[tuple[str, str], dict[tuple[str, str], tuple[bool, float]]] = {}
         self.guard = threading.Lock()
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.failures: dict[tuple[str, str], Failure] = {}  # (namespace, group) -> latest pod failure
@@ -226,6 +228,7 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
         observed = _observed(namespace, name, indexes, kube, podmonitors)
         managed = (*_CHILD_KINDS, "PodMonitor") if podmonitors else _CHILD_KINDS
         the_plan = planner.plan(spec, desired, observed, previous, now, managed_kinds=managed)
+        the_plan.pod_gates = _unwritten_gates(namespace, name, the_plan.pod_gates, observed)
         write_status = the_plan.status != previous
         events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
         if not the_plan.writes and not write_status:
@@ -248,8 +251,30 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             applied[key] = (spec_hash, versions.get(key, 0), time.monotonic())
         if write_status:
             _remember_status(namespace, name, response, the_plan.status)
+        gates = STATE.gates.setdefault((namespace, name), {})
+        uids = {pod.name: pod.uid for group_pods in observed.pods.values() for pod in group_pods}
+        for pod_name, ready in the_plan.pod_gates:
+            gates[(pod_name, uids.get(pod_name, ""))] = (ready, time.monotonic())
         for group in the_plan.delete_pods:
             STATE.failures.pop((namespace, group), None)
+
+
+def _unwritten_gates(
+    namespace: str, name: str, pod_gates: list[tuple[str, bool]], observed: planner.Observed
+) -> list[tuple[str, bool]]:
+    """Drop gate writes this operator made moments ago that the pod watch does not show yet (the same pod,
+    by uid, and value, within _APPLIED_TTL): a reconcile triggered by another event must not repeat them."""
+    gates = STATE.gates.setdefault((namespace, name), {})
+    now = time.monotonic()
+    for key, (_, when) in list(gates.items()):
+        if now - when > _APPLIED_TTL:
+            del gates[key]
+    uids = {pod.name: pod.uid for group_pods in observed.pods.values() for pod in group_pods}
+    return [
+        (pod, ready)
+        for pod, ready in pod_gates
+        if (gates.get((pod, uids.get(pod, ""))) or (None, 0.0))[0] is not ready
+    ]
 
 
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
