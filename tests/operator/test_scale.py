@@ -46,7 +46,10 @@ def converge_and_stay_quiet(
     """Create `nodes` fake nodes and `deployments` MoEDeployments at once; wait until all are Ready; then a
     quiet period. Returns (requests to converge by (verb, resource), per deployment, quiet requests)."""
     t0 = time.monotonic()
-    names = cluster.create_gpu_nodes(nodes, prefix="opscale", labels=POOL, timeout_s=max(300, nodes))
+    names: list[str] = []
+    for batch in range(0, nodes, 200):  # one `kubectl apply` of 1,000 nodes outlasts kubectl's timeout
+        count = min(200, nodes - batch)
+        names += cluster.create_gpu_nodes(count, prefix=f"opscale{batch // 200}", labels=POOL, timeout_s=300)
     nodes_s = time.monotonic() - t0
     # A dedicated operator with a slower resync (the session one is stopped meanwhile: one operator at a time).
     operator.stop()
