@@ -8,6 +8,7 @@ docs/operator.md records the numbers. The 200-deployment / 1,000-node variant is
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -59,15 +60,20 @@ def converge_and_stay_quiet(
     try:
         scale_operator.start()
         start = time.monotonic()
-        cluster.apply(
-            {"apiVersion": "v1", "kind": "List", "items": [deployment(i) for i in range(deployments)]},
-            namespace,
-        )
+        for first in range(0, deployments, 50):  # a loaded apiserver answers a smaller List in time
+            items = [deployment(i) for i in range(first, min(first + 50, deployments))]
+            cluster.kubectl(
+                "apply", "-n", namespace, "-f", "-",
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}), timeout=600,
+            )  # fmt: skip
         path = f"/apis/moefleet.ai/v1alpha1/namespaces/{namespace}/moedeployments"
         ready: list[str] = []
         deadline = start + timeout_s
         while time.monotonic() < deadline:
-            items = cluster.api_get(path)["items"]
+            try:
+                items = cluster.api_get(path)["items"]
+            except TimeoutError:  # a loaded apiserver: ask again
+                continue
             ready = [m["metadata"]["name"] for m in items if is_ready(m)]
             if len(ready) == deployments:
                 break
