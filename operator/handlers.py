@@ -48,6 +48,9 @@ class _State:
 
     def __init__(self) -> None:
         self.kube: Kube | None = None
+        self.closing = False
+        # (namespace, deployment) -> {(pod, uid): (gate value written, when)}: gate writes the watch may lag
+        self.gates: dict[tuple[str, str], dict[tuple[str, str], tuple[bool, float]]] = {}
         self.guard = threading.Lock()
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.failures: dict[tuple[str, str], Failure] = {}  # (namespace, group) -> latest pod failure
@@ -95,6 +98,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 def close(**_: Any) -> None:
+    STATE.closing = True  # a timer or event handler still running must not fail on the closed client
     if STATE.kube is not None:
         STATE.kube.close()
 
@@ -193,6 +197,17 @@ def _previous_status(namespace: str, name: str, body: Mapping[str, Any]) -> dict
 
 def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     """One level-triggered pass for one MoEDeployment (serialised per object)."""
+    if STATE.closing:
+        return
+    try:
+        _reconcile(body, indexes)
+    except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
+        if not STATE.closing:
+            raise
+        log.info("reconcile stopped: the operator is shutting down (%s)", error)
+
+
+def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     metadata = body.get("metadata", {})
     namespace, name = metadata["namespace"], metadata["name"]
     ref = {"namespace": namespace, "name": name, "uid": metadata.get("uid", "")}
@@ -222,6 +237,7 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
         observed = _observed(namespace, name, indexes, kube, podmonitors)
         managed = (*_CHILD_KINDS, "PodMonitor") if podmonitors else _CHILD_KINDS
         the_plan = planner.plan(spec, desired, observed, previous, now, managed_kinds=managed)
+        the_plan.pod_gates = _unwritten_gates(namespace, name, the_plan.pod_gates, observed)
         write_status = the_plan.status != previous
         events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
         if not the_plan.writes and not write_status:
@@ -244,8 +260,30 @@ def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             applied[key] = (spec_hash, versions.get(key, 0), time.monotonic())
         if write_status:
             _remember_status(namespace, name, response, the_plan.status)
+        gates = STATE.gates.setdefault((namespace, name), {})
+        uids = {pod.name: pod.uid for group_pods in observed.pods.values() for pod in group_pods}
+        for pod_name, ready in the_plan.pod_gates:
+            gates[(pod_name, uids.get(pod_name, ""))] = (ready, time.monotonic())
         for group in the_plan.delete_pods:
             STATE.failures.pop((namespace, group), None)
+
+
+def _unwritten_gates(
+    namespace: str, name: str, pod_gates: list[tuple[str, bool]], observed: planner.Observed
+) -> list[tuple[str, bool]]:
+    """Drop gate writes this operator made moments ago that the pod watch does not show yet (the same pod,
+    by uid, and value, within _APPLIED_TTL): a reconcile triggered by another event must not repeat them."""
+    gates = STATE.gates.setdefault((namespace, name), {})
+    now = time.monotonic()
+    for key, (_, when) in list(gates.items()):
+        if now - when > _APPLIED_TTL:
+            del gates[key]
+    uids = {pod.name: pod.uid for group_pods in observed.pods.values() for pod in group_pods}
+    return [
+        (pod, ready)
+        for pod, ready in pod_gates
+        if (gates.get((pod, uids.get(pod, ""))) or (None, 0.0))[0] is not ready
+    ]
 
 
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:

@@ -205,8 +205,9 @@ class Kube:
             content_type="application/json-patch+json",
         )
 
-    def set_group_ready(self, namespace: str, pod: str, ready: bool) -> None:
-        """Set the pod's group-ready condition (its readiness gate); a vanished pod is fine."""
+    def set_group_ready(self, namespace: str, pod: str, ready: bool, foreign: bool = False) -> None:
+        """Set the pod's group-ready condition (its readiness gate); a vanished pod is fine. `foreign`: it
+        closes a gate another writer opened (counted as resource `pods/status:foreign-gate`)."""
         condition = {
             "type": L.GROUP_READY_CONDITION,
             "status": "True" if ready else "False",
@@ -216,7 +217,7 @@ class Kube:
         self.request(
             "PATCH",
             _path("Pod", namespace, pod, "status"),
-            "pods/status",
+            "pods/status:foreign-gate" if foreign else "pods/status",
             body={"status": {"conditions": [condition]}},  # strategic merge: conditions merge by type
             content_type="application/strategic-merge-patch+json",
             missing_ok=True,
@@ -293,7 +294,7 @@ class Kube:
             self.delete(child.kind, namespace, child.name)
         # Gates before the status, so Ready=True is never reported while the gateway cannot route yet.
         for pod, ready in plan.pod_gates:
-            self.set_group_ready(namespace, pod, ready)
+            self.set_group_ready(namespace, pod, ready, foreign=pod in plan.foreign_gates)
         response = self.replace_status(namespace, ref["name"], plan.status) if write_status else None
         for pods in plan.delete_pods.values():
             for pod in pods:

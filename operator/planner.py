@@ -55,6 +55,9 @@ class Plan:
     delete: list[ChildState] = field(default_factory=list)  # owned objects no longer wanted
     delete_pods: dict[str, list[str]] = field(default_factory=dict)  # group -> its pod names
     pod_gates: list[tuple[str, bool]] = field(default_factory=list)  # (pod, group-ready condition to set)
+    # pods in pod_gates whose gate another writer opened and that the operator closes (never on a real
+    # kubelet; kwok's fake kubelet opens every gate): counted apart so benchmarks can tell them from real cost
+    foreign_gates: set[str] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
     status: Obj = field(default_factory=dict)
 
@@ -319,6 +322,8 @@ def plan(
         for pod in views[record["name"]].pods:
             if pod.group_ready_gate != wanted or (wanted and not pod.gate_by_operator):
                 out.pod_gates.append((pod.name, wanted))
+                if not wanted and not pod.gate_by_operator:
+                    out.foreign_gates.add(pod.name)
 
     # One Event per decision of this pass (not per child): children, re-forms, restarts, drift.
     reforms = decisions.pop("ReformingGroup", [])

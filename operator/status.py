@@ -96,6 +96,16 @@ def min_ready_groups(replicas: int) -> int:
 
 
 def _available(
+    spec: MoEDeploymentSpec, ready_by_role: Mapping[str, int], gateway_ready: int, starting: bool
+) -> tuple[bool, str, str]:
+    """`starting`: the deployment has never been Available yet (reason Starting instead of a failure)."""
+    available, reason, message = _available_now(spec, ready_by_role, gateway_ready)
+    if not available and starting and reason != "NoGroups":
+        return False, "Starting", f"not serving yet: {message}"
+    return available, reason, message
+
+
+def _available_now(
     spec: MoEDeploymentSpec, ready_by_role: Mapping[str, int], gateway_ready: int
 ) -> tuple[bool, str, str]:
     short = [
@@ -196,7 +206,9 @@ def build_status(
     )
     degraded_reason, degraded_message = _degraded(groups, unschedulable)
     progressing = _progressing(groups, current, outdated, reforming, gateway_ready)
-    available = _available(spec, ready_by_role, gateway_ready_count)
+    before = next((c for c in previous_status.get("conditions") or [] if c.get("type") == "Available"), None)
+    starting = before is None or before.get("reason") == "Starting"
+    available = _available(spec, ready_by_role, gateway_ready_count, starting)
 
     if all_groups_ready and gateway_ready:
         ready = (
@@ -275,21 +287,32 @@ def invalid_spec_status(
 
 
 def condition_events(previous_status: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
-    """At most one event per status write, naming every condition that changed (one decision, one Event);
-    none for the first status unless it is Degraded. Its reason names the most important change (`AvailableFalse`, then `DegradedTrue`, else the first in
-    CONDITION_TYPES order); it is a Warning when the deployment became unavailable or degraded."""
-    before = {c["type"]: c.get("status") for c in previous_status.get("conditions") or []}
-    changed = [c for c in status.get("conditions") or [] if before.get(c["type"]) != c["status"]]
-    if not before:  # the first status: the Created event already says it began; only problems are news
-        changed = [c for c in changed if c["type"] == "Degraded" and c["status"] == "True"]
-    if not changed:
+    """At most one Event per status write, and only for what a person acts on: the deployment became
+    unavailable or degraded (a Warning) or recovered from that. Routine changes (Ready and Progressing moving
+    during restarts and rollouts, the first convergence out of Available=False/Starting, the first status
+    unless it is Degraded) post none; when an Event is posted its message names every condition change.
+    Its reason is `AvailableFalse`, then `DegradedTrue`, else the first trigger (`AvailableTrue`, ...)."""
+    old = {c["type"]: c for c in previous_status.get("conditions") or []}
+    changed = [
+        c for c in status.get("conditions") or [] if (old.get(c["type"]) or {}).get("status") != c["status"]
+    ]
+
+    def triggers(c: Mapping[str, Any]) -> bool:
+        if c["type"] == "Degraded":
+            return c["status"] == "True" or c["type"] in old
+        if c["type"] == "Available" and c["type"] in old:
+            return old["Available"].get("reason") != "Starting"  # not the first convergence
+        return False
+
+    trigger = [c for c in changed if triggers(c)]
+    if not trigger:
         return []
     bad = [
         c
-        for c in changed
-        if (c["type"] == "Available" and c["status"] == "False" and before.get("Available") == "True")
+        for c in trigger
+        if (c["type"] == "Available" and c["status"] == "False")
         or (c["type"] == "Degraded" and c["status"] == "True")
     ]
     message = "; ".join(f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in changed)
-    first = (bad or changed)[0]
+    first = (bad or trigger)[0]
     return [Event("Warning" if bad else "Normal", f"{first['type']}{first['status']}", message)]

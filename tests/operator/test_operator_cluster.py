@@ -406,8 +406,10 @@ def test_nodes_per_replica_change_reforms_groups_one_at_a_time(operator, pool, k
         assert len(after[group]) == 2 and not set(after[group].values()) & set(before[group].values())
     events = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/events")["items"]
     events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))  # creation order
-    reformed = [e["message"].split(":")[0] for e in events if e["reason"] == "ReformingGroup"]
-    assert reformed == ["group reform-mixed-0", "group reform-mixed-1"]
+    reformed = [e["message"] for e in events if e["reason"] == "ReformingGroup"]
+    assert reformed == [  # one Event per decision: one group at a time
+        f"spec changed; re-forming group(s) reform-mixed-{i} (all pods of a group together)" for i in (0, 1)
+    ]
 
 
 PODMONITOR_CRD = {
@@ -651,10 +653,13 @@ def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
         operator.start()
     moed = wait_ready(kube_cluster, kube_namespace, name)
     sts = kube_cluster.api_get(sts_path)
-    assert sts["status"]["updateRevision"] == original  # the template was reverted to the rendered one
+    env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env[0]["value"] != "other"  # the template was reverted to the rendered one
+    assert sts["status"]["observedGeneration"] == sts["metadata"]["generation"]
     pods = list_items(
         kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", "moefleet.ai/group=revision-mixed-0"
     )
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    assert sorted(p["metadata"]["labels"]["controller-revision-hash"] for p in live) == [original, original]
+    current = sts["status"]["updateRevision"]
+    assert [p["metadata"]["labels"]["controller-revision-hash"] for p in live] == [current, current]
     assert moed["status"]["roles"]["mixed"]["updatedGroups"] == 1

@@ -599,3 +599,27 @@ def test_first_status_posts_no_condition_event_unless_degraded():
     invalid = invalid_spec_status({}, "spec.roles", "must not be empty", 1, NOW)
     [event] = condition_events({}, invalid)
     assert (event.type, event.reason) == ("Warning", "DegradedTrue") and "spec.roles" in event.message
+
+
+def test_first_convergence_is_not_an_event_but_a_recovery_is():
+    spec = make_spec()
+    starting = settle(spec, {}, {}).status
+    assert cond(starting, "Available")["reason"] == "Starting"
+    children, pods = converged(spec)
+    serving = settle(spec, children, pods, status=starting).status
+    assert cond(serving, "Available")["status"] == "True" and condition_events(starting, serving) == []
+    pods["m-prefill-0"][0] = failed_pod("m-prefill-0", 0)
+    broken = settle(spec, children, pods, status=serving, now=NOW + 5).status
+    assert cond(broken, "Available")["reason"] == "MinimumGroupsUnavailable"  # no longer "Starting"
+    assert [e.reason for e in condition_events(serving, broken)] == ["AvailableFalse"]
+    pods["m-prefill-0"] = pods_for(
+        "m-prefill-0",
+        1,
+        uid_prefix="new-",
+        gate_by_operator=True,
+        group_ready_gate=True,
+        revision="m-prefill-0-rev1",
+    )
+    recovered = settle(spec, children, pods, status=broken, now=NOW + 60).status
+    [event] = condition_events(broken, recovered)
+    assert (event.type, event.reason) == ("Normal", "AvailableTrue") and "Degraded=False" in event.message

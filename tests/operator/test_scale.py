@@ -8,6 +8,7 @@ docs/operator.md records the numbers. The 200-deployment / 1,000-node variant is
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -46,7 +47,10 @@ def converge_and_stay_quiet(
     """Create `nodes` fake nodes and `deployments` MoEDeployments at once; wait until all are Ready; then a
     quiet period. Returns (requests to converge by (verb, resource), per deployment, quiet requests)."""
     t0 = time.monotonic()
-    names = cluster.create_gpu_nodes(nodes, prefix="opscale", labels=POOL, timeout_s=max(300, nodes))
+    names: list[str] = []
+    for batch in range(0, nodes, 200):  # one `kubectl apply` of 1,000 nodes outlasts kubectl's timeout
+        count = min(200, nodes - batch)
+        names += cluster.create_gpu_nodes(count, prefix=f"opscale{batch // 200}", labels=POOL, timeout_s=300)
     nodes_s = time.monotonic() - t0
     # A dedicated operator with a slower resync (the session one is stopped meanwhile: one operator at a time).
     operator.stop()
@@ -56,15 +60,20 @@ def converge_and_stay_quiet(
     try:
         scale_operator.start()
         start = time.monotonic()
-        cluster.apply(
-            {"apiVersion": "v1", "kind": "List", "items": [deployment(i) for i in range(deployments)]},
-            namespace,
-        )
+        for first in range(0, deployments, 50):  # a loaded apiserver answers a smaller List in time
+            items = [deployment(i) for i in range(first, min(first + 50, deployments))]
+            cluster.kubectl(
+                "apply", "-n", namespace, "-f", "-",
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}), timeout=600,
+            )  # fmt: skip
         path = f"/apis/moefleet.ai/v1alpha1/namespaces/{namespace}/moedeployments"
         ready: list[str] = []
         deadline = start + timeout_s
         while time.monotonic() < deadline:
-            items = cluster.api_get(path)["items"]
+            try:
+                items = cluster.api_get(path)["items"]
+            except TimeoutError:  # a loaded apiserver: ask again
+                continue
             ready = [m["metadata"]["name"] for m in items if is_ready(m)]
             if len(ready) == deployments:
                 break
@@ -84,13 +93,16 @@ def converge_and_stay_quiet(
         writes_after = scale_operator.writes()
         quiet_requests = sum(quiet.values()) - sum(requests.values())
         total = sum(requests.values())
-        per_deployment = total / deployments
+        # Closing readiness gates kwok's fake kubelet opened by itself: a real kubelet never opens them, so
+        # these writes exist only on kwok (the operator counts them apart). The budget is on the rest.
+        foreign = sum(n for (_, resource), n in requests.items() if resource == "pods/status:foreign-gate")
+        per_deployment = (total - foreign) / deployments
         by_resource = {f"{verb} {resource}": n for (verb, resource), n in sorted(requests.items())}
         print(
-            f"\n| nodes | MoEDeployments | engine pods | nodes Ready | all Ready | API requests | per deployment |"
-            f" quiet {QUIET_SECONDS:.0f} s |\n|---|---|---|---|---|---|---|---|\n"
-            f"| {nodes} | {deployments} | {deployments * 3} | {nodes_s:.1f} s | {converge_s:.1f} s | {total:.0f} |"
-            f" {per_deployment:.1f} | {quiet_requests:.0f} requests |\n"
+            f"\n| nodes | MoEDeployments | engine pods | nodes Ready | all Ready | API requests (kwok-only) |"
+            f" per deployment | quiet {QUIET_SECONDS:.0f} s |\n|---|---|---|---|---|---|---|---|\n"
+            f"| {nodes} | {deployments} | {deployments * 3} | {nodes_s:.1f} s | {converge_s:.1f} s |"
+            f" {total:.0f} ({foreign:.0f}) | {per_deployment:.1f} | {quiet_requests:.0f} requests |\n"
             f"requests by verb and resource: {', '.join(f'{k} {v:.0f}' for k, v in by_resource.items())}"
         )
         quiet_delta = {k: v - requests.get(k, 0) for k, v in quiet.items() if v != requests.get(k, 0)}
