@@ -5,7 +5,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
 fi
 mkdir -p /tmp/mf/moefleet
-cp src/moefleet/__init__.py /tmp/mf/moefleet/__init__.py
+cp src/moefleet/*.py /tmp/mf/moefleet/
 ln -sfn "$PWD/engine" /tmp/mf/moefleet/engine
 ln -sfn "$PWD/operator" /tmp/mf/moefleet/operator
 mkdir -p /tmp/mf/bin && printf '#!/bin/sh\nexec python3 -c "import sys; from moefleet.engine.cli import main; sys.exit(main())" "$@"\n' > /tmp/mf/bin/moefleet

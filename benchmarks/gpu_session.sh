@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 bench() { local tag=$1; shift; echo "== [$tag] moefleet bench $*"; timeout 150 moefleet bench "$@" --json "$out/$tag.json" 2>&1 | grep -v '^$' | tail -16; }
 (
   export CUDA_VISIBLE_DEVICES=0
-  timeout 330 python3 -m pytest -q -p no:cacheprovider -x --timeout 300 tests/gpu -k "not nccl" -rA 2>&1 | tail -60
+  timeout 330 python3 -m pytest -q -p no:cacheprovider --timeout 300 tests/gpu -k "not nccl" -rA 2>&1 | tail -60
 ) > "$out/gpu_tests.txt" 2>&1 &
 tests=$!
 (
@@ -28,4 +28,4 @@ wait $tests
 ) > "$out/gpu_nccl_tests.txt" 2>&1
 bench ep2_decode --preset deepseek-v3 --layers 2 --nproc-per-node 2 --mode decode --batch-size 256 --kv-len 2000 --attention-backend triton --no-breakdown > "$out/bench_ep2.txt" 2>&1
 bench ep2_eplb --preset deepseek-v3 --layers 2 --nproc-per-node 2 --mode decode --batch-size 256 --kv-len 2000 --attention-backend triton --routing-skew zipf:1.2 --num-redundant-experts 32 --eplb --no-breakdown >> "$out/bench_ep2.txt" 2>&1
-tail -3 "$out"/gpu_tests.txt "$out"/gpu_nccl_tests.txt; cat "$out"/bench_1gpu.txt "$out"/bench_ep2.txt | grep -E "^==|tok/s|floor|MFU|error|Error|balanced" | head -80
+tail -n 3 "$out"/gpu_tests.txt "$out"/gpu_nccl_tests.txt; cat "$out"/bench_1gpu.txt "$out"/bench_ep2.txt | grep -E "^==|tok/s|floor|MFU|error|Error|balanced" | head -80
