@@ -113,7 +113,7 @@ class Experts(nn.Module):
 
     def slot_tensors(self) -> list[torch.Tensor]:
         """Tensors with one row per local slot: what moves when a slot changes expert (EPLB)."""
-        tensors = [self.w13, self.w2]
+        tensors: list[torch.Tensor] = [self.w13, self.w2]
         if self.w13_scale_inv is not None and self.w2_scale_inv is not None:
             tensors += [
                 self.w13_scale_inv,

@@ -32,7 +32,7 @@ class GptOssMoE(MoE):
         super().__init__(hidden_size, intermediate_size, RoutingConfig(num_experts=num_experts, top_k=top_k))
         self.gate = TopkSoftmaxRouter(hidden_size, num_experts, top_k)  # type: ignore[assignment]
         # Same physical slots as the base layer built (EPLB: the logical expert of each local slot).
-        local_experts = list(self.experts.local_experts)
+        local_experts = list(self.experts.local_experts)  # type: ignore[has-type]
         self.experts = BiasedClampedExperts(local_experts, hidden_size, intermediate_size, alpha, limit)
 
 
