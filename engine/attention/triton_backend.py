@@ -214,7 +214,7 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         c = layer.config
-        if not mla_dims_supported(c):
+        if q_nope.is_cuda and not mla_dims_supported(c):  # the CPU interpreter has no such limit
             # tl.dot needs every reduced dimension >= 16 (real checkpoints: 512 / 64 / 128); tiny test models
             # with smaller MLA dims run the reference path (not capturable: CUDA graphs then stay off).
             return _torch_fallback().forward_mla(layer, q_nope, q_pe, entry, batch)

@@ -45,6 +45,9 @@ EXPECTED_MANIFESTS = {
     "deepseek-r1-reference.yaml": ("deepseek-r1", 256, 32, {"prefill": (1, 4, 8), "decode": (1, 9, 8)}),
     "kimi-k2-h200.yaml": ("kimi-k2", 384, 96, {"prefill": (1, 4, 8), "decode": (1, 12, 8)}),
     "qwen3-moe-small.yaml": ("qwen3-moe-small", 128, 0, {"mixed": (1, 1, 4)}),
+    "glm-4.5.yaml": ("glm-4-5", 160, 0, {"mixed": (1, 2, 8)}),
+    "gpt-oss-120b.yaml": ("gpt-oss-120b", 128, 0, {"mixed": (1, 1, 8)}),
+    "llama4-maverick.yaml": ("llama4-maverick", 128, 0, {"mixed": (1, 2, 8)}),
 }
 
 

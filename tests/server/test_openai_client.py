@@ -143,7 +143,8 @@ def test_docs_list_every_exported_metric(fake_server):
     exported = {
         name for name in re.findall(r"^# TYPE (moefleet_\w+) ", text, re.M) if not name.endswith("_created")
     }
-    assert len(exported) == 17, exported  # 11 + preemptions + 5 per-rank gauges
+    # 11 + preemptions + 2 PD gauges + 7 per-rank gauges + 2 TBO series
+    assert len(exported) == 23, exported
     undocumented = [name for name in exported if f"`{name}" not in docs]
     assert not undocumented, f"exported but not documented in docs/serving.md: {undocumented}"
 
