@@ -38,7 +38,7 @@ DECISIONS = Counter(
     ["outcome"],
 )
 
-# (namespace, deployment uid) whose admin Secret is known to exist: one GET per deployment per process.
+# (namespace, deployment uid) whose admin Secret is known to exist: one create per deployment per process.
 _KNOWN_SECRETS: set[tuple[str, str]] = set()
 
 StatusWriter = Callable[[Callable[[dict[str, Any]], dict[str, Any]]], None]
@@ -56,24 +56,24 @@ def ensure_admin_secret(kube: Kube, spec: MoEDeploymentSpec, owner: Mapping[str,
         return
     name = admin_secret_name(spec.name)
     path = f"/api/v1/namespaces/{spec.namespace}/secrets"
-    if kube.request("GET", f"{path}/{name}", "secrets", missing_ok=True) is None:
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": name,
-                "namespace": spec.namespace,
-                "labels": L.common_labels(spec.name, L.COMPONENT_ENGINE),
-                "ownerReferences": [dict(owner)],
-            },
-            "type": "Opaque",
-            "stringData": {SECRET_KEY: secrets.token_urlsafe(32)},
-        }
-        try:
-            kube.request("POST", path, "secrets", body=body)
-        except KubeError as error:
-            if error.status != 409:  # 409: created meanwhile (another worker): fine
-                raise
+    # Create first (one request): a 409 means it exists already, which must not be rewritten.
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": spec.namespace,
+            "labels": L.common_labels(spec.name, L.COMPONENT_ENGINE),
+            "ownerReferences": [dict(owner)],
+        },
+        "type": "Opaque",
+        "stringData": {SECRET_KEY: secrets.token_urlsafe(32)},
+    }
+    try:
+        kube.request("POST", path, "secrets", body=body)
+    except KubeError as error:
+        if error.status != 409:  # 409: it exists (created earlier or by another worker): keep it
+            raise
     _KNOWN_SECRETS.add(key)
 
 

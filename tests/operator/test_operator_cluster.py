@@ -642,7 +642,10 @@ def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
             30,
             "a new revision",
         )
-        kube_cluster.kubectl("delete", "pod", "revision-mixed-0-1", "-n", kube_namespace, "--wait=true")
+        # The rendered pods have a 60 s termination grace (drain); this test needs the pod gone, not drained.
+        kube_cluster.kubectl(
+            "delete", "pod", "revision-mixed-0-1", "-n", kube_namespace, "--grace-period=1", "--wait=true"
+        )
 
         def recreated_from_new_template() -> bool:
             pod = kube_cluster.api_get(f"/api/v1/namespaces/{kube_namespace}/pods/revision-mixed-0-1")

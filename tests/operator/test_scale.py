@@ -21,7 +21,9 @@ NODES = 200
 DEPLOYMENTS = 50
 RESYNC_SECONDS = 3.0
 QUIET_SECONDS = 12.0
-MAX_REQUESTS_PER_DEPLOYMENT = 20
+# Issue 17's budget was 20; the EPLB trigger's admin Secret adds one create per deployment (measured 20.2 with
+# it, 19.2 without: docs/benchmarks.md). The budget still catches per-child writes creeping back.
+MAX_REQUESTS_PER_DEPLOYMENT = 21
 POOL = {"moefleet.test/pool": "opscale"}
 
 
@@ -115,7 +117,7 @@ def converge_and_stay_quiet(
         cluster.delete_nodes("moefleet.test/pool=opscale")
 
 
-def test_50_deployments_on_200_nodes_converge_in_at_most_20_requests_each_and_stay_quiet(
+def test_50_deployments_on_200_nodes_converge_in_at_most_21_requests_each_and_stay_quiet(
     operator, moefleet_chart, kube_namespace
 ):
     _, per_deployment, _ = converge_and_stay_quiet(
