@@ -21,8 +21,8 @@ NODES = 200
 DEPLOYMENTS = 50
 RESYNC_SECONDS = 3.0
 QUIET_SECONDS = 12.0
-# Issue 17's budget was 20; the EPLB trigger's admin Secret adds one create per deployment (measured 20.2 with
-# it, 19.2 without: docs/benchmarks.md). The budget still catches per-child writes creeping back.
+# Issue 17's budget was 20 (19.9 measured before the EPLB trigger); its admin Secret adds one create per
+# deployment (21.2 measured while that took a GET and a POST; now one POST). Still catches per-child writes.
 MAX_REQUESTS_PER_DEPLOYMENT = 21
 POOL = {"moefleet.test/pool": "opscale"}
 
