@@ -45,6 +45,17 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"config.json field {name!r} must be >= 1, got {value}")
 
 
+def check_attention_shape(cfg: Any, positive_fields: tuple[str, ...]) -> None:
+    """Shared GQA config checks: the named fields are >= 1 and query heads divide evenly over KV heads."""
+    for name in positive_fields:
+        _positive(name, getattr(cfg, name))
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
+            f"num_key_value_heads ({cfg.num_key_value_heads})"
+        )
+
+
 def _fp8_block_size(d: dict, arch: str) -> tuple[int, int] | None:
     """`weight_block_size` of a block-FP8 checkpoint (dequantized at load), None when unquantized."""
     quant = d.get("quantization_config")
@@ -129,21 +140,18 @@ class Qwen3MoeConfig:
             tie_word_embeddings=bool(_get(d, "tie_word_embeddings", arch, False)),
             fp8_weight_block_size=_fp8_block_size(d, arch),
         )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "decoder_sparse_step",
-        ):
-            _positive(name, getattr(cfg, name))
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
-                f"num_key_value_heads ({cfg.num_key_value_heads})"
-            )
+        check_attention_shape(
+            cfg,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "decoder_sparse_step",
+            ),
+        )
         return cfg
 
     def is_moe_layer(self, layer: int) -> bool:

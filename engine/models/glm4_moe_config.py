@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moefleet.engine.layers.rotary import RopeScaling, parse_rope_scaling
-from moefleet.engine.models.configs import _check_act, _fp8_block_size, _get, _positive, _with_aliases
+from moefleet.engine.models.configs import (
+    _check_act,
+    _fp8_block_size,
+    _get,
+    _with_aliases,
+    check_attention_shape,
+)
 
 
 @dataclass
@@ -83,21 +89,18 @@ class Glm4MoeConfig:
             tie_word_embeddings=bool(_get(d, "tie_word_embeddings", arch, False)),
             fp8_weight_block_size=_fp8_block_size(d, arch),
         )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "n_routed_experts",
-        ):
-            _positive(name, getattr(cfg, name))
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
-                f"num_key_value_heads ({cfg.num_key_value_heads})"
-            )
+        check_attention_shape(
+            cfg,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "n_routed_experts",
+            ),
+        )
         if cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
             raise ValueError(
                 f"head_dim ({cfg.head_dim}) x partial_rotary_factor ({cfg.partial_rotary_factor}) must give an "

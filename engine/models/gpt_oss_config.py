@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moefleet.engine.layers.rotary import RopeScaling, parse_rope_scaling
-from moefleet.engine.models.configs import _check_act, _get, _positive, _with_aliases
+from moefleet.engine.models.configs import _check_act, _get, _with_aliases, check_attention_shape
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 DEFAULT_ROPE = {
@@ -94,21 +94,18 @@ class GptOssConfig:
             tie_word_embeddings=bool(_get(d, "tie_word_embeddings", arch, False)),
             mxfp4=_is_mxfp4(d, arch),
         )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "num_local_experts",
-        ):
-            _positive(name, getattr(cfg, name))
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
-                f"num_key_value_heads ({cfg.num_key_value_heads})"
-            )
+        check_attention_shape(
+            cfg,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "num_local_experts",
+            ),
+        )
         if len(cfg.layer_types) != layers or any(t not in LAYER_TYPES for t in cfg.layer_types):
             raise ValueError(
                 f"config.json layer_types must list one of {', '.join(LAYER_TYPES)} per layer "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moefleet.engine.layers.rotary import RopeScaling, parse_rope_scaling
-from moefleet.engine.models.configs import _check_act, _get, _positive
+from moefleet.engine.models.configs import _check_act, _get, check_attention_shape
 
 LAYER_TYPES = ("chunked_attention", "full_attention")
 
@@ -101,22 +101,19 @@ class Llama4TextConfig:
             attention_bias=bool(_get(d, "attention_bias", arch, False)),
             tie_word_embeddings=bool(_get(d, "tie_word_embeddings", arch, False)),
         )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "num_local_experts",
-            "floor_scale",
-        ):
-            _positive(name, getattr(cfg, name))
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
-                f"num_key_value_heads ({cfg.num_key_value_heads})"
-            )
+        check_attention_shape(
+            cfg,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "num_local_experts",
+                "floor_scale",
+            ),
+        )
         if len(cfg.no_rope_layers) != layers or any(v not in (0, 1) for v in cfg.no_rope_layers):
             raise ValueError(
                 f"config.json no_rope_layers must give 1 (RoPE) or 0 (NoPE) per layer ({layers} layers), "
