@@ -196,6 +196,10 @@ class CudaGraphRunner:
             self.static.max_batch_size, self.static.max_blocks_per_seq, self.device
         )
         self.check_capturable()
+        # torch.cuda.graph() empties the allocator's cache on entry, so a baseline taken with cached blocks in
+        # it (e.g. FP8 weight conversion temporaries) made the pool size negative (-37,702 MiB measured on
+        # H200); empty it on both sides: what stays reserved after is the graphs' private pool
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
         pool = None
         stream = torch.cuda.Stream(self.device)
@@ -216,7 +220,8 @@ class CudaGraphRunner:
             pool = graph.pool()
             self.graphs[bucket] = graph
         torch.cuda.synchronize(self.device)
-        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
+        torch.cuda.empty_cache()
+        self.pool_bytes = max(0, torch.cuda.memory_reserved(self.device) - before)
         logger.info(
             "CUDA graphs: captured %d decode buckets (%s), %.1f MiB",
             len(self.sizes),

@@ -85,10 +85,18 @@ def mla_decode_config(
     max_seq_len: int,
     device: torch.device,
     num_splits: int | None = None,
+    element_size: int = 2,
 ) -> DecodeConfig:
     if device.type != "cuda":
         splits = num_splits or choose_num_splits(batch, max_seq_len, device)
         return DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1, block_h=16)
+    if element_size >= 4:
+        # float32 (the correctness path): the bf16 tiling needs 311 KB of shared memory at 4 bytes per element
+        # (H200 limit 227 KB, measured); 32 heads x 32 keys in one stage need ~150 KB
+        block_h = max(16, min(32, triton_next_power_of_2(heads)))
+        programs = batch * -(-heads // block_h)
+        splits = num_splits or choose_num_splits(programs, max_seq_len, device)
+        return DecodeConfig(block_n=32, num_splits=splits, num_warps=4, num_stages=1, block_h=block_h)
     # measured on H200 (docs/benchmarks.md, "Attention kernels"): at H = 128, 64 heads x 64 keys with 8 warps
     # (two warpgroups sharing the 512-wide accumulator, wgmma) 687 us against 909 us for 64 x 32 and 990 us
     # for 32 x 32; splitting the latent columns over two programs (v_split) was 2x slower

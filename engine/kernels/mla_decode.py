@@ -169,7 +169,9 @@ def mla_decode(
     if batch == 0:
         return out
     max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-    cfg = config or mla_decode_config(batch, heads, rank, max_len, q_latent.device, num_splits)
+    cfg = config or mla_decode_config(
+        batch, heads, rank, max_len, q_latent.device, num_splits, element_size=kv_cache.element_size()
+    )
     splits = cfg.num_splits
     mid_o, mid_lse = split_buffers(batch, heads, splits, rank, q_latent.device)
     grid = (triton.cdiv(heads, cfg.block_h) * cfg.v_split, batch, splits)

@@ -230,3 +230,9 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     assert ac.mla_decode_config(4, 128, 512, 32768, cuda, num_splits=5).num_splits == 5
     mla = ac.mla_decode_config(256, 128, 512, 2000, cuda)
     assert (mla.block_h, mla.block_n, mla.num_splits) == (64, 64, 1)
+    # float32 tiles fit an H200's 227 KB of shared memory (the bf16 tiling needed 311 KB at 4 bytes and failed
+    # to launch there): q tile + one K/V tile per stage, 576 = 512 latent + 64 rope columns, 4 bytes each
+    f32 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=4)
+    assert (f32.block_h + f32.num_stages * f32.block_n) * 576 * 4 <= 232448
+    bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2)
+    assert (bf16.block_h + bf16.num_stages * bf16.block_n) * 576 * 2 <= 232448

@@ -42,8 +42,14 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         },
         {"shards": 2},
     ),
-    # DeepSeek-V3: grouped top-k (4 groups, 2 chosen), q_lora_rank set, one dense layer, MTP layer skipped.
-    "deepseek_grouped": ("deepseek_v3", {"n_group": 4, "topk_group": 2, "q_lora_rank": 48}, {}),
+    # DeepSeek-V3: grouped top-k (4 groups, 2 chosen), q_lora_rank set, one dense layer, MTP layer skipped;
+    # every MLA dim >= 16 so that on a GPU the Triton MLA kernels (tensor-core dots need K >= 16) and CUDA
+    # graphs run on it (deepseek_yarn keeps rope dim 8: the reference-path fallback).
+    "deepseek_grouped": (
+        "deepseek_v3",
+        {"n_group": 4, "topk_group": 2, "q_lora_rank": 48, "qk_rope_head_dim": 16},
+        {},
+    ),
     # DeepSeek-V3 / Kimi-K2 style: q_lora_rank null, one group, two shared experts, yarn rope with
     # mscale != mscale_all_dim (so both the rotary attention factor and the softmax scale matter).
     "deepseek_yarn": (
