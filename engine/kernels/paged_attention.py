@@ -611,7 +611,7 @@ def _launch_prefill(
     batch = cu_query_lens.shape[0] - 1
     if tokens == 0 or batch <= 0 or max_query_len <= 0:
         return out
-    cfg = config or prefill_config(dk, dv, q.device)
+    cfg = config or prefill_config(dk, dv, q.device, element_size=q.element_size())
     dk_a = triton_next_power_of_2(dk + 1) // 2  # the largest power of two <= dk
     if paged:
         assert block_tables is not None and seq_lens is not None

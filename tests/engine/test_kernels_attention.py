@@ -236,3 +236,7 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     assert (f32.block_h + f32.num_stages * f32.block_n) * 576 * 4 <= 232448
     bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2)
     assert (bf16.block_h + bf16.num_stages * bf16.block_n) * 576 * 2 <= 232448
+    # expanded MLA prefill (Dk 192, Dv 128): q tile + K and V tiles per stage
+    for size in (2, 4):
+        pre = ac.prefill_config(192, 128, cuda, element_size=size)
+        assert (pre.block_m * 192 + pre.num_stages * pre.block_n * (192 + 128)) * size <= 232448
