@@ -1,0 +1,51 @@
+"""Per-kernel GPU time of a `moefleet bench` run, from torch.profiler (CUPTI), as a table.
+
+    python3 benchmarks/profile_step.py --steps N -- bench --preset qwen3-30b-a3b --layers 4 --mode decode \
+        --batch-size 256 --kv-len 2000 --attention-backend triton --cuda-graphs off --no-breakdown
+
+Runs the given `moefleet` command in this process under the profiler and prints the kernels by total CUDA time,
+divided by the number of measured + warm-up steps given with --steps (the bench's --steps + --warmup), so the
+"us/step" column is the kernel's time per step. Single process only (--nproc-per-node 1). Eager mode
+(`--cuda-graphs off`) names every kernel launch; the kernels are the same ones the graphs replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, required=True, help="steps the command runs (bench --steps + --warmup)"
+    )
+    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the moefleet arguments")
+    args = parser.parse_args()
+    argv = [a for a in args.command if a != "--"]
+    from moefleet.engine.cli import main as moefleet_main
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        rc = moefleet_main(argv)
+    torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    print(f"| kernel | calls/step | us/step | share |\n|---|---|---|---|")
+    for e in events[: args.rows]:
+        print(
+            f"| {e.key[:90]} | {e.count / args.steps:.1f} | {e.device_time_total / args.steps:.1f} | "
+            f"{e.device_time_total / total:.1%} |"
+        )
+    print(f"| all kernels | | {total / args.steps:.1f} | 100% |")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
