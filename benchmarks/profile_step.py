@@ -37,7 +37,7 @@ def main() -> int:
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
-    print(f"| kernel | calls/step | us/step | share |\n|---|---|---|---|")
+    print("| kernel | calls/step | us/step | share |\n|---|---|---|---|")
     for e in events[: args.rows]:
         print(
             f"| {e.key[:90]} | {e.count / args.steps:.1f} | {e.device_time_total / args.steps:.1f} | "
