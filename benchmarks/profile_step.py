@@ -23,8 +23,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--steps", type=int, required=True, help="measured steps (the bench's --steps)")
     parser.add_argument(
-        "--steps", type=int, required=True, help="steps the command runs (bench --steps + --warmup)"
+        "--skip", type=int, required=True, help="steps before the trace (the bench's --warmup)"
     )
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the moefleet arguments")
@@ -40,13 +41,15 @@ def main() -> int:
     def traced_prepare(*a, **k):  # type: ignore[no-untyped-def]
         calls[0] += 1
         if calls[0] == args.skip + 1:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             prof.start()
         return prepare(*a, **k)
 
     runner.prepare = traced_prepare  # type: ignore[assignment]
     rc = moefleet_main(argv)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     prof.stop()
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
