@@ -169,10 +169,16 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos_sin(positions, q.dtype)
         else:
             cos, sin = batch.memo(("rope", id(self), q.dtype), lambda: self.cos_sin(positions, q.dtype))
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if q.is_cuda:  # one fused kernel per tensor (engine/kernels/rotary.py), same rounding
+            from moefleet.engine.kernels.rotary import fused_rotary_supported, rotary
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            if fused_rotary_supported(q, cos) and fused_rotary_supported(k, cos):
+                return rotary(q, cos, sin, self.interleaved), rotary(k, cos, sin, self.interleaved)
+        return self.rotate_reference(q, cos, sin), self.rotate_reference(k, cos, sin)
+
+    def rotate_reference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The torch formula (Hugging Face's) for x [T, H, R] and cos/sin [T, R/2]."""
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
         if self.interleaved:
             # Pairs (x0, x1), (x2, x3), ... rotated by one frequency each; output de-interleaved (first all
             # rotated evens, then odds), exactly as DeepSeek/HF do, so q and k stay consistent.

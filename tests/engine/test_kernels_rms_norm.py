@@ -3,7 +3,7 @@ Hugging Face's), under Triton's interpreter on CPU (tests/conftest.py sets TRITO
 GPU). float32 agrees to rounding (the row sum runs in another order). bfloat16: the interpreter's float32 ->
 bfloat16 cast truncates where the GPU's rounds to nearest, so here the normalised row may sit one bf16 ulp
 (2^-7 relative) away and the weight product rounds once more: within 2^-6 relative; the GPU test
-(tests/gpu/test_norm_gpu.py) holds the compiled kernel to the reference's rounding."""
+(tests/gpu/test_fused_elementwise_gpu.py) holds the compiled kernel to the reference's rounding."""
 
 from __future__ import annotations
 

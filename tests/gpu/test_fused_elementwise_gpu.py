@@ -1,4 +1,6 @@
-"""On an NVIDIA GPU: the compiled fused RMSNorm (engine/kernels/rms_norm.py) against the torch formula at model
+"""On an NVIDIA GPU: the compiled fused rotary (engine/kernels/rotary.py): bf16 outputs identical to the torch
+formula (each product rounded to bf16 first, as torch does); and the fused RMSNorm (engine/kernels/rms_norm.py)
+against the torch formula at model
 shapes (Qwen3 / DeepSeek hidden rows, per-head q/k norms on strided views). With round-to-nearest casts on
 both sides the outputs are equal except where the float32 row statistic differs in its last bits and flips a
 cast-back rounding: at most one bf16 ulp, on under 1% of elements. Skipped where no GPU is visible (CI)."""
@@ -41,3 +43,17 @@ def test_module_uses_the_kernel_on_strided_heads():
     norm = RMSNorm(dim, 1e-6).to("cuda", torch.bfloat16)
     got, ref = norm(q).float(), rms_norm_reference(q, norm.weight, 1e-6).float()
     assert ((got - ref).abs() > 0).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads,dim", [(32, 128), (128, 64)])
+def test_fused_rotary_bf16_identical(interleaved, heads, dim):
+    from moefleet.engine.kernels.rotary import rotary
+    from moefleet.engine.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(dim, 1e6, interleaved=interleaved).to("cuda")
+    positions = torch.randint(0, 32768, (256,), device="cuda")
+    cos, sin = rope.cos_sin(positions, torch.bfloat16)
+    wide = torch.randn(256, heads, dim + 128, device="cuda", dtype=torch.bfloat16)
+    x = wide[:, :, 128:]  # strided rows, as MLA's rope slice
+    assert torch.equal(rotary(x, cos, sin, interleaved), rope.rotate_reference(x, cos, sin))
