@@ -222,6 +222,24 @@ class Experts(nn.Module):
             block_shape=self.block_shape,
         )
 
+    def forward_topk(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [T, D] in token order, topk_ids [T, K] local expert ids -> [T, D]: the routing-weighted sum of
+        each token's experts, in one fused pass on CUDA (no permutation of the rows)."""
+        from moefleet.engine.kernels.fused_moe import fused_experts_topk
+
+        return fused_experts_topk(
+            hidden,
+            self.w13,
+            self.w2,
+            topk_ids,
+            topk_weights,
+            w13_scale=self.w13_scale_inv,
+            w2_scale=self.w2_scale_inv,
+            block_shape=self.block_shape,
+        )
+
     def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         w13, w2 = (w.to(hidden.dtype) for w in self.dequantized())
         out = torch.empty_like(hidden)

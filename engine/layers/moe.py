@@ -64,9 +64,26 @@ class MoE(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> [T, D]: the four stages in order (two-batch overlap interleaves them instead)."""
         step = self.stage_route(hidden)
+        if self.local_topk_path(hidden):
+            # one rank holds every expert: the fused kernel reads token rows by top-k id and applies the routing
+            # weights in its epilogue, so no permutation, sort, gather or index_add runs (measured ~0.1 ms per
+            # Qwen3 layer of those at 256 decode tokens on H200)
+            out = self.experts.forward_topk(step.dispatch_input, step.physical_ids, step.topk_weights)
+            shared = self.shared_output(step.hidden)
+            return out if shared is None else out + shared
         self.stage_dispatch(step, self.dispatcher)
         self.stage_experts(step, self.dispatcher)
         return self.stage_combine(step, self.dispatcher)
+
+    def local_topk_path(self, hidden: torch.Tensor) -> bool:
+        """Whether `forward` may skip the dispatcher: CUDA, the single-rank LocalDispatcher, and the plain
+        layer and experts (variants with input scaling, biases or other activations keep the staged path)."""
+        return (
+            hidden.is_cuda
+            and type(self.dispatcher) is LocalDispatcher
+            and type(self) is MoE
+            and type(self.experts) is Experts
+        )
 
     # ---- stages, split at the two communications (engine/tbo.py interleaves two micro-batches' stages) -----
 
