@@ -114,9 +114,10 @@ def prefill_config(
 ) -> PrefillConfig:
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    if element_size >= 4 and max(head_dim_k, head_dim_v) > 128:
-        # float32 (the correctness path) at MLA's Dk = 192: the bf16 tiles need 295 KB of shared memory at
-        # 4 bytes per element (H200 limit 227 KB, measured); 64 x 32 tiles in two stages need ~130 KB
+    if element_size >= 4:
+        # float32 (the correctness path): the bf16 tiles need 295 KB of shared memory at 4 bytes per element for
+        # MLA's Dk = 192 and overflow at D = 128 too (H200 limit 227 KB, measured); 64 x 32 tiles in two stages
+        # need ~130 KB at Dk 192
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     # measured on H200: 128 x 128 tiles, 8 warps, 3 stages for D = 128 (402 TFLOP/s at 16k causal);
     # 128 x 64 for MLA's Dk = 192 (409 TFLOP/s)

@@ -238,5 +238,6 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     assert (bf16.block_h + bf16.num_stages * bf16.block_n) * 576 * 2 <= 232448
     # expanded MLA prefill (Dk 192, Dv 128): q tile + K and V tiles per stage
     for size in (2, 4):
-        pre = ac.prefill_config(192, 128, cuda, element_size=size)
-        assert (pre.block_m * 192 + pre.num_stages * pre.block_n * (192 + 128)) * size <= 232448
+        for dk, dv in ((192, 128), (128, 128)):
+            pre = ac.prefill_config(dk, dv, cuda, element_size=size)
+            assert (pre.block_m * dk + pre.num_stages * pre.block_n * (dk + dv)) * size <= 232448

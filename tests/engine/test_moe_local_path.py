@@ -1,7 +1,7 @@
 """The single-rank MoE fast path's expert call (`Experts.forward_topk`: the fused kernel over token rows by
 top-k id, run here under Triton's interpreter) against the staged path the CPU engine uses (LocalDispatcher
 permutation, per-expert torch experts, weighted index_add), on a tiny model's real MoE layers, float32.
-On CUDA `MoE.forward` takes this path (tests/gpu/test_moe_local_path_gpu.py); on CPU it never does."""
+On CUDA the MoE stages take this path (tests/gpu/test_moe_local_path_gpu.py); on CPU it never does."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_forward_topk_equals_staged_path(interpreted, name):
     gen = torch.Generator().manual_seed(1)
     moe = layers[0]
     hidden = torch.randn(5, moe.experts.w13.shape[-1], generator=gen)
-    assert not moe.local_topk_path(hidden)  # CPU keeps the staged path
+    assert not moe.local_topk_path(hidden, moe.dispatcher)  # CPU keeps the dispatcher
     with torch.inference_mode():
         step = moe.stage_route(hidden)
         fast = moe.experts.forward_topk(step.dispatch_input, step.physical_ids, step.topk_weights)

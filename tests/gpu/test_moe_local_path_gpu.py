@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moefleet.engine.layers.moe import MoE
+from moefleet.engine.layers.token_dispatch import LocalDispatcher
 from moefleet.engine.loader import load_model
 from support.tiny_models import tiny_model_dir
 
@@ -18,11 +19,17 @@ pytestmark = [
 ]
 
 
+class _Permuting(LocalDispatcher):
+    """The same dispatcher under another type: the stages then take the permute/index_add path."""
+
+
 def _staged(moe: MoE, hidden: torch.Tensor) -> torch.Tensor:
+    dispatcher = _Permuting(moe.dispatcher.num_local_experts)
     step = moe.stage_route(hidden)
-    moe.stage_dispatch(step, moe.dispatcher)
-    moe.stage_experts(step, moe.dispatcher)
-    return moe.stage_combine(step, moe.dispatcher)
+    moe.stage_dispatch(step, dispatcher)
+    assert not step.local
+    moe.stage_experts(step, dispatcher)
+    return moe.stage_combine(step, dispatcher)
 
 
 @pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
@@ -35,7 +42,7 @@ def test_fast_path_equals_staged(name, dtype):
     for tokens in (1, 7, 300):
         hidden = torch.randn(tokens, layers[0].experts.w13.shape[-1], generator=gen).to("cuda", dtype)
         for moe in layers:
-            assert moe.local_topk_path(hidden)
+            assert moe.local_topk_path(hidden, moe.dispatcher)
             with torch.inference_mode():
                 fast, staged = moe(hidden).float(), _staged(moe, hidden).float()
             tol = 1e-5 if dtype == torch.float32 else 2e-2
