@@ -176,8 +176,9 @@ def _write_json(path: Path, data: Any) -> None:
 class _Init:
     """Seeded random tensors with the scales that keep a tiny random model's outputs varied."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, expert_gain: float = 2.0):
         self.generator = torch.Generator().manual_seed(seed)
+        self.expert_gain = expert_gain  # gpt-oss gate_up gain: larger makes the SwiGLU clamp bite
 
     def normal(self, *shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator) * std
@@ -328,12 +329,19 @@ def save_weights(weights: dict[str, torch.Tensor], out_dir: Path, shards: int | 
 
 
 def make_tiny_model(
-    arch: str, out_dir: str | Path, seed: int = 0, shards: int | None = None, **overrides: Any
+    arch: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    shards: int | None = None,
+    expert_gain: float = 2.0,
+    **overrides: Any,
 ) -> Path:
     """Write a tiny random `arch` checkpoint (one of ARCHES) to `out_dir`; returns the path.
 
     `overrides` replace config.json fields (e.g. num_hidden_layers=4, rope_scaling={...}); `mxfp4=True`
     (gpt_oss only) writes the experts as MXFP4 blocks + scales, as the released checkpoints.
+    `expert_gain` (gpt_oss only) scales the gate_up weights: 2 keeps the clamped SwiGLU (limit 7) almost
+    inactive, 8 clamps about a quarter of the gate/up values.
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(ARCHES)})")
@@ -360,7 +368,7 @@ def make_tiny_model(
     _write_json(
         out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos}
     )
-    init = _Init(seed)
+    init = _Init(seed, expert_gain)
     if arch in EMERGING_ARCHES:
         weights = EMERGING_WEIGHTS[arch](config, init)
         if mxfp4:
@@ -568,7 +576,9 @@ def gpt_oss_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
         w[f"{p}.self_attn.sinks"] = init.normal(heads, std=1.0)
         w[f"{p}.mlp.router.weight"] = init.linear(num_experts, d, gain=3.0)
         w[f"{p}.mlp.router.bias"] = init.normal(num_experts, std=0.5)
-        gate_up = torch.stack([init.linear(2 * inter, d, gain=2.0) for _ in range(num_experts)])  # [E, 2I, D]
+        gate_up = torch.stack(
+            [init.linear(2 * inter, d, gain=init.expert_gain) for _ in range(num_experts)]
+        )  # [E, 2I, D]
         down = torch.stack([init.linear(d, inter, gain=OUTPUT_GAIN) for _ in range(num_experts)])  # [E, D, I]
         w[f"{p}.mlp.experts.gate_up_proj"] = gate_up.transpose(1, 2).contiguous()  # [E, D, 2I]
         w[f"{p}.mlp.experts.gate_up_proj_bias"] = init.normal(num_experts, 2 * inter, std=0.1)
