@@ -90,7 +90,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # top-2 of 8 experts with biases and the clamped SwiGLU.
     "gpt_oss_sliding": ("gpt_oss", {"sliding_window": 5}, {}),
     # gpt-oss: full attention first, then two sliding layers of window 7, top-3 of 4 experts, plain RoPE, no
-    # attention bias, tied embeddings. The clamp bites through large gate_up weights (expert_gain 8: ~1/4 of
+    # attention bias, tied embeddings. The clamp bites through large gate_up weights (expert_gain 5: ~1/10 of
     # the gate/up values pass 7), not a low swiglu_limit: transformers before 5.2x hard-codes limit 7.0 and
     # alpha 1.702 (ignoring config.json), so the config states exactly those and every version agrees.
     "gpt_oss_full_first": (
@@ -107,7 +107,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
             "rope_scaling": {"rope_type": "default", "rope_theta": 10000.0},
             "tie_word_embeddings": True,
         },
-        {"expert_gain": 8.0},
+        {"expert_gain": 5.0},
     ),
     # Llama-4 (Maverick style): MoE every 2nd layer with dense layers between, chunks of 8 tokens (shorter
     # than the prompts) on RoPE layers, layer 3 a global NoPE layer with temperature tuning (floor_scale 4),
