@@ -65,3 +65,36 @@ def check_bf16_tolerance(name: str, device: str) -> tuple[float, float]:
     assert median <= MEDIAN_REL_L2, f"{name}: bf16 median relative L2 error {median:.3e} > {MEDIAN_REL_L2}"
     assert agree >= TOP1_AGREEMENT, f"{name}: bf16 top-1 agreement {agree:.1%} < {TOP1_AGREEMENT:.0%}"
     return median, agree
+
+
+# Ours may trail transformers' own bf16-vs-float32 agreement by at most this much (the rounding order differs,
+# so a few near-tied positions can go either way).
+AGREEMENT_SLACK_VS_TRANSFORMERS = 0.03
+
+
+def transformers_bf16_agreement(name: str, device: str) -> float:
+    """transformers' own bf16 vs float32 top-1 agreement on the same prompts: how faithful bf16 can be."""
+    import transformers
+    from moefleet.engine.tokenizer import Tokenizer
+
+    path = tiny_model_dir(name)
+    tokenizer = Tokenizer(str(path))
+    prompts = [tokenizer.encode(text) for text in TEXTS]
+    top1 = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            top1[dtype] = torch.cat(
+                [hf(torch.tensor([p], device=device)).logits[0].argmax(-1).cpu() for p in prompts]
+            )
+    return (top1[torch.float32] == top1[torch.bfloat16]).float().mean().item()
+
+
+def check_bf16_as_faithful_as_transformers(name: str, device: str) -> None:
+    _, ours = check_bf16_tolerance(name, device)
+    reference = transformers_bf16_agreement(name, device)
+    print(f"{name} on {device}: transformers bf16 vs fp32 top-1 agreement {reference:.1%}, ours {ours:.1%}")
+    assert ours >= reference - AGREEMENT_SLACK_VS_TRANSFORMERS, (
+        f"{name}: bf16 top-1 agreement {ours:.1%} trails transformers' own bf16 ({reference:.1%}) by more "
+        f"than {AGREEMENT_SLACK_VS_TRANSFORMERS:.0%}: some step runs in bf16 where transformers keeps float32"
+    )
