@@ -441,3 +441,16 @@ def test_gpt_oss_swiglu_limit_and_alpha_come_from_the_config(tmp_path):
         expected = hf(torch.tensor([prompt])).logits[0]
     got = PagedDriver(model).step([(0, prompt)], all_logits=True)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_sliding", "llama4_all_moe"])
+def test_models_with_host_synchronising_layers_are_never_graph_captured(name):
+    """gpt-oss attention runs in the backend (graph-safe), but its biased experts read row counts on the host;
+    Llama-4's chunked attention path builds index maps on the host: the model runner must run both eagerly."""
+    model = load_model(tiny_model_dir(name))
+    assert not all(getattr(m, "supports_cuda_graphs", True) for m in model.modules())
+    if name.startswith("gpt_oss"):
+        from moefleet.engine.layers.attention import PagedAttention
+
+        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        assert [m.sliding_window for m in layers] == [5, None]  # layer_types: sliding, full
