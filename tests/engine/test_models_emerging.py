@@ -454,3 +454,26 @@ def test_models_with_host_synchronising_layers_are_never_graph_captured(name):
 
         layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         assert [m.sliding_window for m in layers] == [5, None]  # layer_types: sliding, full
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_sliding", "gpt_oss_full_first"])
+def test_gpt_oss_through_the_triton_attention_backend_equals_transformers(name):
+    """gpt-oss's window and sinks in the Triton paged kernels (TRITON_INTERPRET on CPU): prefill logits,
+    then chunked prefill + decode greedy tokens, equal transformers in float32."""
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from moefleet.engine.attention.triton_backend import TritonAttentionBackend
+
+    path = tiny_model_dir(name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = list(range(5, 25))  # longer than both sliding windows (5 and 7)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+        greedy = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    model = load_model(path, "cpu", torch.float32)
+    driver = PagedDriver(model, num_blocks=32, block_size=16, attn_backend=TritonAttentionBackend())
+    torch.testing.assert_close(driver.step([(0, prompt)], all_logits=True), expected, atol=5e-5, rtol=1e-5)
+    driver = PagedDriver(model, num_blocks=32, block_size=16, attn_backend=TritonAttentionBackend())
+    assert driver.generate({0: prompt}, 8, prefill_chunks=2)[0] == greedy
