@@ -7,7 +7,7 @@ The aggregate error is not bounded: MoE routing is discrete, so a position whose
 has a large error (up to ~0.6 relative on the tiny random models, whose router scores are near-tied).
 Measured 2026-11-28 on one prompt, identical on CPU and H200: median 1.3e-2 to 2.4e-2, agreement 90% to 98%.
 Over the four prompts below (194 positions), CPU 2026-11-30, all ten tiny configs: median 1.2e-2 to 2.4e-2,
-agreement 89% (glm4_flat) to 98.5%. glm4_flat is the least faithful because its model is: transformers'
+agreement 89% (glm4_flat) to 98.5%. glm4_flat is lowest because its logits are near-tied: transformers'
 own bf16 agrees with its float32 on the same 89.2% of positions (routing sets flip for ~6% of tokens per
 layer in both), so ours is exactly as faithful as the reference there.
 """
@@ -24,7 +24,7 @@ TOP1_AGREEMENT = 0.85
 # Four prompts (~200 positions), each its own sequence. One prompt of ~50 positions was too few: a tiny random
 # model can have near-ties at many of them (glm4_flat: 8 of 51 positions with a float32 top-2 margin < 0.1, where
 # bf16 hidden states move logits by ~0.2), so its agreement swung from 82% to 90% with the rounding order alone
-# (CUDA vs CPU matmuls, transformers' own bf16: 86%); over ~200 positions it stays near 93%.
+# (CUDA vs CPU matmuls; transformers' own bf16: 86%); over these 194 positions it measures 89-90% on CPU.
 TEXTS = [
     "Once upon a time there was a little town by the sea, where the people woke up early to fish and to "
     "bake bread. The children went to school, and the old men sat in the sun",
