@@ -176,8 +176,9 @@ def _write_json(path: Path, data: Any) -> None:
 class _Init:
     """Seeded random tensors with the scales that keep a tiny random model's outputs varied."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, expert_gain: float = 2.0):
         self.generator = torch.Generator().manual_seed(seed)
+        self.expert_gain = expert_gain  # gpt-oss gate_up gain: larger makes the SwiGLU clamp bite
 
     def normal(self, *shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator) * std
@@ -217,24 +218,54 @@ def _experts(init: _Init, prefix: str, num: int, hidden: int, inter: int) -> dic
     return out
 
 
-def qwen3_moe_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
-    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or d // heads
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
+def _attention(init: _Init, prefix: str, cfg: dict, bias: bool, o_bias: bool) -> dict[str, torch.Tensor]:
+    d, heads, kv_heads, head_dim = (
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    )
+    w: dict[str, torch.Tensor] = {}
+    for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+        w[f"{prefix}.{name}_proj.weight"] = init.linear(rows * head_dim, d)
+        if bias:
+            w[f"{prefix}.{name}_proj.bias"] = init.normal(rows * head_dim, std=0.1)
+    w[f"{prefix}.o_proj.weight"] = init.linear(d, heads * head_dim, gain=OUTPUT_GAIN)
+    if o_bias:
+        w[f"{prefix}.o_proj.bias"] = init.normal(d, std=0.1)
+    return w
+
+
+def _embedding(init: _Init, cfg: dict) -> dict[str, torch.Tensor]:
+    return {
+        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], cfg["hidden_size"], std=_embed_std(cfg))
     }
+
+
+def _layer_norms(init: _Init, prefix: str, hidden: int) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.input_layernorm.weight": init.norm(hidden),
+        f"{prefix}.post_attention_layernorm.weight": init.norm(hidden),
+    }
+
+
+def _final_norm_and_head(init: _Init, cfg: dict) -> dict[str, torch.Tensor]:
+    """The final norm, and the LM head unless it is tied to the embedding."""
+    w = {"model.norm.weight": init.norm(cfg["hidden_size"])}
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = init.linear(cfg["vocab_size"], cfg["hidden_size"], gain=3.0)
+    return w
+
+
+def qwen3_moe_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or d // heads
+    w = _embedding(init, cfg)
     bias = cfg.get("attention_bias", False)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        w[f"{p}.input_layernorm.weight"] = init.norm(d)
-        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
-        for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
-            w[f"{p}.self_attn.{name}_proj.weight"] = init.linear(rows * head_dim, d)
-            if bias:
-                w[f"{p}.self_attn.{name}_proj.bias"] = init.normal(rows * head_dim, std=0.1)
-        w[f"{p}.self_attn.o_proj.weight"] = init.linear(d, heads * head_dim, gain=OUTPUT_GAIN)
-        if bias:
-            w[f"{p}.self_attn.o_proj.bias"] = init.normal(d, std=0.1)
+        w.update(_layer_norms(init, p, d))
+        w.update(_attention(init, f"{p}.self_attn", {**cfg, "head_dim": head_dim}, bias=bias, o_bias=bias))
         w[f"{p}.self_attn.q_norm.weight"] = init.norm(head_dim)
         w[f"{p}.self_attn.k_norm.weight"] = init.norm(head_dim)
         sparse = (
@@ -247,9 +278,7 @@ def qwen3_moe_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
             w.update(_experts(init, f"{p}.mlp", cfg["num_experts"], d, cfg["moe_intermediate_size"]))
         else:
             w.update(_mlp(init, f"{p}.mlp", d, cfg["intermediate_size"]))
-    w["model.norm.weight"] = init.norm(d)
-    if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    w.update(_final_norm_and_head(init, cfg))
     return w
 
 
@@ -257,14 +286,11 @@ def deepseek_v3_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     nope, rope, v_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     kv_rank, q_rank = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
-    }
+    w = _embedding(init, cfg)
     num_layers = cfg["num_hidden_layers"]
     for i in range(num_layers):
         p = f"model.layers.{i}"
-        w[f"{p}.input_layernorm.weight"] = init.norm(d)
-        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        w.update(_layer_norms(init, p, d))
         a = f"{p}.self_attn"
         if q_rank is None:
             w[f"{a}.q_proj.weight"] = init.linear(heads * (nope + rope), d)
@@ -293,9 +319,7 @@ def deepseek_v3_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
         w[f"{p}.hnorm.weight"] = init.norm(d)
         w[f"{p}.eh_proj.weight"] = init.linear(d, 2 * d)
         w[f"{p}.shared_head.norm.weight"] = init.norm(d)
-    w["model.norm.weight"] = init.norm(d)
-    if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    w.update(_final_norm_and_head(init, cfg))
     return w
 
 
@@ -328,12 +352,19 @@ def save_weights(weights: dict[str, torch.Tensor], out_dir: Path, shards: int | 
 
 
 def make_tiny_model(
-    arch: str, out_dir: str | Path, seed: int = 0, shards: int | None = None, **overrides: Any
+    arch: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    shards: int | None = None,
+    expert_gain: float = 2.0,
+    **overrides: Any,
 ) -> Path:
     """Write a tiny random `arch` checkpoint (one of ARCHES) to `out_dir`; returns the path.
 
     `overrides` replace config.json fields (e.g. num_hidden_layers=4, rope_scaling={...}); `mxfp4=True`
     (gpt_oss only) writes the experts as MXFP4 blocks + scales, as the released checkpoints.
+    `expert_gain` (gpt_oss only) scales the gate_up weights: 2 keeps the clamped SwiGLU (limit 7) almost
+    inactive (~0.03% clamped), 5 clamps about a tenth of the gate/up values.
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(ARCHES)})")
@@ -360,7 +391,7 @@ def make_tiny_model(
     _write_json(
         out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos}
     )
-    init = _Init(seed)
+    init = _Init(seed, expert_gain)
     if arch in EMERGING_ARCHES:
         weights = EMERGING_WEIGHTS[arch](config, init)
         if mxfp4:
@@ -501,34 +532,13 @@ def emerging_default_config(arch: str, vocab_size: int) -> dict[str, Any]:
     raise ValueError(f"unknown arch {arch!r} (supported: {', '.join(EMERGING_ARCHES)})")
 
 
-def _attention(init: _Init, prefix: str, cfg: dict, bias: bool, o_bias: bool) -> dict[str, torch.Tensor]:
-    d, heads, kv_heads, head_dim = (
-        cfg["hidden_size"],
-        cfg["num_attention_heads"],
-        cfg["num_key_value_heads"],
-        cfg["head_dim"],
-    )
-    w: dict[str, torch.Tensor] = {}
-    for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
-        w[f"{prefix}.{name}_proj.weight"] = init.linear(rows * head_dim, d)
-        if bias:
-            w[f"{prefix}.{name}_proj.bias"] = init.normal(rows * head_dim, std=0.1)
-    w[f"{prefix}.o_proj.weight"] = init.linear(d, heads * head_dim, gain=OUTPUT_GAIN)
-    if o_bias:
-        w[f"{prefix}.o_proj.bias"] = init.normal(d, std=0.1)
-    return w
-
-
 def glm4_moe_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
     d, head_dim = cfg["hidden_size"], cfg["head_dim"]
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
-    }
+    w = _embedding(init, cfg)
     num_layers = cfg["num_hidden_layers"]
     for i in range(num_layers):
         p = f"model.layers.{i}"
-        w[f"{p}.input_layernorm.weight"] = init.norm(d)
-        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        w.update(_layer_norms(init, p, d))
         w.update(_attention(init, f"{p}.self_attn", cfg, bias=cfg.get("attention_bias", False), o_bias=False))
         if cfg.get("use_qk_norm"):
             w[f"{p}.self_attn.q_norm.weight"] = init.norm(head_dim)
@@ -546,9 +556,7 @@ def glm4_moe_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
         w[f"{p}.enorm.weight"] = init.norm(d)
         w[f"{p}.hnorm.weight"] = init.norm(d)
         w[f"{p}.eh_proj.weight"] = init.linear(d, 2 * d)
-    w["model.norm.weight"] = init.norm(d)
-    if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    w.update(_final_norm_and_head(init, cfg))
     return w
 
 
@@ -556,27 +564,24 @@ def gpt_oss_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
     """HF gpt-oss layout (unquantized): experts stacked and transposed, gate/up interleaved in columns."""
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     num_experts, inter = cfg["num_local_experts"], cfg["intermediate_size"]
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
-    }
+    w = _embedding(init, cfg)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        w[f"{p}.input_layernorm.weight"] = init.norm(d)
-        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        w.update(_layer_norms(init, p, d))
         bias = cfg.get("attention_bias", True)
         w.update(_attention(init, f"{p}.self_attn", cfg, bias=bias, o_bias=bias))
         w[f"{p}.self_attn.sinks"] = init.normal(heads, std=1.0)
         w[f"{p}.mlp.router.weight"] = init.linear(num_experts, d, gain=3.0)
         w[f"{p}.mlp.router.bias"] = init.normal(num_experts, std=0.5)
-        gate_up = torch.stack([init.linear(2 * inter, d, gain=2.0) for _ in range(num_experts)])  # [E, 2I, D]
+        gate_up = torch.stack(
+            [init.linear(2 * inter, d, gain=init.expert_gain) for _ in range(num_experts)]
+        )  # [E, 2I, D]
         down = torch.stack([init.linear(d, inter, gain=OUTPUT_GAIN) for _ in range(num_experts)])  # [E, D, I]
         w[f"{p}.mlp.experts.gate_up_proj"] = gate_up.transpose(1, 2).contiguous()  # [E, D, 2I]
         w[f"{p}.mlp.experts.gate_up_proj_bias"] = init.normal(num_experts, 2 * inter, std=0.1)
         w[f"{p}.mlp.experts.down_proj"] = down.transpose(1, 2).contiguous()  # [E, I, D]
         w[f"{p}.mlp.experts.down_proj_bias"] = init.normal(num_experts, d, std=0.1)
-    w["model.norm.weight"] = init.norm(d)
-    if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    w.update(_final_norm_and_head(init, cfg))
     return w
 
 
@@ -606,13 +611,10 @@ def llama4_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
     moe_layers = cfg.get("moe_layers")
     if moe_layers is None:
         moe_layers = list(range(step - 1, num_layers, step))
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": init.normal(cfg["vocab_size"], d, std=_embed_std(cfg))
-    }
+    w = _embedding(init, cfg)
     for i in range(num_layers):
         p = f"model.layers.{i}"
-        w[f"{p}.input_layernorm.weight"] = init.norm(d)
-        w[f"{p}.post_attention_layernorm.weight"] = init.norm(d)
+        w.update(_layer_norms(init, p, d))
         bias = cfg.get("attention_bias", False)
         w.update(_attention(init, f"{p}.self_attn", cfg, bias=bias, o_bias=bias))
         f = f"{p}.feed_forward"
@@ -625,9 +627,7 @@ def llama4_weights(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
             w.update(_mlp(init, f"{f}.shared_expert", d, inter))
         else:
             w.update(_mlp(init, f, d, cfg["intermediate_size_mlp"]))
-    w["model.norm.weight"] = init.norm(d)
-    if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = init.linear(cfg["vocab_size"], d, gain=3.0)
+    w.update(_final_norm_and_head(init, cfg))
     return w
 
 

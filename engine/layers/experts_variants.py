@@ -29,6 +29,10 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: fl
 
 
 class BiasedClampedExperts(Experts):
+    # The torch paths read the rows per expert on the host (a sync, shapes that change per step): a model
+    # with these experts runs eagerly until a fused kernel takes the biases and the clamp.
+    supports_cuda_graphs = False
+
     def __init__(
         self,
         local_experts: Sequence[int],

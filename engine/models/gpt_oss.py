@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
-from moefleet.engine.layers.attention_variants import LocalPagedAttention
+from moefleet.engine.layers.attention import PagedAttention
 from moefleet.engine.layers.experts import Experts
 from moefleet.engine.layers.linear import Linear, set_weight_loader
 from moefleet.engine.layers.moe_variants import GptOssMoE
@@ -60,7 +60,8 @@ class GptOssAttention(nn.Module):
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=bias)
         self.sinks = set_weight_loader(nn.Parameter(torch.zeros(c.num_attention_heads), requires_grad=False))
         self.rotary = rotary
-        self.attn = LocalPagedAttention(
+        # The attention backend runs the window and the sinks (torch reference or the Triton kernels).
+        self.attn = PagedAttention(
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,

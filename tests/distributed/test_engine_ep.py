@@ -1,5 +1,6 @@
 """The real engine on tiny Qwen3-MoE, DeepSeek-V3 (MLA, grouped top-k, shared experts), GLM-4.5, gpt-oss and
-Llama-4 checkpoints split over 2 ranks (and Llama-4 over 4 ranks on 2 nodes) (DP attention, EP MoE over gloo
+Llama-4 checkpoints split over 2 ranks (and GLM-4.5 flat routing over 4 ranks on one node, Llama-4 and gpt-oss
+over 4 ranks on 2 nodes) (DP attention, EP MoE over gloo
 all_to_all): requests enter at rank 0 through the server-facing DPFrontEndClient, are placed on every rank,
 and the greedy tokens equal a single-process run of the same model; a bad request is refused, not fatal."""
 
@@ -35,6 +36,8 @@ MAX_TOKENS = 6
         ("gpt_oss_sliding", 1, 2),
         ("llama4_chunked", 1, 2),
         ("llama4_chunked", 2, 2),
+        ("glm4_flat", 1, 4),
+        ("gpt_oss_full_first", 2, 2),
     ],
     ids=lambda v: v if isinstance(v, str) else str(v),
 )

@@ -1,5 +1,7 @@
 """Sliding-window, chunked and sink attention on the paged cache against a per-query reference written from
-the definitions, for mixed prefill / chunk / decode batches (the same steps as test_layers_attention)."""
+the definitions, for mixed prefill / chunk / decode batches (the same steps as test_layers_attention):
+chunks through `LocalPagedAttention` (Llama-4), windows and sinks through `PagedAttention` and the torch
+attention backend, as gpt-oss runs them (the Triton kernels: tests/gpu/test_attention_kernels_gpu.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import math
 import pytest
 import torch
 from moefleet.engine.forward_batch import ForwardBatch
+from moefleet.engine.layers.attention import PagedAttention
 from moefleet.engine.layers.attention_variants import LocalPagedAttention
 
 BLOCK = 4
@@ -81,7 +84,11 @@ def test_local_attention_matches_the_definition(window, chunk, with_sinks):
     seq_k = {s: torch.randn(n, kv_heads, dim, generator=g) for s, n in LENGTHS.items()}
     seq_v = {s: torch.randn(n, kv_heads, dim, generator=g) for s, n in LENGTHS.items()}
     sinks = torch.randn(heads, generator=g) * 2 if with_sinks else None
-    attn = LocalPagedAttention(heads, kv_heads, dim, scale, sliding_window=window, chunk_size=chunk)
+    attn = (
+        LocalPagedAttention(heads, kv_heads, dim, scale, chunk_size=chunk)
+        if chunk is not None
+        else PagedAttention(heads, kv_heads, dim, scale, sliding_window=window)
+    )
     attn.kv_cache = torch.zeros(attn.kv_cache_shape(32, BLOCK))
     cache = Cache()
     outputs: dict[int, list[torch.Tensor]] = {s: [] for s in LENGTHS}
@@ -89,7 +96,8 @@ def test_local_attention_matches_the_definition(window, chunk, with_sinks):
         q = torch.cat([seq_q[s][a : a + n] for s, a, n in steps])
         k = torch.cat([seq_k[s][a : a + n] for s, a, n in steps])
         v = torch.cat([seq_v[s][a : a + n] for s, a, n in steps])
-        out = attn(q, k, v, cache.context(steps), sinks=sinks)
+        ctx = cache.context(steps)
+        out = attn(q, k, v, ctx) if chunk is not None else attn(q, k, v, ctx, sinks=sinks)
         for (s, _, _), piece in zip(steps, out.split([n for _, _, n in steps]), strict=True):
             outputs[s].append(piece)
     for s in LENGTHS:
@@ -98,13 +106,15 @@ def test_local_attention_matches_the_definition(window, chunk, with_sinks):
 
 
 def test_without_cache_attends_within_the_step():
-    attn = LocalPagedAttention(2, 1, 4, 0.5, sliding_window=2)
+    attn = PagedAttention(2, 1, 4, 0.5, sliding_window=2)
     q, k, v = torch.randn(5, 2, 4), torch.randn(5, 1, 4), torch.randn(5, 1, 4)
     out = attn(q, k, v, ForwardBatch.prefill_without_cache([3, 2], "cpu"))
     torch.testing.assert_close(out[:3], reference(q[:3], k[:3], v[:3], 0.5, window=2), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[3:], reference(q[3:], k[3:], v[3:], 0.5, window=2), atol=1e-6, rtol=1e-6)
 
 
-def test_bad_window_is_rejected():
-    with pytest.raises(ValueError, match="'sliding_window' must be >= 1"):
-        LocalPagedAttention(2, 1, 4, 0.5, sliding_window=0)
+def test_bad_window_or_chunk_is_rejected():
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        PagedAttention(2, 1, 4, 0.5, sliding_window=0)
+    with pytest.raises(ValueError, match="'attention_chunk_size' must be >= 1"):
+        LocalPagedAttention(2, 1, 4, 0.5, chunk_size=0)

@@ -251,6 +251,13 @@ def test_config_defaults_follow_transformers():
     )
     assert llama.no_rope_layers == [1, 1, 1, 0, 1, 1, 1, 0] and llama.moe_layers == [1, 3, 5, 7]
     assert llama.attention_chunk_size == 8192 and llama.layer_types[3] == "full_attention"
+    # A null attention_chunk_size means no chunked layer (transformers >= 5.24's default; 5.17 derived
+    # chunked layers from no_rope_layers regardless and then failed on the null size).
+    unchunked = Llama4TextConfig.from_dict(
+        {**_config("llama4", num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0]), "attention_chunk_size": None}
+    )
+    assert unchunked.layer_types == ["full_attention"] * 4
+    assert [unchunked.layer_chunk(i) for i in range(4)] == [None] * 4
     glm = Glm4MoeConfig.from_dict(
         {k: v for k, v in _config("glm4_moe").items() if k != "partial_rotary_factor"}
     )
@@ -414,3 +421,59 @@ def test_biased_clamped_experts_paths_match_the_formula():
     for path in (experts.forward_padded, experts.forward_loop, experts.forward):
         torch.testing.assert_close(path(hidden, counts), torch.stack(expected), atol=1e-5, rtol=1e-5)
     assert experts(hidden[:0], [0, 0, 0]).shape == (0, 8)
+
+
+def test_gpt_oss_swiglu_limit_and_alpha_come_from_the_config(tmp_path):
+    """config.json swiglu_limit / swiglu_alpha reach the experts and match transformers where it reads them
+    (5.24 does; 5.17 hard-codes 7.0 and 1.702, which every released checkpoint states)."""
+    from moefleet.engine.layers.experts_variants import BiasedClampedExperts
+
+    path = make_tiny_model("gpt_oss", tmp_path / "g", swiglu_limit=0.5, swiglu_alpha=1.5)
+    model = load_model(path, "cpu", torch.float32)
+    experts = [m for m in model.modules() if isinstance(m, BiasedClampedExperts)]
+    assert len(experts) == 2 and all((e.limit, e.alpha) == (0.5, 1.5) for e in experts)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_experts = hf.model.layers[0].mlp.experts
+    if (hf_experts.limit, hf_experts.alpha) != (0.5, 1.5):
+        pytest.skip(f"transformers {transformers.__version__} ignores config swiglu_limit / swiglu_alpha")
+    prompt = list(range(5, 30))
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    got = PagedDriver(model).step([(0, prompt)], all_logits=True)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_sliding", "llama4_all_moe"])
+def test_models_with_host_synchronising_layers_are_never_graph_captured(name):
+    """gpt-oss attention runs in the backend (graph-safe), but its biased experts read row counts on the host;
+    Llama-4's chunked attention path builds index maps on the host: the model runner must run both eagerly."""
+    model = load_model(tiny_model_dir(name))
+    assert not all(getattr(m, "supports_cuda_graphs", True) for m in model.modules())
+    if name.startswith("gpt_oss"):
+        from moefleet.engine.layers.attention import PagedAttention
+
+        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        assert [m.sliding_window for m in layers] == [5, None]  # layer_types: sliding, full
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_sliding", "gpt_oss_full_first"])
+def test_gpt_oss_through_the_triton_attention_backend_equals_transformers(name):
+    """gpt-oss's window and sinks in the Triton paged kernels (TRITON_INTERPRET on CPU): prefill logits,
+    then chunked prefill + decode greedy tokens, equal transformers in float32."""
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from moefleet.engine.attention.triton_backend import TritonAttentionBackend
+
+    path = tiny_model_dir(name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = list(range(5, 25))  # longer than both sliding windows (5 and 7)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+        greedy = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    model = load_model(path, "cpu", torch.float32)
+    driver = PagedDriver(model, num_blocks=32, block_size=16, attn_backend=TritonAttentionBackend())
+    torch.testing.assert_close(driver.step([(0, prompt)], all_logits=True), expected, atol=5e-5, rtol=1e-5)
+    driver = PagedDriver(model, num_blocks=32, block_size=16, attn_backend=TritonAttentionBackend())
+    assert driver.generate({0: prompt}, 8, prefill_chunks=2)[0] == greedy

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moefleet.engine import LLM, SamplingParams
-from support.bf16_tolerance import check_bf16_tolerance
+from support.bf16_tolerance import check_bf16_as_faithful_as_transformers, check_bf16_tolerance
 from support.reference import transformers_greedy
 from support.tiny_models import TINY_CONFIGS, tiny_model_dir
 
@@ -48,3 +48,11 @@ def test_cuda_float32_greedy_equals_transformers(name):
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_cuda_bfloat16_within_tolerance_of_float32(name):
     check_bf16_tolerance(name, "cuda")
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in sorted(TINY_CONFIGS) if n.startswith(("glm4", "gpt_oss", "llama4"))]
+)
+def test_cuda_bfloat16_as_faithful_as_transformers(name):
+    """On CUDA too, bf16 agrees with float32 about as often as transformers' own bf16 does on CUDA."""
+    check_bf16_as_faithful_as_transformers(name, "cuda")

@@ -1,7 +1,7 @@
 """On 2-4 NVIDIA GPUs: `moefleet serve --device cuda --nproc-per-node N` (DP attention + EP MoE over NCCL)
-answers greedy completions over HTTP that equal transformers (CPU, float32) token for token, for both
-architectures, with concurrent requests, single requests that leave ranks idle, and prompts long enough to
-need several prefill chunks. Skipped without at least 2 GPUs (CI)."""
+answers greedy completions over HTTP that equal transformers (CPU, float32) token for token, for every
+family (one tiny config each), with concurrent requests, single requests that leave ranks idle, and prompts
+long enough to need several prefill chunks. Skipped without at least 2 GPUs (CI)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def _moefleet() -> str:
     return str(local) if local.exists() else str(shutil.which("moefleet"))
 
 
-@pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
+@pytest.mark.parametrize(
+    "name", ["qwen3_norm_topk", "deepseek_grouped", "glm4_grouped", "gpt_oss_sliding", "llama4_chunked"]
+)
 def test_nccl_group_serves_like_transformers(name):
     nproc = min(4, torch.cuda.device_count())
     model = tiny_model_dir(name)

@@ -95,8 +95,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # gpt-oss: sliding window of 5 (shorter than the test prompts) then full attention, sinks, yarn RoPE,
     # top-2 of 8 experts with biases and the clamped SwiGLU.
     "gpt_oss_sliding": ("gpt_oss", {"sliding_window": 5}, {}),
-    # gpt-oss: full attention first, then two sliding layers of window 7, top-3 of 4 experts, a low
-    # swiglu_limit (the clamp bites), plain RoPE, no attention bias, tied embeddings.
+    # gpt-oss: full attention first, then two sliding layers of window 7, top-3 of 4 experts, plain RoPE, no
+    # attention bias, tied embeddings. The clamp bites through large gate_up weights (expert_gain 5: ~1/10 of
+    # the gate/up values pass 7), not a low swiglu_limit: transformers before 5.2x hard-codes limit 7.0 and
+    # alpha 1.702 (ignoring config.json), so the config states exactly those and every version agrees.
     "gpt_oss_full_first": (
         "gpt_oss",
         {
@@ -105,26 +107,30 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
             "sliding_window": 7,
             "num_local_experts": 4,
             "num_experts_per_tok": 3,
-            "swiglu_limit": 0.5,
+            "swiglu_limit": 7.0,
+            "swiglu_alpha": 1.702,
             "attention_bias": False,
             "rope_scaling": {"rope_type": "default", "rope_theta": 10000.0},
             "tie_word_embeddings": True,
         },
-        {},
+        {"expert_gain": 5.0},
     ),
     # Llama-4 (Maverick style): MoE every 2nd layer with dense layers between, chunks of 8 tokens (shorter
     # than the prompts) on RoPE layers, layer 3 a global NoPE layer with temperature tuning (floor_scale 4),
     # q/k L2 norm, llama3 RoPE scaling.
     "llama4_chunked": ("llama4", {}, {}),
     # Llama-4 (Scout style): every layer MoE, no chunking, no q/k norm, NoPE every 2nd layer without
-    # temperature tuning, plain RoPE.
+    # temperature tuning, plain RoPE. No chunking is stated by layer_types (all full_attention), not by
+    # attention_chunk_size null: transformers 5.17 derives chunked layers from no_rope_layers alone and then
+    # fails on a null chunk size (its cache and mask need one); our config parser covers the null case
+    # (tests/engine/test_models_emerging.py::test_config_defaults_follow_transformers).
     "llama4_all_moe": (
         "llama4",
         {
             "num_hidden_layers": 2,
             "interleave_moe_layer_step": 1,
             "no_rope_layers": [1, 0],
-            "attention_chunk_size": None,
+            "layer_types": ["full_attention", "full_attention"],
             "use_qk_norm": False,
             "attn_temperature_tuning": False,
             "rope_scaling": None,
