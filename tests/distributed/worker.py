@@ -274,7 +274,7 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     (as the HTTP server would), the other ranks run `run_worker_rank`."""
     import asyncio
 
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.sampling_params import SamplingParams
 
     state, engine, loop = _engine_rank(
@@ -322,8 +322,8 @@ def scenario_eplb(options: dict[str, Any], out_dir: str) -> None:
     import asyncio
 
     from moefleet.engine.config import EngineConfig
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.eplb.config import EPLBConfig
     from moefleet.engine.sampling_params import SamplingParams
 
@@ -390,7 +390,7 @@ def scenario_engine_peer_dies(options: dict[str, Any]) -> None:
     must get an error (printed here) and rank 0 must then exit with the watchdog code, not hang."""
     import asyncio
 
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.sampling_params import SamplingParams
 
     state, _, loop = _engine_rank(options["model"], 512, "a2a")

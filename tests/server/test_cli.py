@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from moefleet.engine import tiny_model, tiny_model_command
 from moefleet.engine.cli import build_parser, main
+from moefleet.engine.entrypoints.serve_command import examples
 from moefleet.engine.server.launch import ParallelLaunch
-from moefleet.engine.server.serve_command import examples
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,7 +132,7 @@ def test_operator_rendered_engine_args_parse(manifest):
 
 
 def test_redundant_experts_are_honoured_not_warned_about():
-    from moefleet.engine.server.serve_command import unsupported_settings
+    from moefleet.engine.entrypoints.serve_command import unsupported_settings
 
     assert unsupported_settings({}) == []
     assert unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "32"}) == []
@@ -149,7 +149,7 @@ def test_manifest_roles_pass_the_serve_preflight(manifest, tmp_path, monkeypatch
     """Every role of the example deployments passes `moefleet serve`'s start-up checks with exactly the args
     and environment the operator renders (DeepSeek-R1's EP72 decode: 256 + 32 redundant = 4 slots per GPU)."""
     yaml = pytest.importorskip("yaml")
-    from moefleet.engine.server.serve_command import check_args, eplb_config
+    from moefleet.engine.entrypoints.serve_command import check_args, eplb_config
     from moefleet.operator import render, spec
 
     path = Path(__file__).parents[2] / "manifests" / manifest

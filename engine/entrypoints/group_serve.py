@@ -58,14 +58,14 @@ def _set_cpu_threads(args: argparse.Namespace, launch: ParallelLaunch) -> None:
 def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int, sock: Any = None) -> None:
     """One rank: join the group, build this rank's engine, then serve HTTP (front end) or step."""
     from moefleet.engine.distributed import groups
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.distributed.request_router import RequestRouter
     from moefleet.engine.distributed.shutdown import mark_left, request_drain, wait_for_peers_to_leave
     from moefleet.engine.distributed.watchdog import Watchdog, fatal
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.serve_command import engine_config, eplb_config, serve_http
+    from moefleet.engine.entrypoints.worker_client import WorkerNodeClient
     from moefleet.engine.server.drain import Drain
-    from moefleet.engine.server.serve_command import engine_config, eplb_config, serve_http
-    from moefleet.engine.server.worker_client import WorkerNodeClient
 
     _set_cpu_threads(args, launch)
     config = engine_config(args)
@@ -116,8 +116,8 @@ def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: in
 def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
     """Checks that need the model's config.json but no process group (exit code 2 on failure)."""
     from moefleet.engine.cli import CommandError
+    from moefleet.engine.entrypoints.serve_command import engine_config, eplb_config
     from moefleet.engine.eplb.expert_location import check_model_expert_slots
-    from moefleet.engine.server.serve_command import engine_config, eplb_config
 
     config = engine_config(args)
     try:
@@ -129,7 +129,7 @@ def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
 def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
     """This node's part of a multi-process group; returns the exit code of local rank 0."""
     from moefleet.engine.cli import CommandError
-    from moefleet.engine.server.serve_command import _check_device, bind_socket, print_weight_plan
+    from moefleet.engine.entrypoints.serve_command import _check_device, bind_socket, print_weight_plan
 
     check_group(args, launch)
     # Every node's local rank 0 listens: node 0 serves the API, the others /health and /metrics (probes).

@@ -549,7 +549,7 @@ def print_weight_plan(args: argparse.Namespace, world_size: int) -> None:
 def run(args: argparse.Namespace) -> int:
     launch = check_args(args)
     if launch.world_size > 1:
-        from moefleet.engine.server.group_serve import run_group
+        from moefleet.engine.entrypoints.group_serve import run_group
 
         return run_group(args, launch)
     sock = bind_socket(args.host, args.port)
@@ -562,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m moefleet.engine.server.serve_command ...
+if __name__ == "__main__":  # python -m moefleet.engine.entrypoints.serve_command ...
     from moefleet.engine.cli import main
 
     sys.exit(main(["serve", *sys.argv[1:]]))
