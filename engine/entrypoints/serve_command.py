@@ -1,4 +1,7 @@
-"""`moefleet serve`: load a model and serve the OpenAI-compatible HTTP API with uvicorn.
+"""`moefleet serve` building blocks: flags, fast checks, engine construction, the uvicorn serve loop.
+
+The command itself (`run`) is in serve.py, which picks one process or a group (group_serve.py); both
+import from here and this module imports neither, so there is no import cycle.
 
 Order matters for clear failures: arguments are validated and the port is bound *before* the model loads,
 so a typo or a busy port fails in a second with exit code 2 instead of after minutes of loading.
@@ -544,25 +547,3 @@ def print_weight_plan(args: argparse.Namespace, world_size: int) -> None:
     except (KeyError, TypeError, ValueError):  # a config this plan does not know: the load will say why
         return
     print(f"moefleet serve: {line}", flush=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    launch = check_args(args)
-    if launch.world_size > 1:
-        from moefleet.engine.entrypoints.group_serve import run_group
-
-        return run_group(args, launch)
-    sock = bind_socket(args.host, args.port)
-    try:
-        _check_device(args.device)
-        print_weight_plan(args, launch.world_size)
-        serve_http(build_engine_client(args), sock, args)
-    finally:
-        sock.close()
-    return 0
-
-
-if __name__ == "__main__":  # python -m moefleet.engine.entrypoints.serve_command ...
-    from moefleet.engine.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))
