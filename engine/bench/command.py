@@ -86,10 +86,11 @@ def _free_port() -> int:
 
 def _worker(local_rank: int, world_size: int, port: int, options: Any, queue: Any) -> None:
     from moefleet.engine.bench.runner import run_rank
-    from moefleet.engine.distributed.groups import LaunchConfig, init_distributed, shutdown
+    from moefleet.engine.distributed.groups import init_distributed, shutdown
+    from moefleet.engine.topology import Topology
 
     try:
-        launch = LaunchConfig(nproc_per_node=world_size, local_rank=local_rank, master_port=port)
+        launch = Topology(nproc_per_node=world_size, local_rank=local_rank, master_port=port)
         state = init_distributed(launch, device=options.device)
         try:
             queue.put(("ok", run_rank(options, state.device_group).to_dict()))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.attention import create_attention_backend
 from moefleet.engine.bench.floor import decode_step_bytes
 from moefleet.engine.bench.flops import forward_flops, peak_flops
@@ -318,7 +318,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     try:
         model = build_model(config, device, options.dtype)
     finally:
-        parallel_layout.set_layout(parallel_layout.ParallelLayout())
+        topology.set_current(topology.Topology())
     random_init(model, options.seed)
     if options.quantization == "fp8":
         from moefleet.engine.fp8_weights import quantize_model

@@ -1,25 +1,27 @@
 """Wire DP attention + expert parallelism into the single-rank engine, from the outside.
 
-    state = init_distributed(LaunchConfig.from_env(), device, hf_config=config.hf_config)
+    state = init_distributed(Topology.from_env(), device, hf_config=config.hf_config)
     engine = build_engine(config, state, backend="auto")        # every rank
     loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))  # every rank
     while loop.step(): ...                                        # front end: loop.router.submit(...)
 
-`build_engine` publishes the EP layout before the model is built (so each rank allocates and loads only its
+`build_engine` publishes the topology (`topology.set_current`) before the model is built (so each rank allocates and loads only its
 expert block), installs dispatchers on the MoE layers, and gives the engine a step agreement that runs the
 DP all-gather each step (idle ranks run a T = 0 forward; prefill mode if any rank prefills).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moefleet.engine import topology
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
-from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
-from moefleet.engine.distributed.groups import DistributedState
+from moefleet.engine.distributed.ep import apply_expert_parallel
+from moefleet.engine.distributed.groups import ProcessGroups
 from moefleet.engine.distributed.request_router import (
     AbortRequest,
     AddRequest,
@@ -57,7 +59,7 @@ def make_step_agreement(
 
 def build_engine(
     config: EngineConfig,
-    state: DistributedState,
+    state: ProcessGroups,
     backend: str = "auto",
     eplb: EPLBConfig | None = None,
     **options: Any,
@@ -66,7 +68,10 @@ def build_engine(
     active `eplb`, an `EPLBController` as `engine.eplb` (load recorder, rebalances)."""
     eplb = eplb or EPLBConfig()
     check_model_expert_slots(config.hf_config, state.world_size, eplb.num_redundant_experts)
-    set_expert_parallel_layout(state.device_group, eplb.num_redundant_experts, state.launch.nproc_per_node)
+    # The launch's topology, with EPLB's redundant slots, is what the model is built for.
+    topology.set_current(
+        dataclasses.replace(state.topology, num_redundant_experts=eplb.num_redundant_experts)
+    )
     assert config.dtype is not None
     model = load_model(config.model, state.device, config.dtype, config.quantization)
     hidden_size = int(config.hf_config.get("hidden_size", 0))
@@ -90,7 +95,7 @@ def build_engine(
             state.rank,
             state.world_size,
             state.device_group,
-            num_nodes=state.launch.nnodes,
+            num_nodes=state.topology.nnodes,
             num_groups=int(config.hf_config.get("n_group") or 1),
         )
         controller.set_current(engine.eplb)  # type: ignore[attr-defined]
