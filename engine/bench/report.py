@@ -67,7 +67,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         graphs = (r.get("cuda_graphs") or "-").split(":")[0]
         syncs = "-" if r.get("host_syncs_per_step") is None else str(r["host_syncs_per_step"])
         lines.append(
-            f"| {r['preset']} | {r['layers']} | {r['gpus']} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
+            f"| {r['preset']} | {r['layers']} | {_gpus(r)} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
             f"{r['step_ms']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | {b['attention']:.2f} | "
             f"{b['dispatch']:.2f} | {b['experts']:.2f} | {b['combine']:.2f} | {b['other']:.2f} | "
             f"{r['kv_capacity_tokens_per_gpu']:,} | {floor} | {ratio} | {r.get('prepare_ms', 0.0):.2f} | "
@@ -75,6 +75,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{syncs} |"
         )
     return "\n".join(lines)
+
+
+def _gpus(row: dict[str, Any]) -> str:
+    emulated = row.get("emulated_ep", 0)
+    return f"{row['gpus']} (as EP{emulated})" if emulated else str(row["gpus"])
 
 
 def eplb_summary(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
