@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 # Subcommands, in the order `moefleet --help` lists them. To add one, append its module here.
 COMMAND_MODULES: list[str] = [
-    "moefleet.engine.server.serve_command",  # moefleet serve
+    "moefleet.engine.entrypoints.serve",  # moefleet serve
     "moefleet.engine.tiny_model_command",  # moefleet make-tiny-model
     "moefleet.operator.cli",  # moefleet operator
     "moefleet.engine.bench.command",  # moefleet bench

@@ -2,6 +2,11 @@
 
 Example (4 GPUs, DeepSeek-V3 width, 4 MoE layers, decode of 64 sequences per GPU at 2048 cached tokens):
     moefleet bench --preset deepseek-v3 --layers 4 --nproc-per-node 4 --mode decode --batch-size 64 --kv-len 2048
+
+Deployment shape on one GPU (emulate.py, projection.py): one GPU of a decode EP72 deployment (288 physical
+experts -> 4 per GPU, 256 sequences at 2,000 cached tokens), measured at 2 and 4 layers, projected to 61:
+    moefleet bench --preset deepseek-v3 --mode decode --batch-size 256 --kv-len 2000 --emulate-ep 72 \
+        --num-redundant-experts 32 --project-layers 61 --project-depths 2,4
 """
 
 from __future__ import annotations
@@ -74,6 +79,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="rebalance after the timed steps and time again (before/after table)",
     )
+    shape = p.add_argument_group("deployment shape on one GPU (docs/benchmarks.md)")
+    shape.add_argument(
+        "--emulate-ep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give this GPU the expert count ((experts + redundant) / N) and routed-row volume (tokens x top-k) "
+        "of one GPU of an N-way EP deployment, at the real width; no communication (see --comm-us-per-layer)",
+    )
+    shape.add_argument(
+        "--project-layers",
+        type=int,
+        metavar="L",
+        help="run each scenario at the --project-depths and project the step of an L-layer model "
+        "(slope and intercept printed)",
+    )
+    shape.add_argument(
+        "--project-depths",
+        default="2,4",
+        metavar="D1,D2",
+        help="decoder depths measured for --project-layers (default 2,4; each > --dense-layers)",
+    )
+    shape.add_argument(
+        "--comm-us-per-layer",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="dispatch + combine microseconds per MoE layer added to the projection (e.g. measured on 2 GPUs)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every row (and per-rank data) as JSON")
     return p
 
@@ -86,10 +120,11 @@ def _free_port() -> int:
 
 def _worker(local_rank: int, world_size: int, port: int, options: Any, queue: Any) -> None:
     from moefleet.engine.bench.runner import run_rank
-    from moefleet.engine.distributed.groups import LaunchConfig, init_distributed, shutdown
+    from moefleet.engine.distributed.groups import init_distributed, shutdown
+    from moefleet.engine.topology import Topology
 
     try:
-        launch = LaunchConfig(nproc_per_node=world_size, local_rank=local_rank, master_port=port)
+        launch = Topology(nproc_per_node=world_size, local_rank=local_rank, master_port=port)
         state = init_distributed(launch, device=options.device)
         try:
             queue.put(("ok", run_rank(options, state.device_group).to_dict()))
@@ -130,9 +165,56 @@ def run_options(options: Any, nproc: int) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: r["rank"])
 
 
+def emulated_shape_line(options: Any) -> str:
+    """Validate the emulated deployment (experts divide over the GPUs) and describe one GPU's MoE work."""
+    from moefleet.engine.bench.emulate import EmulatedShape
+    from moefleet.engine.bench.presets import num_experts, preset_config
+
+    config = preset_config(options.preset, options.num_layers, options.dense_layers)
+    tokens = options.batch_size if options.mode == "decode" else options.prefill_tokens
+    shape = EmulatedShape(
+        options.emulate_ep,
+        num_experts(config),
+        options.num_redundant_experts,
+        int(config["num_experts_per_tok"]),
+        tokens,
+    )
+    return (
+        f"emulating one GPU of EP{shape.ep_size}: {shape.physical_experts} physical experts -> "
+        f"{shape.experts_per_gpu} per GPU; {tokens} tokens x top-{shape.top_k} = {shape.rows_per_gpu:,} routed rows "
+        f"per MoE layer ({shape.rows_per_expert:,.0f} per expert), all to local experts; no communication"
+    )
+
+
+def project_depths(args: argparse.Namespace) -> list[int]:
+    """The depths each scenario runs at: --layers, or the two --project-depths with --project-layers."""
+    if not args.project_layers:
+        return [args.layers]
+    try:
+        depths = sorted({int(d) for d in args.project_depths.split(",")})
+    except ValueError:
+        raise CommandError(f"--project-depths {args.project_depths!r} must be integers like 2,4") from None
+    if len(depths) < 2 or depths[0] <= args.dense_layers:
+        raise CommandError(
+            f"--project-depths {args.project_depths} must name two or more different depths, each larger than "
+            f"--dense-layers ({args.dense_layers})",
+            "e.g. --project-depths 2,4 (or --dense-layers 3 --project-depths 4,6 for DeepSeek's dense layers)",
+        )
+    if args.project_layers < depths[-1]:
+        raise CommandError(f"--project-layers ({args.project_layers}) must be >= the largest measured depth")
+    return depths
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
-    from moefleet.engine.bench.report import eplb_summary, format_eplb_table, format_table, summarize
+    from moefleet.engine.bench.report import (
+        eplb_summary,
+        format_eplb_table,
+        format_projection_table,
+        format_table,
+        projection_row,
+        summarize,
+    )
     from moefleet.engine.bench.runner import BenchOptions
 
     if args.device == "cuda":
@@ -145,14 +227,21 @@ def run(args: argparse.Namespace) -> int:
                 f"--nproc-per-node ({args.nproc_per_node}) exceeds the visible GPUs ({torch.cuda.device_count()})",
                 "lower --nproc-per-node or set CUDA_VISIBLE_DEVICES",
             )
-    rows, raw = [], []
+    if args.emulate_ep and args.nproc_per_node != 1:
+        raise CommandError(
+            f"--emulate-ep runs one GPU standing for an EP{args.emulate_ep} deployment; got --nproc-per-node "
+            f"{args.nproc_per_node}",
+            "drop --nproc-per-node (or drop --emulate-ep to measure a real group)",
+        )
+    depths = project_depths(args)
+    rows, raw, projections = [], [], []
     for preset in args.preset or ["deepseek-v3"]:
         for mode in args.mode or ["decode", "prefill"]:
             batches = (args.batch_size or [BenchOptions().batch_size]) if mode == "decode" else [0]
-            for batch in batches:
+            for batch, depth in ((b, d) for b in batches for d in depths):
                 try:
                     options = BenchOptions(
-                        preset=preset, num_layers=args.layers, dense_layers=args.dense_layers, mode=mode,
+                        preset=preset, num_layers=depth, dense_layers=args.dense_layers, mode=mode,
                         batch_size=batch or BenchOptions().batch_size, kv_len=args.kv_len,
                         prefill_tokens=args.prefill_tokens, prefill_seq_len=args.prefill_seq_len,
                         steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype, quantization=args.quantization,
@@ -160,8 +249,10 @@ def run(args: argparse.Namespace) -> int:
                         attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                         block_size=args.block_size, peak_tflops=args.peak_tflops,
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
-                        eplb=args.eplb, tbo=args.tbo,
+                        eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
                     )  # fmt: skip
+                    if args.emulate_ep:
+                        print(f"moefleet bench: {emulated_shape_line(options)}", flush=True)
                 except ValueError as exc:
                     raise CommandError(str(exc)) from None
                 ranks = run_options(options, args.nproc_per_node)
@@ -172,12 +263,25 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(row)
                 raw.append({"options": asdict(options), "summary": row, "ranks": ranks})
                 print(format_table([row]).splitlines()[-1], flush=True)
+                if args.project_layers and depth == depths[-1]:
+                    projections.append(
+                        projection_row(
+                            rows[-len(depths) :],
+                            args.project_layers,
+                            args.dense_layers,
+                            args.comm_us_per_layer,
+                        )
+                    )
     print()
     print(format_table(rows))
+    if projections:
+        print()
+        print(f"Projected to {args.project_layers} layers (step = intercept + slope x layers + comm):")
+        print(format_projection_table(projections))
     if any("eplb" in row for row in rows):
         print()
         print(format_eplb_table([row for row in rows if "eplb" in row]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(raw, f, indent=2)
+            json.dump({"runs": raw, "projections": projections} if projections else raw, f, indent=2)
     return 0

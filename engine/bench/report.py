@@ -37,6 +37,9 @@ def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
         "tflops_per_gpu": slowest.get("flops_per_step", 0) / step / 1e12,
         "mfu": _mfu(options, slowest, step),
         "host_syncs_per_step": slowest.get("host_syncs_per_step"),
+        "emulated_ep": slowest.get("emulated_ep", 0),
+        "experts_per_gpu": slowest.get("experts_per_gpu", 0),
+        "routed_rows_per_layer": slowest.get("routed_rows_per_layer", 0),
     }
 
 
@@ -64,7 +67,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         graphs = (r.get("cuda_graphs") or "-").split(":")[0]
         syncs = "-" if r.get("host_syncs_per_step") is None else str(r["host_syncs_per_step"])
         lines.append(
-            f"| {r['preset']} | {r['layers']} | {r['gpus']} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
+            f"| {r['preset']} | {r['layers']} | {_gpus(r)} | {r['mode']} | {r['batch']} | {r['kv_len']} | "
             f"{r['step_ms']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | {b['attention']:.2f} | "
             f"{b['dispatch']:.2f} | {b['experts']:.2f} | {b['combine']:.2f} | {b['other']:.2f} | "
             f"{r['kv_capacity_tokens_per_gpu']:,} | {floor} | {ratio} | {r.get('prepare_ms', 0.0):.2f} | "
@@ -72,6 +75,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{syncs} |"
         )
     return "\n".join(lines)
+
+
+def _gpus(row: dict[str, Any]) -> str:
+    emulated = row.get("emulated_ep", 0)
+    return f"{row['gpus']} (as EP{emulated})" if emulated else str(row["gpus"])
 
 
 def eplb_summary(ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -115,3 +123,59 @@ def format_eplb_table(rows: list[dict[str, Any]]) -> str:
             f"{e['balancedness_after']:.3f} | {e['max_pause_per_layer_ms']:.2f} | {e['moved_experts']} |"
         )
     return "\n".join(lines)
+
+
+def projection_row(
+    rows: list[dict[str, Any]], layers: int, dense_layers: int, comm_us_per_layer: float
+) -> dict[str, Any]:
+    """`--project-layers`: fit the step time over the rows' depths (same scenario) and project `layers`."""
+    from moefleet.engine.bench.projection import REFERENCE, bandwidth_note, fit_depths, project
+
+    fit = fit_depths([(r["layers"], r["step_ms"] / 1e3) for r in rows])
+    first = rows[0]
+    tokens = first["batch"]  # tokens per GPU per step: decode sequences, or prefill tokens
+    proj = project(fit, layers, tokens, layers - dense_layers, comm_us_per_layer / 1e6)
+    reference = REFERENCE[first["mode"]]
+    return {
+        "preset": first["preset"],
+        "mode": first["mode"],
+        "emulated_ep": first.get("emulated_ep", 0) or first["gpus"],
+        "experts_per_gpu": first.get("experts_per_gpu", 0),
+        "routed_rows_per_layer": first.get("routed_rows_per_layer", 0),
+        "tokens_per_gpu": tokens,
+        "depths": {r["layers"]: r["step_ms"] for r in rows},
+        "slope_ms_per_layer": fit.slope_s * 1e3,
+        "intercept_ms": fit.intercept_s * 1e3,
+        "layers": layers,
+        "comm_ms": proj.comm_s * 1e3,
+        "projected_step_ms": proj.step_s * 1e3,
+        "projected_tokens_per_s_per_gpu": proj.tokens_per_s,
+        "reference_tokens_per_s_per_gpu": reference.tokens_per_s_per_gpu,
+        "reference": reference.what,
+        "bandwidth_note": bandwidth_note(first["device"]),
+    }
+
+
+def format_projection_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| preset | mode | EP | experts/GPU | rows/GPU/layer | tokens/GPU | step ms by depth | slope ms/layer | "
+        "intercept ms | layers | comm ms | projected step ms | projected tok/s/GPU | reference tok/s/GPU |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    notes: list[str] = []
+    for r in rows:
+        depths = ", ".join(f"{d}: {ms:.2f}" for d, ms in sorted(r["depths"].items()))
+        lines.append(
+            f"| {r['preset']} | {r['mode']} | {r['emulated_ep']} | {r['experts_per_gpu']} | "
+            f"{r['routed_rows_per_layer']:,} | {r['tokens_per_gpu']:,} | {depths} | {r['slope_ms_per_layer']:.3f} | "
+            f"{r['intercept_ms']:.2f} | {r['layers']} | {r['comm_ms']:.2f} | {r['projected_step_ms']:.2f} | "
+            f"{r['projected_tokens_per_s_per_gpu']:,.0f} | {r['reference_tokens_per_s_per_gpu']:,.0f} |"
+        )
+        for note in (f"reference ({r['mode']}): {r['reference']}", r["bandwidth_note"]):
+            if note not in notes:
+                notes.append(note)
+    if any(r["comm_ms"] == 0 for r in rows):
+        notes.append(
+            "comm ms 0: an emulated step has no dispatch/combine communication; add it with --comm-us-per-layer"
+        )
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.attention import create_attention_backend
 from moefleet.engine.bench.floor import decode_step_bytes
 from moefleet.engine.bench.flops import forward_flops, peak_flops
@@ -57,6 +57,7 @@ class BenchOptions:
     num_redundant_experts: int = 0  # EPLB spare slots
     eplb: bool = False  # rebalance after the timed steps, then time again
     tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
+    emulate_ep: int = 0  # > 0: one GPU does the per-GPU work of an N-way EP deployment (emulate.py)
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -72,6 +73,10 @@ class BenchOptions:
         wants_tbo(self.tbo, 0, False)  # validates the mode
         if self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts ({self.num_redundant_experts}) must be >= 0")
+        if self.emulate_ep < 0:
+            raise ValueError(f"--emulate-ep ({self.emulate_ep}) must be >= 1 (or 0: off)")
+        if self.emulate_ep and self.eplb:
+            raise ValueError("--eplb rebalances a real group: it cannot run with --emulate-ep")
         if self.prefill_tokens % self.prefill_seq_len:
             raise ValueError(
                 f"prefill_tokens ({self.prefill_tokens}) must be a multiple of prefill_seq_len "
@@ -97,6 +102,9 @@ class RankResult:
     cuda_graphs: str = ""
     # Synchronising CUDA calls in one timed-path step (torch's sync debug mode); None off CUDA.
     host_syncs_per_step: int | None = None
+    emulated_ep: int = 0  # --emulate-ep: the deployment's EP size this one GPU stands for
+    experts_per_gpu: int = 0  # routed expert slots per MoE layer on this GPU
+    routed_rows_per_layer: int = 0  # (token, expert) rows this GPU's experts compute per MoE layer
 
     @property
     def prepare_time_s(self) -> float:
@@ -314,11 +322,20 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     )
     torch.manual_seed(options.seed + rank)
     config = preset_config(options.preset, options.num_layers, options.dense_layers)
-    set_expert_parallel_layout(group, options.num_redundant_experts)
+    if options.emulate_ep:
+        if group is not None:
+            raise ValueError("--emulate-ep runs on one GPU: drop --nproc-per-node")
+        topology.set_current(
+            topology.Topology.for_rank(
+                0, options.emulate_ep, num_redundant_experts=options.num_redundant_experts
+            )
+        )
+    else:
+        set_expert_parallel_layout(group, options.num_redundant_experts)
     try:
         model = build_model(config, device, options.dtype)
     finally:
-        parallel_layout.set_layout(parallel_layout.ParallelLayout())
+        topology.set_current(topology.Topology())
     random_init(model, options.seed)
     if options.quantization == "fp8":
         from moefleet.engine.fp8_weights import quantize_model
@@ -326,6 +343,10 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         quantize_model(model)
     if group is not None:
         apply_expert_parallel(model, group, options.backend, num_micro_batches=num_micro_batches(options.tbo))
+    if options.emulate_ep:
+        from moefleet.engine.bench.emulate import install_emulated_dispatchers
+
+        install_emulated_dispatchers(model, num_micro_batches(options.tbo))
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)
@@ -439,7 +460,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         dense_weight_bytes=other,
         local_routed_expert_bytes=routed,
         batch_per_rank=options.batch_size,
-        world_size=world_size,
+        world_size=options.emulate_ep or world_size,
         top_k=int(config["num_experts_per_tok"]),
         num_experts=num_experts(config),
         kv_bytes_per_token=kv_bytes_per_token,
@@ -471,7 +492,18 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         cuda_graphs=graphs_why,
         host_syncs_per_step=syncs,
         eplb=eplb,
+        emulated_ep=options.emulate_ep,
+        experts_per_gpu=_experts_per_gpu(model),
+        routed_rows_per_layer=scenario.num_tokens * int(config["num_experts_per_tok"]),
     )
+
+
+def _experts_per_gpu(model: nn.Module) -> int:
+    from moefleet.engine.distributed.ep import moe_layers
+
+    for _, layer in moe_layers(model):
+        return len(layer.experts.local_experts)  # type: ignore[union-attr,arg-type]
+    return 0
 
 
 def _capture_decode_graph(

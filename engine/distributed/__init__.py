@@ -10,5 +10,4 @@ Parallelism stays outside model code (torchtitan / gpt-fast style); see docs/dis
   request_router.py  front end (rank 0) -> DP ranks request hand-over, outputs back
   watchdog.py        heartbeat + abort key: survivors exit promptly when a rank dies
   engine_glue.py     build_engine (layout, load, dispatchers, step agreement), DPEngineLoop
-  dp_client.py       DPFrontEndClient (HTTP server's EngineClient over the group), run_worker_rank
 """

@@ -1,25 +1,28 @@
 """Wire DP attention + expert parallelism into the single-rank engine, from the outside.
 
-    state = init_distributed(LaunchConfig.from_env(), device, hf_config=config.hf_config)
+    state = init_distributed(Topology.from_env(), device, hf_config=config.hf_config)
     engine = build_engine(config, state, backend="auto")        # every rank
     loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))  # every rank
     while loop.step(): ...                                        # front end: loop.router.submit(...)
 
-`build_engine` publishes the EP layout before the model is built (so each rank allocates and loads only its
+`build_engine` publishes the topology (`topology.set_current`) before the model is built (so each rank allocates and loads only its
 expert block), installs dispatchers on the MoE layers, and gives the engine a step agreement that runs the
 DP all-gather each step (idle ranks run a T = 0 forward; prefill mode if any rank prefills).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moefleet.engine import topology
 from moefleet.engine.config import EngineConfig
+from moefleet.engine.dispatch_metrics import DispatchRecorder, every_from_env, install_dispatch_metrics
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
-from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
-from moefleet.engine.distributed.groups import DistributedState
+from moefleet.engine.distributed.ep import apply_expert_parallel
+from moefleet.engine.distributed.groups import ProcessGroups
 from moefleet.engine.distributed.request_router import (
     AbortRequest,
     AddRequest,
@@ -57,16 +60,22 @@ def make_step_agreement(
 
 def build_engine(
     config: EngineConfig,
-    state: DistributedState,
+    state: ProcessGroups,
     backend: str = "auto",
     eplb: EPLBConfig | None = None,
+    metrics_every: int | None = None,
     **options: Any,
 ) -> LLMEngine:
     """This rank's engine: local expert slots only, EP dispatchers installed, DP step agreement set; with an
-    active `eplb`, an `EPLBController` as `engine.eplb` (load recorder, rebalances)."""
+    active `eplb`, an `EPLBController` as `engine.eplb` (load recorder, rebalances). Every MoE dispatcher is
+    wrapped in a `MeteredDispatcher` sampling one forward in `metrics_every` (default: MOEFLEET_MOE_METRICS_EVERY
+    or 16; 0 = off), its `DispatchRecorder` as `engine.dispatch_metrics` (dispatch_metrics.py)."""
     eplb = eplb or EPLBConfig()
     check_model_expert_slots(config.hf_config, state.world_size, eplb.num_redundant_experts)
-    set_expert_parallel_layout(state.device_group, eplb.num_redundant_experts, state.launch.nproc_per_node)
+    # The launch's topology, with EPLB's redundant slots, is what the model is built for.
+    topology.set_current(
+        dataclasses.replace(state.topology, num_redundant_experts=eplb.num_redundant_experts)
+    )
     assert config.dtype is not None
     model = load_model(config.model, state.device, config.dtype, config.quantization)
     hidden_size = int(config.hf_config.get("hidden_size", 0))
@@ -81,6 +90,11 @@ def build_engine(
     )
     agreement = make_step_agreement(DPStepCoordinator(state.cpu_group), config.tbo)
     engine = LLMEngine(config, model=model, step_agreement=agreement)
+    every = every_from_env() if metrics_every is None else metrics_every
+    if every:  # per-rank dispatch/combine time and bytes, sampled; exported by the front end's /metrics
+        recorder = DispatchRecorder(every)
+        install_dispatch_metrics(model, recorder)
+        engine.dispatch_metrics = recorder  # type: ignore[attr-defined]
     if eplb.active:
         from moefleet.engine.eplb import controller
 
@@ -90,7 +104,7 @@ def build_engine(
             state.rank,
             state.world_size,
             state.device_group,
-            num_nodes=state.launch.nnodes,
+            num_nodes=state.topology.nnodes,
             num_groups=int(config.hf_config.get("n_group") or 1),
         )
         controller.set_current(engine.eplb)  # type: ignore[attr-defined]
@@ -127,6 +141,7 @@ class DPEngineLoop:
         self._group_idle = False
         # EPLB (optional): commands enter on the front end and run on every rank at a step boundary.
         self.eplb: Any = getattr(engine, "eplb", None)
+        self.dispatch_metrics: Any = getattr(engine, "dispatch_metrics", None)
         if self.eplb is not None and router.is_front_end:
             self.eplb.bind(lambda command: router.submit(GroupCommand(command)))
 
@@ -145,6 +160,8 @@ class DPEngineLoop:
         if self.router.is_front_end and self._group_idle:
             self.router.wait_for_inbox(self.idle_wait_s)
         stats = self.engine.stats()  # travels to the front end: its /metrics describes the whole group
+        if self.dispatch_metrics is not None:
+            stats.update(self.dispatch_metrics.stats())
         messages = self.router.exchange(self.load(stats), self._pending, self._deliver, stats)
         running = True
         rejected: list[Any] = []

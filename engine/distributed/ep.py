@@ -1,6 +1,6 @@
 """Apply expert parallelism to a built model from the outside (torchtitan `ExpertParallel` style).
 
-Model code builds only this rank's experts (it reads `parallel_layout.current()`, set by
+Model code builds only this rank's experts (it reads `topology.current()`, set by
 `set_expert_parallel_layout` before the model is built) and holds a single-rank `LocalDispatcher`.
 `apply_expert_parallel` then walks the modules and installs group-aware dispatchers. MoE layers are found by
 duck typing: a module with a `dispatcher` attribute and an `experts` child whose `local_experts` lists what
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch.distributed as dist
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.distributed.backends import make_dispatcher
 from moefleet.engine.layers.token_dispatch import TokenDispatcher
 from torch import nn
@@ -22,17 +22,17 @@ from torch import nn
 
 def set_expert_parallel_layout(
     group: dist.ProcessGroup | None, num_redundant_experts: int = 0, ranks_per_node: int = 0
-) -> parallel_layout.ParallelLayout:
+) -> topology.Topology:
     """Publish this rank's place in the EP group (and the EPLB redundant slot count, ranks per node) so model
     construction allocates only this rank's expert slots."""
     layout = (
-        parallel_layout.ParallelLayout(num_redundant_experts=num_redundant_experts)
+        topology.Topology(num_redundant_experts=num_redundant_experts)
         if group is None
-        else parallel_layout.ParallelLayout(
-            dist.get_rank(group), dist.get_world_size(group), num_redundant_experts, ranks_per_node
+        else topology.Topology.for_rank(
+            dist.get_rank(group), dist.get_world_size(group), ranks_per_node, num_redundant_experts
         )
     )
-    parallel_layout.set_layout(layout)
+    topology.set_current(layout)
     return layout
 
 

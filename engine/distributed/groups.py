@@ -1,10 +1,5 @@
-"""Process groups of one expert-parallel group, formed from the launch contract.
-
-Launch contract (the operator injects it as environment variables, one process per GPU; the same names
-`moefleet serve` reads: MOEFLEET_NNODES, MOEFLEET_NODE_RANK, MOEFLEET_NPROC_PER_NODE, MOEFLEET_LOCAL_RANK,
-MOEFLEET_MASTER_ADDR / MASTER_ADDR, MOEFLEET_MASTER_PORT / MASTER_PORT):
-`nnodes`, `node_rank`, `nproc_per_node`, `master_addr`, `master_port`, and each process's `local_rank`;
-global rank = node_rank * nproc_per_node + local_rank. The device group uses NCCL on CUDA and gloo on CPU;
+"""Process groups of one expert-parallel group, formed from a `Topology` (engine/topology.py: the launch
+contract, its environment variables and the rank formula). The device group uses NCCL on CUDA and gloo on CPU;
 a CPU gloo group always exists as well, for cheap control messages (DP step agreement, request hand-over)
 that must not queue behind device work.
 
@@ -18,7 +13,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -26,82 +20,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from moefleet.engine.topology import Topology
 
 import moefleet
 
 logger = logging.getLogger(__name__)
 
-# Environment variable names of the launch contract (set by the operator's StatefulSet / a local launcher).
-ENV_NNODES = "MOEFLEET_NNODES"
-ENV_NODE_RANK = "MOEFLEET_NODE_RANK"
-ENV_NPROC_PER_NODE = "MOEFLEET_NPROC_PER_NODE"
-ENV_LOCAL_RANK = "MOEFLEET_LOCAL_RANK"
-ENV_MASTER_ADDR = "MASTER_ADDR"
-ENV_MASTER_PORT = "MASTER_PORT"
-ENV_MOEFLEET_MASTER_ADDR = "MOEFLEET_MASTER_ADDR"
-ENV_MOEFLEET_MASTER_PORT = "MOEFLEET_MASTER_PORT"
-
 # Keys this module keeps in the rendezvous store.
 WORLD_SIZE_KEY = "moefleet/world_size"
 JOINED_KEY = "moefleet/joined"
 ABORT_KEY = "moefleet/abort"  # a reason string: the group is going down (also read by the watchdog)
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchConfig:
-    """Where this process sits in the group, as given by the launcher."""
-
-    nnodes: int = 1
-    node_rank: int = 0
-    nproc_per_node: int = 1
-    local_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-    def __post_init__(self) -> None:
-        for name in ("nnodes", "nproc_per_node"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node_rank ({self.node_rank}) must be in [0, nnodes ({self.nnodes}))")
-        if not 0 <= self.local_rank < self.nproc_per_node:
-            raise ValueError(
-                f"local_rank ({self.local_rank}) must be in [0, nproc_per_node ({self.nproc_per_node}))"
-            )
-        if not 0 < self.master_port < 65536:
-            raise ValueError(f"master_port ({self.master_port}) must be a TCP port in 1..65535")
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc_per_node
-
-    @property
-    def rank(self) -> int:
-        return self.node_rank * self.nproc_per_node + self.local_rank
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, local_rank: int | None = None) -> LaunchConfig:
-        """Read the launch contract from environment variables (missing ones take single-process defaults)."""
-        env = dict(os.environ) if env is None else env
-
-        def integer(name: str, default: int) -> int:
-            raw = env.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                return int(raw)
-            except ValueError:
-                raise ValueError(f"environment variable {name} ({raw!r}) must be an integer") from None
-
-        return cls(
-            nnodes=integer(ENV_NNODES, 1),
-            node_rank=integer(ENV_NODE_RANK, 0),
-            nproc_per_node=integer(ENV_NPROC_PER_NODE, 1),
-            local_rank=integer(ENV_LOCAL_RANK, 0) if local_rank is None else local_rank,
-            # MOEFLEET_MASTER_* is what the operator injects; MASTER_* is the torchrun convention.
-            master_addr=env.get(ENV_MOEFLEET_MASTER_ADDR) or env.get(ENV_MASTER_ADDR) or "127.0.0.1",
-            master_port=integer(ENV_MOEFLEET_MASTER_PORT, integer(ENV_MASTER_PORT, 29500)),
-        )
 
 
 def check_visible_gpus(nproc_per_node: int, visible_gpus: int) -> None:
@@ -173,10 +101,10 @@ def wait_for_master(addr: str, port: int, timeout_s: float) -> None:
 
 
 @dataclass
-class DistributedState:
-    """The formed group: this rank's place and the process groups to use."""
+class ProcessGroups:
+    """The formed group: the process groups (and rendezvous store) of the `topology` it was formed from."""
 
-    launch: LaunchConfig
+    topology: Topology
     store: dist.TCPStore
     device_group: dist.ProcessGroup  # all_to_all / all_reduce of tensors on `device`
     cpu_group: dist.ProcessGroup  # gloo, control messages
@@ -184,20 +112,20 @@ class DistributedState:
 
     @property
     def rank(self) -> int:
-        return self.launch.rank
+        return self.topology.rank
 
     @property
     def world_size(self) -> int:
-        return self.launch.world_size
+        return self.topology.world_size
 
 
 def init_distributed(
-    launch: LaunchConfig,
+    launch: Topology,
     device: str = "cpu",
     hf_config: dict[str, Any] | None = None,
     timeout_s: float = 60.0,
     collective_timeout_s: float = 300.0,
-) -> DistributedState:
+) -> ProcessGroups:
     """Form the group: rendezvous on the master's TCPStore, create the device and CPU groups, and check that
     every rank agrees on world size, model and version.
 
@@ -247,10 +175,10 @@ def init_distributed(
     check_fingerprints(gathered)
     logger.info("rank %d/%d joined (%s, master %s:%d)", launch.rank, launch.world_size, backend,
                 launch.master_addr, launch.master_port)  # fmt: skip
-    return DistributedState(launch, store, device_group, cpu_group, torch_device)
+    return ProcessGroups(launch, store, device_group, cpu_group, torch_device)
 
 
-def _wait_for_all_ranks(store: dist.TCPStore, launch: LaunchConfig, timeout_s: float) -> None:
+def _wait_for_all_ranks(store: dist.TCPStore, launch: Topology, timeout_s: float) -> None:
     """Count arrivals in the store so a missing node gives a readable error instead of a hang.
 
     Each rank compares its world size with rank 0's first: a node started with another group size is caught
@@ -285,7 +213,7 @@ def _wait_for_all_ranks(store: dist.TCPStore, launch: LaunchConfig, timeout_s: f
         arrived = store.add(JOINED_KEY, 0)
 
 
-def shutdown(state: DistributedState | None = None) -> None:
+def shutdown(state: ProcessGroups | None = None) -> None:
     """Destroy the process groups (safe to call twice)."""
     if dist.is_initialized():
         dist.destroy_process_group()

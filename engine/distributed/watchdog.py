@@ -27,8 +27,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch.distributed as dist
-from moefleet.engine.distributed.groups import ABORT_KEY, LaunchConfig
+from moefleet.engine.distributed.groups import ABORT_KEY
 from moefleet.engine.distributed.shutdown import DRAIN_KEY, FORCE, SHUTDOWN_KEY
+from moefleet.engine.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _exit(message: str) -> None:
 class Watchdog:
     """Heartbeat monitor for one rank. `start()` after `init_distributed`; `stop()` before a clean exit."""
 
-    def __init__(self, launch: LaunchConfig, interval_s: float = 1.0, timeout_s: float = 10.0):
+    def __init__(self, launch: Topology, interval_s: float = 1.0, timeout_s: float = 10.0):
         if timeout_s <= interval_s:
             raise ValueError(
                 f"watchdog timeout_s ({timeout_s}) must be larger than interval_s ({interval_s})"

@@ -3,7 +3,7 @@
 The layer never talks to process groups: `self.dispatcher` (a `TokenDispatcher`) decides where rows go.
 By default it is a `LocalDispatcher` over this rank's experts, which is right for a single rank;
 `moefleet.engine.distributed` installs an expert-parallel dispatcher from outside.
-Experts are placed in P = E + N physical slots (N redundant, `ParallelLayout.num_redundant_experts`);
+Experts are placed in P = E + N physical slots (N redundant, `Topology.num_redundant_experts`);
 this rank holds slots [rank * P/W, (rank+1) * P/W), `experts.local_experts` names the logical expert of
 each. `logical_to_physical` [E, R] (-1 padded) and `logical_replicas` [E] are buffers EPLB rewrites in
 place (`set_placement`); the replica of each (token, expert) is chosen on device (`choose_replicas`).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.eplb.expert_location import ExpertLocation, check_expert_slots, choose_replicas
 from moefleet.engine.layers.experts import Experts
 from moefleet.engine.layers.router import Router, RoutingConfig
@@ -39,7 +39,7 @@ class MoE(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.gate = Router(hidden_size, routing)
-        layout = parallel_layout.current()
+        layout = topology.current()
         self.ep_size, self.ep_rank = layout.ep_size, layout.ep_rank
         # 0: one node (a node preference would add nothing over "any replica").
         self.ranks_per_node = layout.ranks_per_node if 0 < layout.ranks_per_node < layout.ep_size else 0

@@ -2,7 +2,7 @@
 
 `EngineClient` is what the HTTP layer talks to: submit a request and stream its outputs, abort it, read load
 statistics. `StreamingEngineClient` holds the per-request output queues; `LocalEngineClient` drives one
-`LLMEngine` from one background thread, and `DPFrontEndClient` (engine/distributed/dp_client.py) a whole
+`LLMEngine` from one background thread, and `DPFrontEndClient` (engine/entrypoints/dp_client.py) a whole
 data-parallel group from its front-end rank.
 
 Threading model of `LocalEngineClient`:

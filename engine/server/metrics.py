@@ -212,6 +212,7 @@ class ServerMetrics:
         self.registry.register(_EngineLoadCollector(read_rank_stats or (lambda: [read_stats()])))
         register_eplb_metrics(self.registry)
         self.registry.register(_TBOCollector(read_rank_stats or (lambda: [read_stats()])))
+        self.registry.register(_MoECommCollector(read_rank_stats or (lambda: [read_stats()])))
         for reason in ("stop", "length", "abort", "error"):
             self.requests.labels(finish_reason=reason)  # export zeros so rates work from the start
 
@@ -345,3 +346,48 @@ class _TBOCollector(Collector):
         for rank, stats in enumerate(per_rank):
             imbalance.add_metric([str(rank)], float(stats.get("tbo_last_split_imbalance", 0.0)))
         yield imbalance
+
+
+# ---- MoE dispatch / combine (engine/dispatch_metrics.py) -------------------------------------------------
+# Each rank samples its own dispatch/combine (one forward in N) and sends cumulative numbers with its stats;
+# the front end exports them per rank. Ranks without expert-parallel dispatchers send none: nothing exported.
+
+
+class _MoECommCollector(Collector):
+    def __init__(self, read_rank_stats: Callable[[], list[dict[str, float]]]):
+        self._read_rank_stats = read_rank_stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        from moefleet.engine import dispatch_metrics as dm
+
+        ranks = [(r, stats) for r, stats in enumerate(self._read_rank_stats()) if dm.FORWARDS_KEY in stats]
+        if not ranks:
+            return
+        for part in dm.PARTS:
+            family = HistogramMetricFamily(
+                f"moefleet_moe_{part}_seconds",
+                f"Per DP rank: MoE {part} time per layer, {part}_start to {part}_finish, in sampled forward "
+                f"passes (one in {dm.ENV_EVERY}; CUDA events on GPU).",
+                labels=["dp_rank"],
+            )
+            bounds = [*(str(b) for b in dm.SECONDS_BUCKETS), "+Inf"]
+            for rank, stats in ranks:
+                buckets = [(le, float(stats.get(dm.bucket_key(part, i), 0.0))) for i, le in enumerate(bounds)]
+                family.add_metric([str(rank)], buckets, sum_value=float(stats.get(dm.sum_key(part), 0.0)))
+            yield family
+        sent = CounterMetricFamily(
+            "moefleet_moe_dispatch_bytes",  # exported as moefleet_moe_dispatch_bytes_total
+            "Per DP rank: bytes the rank's experts received by dispatch (rows x hidden x element size), in sampled "
+            "forward passes (divide by moefleet_moe_sampled_forwards_total for bytes per forward).",
+            labels=["dp_rank"],
+        )
+        forwards = CounterMetricFamily(
+            "moefleet_moe_sampled_forwards",
+            "Per DP rank: forward passes whose MoE dispatch/combine were measured.",
+            labels=["dp_rank"],
+        )
+        for rank, stats in ranks:
+            sent.add_metric([str(rank)], float(stats[dm.BYTES_KEY]))
+            forwards.add_metric([str(rank)], float(stats[dm.FORWARDS_KEY]))
+        yield sent
+        yield forwards

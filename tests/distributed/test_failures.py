@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 from moefleet.engine.distributed import groups
 from moefleet.engine.distributed.watchdog import EXIT_CODE
+from moefleet.engine.topology import Topology
 from support.reference import free_port
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -30,14 +31,14 @@ def test_world_size_mismatch_names_both_sides():
     """Two ranks meet at a real TCPStore (threads of this process): rank 1 believes the node runs 3
     processes, so world size 3 against rank 0's 2. Both fail with the same message, neither hangs."""
     port = free_port()
-    rank0 = groups.LaunchConfig(nnodes=1, nproc_per_node=2, local_rank=0, master_port=port)
-    rank1 = groups.LaunchConfig(nnodes=1, nproc_per_node=3, local_rank=1, master_port=port)
+    rank0 = Topology(nnodes=1, nproc_per_node=2, local_rank=0, master_port=port)
+    rank1 = Topology(nnodes=1, nproc_per_node=3, local_rank=1, master_port=port)
     timeout = datetime.timedelta(seconds=10)
     master = dist.TCPStore("127.0.0.1", port, 2, True, timeout=timeout, wait_for_workers=False)
     client = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
     errors: dict[int, str] = {}
 
-    def join(store: dist.TCPStore, launch: groups.LaunchConfig) -> None:
+    def join(store: dist.TCPStore, launch: Topology) -> None:
         try:
             groups._wait_for_all_ranks(store, launch, timeout_s=10)
         except RuntimeError as exc:
@@ -57,9 +58,7 @@ def test_world_size_mismatch_names_both_sides():
 
 def test_master_unreachable_fails_within_timeout():
     port = free_port()  # nothing listens there
-    launch = groups.LaunchConfig(
-        nnodes=2, node_rank=1, nproc_per_node=1, master_addr="127.0.0.1", master_port=port
-    )
+    launch = Topology(nnodes=2, node_rank=1, nproc_per_node=1, master_addr="127.0.0.1", master_port=port)
     started = time.monotonic()
     with pytest.raises(ConnectionError) as info:
         groups.init_distributed(launch, timeout_s=1.5)

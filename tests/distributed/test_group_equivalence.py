@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.distributed.dp import reduce_step_infos
 from moefleet.engine.distributed.ep import count_routed_expert_parameters
 from moefleet.engine.distributed.request_router import AddRequest
@@ -55,7 +55,7 @@ def test_group_matches_single_process(start_group, worker_module, nnodes, nproc_
             torch.testing.assert_close(result["tbo"][micro], ref_out[worker_module.rank_slice(case, rank)])
 
     # 3. expert-sharded model == unsharded model; each rank holds 1/EP of the routed-expert parameters.
-    parallel_layout.set_layout(parallel_layout.ParallelLayout())
+    topology.set_current(topology.Topology())
     full = worker_module.ToyModel()
     tokens, x = worker_module.moe_inputs(world)
     with torch.no_grad():

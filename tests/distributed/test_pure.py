@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.distributed import deepep, groups
 from moefleet.engine.distributed.a2a import plan_send, regroup_by_expert
 from moefleet.engine.distributed.backends import make_dispatcher, resolve_backend
@@ -13,6 +13,7 @@ from moefleet.engine.distributed.ep import apply_expert_parallel, count_routed_e
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown, route_messages
 from moefleet.engine.distributed.watchdog import stale_ranks
 from moefleet.engine.layers.token_dispatch import LocalDispatcher
+from moefleet.engine.topology import Topology
 
 # ---- a2a bookkeeping ---------------------------------------------------------------------------------
 
@@ -112,12 +113,12 @@ def test_launch_config_from_env_rank_formula_and_errors():
         "MASTER_ADDR": "moe-0.moe",
         "MASTER_PORT": "29600",
     }
-    launch = groups.LaunchConfig.from_env(env)
+    launch = Topology.from_env(env)
     assert (launch.rank, launch.world_size, launch.master_addr) == (21, 24, "moe-0.moe")
     with pytest.raises(ValueError, match=r"node_rank \(3\) must be in \[0, nnodes \(3\)\)"):
-        groups.LaunchConfig.from_env({**env, "MOEFLEET_NODE_RANK": "3"})
+        Topology.from_env({**env, "MOEFLEET_NODE_RANK": "3"})
     with pytest.raises(ValueError, match=r"MOEFLEET_NPROC_PER_NODE \('eight'\) must be an integer"):
-        groups.LaunchConfig.from_env({**env, "MOEFLEET_NPROC_PER_NODE": "eight"})
+        Topology.from_env({**env, "MOEFLEET_NPROC_PER_NODE": "eight"})
 
 
 def test_visible_gpu_and_divisibility_messages():
@@ -175,7 +176,7 @@ def test_expand_hits_groups_received_tokens_by_local_expert():
 class _Experts(torch.nn.Module):
     def __init__(self, num_experts: int):
         super().__init__()
-        self.local_experts = parallel_layout.current().local_experts(num_experts)
+        self.local_experts = topology.current().local_experts(num_experts)
         self.w = torch.nn.Parameter(torch.zeros(len(self.local_experts), 3))
 
 

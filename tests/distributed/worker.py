@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.distributed import ep, groups
 from moefleet.engine.distributed.a2a import AllToAllDispatcher
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, RequestRouter
 from moefleet.engine.distributed.watchdog import Watchdog, guard
+from moefleet.engine.topology import Topology
 from torch import nn
 
 HIDDEN = 8
@@ -78,11 +79,11 @@ def rank_slice(case: dict[str, Any], rank: int) -> slice:
 
 
 class ToyExperts(nn.Module):
-    """SwiGLU experts holding only this rank's block (as model code does from the ParallelLayout)."""
+    """SwiGLU experts holding only this rank's block (as model code does from the Topology)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, seed: int):
         super().__init__()
-        self.local_experts = parallel_layout.current().local_experts(num_experts)
+        self.local_experts = topology.current().local_experts(num_experts)
         g = torch.Generator().manual_seed(seed)
         # Full weights drawn identically everywhere, then sliced: the unsharded model sees the same values.
         w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
@@ -160,7 +161,7 @@ def dp_infos(world_size: int, step: int) -> list[StepInfo]:
 
 
 # ---- scenarios ----------------------------------------------------------------------------------------
-def scenario_all(state: groups.DistributedState) -> dict[str, Any]:
+def scenario_all(state: groups.ProcessGroups) -> dict[str, Any]:
     rank, world = state.rank, state.world_size
     result: dict[str, Any] = {"rank": rank, "world_size": world}
     # 1. dispatch + combine on every case, one dispatcher per case.
@@ -200,7 +201,7 @@ def scenario_all(state: groups.DistributedState) -> dict[str, Any]:
     starts = [0, *torch.tensor(tokens).cumsum(0).tolist()]
     with torch.no_grad():
         result["moe_out"] = model(x[starts[rank] : starts[rank + 1]])
-    parallel_layout.set_layout(parallel_layout.ParallelLayout())
+    topology.set_current(topology.Topology())
     # 4. DP step agreement over the CPU group.
     coordinator = DPStepCoordinator(state.cpu_group)
     result["dp"] = [coordinator.sync(dp_infos(world, step)[rank]) for step in range(6)]
@@ -228,7 +229,7 @@ def scenario_all(state: groups.DistributedState) -> dict[str, Any]:
 
 def scenario_fingerprint(options: dict[str, Any]) -> None:
     """Start-up checks: exits 3 with the error text on stderr, 0 if the group formed."""
-    launch = groups.LaunchConfig.from_env()
+    launch = Topology.from_env()
     layers = 2 + launch.rank if options.get("differ") == "model" else 2
     try:
         state = groups.init_distributed(
@@ -241,7 +242,7 @@ def scenario_fingerprint(options: dict[str, Any]) -> None:
 
 
 def scenario_watchdog(mode: str) -> None:
-    launch = groups.LaunchConfig.from_env()
+    launch = Topology.from_env()
     state = groups.init_distributed(launch, timeout_s=20, collective_timeout_s=60)
     watchdog = Watchdog(launch, interval_s=0.2, timeout_s=2.0).start()
     dist.barrier(group=state.cpu_group)
@@ -258,12 +259,12 @@ def scenario_watchdog(mode: str) -> None:
 
 
 def _engine_rank(model: str, max_model_len: int, backend: str, **config_options: Any) -> tuple[Any, Any, Any]:
-    """This rank's (DistributedState, engine, DPEngineLoop) on a tiny checkpoint, from the launch env."""
+    """This rank's (ProcessGroups, engine, DPEngineLoop) on a tiny checkpoint, from the launch env."""
     from moefleet.engine.config import EngineConfig
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
 
     config = EngineConfig(model=model, max_model_len=max_model_len, num_kv_blocks=64, **config_options)
-    launch = groups.LaunchConfig.from_env()
+    launch = Topology.from_env()
     state = groups.init_distributed(launch, hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60)
     engine = build_engine(config, state, backend=backend)
     return state, engine, DPEngineLoop(engine, RequestRouter(state.cpu_group))
@@ -274,7 +275,7 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     (as the HTTP server would), the other ranks run `run_worker_rank`."""
     import asyncio
 
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.sampling_params import SamplingParams
 
     state, engine, loop = _engine_rank(
@@ -322,14 +323,14 @@ def scenario_eplb(options: dict[str, Any], out_dir: str) -> None:
     import asyncio
 
     from moefleet.engine.config import EngineConfig
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.eplb.config import EPLBConfig
     from moefleet.engine.sampling_params import SamplingParams
 
     config = EngineConfig(model=options["model"], max_model_len=128, num_kv_blocks=64)
     state = groups.init_distributed(
-        groups.LaunchConfig.from_env(), hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60
+        Topology.from_env(), hf_config=config.hf_config, timeout_s=30, collective_timeout_s=60
     )
     interval = options.get("interval", 0)
     eplb = EPLBConfig(
@@ -390,7 +391,7 @@ def scenario_engine_peer_dies(options: dict[str, Any]) -> None:
     must get an error (printed here) and rank 0 must then exit with the watchdog code, not hang."""
     import asyncio
 
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.sampling_params import SamplingParams
 
     state, _, loop = _engine_rank(options["model"], 512, "a2a")
@@ -443,7 +444,7 @@ def main() -> None:
     if scenario.startswith("watchdog-"):
         scenario_watchdog(scenario.removeprefix("watchdog-"))
         return
-    launch = groups.LaunchConfig.from_env()
+    launch = Topology.from_env()
     state = groups.init_distributed(launch, timeout_s=30, collective_timeout_s=60)
     result = scenario_all(state)
     torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))

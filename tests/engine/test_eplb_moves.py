@@ -4,12 +4,12 @@ swapped slots never read an already overwritten row); outputs are unchanged afte
 from __future__ import annotations
 
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.eplb.expert_location import ExpertLocation
 from moefleet.engine.eplb.rebalance import Move, apply_layers, plan_moves
 from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.router import RoutingConfig
-from moefleet.engine.parallel_layout import ParallelLayout
+from moefleet.engine.topology import Topology
 
 
 def test_unchanged_slots_do_not_move_and_local_copies_win():
@@ -28,12 +28,12 @@ def test_sources_are_spread_over_holders():
 
 
 def _moe(redundant: int) -> MoE:
-    parallel_layout.set_layout(ParallelLayout(num_redundant_experts=redundant))
+    topology.set_current(Topology(num_redundant_experts=redundant))
     try:
         torch.manual_seed(0)
         moe = MoE(16, 8, RoutingConfig(4, 2))
     finally:
-        parallel_layout.set_layout(ParallelLayout())
+        topology.set_current(Topology())
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     with torch.no_grad():  # replicas start equal to their expert

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.layers.mlp import GatedMLP
 from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.router import RoutingConfig
-from moefleet.engine.parallel_layout import ParallelLayout
+from moefleet.engine.topology import Topology
 
 DIM, INTER, EXPERTS = 16, 8, 8
 
@@ -81,11 +81,11 @@ def test_redundant_slots_hold_replicas_and_outputs_do_not_change():
     layer picks a replica per (token, expert) on device, and the output equals the dense reference."""
     routing = RoutingConfig(EXPERTS, 2)
     plain = make_moe(routing)
-    parallel_layout.set_layout(ParallelLayout(num_redundant_experts=4))
+    topology.set_current(Topology(num_redundant_experts=4))
     try:
         moe = MoE(DIM, INTER, routing)
     finally:
-        parallel_layout.set_layout(ParallelLayout())
+        topology.set_current(Topology())
     assert moe.experts.local_experts == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
     assert moe.logical_replicas.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]
     assert moe.logical_to_physical[0].tolist() == [0, 8] + [-1] * 3
@@ -165,11 +165,11 @@ def test_node_replicas_are_spread_by_token():
 
 
 def test_expert_parallel_layout_keeps_only_local_experts():
-    parallel_layout.set_layout(ParallelLayout(ep_rank=1, ep_size=2))
+    topology.set_current(Topology.for_rank(1, 2))
     try:
         moe = MoE(DIM, INTER, RoutingConfig(EXPERTS, 2))
     finally:
-        parallel_layout.set_layout(ParallelLayout())
+        topology.set_current(Topology())
     experts = moe.experts
     assert experts.local_experts == [4, 5, 6, 7]
     assert experts.w13.shape == (4, 2 * INTER, DIM) and experts.w2.shape == (4, DIM, INTER)

@@ -81,7 +81,7 @@ def test_serve_prints_the_weight_plan_at_start_up(capsys, tmp_path):
     import argparse
     import json
 
-    from moefleet.engine.server import serve_command
+    from moefleet.engine.entrypoints import serve_command
     from support.tiny_models import tiny_model_dir
 
     parser = argparse.ArgumentParser()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.bench import presets
 from moefleet.engine.loader import build_model
 from moefleet.engine.models.configs import DeepseekV3Config, Qwen3MoeConfig
-from moefleet.engine.parallel_layout import ParallelLayout
+from moefleet.engine.topology import Topology
 
 # The published DeepSeek-V3 config.json (the bench preset carries the same fields) plus its MTP layer count.
 DEEPSEEK_V3 = {**presets.DEEPSEEK_V3, "num_nextn_predict_layers": 1}
@@ -79,11 +79,11 @@ def test_published_sizes_on_meta_device(config, total, activated):
 
 
 def test_expert_parallel_rank_allocates_its_share():
-    parallel_layout.set_layout(ParallelLayout(ep_rank=3, ep_size=32))
+    topology.set_current(Topology.for_rank(3, 32))
     try:
         model = build_model(DEEPSEEK_V3, "meta", torch.bfloat16)
     finally:
-        parallel_layout.set_layout(ParallelLayout())
+        topology.set_current(Topology())
     experts = model.get_submodule("model.layers.3.mlp.experts")
     assert experts.local_experts == list(range(24, 32)) and experts.w13.shape == (8, 4096, 7168)
     assert param_count(model) < 60  # 671B total; 8 of 256 routed experts per layer here

@@ -363,15 +363,15 @@ def test_gpt_oss_style_tokenizer_and_harmony_template_match_transformers(tmp_pat
 @pytest.mark.parametrize("mxfp4", [False, True], ids=["float", "mxfp4"])
 def test_gpt_oss_expert_parallel_rank_holds_its_experts_and_biases(tmp_path, mxfp4):
     """Rank 1 of EP4 over 8 experts holds experts 2 and 3 (weights, biases) exactly as the one-rank model."""
-    from moefleet.engine import parallel_layout
+    from moefleet.engine import topology
 
     path = make_tiny_model("gpt_oss", tmp_path / "g", mxfp4=mxfp4)
     full = load_model(path)
-    parallel_layout.set_layout(parallel_layout.ParallelLayout(ep_rank=1, ep_size=4))
+    topology.set_current(topology.Topology.for_rank(1, 4))
     try:
         shard = load_model(path)
     finally:
-        parallel_layout.set_layout(parallel_layout.ParallelLayout())
+        topology.set_current(topology.Topology())
     for layer in range(2):
         ours = shard.get_submodule(f"model.layers.{layer}.mlp.experts")
         ref = full.get_submodule(f"model.layers.{layer}.mlp.experts")

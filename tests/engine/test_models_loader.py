@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from moefleet.engine import parallel_layout
+from moefleet.engine import topology
 from moefleet.engine.loader import iter_weights, load_model, safetensors_files
-from moefleet.engine.parallel_layout import ParallelLayout
+from moefleet.engine.topology import Topology
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from support.tiny_models import PagedDriver, one_torch_thread, tiny_model_dir
@@ -104,12 +104,12 @@ def test_unknown_and_missing_tensors_are_errors(tmp_path):
 
 def test_expert_parallel_rank_reads_only_its_experts():
     path = tiny_model_dir("deepseek_grouped")  # 16 routed experts
-    parallel_layout.set_layout(ParallelLayout(ep_rank=1, ep_size=4))
+    topology.set_current(Topology.for_rank(1, 4))
     try:
         model = load_model(path)
         read = [name for name, _ in iter_weights(safetensors_files(path), model)]
     finally:
-        parallel_layout.set_layout(ParallelLayout())
+        topology.set_current(Topology())
     experts_read = {int(n.split(".experts.")[1].split(".")[0]) for n in read if ".experts." in n}
     assert experts_read == {4, 5, 6, 7}
     experts = model.get_submodule("model.layers.1.mlp.experts")

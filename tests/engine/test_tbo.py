@@ -275,7 +275,7 @@ def test_tbo_off_and_auto_run_plain_steps(tmp_path):
 
 def test_serve_flag_reaches_the_engine_config():
     from moefleet.engine.cli import build_parser
-    from moefleet.engine.server.serve_command import engine_config
+    from moefleet.engine.entrypoints.serve_command import engine_config
 
     path = str(tiny_model_dir("qwen3_norm_topk"))
     assert engine_config(build_parser().parse_args(["serve", "--model", path, "--tbo", "on"])).tbo == "on"

@@ -9,7 +9,6 @@ import time
 
 import torch.distributed as dist
 from faults.conftest import wait_until
-from moefleet.engine.distributed.groups import LaunchConfig
 from moefleet.engine.distributed.shutdown import (
     announce_shutdown,
     drain_requested,
@@ -18,6 +17,7 @@ from moefleet.engine.distributed.shutdown import (
     wait_for_peers_to_leave,
 )
 from moefleet.engine.distributed.watchdog import Watchdog
+from moefleet.engine.topology import Topology
 from support.reference import free_port
 
 
@@ -25,7 +25,7 @@ def test_drain_relay_shutdown_announcement_and_leave_count():
     port = free_port()
     timeout = datetime.timedelta(seconds=10)
     store = dist.TCPStore("127.0.0.1", port, 3, True, timeout=timeout, wait_for_workers=False)
-    launch = LaunchConfig(nnodes=3, node_rank=0, nproc_per_node=1, master_addr="127.0.0.1", master_port=port)
+    launch = Topology(nnodes=3, node_rank=0, nproc_per_node=1, master_addr="127.0.0.1", master_port=port)
     # A long timeout: the silent peers (nobody runs ranks 1 and 2 here) must not look dead during the test.
     watchdog = Watchdog(launch, interval_s=0.05, timeout_s=60).start()
     heard: list[bool] = []

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from moefleet.engine import tiny_model, tiny_model_command
 from moefleet.engine.cli import build_parser, main
-from moefleet.engine.server.launch import ParallelLaunch
-from moefleet.engine.server.serve_command import examples
+from moefleet.engine.entrypoints.serve_command import examples
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,10 +40,10 @@ def test_model_dir_without_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--nnodes", "2", "--node-rank", "2"], "--node-rank (2) must be in [0, nnodes (2))"),
-        (["--nnodes", "0"], "--nnodes (0) must be >= 1"),
-        (["--nproc-per-node", "0"], "--nproc-per-node (0) must be >= 1"),
-        (["--master-port", "70000"], "--master-port (70000) must be in 1..65535"),
+        (["--nnodes", "2", "--node-rank", "2"], "node_rank (2) must be in [0, nnodes (2)) (set --node-rank"),
+        (["--nnodes", "0"], "nnodes (0) must be >= 1 (set --nnodes / MOEFLEET_NNODES)"),
+        (["--nproc-per-node", "0"], "nproc_per_node (0) must be >= 1 (set --nproc-per-node"),
+        (["--master-port", "70000"], "master_port (70000) must be in 1..65535 (set --master-port"),
         (["--max-num-seqs", "0"], "--max-num-seqs 0 must be a positive integer"),
     ],
 )
@@ -57,15 +56,21 @@ def test_launch_flags_default_from_environment(fake_model_dir, capsys, monkeypat
     monkeypatch.setenv("MOEFLEET_NNODES", "3")
     monkeypatch.setenv("MOEFLEET_NODE_RANK", "5")
     assert main(["serve", "--model", str(fake_model_dir)]) == 2
-    assert "--node-rank (5) must be in [0, nnodes (3))" in _error_lines(capsys)[0]
+    assert "node_rank (5) must be in [0, nnodes (3))" in _error_lines(capsys)[0]
 
 
-def test_launch_ranks():
-    launch = ParallelLaunch(nnodes=2, node_rank=1, nproc_per_node=4)
-    assert launch.world_size == 8
-    assert [launch.global_rank(i) for i in range(4)] == [4, 5, 6, 7]
-    with pytest.raises(ValueError, match="local_rank"):
-        launch.global_rank(4)
+def test_flags_win_over_environment(fake_model_dir, monkeypatch):
+    from moefleet.engine.entrypoints.serve_command import launch_topology
+
+    monkeypatch.setenv("MOEFLEET_NNODES", "3")
+    monkeypatch.setenv("MOEFLEET_NODE_RANK", "2")
+    monkeypatch.setenv("MOEFLEET_LOCAL_RANK", "1")  # serve is always local rank 0: it spawns the others
+    args = build_parser().parse_args(
+        ["serve", "--model", str(fake_model_dir), "--nnodes", "4", "--nproc-per-node", "2"]
+    )
+    launch = launch_topology(args)
+    assert (launch.nnodes, launch.node_rank, launch.nproc_per_node, launch.local_rank) == (4, 2, 2, 0)
+    assert launch.rank == 4 and launch.world_size == 8
 
 
 def test_port_in_use(fake_model_dir, capsys):
@@ -132,7 +137,7 @@ def test_operator_rendered_engine_args_parse(manifest):
 
 
 def test_redundant_experts_are_honoured_not_warned_about():
-    from moefleet.engine.server.serve_command import unsupported_settings
+    from moefleet.engine.entrypoints.serve_command import unsupported_settings
 
     assert unsupported_settings({}) == []
     assert unsupported_settings({"MOEFLEET_EPLB_REDUNDANT_EXPERTS": "32"}) == []
@@ -149,7 +154,7 @@ def test_manifest_roles_pass_the_serve_preflight(manifest, tmp_path, monkeypatch
     """Every role of the example deployments passes `moefleet serve`'s start-up checks with exactly the args
     and environment the operator renders (DeepSeek-R1's EP72 decode: 256 + 32 redundant = 4 slots per GPU)."""
     yaml = pytest.importorskip("yaml")
-    from moefleet.engine.server.serve_command import check_args, eplb_config
+    from moefleet.engine.entrypoints.serve_command import check_args, eplb_config
     from moefleet.operator import render, spec
 
     path = Path(__file__).parents[2] / "manifests" / manifest

@@ -11,9 +11,9 @@ import asyncio
 import httpx
 import pytest
 from moefleet.engine.config import EngineConfig
-from moefleet.engine.distributed.dp_client import DPFrontEndClient
 from moefleet.engine.distributed.engine_glue import DPEngineLoop
 from moefleet.engine.distributed.request_router import RequestRouter
+from moefleet.engine.entrypoints.dp_client import DPFrontEndClient
 from moefleet.engine.llm_engine import LLMEngine
 from moefleet.engine.server.async_engine import LocalEngineClient
 from server.conftest import serve_app, wait_for

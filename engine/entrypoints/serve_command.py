@@ -1,4 +1,7 @@
-"""`moefleet serve`: load a model and serve the OpenAI-compatible HTTP API with uvicorn.
+"""`moefleet serve` building blocks: flags, fast checks, engine construction, the uvicorn serve loop.
+
+The command itself (`run`) is in serve.py, which picks one process or a group (group_serve.py); both
+import from here and this module imports neither, so there is no import cycle.
 
 Order matters for clear failures: arguments are validated and the port is bound *before* the model loads,
 so a typo or a busy port fails in a second with exit code 2 instead of after minutes of loading.
@@ -20,8 +23,8 @@ import threading
 from typing import Any
 
 from moefleet.engine.server.drain import ABORT_FLUSH_S, DEFAULT_DRAIN_TIMEOUT_S, Drain
-from moefleet.engine.server.launch import ParallelLaunch
 from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
+from moefleet.engine.topology import Topology, env_int, set_current
 
 DEFAULT_PORT = 8000
 
@@ -31,13 +34,12 @@ ROUTER_MODULES: list[str] = []
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    try:
-        return int(value) if value not in (None, "") else default
-    except ValueError:
-        from moefleet.engine.cli import CommandError
+    from moefleet.engine.cli import CommandError
 
-        raise CommandError(f"environment variable {name}={value!r} is not an integer") from None
+    try:
+        return env_int(os.environ, name, default)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -185,41 +187,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def parallel_launch(args: argparse.Namespace) -> ParallelLaunch:
-    """Flags first, then MOEFLEET_* environment variables, then single-process defaults."""
+def launch_topology(args: argparse.Namespace) -> Topology:
+    """This node's launch: flags first, then the launch contract's environment variables, then one process
+    (`Topology.from_env`); this process is local rank 0 (it spawns the others)."""
     from moefleet.engine.cli import CommandError
 
     try:
-        return ParallelLaunch(
-            nnodes=args.nnodes if args.nnodes is not None else _env_int("MOEFLEET_NNODES", 1),
-            node_rank=args.node_rank if args.node_rank is not None else _env_int("MOEFLEET_NODE_RANK", 0),
-            nproc_per_node=(
-                args.nproc_per_node
-                if args.nproc_per_node is not None
-                else _env_int("MOEFLEET_NPROC_PER_NODE", 1)
-            ),
-            # MOEFLEET_MASTER_* is what the operator injects; MASTER_* is the torchrun convention.
-            master_addr=(
-                args.master_addr
-                or os.environ.get("MOEFLEET_MASTER_ADDR")
-                or os.environ.get("MASTER_ADDR")
-                or "127.0.0.1"
-            ),
-            master_port=(
-                args.master_port
-                if args.master_port is not None
-                else _env_int("MOEFLEET_MASTER_PORT", _env_int("MASTER_PORT", 29500))
-            ),
+        return Topology.from_env(
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            nproc_per_node=args.nproc_per_node,
+            local_rank=0,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            num_redundant_experts=eplb_config(args).num_redundant_experts,
         )
     except ValueError as exc:
         raise CommandError(str(exc), "see `moefleet serve --help` (multi-process options)") from None
 
 
-def check_args(args: argparse.Namespace) -> ParallelLaunch:
+def check_args(args: argparse.Namespace) -> Topology:
     """Fast checks that need neither torch nor the model weights."""
     from moefleet.engine.cli import CommandError
 
-    launch = parallel_launch(args)
+    launch = launch_topology(args)
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port} is not a TCP port", "use a port in 1..65535")
     if not os.path.isdir(args.model):
@@ -287,7 +278,7 @@ def eplb_config(args: argparse.Namespace) -> Any:
         raise CommandError(str(exc), "see `moefleet serve --help` (EPLB options)") from None
 
 
-def check_expert_slots(args: argparse.Namespace, launch: ParallelLaunch) -> None:
+def check_expert_slots(args: argparse.Namespace, launch: Topology) -> None:
     """Routed experts + redundant slots must split evenly over the ranks (reads only config.json)."""
     import json
 
@@ -410,7 +401,6 @@ def engine_config(args: argparse.Namespace) -> Any:
 
 
 def build_engine_client(args: argparse.Namespace) -> Any:
-    from moefleet.engine import parallel_layout
     from moefleet.engine.cli import CommandError
     from moefleet.engine.llm_engine import LLMEngine
     from moefleet.engine.server.async_engine import LocalEngineClient
@@ -418,7 +408,7 @@ def build_engine_client(args: argparse.Namespace) -> Any:
     config = engine_config(args)
     # One process holds every slot; redundant experts are honoured (loaded as replicas) like in a group.
     redundant = eplb_config(args).num_redundant_experts
-    parallel_layout.set_layout(parallel_layout.ParallelLayout(num_redundant_experts=redundant))
+    set_current(Topology(num_redundant_experts=redundant))
     try:
         engine = LLMEngine(config)
     except ValueError as exc:  # unsupported architecture, missing tokenizer, bad checkpoint: say so plainly
@@ -544,25 +534,3 @@ def print_weight_plan(args: argparse.Namespace, world_size: int) -> None:
     except (KeyError, TypeError, ValueError):  # a config this plan does not know: the load will say why
         return
     print(f"moefleet serve: {line}", flush=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    launch = check_args(args)
-    if launch.world_size > 1:
-        from moefleet.engine.server.group_serve import run_group
-
-        return run_group(args, launch)
-    sock = bind_socket(args.host, args.port)
-    try:
-        _check_device(args.device)
-        print_weight_plan(args, launch.world_size)
-        serve_http(build_engine_client(args), sock, args)
-    finally:
-        sock.close()
-    return 0
-
-
-if __name__ == "__main__":  # python -m moefleet.engine.server.serve_command ...
-    from moefleet.engine.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -26,7 +26,7 @@ class WorkerNodeClient(StreamingEngineClient):
 
     def __init__(self, loop: Any, front_end_address: str, state: Any = None):
         engine = loop.engine
-        self._state = state  # DistributedState: a failing rank posts its reason and exits (watchdog.guard)
+        self._state = state  # ProcessGroups: a failing rank posts its reason and exits (watchdog.guard)
         super().__init__(
             engine.tokenizer, int(engine.config.max_model_len), getattr(engine, "vocab_size", None)
         )

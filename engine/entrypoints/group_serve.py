@@ -26,7 +26,7 @@ import signal
 import threading
 from typing import Any
 
-from moefleet.engine.server.launch import ParallelLaunch
+from moefleet.engine.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +34,7 @@ CHILD_JOIN_TIMEOUT_S = 30.0
 PEER_LEAVE_TIMEOUT_S = 20.0  # node 0 waits this long for the other ranks to leave before closing the store
 
 
-def _launch_config(launch: ParallelLaunch, local_rank: int) -> Any:
-    from moefleet.engine.distributed.groups import LaunchConfig
-
-    return LaunchConfig(
-        nnodes=launch.nnodes,
-        node_rank=launch.node_rank,
-        nproc_per_node=launch.nproc_per_node,
-        local_rank=local_rank,
-        master_addr=launch.master_addr,
-        master_port=launch.master_port,
-    )
-
-
-def _set_cpu_threads(args: argparse.Namespace, launch: ParallelLaunch) -> None:
+def _set_cpu_threads(args: argparse.Namespace, launch: Topology) -> None:
     # Ranks on one CPU node share its cores; oversubscribed intra-op threads slow everyone down.
     if args.device == "cpu":
         import torch
@@ -55,24 +42,24 @@ def _set_cpu_threads(args: argparse.Namespace, launch: ParallelLaunch) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.nproc_per_node))
 
 
-def _run_rank(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int, sock: Any = None) -> None:
+def _run_rank(args: argparse.Namespace, launch: Topology, local_rank: int, sock: Any = None) -> None:
     """One rank: join the group, build this rank's engine, then serve HTTP (front end) or step."""
     from moefleet.engine.distributed import groups
-    from moefleet.engine.distributed.dp_client import DPFrontEndClient, run_worker_rank
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.distributed.request_router import RequestRouter
     from moefleet.engine.distributed.shutdown import mark_left, request_drain, wait_for_peers_to_leave
     from moefleet.engine.distributed.watchdog import Watchdog, fatal
+    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.serve_command import engine_config, eplb_config, serve_http
+    from moefleet.engine.entrypoints.worker_client import WorkerNodeClient
     from moefleet.engine.server.drain import Drain
-    from moefleet.engine.server.serve_command import engine_config, eplb_config, serve_http
-    from moefleet.engine.server.worker_client import WorkerNodeClient
 
     _set_cpu_threads(args, launch)
     config = engine_config(args)
     state = groups.init_distributed(
-        _launch_config(launch, local_rank), args.device, hf_config=config.hf_config
+        launch.with_local_rank(local_rank), args.device, hf_config=config.hf_config
     )
-    watchdog = Watchdog(state.launch).start()
+    watchdog = Watchdog(state.topology).start()
     try:
         engine = build_engine(config, state, backend=args.moe_backend, eplb=eplb_config(args))
         loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
@@ -104,7 +91,7 @@ def _in_thread(target: Any, *args: Any) -> None:
     threading.Thread(target=target, args=args, daemon=True).start()
 
 
-def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: int) -> None:
+def _child_main(args: argparse.Namespace, launch: Topology, local_rank: int) -> None:
     # Ctrl-C in a terminal (or a SIGTERM to the whole process group) reaches every process; children leave
     # through the front end's Shutdown after the drain (or the watchdog), never half-way through a collective.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -113,11 +100,11 @@ def _child_main(args: argparse.Namespace, launch: ParallelLaunch, local_rank: in
     _run_rank(args, launch, local_rank)
 
 
-def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
+def check_group(args: argparse.Namespace, launch: Topology) -> None:
     """Checks that need the model's config.json but no process group (exit code 2 on failure)."""
     from moefleet.engine.cli import CommandError
+    from moefleet.engine.entrypoints.serve_command import engine_config, eplb_config
     from moefleet.engine.eplb.expert_location import check_model_expert_slots
-    from moefleet.engine.server.serve_command import engine_config, eplb_config
 
     config = engine_config(args)
     try:
@@ -126,10 +113,10 @@ def check_group(args: argparse.Namespace, launch: ParallelLaunch) -> None:
         raise CommandError(str(exc)) from None
 
 
-def run_group(args: argparse.Namespace, launch: ParallelLaunch) -> int:
+def run_group(args: argparse.Namespace, launch: Topology) -> int:
     """This node's part of a multi-process group; returns the exit code of local rank 0."""
     from moefleet.engine.cli import CommandError
-    from moefleet.engine.server.serve_command import _check_device, bind_socket, print_weight_plan
+    from moefleet.engine.entrypoints.serve_command import _check_device, bind_socket, print_weight_plan
 
     check_group(args, launch)
     # Every node's local rank 0 listens: node 0 serves the API, the others /health and /metrics (probes).

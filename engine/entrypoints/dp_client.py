@@ -1,6 +1,6 @@
 """The HTTP server's view of a DP group: an `EngineClient` on rank 0, a plain loop on every other rank.
 
-    state = init_distributed(LaunchConfig.from_env(), device, hf_config=config.hf_config)
+    state = init_distributed(Topology.from_env(), device, hf_config=config.hf_config)
     engine = build_engine(config, state, backend)
     loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
     if state.rank == 0:
@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestRejected
-from moefleet.engine.distributed.groups import DistributedState
+from moefleet.engine.distributed.groups import ProcessGroups
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown
 from moefleet.engine.distributed.shutdown import announce_shutdown
 from moefleet.engine.distributed.watchdog import fatal, guard
@@ -36,7 +36,7 @@ class DPFrontEndClient(StreamingEngineClient):
 
     _thread_name = "moefleet-dp-engine"
 
-    def __init__(self, loop: DPEngineLoop, state: DistributedState | None = None, exit_grace_s: float = 1.0):
+    def __init__(self, loop: DPEngineLoop, state: ProcessGroups | None = None, exit_grace_s: float = 1.0):
         """With `state`, a failed loop (a collective failing because a peer died, or a bug) fails every client
         request, then posts the reason to the group and exits this process (code 17) after `exit_grace_s`,
         so the other ranks stop too and the group restarts whole instead of hanging."""
@@ -102,7 +102,7 @@ class DPFrontEndClient(StreamingEngineClient):
         self._fail_all(EngineDeadError("the server is shutting down"))
 
 
-def run_worker_rank(loop: DPEngineLoop, state: DistributedState | None = None) -> None:
+def run_worker_rank(loop: DPEngineLoop, state: ProcessGroups | None = None) -> None:
     """A non-front-end rank: step until the front end sends Shutdown. With `state`, a failure is posted to
     the group (watchdog abort key) and the process exits non-zero, so the group restarts whole."""
     with guard(state.store, state.rank) if state is not None else nullcontext():
