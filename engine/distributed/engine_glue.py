@@ -77,6 +77,7 @@ def build_engine(
         num_micro_batches=num_micro_batches(config.tbo),
         hidden_size=hidden_size,
         device_type=state.device.type,
+        max_tokens_per_rank=config.max_num_batched_tokens,  # the most tokens one rank forwards in a step
         **options,
     )
     agreement = make_step_agreement(DPStepCoordinator(state.cpu_group), config.tbo)
