@@ -150,6 +150,19 @@ def combine_hits(
 # ---- buffers (one set per micro-batch in flight, shared by all layers) ------------------------------------
 
 
+def _use_nvshmem(group_name: str) -> None:
+    """all_to_all_vdev needs the NVSHMEM allocator (set before the first symmetric allocation)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    try:
+        symm_mem.set_backend("NVSHMEM")
+    except Exception:  # noqa: BLE001 - already chosen by an earlier allocation; the op reports a wrong one
+        pass
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:
+        enable(group_name)
+
+
 class SymmWorkspace:
     """Symmetric buffers of one dispatch + combine: allocated and rendezvoused once (a collective)."""
 
@@ -167,6 +180,7 @@ class SymmWorkspace:
             raise ValueError(f"symm buffers need an explicit CUDA device index, got {device}")
         world = dist.get_world_size(group)
         self.group_name = group.group_name
+        _use_nvshmem(self.group_name)
         self.cap, self.hidden_size, self.dtype, self.device = cap, hidden_size, dtype, device
         self.in_use = False
 
