@@ -108,9 +108,14 @@ class _BufferSpec:
     hidden_size: int
     num_experts: int
     ll_max_tokens: int
+    last_mode: str = "low_latency"  # low-latency buffers must be cleaned after normal kernels used them
 
 
 _BUFFERS: dict[str, tuple[Any, _BufferSpec]] = {}
+
+
+def _spec(group: dist.ProcessGroup) -> _BufferSpec:
+    return _BUFFERS[group.group_name][1]
 
 
 def get_buffer(group: dist.ProcessGroup, hidden_size: int, num_experts: int, ll_max_tokens: int) -> Any:
@@ -209,6 +214,7 @@ class DeepEPDispatcher:
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> Any:
         topk_idx = topk_ids.to(torch.int64)
+        _spec(self.group).last_mode = "normal"
         per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(
             topk_idx, self.num_experts
         )
@@ -240,6 +246,12 @@ class DeepEPDispatcher:
     # -- low-latency mode -----------------------------------------------------------------------------
     def _ll_dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
         check_ll_tokens(hidden.shape[0], self.ll_max_tokens)
+        spec = _spec(self.group)
+        if (
+            spec.last_mode != "low_latency"
+        ):  # normal kernels used the shared memory since: clean it (all ranks)
+            self.buffer.clean_low_latency_buffer(self.ll_max_tokens, self.hidden_size, self.num_experts)
+            spec.last_mode = "low_latency"
         topk_idx = topk_ids.to(torch.int64)
         packed, counts, deep_handle, _, hook = self.buffer.low_latency_dispatch(
             hidden, topk_idx, self.ll_max_tokens, self.num_experts, use_fp8=True, return_recv_hook=True

@@ -88,7 +88,8 @@ def main() -> int:
     shapes = {  # (dtype, tokens, top_k, experts, hidden, tolerance)
         "symm": [(torch.float32, 12, 3, 8, 64, 1e-5), (torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
         "a2a": [(torch.float32, 12, 3, 8, 64, 1e-5)],
-        "deepep_normal": [(torch.bfloat16, 12, 3, 8, 64, 2e-2), (torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
+        # one deep_ep.Buffer per process, so one shape per DeepEP run (the tiny width runs in the serve test)
+        "deepep_normal": [(torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
         "deepep_ll": [(torch.bfloat16, 128, 8, 256, 7168, 0.1)],
     }[backend]
     for dtype, tokens, top_k, experts, hidden, tol in shapes:
