@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The 2-GPU session of the EP backends (issue 9): dispatcher checks, serve parity, and the side-by-side table.
-# Run from the checkout root on a 2-GPU machine after `source benchmarks/device_setup.sh`; DeepEP from
-# $DEEPEP_DIR/build.sh (default ../.deepep). Logs go to ${OUT:-/tmp/ep_out}. Each step is time-boxed.
+# Run from the checkout root on a 2-GPU machine after `source benchmarks/device_setup.sh`; DeepEP is built from
+# ${DEEPEP_DIR:-../.deepep}/build.sh. STEPS picks the steps (default: all, in this order); logs go to
+# ${OUT:-/tmp/ep_out}; each step is time-boxed.
 OUT=${OUT:-/tmp/ep_out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"worker_symm worker_a2a deepep worker_deepep_normal worker_deepep_ll bench serve_symm serve_deepep"}
 W=tests/gpu/ep_gpu_worker.py
+TR="python3 -m torch.distributed.run --nproc-per-node 2"
 run() { local t=$1 name=$2; shift 2; echo "== $name"; timeout "$t" "$@" >"$OUT/$name.log" 2>&1; echo "rc=$? ($name)";
-        grep -E "PASS|FAIL|Error|error:|passed|failed|\|" "$OUT/$name.log" | grep -v "^\[rank 1\] PASS" | tail -${TAIL:-40}; }
-run 60 worker_symm python3 -m torch.distributed.run --nproc-per-node 2 $W symm
-run 45 bench_pre python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py --backends a2a,symm,symm-graph
-[ "${SERVE_T:-100}" -gt 0 ] && run ${SERVE_T:-100} serve_symm python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_ep_backends_gpu.py -k "symm_serve and qwen3"
-source "${DEEPEP_DIR:-../.deepep}/build.sh" >"$OUT/deepep_build.log" 2>&1; echo "deepep build rc=$?"; tail -2 "$OUT/deepep_build.log"
-run 45 worker_deepep_normal python3 -m torch.distributed.run --nproc-per-node 2 $W deepep_normal
-run 45 worker_deepep_ll python3 -m torch.distributed.run --nproc-per-node 2 $W deepep_ll
-run 60 bench python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py
+        grep -E "PASS|FAIL|Error|error:|passed|failed|^\||^dispatch" "$OUT/$name.log" | grep -v "Assertion" | tail -${TAIL:-40}; }
+for step in $STEPS; do
+  case $step in
+    worker_*) run 75 "$step" $TR $W "${step#worker_}" ;;
+    deepep) source "${DEEPEP_DIR:-../.deepep}/build.sh" >"$OUT/deepep_build.log" 2>&1; echo "deepep build rc=$?" ;;
+    bench) run 90 bench $TR benchmarks/ep_dispatch.py ;;
+    serve_symm) run "${SERVE_T:-200}" serve_symm python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_ep_backends_gpu.py -k symm_serve ;;
+    serve_deepep) run "${SERVE_T:-200}" serve_deepep python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_ep_backends_gpu.py -k deepep_serve ;;
+  esac
+done

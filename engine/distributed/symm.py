@@ -27,6 +27,7 @@ Shape legend: T tokens, K top-k, D hidden, W ranks, E physical experts, L = E / 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,16 +57,41 @@ def symm_available() -> bool:
 # ---- pure parts (device tensors in, device tensors out; also run on CPU in the tests) --------------------
 
 
+# torch's all_to_all_vdev (2.11) splits each peer's bytes evenly over `blocks per peer` = num_blocks // W,
+# num_blocks = min(round_up(ceil(input bytes / 64 KiB), W), 64 within a node, 16 across nodes), and asserts
+# the split is exact. Input buffers of >= 64 chunks fix num_blocks at the cap, and row strides that are a
+# multiple of every possible blocks-per-peer (and of 64 bytes) make every split exact.
+A2A_CHUNK_BYTES = 16 * 512 * 8
+A2A_MAX_BLOCKS = (64, 16)
+
+
 @dataclass(frozen=True)
 class Capacity:
-    send_rows: int  # C = max_tokens_per_rank * top_k
-    recv_rows: int  # W * C
-    width: int  # D + packed id columns
+    send_rows: int  # C = max_tokens_per_rank * top_k: rows that may leave a rank
+    recv_rows: int  # W * C: rows that may arrive
+    width: int  # dispatch row width: D + packed id columns, padded (see A2A_CHUNK_BYTES)
+    back_width: int  # combine row width: D, padded
+    send_alloc_rows: int  # rows allocated for the dispatch input (>= send_rows, >= 64 chunks)
+    back_alloc_rows: int  # rows allocated for the combine input (>= recv_rows, >= 64 chunks)
 
 
 def id_columns(dtype: torch.dtype) -> int:
     """Columns of `dtype` holding the packed local expert id (16 bytes)."""
     return max(ID_BYTES // dtype.itemsize, 1)
+
+
+def a2a_row_bytes(raw_bytes: int, world_size: int) -> int:
+    """Pure: `raw_bytes` rounded up to a multiple of 64 and of every blocks-per-peer all_to_all_vdev may use."""
+    align = 64
+    for max_blocks in A2A_MAX_BLOCKS:
+        per_peer = max(max_blocks // world_size, 1)
+        align = math.lcm(align, per_peer)
+    return -(-raw_bytes // align) * align
+
+
+def a2a_alloc_rows(rows: int, row_bytes: int) -> int:
+    """Pure: at least `rows`, and enough for 64 all_to_all_vdev chunks (so its block count is the cap)."""
+    return max(rows, -(-max(A2A_MAX_BLOCKS) * A2A_CHUNK_BYTES // row_bytes))
 
 
 def capacity(
@@ -77,13 +103,25 @@ def capacity(
             f"symm capacity needs positive sizes: max_tokens_per_rank={max_tokens_per_rank}, top_k={top_k}, "
             f"world_size={world_size}, hidden_size={hidden_size}"
         )
+    size = dtype.itemsize
     send = max_tokens_per_rank * top_k
-    return Capacity(send, world_size * send, hidden_size + id_columns(dtype))
+    width = a2a_row_bytes((hidden_size + id_columns(dtype)) * size, world_size) // size
+    back_width = a2a_row_bytes(hidden_size * size, world_size) // size
+    return Capacity(
+        send,
+        world_size * send,
+        width,
+        back_width,
+        a2a_alloc_rows(send, width * size),
+        a2a_alloc_rows(world_size * send, back_width * size),
+    )
 
 
-def workspace_bytes(cap: Capacity, hidden_size: int, dtype: torch.dtype) -> int:
+def workspace_bytes(cap: Capacity, dtype: torch.dtype) -> int:
     """Pure: symmetric bytes of one workspace (send + receive for dispatch, then for combine)."""
-    rows = (cap.send_rows + cap.recv_rows) * cap.width + (cap.recv_rows + cap.send_rows) * hidden_size
+    rows = (cap.send_alloc_rows + cap.recv_rows) * cap.width + (
+        cap.back_alloc_rows + cap.send_rows
+    ) * cap.back_width
     return rows * dtype.itemsize
 
 
@@ -129,7 +167,11 @@ def plan_expert_major(recv_ids: torch.Tensor, recv_splits: torch.Tensor, num_loc
 
 
 def combine_hits(
-    returned: torch.Tensor, order: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    returned: torch.Tensor,
+    order: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    hidden_size: int | None = None,
 ) -> torch.Tensor:
     """Pure: `returned` [>= T*K, D] expert outputs in sorted-hit order -> [T, D] = sum_k w * out (padding hits
     and stale rows contribute exactly zero; a fixed-order sum, no atomics)."""
@@ -137,7 +179,8 @@ def combine_hits(
     hits = num_tokens * top_k
     position = torch.empty_like(order)
     position[order] = torch.arange(hits, device=order.device)
-    per_hit = returned[:hits][position].view(num_tokens, top_k, returned.shape[1])
+    hidden = returned.shape[1] if hidden_size is None else hidden_size
+    per_hit = returned[:hits, :hidden][position].view(num_tokens, top_k, hidden)
     weighted = per_hit * topk_weights.to(returned.dtype).unsqueeze(-1)
     valid = (topk_ids >= 0).unsqueeze(-1)
     return (
@@ -150,7 +193,7 @@ def combine_hits(
 # ---- buffers (one set per micro-batch in flight, shared by all layers) ------------------------------------
 
 
-def _use_nvshmem(group_name: str) -> None:
+def _use_nvshmem() -> None:
     """all_to_all_vdev needs the NVSHMEM allocator (set before the first symmetric allocation)."""
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -158,9 +201,6 @@ def _use_nvshmem(group_name: str) -> None:
         symm_mem.set_backend("NVSHMEM")
     except Exception:  # noqa: BLE001 - already chosen by an earlier allocation; the op reports a wrong one
         pass
-    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-    if enable is not None:
-        enable(group_name)
 
 
 class SymmWorkspace:
@@ -180,19 +220,28 @@ class SymmWorkspace:
             raise ValueError(f"symm buffers need an explicit CUDA device index, got {device}")
         world = dist.get_world_size(group)
         self.group_name = group.group_name
-        _use_nvshmem(self.group_name)
+        _use_nvshmem()
         self.cap, self.hidden_size, self.dtype, self.device = cap, hidden_size, dtype, device
         self.in_use = False
 
         def alloc(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-            t = symm_mem.empty(*shape, dtype=dt, device=device)
-            symm_mem.rendezvous(t, self.group_name)
+            try:
+                t = symm_mem.empty(*shape, dtype=dt, device=device)
+                symm_mem.rendezvous(t, self.group_name)
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"symm dispatcher: allocating {workspace_bytes(cap, dtype) / 2**20:.0f} MiB of symmetric memory "
+                    f"per micro-batch failed ({exc}); it grows with --max-num-batched-tokens x top-k x ranks x "
+                    "hidden: lower --max-num-batched-tokens, raise NVSHMEM_SYMMETRIC_SIZE, or use --moe-backend a2a"
+                ) from exc
             return t
 
-        self.send = alloc(cap.send_rows, cap.width)  # dispatch: rows out, id packed at column D
+        self.send = alloc(cap.send_alloc_rows, cap.width)  # dispatch: rows out, id packed at column D
         self.recv = alloc(cap.recv_rows, cap.width)  # dispatch: rows in (rank-major)
-        self.back_send = alloc(cap.recv_rows, hidden_size)  # combine: expert outputs, received layout
-        self.back_recv = alloc(cap.send_rows, hidden_size)  # combine: this rank's hits, send order
+        self.back_send = alloc(
+            cap.back_alloc_rows, cap.back_width
+        )  # combine: expert outputs, received layout
+        self.back_recv = alloc(cap.send_rows, cap.back_width)  # combine: this rank's hits, send order
         self.splits = alloc(world, dt=torch.int64)
         self.recv_splits_offsets = alloc(2, world, dt=torch.int64)
         self.back_splits = alloc(world, dt=torch.int64)
@@ -202,6 +251,7 @@ class SymmWorkspace:
         self.recv_ids = self.recv.view(int_dtype)[:, hidden_size]
         self.send.zero_()
         self.recv.zero_()
+        self.bytes = workspace_bytes(cap, dtype)
 
 
 _WORKSPACES: dict[tuple[Any, ...], list[SymmWorkspace]] = {}
@@ -315,6 +365,6 @@ class SymmDispatcher:
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
         h: _SymmHandle = pending
-        out = combine_hits(h.ws.back_recv, h.plan.order, h.topk_ids, h.topk_weights)
+        out = combine_hits(h.ws.back_recv, h.plan.order, h.topk_ids, h.topk_weights, self.hidden_size)
         h.ws.in_use = False
         return out

@@ -11,6 +11,7 @@ import torch
 from moefleet.engine.distributed import deepep
 from moefleet.engine.distributed.backends import choose_backend
 from moefleet.engine.distributed.symm import (
+    a2a_row_bytes,
     capacity,
     combine_hits,
     id_columns,
@@ -115,9 +116,14 @@ def test_step_mode_context_nests_and_restores():
 
 def test_capacity_holds_the_worst_case():
     cap = capacity(256, 8, 2, 7168, torch.bfloat16)
-    assert (cap.send_rows, cap.recv_rows, cap.width) == (2048, 4096, 7168 + 8)
+    # D + 8 id columns = 14352 bytes, padded to a multiple of 64 (and of 32 blocks per peer): 14400
+    assert (cap.send_rows, cap.recv_rows, cap.width, cap.back_width) == (2048, 4096, 7200, 7168)
+    assert (cap.send_alloc_rows, cap.back_alloc_rows) == (2048, 4096)  # already >= 4 MiB
     assert id_columns(torch.float32) == 4
-    assert workspace_bytes(cap, 7168, torch.bfloat16) == ((2048 + 4096) * 7176 + (4096 + 2048) * 7168) * 2
+    assert workspace_bytes(cap, torch.bfloat16) == ((2048 + 4096) * 7200 + (4096 + 2048) * 7168) * 2
+    tiny = capacity(16, 3, 2, 64, torch.float32)  # 68 floats -> 320 bytes; inputs padded to 4 MiB
+    assert (tiny.width, tiny.back_width, tiny.send_alloc_rows, tiny.back_alloc_rows) == (80, 64, 13108, 16384)
+    assert a2a_row_bytes(100, 3) == 6720  # lcm(64, 21 blocks per peer within a node, 5 across nodes)
     with pytest.raises(ValueError, match="positive sizes"):
         capacity(0, 8, 2, 7168, torch.bfloat16)
 
@@ -190,7 +196,7 @@ def test_symm_index_math_round_trip_equals_dense_moe(kind):
     plans, sends = [], []
     for x, i in zip(xs, ids, strict=True):
         plan = plan_send(i, experts, world)
-        send = torch.zeros(cap.send_rows, cap.width)
+        send = torch.zeros(cap.send_alloc_rows, cap.width)
         if i.numel():
             copy_rows(x, send, plan.order // top_k, plan.num_valid)
             send.view(torch.int32)[: i.numel(), hidden] = plan.local_ids.to(torch.int32)
@@ -210,12 +216,12 @@ def test_symm_index_math_round_trip_equals_dense_moe(kind):
         expert = torch.repeat_interleave(torch.arange(num_local), counts) + rank * num_local
         out = torch.full_like(grouped, float("nan"))
         out[:n] = grouped[:n] * (1 + expert.float() / 8)[:, None]
-        back = torch.full((cap.recv_rows, hidden), float("nan"))
+        back = torch.full((cap.back_alloc_rows, cap.back_width), float("nan"))
         copy_rows(out, back, major.order, major.num_valid, scatter=True)
         backs.append(back)
     returned, _ = _emulated_all_to_all_vdev(backs, recv_splits, cap.send_rows)
     for rank in range(world):
-        got = combine_hits(returned[rank], plans[rank].order, ids[rank], ws[rank])
+        got = combine_hits(returned[rank], plans[rank].order, ids[rank], ws[rank], hidden)
         i, w, x = ids[rank], ws[rank], xs[rank]
         scale = torch.where(i >= 0, 1 + i.float() / 8, torch.zeros_like(w))
         expected = (x[:, None, :] * (w * scale)[..., None]).sum(1)
