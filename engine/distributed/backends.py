@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 from moefleet.engine.distributed.a2a import AllToAllDispatcher
 from moefleet.engine.distributed.deepep import INSTALL_HINT, DeepEPDispatcher, deep_ep_available
@@ -65,7 +66,12 @@ def choose_backend(
         ok, detail = deepep_self_check() if deepep_self_check is not None else (False, "no self-check")
         if ok:
             return "deepep", f"deep_ep importable and its start-up self-check passed ({detail})"
-        skipped.append(f"deepep: start-up self-check failed ({detail})")
+        # DeepEP initialised NVSHMEM in this process with its own settings: torch's symm cannot share it.
+        skipped += [
+            f"deepep: start-up self-check failed ({detail})",
+            "symm: DeepEP already holds NVSHMEM here",
+        ]
+        return "a2a", "; ".join(skipped)
     if not symm_usable:
         skipped.append("symm: no NVSHMEM symmetric memory in this torch build")
     elif not verified.get("symm", False):
@@ -112,10 +118,16 @@ def make_dispatcher(
     device_type: str = "cpu",
     deepep_mode: str = "auto",
     max_tokens_per_rank: int = 128,
+    top_k: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    micro_batches: int = 1,
 ) -> TokenDispatcher:
     """Build one dispatcher for one MoE layer (and one micro-batch). `num_experts` counts physical experts
     across the whole group; `group` may be None only for "local". `max_tokens_per_rank` bounds the tokens of
-    one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it."""
+    one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it.
+    With `top_k`, `dtype` and `device` known, symm allocates its `micro_batches` workspaces now (before the KV
+    cache is sized), else on the first dispatch."""
     world_size = 1 if group is None else dist.get_world_size(group)
 
     def self_check() -> tuple[bool, str]:
@@ -136,7 +148,10 @@ def make_dispatcher(
     if chosen == "symm":
         if not symm_available():
             raise RuntimeError(SYMM_HINT)
-        return SymmDispatcher(group, num_experts, hidden_size, max_tokens_per_rank)
+        reserve = None
+        if top_k > 0 and dtype is not None and device is not None and device.type == "cuda":
+            reserve = (top_k, dtype, device, micro_batches)
+        return SymmDispatcher(group, num_experts, hidden_size, max_tokens_per_rank, reserve=reserve)
     return DeepEPDispatcher(
         group, num_experts, hidden_size, mode=deepep_mode, max_tokens_per_rank=max_tokens_per_rank
     )

@@ -236,6 +236,11 @@ class SymmWorkspace:
                 ) from exc
             return t
 
+        with torch.cuda.device(device):  # NVSHMEM initialises on the current device: make it this rank's
+            self._allocate(cap, hidden_size, world, alloc)
+
+    def _allocate(self, cap: Capacity, hidden_size: int, world: int, alloc: Any) -> None:
+        dtype = self.dtype
         self.send = alloc(cap.send_alloc_rows, cap.width)  # dispatch: rows out, id packed at column D
         self.recv = alloc(cap.recv_rows, cap.width)  # dispatch: rows in (rank-major)
         self.back_send = alloc(
@@ -296,8 +301,16 @@ class SymmDispatcher:
     """TokenDispatcher over torch symmetric memory: device-side splits, fixed capacity, no host sync."""
 
     def __init__(
-        self, group: dist.ProcessGroup, num_experts: int, hidden_size: int, max_tokens_per_rank: int
+        self,
+        group: dist.ProcessGroup,
+        num_experts: int,
+        hidden_size: int,
+        max_tokens_per_rank: int,
+        *,
+        reserve: tuple[int, torch.dtype, torch.device, int] | None = None,
     ):
+        """`reserve` = (top_k, dtype, device, micro-batches): allocate the workspaces now (a collective), so
+        they exist before the KV cache takes the free memory; else on the first dispatch."""
         self.group = group
         self.world_size = dist.get_world_size(group)
         check_experts_divisible(num_experts, self.world_size)
@@ -306,6 +319,12 @@ class SymmDispatcher:
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.num_local_experts = num_experts // self.world_size
         self.max_tokens_per_rank = max_tokens_per_rank
+        if reserve is not None:
+            top_k, dtype, device, micro_batches = reserve
+            cap = self._capacity(top_k, dtype)
+            leased = [lease_workspace(group, cap, hidden_size, dtype, device) for _ in range(micro_batches)]
+            for ws in leased:
+                ws.in_use = False
 
     def _capacity(self, top_k: int, dtype: torch.dtype) -> Capacity:
         if self.num_local_experts >= 2 ** (8 * dtype.itemsize - 1):

@@ -53,7 +53,8 @@ def _choose(
 def test_auto_prefers_deepep_when_importable_and_self_check_passes():
     assert _choose()[:1] == ("deepep",)
     chosen, why, calls = _choose(check=(False, "relative error 3"))
-    assert (chosen, calls) == ("symm", 1) and "self-check failed (relative error 3)" in why
+    assert (chosen, calls) == ("a2a", 1) and "self-check failed (relative error 3)" in why
+    assert "symm: DeepEP already holds NVSHMEM here" in why  # the two cannot share one process
 
 
 def test_auto_falls_back_symm_then_a2a():

@@ -7,16 +7,19 @@ Skipped without 2 GPUs (CI); DeepEP cases skipped where deep_ep is not importabl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from moefleet.engine.distributed.deepep import deep_ep_available
-from server.conftest import complete_token_ids, stop_process, wait_for_banner_url
+from server.conftest import complete_token_ids, stop_process
 from support.reference import free_port, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
@@ -60,14 +63,15 @@ def _serve_tokens(model: Path, backend: str, dtype: str) -> list[list[int]]:
         "--dtype",
         dtype,
     ]
-    command += ["--nproc-per-node", "2", "--moe-backend", backend]
+    command += ["--print-examples", "--nproc-per-node", "2", "--moe-backend", backend]
     command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     command += ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "16"]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
-    )
+    log_dir = Path(os.environ.get("EP_SERVE_LOG_DIR") or tempfile.mkdtemp())
+    log_path = log_dir / f"serve_{model.name}_{backend}_{dtype}.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     try:
-        url = wait_for_banner_url(process, timeout=300)
+        url = _banner_url(process, log_path, timeout=180)
 
         def complete(prompt: list[int]) -> list[int]:
             return complete_token_ids(url, model.name, prompt, NEW_TOKENS, timeout=300)
@@ -75,10 +79,26 @@ def _serve_tokens(model: Path, backend: str, dtype: str) -> list[list[int]]:
         alone = [complete(p) for p in PROMPTS[:1]]  # one request: the other rank idles (T = 0)
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             together = list(pool.map(complete, PROMPTS))
-        assert alone == together[:1]
-        return together
     finally:
-        assert stop_process(process) == 0
+        code = stop_process(process)
+        log.close()
+    assert code == 0, log_path.read_text()[-4000:]
+    assert "moe backend: " + backend in log_path.read_text()  # the start-up line names the backend
+    assert alone == together[:1]
+    return together
+
+
+def _banner_url(process: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    """Poll the server's log for the examples banner (the server listens by then); fail with its tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"is serving '[^']+' at (http://\S+)", log_path.read_text())
+        if match:
+            return match.group(1)
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"no banner (exit code {process.poll()}); log tail:\n{log_path.read_text()[-6000:]}")
 
 
 @pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
