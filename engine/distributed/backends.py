@@ -81,6 +81,20 @@ def choose_backend(
     return "a2a", "; ".join(skipped)
 
 
+def symm_reservation(
+    top_k: int, dtype: torch.dtype | str | None, device: torch.device | None, micro_batches: int
+) -> tuple[int, torch.dtype, torch.device, int] | None:
+    """Pure: what symm allocates at start-up ((top_k, dtype, device, micro-batches)), or None when a size is
+    unknown (then it allocates on the first dispatch). `dtype` may be the engine config's name ("bfloat16")."""
+    if top_k <= 0 or dtype is None or device is None or device.type != "cuda":
+        return None
+    from moefleet.engine.loader import dtype_from_name
+
+    if device.index is None:
+        raise ValueError(f"symm needs an explicit CUDA device index, got {device}")
+    return top_k, dtype_from_name(dtype), device, micro_batches
+
+
 _RESOLVED: dict[tuple[str, str], str] = {}
 
 
@@ -119,7 +133,7 @@ def make_dispatcher(
     deepep_mode: str = "auto",
     max_tokens_per_rank: int = 128,
     top_k: int = 0,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | None = None,
     micro_batches: int = 1,
 ) -> TokenDispatcher:
@@ -148,9 +162,7 @@ def make_dispatcher(
     if chosen == "symm":
         if not symm_available():
             raise RuntimeError(SYMM_HINT)
-        reserve = None
-        if top_k > 0 and dtype is not None and device is not None and device.type == "cuda":
-            reserve = (top_k, dtype, device, micro_batches)
+        reserve = symm_reservation(top_k, dtype, device, micro_batches)
         return SymmDispatcher(group, num_experts, hidden_size, max_tokens_per_rank, reserve=reserve)
     return DeepEPDispatcher(
         group, num_experts, hidden_size, mode=deepep_mode, max_tokens_per_rank=max_tokens_per_rank

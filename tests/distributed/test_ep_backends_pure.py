@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moefleet.engine.distributed import deepep
-from moefleet.engine.distributed.backends import choose_backend
+from moefleet.engine.distributed.backends import choose_backend, symm_reservation
 from moefleet.engine.distributed.symm import (
     a2a_row_bytes,
     capacity,
@@ -82,6 +82,16 @@ def test_explicit_backends_and_bad_requests():
         _choose("nvshmem")
     with pytest.raises(ValueError, match="use --moe-backend a2a"):
         _choose("local", world=2)
+
+
+def test_symm_reserves_at_start_up_with_the_engine_dtype_name():
+    cuda1 = torch.device("cuda", 1)
+    assert symm_reservation(8, "bfloat16", cuda1, 2) == (8, torch.bfloat16, cuda1, 2)
+    assert symm_reservation(8, torch.float32, cuda1, 1) == (8, torch.float32, cuda1, 1)
+    assert symm_reservation(0, "bfloat16", cuda1, 1) is None  # top-k unknown: allocate on first dispatch
+    assert symm_reservation(8, "float32", torch.device("cpu"), 1) is None
+    with pytest.raises(ValueError, match="explicit CUDA device index"):
+        symm_reservation(8, "float32", torch.device("cuda"), 1)
 
 
 # ---- DeepEP: per-step kernels and limits ----------------------------------------------------------------
