@@ -43,7 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="none",
         help="fp8: random weights quantised to 128x128 block FP8 (w8a8 Triton GEMMs on CUDA)",
     )
-    p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "symm", "deepep"])
+    p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "deepep"])
     p.add_argument(
         "--attention-backend", default=defaults.attention_backend, choices=["auto", "torch", "triton"],
         help="auto = triton on CUDA, torch on CPU",
