@@ -21,6 +21,22 @@ RUN pip install ".[operator]" \
     && python -c "import moefleet.engine, moefleet.operator, kopf, kubernetes" \
     && rm -rf /root/.cache
 
+# Optional DeepEP (the `deepep` MoE backend), V1 API at the commit the GPU tests used (its import needs a
+# GPU driver, absent at build time: only its presence is checked here). Needs a -devel base
+# (nvcc) and git: docker build --build-arg BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel \
+#   --build-arg WITH_DEEPEP=1 .   (not built in CI; README "Expert-parallel backends and installing DeepEP")
+ARG WITH_DEEPEP=0
+ARG DEEPEP_COMMIT=29d31c0
+ARG NVSHMEM_WHEEL=nvidia-nvshmem-cu12
+RUN if [ "$WITH_DEEPEP" = "1" ]; then \
+      pip install "$NVSHMEM_WHEEL" \
+      && git clone https://github.com/deepseek-ai/DeepEP /tmp/deepep \
+      && cd /tmp/deepep && git checkout "$DEEPEP_COMMIT" \
+      && CPATH=/usr/local/cuda/include/cccl TORCH_CUDA_ARCH_LIST=9.0 python setup.py install \
+      && cd / && rm -rf /tmp/deepep /root/.cache \
+      && python -c "import importlib.util as u; assert u.find_spec('deep_ep')"; \
+    fi
+
 # The operator runs as this user (the chart sets runAsUser 65532); engine pods may run as root for
 # RDMA/NCCL device access, as most GPU clusters require.
 RUN useradd --uid 65532 --no-create-home --shell /usr/sbin/nologin moefleet

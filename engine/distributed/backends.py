@@ -1,30 +1,126 @@
-"""Pick a TokenDispatcher by backend name: "local", "a2a", "deepep" or "auto"."""
+"""Pick a TokenDispatcher by backend name: "local", "a2a", "symm", "deepep" or "auto".
+
+`choose_backend` is the pure decision (unit-tested); `make_dispatcher` builds one dispatcher per MoE layer and
+micro-batch, resolving "auto" once per process group (and running DeepEP's start-up self-check at most once).
+auto = local on one rank; else deepep when importable, verified on GPUs and its self-check passes; else symm
+on CUDA with NVSHMEM once verified on GPUs; else a2a. The choice and why are printed once at start-up.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
+import torch
 import torch.distributed as dist
 from moefleet.engine.distributed.a2a import AllToAllDispatcher
 from moefleet.engine.distributed.deepep import INSTALL_HINT, DeepEPDispatcher, deep_ep_available
+from moefleet.engine.distributed.symm import SYMM_HINT, SymmDispatcher, symm_available
 from moefleet.engine.layers.token_dispatch import LocalDispatcher, TokenDispatcher
 
-BACKENDS = ("local", "a2a", "deepep", "auto")
+BACKENDS = ("local", "a2a", "symm", "deepep", "auto")
+CLI_CHOICES = ("auto", "deepep", "symm", "a2a")  # `--moe-backend`
+
+# Backends `auto` may pick: only those whose GPU tests (tests/gpu/test_ep_backends_gpu.py) passed on 2 GPUs.
+# See docs/distributed.md for the run that set each one.
+VERIFIED_ON_GPU = {"symm": False, "deepep": False}
 
 
-def resolve_backend(backend: str, world_size: int, device_type: str, deep_ep_importable: bool) -> str:
-    """Pure: the concrete backend for a request. "auto" = local on one rank, DeepEP on CUDA when importable,
-    else a2a."""
-    if backend not in BACKENDS:
-        raise ValueError(f"moe backend ({backend!r}) must be one of {BACKENDS}")
-    if backend == "auto":
-        if world_size == 1:
-            return "local"
-        return "deepep" if device_type == "cuda" and deep_ep_importable else "a2a"
-    if backend == "local" and world_size > 1:
-        raise ValueError(
-            f"moe backend 'local' keeps every expert on one rank but the expert-parallel group has {world_size} "
-            "ranks: use --moe-backend a2a (or deepep, or auto)"
+def choose_backend(
+    requested: str,
+    world_size: int,
+    device_type: str,
+    *,
+    deepep_importable: bool,
+    symm_usable: bool,
+    deepep_self_check: Callable[[], tuple[bool, str]] | None = None,
+    verified: dict[str, bool] | None = None,
+) -> tuple[str, str]:
+    """Pure: (backend, why). `deepep_self_check` runs only when auto gets as far as DeepEP."""
+    verified = VERIFIED_ON_GPU if verified is None else verified
+    if requested not in BACKENDS:
+        raise ValueError(f"moe backend ({requested!r}) must be one of {BACKENDS}")
+    if requested == "local":
+        if world_size > 1:
+            raise ValueError(
+                f"moe backend 'local' keeps every expert on one rank but the expert-parallel group has "
+                f"{world_size} ranks: use --moe-backend a2a (or symm, deepep, auto)"
+            )
+        return "local", "requested"
+    if requested != "auto":
+        if requested in ("symm", "deepep") and device_type != "cuda":
+            raise ValueError(
+                f"moe backend {requested!r} needs CUDA GPUs but the device is {device_type!r}: use --moe-backend a2a"
+            )
+        return requested, "requested"
+    if world_size == 1:
+        return "local", "one rank: every expert is local"
+    if device_type != "cuda":
+        return "a2a", f"device {device_type!r}: all-to-all over torch.distributed is the portable backend"
+    skipped: list[str] = []
+    if not deepep_importable:
+        skipped.append("deepep: deep_ep is not installed")
+    elif not verified.get("deepep", False):
+        skipped.append("deepep: not verified on GPUs yet")
+    else:
+        ok, detail = deepep_self_check() if deepep_self_check is not None else (False, "no self-check")
+        if ok:
+            return "deepep", f"deep_ep importable and its start-up self-check passed ({detail})"
+        # DeepEP initialised NVSHMEM in this process with its own settings: torch's symm cannot share it.
+        skipped += [
+            f"deepep: start-up self-check failed ({detail})",
+            "symm: DeepEP already holds NVSHMEM here",
+        ]
+        return "a2a", "; ".join(skipped)
+    if not symm_usable:
+        skipped.append("symm: no NVSHMEM symmetric memory in this torch build")
+    elif not verified.get("symm", False):
+        skipped.append("symm: not verified on GPUs yet")
+    else:
+        return "symm", "; ".join([*skipped, "symm: NVSHMEM symmetric memory available"])
+    return "a2a", "; ".join(skipped)
+
+
+def symm_reservation(
+    top_k: int, dtype: torch.dtype | str | None, device: torch.device | None, micro_batches: int
+) -> tuple[int, torch.dtype, torch.device, int] | None:
+    """Pure: what symm allocates at start-up ((top_k, dtype, device, micro-batches)), or None when a size is
+    unknown (then it allocates on the first dispatch). `dtype` may be the engine config's name ("bfloat16")."""
+    if top_k <= 0 or dtype is None or device is None or device.type != "cuda":
+        return None
+    from moefleet.engine.loader import dtype_from_name
+
+    if device.index is None:
+        raise ValueError(f"symm needs an explicit CUDA device index, got {device}")
+    return top_k, dtype_from_name(dtype), device, micro_batches
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def _resolve(
+    backend: str, group: dist.ProcessGroup | None, world_size: int, device_type: str, self_check: Callable
+) -> str:
+    key = ("" if group is None else group.group_name, backend)
+    if key not in _RESOLVED:
+        importable = deep_ep_available() if backend in ("auto", "deepep") else False
+        chosen, why = choose_backend(
+            backend,
+            world_size,
+            device_type,
+            deepep_importable=importable,
+            symm_usable=symm_available() if backend in ("auto", "symm") and device_type == "cuda" else False,
+            deepep_self_check=self_check,
         )
-    return backend
+        if backend != "local":
+            rank = dist.get_rank(group) if group is not None else 0
+            print(
+                f"moe backend: {chosen} (requested {backend}: {why}) [rank {rank}]",
+                file=sys.stderr,
+                flush=True,
+            )
+        _RESOLVED[key] = chosen
+    return _RESOLVED[key]
 
 
 def make_dispatcher(
@@ -34,15 +130,27 @@ def make_dispatcher(
     *,
     hidden_size: int = 0,
     device_type: str = "cpu",
-    deepep_mode: str = "normal",
+    deepep_mode: str = "auto",
     max_tokens_per_rank: int = 128,
+    top_k: int = 0,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | None = None,
+    micro_batches: int = 1,
 ) -> TokenDispatcher:
     """Build one dispatcher for one MoE layer (and one micro-batch). `num_experts` counts physical experts
-    across the whole group; `group` may be None only for "local"."""
+    across the whole group; `group` may be None only for "local". `max_tokens_per_rank` bounds the tokens of
+    one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it.
+    With `top_k`, `dtype` and `device` known, symm allocates its `micro_batches` workspaces now (before the KV
+    cache is sized), else on the first dispatch."""
     world_size = 1 if group is None else dist.get_world_size(group)
-    chosen = resolve_backend(
-        backend, world_size, device_type, deep_ep_available() if backend != "local" else False
-    )
+
+    def self_check() -> tuple[bool, str]:
+        from moefleet.engine.distributed.deepep import self_check as deepep_self_check
+
+        assert group is not None
+        return deepep_self_check(group, num_experts, hidden_size, max_tokens_per_rank)
+
+    chosen = _resolve(backend, group, world_size, device_type, self_check)
     if chosen == "local":
         return LocalDispatcher(num_experts // world_size)
     if chosen == "deepep" and not deep_ep_available():
@@ -51,6 +159,11 @@ def make_dispatcher(
         raise ValueError(f"moe backend {chosen!r} needs a process group")
     if chosen == "a2a":
         return AllToAllDispatcher(group, num_experts)
+    if chosen == "symm":
+        if not symm_available():
+            raise RuntimeError(SYMM_HINT)
+        reserve = symm_reservation(top_k, dtype, device, micro_batches)
+        return SymmDispatcher(group, num_experts, hidden_size, max_tokens_per_rank, reserve=reserve)
     return DeepEPDispatcher(
         group, num_experts, hidden_size, mode=deepep_mode, max_tokens_per_rank=max_tokens_per_rank
     )

@@ -1,17 +1,24 @@
-"""DeepEP-backed dispatcher (https://github.com/deepseek-ai/DeepEP, V1 `deep_ep.Buffer` API).
+"""DeepEP-backed dispatcher (https://github.com/deepseek-ai/DeepEP, V1 `deep_ep.Buffer` API, commit 29d31c0).
 
-UNTESTED: it needs NVIDIA GPUs with NVLink/RDMA and a source build of DeepEP; nothing here runs in CI.
-It follows DeepEP's documented examples and adapts their outputs to the `TokenDispatcher` contract:
+Needs NVIDIA GPUs and a source build of DeepEP (README: "Installing DeepEP"); nothing here runs in CI.
+ONE `deep_ep.Buffer` per process (`get_buffer`), shared by every layer and micro-batch, sized at the first
+dispatcher for both modes from the hidden size, the experts and the max tokens per rank. The mode follows the
+step (`token_dispatch.current_step_is_prefill`, the group-agreed mode, so every rank picks the same kernels):
 
-- normal mode (prefill): `get_dispatch_layout` + `dispatch` deliver each token ONCE per destination rank,
-  with its top-k ids translated to local expert ids (-1 where the expert lives elsewhere) and its weights.
-  We expand those into one row per (token, local expert) hit grouped by local expert, and on combine apply
-  the weights locally and sum per received token before `combine` sums across ranks (normal-mode combine
-  does not apply weights). Dispatch blocks the CPU until counts arrive (DeepEP's own host sync).
-- low-latency mode (decode): `low_latency_dispatch` fills a fixed [L, max_tokens * R, D] buffer with
-  per-expert counts; we flatten the valid rows (a host sync on the counts, so this path is not CUDA-graph
-  safe yet) and scatter expert outputs back into that layout for `low_latency_combine`, which applies the
-  top-k weights itself.
+- normal kernels (prefill steps, or any step whose mode is unknown): `get_dispatch_layout` + `dispatch` deliver
+  each token once per destination rank with local expert ids (-1 = elsewhere) and weights; hits are grouped by
+  local expert on the device (`permute_by_expert_on_device`: counts stay on the GPU), and on combine the
+  weights are applied locally and hits summed per received token before `combine` sums across ranks. DeepEP's
+  normal dispatch itself waits on the host for the receive counts (prefill only; not CUDA-graph safe).
+- low-latency kernels (decode steps): `low_latency_dispatch` with FP8 (e4m3, per-128-column scales) and
+  `return_recv_hook=True` (dispatch_start issues the sends, dispatch_finish calls the hook to receive) fills the
+  masked layout [L, R * max_tokens, D] with per-expert counts on the device; the rows are dequantised to bf16
+  and fed as-is to the masked fused-MoE kernel (`Experts.forward` on a 3-D input); `low_latency_combine`
+  (bf16, applies the top-k weights) likewise returns a hook. No host synchronisation.
+
+Limits (checked with readable errors): bf16 activations; low-latency hidden sizes are DeepEP's compiled set
+(LL_HIDDEN_SIZES); low-latency tokens per rank <= `ll_max_tokens` (same value on every rank).
+Shape legend: T tokens, K top-k, D hidden, R ranks, E physical experts, L = E / R local experts.
 """
 
 from __future__ import annotations
@@ -22,13 +29,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from moefleet.engine.distributed.groups import check_experts_divisible
-from moefleet.engine.layers.token_dispatch import DispatchedTokens, permute_by_expert
+from moefleet.engine.layers.token_dispatch import (
+    DispatchedTokens,
+    current_step_is_prefill,
+    permute_by_expert,
+    permute_by_expert_on_device,
+)
 
 INSTALL_HINT = (
-    "the 'deepep' MoE backend needs the deep_ep module: pip install deep_ep from source "
-    "(https://github.com/deepseek-ai/DeepEP, needs NVSHMEM and CUDA GPUs; the PyPI sdist does not build); "
-    "or use --moe-backend a2a"
+    "the 'deepep' MoE backend needs the deep_ep module: build DeepEP from source (README, 'Installing DeepEP': "
+    "https://github.com/deepseek-ai/DeepEP at commit 29d31c0, needs NVSHMEM and CUDA GPUs; the PyPI sdist does "
+    "not build); or use --moe-backend a2a"
 )
+# Hidden sizes DeepEP's low-latency kernels are compiled for (csrc/kernels/launch.cuh SWITCH_HIDDEN).
+LL_HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+LL_MAX_TOKENS = (
+    256  # default low-latency tokens per rank (decode batch); needs NVSHMEM QP depth >= 2 * (n + 1)
+)
+MODES = ("auto", "normal", "low_latency")
 
 
 def deep_ep_available() -> bool:
@@ -50,65 +68,145 @@ def _import_buffer() -> Any:
 def expand_hits(
     recv_topk_idx: torch.Tensor, num_local_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Pure: received tokens [M, K] with local expert ids (-1 = not here) -> (order [N] into the flattened
-    [M*K] hits grouped by local expert, token_index [N] into the M received tokens, rows per local expert)."""
+    """Pure (host counts, the CPU oracle of the device path): received tokens [M, K] with local expert ids
+    (-1 = not here) -> (order [N] into the flattened [M*K] hits grouped by local expert, token_index [N] into
+    the M received tokens, rows per local expert)."""
     order, token_index, counts = permute_by_expert(recv_topk_idx, num_local_experts)
     return order, token_index, counts.tolist()
+
+
+def pick_mode(configured: str, step_is_prefill: bool | None, hidden_size: int) -> str:
+    """Pure: the kernels of one step. auto = low-latency for decode steps when DeepEP has LL kernels for this
+    hidden size, normal otherwise (prefill, unknown mode)."""
+    if configured not in MODES:
+        raise ValueError(f"DeepEP mode ({configured!r}) must be one of {MODES}")
+    if configured == "low_latency" and hidden_size not in LL_HIDDEN_SIZES:
+        raise ValueError(
+            f"DeepEP low-latency kernels support hidden sizes {LL_HIDDEN_SIZES}, the model has {hidden_size}: "
+            "use deepep mode normal (or --moe-backend symm/a2a)"
+        )
+    if configured != "auto":
+        return configured
+    if step_is_prefill is False and hidden_size in LL_HIDDEN_SIZES:
+        return "low_latency"
+    return "normal"
+
+
+def check_ll_tokens(num_tokens: int, ll_max_tokens: int) -> None:
+    if num_tokens > ll_max_tokens:
+        raise ValueError(
+            f"DeepEP low-latency dispatch got {num_tokens} tokens on this rank, the buffer holds {ll_max_tokens} "
+            "per rank: lower --max-num-seqs (decode batch per rank) or raise the low-latency limit at start-up"
+        )
+
+
+# ---- one Buffer per process -------------------------------------------------------------------------------
+
+
+@dataclass
+class _BufferSpec:
+    hidden_size: int
+    num_experts: int
+    ll_max_tokens: int
+    last_mode: str = "low_latency"  # low-latency buffers must be cleaned after normal kernels used them
+
+
+_BUFFERS: dict[str, tuple[Any, _BufferSpec]] = {}
+
+
+def _spec(group: dist.ProcessGroup) -> _BufferSpec:
+    return _BUFFERS[group.group_name][1]
+
+
+def get_buffer(group: dist.ProcessGroup, hidden_size: int, num_experts: int, ll_max_tokens: int) -> Any:
+    """The process's one deep_ep.Buffer for `group` (created by the first caller: a collective)."""
+    key = group.group_name
+    if key in _BUFFERS:
+        buffer, spec = _BUFFERS[key]
+        if (spec.hidden_size, spec.num_experts, spec.ll_max_tokens) != (
+            hidden_size,
+            num_experts,
+            ll_max_tokens,
+        ):
+            raise ValueError(
+                f"one DeepEP buffer per process: built for hidden {spec.hidden_size}, {spec.num_experts} experts, "
+                f"{spec.ll_max_tokens} low-latency tokens; a layer asks for hidden {hidden_size}, {num_experts} "
+                f"experts, {ll_max_tokens} tokens"
+            )
+        return buffer
+    buffer_cls = _import_buffer()
+    world_size = group.size()
+    hidden_bytes = hidden_size * 2  # bf16
+    nvl_bytes = rdma_bytes = 0
+    for config in (buffer_cls.get_dispatch_config(world_size), buffer_cls.get_combine_config(world_size)):
+        nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, world_size), nvl_bytes)
+        if world_size > 8:
+            rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, world_size), rdma_bytes)
+    low_latency = hidden_size in LL_HIDDEN_SIZES
+    if low_latency:
+        rdma_bytes = max(
+            buffer_cls.get_low_latency_rdma_size_hint(ll_max_tokens, hidden_size, world_size, num_experts),
+            rdma_bytes,
+        )
+    buffer = buffer_cls(
+        group,
+        nvl_bytes,
+        rdma_bytes,
+        low_latency_mode=low_latency,
+        num_qps_per_rank=max(num_experts // world_size, 1) if low_latency else 24,
+    )
+    _BUFFERS[key] = (buffer, _BufferSpec(hidden_size, num_experts, ll_max_tokens))
+    return buffer
+
+
+# ---- the dispatcher ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class _NormalHandle:
     deep_handle: Any
     order: torch.Tensor
-    recv_topk_weights: torch.Tensor
+    valid: torch.Tensor  # per sorted hit
+    recv_topk_weights: torch.Tensor  # [M, K]
     num_received: int
 
 
 @dataclass
 class _LowLatencyHandle:
     deep_handle: Any
-    topk_ids: torch.Tensor
+    topk_idx: torch.Tensor
     topk_weights: torch.Tensor
-    counts: list[int]
-    packed_shape: torch.Size
+    hook: Any = None
 
 
 class DeepEPDispatcher:
-    """TokenDispatcher on DeepEP. `mode` is "normal" (prefill) or "low_latency" (decode)."""
+    """TokenDispatcher on DeepEP. `mode`: "auto" (per step: low-latency for decode), "normal" or "low_latency"."""
 
     def __init__(
         self,
         group: dist.ProcessGroup,
         num_experts: int,
         hidden_size: int,
-        mode: str = "normal",
+        mode: str = "auto",
         max_tokens_per_rank: int = 128,
-        dtype_bytes: int = 2,
+        ll_max_tokens: int | None = None,
     ):
-        if mode not in ("normal", "low_latency"):
-            raise ValueError(f"DeepEP mode ({mode!r}) must be 'normal' or 'low_latency'")
-        buffer_cls = _import_buffer()
+        pick_mode(mode, None, hidden_size)  # validates the mode and the hidden size
         world_size = group.size()
         check_experts_divisible(num_experts, world_size)
-        self.group, self.mode, self.num_experts = group, mode, num_experts
+        self.group, self.mode, self.num_experts, self.hidden_size = group, mode, num_experts, hidden_size
         self.num_local_experts = num_experts // world_size
-        self.max_tokens_per_rank = max_tokens_per_rank
-        if mode == "normal":
-            hidden_bytes = hidden_size * max(dtype_bytes, 2)
-            nvl_bytes = rdma_bytes = 0
-            for config in (
-                buffer_cls.get_dispatch_config(world_size),
-                buffer_cls.get_combine_config(world_size),
-            ):
-                nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, world_size), nvl_bytes)
-                rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, world_size), rdma_bytes)
-            self.buffer = buffer_cls(group, nvl_bytes, rdma_bytes)
-        else:
-            rdma_bytes = buffer_cls.get_low_latency_rdma_size_hint(
-                max_tokens_per_rank, hidden_size, world_size, num_experts
-            )
-            self.buffer = buffer_cls(
-                group, 0, rdma_bytes, low_latency_mode=True, num_qps_per_rank=self.num_local_experts
+        self.ll_max_tokens = ll_max_tokens or min(max_tokens_per_rank, LL_MAX_TOKENS)
+        self.buffer = get_buffer(group, hidden_size, num_experts, self.ll_max_tokens)
+
+    def step_mode(self) -> str:
+        return pick_mode(self.mode, current_step_is_prefill(), self.hidden_size)
+
+    @staticmethod
+    def _check_dtype(hidden: torch.Tensor) -> None:
+        if hidden.dtype != torch.bfloat16:
+            raise ValueError(
+                f"the deepep MoE backend moves bfloat16 activations, got {hidden.dtype}: serve with --dtype bfloat16"
             )
 
     # -- normal mode ----------------------------------------------------------------------------------
@@ -116,7 +214,8 @@ class DeepEPDispatcher:
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> Any:
         topk_idx = topk_ids.to(torch.int64)
-        per_rank, per_rdma_rank, per_expert, in_rank, event = self.buffer.get_dispatch_layout(
+        _spec(self.group).last_mode = "normal"
+        per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(
             topk_idx, self.num_experts
         )
         recv_x, recv_idx, recv_weights, _, deep_handle, _ = self.buffer.dispatch(
@@ -127,56 +226,137 @@ class DeepEPDispatcher:
             num_tokens_per_rdma_rank=per_rdma_rank,
             is_token_in_rank=in_rank,
             num_tokens_per_expert=per_expert,
-            previous_event=event,
         )
-        order, token_index, counts = expand_hits(recv_idx, self.num_local_experts)
-        handle = _NormalHandle(deep_handle, order, recv_weights, recv_x.shape[0])
-        return DispatchedTokens(recv_x[token_index], counts, handle)
+        order, token_index, counts, valid = permute_by_expert_on_device(recv_idx, self.num_local_experts)
+        handle = _NormalHandle(deep_handle, order, valid, recv_weights, recv_x.shape[0])
+        return DispatchedTokens(recv_x[token_index], None, handle, counts=counts)
 
     def _normal_combine(self, expert_output: torch.Tensor, h: _NormalHandle) -> torch.Tensor:
-        # Weight and sum hits per received token here; DeepEP's combine then sums across ranks.
+        # Weight and sum hits per received token here; DeepEP's normal combine then sums across ranks.
         top_k = h.recv_topk_weights.shape[1]
         weights = h.recv_topk_weights.reshape(-1)[h.order].to(expert_output.dtype).unsqueeze(1)
-        per_token = expert_output.new_zeros(h.num_received, expert_output.shape[1])
-        per_token.index_add_(0, h.order // top_k, expert_output * weights)
-        combined, _, _ = self.buffer.combine(per_token, h.deep_handle)
+        weighted = torch.where(h.valid[:, None], expert_output * weights, torch.zeros_like(expert_output))
+        per_token = torch.zeros(
+            h.num_received, expert_output.shape[1], dtype=torch.float32, device=expert_output.device
+        )
+        per_token.index_add_(0, h.order // top_k, weighted.float())
+        combined, _, _ = self.buffer.combine(per_token.to(expert_output.dtype), h.deep_handle)
         return combined
 
     # -- low-latency mode -----------------------------------------------------------------------------
     def _ll_dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+        check_ll_tokens(hidden.shape[0], self.ll_max_tokens)
+        spec = _spec(self.group)
+        if (
+            spec.last_mode != "low_latency"
+        ):  # normal kernels used the shared memory since: clean it (all ranks)
+            self.buffer.clean_low_latency_buffer(self.ll_max_tokens, self.hidden_size, self.num_experts)
+            spec.last_mode = "low_latency"
         topk_idx = topk_ids.to(torch.int64)
-        packed, packed_count, deep_handle, _, _ = self.buffer.low_latency_dispatch(
-            hidden, topk_idx, self.max_tokens_per_rank, self.num_experts, use_fp8=False
+        packed, counts, deep_handle, _, hook = self.buffer.low_latency_dispatch(
+            hidden, topk_idx, self.ll_max_tokens, self.num_experts, use_fp8=True, return_recv_hook=True
         )
-        counts = packed_count.tolist()  # host sync: not CUDA-graph safe (see module docstring)
-        rows = torch.cat([packed[e, :c] for e, c in enumerate(counts)]) if sum(counts) else packed[0, :0]
-        handle = _LowLatencyHandle(deep_handle, topk_idx, topk_weights, counts, packed.shape)
-        return DispatchedTokens(rows, counts, handle)
+        return packed, counts, _LowLatencyHandle(deep_handle, topk_idx, topk_weights.float(), hook)
 
-    def _ll_combine(self, expert_output: torch.Tensor, h: _LowLatencyHandle) -> torch.Tensor:
-        packed = expert_output.new_zeros(h.packed_shape)
-        start = 0
-        for e, c in enumerate(h.counts):
-            packed[e, :c] = expert_output[start : start + c]
-            start += c
-        combined, _, _ = self.buffer.low_latency_combine(
-            packed, h.topk_ids, h.topk_weights.float(), h.deep_handle
+    def _ll_finish(self, pending: Any) -> DispatchedTokens:
+        (x_fp8, scales), counts, handle = pending
+        handle.hook()  # receive: the sends were issued in dispatch_start
+        num_local, capacity, hidden = x_fp8.shape
+        x = x_fp8.float().view(num_local, capacity, hidden // 128, 128) * scales.unsqueeze(-1)
+        return DispatchedTokens(
+            x.view(num_local, capacity, hidden).to(torch.bfloat16), None, handle, counts=counts
         )
-        return combined
+
+    def _ll_combine(self, expert_output: torch.Tensor, h: _LowLatencyHandle) -> Any:
+        combined, _, hook = self.buffer.low_latency_combine(
+            expert_output, h.topk_idx, h.topk_weights, h.deep_handle, return_recv_hook=True
+        )
+        return combined, hook
 
     # -- TokenDispatcher ------------------------------------------------------------------------------
     def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
-        if self.mode == "normal":
-            return self._normal_dispatch(hidden, topk_ids, topk_weights)
-        return self._ll_dispatch(hidden, topk_ids, topk_weights)
+        self._check_dtype(hidden)
+        if self.step_mode() == "normal":
+            return ("normal", self._normal_dispatch(hidden, topk_ids, topk_weights))
+        return ("low_latency", self._ll_dispatch(hidden, topk_ids, topk_weights))
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
-        return pending
+        mode, payload = pending
+        return payload if mode == "normal" else self._ll_finish(payload)
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
-        if self.mode == "normal":
-            return self._normal_combine(expert_output, dispatched.handle)
-        return self._ll_combine(expert_output, dispatched.handle)
+        if isinstance(dispatched.handle, _NormalHandle):
+            return ("normal", self._normal_combine(expert_output, dispatched.handle))
+        return ("low_latency", self._ll_combine(expert_output, dispatched.handle))
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
-        return pending
+        mode, payload = pending
+        if mode == "normal":
+            return payload  # type: ignore[no-any-return]
+        combined, hook = payload
+        hook()
+        return combined  # type: ignore[no-any-return]
+
+
+# ---- start-up self-check (auto) ---------------------------------------------------------------------------
+
+
+def _stand_in_experts(rows: torch.Tensor, counts: torch.Tensor, first_expert: int) -> torch.Tensor:
+    """Expert e multiplies its rows by (1 + e / 8): distinguishes experts, exact in bf16 for small e."""
+    scale = 1 + (first_expert + torch.arange(counts.shape[0], device=rows.device, dtype=torch.float32)) / 8
+    if rows.dim() == 3:  # masked layout
+        return (rows.float() * scale[:, None, None]).to(rows.dtype)
+    expert = torch.repeat_interleave(
+        torch.arange(counts.shape[0], device=rows.device), counts.long(), output_size=None
+    )
+    out = torch.zeros_like(rows)
+    n = expert.shape[0]
+    out[:n] = (rows[:n].float() * scale[expert][:, None]).to(rows.dtype)
+    return out
+
+
+def self_check(
+    group: dist.ProcessGroup, num_experts: int, hidden_size: int, max_tokens_per_rank: int
+) -> tuple[bool, str]:
+    """A tiny dispatch/combine round trip on DeepEP (normal, and low-latency when this hidden size has it)
+    compared with the same computation done locally from the formula; every rank gets the group's verdict."""
+    from moefleet.engine.layers.token_dispatch import set_step_mode
+
+    rank, world = dist.get_rank(group), group.size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    detail = "ok"
+    ok = True
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
+        tokens, top_k = 8, min(4, num_experts)
+        x = torch.randn(tokens, hidden_size, generator=gen).to(device, torch.bfloat16)
+        ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]).to(
+            device
+        )
+        w = torch.rand(tokens, top_k, generator=gen).to(device)
+        scale = 1 + ids.float() / 8
+        expected = (x.float()[:, None, :] * (w * scale)[..., None]).sum(1)
+        num_local = num_experts // world
+        modes = ["normal"] + (["low_latency"] if hidden_size in LL_HIDDEN_SIZES else [])
+        for mode in modes:
+            dispatcher = DeepEPDispatcher(
+                group, num_experts, hidden_size, mode=mode, max_tokens_per_rank=max_tokens_per_rank
+            )
+            with set_step_mode(mode == "normal"):
+                d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w))
+                assert d.counts is not None
+                out = _stand_in_experts(d.hidden, d.counts, rank * num_local)
+                got = dispatcher.combine_finish(dispatcher.combine_start(out, d)).float()
+            tol = 0.15 if mode == "low_latency" else 0.05  # FP8 dispatch vs bf16
+            err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+            if not err <= tol:
+                ok, detail = False, f"{mode}: relative error {err:.3g} > {tol}"
+                break
+            detail = f"{'+'.join(modes)} round trip within tolerance"
+    except Exception as exc:  # the self-check decides, it must not take the process down
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    verdict = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    if ok and int(verdict.item()) == 0:
+        ok, detail = False, "another rank's self-check failed"
+    return ok, detail

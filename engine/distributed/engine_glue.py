@@ -86,6 +86,11 @@ def build_engine(
         num_micro_batches=num_micro_batches(config.tbo),
         hidden_size=hidden_size,
         device_type=state.device.type,
+        max_tokens_per_rank=config.max_num_batched_tokens,  # the most tokens one rank forwards in a step
+        top_k=int(config.hf_config.get("num_experts_per_tok") or 0),
+        dtype=config.dtype,
+        device=state.device,
+        micro_batches=num_micro_batches(config.tbo),
         **options,
     )
     agreement = make_step_agreement(DPStepCoordinator(state.cpu_group), config.tbo)

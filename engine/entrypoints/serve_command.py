@@ -122,8 +122,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--moe-backend",
         default="auto",
-        choices=("auto", "a2a", "deepep"),
-        help="expert-parallel dispatch: auto = DeepEP on CUDA when installed, else all-to-all (default auto)",
+        choices=("auto", "deepep", "symm", "a2a"),
+        help="expert-parallel dispatch: auto = DeepEP when installed and its start-up self-check passes, else "
+        "symm (torch symmetric memory) on CUDA, else all-to-all; only GPU-verified backends are auto-picked "
+        "(default auto)",
     )
     eplb = parser.add_argument_group("expert-parallel load balancing (EPLB; docs/distributed.md)")
     eplb.add_argument(

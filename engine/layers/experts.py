@@ -194,6 +194,12 @@ class Experts(nn.Module):
         """
         if tokens_per_expert is None and counts is None:
             raise ValueError("Experts.forward needs tokens_per_expert (host list) or counts (tensor)")
+        if hidden.dim() == 3:  # masked layout [E_local, C, D] (DeepEP low-latency): rows >= counts[e] unused
+            if counts is None or not hidden.is_cuda:
+                raise ValueError(
+                    "the masked expert layout [E_local, C, D] needs device counts on a CUDA tensor"
+                )
+            return self.forward_masked(hidden, counts)
         if hidden.is_cuda:
             if counts is None:
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
@@ -235,6 +241,19 @@ class Experts(nn.Module):
             self.w2,
             topk_ids,
             topk_weights,
+            w13_scale=self.w13_scale_inv,
+            w2_scale=self.w2_scale_inv,
+            block_shape=self.block_shape,
+        )
+
+    def forward_masked(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from moefleet.engine.kernels.fused_moe import fused_experts_masked
+
+        return fused_experts_masked(
+            hidden,
+            counts,
+            self.w13,
+            self.w2,
             w13_scale=self.w13_scale_inv,
             w2_scale=self.w2_scale_inv,
             block_shape=self.block_shape,

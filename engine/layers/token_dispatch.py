@@ -11,17 +11,39 @@ Shape legend: T tokens, K top-k, D hidden, E_local experts on this rank, N rows 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+# The group-agreed mode of the step being run (True prefill, False decode, None unknown): set by the model
+# runner around each forward; a dispatcher with per-mode kernels (DeepEP normal / low-latency) reads it.
+_STEP_IS_PREFILL: bool | None = None
+
+
+@contextmanager
+def set_step_mode(is_prefill: bool | None) -> Iterator[None]:
+    """Run a forward with its step mode published to the dispatchers (every rank of a group agrees on it)."""
+    global _STEP_IS_PREFILL
+    previous, _STEP_IS_PREFILL = _STEP_IS_PREFILL, is_prefill
+    try:
+        yield
+    finally:
+        _STEP_IS_PREFILL = previous
+
+
+def current_step_is_prefill() -> bool | None:
+    return _STEP_IS_PREFILL
+
 
 @dataclass
 class DispatchedTokens:
-    """Rows routed to this rank's experts, grouped by local expert (expert 0's rows first)."""
+    """Rows routed to this rank's experts, grouped by local expert (expert 0's rows first); or, from a
+    low-latency dispatcher, the masked layout [E_local, C, D] where expert e's valid rows are [e, :counts[e]]."""
 
-    hidden: torch.Tensor  # [N, D]
+    hidden: torch.Tensor  # [N, D] (or [E_local, C, D]: masked)
     tokens_per_expert: list[int] | None  # [E_local] on the host, sums to the valid rows; or None, then:
     handle: Any  # opaque, passed back to combine
     # [E_local] on the device (no host sync); rows past their sum are padding the experts skip.

@@ -1,0 +1,121 @@
+"""Dispatch + combine time per MoE layer, backends side by side (one table), on the GPUs of one host:
+
+    python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py [--tokens 256] [--hidden 7168]
+        [--top-k 8] [--experts 256] [--backends a2a,symm,symm-graph,deepep-normal,deepep-ll]
+
+Each rank routes `tokens` bf16 rows of width `hidden` to top-k of `experts` (uniform random, the same routing
+for every backend); the experts are the identity, so the time is dispatch_start -> dispatch_finish ->
+combine_start -> combine_finish of one layer (the dispatcher's own reorders included). "symm-graph" replays the
+symm round trip from a CUDA graph (launch overhead removed: what a captured decode step pays). Reports the
+median and p90 over iterations of the slowest rank, in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+
+
+def build(name: str, group, experts: int, hidden: int, tokens: int):
+    if name == "a2a":
+        from moefleet.engine.distributed.a2a import AllToAllDispatcher
+
+        return AllToAllDispatcher(group, experts)
+    if name.startswith("symm"):
+        from moefleet.engine.distributed.symm import SymmDispatcher
+
+        return SymmDispatcher(group, experts, hidden, tokens)
+    from moefleet.engine.distributed.deepep import DeepEPDispatcher
+
+    mode = "low_latency" if name == "deepep-ll" else "normal"
+    return DeepEPDispatcher(group, experts, hidden, mode=mode, max_tokens_per_rank=tokens)
+
+
+def round_trip(dispatcher, x, ids, w):
+    d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w))
+    return dispatcher.combine_finish(dispatcher.combine_start(d.hidden, d))
+
+
+def time_backend(name, group, device, x, ids, w, experts, iters, warmup) -> list[float]:
+    dispatcher = build(name, group, experts, x.shape[1], x.shape[0])
+    run = lambda: round_trip(dispatcher, x, ids, w)  # noqa: E731
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize(device)
+    if name == "symm-graph":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        dist.barrier()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            run()
+        torch.cuda.synchronize(device)
+        run = graph.replay  # noqa: E731
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) * 1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--backends", default="a2a,symm,symm-graph,deepep-normal,deepep-ll")
+    args = parser.parse_args()
+    rank = int(os.environ["RANK"])
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    group = dist.group.WORLD
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.stack([torch.randperm(args.experts, generator=gen)[: args.top_k] for _ in range(args.tokens)])
+    ids = ids.to(device)
+    x = torch.randn(args.tokens, args.hidden, generator=gen).to(device, torch.bfloat16)
+    w = torch.rand(args.tokens, args.top_k, generator=gen).to(device)
+    rows = []
+    for name in args.backends.split(","):
+        try:
+            times = time_backend(name, group, device, x, ids, w, args.experts, args.iters, args.warmup)
+            stats = torch.tensor(
+                [statistics.median(times), sorted(times)[int(0.9 * (len(times) - 1))]], device=device
+            )
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            rows.append((name, f"{stats[0].item():.0f}", f"{stats[1].item():.0f}", "ok"))
+        except Exception as exc:  # a backend that is not installed or fails: say so in its row
+            rows.append((name, "-", "-", f"{type(exc).__name__}: {str(exc)[:80]}"))
+        dist.barrier()
+    if rank == 0:
+        world = dist.get_world_size()
+        print(
+            f"dispatch + combine per MoE layer: {args.tokens} tokens/GPU x hidden {args.hidden} bf16, top-{args.top_k} "
+            f"of {args.experts} experts over {world} GPUs ({torch.cuda.get_device_name(device)}), slowest rank"
+        )
+        print(f"| {'backend':<14} | {'median us':>9} | {'p90 us':>7} | note")
+        print(f"|{'-' * 16}|{'-' * 11}|{'-' * 9}|------")
+        for name, med, p90, note in rows:
+            print(f"| {name:<14} | {med:>9} | {p90:>7} | {note}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
