@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import kopf
-from moefleet.operator import eplb_loop, planner, render
+from moefleet.operator import autoscale_loop, eplb_loop, planner, render
 from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
@@ -346,3 +346,44 @@ def _write_status(body: Mapping[str, Any], mutate: Any) -> None:
             return
         response = STATE.client().replace_status(namespace, name, status)
         _remember_status(namespace, name, response, status)
+
+
+# -- Role autoscaling: one daemon per MoEDeployment (autoscale_loop.py does the work) -----------------------
+@kopf.daemon(L.GROUP, L.VERSION, L.PLURAL, cancellation_timeout=5.0)
+async def autoscale_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
+    """Every MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS: scale autoscaled roles in whole groups. Async with
+    each pass in a thread, like the EPLB daemon; a deployment without autoscaling costs no request."""
+    with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as client:
+        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
+            await asyncio.to_thread(_autoscale_pass, body, client)
+            await stopped.wait(SETTINGS.autoscale_interval_seconds)
+
+
+def _autoscale_pass(live: Mapping[str, Any], client: httpx.Client) -> None:
+    metadata = live.get("metadata", {})
+    namespace, name = metadata["namespace"], metadata["name"]
+    try:
+        spec = parse(live, default_image=SETTINGS.default_image)
+        if not autoscale_loop.wants_cycle(spec, live):
+            return
+        kube = STATE.client()
+        # A fresh read: the decision must see the replicas, annotation and status its last pass wrote.
+        body = kube.get(L.KIND, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        spec = parse(body, default_image=SETTINGS.default_image)
+        context = autoscale_loop.Context(
+            kube=kube,
+            write_status=lambda mutate: _write_status(body, mutate),
+            prometheus=client,
+            prometheus_url=SETTINGS.prometheus_url,
+            engine_template=SETTINGS.engine_url_template,
+            drain_grace_seconds=SETTINGS.drain_grace_seconds,
+            drain_timeout_seconds=SETTINGS.drain_timeout_seconds,
+            fault_exit_after=SETTINGS.fault_exit_after,
+        )
+        autoscale_loop.cycle(spec, body, context)
+    except SpecError:
+        return  # the reconcile reports it
+    except (KubeError, httpx.HTTPError) as error:
+        log.warning("%s/%s: autoscaling cycle failed (retried later): %s", namespace, name, error)

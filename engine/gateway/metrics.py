@@ -18,7 +18,7 @@ class _BackendsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "moefleet_gateway_backends",
-            "Backend groups known to the gateway, by role and state (ready, unhealthy, not_listed).",
+            "Backend groups known to the gateway, by role and state (ready, unhealthy, not_listed, draining).",
             labels=["role", "state"],
         )
         for (role, state), count in sorted(self._counts().items()):
