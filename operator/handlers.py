@@ -354,7 +354,7 @@ async def autoscale_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: An
     """Every MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS: scale autoscaled roles in whole groups. Async with
     each pass in a thread, like the EPLB daemon; a deployment without autoscaling costs no request."""
     with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as client:
-        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
+        while not stopped and not STATE.closing and not body.get("metadata", {}).get("deletionTimestamp"):
             await asyncio.to_thread(_autoscale_pass, body, client)
             await stopped.wait(SETTINGS.autoscale_interval_seconds)
 
@@ -387,3 +387,7 @@ def _autoscale_pass(live: Mapping[str, Any], client: httpx.Client) -> None:
         return  # the reconcile reports it
     except (KubeError, httpx.HTTPError) as error:
         log.warning("%s/%s: autoscaling cycle failed (retried later): %s", namespace, name, error)
+    except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
+        if not STATE.closing:
+            raise
+        log.info("autoscaling stopped: the operator is shutting down (%s)", error)
