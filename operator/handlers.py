@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import kopf
-from moefleet.operator import autoscale_loop, eplb_loop, planner, render
+from moefleet.operator import autoscale_loop, eplb_loop, fleet_metrics, planner, render
 from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
@@ -148,6 +148,8 @@ def on_pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, st
 @kopf.on.event(L.GROUP, L.VERSION, L.PLURAL)
 def on_event(event: Mapping[str, Any], body: kopf.Body, **kwargs: Any) -> None:
     if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        metadata = body.get("metadata", {})
+        fleet_metrics.COLLECTOR.forget(metadata.get("namespace", ""), metadata.get("name", ""))
         return
     reconcile(body, kwargs)
 
@@ -215,6 +217,7 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     with STATE.lock((namespace, name)):
         now = time.time()
         previous = _previous_status(namespace, name, body)
+        fleet_metrics.COLLECTOR.observe(namespace, name, previous)
         try:
             spec = parse(body, default_image=SETTINGS.default_image)
         except SpecError as error:
@@ -289,6 +292,7 @@ def _unwritten_gates(
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
     resource_version = int(((response or {}).get("metadata") or {}).get("resourceVersion") or 0)
     STATE.written_status[(namespace, name)] = (resource_version, status)
+    fleet_metrics.COLLECTOR.observe(namespace, name, status)
 
 
 # -- EPLB trigger: one daemon per MoEDeployment (eplb_loop.py does the work) -----------------------------

@@ -45,7 +45,12 @@ def exported_scrapes() -> dict[str, str]:
     """The text each kind of moefleet process serves on /metrics, with every labelled family touched once."""
     from moefleet.engine.gateway.metrics import GatewayMetrics
     from moefleet.engine.server.metrics import RequestTracker, ServerMetrics, register_eplb_metrics
-    from moefleet.operator import eplb_loop, kube  # noqa: F401  (registers moefleet_operator_* families)
+    from moefleet.operator import (
+        autoscale_loop,
+        eplb_loop,
+        fleet_metrics,
+        kube,
+    )  # registers moefleet_operator_*
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
     stats = {"num_running": 2, "num_waiting": 1, "kv_blocks_used": 10, "kv_blocks_total": 100}
@@ -70,6 +75,16 @@ def exported_scrapes() -> dict[str, str]:
     gateway.retries.labels("decode").inc()
     kube.API_REQUESTS.labels("GET", "pods").inc()
     eplb_loop.DECISIONS.labels("rebalanced").inc()
+    autoscale_loop.DECISIONS.labels("decode", "scaled_up").inc()
+    fleet_metrics.COLLECTOR.observe(
+        "ns",
+        "m",
+        {
+            "roles": {"decode": {}},
+            "groups": [{"name": "m-decode-0", "role": "decode", "phase": "Ready", "restarts": 1}],
+            "autoscaling": {"decode": {"current": 1, "desired": 2}},
+        },
+    )
     operator = "\n".join(
         line
         for line in generate_latest(REGISTRY).decode().splitlines()
@@ -166,7 +181,7 @@ def test_promtool_accepts_the_rules():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 @pytest.mark.cluster
