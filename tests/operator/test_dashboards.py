@@ -6,7 +6,6 @@ Prometheus fed those scrapes answers every dashboard query with data."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -21,24 +20,12 @@ import pytest
 import yaml
 from moefleet.operator import dashboards as D
 from prometheus_client.parser import text_string_to_metric_families
+from support.promql import metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "moefleet"
 # Series Prometheus makes itself (not exported by any moefleet process).
 PROMETHEUS_BUILTINS = {"up"}
-PROMQL_WORDS = {
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-}
 
 
 def exported_scrapes() -> dict[str, str]:
@@ -103,22 +90,6 @@ def exported_names() -> set[str]:
         for family in text_string_to_metric_families(text):
             names.update(sample.name for sample in family.samples)
     return names
-
-
-def metric_names(expr: str) -> set[str]:
-    """Identifiers in a PromQL expression that are metric names (not functions, keywords, labels, strings)."""
-    text = re.sub(r'"[^"]*"', '""', expr)  # label values
-    text = re.sub(r"\{[^}]*\}", "{}", text)  # matchers
-    text = re.sub(r"\[[^\]]*\]", "[]", text)  # ranges
-    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    out = set()
-    for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
-        word = match.group(0)
-        following = text[match.end() :].lstrip()[:1]
-        if following == "(" or word in PROMQL_WORDS:
-            continue  # a function call or keyword
-        out.add(word)
-    return out
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):
