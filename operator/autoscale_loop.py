@@ -171,8 +171,10 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
     gone = tuple(r for r in (status.get("autoscaling") or {}) if r not in autoscaled)
     if not autoscaled:
         if gone or any(c.get("type") == CONDITION for c in status.get("conditions") or []):
-            ctx.write_status(_drop(gone))
+            ctx.write_status(_drop(gone, condition_too=True))
         return
+    if gone:  # roles no longer autoscaled: their entries go, the others stay
+        ctx.write_status(_drop(gone, condition_too=False))
     error = (
         None
         if ctx.prometheus_url
@@ -218,10 +220,11 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
     _report_condition(spec, status, error, absent, autoscaled, ctx, ref, now)
 
 
-def _drop(roles: tuple[str, ...]) -> Mutate:
+def _drop(roles: tuple[str, ...], condition_too: bool) -> Mutate:
     def mutate(current: dict[str, Any]) -> dict[str, Any]:
         out = {**current}
-        out["conditions"] = [c for c in current.get("conditions") or [] if c.get("type") != CONDITION]
+        if condition_too:
+            out["conditions"] = [c for c in current.get("conditions") or [] if c.get("type") != CONDITION]
         autoscaling = {k: v for k, v in (current.get("autoscaling") or {}).items() if k not in roles}
         if autoscaling:
             out["autoscaling"] = autoscaling

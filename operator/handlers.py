@@ -305,7 +305,7 @@ async def eplb_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) ->
     if not SETTINGS.prometheus_url:
         return
     with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as prometheus:
-        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
+        while not stopped and not STATE.closing and not body.get("metadata", {}).get("deletionTimestamp"):
             interval = await asyncio.to_thread(_eplb_pass, body, prometheus)
             await stopped.wait(interval)
 
@@ -335,6 +335,10 @@ def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
         )
     except (KubeError, httpx.HTTPError) as error:
         log.warning("%s/%s: EPLB cycle failed (retried later): %s", namespace, name, error)
+    except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
+        if not STATE.closing:
+            raise
+        log.info("EPLB trigger stopped: the operator is shutting down (%s)", error)
     return spec.eplb.interval_seconds
 
 
