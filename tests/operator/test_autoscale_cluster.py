@@ -27,6 +27,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 NAME = "auto"
 POOL = {"moefleet.test/pool": "operator"}
 GROUPS = {f"auto-prefill-{i}": "prefill" for i in range(3)} | {f"auto-decode-{i}": "decode" for i in range(4)}
+SOLO = "solo"  # a second MoEDeployment on a one-node pool: its second group cannot get GPUs
+GROUPS |= {f"solo-mixed-{i}": "mixed" for i in range(3)}
 DRAINING = "moefleet.ai/draining"
 
 
@@ -80,6 +82,8 @@ def _autoscaling(high: int) -> dict[str, Any]:
 def setup(operator, kube_cluster, gpu_pool) -> Iterator[dict[str, Any]]:
     for node in gpu_pool["h100"]:
         kube_cluster.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
+    (solo_node,) = kube_cluster.create_gpu_nodes(1, prefix="autoscale-solo")
+    kube_cluster.kubectl("label", "node", solo_node, "moefleet.test/pool=autoscale-solo", "--overwrite")
     namespace = kube_cluster.create_namespace("t-autoscale")
     fake = FakeEngines()
     fake.waiting.update({"auto-prefill-0": 4.0, "auto-decode-0": 4.0, "auto-decode-1": 4.0})  # on target
@@ -90,7 +94,12 @@ def setup(operator, kube_cluster, gpu_pool) -> Iterator[dict[str, Any]]:
             "static_configs": [
                 {
                     "targets": [f"127.0.0.1:{fake.port}"],
-                    "labels": {"namespace": namespace, "deployment": NAME, "role": role, "group": group},
+                    "labels": {
+                        "namespace": namespace,
+                        "deployment": group.rsplit("-", 2)[0],
+                        "role": role,
+                        "group": group,
+                    },
                 }
             ],
         }
@@ -240,6 +249,46 @@ def test_never_below_min_replicas(setup):
     time.sleep(6)  # twice the 3 s scale-down window
     assert _replicas(s, "decode") == 1 and _draining(s) == {}
     assert len(_events(s, "DrainStarted", "decode")) == 1  # still only the earlier one
+
+
+def test_a_group_pending_for_gpus_is_degraded_and_holds_further_scale_up(setup):
+    s = setup
+    fake: FakeEngines = s["fake"]
+    fake.waiting["solo-mixed-0"] = 8.0  # 8 per group vs 4 -> 2 groups; the pool has GPUs for one
+    body = {
+        "apiVersion": "moefleet.ai/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": SOLO, "namespace": s["namespace"]},
+        "spec": {
+            "model": {"path": "/models/tiny"},
+            "roles": {
+                "mixed": {
+                    "replicas": 1,
+                    "nodeSelector": {"moefleet.test/pool": "autoscale-solo"},
+                    "autoscaling": {**_autoscaling(3), "scaleDownStabilization": "10m"},
+                }
+            },
+            "gateway": {"nodeSelector": POOL},
+            "eplb": {"mode": "off", "enabled": False},
+        },
+    }
+    s["cluster"].kubectl("apply", "-f", "-", input=json.dumps(body))
+    solo = lambda: get_moed(s["cluster"], s["namespace"], SOLO)  # noqa: E731
+    wait_for(lambda: solo()["spec"]["roles"]["mixed"]["replicas"] == 2, 90, "solo scaled to 2 groups")
+    wait_for(lambda: condition(solo(), "Degraded").get("reason") == "InsufficientGPUs", 60, "Degraded")
+    assert "solo-mixed-1" in condition(solo(), "Degraded")["message"]
+    fake.waiting["solo-mixed-0"] = 24.0  # 12 per group: ceil(2 * 3) = 6, capped at 3, but a group is pending
+    wait_for(
+        lambda: (
+            "waiting for 1 group(s) to become Ready"
+            in solo().get("status", {}).get("autoscaling", {}).get("mixed", {}).get("reason", "")
+        ),
+        30,
+        "the hold reason",
+    )
+    time.sleep(3)
+    assert solo()["spec"]["roles"]["mixed"]["replicas"] == 2
+    s["cluster"].kubectl("delete", "moed", SOLO, "-n", s["namespace"], "--wait=false")
 
 
 def test_prometheus_down_sets_the_condition_and_changes_nothing(setup):
