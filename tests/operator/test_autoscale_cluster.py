@@ -219,6 +219,27 @@ def test_queue_above_target_adds_exactly_one_group_even_when_killed_mid_decision
     assert "auto-prefill-1" in _statefulsets(s)
 
 
+def test_a_hand_edit_of_replicas_during_a_decision_wins(setup, operator):
+    s = setup
+    operator.stop()
+    operator.extra_env = {**s["env"], "MOEFLEET_OPERATOR_FAULT_EXIT_AFTER": "autoscale-intent"}
+    operator.start()
+    s["fake"].waiting["auto-prefill-0"] = 10.0  # 5 per group over 2 -> ceil(2 * 1.25) = 3
+    wait_for(lambda: operator.proc is not None and operator.proc.poll() is not None, 60, "the injected exit")
+    assert (_entry(s, "prefill")["pending"]["from"], _entry(s, "prefill")["pending"]["to"]) == (2, 3)
+    patch = {"spec": {"roles": {"prefill": {"replicas": 1}}}}
+    s["cluster"].kubectl("patch", "moed", NAME, "-n", s["namespace"], "--type=merge", "-p", json.dumps(patch))
+    s["fake"].waiting["auto-prefill-0"] = 4.0  # on target for the one group the user wants
+    operator.stop()
+    operator.extra_env = dict(s["env"])
+    operator.start()
+    wait_for(lambda: _events(s, "ScaleAbandoned", "prefill"), 60, "a ScaleAbandoned Event")
+    assert "replicas changed to 1" in _events(s, "ScaleAbandoned", "prefill")[0]["message"]
+    time.sleep(4)
+    assert _replicas(s, "prefill") == 1 and "pending" not in _entry(s, "prefill")
+    assert len(_events(s, "ScaledUp", "prefill")) == 1  # only the earlier scale up
+
+
 def test_queue_below_target_drains_then_removes_one_group_across_a_restart(setup, operator):
     s = setup
     fake: FakeEngines = s["fake"]
@@ -302,5 +323,5 @@ def test_prometheus_down_sets_the_condition_and_changes_nothing(setup):
     )
     wait_for(lambda: _events(s, "AutoscalingReadyFalse", "PrometheusUnavailable"), 30, "an Event")
     time.sleep(4)
-    assert (_replicas(s, "prefill"), _replicas(s, "decode")) == (2, 1)
+    assert (_replicas(s, "prefill"), _replicas(s, "decode")) == (1, 1)
     assert "Prometheus cannot be read" in _entry(s, "prefill")["reason"]
