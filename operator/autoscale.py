@@ -1,4 +1,4 @@
-"""Role autoscaling in whole groups: the decision, as pure functions (no I/O). Not wired to a loop yet.
+"""Role autoscaling in whole groups: the decision, as pure functions (no I/O). autoscale_loop.py acts on it.
 
 Per role with `spec.roles.<role>.autoscaling`, from a per-group signal read from Prometheus:
 - recommendation = ceil(groups * signal / target), like the HorizontalPodAutoscaler; no change while
@@ -8,7 +8,12 @@ Per role with `spec.roles.<role>.autoscaling`, from a per-group signal read from
 - scale up may add several groups at once; scale down removes ONE group at a time and only after it is
   drained (the gateway stops routing to it, its in-flight requests finish): while a drain is in progress
   nothing else changes;
-- no signal (Prometheus down, no series) -> no change, except restoring [minReplicas, maxReplicas].
+- no signal (no series) -> no change, except restoring [minReplicas, maxReplicas];
+- no scale up while a group of the role is not Ready yet (a group added last time, or one pending for lack
+  of GPUs: more groups would not serve sooner; the cluster autoscaler adds the nodes);
+- additive signals (queue, tokensPerSecond) are the role's total divided by ALL its groups, Ready or not
+  (the HPA counts a not-yet-ready pod as idle when scaling up): a group just added lowers the per-group value
+  at once, so the next cycle does not add another for the same load.
 Prefill and decode are decided independently (one call per role).
 """
 
@@ -22,19 +27,27 @@ from moefleet.operator.spec import AutoscalingSpec
 
 Recommendation = tuple[float, int]  # (unix time, groups)
 
-# PromQL per metric for one role; {sel} is the role's label selector. Each yields ONE number for the role,
-# expressed per group where the signal is additive (queue, tokens/s) and as-is otherwise.
+# PromQL per metric for one role; {sel} is the role's label selector. Each yields ONE number for the role:
+# the role's total for additive signals (per_group_signal divides it by the role's groups), as-is otherwise.
 SIGNAL_QUERIES = {
-    "queue": "sum(moefleet_num_requests_waiting{{{sel}}}) / count(count by (group) (moefleet_num_requests_waiting{{{sel}}}))",
+    "queue": "sum(moefleet_num_requests_waiting{{{sel}}})",
     "kvUsage": "avg(max by (group) (moefleet_kv_cache_usage_ratio{{{sel}}}))",
     "ttftP90": "histogram_quantile(0.9, sum by (le) (rate(moefleet_time_to_first_token_seconds_bucket{{{sel}}}[2m])))",
-    "tokensPerSecond": "sum(rate(moefleet_generation_tokens_total{{{sel}}}[2m])) / count(count by (group) (moefleet_generation_tokens_total{{{sel}}}))",
+    "tokensPerSecond": "sum(rate(moefleet_generation_tokens_total{{{sel}}}[2m]))",
 }
+ADDITIVE = ("queue", "tokensPerSecond")
 
 
 def signal_query(metric: str, namespace: str, deployment: str, role: str) -> str:
     sel = f'namespace="{namespace}",deployment="{deployment}",role="{role}"'
     return SIGNAL_QUERIES[metric].format(sel=sel)
+
+
+def per_group_signal(metric: str, value: float | None, groups: int) -> float | None:
+    """The query's answer as the per-group value `target` is compared with."""
+    if value is None or metric not in ADDITIVE:
+        return value
+    return value / max(groups, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +76,10 @@ def decide(
     history: Sequence[Recommendation],
     now: float,
     draining: bool = False,
+    ready: int | None = None,
 ) -> ScaleDecision:
-    """What the role should do now; `history` is what the previous call returned (kept in status)."""
+    """What the role should do now; `history` is what the previous call returned (kept in status);
+    `ready`: the role's Ready groups (None = unknown, no hold)."""
     keep = max(spec.scale_up_stabilization_seconds, spec.scale_down_stabilization_seconds)
     recent = tuple((t, r) for t, r in history if now - t <= keep)
     bounded = min(max(current, spec.min_replicas), spec.max_replicas)
@@ -89,6 +104,14 @@ def decide(
     downs = [r for t, r in recent if now - t <= spec.scale_down_stabilization_seconds] or [raw]
     what = f"{spec.metric} {signal:g} per group vs target {spec.target:g}"
     up_to = min(ups)
+    if up_to > current and ready is not None and ready < current:
+        return ScaleDecision(
+            current,
+            False,
+            f"{what}: would scale up to {up_to}, waiting for {current - ready} group(s) to become Ready "
+            "(see the Degraded condition)",
+            recent,
+        )
     if up_to > current:
         return ScaleDecision(up_to, False, f"{what}: scale up {current} -> {up_to} group(s)", recent)
     down_to = max(downs)

@@ -67,6 +67,22 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                 (_q("sum by (role) (rate(moefleet_requests_total{$sel}[$rate]))", "{{role}}"),),
                 "reqps",
             ),
+            Panel(
+                "Groups by phase, per role (operator)",
+                (_q("sum by (role, phase) (moefleet_operator_groups{$sel})", "{{role}} {{phase}}"),),
+                description="What kubectl get moed shows: Ready, Forming, Restarting, BackOff, Failed, "
+                "Unschedulable (pending for lack of GPUs) groups.",
+            ),
+            Panel(
+                "Group restarts (per hour)",
+                (
+                    _q(
+                        "sum by (group) (increase(moefleet_operator_group_restarts_total{$sel}[1h]))",
+                        "{{group}}",
+                    ),
+                ),
+                description="Whole-group restarts by the operator; a group that keeps restarting is in a loop.",
+            ),
             Panel("Time to first token", _quantiles("moefleet_time_to_first_token_seconds"), "s"),
             Panel("Inter-token latency", _quantiles("moefleet_inter_token_latency_seconds"), "s"),
             Panel(
@@ -189,6 +205,28 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                     ),
                 ),
             ),
+            Panel(
+                "Scaling decisions (per hour)",
+                (
+                    _q(
+                        "sum by (role, outcome) (increase(moefleet_operator_scaling_decisions_total[1h]))",
+                        "{{role}} {{outcome}}",
+                    ),
+                ),
+                description="Autoscaler actions: scaled_up, drain_started, scaled_down, abandoned, "
+                "skipped_no_data (status.autoscaling.<role>.reason says why).",
+            ),
+            Panel(
+                "Autoscaled groups: current and desired",
+                (
+                    _q(
+                        "sum by (deployment, role, kind) (moefleet_operator_autoscaling_groups{$sel})",
+                        "{{deployment}} {{role}} {{kind}}",
+                    ),
+                ),
+                description="desired below current while a group drains; above it while new groups wait "
+                "for GPUs (see the Degraded condition).",
+            ),
         ),
     ),
 }
@@ -202,6 +240,15 @@ ALERTS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "critical",
         "Engine group {{ $labels.group }} has a pod Prometheus cannot scrape",
         "kubectl describe moed {{ $labels.deployment }}: the operator restarts the group; Degraded says why it cannot",
+    ),
+    (
+        "MoefleetGroupRestartLoop",
+        "sum by (namespace, deployment, group) (increase(moefleet_operator_group_restarts_total[30m])) >= 3",
+        "1m",
+        "warning",
+        "Group {{ $labels.group }} was restarted 3 or more times in 30 minutes",
+        "kubectl describe moed {{ $labels.deployment }}: status.groups[].lastFailure says why; the operator backs off "
+        "and stops at spec.restartPolicy.maxRestarts (Degraded RestartLimit); fix the cause (image, model, memory)",
     ),
     (
         "MoefleetBalancednessLowWithoutRebalance",

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import kopf
-from moefleet.operator import eplb_loop, planner, render
+from moefleet.operator import autoscale_loop, eplb_loop, fleet_metrics, planner, render
 from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
@@ -148,6 +148,8 @@ def on_pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, st
 @kopf.on.event(L.GROUP, L.VERSION, L.PLURAL)
 def on_event(event: Mapping[str, Any], body: kopf.Body, **kwargs: Any) -> None:
     if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        metadata = body.get("metadata", {})
+        fleet_metrics.COLLECTOR.forget(metadata.get("namespace", ""), metadata.get("name", ""))
         return
     reconcile(body, kwargs)
 
@@ -215,6 +217,7 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     with STATE.lock((namespace, name)):
         now = time.time()
         previous = _previous_status(namespace, name, body)
+        fleet_metrics.COLLECTOR.observe(namespace, name, previous)
         try:
             spec = parse(body, default_image=SETTINGS.default_image)
         except SpecError as error:
@@ -289,6 +292,7 @@ def _unwritten_gates(
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
     resource_version = int(((response or {}).get("metadata") or {}).get("resourceVersion") or 0)
     STATE.written_status[(namespace, name)] = (resource_version, status)
+    fleet_metrics.COLLECTOR.observe(namespace, name, status)
 
 
 # -- EPLB trigger: one daemon per MoEDeployment (eplb_loop.py does the work) -----------------------------
@@ -301,7 +305,7 @@ async def eplb_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) ->
     if not SETTINGS.prometheus_url:
         return
     with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as prometheus:
-        while not stopped and not body.get("metadata", {}).get("deletionTimestamp"):
+        while not stopped and not STATE.closing and not body.get("metadata", {}).get("deletionTimestamp"):
             interval = await asyncio.to_thread(_eplb_pass, body, prometheus)
             await stopped.wait(interval)
 
@@ -331,6 +335,10 @@ def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
         )
     except (KubeError, httpx.HTTPError) as error:
         log.warning("%s/%s: EPLB cycle failed (retried later): %s", namespace, name, error)
+    except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
+        if not STATE.closing:
+            raise
+        log.info("EPLB trigger stopped: the operator is shutting down (%s)", error)
     return spec.eplb.interval_seconds
 
 
@@ -346,3 +354,48 @@ def _write_status(body: Mapping[str, Any], mutate: Any) -> None:
             return
         response = STATE.client().replace_status(namespace, name, status)
         _remember_status(namespace, name, response, status)
+
+
+# -- Role autoscaling: one daemon per MoEDeployment (autoscale_loop.py does the work) -----------------------
+@kopf.daemon(L.GROUP, L.VERSION, L.PLURAL, cancellation_timeout=5.0)
+async def autoscale_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
+    """Every MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS: scale autoscaled roles in whole groups. Async with
+    each pass in a thread, like the EPLB daemon; a deployment without autoscaling costs no request."""
+    with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as client:
+        while not stopped and not STATE.closing and not body.get("metadata", {}).get("deletionTimestamp"):
+            await asyncio.to_thread(_autoscale_pass, body, client)
+            await stopped.wait(SETTINGS.autoscale_interval_seconds)
+
+
+def _autoscale_pass(live: Mapping[str, Any], client: httpx.Client) -> None:
+    metadata = live.get("metadata", {})
+    namespace, name = metadata["namespace"], metadata["name"]
+    try:
+        spec = parse(live, default_image=SETTINGS.default_image)
+        if not autoscale_loop.wants_cycle(spec, live):
+            return
+        kube = STATE.client()
+        # A fresh read: the decision must see the replicas, annotation and status its last pass wrote.
+        body = kube.get(L.KIND, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        spec = parse(body, default_image=SETTINGS.default_image)
+        context = autoscale_loop.Context(
+            kube=kube,
+            write_status=lambda mutate: _write_status(body, mutate),
+            prometheus=client,
+            prometheus_url=SETTINGS.prometheus_url,
+            engine_template=SETTINGS.engine_url_template,
+            drain_grace_seconds=SETTINGS.drain_grace_seconds,
+            drain_timeout_seconds=SETTINGS.drain_timeout_seconds,
+            fault_exit_after=SETTINGS.fault_exit_after,
+        )
+        autoscale_loop.cycle(spec, body, context)
+    except SpecError:
+        return  # the reconcile reports it
+    except (KubeError, httpx.HTTPError) as error:
+        log.warning("%s/%s: autoscaling cycle failed (retried later): %s", namespace, name, error)
+    except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
+        if not STATE.closing:
+            raise
+        log.info("autoscaling stopped: the operator is shutting down (%s)", error)

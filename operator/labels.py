@@ -40,6 +40,9 @@ GATE_REASONS = ("GroupReady", "GroupNotReady")  # the reasons the operator write
 # Annotations.
 # sha256 (16 hex) of the rendered object without this annotation: equal hash => no write (idempotent apply).
 SPEC_HASH = "moefleet.ai/spec-hash"
+# On the MoEDeployment: JSON {group: RFC 3339 start} of the groups the autoscaler drains before removing them
+# (operator/group_drain.py); the gateway config marks them draining.
+DRAINING_ANNOTATION = "moefleet.ai/draining"
 
 COMPONENT_ENGINE = "engine"
 COMPONENT_GATEWAY = "gateway"

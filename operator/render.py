@@ -315,6 +315,7 @@ def gateway_config(spec: MoEDeploymentSpec) -> Obj:
                     url=f"http://{master_address(spec, role.name, replica)}:{L.ENGINE_HTTP_PORT}",
                     nodes=role.nodes_per_replica,
                     ranks=role.ranks_per_group,
+                    draining=L.group_name(spec.name, role.name, replica) in spec.draining_groups,
                 )
                 for replica in range(role.replicas)
             ),

@@ -34,12 +34,31 @@ class OperatorSettings:
     engine_url_template: str = "http://{pod}.{group}.{namespace}.svc:{port}"
     # Seconds a POST /admin/eplb/rebalance may take (the engine answers when the rebalance is done).
     admin_timeout_seconds: float = 600.0
+    # Seconds between autoscaling cycles of each MoEDeployment with spec.roles.<role>.autoscaling (the HPA's
+    # default sync period).
+    autoscale_interval_seconds: float = 15.0
+    # A drained group is removed once idle AND this long after its drain began (the kubelet needs up to about
+    # a minute to show the gateway its updated ConfigMap), or after the timeout whatever it says.
+    drain_grace_seconds: float = 90.0
+    drain_timeout_seconds: float = 600.0
+    # Test-only fault injection: the process exits right after the named step (e.g. autoscale-intent), so a
+    # test can prove a restarted operator does not repeat a decision. Empty in production.
+    fault_exit_after: str = ""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
             raise ValueError(f"{PREFIX}RESYNC_SECONDS ({self.resync_seconds}) must be > 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"{PREFIX}METRICS_PORT ({self.metrics_port}) must be in 0..65535")
+        if self.autoscale_interval_seconds <= 0:
+            raise ValueError(
+                f"{PREFIX}AUTOSCALE_INTERVAL_SECONDS ({self.autoscale_interval_seconds}) must be > 0"
+            )
+        if self.drain_timeout_seconds < self.drain_grace_seconds:
+            raise ValueError(
+                f"{PREFIX}DRAIN_TIMEOUT_SECONDS ({self.drain_timeout_seconds}) must be >= "
+                f"{PREFIX}DRAIN_GRACE_SECONDS ({self.drain_grace_seconds})"
+            )
         if self.workers < 1:
             raise ValueError(f"{PREFIX}WORKERS ({self.workers}) must be >= 1")
 

@@ -7,12 +7,13 @@ CRD, a hand-edited object) and so the rules are unit-testable. Errors name the f
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moefleet.operator.labels import GPU_RESOURCE
+from moefleet.operator.labels import DRAINING_ANNOTATION, GPU_RESOURCE
 
 ROLES_DISAGGREGATED = ("prefill", "decode")
 ROLE_MIXED = "mixed"
@@ -132,6 +133,8 @@ class MoEDeploymentSpec:
     eplb: EplbSpec = EplbSpec()
     pod_monitor: bool = False
     restart_policy: RestartPolicySpec = RestartPolicySpec()
+    # Groups the autoscaler is draining (metadata.annotations[moefleet.ai/draining], group_drain.py).
+    draining_groups: frozenset[str] = frozenset()
 
     @property
     def disaggregated(self) -> bool:
@@ -403,4 +406,15 @@ def parse(body: Mapping[str, Any], default_image: str = "") -> MoEDeploymentSpec
         eplb=eplb,
         pod_monitor=bool(monitoring.get("podMonitor", False)),
         restart_policy=_parse_restart_policy(_mapping(spec, "restartPolicy", "spec")),
+        draining_groups=_draining(metadata),
     )
+
+
+def _draining(metadata: Mapping[str, Any]) -> frozenset[str]:
+    """Group names in the draining annotation (written only by the operator; unreadable -> none)."""
+    text = (metadata.get("annotations") or {}).get(DRAINING_ANNOTATION)
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return frozenset()
+    return frozenset(str(k) for k in value) if isinstance(value, dict) else frozenset()

@@ -257,6 +257,9 @@ def build_status(
     status["conditions"] += _foreign_conditions(previous_status)
     # status.eplb (balancedness, per-group records) belongs to the EPLB trigger and is carried over.
     status["eplb"] = {**(previous_status.get("eplb") or {}), "enabled": spec.eplb.enabled}
+    # status.autoscaling (per-role decisions, history, pending intent) belongs to autoscale_loop.py.
+    if previous_status.get("autoscaling"):
+        status["autoscaling"] = previous_status["autoscaling"]
     return status
 
 

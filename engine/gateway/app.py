@@ -45,6 +45,8 @@ class Gateway:
     def __init__(self, pool: BackendPool, *, upstream_timeout: float | None = None):
         self.pool = pool
         self.metrics = GatewayMetrics(lambda: role_counts(self.pool.backends.values()))
+        for role in pool.config.serving_roles:  # 0, not absent, until the first retry: rate() has data
+            self.metrics.retries.labels(role)
         self.turns = itertools.count()
         self.pd = PDRelay(self)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.

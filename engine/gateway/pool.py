@@ -42,6 +42,7 @@ class Backend:
     url: str
     healthy: bool = False
     listed: bool = True  # by the role Service (True where the Service does not resolve)
+    draining: bool = False  # the operator is about to remove the group: no new requests
     in_flight: int = 0
     running: int = 0
     waiting: int = 0
@@ -54,7 +55,7 @@ class Backend:
         return BackendView(
             name=self.name,
             role=self.role,
-            eligible=self.healthy and self.listed,
+            eligible=self.healthy and self.listed and not self.draining,
             in_flight=self.in_flight,
             running=self.running,
             waiting=self.waiting,
@@ -65,6 +66,8 @@ class Backend:
     def state(self) -> str:
         if not self.healthy:
             return "unhealthy"
+        if self.draining:
+            return "draining"
         return "ready" if self.listed else "not_listed"
 
 
@@ -107,15 +110,19 @@ class BackendPool:
     def configure(self, config: GatewayConfig) -> None:
         """Apply a (re)loaded config: keep the state of backends that stay, add new ones, drop removed ones."""
         wanted: dict[str, tuple[str, str]] = {}
+        draining: set[str] = set()
         for role, endpoints in config.roles.items():
             for group in endpoints.groups:
                 wanted[group.name] = (role, group.url)
+                if group.draining:
+                    draining.add(group.name)
         for name in list(self.backends):
             backend = self.backends[name]
             if wanted.get(name) != (backend.role, backend.url):
                 del self.backends[name]
         for name, (role, url) in wanted.items():
             self.backends.setdefault(name, Backend(name=name, role=role, url=url))
+            self.backends[name].draining = name in draining
         self.config = config
 
     def views(self) -> list[BackendView]:
@@ -125,7 +132,7 @@ class BackendPool:
         """Eligible backends per serving role."""
         counts = {role: 0 for role in self.config.serving_roles}
         for backend in self.backends.values():
-            if backend.role in counts and backend.healthy and backend.listed:
+            if backend.role in counts and backend.view().eligible:
                 counts[backend.role] += 1
         return counts
 

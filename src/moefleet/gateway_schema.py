@@ -6,7 +6,8 @@ gateway accepts. The JSON keys are camelCase like the CRD's:
     {"model": "m", "mode": "mixed" | "disaggregated", "routingPolicy": "least-load", "port": 8000,
      "healthPath": "/health",
      "roles": {"<role>": {"service": "m-decode.ns.svc" | null, "port": 8000,
-                          "groups": [{"name": "m-decode-0", "url": "http://...:8000", "nodes": 1, "ranks": 8}]}}}
+                          "groups": [{"name": "m-decode-0", "url": "http://...:8000", "nodes": 1, "ranks": 8,
+                                      "draining": true (optional: no new requests)}]}}}
 
 `service` is the role's headless Service, which lists only Ready rank-0 pods: the gateway routes to a group only
 while that Service resolves to it (when the name resolves at all; outside a cluster health checks decide alone).
@@ -39,9 +40,15 @@ class GroupEndpoint:
     url: str
     nodes: int = 1
     ranks: int = 1
+    # Set by the operator's autoscaler before it removes the group: the gateway sends it no new requests
+    # (its in-flight ones finish) while it stays in the file.
+    draining: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "url": self.url, "nodes": self.nodes, "ranks": self.ranks}
+        out: dict[str, Any] = {"name": self.name, "url": self.url, "nodes": self.nodes, "ranks": self.ranks}
+        if self.draining:
+            out["draining"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ def _parse_role(value: Any, path: str, source: str) -> RoleEndpoints:
                 url=_check_url(group["url"], f"{where}.url", source),
                 nodes=_int(group.get("nodes", 1), f"{where}.nodes", source),
                 ranks=_int(group.get("ranks", 1), f"{where}.ranks", source),
+                draining=_bool(group.get("draining", False), f"{where}.draining", source),
             )
         )
     names = [g.name for g in groups]
@@ -199,6 +207,12 @@ def _check_port(port: int, name: str, source: str) -> None:
 def _int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise GatewayConfigError(f"{source}: '{name}' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _bool(value: Any, name: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise GatewayConfigError(f"{source}: '{name}' must be true or false, got {value!r}")
     return value
 
 

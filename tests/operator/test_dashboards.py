@@ -6,7 +6,6 @@ Prometheus fed those scrapes answers every dashboard query with data."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -21,31 +20,24 @@ import pytest
 import yaml
 from moefleet.operator import dashboards as D
 from prometheus_client.parser import text_string_to_metric_families
+from support.promql import metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "moefleet"
 # Series Prometheus makes itself (not exported by any moefleet process).
 PROMETHEUS_BUILTINS = {"up"}
-PROMQL_WORDS = {
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-}
 
 
 def exported_scrapes() -> dict[str, str]:
     """The text each kind of moefleet process serves on /metrics, with every labelled family touched once."""
     from moefleet.engine.gateway.metrics import GatewayMetrics
     from moefleet.engine.server.metrics import RequestTracker, ServerMetrics, register_eplb_metrics
-    from moefleet.operator import eplb_loop, kube  # noqa: F401  (registers moefleet_operator_* families)
+    from moefleet.operator import (
+        autoscale_loop,
+        eplb_loop,
+        fleet_metrics,
+        kube,
+    )  # registers moefleet_operator_*
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
     stats = {"num_running": 2, "num_waiting": 1, "kv_blocks_used": 10, "kv_blocks_total": 100}
@@ -70,6 +62,16 @@ def exported_scrapes() -> dict[str, str]:
     gateway.retries.labels("decode").inc()
     kube.API_REQUESTS.labels("GET", "pods").inc()
     eplb_loop.DECISIONS.labels("rebalanced").inc()
+    autoscale_loop.DECISIONS.labels("decode", "scaled_up").inc()
+    fleet_metrics.COLLECTOR.observe(
+        "ns",
+        "m",
+        {
+            "roles": {"decode": {}},
+            "groups": [{"name": "m-decode-0", "role": "decode", "phase": "Ready", "restarts": 1}],
+            "autoscaling": {"decode": {"current": 1, "desired": 2}},
+        },
+    )
     operator = "\n".join(
         line
         for line in generate_latest(REGISTRY).decode().splitlines()
@@ -88,22 +90,6 @@ def exported_names() -> set[str]:
         for family in text_string_to_metric_families(text):
             names.update(sample.name for sample in family.samples)
     return names
-
-
-def metric_names(expr: str) -> set[str]:
-    """Identifiers in a PromQL expression that are metric names (not functions, keywords, labels, strings)."""
-    text = re.sub(r'"[^"]*"', '""', expr)  # label values
-    text = re.sub(r"\{[^}]*\}", "{}", text)  # matchers
-    text = re.sub(r"\[[^\]]*\]", "[]", text)  # ranges
-    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    out = set()
-    for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
-        word = match.group(0)
-        following = text[match.end() :].lstrip()[:1]
-        if following == "(" or word in PROMQL_WORDS:
-            continue  # a function call or keyword
-        out.add(word)
-    return out
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):
@@ -166,7 +152,7 @@ def test_promtool_accepts_the_rules():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 @pytest.mark.cluster

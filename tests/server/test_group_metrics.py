@@ -53,7 +53,7 @@ def test_group_gauges_are_sums_over_the_ranks_and_each_rank_is_labelled():
     assert got[("moefleet_num_requests_running", ())] == 5
     assert got[("moefleet_num_requests_waiting", ())] == 5
     assert got[("moefleet_kv_cache_blocks_used", ())] == 15
-    assert got[("moefleet_kv_cache_blocks_total", ())] == 40
+    assert got[("moefleet_kv_cache_blocks_capacity", ())] == 40
     assert got[("moefleet_kv_cache_usage_ratio", ())] == pytest.approx(15 / 40)  # not the mean ratio 0.5
     assert got[("moefleet_num_preemptions_total", ())] == 6
     for rank, (running, usage) in enumerate([(2, 0.6), (3, 0.9), (0, 0.0)]):

@@ -121,7 +121,7 @@ def test_metrics_count_tokens_and_requests(client, fake_server):
     assert fake_server.metric("moefleet_time_to_first_token_seconds_count") == 2
     assert fake_server.metric("moefleet_inter_token_latency_seconds_count") == 2 + 2
     assert fake_server.metric("moefleet_e2e_request_latency_seconds_count") == 2
-    assert fake_server.metric("moefleet_kv_cache_blocks_total") == 64
+    assert fake_server.metric("moefleet_kv_cache_blocks_capacity") == 64
 
 
 def test_engine_thread_owns_engine_and_sleeps_when_idle():

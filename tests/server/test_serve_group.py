@@ -64,7 +64,7 @@ def test_two_nodes_of_two_ranks_serve_like_transformers(name):
         worker_metrics = httpx.get(worker + "/metrics", timeout=10).text
         assert "moefleet_requests_total" in worker_metrics and "moefleet_kv_cache" not in worker_metrics
         front_end_metrics = httpx.get(front_end + "/metrics", timeout=10).text
-        assert 'moefleet_dp_rank_kv_cache_blocks_total{dp_rank="3"}' in front_end_metrics
+        assert 'moefleet_dp_rank_kv_cache_blocks_capacity{dp_rank="3"}' in front_end_metrics
         refused = httpx.post(
             worker + "/v1/completions", json={"model": model.name, "prompt": [5]}, timeout=10
         )
