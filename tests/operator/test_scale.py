@@ -23,7 +23,8 @@ RESYNC_SECONDS = 3.0
 QUIET_SECONDS = 12.0
 # Issue 17's budget was 20 (19.9 measured before the EPLB trigger); its admin Secret adds one create per
 # deployment (21.2 measured while that took a GET and a POST; now one POST). Still catches per-child writes.
-MAX_REQUESTS_PER_DEPLOYMENT = 21
+# Each group's NetworkPolicy (issue 13) adds one apply per group: 2 here.
+MAX_REQUESTS_PER_DEPLOYMENT = 23
 POOL = {"moefleet.test/pool": "opscale"}
 
 
