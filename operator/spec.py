@@ -352,7 +352,9 @@ def _parse_model(obj: Mapping[str, Any], default_served_name: str) -> ModelSpec:
     mount_path = obj.get("mountPath", "/models")
     size_gb = obj.get("sizeGB")
     if size_gb is not None:
-        size_gb = _number(obj, "sizeGB", path, None, 0.001, 1e6)
+        size_gb = _number(obj, "sizeGB", path, None, 0.0, 1e6)
+        if size_gb <= 0:
+            raise SpecError(f"{path}.sizeGB", "must be > 0 (the checkpoint's size in GB)")
     secret_ref = obj.get("secretRef")
     secret_name = None
     if secret_ref is not None:
