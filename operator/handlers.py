@@ -327,6 +327,7 @@ def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
     namespace, name = metadata["namespace"], metadata["name"]
     try:
         spec = parse(body, default_image=SETTINGS.default_image)
+        security.check_model_volume(spec, SETTINGS.allow_host_path)
     except SpecError:
         return 30.0  # the reconcile reports it
     if not spec.eplb.enabled or spec.eplb.mode == "off":
