@@ -26,7 +26,8 @@ def pod_security_context() -> Obj:
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
         "runAsGroup": RUN_AS_USER,
-        "fsGroup": RUN_AS_USER,
+        # No fsGroup: it would make the kubelet chown the model volume (hundreds of GB) at every start; the
+        # emptyDirs are world-writable and checkpoints are world-readable.
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
