@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -232,6 +233,10 @@ def test_each_group_is_one_pod_group_when_coscheduling_is_installed(
         )
         placement = get_moed(kube_cluster, kube_namespace, "gang")["status"]["placement"]
         assert placement["gangScheduler"] == "coscheduling"
+        # Converged: reconciles (every second here) make no PodGroup request at all.
+        before = {k: v for k, v in operator.api_requests().items() if k[1] == "podgroups"}
+        time.sleep(4)
+        assert {k: v for k, v in operator.api_requests().items() if k[1] == "podgroups"} == before
         # A new group gets its PodGroup; a removed group's PodGroup goes.
         patch_spec(kube_cluster, kube_namespace, "gang", {"roles": {"decode": {"replicas": 2}}})
         wait_for(lambda: pod_groups().get("gang-decode-1") == 2, 60, "the new group's PodGroup")
