@@ -255,6 +255,65 @@ def test_each_group_is_one_pod_group_when_coscheduling_is_installed(
         kube_cluster.kubectl("delete", "crd", "podgroups.scheduling.x-k8s.io", "--wait=false", check=False)
 
 
+def _crd(group: str, plural: str, kind: str, version: str) -> dict:
+    crd = json.loads(json.dumps(COSCHEDULING_CRD))
+    crd["metadata"]["name"] = f"{plural}.{group}"
+    crd["spec"].update(group=group, names={"kind": kind, "plural": plural, "singular": kind.lower()})
+    crd["spec"]["versions"][0]["name"] = version
+    return crd
+
+
+@pytest.mark.parametrize("scheduler", ["volcano", "kueue"])
+def test_volcano_and_kueue_gangs_are_rendered_when_their_crds_exist(
+    operator, pool, kube_cluster, kube_namespace, scheduler
+):
+    """Objects only: no Volcano or Kueue controller runs here (Volcano's pods wait for its scheduler)."""
+    crd = (
+        _crd("scheduling.volcano.sh", "podgroups", "PodGroup", "v1beta1")
+        if scheduler == "volcano"
+        else _crd("kueue.x-k8s.io", "workloads", "Workload", "v1beta1")
+    )
+    kube_cluster.apply(crd)
+    name = f"gang-{scheduler}"
+    try:
+        kube_cluster.kubectl(
+            "wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s"
+        )
+        body = small(name, gangScheduling={"queueName": "gpu-queue"} if scheduler == "kueue" else {})
+        kube_cluster.apply(body, kube_namespace)
+
+        def placement() -> str:
+            return (
+                (get_moed(kube_cluster, kube_namespace, name).get("status") or {}).get("placement") or {}
+            ).get("gangScheduler", "")
+
+        wait_for(lambda: placement() == scheduler, 60, f"status.placement {scheduler}")
+        selector = f"moefleet.ai/deployment={name}"
+        sts_path = f"/apis/apps/v1/namespaces/{kube_namespace}/statefulsets"
+        wait_for(lambda: len(list_items(kube_cluster, sts_path, selector)) == 2, 60, "two StatefulSets")
+        sets = {s["metadata"]["name"]: s for s in list_items(kube_cluster, sts_path, selector)}
+        if scheduler == "volcano":
+            path = f"/apis/scheduling.volcano.sh/v1beta1/namespaces/{kube_namespace}/podgroups"
+            groups = {
+                g["metadata"]["name"]: g["spec"]["minMember"]
+                for g in list_items(kube_cluster, path, selector)
+            }
+            assert groups == {f"{name}-prefill-0": 1, f"{name}-decode-0": 2}
+            for sts_name, sts in sets.items():
+                template = sts["spec"]["template"]
+                assert template["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == sts_name
+                assert template["spec"]["schedulerName"] == "volcano"
+        else:
+            for sts in sets.values():
+                assert sts["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+                assert (
+                    sts["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+                )
+    finally:
+        kube_cluster.kubectl("delete", "moed", name, "-n", kube_namespace, "--wait=false", check=False)
+        kube_cluster.kubectl("delete", "crd", crd["metadata"]["name"], "--wait=false", check=False)
+
+
 def _helm_template(*sets: str) -> list[dict]:
     helm = binaries.require()["helm"]
     args = [a for s in sets for a in ("--set", s)]
