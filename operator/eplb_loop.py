@@ -9,10 +9,16 @@ Prometheus unreachable or a group's series absent -> EPLBReady=False (with the r
 
 The admin token lives in the Secret `<deployment>-admin` (key `token`), created by the reconcile before any
 engine pod (ensure_admin_secret) and mounted into engine pods as MOEFLEET_ADMIN_TOKEN (render.py).
+With an operator key (MOEFLEET_OPERATOR_ADMIN_KEY, from the chart's `<release>-admin-key` Secret through the
+kubelet) the token is HMAC-SHA256(key, namespace/name/uid): the operator creates the Secret but never reads
+one, so its RBAC grants `create` on Secrets and no `get` (it cannot read Secrets it did not create).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -44,8 +50,20 @@ _KNOWN_SECRETS: set[tuple[str, str]] = set()
 StatusWriter = Callable[[Callable[[dict[str, Any]], dict[str, Any]]], None]
 
 
+# The operator's key for derived admin tokens (handlers.py sets it from the settings); "" = random tokens
+# read back from the Secret (needs `get` on Secrets).
+admin_key = ""
+
+
 def admin_secret_name(deployment: str) -> str:
     return f"{deployment}-admin"
+
+
+def derive_token(key: str, spec: MoEDeploymentSpec) -> str:
+    """The deployment's admin token from the operator key (stable across operator restarts, per object uid)."""
+    message = f"{spec.namespace}/{spec.name}/{spec.uid}".encode()
+    digest = hmac.new(key.encode(), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def ensure_admin_secret(kube: Kube, spec: MoEDeploymentSpec, owner: Mapping[str, Any]) -> None:
@@ -67,7 +85,7 @@ def ensure_admin_secret(kube: Kube, spec: MoEDeploymentSpec, owner: Mapping[str,
             "ownerReferences": [dict(owner)],
         },
         "type": "Opaque",
-        "stringData": {SECRET_KEY: secrets.token_urlsafe(32)},
+        "stringData": {SECRET_KEY: derive_token(admin_key, spec) if admin_key else secrets.token_urlsafe(32)},
     }
     try:
         kube.request("POST", path, "secrets", body=body)
@@ -78,8 +96,8 @@ def ensure_admin_secret(kube: Kube, spec: MoEDeploymentSpec, owner: Mapping[str,
 
 
 def _read_token(kube: Kube, spec: MoEDeploymentSpec) -> str:
-    import base64
-
+    if admin_key:
+        return derive_token(admin_key, spec)
     secret = kube.request(
         "GET", f"/api/v1/namespaces/{spec.namespace}/secrets/{admin_secret_name(spec.name)}", "secrets"
     )

@@ -19,7 +19,16 @@ from typing import Any
 
 import httpx
 import kopf
-from moefleet.operator import autoscale_loop, eplb_loop, fleet_metrics, planner, render
+from moefleet.operator import (
+    autoscale_loop,
+    eplb_loop,
+    fleet_metrics,
+    gang,
+    gang_sync,
+    planner,
+    render,
+    security,
+)
 from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
@@ -38,6 +47,7 @@ _CHILD_INDEXES = (
     ("ConfigMap", ("", "v1", "configmaps"), "moefleet_configmaps"),
     ("Deployment", ("apps", "v1", "deployments"), "moefleet_deployments"),
     ("PodDisruptionBudget", ("policy", "v1", "poddisruptionbudgets"), "moefleet_pdbs"),
+    ("NetworkPolicy", ("networking.k8s.io", "v1", "networkpolicies"), "moefleet_networkpolicies"),
 )
 _CHILD_KINDS = tuple(kind for kind, _, _ in _CHILD_INDEXES)
 _APPLIED_TTL = 30.0  # seconds an applied hash overrides a (possibly stale) index entry
@@ -80,6 +90,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True  # one replica (chart), no peering CRDs
     settings.persistence.finalizer = "moefleet.ai/operator"  # kopf's timers need one on the object
     settings.execution.max_workers = SETTINGS.workers
+    eplb_loop.admin_key = SETTINGS.admin_key  # derived admin tokens: no Secret is ever read
     settings.watching.server_timeout = 300
     # Children are watched through a server-side label selector: only our objects cross the wire.
     owned = ",".join(f"{key}={value}" for key, value in _OWNED.items())
@@ -220,6 +231,7 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
         fleet_metrics.COLLECTOR.observe(namespace, name, previous)
         try:
             spec = parse(body, default_image=SETTINGS.default_image)
+            security.check_model_volume(spec, SETTINGS.allow_host_path)
         except SpecError as error:
             generation = int(metadata.get("generation") or 0)
             status = invalid_spec_status(previous, error.field, str(error), generation, now)
@@ -236,11 +248,23 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             ) from error
         # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
         podmonitors = kube.crd_exists(L.PODMONITOR_CRD, SETTINGS.crd_cache_seconds)
-        desired = render.render_all(spec, podmonitors)
+        # Gang placement (gang.py): the scheduler whose CRDs exist; its PodGroups go before the pods.
+        installed = {b.crd for b in gang.BACKENDS if kube.crd_exists(b.crd, SETTINGS.crd_cache_seconds)}
+        backend = gang.choose_backend(spec, installed)
+        try:
+            gang_sync.sync_pod_groups(kube, namespace, name, backend, render.render_pod_groups(spec, backend))
+        except KubeError as error:
+            raise kopf.TemporaryError(
+                f"PodGroups: {error}", delay=min(SETTINGS.resync_seconds, 10)
+            ) from error
+        desired = render.render_all(
+            spec, podmonitors, backend, SETTINGS.namespace, SETTINGS.metrics_namespace
+        )
         observed = _observed(namespace, name, indexes, kube, podmonitors)
         managed = (*_CHILD_KINDS, "PodMonitor") if podmonitors else _CHILD_KINDS
         the_plan = planner.plan(spec, desired, observed, previous, now, managed_kinds=managed)
         the_plan.pod_gates = _unwritten_gates(namespace, name, the_plan.pod_gates, observed)
+        the_plan.status["placement"] = gang.placement_status(spec, backend)
         write_status = the_plan.status != previous
         events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
         if not the_plan.writes and not write_status:
@@ -316,6 +340,7 @@ def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
     namespace, name = metadata["namespace"], metadata["name"]
     try:
         spec = parse(body, default_image=SETTINGS.default_image)
+        security.check_model_volume(spec, SETTINGS.allow_host_path)
     except SpecError:
         return 30.0  # the reconcile reports it
     if not spec.eplb.enabled or spec.eplb.mode == "off":

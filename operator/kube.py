@@ -42,6 +42,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Event": ("/api/v1", "events"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     L.KIND: (f"/apis/{L.API_VERSION}", L.PLURAL),
 }
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")

@@ -161,6 +161,7 @@ def plan(
         "PodDisruptionBudget",
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
     ),
 ) -> Plan:
     """Decide this reconcile's writes and the resulting status (see the module docstring for the rules)."""

@@ -13,7 +13,10 @@ import hashlib
 import json
 from typing import Any
 
+from moefleet.operator import gang, network_policy, pod_defaults, security
 from moefleet.operator import labels as L
+from moefleet.operator.gang import GangBackend
+from moefleet.operator.pod_overlay import apply_overlays
 from moefleet.operator.spec import MoEDeploymentSpec, RoleSpec
 
 from moefleet.gateway_schema import GatewayConfig, GroupEndpoint, RoleEndpoints
@@ -75,6 +78,9 @@ def engine_args(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> list[s
         "--master-addr", master_address(spec, role.name, replica),
         "--master-port", str(L.ENGINE_MASTER_PORT),
     ]  # fmt: skip
+    if spec.termination_grace_seconds is not None:  # the drain gets what the grace period leaves
+        drain = spec.termination_grace_seconds - PRESTOP_SLEEP_S - GROUP_STOP_S
+        args += ["--drain-timeout", f"{drain:g}"]
     return args + list(spec.engine_args) + list(role.engine_args)
 
 
@@ -103,7 +109,7 @@ def _engine_env(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> list[O
         {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
         {"name": "POD_IP", "valueFrom": field_ref("status.podIP")},
     ]
-    return env + [dict(item) for item in spec.env]
+    return env + pod_defaults.default_env(spec.env) + [dict(item) for item in spec.env]
 
 
 def _model_volume(spec: MoEDeploymentSpec) -> Obj | None:
@@ -148,16 +154,26 @@ def _group_affinity(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> Ob
 # Graceful drain (engine/server/drain.py): the preStop sleep lets the endpoint removal reach every proxy before
 # SIGTERM; the grace period covers it + the engine's --drain-timeout (default 30 s) + the ordered group stop.
 PRESTOP_SLEEP_S = 5
-TERMINATION_GRACE_S = PRESTOP_SLEEP_S + 30 + 25
+GROUP_STOP_S = 25
+TERMINATION_GRACE_S = PRESTOP_SLEEP_S + 30 + GROUP_STOP_S
 
 
-def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) -> Obj:
-    """One group: nodesPerReplica pods started together (Parallel), updated only by the operator (OnDelete)."""
+def render_statefulset(
+    spec: MoEDeploymentSpec, role_name: str, replica: int, gang_backend: GangBackend | None = None
+) -> Obj:
+    """One group: nodesPerReplica pods started together (Parallel), updated only by the operator (OnDelete).
+
+    Multi-node defaults come from pod_defaults.py, isolation from security.py, gang/topology fields from
+    gang.py; the pod template overlays (pod_overlay.py: spec.podTemplate, then the role's) go on last."""
     role = spec.role(role_name)
     name = L.group_name(spec.name, role.name, replica)
     pod_labels = L.group_labels(spec.name, role.name, replica)
-    volumes: list[Obj] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts: list[Obj] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    tmp_volume, tmp_mount = security.tmp_volume()
+    volumes: list[Obj] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod_defaults.shm_size(role)}},
+        tmp_volume,
+    ]
+    mounts: list[Obj] = [{"name": "dshm", "mountPath": "/dev/shm"}, tmp_mount]
     model_volume = _model_volume(spec)
     if model_volume:
         volumes.append(model_volume)
@@ -173,41 +189,57 @@ def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) ->
             {"name": "http", "containerPort": L.ENGINE_HTTP_PORT, "protocol": "TCP"},
             {"name": "dist", "containerPort": L.ENGINE_MASTER_PORT, "protocol": "TCP"},
         ],
-        "resources": _resources(role.resources, role.gpus_per_node),
-        # Loading hundreds of GB of weights takes long: the startup probe allows up to an hour.
-        "startupProbe": {
-            "httpGet": {"path": L.HEALTH_PATH, "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": 360,
-        },
+        "resources": _resources(pod_defaults.default_requests(role), role.gpus_per_node),
+        # Loading hundreds of GB of weights takes long: the startup probe is sized from spec.model.sizeGB.
+        "startupProbe": pod_defaults.startup_probe(spec, L.HEALTH_PATH),
         "readinessProbe": {
             "httpGet": {"path": L.HEALTH_PATH, "port": "http"},
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
+        # A hung engine (a stuck collective or kernel) still answers /health: liveness watches step progress.
+        "livenessProbe": pod_defaults.liveness_probe(),
+        "securityContext": security.container_security_context(),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
         # Keep the crash reason: the operator copies it into the group-restart Event.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
     }
+    secret_env = pod_defaults.model_secret_env(spec)
+    if secret_env:
+        container["envFrom"] = secret_env
+    grace = spec.termination_grace_seconds
     pod_spec: Obj = {
         "readinessGates": [{"conditionType": L.GROUP_READY_CONDITION}],
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
-        "affinity": _group_affinity(spec, role, replica),
+        "automountServiceAccountToken": False,
+        "securityContext": security.pod_security_context(),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S if grace is None else int(grace),
+        "affinity": gang.with_topology(_group_affinity(spec, role, replica), spec, role, replica),
     }
     if role.node_selector:
         pod_spec["nodeSelector"] = dict(role.node_selector)
     if role.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in role.tolerations]
+    gang_labels, gang_annotations, scheduler = gang.pod_gang_fields(spec, role, replica, gang_backend)
+    if scheduler:
+        pod_spec["schedulerName"] = scheduler
+    pod_metadata: Obj = {"labels": {**gang_labels, **pod_labels}}
+    if gang_annotations:
+        pod_metadata["annotations"] = gang_annotations
+    template = apply_overlays(
+        {"metadata": pod_metadata, "spec": pod_spec},
+        tuple(o for o in (spec.pod_template, role.pod_template) if o),
+    )
+    workload_labels = {**gang.workload_labels(spec, gang_backend), **pod_labels}
     return _finish(
         spec,
         {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
-            "metadata": {"name": name, "labels": dict(pod_labels)},
+            "metadata": {"name": name, "labels": workload_labels},
             "spec": {
                 "replicas": role.nodes_per_replica,
                 "serviceName": name,
@@ -216,7 +248,7 @@ def render_statefulset(spec: MoEDeploymentSpec, role_name: str, replica: int) ->
                 # torch.distributed world.
                 "updateStrategy": {"type": "OnDelete"},
                 "selector": {"matchLabels": {L.GROUP_LABEL: name, **L.selector_labels(spec.name)}},
-                "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+                "template": template,
             },
         },
     )
@@ -371,16 +403,26 @@ def render_gateway_deployment(spec: MoEDeploymentSpec) -> Obj:
                 "ports": [{"name": "http", "containerPort": spec.gateway.port, "protocol": "TCP"}],
                 "resources": _resources(spec.gateway.resources, None),
                 "readinessProbe": {"httpGet": {"path": L.HEALTH_PATH, "port": "http"}, "periodSeconds": 5},
-                "volumeMounts": [{"name": "config", "mountPath": L.GATEWAY_CONFIG_DIR, "readOnly": True}],
+                "securityContext": security.container_security_context(),
+                "volumeMounts": [
+                    {"name": "config", "mountPath": L.GATEWAY_CONFIG_DIR, "readOnly": True},
+                    security.tmp_volume()[1],
+                ],
             }
         ],
-        "volumes": [{"name": "config", "configMap": {"name": name}}],
+        "volumes": [{"name": "config", "configMap": {"name": name}}, security.tmp_volume()[0]],
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": security.pod_security_context(),
     }
     if spec.gateway.node_selector:
         pod_spec["nodeSelector"] = dict(spec.gateway.node_selector)
     if spec.gateway.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in spec.gateway.tolerations]
+    template = apply_overlays(
+        {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        (spec.gateway.pod_template,) if spec.gateway.pod_template else (),
+    )
     return _finish(
         spec,
         {
@@ -392,7 +434,7 @@ def render_gateway_deployment(spec: MoEDeploymentSpec) -> Obj:
                 "selector": {
                     "matchLabels": {**L.selector_labels(spec.name), L.COMPONENT: L.COMPONENT_GATEWAY}
                 },
-                "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+                "template": template,
             },
         },
     )
@@ -459,15 +501,42 @@ def render_pod_monitor(spec: MoEDeploymentSpec) -> Obj:
     )
 
 
-def render_all(spec: MoEDeploymentSpec, pod_monitor_supported: bool) -> list[Obj]:
-    """Every desired child, in apply order (Services before the StatefulSets that name them)."""
-    out: list[Obj] = []
+def render_pod_groups(spec: MoEDeploymentSpec, gang_backend: GangBackend | None) -> list[Obj]:
+    """One PodGroup per group when the gang scheduler needs one (gang.py); applied before the pods exist."""
+    out = []
+    for role in spec.roles:
+        for replica in range(role.replicas):
+            pod_group = gang.render_pod_group(spec, role, replica, gang_backend)
+            if pod_group is not None:
+                out.append(_finish(spec, pod_group))
+    return out
+
+
+def render_network_policies(
+    spec: MoEDeploymentSpec, operator_namespace: str = "", metrics_namespace: str = ""
+) -> list[Obj]:
+    return [
+        _finish(spec, obj)
+        for obj in network_policy.render_network_policies(spec, operator_namespace, metrics_namespace)
+    ]
+
+
+def render_all(
+    spec: MoEDeploymentSpec,
+    pod_monitor_supported: bool,
+    gang_backend: GangBackend | None = None,
+    operator_namespace: str = "",
+    metrics_namespace: str = "",
+) -> list[Obj]:
+    """Every desired child, in apply order (NetworkPolicies first, Services before the StatefulSets that
+    name them). PodGroups are not in it (render_pod_groups: their kinds exist only with their scheduler)."""
+    out: list[Obj] = render_network_policies(spec, operator_namespace, metrics_namespace)
     for role in spec.roles:
         out.append(render_role_service(spec, role.name))
         out.append(render_role_pdb(spec, role.name))
         for replica in range(role.replicas):
             out.append(render_headless_service(spec, role.name, replica))
-            out.append(render_statefulset(spec, role.name, replica))
+            out.append(render_statefulset(spec, role.name, replica, gang_backend))
     out.append(render_gateway_configmap(spec))
     out.append(render_gateway_service(spec))
     out.append(render_gateway_deployment(spec))

@@ -44,6 +44,17 @@ class OperatorSettings:
     # Test-only fault injection: the process exits right after the named step (e.g. autoscale-intent), so a
     # test can prove a restarted operator does not repeat a decision. Empty in production.
     fault_exit_after: str = ""
+    # Accept spec.model.volume.hostPath (a node directory in every engine pod); chart: operator.allowHostPath.
+    allow_host_path: bool = False
+    # The operator's own namespace (the chart sets it): engine NetworkPolicies let its pods reach the
+    # engines' HTTP port (EPLB admin calls).
+    namespace: str = ""
+    # Namespace of the Prometheus that scrapes the engines (NetworkPolicies let it reach the HTTP port
+    # unless a MoEDeployment sets spec.networkPolicy.metricsFrom); empty: no scraper is let in by default.
+    metrics_namespace: str = "monitoring"
+    # Key the engines' admin tokens are derived from (eplb_loop.derive_token; the chart passes its
+    # `<release>-admin-key` Secret). Empty: random tokens read back from each Secret (needs `get` on Secrets).
+    admin_key: str = ""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
@@ -73,6 +84,11 @@ def from_environment(environ: dict[str, str] | None = None) -> OperatorSettings:
         if key not in env:
             continue
         kind = type(getattr(defaults, field.name))
+        if kind is bool:
+            if env[key].lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{key}={env[key]!r} is not a boolean (true or false)")
+            values[field.name] = env[key].lower() in ("true", "1")
+            continue
         try:
             values[field.name] = kind(env[key])
         except ValueError:

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moefleet.operator.labels import DRAINING_ANNOTATION, GPU_RESOURCE
+from moefleet.operator.pod_overlay import OverlayError, check_overlay
 
 ROLES_DISAGGREGATED = ("prefill", "decode")
 ROLE_MIXED = "mixed"
 ROUTING_POLICIES = ("least-load", "round-robin", "prefix-cache", "random")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 EPLB_MODES = ("operator", "engine", "off")
+NAME_PATTERN_SECRET = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS subdomain name
 MAX_NAME_LENGTH = 40  # "<name>-decode-<replica>" must stay a DNS label and fit StatefulSet pod labels
 MAX_REPLICAS = 512
 NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -27,6 +29,11 @@ SERVED_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+QUANTITY_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+LABEL_KEY_PATTERN = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+GANG_MODES = ("auto", "off")
 
 
 class SpecError(ValueError):
@@ -52,6 +59,8 @@ class ModelSpec:
     claim_name: str | None = None  # PersistentVolumeClaim holding the checkpoint
     volume: Mapping[str, Any] | None = None  # any other Kubernetes volume source (hostPath, nfs, csi, ...)
     mount_path: str = "/models"
+    size_gb: float | None = None  # checkpoint size: sizes the startup probe (pod_defaults.startup_probe)
+    secret_ref: str | None = None  # a Secret whose keys become engine env (e.g. HF_TOKEN); never read
 
 
 AUTOSCALING_METRICS = ("queue", "kvUsage", "ttftP90", "tokensPerSecond")
@@ -80,6 +89,9 @@ class RoleSpec:
     affinity: Mapping[str, Any] | None = None
     engine_args: tuple[str, ...] = ()
     autoscaling: AutoscalingSpec | None = None
+    shm_size: str | None = None  # /dev/shm size (a quantity); default from gpusPerNode (pod_defaults.py)
+    pod_template: Mapping[str, Any] | None = None  # overlay (pod_overlay.py), after spec.podTemplate
+    topology_key: str | None = None  # a group's pods land in one domain of this node label (gang.py)
 
     @property
     def ranks_per_group(self) -> int:
@@ -94,6 +106,20 @@ class GatewaySpec:
     resources: Mapping[str, Any] = field(default_factory=dict)
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
+    pod_template: Mapping[str, Any] | None = None  # overlay of the gateway pod (pod_overlay.py)
+
+
+@dataclass(frozen=True, slots=True)
+class GangSpec:
+    mode: str = "auto"  # auto: one gang per group when a gang scheduler's CRDs exist (gang.py); off: never
+    queue_name: str | None = None  # Kueue LocalQueue; Kueue is used only when this is set
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicySpec:
+    enabled: bool = True
+    # NetworkPolicyPeers allowed to scrape the engines' HTTP port (default: the operator's setting).
+    metrics_from: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +161,11 @@ class MoEDeploymentSpec:
     restart_policy: RestartPolicySpec = RestartPolicySpec()
     # Groups the autoscaler is draining (metadata.annotations[moefleet.ai/draining], group_drain.py).
     draining_groups: frozenset[str] = frozenset()
+    pod_template: Mapping[str, Any] | None = None  # overlay of every engine pod (pod_overlay.py)
+    topology_key: str | None = None  # default of roles' topologyKey
+    termination_grace_seconds: float | None = None  # None: render.TERMINATION_GRACE_S
+    gang: GangSpec = GangSpec()
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
 
     @property
     def disaggregated(self) -> bool:
@@ -205,7 +236,41 @@ def _parse_role(name: str, obj: Mapping[str, Any]) -> RoleSpec:
         affinity=affinity if affinity else None,
         engine_args=_strings(obj, "engineArgs", path),
         autoscaling=_parse_autoscaling(obj.get("autoscaling"), f"{path}.autoscaling"),
+        shm_size=_quantity(obj, "shmSize", path),
+        pod_template=_pod_template(obj, path),
+        topology_key=_label_key(obj, "topologyKey", path),
     )
+
+
+def _quantity(obj: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not QUANTITY_PATTERN.fullmatch(value):
+        raise SpecError(f"{path}.{key}", f"{value!r} must be a quantity like 32Gi or 512Mi")
+    return value
+
+
+def _label_key(obj: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 316 or not LABEL_KEY_PATTERN.fullmatch(value):
+        raise SpecError(
+            f"{path}.{key}", f"{value!r} must be a node label key like topology.kubernetes.io/zone"
+        )
+    return value
+
+
+def _pod_template(obj: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
+    overlay = obj.get("podTemplate")
+    if overlay is None:
+        return None
+    try:
+        check_overlay(overlay, f"{path}.podTemplate")
+    except OverlayError as error:
+        raise SpecError(error.field, str(error).split(": ", 1)[1]) from None
+    return overlay
 
 
 def _number(
@@ -288,6 +353,17 @@ def _parse_model(obj: Mapping[str, Any], default_served_name: str) -> ModelSpec:
         if not claim_name:
             raise SpecError(f"{path}.pvc.claimName", "is required when pvc is set")
     mount_path = obj.get("mountPath", "/models")
+    size_gb = obj.get("sizeGB")
+    if size_gb is not None:
+        size_gb = _number(obj, "sizeGB", path, None, 0.0, 1e6)
+        if size_gb <= 0:
+            raise SpecError(f"{path}.sizeGB", "must be > 0 (the checkpoint's size in GB)")
+    secret_ref = obj.get("secretRef")
+    secret_name = None
+    if secret_ref is not None:
+        secret_name = secret_ref.get("name") if isinstance(secret_ref, Mapping) else None
+        if not isinstance(secret_name, str) or not NAME_PATTERN_SECRET.fullmatch(secret_name):
+            raise SpecError(f"{path}.secretRef.name", "is required: the name of a Secret in this namespace")
     if (pvc or volume) and not model_path.startswith(mount_path):
         raise SpecError(f"{path}.path", f"{model_path!r} must be inside mountPath {mount_path!r}")
     return ModelSpec(
@@ -297,6 +373,8 @@ def _parse_model(obj: Mapping[str, Any], default_served_name: str) -> ModelSpec:
         claim_name=claim_name,
         volume=volume or None,
         mount_path=mount_path,
+        size_gb=size_gb,
+        secret_ref=secret_name,
     )
 
 
@@ -355,6 +433,27 @@ def _parse_gateway(obj: Mapping[str, Any]) -> GatewaySpec:
         resources=_mapping(obj, "resources", path),
         node_selector=_mapping(obj, "nodeSelector", path),
         tolerations=_objects(obj, "tolerations", path),
+        pod_template=_pod_template(obj, path),
+    )
+
+
+def _parse_gang(obj: Mapping[str, Any]) -> GangSpec:
+    path = "spec.gangScheduling"
+    mode = obj.get("mode", "auto")
+    if mode not in GANG_MODES:
+        raise SpecError(f"{path}.mode", f"{mode!r} must be one of {', '.join(GANG_MODES)}")
+    queue = obj.get("queueName")
+    if queue is not None and (not isinstance(queue, str) or not NAME_PATTERN_SECRET.fullmatch(queue)):
+        raise SpecError(f"{path}.queueName", f"{queue!r} must be the name of a Kueue LocalQueue")
+    return GangSpec(mode=mode, queue_name=queue)
+
+
+def _parse_network_policy(obj: Mapping[str, Any]) -> NetworkPolicySpec:
+    path = "spec.networkPolicy"
+    metrics_from = obj.get("metricsFrom")
+    return NetworkPolicySpec(
+        enabled=bool(obj.get("enabled", True)),
+        metrics_from=None if metrics_from is None else _objects(obj, "metricsFrom", path),
     )
 
 
@@ -407,6 +506,11 @@ def parse(body: Mapping[str, Any], default_image: str = "") -> MoEDeploymentSpec
         pod_monitor=bool(monitoring.get("podMonitor", False)),
         restart_policy=_parse_restart_policy(_mapping(spec, "restartPolicy", "spec")),
         draining_groups=_draining(metadata),
+        pod_template=_pod_template(spec, "spec"),
+        topology_key=_label_key(spec, "topologyKey", "spec"),
+        termination_grace_seconds=_grace(spec),
+        gang=_parse_gang(_mapping(spec, "gangScheduling", "spec")),
+        network_policy=_parse_network_policy(_mapping(spec, "networkPolicy", "spec")),
     )
 
 
@@ -418,3 +522,17 @@ def _draining(metadata: Mapping[str, Any]) -> frozenset[str]:
     except ValueError:
         return frozenset()
     return frozenset(str(k) for k in value) if isinstance(value, dict) else frozenset()
+
+
+# The engine's drain needs the preStop sleep (render.PRESTOP_SLEEP_S) + its drain timeout + the ordered stop.
+MIN_TERMINATION_GRACE_S = 40.0
+
+
+def _grace(spec: Mapping[str, Any]) -> float | None:
+    if "terminationGracePeriod" not in spec:
+        return None
+    path = "spec.terminationGracePeriod"
+    seconds = parse_duration(spec["terminationGracePeriod"], path)
+    if not MIN_TERMINATION_GRACE_S <= seconds <= 86400:
+        raise SpecError(path, f"({seconds:g}s) must be between {MIN_TERMINATION_GRACE_S:g}s and 24h")
+    return seconds

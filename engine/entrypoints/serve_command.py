@@ -30,7 +30,7 @@ DEFAULT_PORT = 8000
 
 # Routes of other parts served by `moefleet serve`: modules exposing `make_router(client) -> APIRouter`
 # (e.g. an EPLB admin endpoint). Append the module name here to register one.
-ROUTER_MODULES: list[str] = []
+ROUTER_MODULES: list[str] = ["moefleet.engine.server.progress"]  # GET /health/progress
 
 
 def _env_int(name: str, default: int) -> int:

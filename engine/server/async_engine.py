@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from moefleet.engine.server.progress import ProgressClock
+
 logger = logging.getLogger(__name__)
 
 
@@ -120,6 +122,7 @@ class StreamingEngineClient(EngineClient):
         self._lock = threading.Lock()
         self._stats: dict[str, float] = {}
         self._dead: BaseException | None = None
+        self.progress = ProgressClock()  # GET /health/progress (progress.py): marked on every delivery
 
     def start(self) -> None:
         if self._thread is None:
@@ -153,6 +156,8 @@ class StreamingEngineClient(EngineClient):
         with self._lock:
             if request_id in self._streams:
                 raise RequestRejectedError(f"request id {request_id} is already in use")
+            if not self._streams:  # work arrives at an idle engine: the stall clock starts now
+                self.progress.mark()
             self._streams[request_id] = stream
         self._submit_add(request_id, list(prompt_token_ids), sampling_params)
         finished = False
@@ -177,6 +182,11 @@ class StreamingEngineClient(EngineClient):
     def dead_error(self) -> BaseException | None:
         return self._dead
 
+    def pending(self) -> int:
+        """Requests in flight (waiting for or receiving outputs)."""
+        with self._lock:
+            return len(self._streams)
+
     def _in_flight(self) -> list[str]:
         with self._lock:
             return list(self._streams)
@@ -199,6 +209,7 @@ class StreamingEngineClient(EngineClient):
         """Hand (request_id, output or error, last) items to their streams; `last` ends the stream."""
         # One wake-up of each event loop per step, not one per output: at hundreds of running sequences
         # the per-call overhead (self-pipe write, GIL hand-over) is what the HTTP side pays per token.
+        self.progress.mark()
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         with self._lock:
             for request_id, item, last in deliveries:
@@ -212,6 +223,7 @@ class StreamingEngineClient(EngineClient):
                 pass
 
     def _fail_all(self, error: BaseException) -> None:
+        self.progress.mark()
         with self._lock:
             streams, self._streams = self._streams, {}
         for stream in streams.values():

@@ -26,7 +26,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # a 128k-token prompt as token ids is about 1 MB of JSON
 DEFAULT_MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4-6 levels deep (messages -> content parts -> ...)
-ALWAYS_OPEN = ("/metrics",)  # scraped while draining: the drain itself is worth watching
+ALWAYS_OPEN = ("/metrics", "/health/progress")  # scraped while draining; liveness must not kill a drain
 HEALTH_PATH = "/health"
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)

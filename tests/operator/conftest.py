@@ -53,7 +53,9 @@ def operator(
 @pytest.fixture(scope="session")
 def gpu_pool(moefleet_chart: ControlPlane) -> dict[str, list[str]]:
     """Fake nodes for the operator tests: 24 H100 nodes and 16 H200 nodes (8 GPUs each)."""
-    h100 = moefleet_chart.create_gpu_nodes(24, prefix="op-h100")
+    # The H100s also advertise the NVIDIA network operator's shared RDMA device (the DeepSeek example asks for it).
+    rdma = {"rdma/rdma_shared_device_a": "1000"}
+    h100 = moefleet_chart.create_gpu_nodes(24, prefix="op-h100", extra_resources=rdma)
     h200 = moefleet_chart.create_gpu_nodes(16, prefix="op-h200", gpu_product="NVIDIA-H200")
     return {"h100": h100, "h200": h200}
 

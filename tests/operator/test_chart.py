@@ -25,7 +25,10 @@ ALLOWED = {
     ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch", "delete"},
     ("", "pods/status"): {"patch"},
-    ("", "secrets"): {"get", "create"},  # the admin token Secret (EPLB trigger); never list/watch
+    ("", "secrets"): {"create"},  # the admin token Secret: created, never read (derived from the chart key)
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("scheduling.x-k8s.io", "podgroups"): {"get", "list", "create", "patch", "delete"},
+    ("scheduling.volcano.sh", "podgroups"): {"get", "list", "create", "patch", "delete"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"},
@@ -114,8 +117,8 @@ def _check_rules(rules: list[dict]) -> set[tuple[str, str]]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 assert "*" not in (group, resource) and "*" not in rule["verbs"], rule
-                if resource == "secrets":  # only what the admin token needs: never list/watch/patch/delete
-                    assert set(rule["verbs"]) == {"get", "create"}, rule
+                if resource == "secrets":  # only what the admin token needs: never get/list/watch/patch
+                    assert set(rule["verbs"]) == {"create"}, rule
                 allowed = ALLOWED.get((group, resource))
                 assert allowed is not None, f"unexpected permission on {group}/{resource}"
                 assert set(rule["verbs"]) <= allowed, f"{group}/{resource}: {rule['verbs']} beyond {allowed}"
@@ -172,7 +175,8 @@ def test_helm_install_creates_the_operator_objects(moefleet_chart):
         ("patch", "moedeployments.moefleet.ai/status", "yes"),
         ("delete", "pods", "yes"),
         ("create", "statefulsets.apps", "yes"),
-        ("get", "secrets", "yes"),
+        ("create", "secrets", "yes"),
+        ("get", "secrets", "no"),
         ("list", "secrets", "no"),
         ("watch", "secrets", "no"),
         ("create", "pods", "no"),

@@ -90,20 +90,20 @@ def pool(gpu_pool, moefleet_chart):
     return gpu_pool
 
 
-def _kimi_volume(cluster, namespace: str) -> None:
-    """A bound ReadOnlyMany claim `kimi-k2-weights` (static PV) as the Kimi manifest expects."""
-    pv = f"kimi-weights-{namespace}"
+def _model_claim(cluster, namespace: str, claim: str) -> None:
+    """A bound ReadOnlyMany claim (static PV) as the example manifests expect (the model from a PVC)."""
+    pv = f"{claim}-{namespace}"
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
         "spec": {
             "capacity": {"storage": "2Ti"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
             "hostPath": {"path": "/data/kimi"},
-            "claimRef": {"namespace": namespace, "name": "kimi-k2-weights"},
+            "claimRef": {"namespace": namespace, "name": claim},
         },
     })  # fmt: skip
     cluster.apply(
         {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "kimi-k2-weights"},
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
             "spec": {
                 "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
                 "resources": {"requests": {"storage": "2Ti"}},
@@ -113,13 +113,13 @@ def _kimi_volume(cluster, namespace: str) -> None:
     )  # fmt: skip
     wait_for(
         lambda: (
-            cluster.api_get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/kimi-k2-weights")
+            cluster.api_get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
             .get("status", {})
             .get("phase")
             == "Bound"
         ),
         60,
-        "the kimi-k2-weights claim to bind",
+        f"the {claim} claim to bind",
     )
 
 
@@ -129,8 +129,9 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
 
     body = yaml.safe_load(path.read_text())
     name = body["metadata"]["name"]
-    if path.stem == "kimi-k2-h200":
-        _kimi_volume(kube_cluster, kube_namespace)
+    claim = (body["spec"]["model"].get("pvc") or {}).get("claimName")
+    if claim:
+        _model_claim(kube_cluster, kube_namespace, claim)
     start = time.monotonic()
     kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", str(path))
     # What a kubectl user runs: the Available condition exists and turns True.

@@ -194,7 +194,7 @@ def test_scale_up_touches_only_the_new_groups_and_the_gateway_config():
     result = settle(bigger, children, pods, status=status)
     touched = {(o["kind"], o["metadata"]["name"]) for o in result.apply}
     assert touched == {("ConfigMap", "m-gateway")} | {
-        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")
+        (kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service", "NetworkPolicy")
     }
     assert not result.delete and not result.delete_pods
     assert result.status["groupsReady"]["decode"] == "1/3"
@@ -206,7 +206,8 @@ def test_scale_down_deletes_only_the_removed_groups():
     smaller = make_spec(roles={"decode": {"replicas": 1}})
     result = settle(smaller, children, pods)
     deleted = {(c.kind, c.name) for c in result.delete}
-    assert deleted == {(kind, f"m-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")}
+    kinds = ("StatefulSet", "Service", "NetworkPolicy")
+    assert deleted == {(kind, f"m-decode-{i}") for i in (1, 2) for kind in kinds}
     assert {(o["kind"], o["metadata"]["name"]) for o in result.apply} == {("ConfigMap", "m-gateway")}
     assert not result.delete_pods
     assert [g["name"] for g in result.status["groups"]] == ["m-prefill-0", "m-decode-0"]

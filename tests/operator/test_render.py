@@ -155,7 +155,8 @@ def test_scaling_one_role_leaves_other_groups_byte_identical():
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {("ConfigMap", "deepseek-r1-gateway")}  # only the gateway's group list
     added = set(after) - set(before)
-    assert added == {(kind, f"deepseek-r1-decode-{i}") for i in (1, 2) for kind in ("StatefulSet", "Service")}
+    kinds = ("StatefulSet", "Service", "NetworkPolicy")  # a group's NetworkPolicy is named after it
+    assert added == {(kind, f"deepseek-r1-decode-{i}") for i in (1, 2) for kind in kinds}
 
 
 def test_pvc_and_user_resources_are_rendered():

@@ -23,7 +23,9 @@ RESYNC_SECONDS = 3.0
 QUIET_SECONDS = 12.0
 # Issue 17's budget was 20 (19.9 measured before the EPLB trigger); its admin Secret adds one create per
 # deployment (21.2 measured while that took a GET and a POST; now one POST). Still catches per-child writes.
-MAX_REQUESTS_PER_DEPLOYMENT = 21
+# Issue 13 adds each group's NetworkPolicy (one apply per group: 2 here) and the gang schedulers' CRD
+# lookups (3 more CRDs, cached 60 s: 21 GETs in all instead of 3): 23.3 measured.
+MAX_REQUESTS_PER_DEPLOYMENT = 24
 POOL = {"moefleet.test/pool": "opscale"}
 
 
@@ -117,7 +119,7 @@ def converge_and_stay_quiet(
         cluster.delete_nodes("moefleet.test/pool=opscale")
 
 
-def test_50_deployments_on_200_nodes_converge_in_at_most_21_requests_each_and_stay_quiet(
+def test_50_deployments_on_200_nodes_converge_in_at_most_24_requests_each_and_stay_quiet(
     operator, moefleet_chart, kube_namespace
 ):
     _, per_deployment, _ = converge_and_stay_quiet(

@@ -27,6 +27,7 @@ def gpu_node(
     pods: int = 110,
     labels: dict[str, str] | None = None,
     taint: bool = False,
+    extra_resources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A Node object like an 8-GPU HGX host with the NVIDIA device plugin and GPU feature discovery.
 
@@ -39,6 +40,7 @@ def gpu_node(
         "pods": str(pods),
         "ephemeral-storage": "10Ti",
         GPU_RESOURCE: str(gpus),
+        **(extra_resources or {}),  # e.g. an RDMA device plugin's resource
     }
     node_labels = {
         "kubernetes.io/hostname": name,

@@ -80,6 +80,8 @@ class OperatorProcess:
             "MOEFLEET_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "MOEFLEET_OPERATOR_DEFAULT_IMAGE": TEST_IMAGE,
             "MOEFLEET_OPERATOR_CRD_CACHE_SECONDS": str(self.crd_cache_seconds),
+            # Derived admin tokens, as the chart sets it: the chart's RBAC grants no `get` on Secrets.
+            "MOEFLEET_OPERATOR_ADMIN_KEY": "test-operator-admin-key",
             **self.extra_env,
         }
         self.starts += 1
