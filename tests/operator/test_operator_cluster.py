@@ -583,7 +583,6 @@ def _evict(cluster, namespace: str, pod: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@KNOWN_FLAKY
 def test_role_budget_lets_a_drain_take_only_one_group_of_a_role_at_a_time(
     operator, pool, kube_cluster, kube_namespace
 ):
@@ -620,7 +619,6 @@ def test_role_budget_lets_a_drain_take_only_one_group_of_a_role_at_a_time(
     assert _evict(kube_cluster, kube_namespace, "budget-mixed-1-0").returncode == 0
 
 
-@KNOWN_FLAKY
 def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
     operator, pool, kube_cluster, kube_namespace
 ):
@@ -660,8 +658,40 @@ def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
             return pod["metadata"]["labels"].get("controller-revision-hash") not in ("", None, original)
 
         wait_for(recreated_from_new_template, 30, "revision-mixed-0-1 recreated from the edited template")
+        kept = pods_by_group(kube_cluster, kube_namespace, name)["revision-mixed-0"]["revision-mixed-0-0"]
     finally:
         operator.start()
+    # The status still says Ready from before the stop (the operator has not reconciled yet): waiting for
+    # Ready alone returns at once. Wait for the outcome itself: template reverted, observed by the
+    # controller, the whole group re-formed (both pods new) at the update revision, and Ready again.
+    state: dict = {}
+
+    def reformed() -> bool:
+        sts = kube_cluster.api_get(sts_path)
+        live = [
+            p
+            for p in list_items(
+                kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", "moefleet.ai/group=revision-mixed-0"
+            )
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        state.update(sts=sts.get("status"), pods=[(p["metadata"]["name"], p["metadata"]["labels"]) for p in live])
+        return (
+            sts["spec"]["template"]["spec"]["containers"][0]["env"][0].get("value") != "other"
+            and sts["status"].get("observedGeneration") == sts["metadata"]["generation"]
+            and len(live) == 2
+            and kept not in {p["metadata"]["uid"] for p in live}
+            and all(
+                p["metadata"]["labels"].get("controller-revision-hash") == sts["status"]["updateRevision"]
+                for p in live
+            )
+            and is_ready(get_moed(kube_cluster, kube_namespace, name))
+        )
+
+    try:
+        wait_for(reformed, 150, "the group re-formed at the reverted template's revision and Ready")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}: {state}") from None
     moed = wait_ready(kube_cluster, kube_namespace, name)
     sts = kube_cluster.api_get(sts_path)
     env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
