@@ -81,6 +81,7 @@ class _State:
         self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
         self.indexes: Mapping[str, Any] | None = None  # kopf's index objects (live; captured from a handler)
         self.elector: Elector | None = None
+        self.elector_thread: threading.Thread | None = None
         # (namespace, name) -> (failed applies in a row, retry not before (monotonic), generation then)
         self.apply_backoff: dict[tuple[str, str], tuple[int, float, int]] = {}
         # (namespace, statefulset) -> (checked at (monotonic), FailedCreate message or None)
@@ -144,7 +145,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             identity,
             timing,
         )
-        threading.Thread(target=STATE.elector.run, name="moefleet-leader", daemon=True).start()
+        STATE.elector_thread = threading.Thread(target=STATE.elector.run, name="moefleet-leader", daemon=True)
+        STATE.elector_thread.start()
     STATE.resync_task = asyncio.get_running_loop().create_task(_resync_loop())
 
 
@@ -156,6 +158,8 @@ async def close(**_: Any) -> None:
             task.cancel()
     if STATE.elector is not None:
         STATE.elector.stop()
+        if STATE.elector_thread is not None:  # its last renewal finishes before the release
+            await asyncio.to_thread(STATE.elector_thread.join, SETTINGS.request_timeout_seconds)
         await asyncio.to_thread(STATE.elector.release)  # hand over at once (a rolling update)
     if STATE.kube is not None:
         STATE.kube.close()

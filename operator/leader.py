@@ -87,7 +87,8 @@ class Elector:
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:
-        """Try to acquire, then keep renewing, until stop(); releases the lease on the way out."""
+        """Try to acquire, then keep renewing, until stop(). The caller then joins this thread and calls
+        release() (so the release never races a renewal, nor the API client being closed)."""
         while not self._stop.is_set():
             try:
                 self.try_acquire_or_renew()
@@ -95,8 +96,6 @@ class Elector:
                 log.warning("leader election: %s", error)
             self._notify()
             self._stop.wait(self.timing.retry_period)
-        self.release()
-        self._notify()
 
     def _notify(self) -> None:
         leading = self.is_leader()

@@ -671,11 +671,15 @@ def test_pods_from_an_older_template_are_reformed_to_the_update_revision(
         live = [
             p
             for p in list_items(
-                kube_cluster, f"/api/v1/namespaces/{kube_namespace}/pods", "moefleet.ai/group=revision-mixed-0"
+                kube_cluster,
+                f"/api/v1/namespaces/{kube_namespace}/pods",
+                "moefleet.ai/group=revision-mixed-0",
             )
             if not p["metadata"].get("deletionTimestamp")
         ]
-        state.update(sts=sts.get("status"), pods=[(p["metadata"]["name"], p["metadata"]["labels"]) for p in live])
+        state.update(
+            sts=sts.get("status"), pods=[(p["metadata"]["name"], p["metadata"]["labels"]) for p in live]
+        )
         return (
             sts["spec"]["template"]["spec"]["containers"][0]["env"][0].get("value") != "other"
             and sts["status"].get("observedGeneration") == sts["metadata"]["generation"]

@@ -142,7 +142,8 @@ def test_two_replicas_one_leader_failover_without_duplicate_writes(
         stopped = time.monotonic()
         wait_for(lambda: _holder(kube_cluster).startswith("operator-a_"), 15, "operator-a to take over")
         handover = time.monotonic() - stopped
-        assert handover < LEASE_SECONDS, f"a released lease was taken over only after {handover:.1f}s"
+        # Released: taken at the follower's next attempt (every 1 s), not after the 6 s lease expiry.
+        assert handover < 3 * RETRY_SECONDS, f"a released lease was taken over only after {handover:.1f}s"
         print(
             f"failover after SIGKILL: {took:.1f}s (lease {LEASE_SECONDS}s); handover after a clean stop: {handover:.1f}s"
         )
