@@ -216,7 +216,7 @@ def moefleet_moedeployments(namespace: str | None, name: str, body: kopf.Body, *
 @kopf.on.event("", "v1", "pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
 def on_pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
     """Remember a pod failure (the StatefulSet controller replaces a Failed pod within moments) and
-    reconcile the owning MoEDeployment right away instead of at its next timer tick."""
+    reconcile the owning MoEDeployment right away instead of at its next resync."""
     pod = pod_state(body)
     if not pod_failed(pod) or not leading():
         return
