@@ -1,6 +1,6 @@
 """Role autoscaling's side effects: read Prometheus, scale a role in whole groups, drain before removing.
 
-One cycle per MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS, run by a per-MoEDeployment kopf daemon
+One cycle per MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS, run by a per-MoEDeployment task of the operator
 (handlers.py) on a fresh GET of the object. Per role with `spec.roles.<role>.autoscaling`:
 
   Prometheus instant query (httpx) -> autoscale.decide (pure) -> one of

@@ -1,6 +1,7 @@
 """The EPLB trigger's side effects: read Prometheus, POST the engine's admin API, report in status and Events.
 
-One cycle per `spec.eplb.interval`, run by a per-MoEDeployment kopf daemon (handlers.py):
+One cycle per `spec.eplb.interval`, run by a per-MoEDeployment asyncio task (handlers.py `_eplb_task`;
+not a kopf daemon, which would put a finalizer on the object):
   Prometheus range query (httpx) -> eplb_trigger.decide (pure) -> for each chosen group:
   status says InProgress + lastRebalanceTime (written FIRST, so a restarted operator honours the cooldown
   and never asks twice) -> POST /admin/eplb/rebalance on the group's rank-0 pod with the deployment's admin

@@ -1,6 +1,6 @@
 """The EPLB trigger's decisions, as pure functions (no I/O): which group to rebalance, and what to report.
 
-The daemon (eplb_loop.py) reads each group's `moefleet_eplb_balancedness` from Prometheus over
+The EPLB task (eplb_loop.py) reads each group's `moefleet_eplb_balancedness` from Prometheus over
 `spec.eplb.window` as a range query, hands the samples here, and executes what comes back. A group is
 rebalanced when ALL of these hold:
 - its samples cover the whole window (first sample within one step of the window's start, no gap longer than

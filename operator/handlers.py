@@ -3,8 +3,18 @@
 Children and pods are watched through kopf indexes (in-memory, kept current by watch streams), so a
 reconcile reads nothing from the API and, when nothing changed, writes nothing. A reconcile runs on every
 MoEDeployment watch event (spec changes act at once), on every engine pod failure (its owner, at once), and
-on a timer (MOEFLEET_OPERATOR_RESYNC_SECONDS) that notices everything else (e.g. a group becoming Ready). Kopf's own event posting is off: the operator posts its decisions
-as Events itself (kube.py), so every request it makes is counted.
+from the resync loop every MOEFLEET_OPERATOR_RESYNC_SECONDS, which notices everything else (e.g. a group
+becoming Ready). Kopf's own event posting is off: the operator posts its decisions as Events itself
+(kube.py), so every request it makes is counted.
+
+Never stuck: no kopf timer or daemon is registered for MoEDeployments, because kopf puts a finalizer on
+every object a timer or daemon serves and a MoEDeployment (or its namespace) then cannot be deleted while
+the operator is down. The periodic resync and the EPLB trigger run instead as one operator-wide loop
+(`_resync_loop`) over the MoEDeployment index. Nothing here needs to act at deletion: the owner references
+garbage-collect every child. An old object's finalizer `moefleet.ai/operator` is removed by kopf.
+
+HA: with MOEFLEET_OPERATOR_LEADER_ELECTION_NAMESPACE set, several replicas run; each watches (its indexes
+stay warm), only the holder of the Lease (leader.py) reconciles and writes.
 """
 
 from __future__ import annotations
@@ -12,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -31,10 +44,18 @@ from moefleet.operator import (
 )
 from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
-from moefleet.operator.observed import ChildState, Failure, child_state, pod_failed, pod_state
+from moefleet.operator.leader import Elector, LeaseTiming
+from moefleet.operator.observed import (
+    ChildState,
+    Failure,
+    child_state,
+    node_ready,
+    pod_failed,
+    pod_state,
+)
 from moefleet.operator.settings import OperatorSettings, from_environment
 from moefleet.operator.spec import SpecError, parse
-from moefleet.operator.status import condition_events, invalid_spec_status
+from moefleet.operator.status import condition_events, invalid_spec_status, with_degraded
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +89,16 @@ class _State:
         # may not show yet (a drift re-apply keeps the hash, so the resourceVersion says when it is seen)
         self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, int, float]]] = {}
         self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
+        self.indexes: Mapping[str, Any] | None = None  # kopf's index objects (live; captured from a handler)
+        self.elector: Elector | None = None
+        self.elector_thread: threading.Thread | None = None
+        # (namespace, name) -> (failed applies in a row, retry not before (monotonic), generation then)
+        self.apply_backoff: dict[tuple[str, str], tuple[int, float, int]] = {}
+        # (namespace, statefulset) -> (checked at (monotonic), FailedCreate message or None)
+        self.create_checks: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self.resync_task: asyncio.Task[None] | None = None
+        self.eplb_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.autoscale_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def client(self) -> Kube:
         with self.guard:
@@ -83,12 +114,19 @@ class _State:
 STATE = _State()
 
 
+def leading() -> bool:
+    """This replica may act: no election configured, or it holds the Lease."""
+    return STATE.elector is None or STATE.elector.is_leader()
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise; see the metrics
     settings.posting.enabled = False  # decisions are posted by kube.py (counted); no kopf chatter
     settings.peering.standalone = True  # one replica (chart), no peering CRDs
-    settings.persistence.finalizer = "moefleet.ai/operator"  # kopf's timers need one on the object
+    # No handler needs a finalizer any more (no kopf timers/daemons); kopf removes this one from objects an
+    # older operator finalized, so upgrading unblocks their deletion.
+    settings.persistence.finalizer = "moefleet.ai/operator"
     settings.execution.max_workers = SETTINGS.workers
     eplb_loop.admin_key = SETTINGS.admin_key  # derived admin tokens: no Secret is ever read
     settings.watching.server_timeout = 300
@@ -104,12 +142,37 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
         disable_created_metrics()  # no `_created` series: /metrics passes `promtool check metrics`
         start_http_server(SETTINGS.metrics_port)
-    STATE.client()
+    kube = STATE.client()
+    if SETTINGS.leader_election_namespace:
+        identity = f"{os.environ.get('HOSTNAME') or 'moefleet-operator'}_{uuid.uuid4().hex[:8]}"
+        timing = LeaseTiming(
+            SETTINGS.leader_election_lease_seconds,
+            SETTINGS.leader_election_renew_deadline_seconds,
+            SETTINGS.leader_election_retry_seconds,
+        )
+        STATE.elector = Elector(
+            kube.lease_request,
+            SETTINGS.leader_election_namespace,
+            SETTINGS.leader_election_lease_name,
+            identity,
+            timing,
+        )
+        STATE.elector_thread = threading.Thread(target=STATE.elector.run, name="moefleet-leader", daemon=True)
+        STATE.elector_thread.start()
+    STATE.resync_task = asyncio.get_running_loop().create_task(_resync_loop())
 
 
 @kopf.on.cleanup()
-def close(**_: Any) -> None:
-    STATE.closing = True  # a timer or event handler still running must not fail on the closed client
+async def close(**_: Any) -> None:
+    STATE.closing = True  # a loop or event handler still running must not fail on the closed client
+    for task in [STATE.resync_task, *STATE.eplb_tasks.values(), *STATE.autoscale_tasks.values()]:
+        if task is not None:
+            task.cancel()
+    if STATE.elector is not None:
+        STATE.elector.stop()
+        if STATE.elector_thread is not None:  # its last renewal finishes before the release
+            await asyncio.to_thread(STATE.elector_thread.join, SETTINGS.request_timeout_seconds)
+        await asyncio.to_thread(STATE.elector.release)  # hand over at once (a rolling update)
     if STATE.kube is not None:
         STATE.kube.close()
 
@@ -131,6 +194,31 @@ for _kind, _resource, _index_id in _CHILD_INDEXES:
     kopf.index(*_resource, labels=_OWNED, id=_index_id)(_child_indexer(_kind))
 
 
+@kopf.index("", "v1", "nodes")
+def moefleet_nodes(name: str, body: kopf.Body, **_: Any) -> Any:
+    """node -> Ready (and not tainted unreachable): a NotReady node makes its groups not Ready at once."""
+    return {name: node_ready(body)}
+
+
+class _NodeReady(Mapping[str, bool]):
+    """The node index as node -> Ready (a node missing from it is gone)."""
+
+    def __init__(self, index: Any) -> None:
+        self._index = index
+
+    def __getitem__(self, node: str) -> bool:
+        store = self._index.get(node)
+        if not store:
+            raise KeyError(node)
+        return all(store)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 @kopf.index(L.GROUP, L.VERSION, L.PLURAL)
 def moefleet_moedeployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     """Latest body of every MoEDeployment, so a pod failure can reconcile its owner at once."""
@@ -140,9 +228,9 @@ def moefleet_moedeployments(namespace: str | None, name: str, body: kopf.Body, *
 @kopf.on.event("", "v1", "pods", labels={**_OWNED, L.COMPONENT: L.COMPONENT_ENGINE})
 def on_pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
     """Remember a pod failure (the StatefulSet controller replaces a Failed pod within moments) and
-    reconcile the owning MoEDeployment right away instead of at its next timer tick."""
+    reconcile the owning MoEDeployment right away instead of at its next resync."""
     pod = pod_state(body)
-    if not pod_failed(pod):
+    if not pod_failed(pod) or not leading():
         return
     key = (namespace or "", pod.group)
     known = STATE.failures.get(key)
@@ -158,6 +246,7 @@ def on_pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, st
 # -- reconcile ---------------------------------------------------------------------------------------------
 @kopf.on.event(L.GROUP, L.VERSION, L.PLURAL)
 def on_event(event: Mapping[str, Any], body: kopf.Body, **kwargs: Any) -> None:
+    STATE.indexes = kwargs  # kopf's index objects live as long as the operator: the resync loop uses them
     if event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         metadata = body.get("metadata", {})
         fleet_metrics.COLLECTOR.forget(metadata.get("namespace", ""), metadata.get("name", ""))
@@ -165,10 +254,75 @@ def on_event(event: Mapping[str, Any], body: kopf.Body, **kwargs: Any) -> None:
     reconcile(body, kwargs)
 
 
-@kopf.timer(L.GROUP, L.VERSION, L.PLURAL, interval=SETTINGS.resync_seconds)
-def on_timer(body: kopf.Body, **kwargs: Any) -> None:
-    if not body.get("metadata", {}).get("deletionTimestamp"):
-        reconcile(body, kwargs)
+# -- the resync loop (instead of kopf timers, which would finalize every object) ---------------------------
+async def _resync_loop() -> None:
+    """Every resync period (and at once when this replica becomes the leader): reconcile every
+    MoEDeployment from the index in a thread pool, and keep one EPLB and one autoscaling task per
+    MoEDeployment."""
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(SETTINGS.workers, thread_name_prefix="moefleet-resync")
+    last = time.monotonic()
+    was_leading = False
+    try:
+        while not STATE.closing:
+            await asyncio.sleep(min(SETTINGS.resync_seconds, 0.5))
+            now_leading = leading()
+            due = time.monotonic() - last >= SETTINGS.resync_seconds or (now_leading and not was_leading)
+            was_leading = now_leading
+            if not now_leading:
+                _stop_eplb_tasks(set())
+                _stop_autoscale_tasks(set())
+                continue
+            indexes = STATE.indexes
+            if not due or indexes is None:
+                continue
+            last = time.monotonic()
+            bodies = [b for store in indexes["moefleet_moedeployments"].values() for b in store]
+            live = [b for b in bodies if not b.get("metadata", {}).get("deletionTimestamp")]
+            await asyncio.gather(*(loop.run_in_executor(executor, _resync_one, b, indexes) for b in live))
+            _sync_eplb_tasks(live)
+            _sync_autoscale_tasks(live)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _resync_one(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
+    try:
+        reconcile(body, indexes)
+    except kopf.TemporaryError as error:
+        meta = body.get("metadata", {})
+        log.warning(
+            "%s/%s: reconcile failed, retried later: %s", meta.get("namespace"), meta.get("name"), error
+        )
+    except Exception:  # a bug: log it with its traceback, keep the loop (and the other objects) going
+        log.exception("reconcile of %s failed", body.get("metadata", {}).get("name"))
+
+
+def _create_failures(
+    namespace: str, children: Mapping[tuple[str, str], ChildState], pods: Mapping[str, list[Any]], kube: Kube
+) -> dict[str, str]:
+    """group -> the StatefulSet controller's FailedCreate message, looked up (one cached LIST of Events)
+    only for a StatefulSet whose controller has seen its spec but created fewer pods than it wants."""
+    out: dict[str, str] = {}
+    ttl = max(SETTINGS.resync_seconds, 5.0)
+    for (kind, name), child in children.items():
+        if kind != "StatefulSet" or child.live is None:
+            continue
+        short = child.observed_generation >= child.generation and child.status_replicas < child.replicas
+        if not short or len(pods.get(name, [])) >= child.replicas:
+            continue
+        key = (namespace, name)
+        cached = STATE.create_checks.get(key)
+        if cached is None or time.monotonic() - cached[0] > ttl:
+            try:
+                cached = (time.monotonic(), kube.failed_create(namespace, name))
+            except (KubeError, httpx.HTTPError) as error:
+                log.warning("%s/%s: cannot read FailedCreate events: %s", namespace, name, error)
+                cached = (time.monotonic(), None)
+            STATE.create_checks[key] = cached
+        if cached[1]:
+            out[name] = cached[1]
+    return out
 
 
 def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube, podmonitors: bool) -> Any:
@@ -195,7 +349,14 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
     for pod in indexes["moefleet_pods"].get(key, []):
         pods.setdefault(pod.group, []).append(pod)
     failures = {group: f for (ns, group), f in STATE.failures.items() if ns == namespace}
-    return planner.Observed(children=children, pods=pods, failures=failures)
+    nodes = indexes.get("moefleet_nodes")
+    return planner.Observed(
+        children=children,
+        pods=pods,
+        failures=failures,
+        node_ready=_NodeReady(nodes) if nodes is not None else None,
+        create_failures=_create_failures(namespace, children, pods, kube),
+    )
 
 
 def _previous_status(namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,8 +371,16 @@ def _previous_status(namespace: str, name: str, body: Mapping[str, Any]) -> dict
 
 def reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
     """One level-triggered pass for one MoEDeployment (serialised per object)."""
-    if STATE.closing:
+    if STATE.closing or not leading():
         return
+    metadata = body.get("metadata", {})
+    backoff = STATE.apply_backoff.get((metadata.get("namespace", ""), metadata.get("name", "")))
+    if (
+        backoff is not None
+        and time.monotonic() < backoff[1]
+        and int(metadata.get("generation") or 0) == backoff[2]
+    ):
+        return  # the last apply failed: wait for the backoff (a spec change retries at once)
     try:
         _reconcile(body, indexes)
     except RuntimeError as error:  # httpx: "the client has been closed" while the operator stops
@@ -262,7 +431,15 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
         )
         observed = _observed(namespace, name, indexes, kube, podmonitors)
         managed = (*_CHILD_KINDS, "PodMonitor") if podmonitors else _CHILD_KINDS
-        the_plan = planner.plan(spec, desired, observed, previous, now, managed_kinds=managed)
+        the_plan = planner.plan(
+            spec,
+            desired,
+            observed,
+            previous,
+            now,
+            managed_kinds=managed,
+            force_delete_after=SETTINGS.force_delete_after_seconds,
+        )
         the_plan.pod_gates = _unwritten_gates(namespace, name, the_plan.pod_gates, observed)
         the_plan.status["placement"] = gang.placement_status(spec, backend)
         write_status = the_plan.status != previous
@@ -276,10 +453,14 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             the_plan.writes,
             "changed" if write_status else "same",
         )
+        if not leading():  # lost the Lease while planning: the new leader acts
+            return
         try:
             response, versions = kube.execute(ref, the_plan, write_status, events)
         except KubeError as error:
-            raise kopf.TemporaryError(str(error), delay=min(SETTINGS.resync_seconds, 10)) from error
+            _apply_failed(ref, spec.generation, the_plan.status, previous, error, now)
+            return
+        STATE.apply_backoff.pop((namespace, name), None)
         applied = STATE.applied.setdefault((namespace, name), {})
         for obj in the_plan.apply:
             key = (obj["kind"], obj["metadata"]["name"])
@@ -293,6 +474,43 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             gates[(pod_name, uids.get(pod_name, ""))] = (ready, time.monotonic())
         for group in the_plan.delete_pods:
             STATE.failures.pop((namespace, group), None)
+
+
+def _apply_failed(
+    ref: Mapping[str, str],
+    generation: int,
+    planned: dict[str, Any],
+    previous: dict[str, Any],
+    error: KubeError,
+    now: float,
+) -> None:
+    """The API server refused a write (quota, admission, ...): report it as Degraded ApplyFailed with the
+    server's message and retry with exponential backoff (a spec change retries at once)."""
+    key = (ref["namespace"], ref["name"])
+    failures = (STATE.apply_backoff.get(key) or (0, 0.0, 0))[0] + 1
+    delay = min(SETTINGS.apply_backoff_base_seconds * 2 ** (failures - 1), SETTINGS.apply_backoff_max_seconds)
+    STATE.apply_backoff[key] = (failures, time.monotonic() + delay, generation)
+    log.warning("%s/%s: apply failed (attempt %d, retry in %gs): %s", *key, failures, delay, error)
+    message = f"{error} (attempt {failures}; retrying with backoff)"
+    status = with_degraded(planned, previous, "ApplyFailed", message, now)
+    status["conditions"] = [  # what was applied is unknown: keep Available/Ready as they were
+        next((c for c in previous.get("conditions") or [] if c.get("type") == t), c)
+        if t in ("Available", "Ready")
+        else c
+        for c in status["conditions"]
+        for t in [c.get("type")]
+    ]
+    if status == previous:
+        return
+    kube = STATE.client()
+    try:
+        response = kube.replace_status(key[0], key[1], status)
+    except (KubeError, httpx.HTTPError) as status_error:
+        log.warning("%s/%s: could not report the apply failure: %s", *key, status_error)
+        return
+    _remember_status(key[0], key[1], response, status)
+    for event in condition_events(previous, status):
+        kube.create_event(ref, event)
 
 
 def _unwritten_gates(
@@ -319,19 +537,42 @@ def _remember_status(namespace: str, name: str, response: Any, status: dict[str,
     fleet_metrics.COLLECTOR.observe(namespace, name, status)
 
 
-# -- EPLB trigger: one daemon per MoEDeployment (eplb_loop.py does the work) -----------------------------
-@kopf.daemon(L.GROUP, L.VERSION, L.PLURAL, cancellation_timeout=5.0)
-async def eplb_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
-    """Every spec.eplb.interval: read Prometheus, maybe rebalance one group per role, report. `body` is kopf's
-    live view (always the latest spec). Idle when no Prometheus is configured or spec.eplb.mode is off.
-    Async, with each pass in a thread of its own: a sync daemon would hold one of kopf's worker threads
-    forever, and with more deployments than workers no reconcile would run."""
+# -- EPLB trigger: one task per MoEDeployment, kept by the resync loop (eplb_loop.py does the work) ---------
+def _sync_eplb_tasks(bodies: list[Mapping[str, Any]]) -> None:
+    """One EPLB task per live MoEDeployment while a Prometheus is configured (and this replica leads)."""
     if not SETTINGS.prometheus_url:
         return
+    wanted = set()
+    for body in bodies:
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        wanted.add(key)
+        task = STATE.eplb_tasks.get(key)
+        if task is None or task.done():
+            STATE.eplb_tasks[key] = asyncio.get_running_loop().create_task(_eplb_task(key))
+    _stop_eplb_tasks(wanted)
+
+
+def _stop_eplb_tasks(keep: set[tuple[str, str]]) -> None:
+    for key in [k for k in STATE.eplb_tasks if k not in keep]:
+        STATE.eplb_tasks.pop(key).cancel()
+
+
+def _latest_body(key: tuple[str, str]) -> Mapping[str, Any] | None:
+    store = (STATE.indexes or {}).get("moefleet_moedeployments", {}).get(key)
+    return next(iter(store), None) if store else None
+
+
+async def _eplb_task(key: tuple[str, str]) -> None:
+    """Every spec.eplb.interval: read Prometheus, maybe rebalance one group per role, report. Each pass runs
+    in a thread of its own (the HTTP calls block); the latest body is read from the index every time."""
     with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as prometheus:
-        while not stopped and not STATE.closing and not body.get("metadata", {}).get("deletionTimestamp"):
+        while not STATE.closing and leading():
+            body = _latest_body(key)
+            if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+                return
             interval = await asyncio.to_thread(_eplb_pass, body, prometheus)
-            await stopped.wait(interval)
+            await asyncio.sleep(interval)
 
 
 def _eplb_pass(body: Mapping[str, Any], prometheus: httpx.Client) -> float:
@@ -381,15 +622,35 @@ def _write_status(body: Mapping[str, Any], mutate: Any) -> None:
         _remember_status(namespace, name, response, status)
 
 
-# -- Role autoscaling: one daemon per MoEDeployment (autoscale_loop.py does the work) -----------------------
-@kopf.daemon(L.GROUP, L.VERSION, L.PLURAL, cancellation_timeout=5.0)
-async def autoscale_daemon(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
-    """Every MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS: scale autoscaled roles in whole groups. Async with
-    each pass in a thread, like the EPLB daemon; a deployment without autoscaling costs no request."""
+# -- Role autoscaling: one task per MoEDeployment, kept by the resync loop (autoscale_loop.py does the work) --
+def _sync_autoscale_tasks(bodies: list[Mapping[str, Any]]) -> None:
+    """One autoscaling task per live MoEDeployment (a deployment without autoscaling costs no request)."""
+    wanted = set()
+    for body in bodies:
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        wanted.add(key)
+        task = STATE.autoscale_tasks.get(key)
+        if task is None or task.done():
+            STATE.autoscale_tasks[key] = asyncio.get_running_loop().create_task(_autoscale_task(key))
+    _stop_autoscale_tasks(wanted)
+
+
+def _stop_autoscale_tasks(keep: set[tuple[str, str]]) -> None:
+    for key in [k for k in STATE.autoscale_tasks if k not in keep]:
+        STATE.autoscale_tasks.pop(key).cancel()
+
+
+async def _autoscale_task(key: tuple[str, str]) -> None:
+    """Every MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS: scale autoscaled roles in whole groups. Like the EPLB
+    task: no kopf daemon (daemons finalize every object), each pass in a thread, the latest body each time."""
     with httpx.Client(timeout=SETTINGS.prometheus_timeout_seconds) as client:
-        while not stopped and not STATE.closing and not body.get("metadata", {}).get("deletionTimestamp"):
+        while not STATE.closing and leading():
+            body = _latest_body(key)
+            if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+                return
             await asyncio.to_thread(_autoscale_pass, body, client)
-            await stopped.wait(SETTINGS.autoscale_interval_seconds)
+            await asyncio.sleep(SETTINGS.autoscale_interval_seconds)
 
 
 def _autoscale_pass(live: Mapping[str, Any], client: httpx.Client) -> None:

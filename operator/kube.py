@@ -43,6 +43,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     L.KIND: (f"/apis/{L.API_VERSION}", L.PLURAL),
 }
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
@@ -183,15 +184,44 @@ class Kube:
             params={"fieldManager": L.FIELD_MANAGER, "force": "true"},
         )
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        """Delete (404 is fine); dependents (a StatefulSet's pods) go in the background."""
-        self.request(
-            "DELETE",
-            _path(kind, namespace, name),
-            RESOURCES[kind][1],
-            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
-            missing_ok=True,
-        )
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str = "", grace_seconds: int | None = None
+    ) -> None:
+        """Delete (404 is fine); dependents (a StatefulSet's pods) go in the background. With `uid`, only
+        that very object (a precondition: a same-named replacement is never deleted; HTTP 409 is fine,
+        the object we meant is gone). `grace_seconds=0`: a force delete."""
+        options: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        if grace_seconds is not None:
+            options["gracePeriodSeconds"] = grace_seconds
+        try:
+            self.request(
+                "DELETE", _path(kind, namespace, name), RESOURCES[kind][1], body=options, missing_ok=True
+            )
+        except KubeError as error:
+            if error.status != 409 or not uid:
+                raise
+            log.info("%s %s/%s was already replaced (uid %s gone): not deleted", kind, namespace, name, uid)
+
+    def failed_create(self, namespace: str, statefulset: str) -> str | None:
+        """The newest FailedCreate Event of a StatefulSet (quota, Pod Security admission, ...): the API
+        server's message, or None."""
+        selector = f"involvedObject.kind=StatefulSet,involvedObject.name={statefulset},reason=FailedCreate"
+        found = self.request("GET", _path("Event", namespace), "events", params={"fieldSelector": selector})
+        items = (found or {}).get("items") or []
+        if not items:
+            return None
+        newest = max(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        return str(newest.get("message") or "FailedCreate")
+
+    def lease_request(self, verb: str, path: str, body: Any) -> Any:
+        """For leader.Elector: one request on a coordination.k8s.io Lease (None for 404 on GET)."""
+        return self.request(verb, path, "leases", body=body, missing_ok=verb == "GET")
 
     def get(self, kind: str, namespace: str, name: str) -> Any:
         return self.request("GET", _path(kind, namespace, name), RESOURCES[kind][1], missing_ok=True)
@@ -292,14 +322,16 @@ class Kube:
             version = (response.get("metadata") or {}).get("resourceVersion") or 0
             applied[(obj["kind"], obj["metadata"]["name"])] = int(version)
         for child in plan.delete:
-            self.delete(child.kind, namespace, child.name)
+            self.delete(child.kind, namespace, child.name, uid=child.uid)
         # Gates before the status, so Ready=True is never reported while the gateway cannot route yet.
         for pod, ready in plan.pod_gates:
             self.set_group_ready(namespace, pod, ready, foreign=pod in plan.foreign_gates)
         response = self.replace_status(namespace, ref["name"], plan.status) if write_status else None
         for pods in plan.delete_pods.values():
             for pod in pods:
-                self.delete("Pod", namespace, pod)
+                self.delete("Pod", namespace, pod, uid=plan.pod_uids.get(pod, ""))
+        for pod, uid in plan.force_delete:
+            self.delete("Pod", namespace, pod, uid=uid, grace_seconds=0)
         for event in events:
             self.create_event(ref, event)
         return response, applied

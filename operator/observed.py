@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from moefleet.operator import labels as L
@@ -28,6 +29,11 @@ class ChildState:
     # The live object's labels/annotations and content (spec, data, ...): drift.py compares the fields the
     # operator sets with it. None when unknown (our own write not seen by the watch yet).
     live: Mapping[str, Any] | None = field(default=None, compare=False)
+    uid: str = ""
+    # uids of its ownerReferences (None: not known, e.g. our own apply not seen by the watch yet): the
+    # operator deletes only children its MoEDeployment owns, never by labels alone
+    owner_uids: tuple[str, ...] | None = None
+    status_replicas: int = 0  # StatefulSets: pods the controller has created (status.replicas)
 
     @property
     def revision_known(self) -> bool:
@@ -53,6 +59,12 @@ class PodState:
     # every readiness gate) is taken over, so the gate always reflects the operator's decision.
     gate_by_operator: bool = False
     revision: str = ""  # controller-revision-hash: the StatefulSet template revision it was created from
+    node: str = ""  # spec.nodeName
+    deletion_deadline: float | None = None  # metadata.deletionTimestamp (epoch seconds) when deleting
+    # name of the StatefulSet controlling it ("" when none; None when not known): the operator deletes
+    # pods of a group only when the group's StatefulSet owns them, never by labels alone
+    owner: str | None = None
+    starting: bool = False  # still being created: unscheduled, pulling its image, or containers creating
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,9 @@ def child_state(body: Mapping[str, Any]) -> ChildState:
         observed_generation=_int(status.get("observedGeneration")),
         resource_version=_int(metadata.get("resourceVersion")),
         live=live_content(body),
+        uid=str(metadata.get("uid") or ""),
+        owner_uids=tuple(str(o.get("uid", "")) for o in metadata.get("ownerReferences") or []),
+        status_replicas=_int(status.get("replicas")),
     )
 
 
@@ -126,6 +141,8 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         unschedulable = scheduled.get("message") or "Unschedulable"
     phase = status.get("phase") or "Pending"
     failure = _termination(statuses)
+    controller = next((o for o in metadata.get("ownerReferences") or [] if o.get("controller")), None)
+    deletion = metadata.get("deletionTimestamp")
     if phase == "Failed" and failure is None:
         failure = f"{status.get('reason') or 'Failed'}: {status.get('message') or 'pod failed'}"
     return PodState(
@@ -141,7 +158,40 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         group_ready_gate=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("status") == "True",
         gate_by_operator=(conditions.get(L.GROUP_READY_CONDITION) or {}).get("reason") in L.GATE_REASONS,
         revision=(metadata.get("labels") or {}).get(L.CONTROLLER_REVISION, ""),
+        node=str((body.get("spec") or {}).get("nodeName") or ""),
+        deletion_deadline=_epoch(deletion) if deletion else None,
+        owner=str(controller.get("name", ""))
+        if controller and controller.get("kind") == "StatefulSet"
+        else "",
+        starting=_starting(phase, statuses),
     )
+
+
+_STARTING_REASONS = ("ContainerCreating", "PodInitializing", "ErrImagePull", "ImagePullBackOff")
+
+
+def _starting(phase: str, statuses: list[Mapping[str, Any]]) -> bool:
+    """Not running its containers yet: Pending (unscheduled, pulling the image) or a container still
+    waiting to be created. A slow image pull of a large engine image is the common case."""
+    if phase == "Pending":
+        return True
+    return any(
+        ((c.get("state") or {}).get("waiting") or {}).get("reason") in _STARTING_REASONS for c in statuses
+    )
+
+
+def _epoch(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def node_ready(body: Mapping[str, Any]) -> bool:
+    """A node the kubelet reports Ready, without the node controller's unreachable/not-ready taints."""
+    conditions = {c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []}
+    if (conditions.get("Ready") or {}).get("status") != "True":
+        return False
+    taints = (body.get("spec") or {}).get("taints") or []
+    down = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+    return not any(t.get("key") in down and t.get("effect") == "NoExecute" for t in taints)
 
 
 def pod_failed(pod: PodState) -> bool:

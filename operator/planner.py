@@ -18,10 +18,19 @@ Group rules (DESIGN.md "Operator contracts"):
   on an older revision (e.g. the operator stopped between applying the StatefulSet and deleting the pods) is
   re-formed like a changed one.
 - Events: one per decision (all children created in this pass -> one Created event), not one per child.
+- Never stuck: a pod on a NotReady (or vanished) node makes its group not Ready at once; a pod still
+  Terminating `force_delete_after` seconds past its deletion deadline on such a node is force-deleted
+  (grace 0, uid precondition) so the StatefulSet can recreate it. Children are deleted only when the
+  MoEDeployment owns them (ownerReferences uid), pods only when their group's StatefulSet does.
+- Start-up grace: while a (re)created group is within `restartPolicy.startupGrace` and one of its pods is
+  still starting (unscheduled, pulling its image), a failure of another pod does not restart the group
+  (that pod's kubelet restarts it in place); the restart, if still needed, comes when every pod has
+  started or the grace is over, so a slow image pull cannot cause a restart loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,11 +69,13 @@ class Plan:
     foreign_gates: set[str] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
     status: Obj = field(default_factory=dict)
+    pod_uids: dict[str, str] = field(default_factory=dict)  # pod name -> uid: the deletes' precondition
+    force_delete: list[tuple[str, str]] = field(default_factory=list)  # (pod, uid) stuck Terminating
 
     @property
     def writes(self) -> int:
         pods = sum(len(p) for p in self.delete_pods.values())
-        return len(self.apply) + len(self.delete) + pods + len(self.pod_gates)
+        return len(self.apply) + len(self.delete) + pods + len(self.pod_gates) + len(self.force_delete)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +127,14 @@ class GroupView:
         return next((p.unschedulable for p in self.pods if p.unschedulable), None)
 
 
-def _group_view(name: str, nodes: int, pods: Sequence[PodState], retired: Sequence[str]) -> GroupView:
-    live = tuple(sorted((p for p in pods if not p.deleting and p.uid not in retired), key=lambda p: p.name))
-    return GroupView(name, nodes, live)
+def _group_view(
+    name: str, nodes: int, pods: Sequence[PodState], retired: Sequence[str], node_ok: Any = None
+) -> GroupView:
+    """`node_ok(node)`: False for a NotReady/vanished node; its pods count as not Ready at once."""
+    live = sorted((p for p in pods if not p.deleting and p.uid not in retired), key=lambda p: p.name)
+    if node_ok is not None:
+        live = [p if not p.ready or node_ok(p.node) else dataclasses.replace(p, ready=False) for p in live]
+    return GroupView(name, nodes, tuple(live))
 
 
 def _failure(view: GroupView, record: Mapping[str, Any], failure: Failure | None) -> str | None:
@@ -134,8 +150,11 @@ def _failure(view: GroupView, record: Mapping[str, Any], failure: Failure | None
         and failure.uid not in record.get("retired", [])
     ):
         return f"pod {failure.pod}: {failure.message}"
+    # The membership recorded when the group was last Ready (cleared when the operator restarts or
+    # re-forms it): a pod gone or replaced since - also while the group is not Ready, e.g. its node went
+    # NotReady and the pod was evicted - means the group must form again, all together.
     members = record.get("members")
-    if record.get("phase") == READY and members and members_hash([p.uid for p in view.pods]) != members:
+    if members and members_hash([p.uid for p in view.pods]) != members:
         return "a pod of the group disappeared or was replaced"
     return None
 
@@ -147,6 +166,10 @@ class Observed:
     children: Mapping[tuple[str, str], ChildState]  # (kind, name) -> state
     pods: Mapping[str, Sequence[PodState]]  # group name -> its pods
     failures: Mapping[str, Failure] = field(default_factory=dict)  # group name -> latest failure seen
+    # node name -> Ready (observed.node_ready); None = nodes not watched (every node counts as Ready)
+    node_ready: Mapping[str, bool] | None = None
+    # group -> the StatefulSet controller's FailedCreate message (quota, Pod Security admission, ...)
+    create_failures: Mapping[str, str] = field(default_factory=dict)
 
 
 def plan(
@@ -163,6 +186,7 @@ def plan(
         "Deployment",
         "NetworkPolicy",
     ),
+    force_delete_after: float = 300.0,
 ) -> Plan:
     """Decide this reconcile's writes and the resulting status (see the module docstring for the rules)."""
     out = Plan()
@@ -183,11 +207,17 @@ def plan(
             out.apply.append(obj)
             drift.append(f"{key[0]} {key[1]} ({', '.join(fields[:3])})")
     for key, seen in sorted(observed.children.items()):
-        if key not in desired_by_key and key[0] in managed_kinds:
+        owned = seen.owner_uids is None or not spec.uid or spec.uid in seen.owner_uids
+        if key not in desired_by_key and key[0] in managed_kinds and owned:
             out.delete.append(seen)
             decisions.setdefault("Deleted", []).append(f"{key[0]} {key[1]}")
 
     # 2. Groups.
+    node_ready = observed.node_ready
+
+    def node_ok(node: str) -> bool:
+        return node_ready is None or not node or node_ready.get(node, False)
+
     previous_groups = {g["name"]: g for g in previous_status.get("groups") or []}
     groups: list[Obj] = []
     views: dict[str, GroupView] = {}
@@ -206,9 +236,11 @@ def plan(
                 if seen is not None and is_outdated
                 else role.nodes_per_replica
             )
-            view = _group_view(name, nodes, observed.pods.get(name, ()), record.get("retired", []))
+            view = _group_view(name, nodes, observed.pods.get(name, ()), record.get("retired", []), node_ok)
             views[name] = view
             record.update(name=name, role=role.name, replica=replica, nodes=nodes)
+            if "phase" not in record:  # a new group: its start-up grace starts now
+                record.setdefault("formingSince", timestamp(now))
             desired_sts = desired_by_key[("StatefulSet", name)]
             drifted = (
                 drifted_fields(desired_sts, seen.live)
@@ -259,11 +291,15 @@ def plan(
         retired = list(record.get("retired", []))
         if name in reforming:
             record.update(phase=UPDATING, members="", retired=sorted({*retired, *(p.uid for p in view.pods)}))
+            record["formingSince"] = timestamp(now)
             record["nodes"] = spec.role(record["role"]).nodes_per_replica
             record["readyNodes"] = 0
             continue
         record["readyNodes"] = view.ready_nodes
         reason = _failure(view, record, observed.failures.get(name))
+        if reason is not None and _in_startup_grace(view, record, policy, now):
+            record["phase"] = FORMING  # a peer still pulls its image: do not restart (see module doc)
+            continue
         if reason is not None:
             times = [parse_timestamp(t) for t in record.get("restartTimes", [])]
             decision = restart_decision(times, policy, now)
@@ -280,6 +316,7 @@ def plan(
                     lastFailure=reason,
                     retired=sorted({*retired, *(p.uid for p in view.pods), *failed_uid}),
                     readyNodes=0,
+                    formingSince=timestamp(now),
                 )
                 record.pop("nextRestartTime", None)
                 if view.pods:
@@ -306,6 +343,7 @@ def plan(
         record.pop("nextRestartTime", None)
         if view.ready:
             record.update(phase=READY, members=members_hash([p.uid for p in view.pods]), retired=[])
+            record.pop("formingSince", None)
         elif view.unschedulable:
             record["phase"] = UNSCHEDULABLE
         elif record.get("phase") in (RESTARTING, UPDATING) and len(view.pods) < view.nodes:
@@ -314,6 +352,31 @@ def plan(
             record["phase"] = FORMING if view.pods else PENDING
         if not record.get("retired"):
             record.pop("retired", None)
+
+    # Pods are deleted only when their group's StatefulSet owns them, each with a uid precondition.
+    for group, names in list(out.delete_pods.items()):
+        by_name = {p.name: p for p in views[group].pods}
+        kept = [n for n in names if by_name[n].owner is None or by_name[n].owner == group]
+        out.delete_pods[group] = kept
+        out.pod_uids.update({n: by_name[n].uid for n in kept})
+
+    # 2d. Pods stuck Terminating on a node that is gone or NotReady: nothing but a force delete ends them.
+    stuck: list[str] = []
+    node_down: dict[str, str] = {}
+    for record in groups:
+        for pod in observed.pods.get(record["name"], ()):
+            if pod.node and not node_ok(pod.node):
+                node_down.setdefault(record["name"], f"node {pod.node} of pod {pod.name} is NotReady")
+            overdue = pod.deletion_deadline is not None and now - pod.deletion_deadline >= force_delete_after
+            if pod.deleting and overdue and not node_ok(pod.node) and pod.owner in (None, record["name"]):
+                out.force_delete.append((pod.name, pod.uid))
+                stuck.append(f"{pod.name} (node {pod.node or '?'})")
+    if stuck:
+        message = (
+            f"force-deleted pod(s) stuck Terminating on an unreachable node for over "
+            f"{force_delete_after:g}s, so their StatefulSets recreate them: {', '.join(stuck)}"
+        )
+        out.events.append(Event("Warning", "ForceDeletedPods", message))
 
     # 2c. Readiness gates: a pod counts as Ready only while its whole group is Ready.
     for record in groups:
@@ -348,5 +411,23 @@ def plan(
         previous_status=previous_status,
         now=now,
         current=current,
+        problems=[
+            *(("FailedCreate", f"group {g}: {m}") for g, m in sorted(observed.create_failures.items())),
+            *(("NodeNotReady", f"group {g}: {m}") for g, m in sorted(node_down.items())),
+        ],
     )
     return out
+
+
+def _in_startup_grace(
+    view: GroupView, record: Mapping[str, Any], policy: RestartPolicySpec, now: float
+) -> bool:
+    """The group is (re)forming within restartPolicy.startupGrace and one of its pods has not started yet."""
+    since = record.get("formingSince")
+    if (
+        not since
+        or policy.startup_grace_seconds <= 0
+        or now - parse_timestamp(since) >= policy.startup_grace_seconds
+    ):
+        return False
+    return len(view.pods) < view.nodes or any(p.starting for p in view.pods)

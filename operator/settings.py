@@ -55,6 +55,21 @@ class OperatorSettings:
     # Key the engines' admin tokens are derived from (eplb_loop.derive_token; the chart passes its
     # `<release>-admin-key` Secret). Empty: random tokens read back from each Secret (needs `get` on Secrets).
     admin_key: str = ""
+    # Leader election (operator/leader.py): the namespace of the Lease; empty = no election, this process
+    # always acts (one replica, or out of the cluster). The chart sets it to the release namespace.
+    leader_election_namespace: str = ""
+    # Name of the Lease and its timing (client-go's defaults: 15 s / 10 s / 2 s).
+    leader_election_lease_name: str = "moefleet-operator"
+    leader_election_lease_seconds: float = 15.0
+    leader_election_renew_deadline_seconds: float = 10.0
+    leader_election_retry_seconds: float = 2.0
+    # A pod still Terminating this many seconds after its deletion deadline (deletionTimestamp), on a node
+    # that is NotReady or gone, is force-deleted (grace 0, uid precondition) so its StatefulSet can
+    # recreate it. Its kubelet is unreachable, so nothing else would ever finish the deletion.
+    force_delete_after_seconds: float = 300.0
+    # Retry of a failed apply (Degraded ApplyFailed): base * 2^(n-1) seconds, capped.
+    apply_backoff_base_seconds: float = 2.0
+    apply_backoff_max_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
@@ -72,6 +87,10 @@ class OperatorSettings:
             )
         if self.workers < 1:
             raise ValueError(f"{PREFIX}WORKERS ({self.workers}) must be >= 1")
+        if self.force_delete_after_seconds < 0:
+            raise ValueError(
+                f"{PREFIX}FORCE_DELETE_AFTER_SECONDS ({self.force_delete_after_seconds}) must be >= 0"
+            )
 
 
 def from_environment(environ: dict[str, str] | None = None) -> OperatorSettings:

@@ -141,6 +141,8 @@ class RestartPolicySpec:
     backoff_max_seconds: float = 600.0
     max_restarts: int = 10
     window_seconds: float = 3600.0
+    # A (re)forming group whose pods have not all started (image pull) is not restarted within this.
+    startup_grace_seconds: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +420,7 @@ def _parse_restart_policy(obj: Mapping[str, Any]) -> RestartPolicySpec:
         backoff_max_seconds=maximum,
         max_restarts=_int(obj, "maxRestarts", path, 10, 1),
         window_seconds=window,
+        startup_grace_seconds=parse_duration(obj.get("startupGrace", "10m"), f"{path}.startupGrace"),
     )
 
 

@@ -69,8 +69,20 @@ def condition(
     }
 
 
-def _degraded(groups: Sequence[Mapping[str, Any]], unschedulable: Mapping[str, str]) -> tuple[str, str]:
-    """(reason, message) of the most actionable problem, or ("AsExpected", ...)."""
+def _degraded(
+    groups: Sequence[Mapping[str, Any]],
+    unschedulable: Mapping[str, str],
+    problems: Sequence[tuple[str, str]] = (),
+) -> tuple[str, str]:
+    """(reason, message) of the most actionable problem, or ("AsExpected", ...). `problems`: (reason,
+    message) pairs found elsewhere, most actionable first (FailedCreate with the API server's message,
+    NodeNotReady); a FailedCreate outranks everything, a NodeNotReady comes after scheduling problems."""
+    first = [p for p in problems if p[0] == "FailedCreate"]
+    if first:
+        return first[0]
+    later = [p for p in problems if p[0] != "FailedCreate"]
+    if later and not unschedulable:
+        return later[0]
     if unschedulable:
         name = sorted(unschedulable)[0]
         insufficient = any(f"Insufficient {L.GPU_RESOURCE}" in m for m in unschedulable.values())
@@ -166,6 +178,7 @@ def build_status(
     previous_status: Mapping[str, Any],
     now: float,
     current: Mapping[str, bool] | None = None,
+    problems: Sequence[tuple[str, str]] = (),
 ) -> Obj:
     """The full status object written to the status subresource.
 
@@ -204,7 +217,7 @@ def build_status(
     all_groups_ready = bool(groups) and all(
         g.get("phase") == READY and current.get(g["name"], False) for g in groups
     )
-    degraded_reason, degraded_message = _degraded(groups, unschedulable)
+    degraded_reason, degraded_message = _degraded(groups, unschedulable, problems)
     progressing = _progressing(groups, current, outdated, reforming, gateway_ready)
     before = next((c for c in previous_status.get("conditions") or [] if c.get("type") == "Available"), None)
     starting = before is None or before.get("reason") == "Starting"
@@ -268,6 +281,18 @@ CORE_CONDITIONS = ("Available", "Ready", "Progressing", "Degraded")
 
 def _foreign_conditions(previous_status: Mapping[str, Any]) -> list[Obj]:
     return [c for c in previous_status.get("conditions") or [] if c.get("type") not in CORE_CONDITIONS]
+
+
+def with_degraded(
+    status: Mapping[str, Any], previous_status: Mapping[str, Any], reason: str, message: str, now: float
+) -> Obj:
+    """`status` with Degraded=True (reason, message) in place of its Degraded condition (e.g. ApplyFailed:
+    the API server refused a write; the message is the server's)."""
+    out = dict(status)
+    generation = int(status.get("observedGeneration") or 0)
+    new = condition("Degraded", True, reason, message, previous_status, generation, now)
+    out["conditions"] = [new if c.get("type") == "Degraded" else c for c in status.get("conditions") or []]
+    return out
 
 
 def invalid_spec_status(

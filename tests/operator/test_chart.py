@@ -29,10 +29,13 @@ ALLOWED = {
     ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
     ("scheduling.x-k8s.io", "podgroups"): {"get", "list", "create", "patch", "delete"},
     ("scheduling.volcano.sh", "podgroups"): {"get", "list", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create", "patch", "list"},  # list: a StatefulSet's FailedCreate message
     ("events.k8s.io", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"},
+    ("", "nodes"): {"get", "list", "watch"},  # NotReady nodes: group not Ready, force-delete stuck pods
 }
+# Leader election: a Role in the release namespace, on the operator's own Lease only (create can't be named).
+LEASE_ALLOWED = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 
 def test_chart_crd_is_identical_to_the_canonical_crd():
@@ -132,14 +135,40 @@ def test_rbac_is_least_privilege_cluster_wide_and_per_namespace():
     roles = [d for d in docs if d["kind"] == "ClusterRole"]
     granted = set().union(*(_check_rules(r["rules"]) for r in roles))
     assert granted == set(ALLOWED), f"missing: {set(ALLOWED) - granted}"
-    assert not any(d["kind"] == "Role" for d in docs)
+    [lease_role] = [d for d in docs if d["kind"] == "Role"]
+    assert lease_role["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    for rule in lease_role["rules"]:
+        assert {(g, r) for g in rule["apiGroups"] for r in rule["resources"]} == set(LEASE_ALLOWED), rule
+        assert set(rule["verbs"]) <= LEASE_ALLOWED[("coordination.k8s.io", "leases")], rule
+        assert rule["verbs"] == ["create"] or rule.get("resourceNames") == ["moefleet"], rule
     scoped = _rendered("operator.watchNamespaces={team-a,team-b}")
-    assert sorted(d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role") == ["team-a", "team-b"]
+    assert sorted(d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role") == [
+        SYSTEM_NAMESPACE, "team-a", "team-b",
+    ]  # fmt: skip
     deployment = next(d for d in scoped if d["kind"] == "Deployment")
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "--namespace=team-a" in command and "--all-namespaces" not in command
     cluster_roles = [d for d in scoped if d["kind"] == "ClusterRole"]
-    assert [r["metadata"]["name"] for r in cluster_roles] == ["moefleet-crds"]  # CRD reads only
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["moefleet-crds"]  # CRD + node reads only
+
+
+@pytest.mark.cluster
+def test_chart_runs_two_leader_elected_replicas_with_a_pdb():
+    docs = _rendered()
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    namespace = env["MOEFLEET_OPERATOR_LEADER_ELECTION_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert namespace == "metadata.namespace"
+    assert env["MOEFLEET_OPERATOR_LEADER_ELECTION_LEASE_NAME"]["value"] == "moefleet"
+    [pdb] = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    single = _rendered("operator.leaderElection.enabled=false")
+    deployment = next(d for d in single if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert not [d for d in single if d["kind"] in ("PodDisruptionBudget", "Role")]
 
 
 @pytest.mark.cluster

@@ -12,7 +12,7 @@ import pytest
 from moefleet.operator import labels as L
 from moefleet.operator import render
 from moefleet.operator.drift import drifted_fields
-from moefleet.operator.observed import Failure, PodState, child_state
+from moefleet.operator.observed import Failure, PodState, child_state, node_ready, pod_state
 from moefleet.operator.planner import Observed, members_hash, plan, restart_decision
 from moefleet.operator.spec import RestartPolicySpec, parse
 from moefleet.operator.status import condition_events, invalid_spec_status, timestamp
@@ -624,3 +624,181 @@ def test_first_convergence_is_not_an_event_but_a_recovery_is():
     recovered = settle(spec, children, pods, status=broken, now=NOW + 60).status
     [event] = condition_events(broken, recovered)
     assert (event.type, event.reason) == ("Normal", "AvailableTrue") and "Degraded=False" in event.message
+
+
+# -- never stuck (issue 13): NotReady nodes, pods stuck Terminating, owner/uid-checked deletes, FailedCreate,
+# the start-up grace
+
+
+def run(spec, children, pods, status=None, now=NOW, **observed):
+    return plan(spec, render.render_all(spec, False), Observed(children, pods, **observed), status or {}, now)
+
+
+def steady(spec):
+    """A converged deployment and its status after one pass (every group Ready, members recorded)."""
+    children, pods = converged(spec)
+    for group, members in pods.items():
+        pods[group] = [dataclasses.replace(p, node=f"node-{p.name}", owner=group) for p in members]
+    status = run(spec, children, pods).status
+    assert [g["phase"] for g in status["groups"]] == ["Ready", "Ready"]
+    return children, pods, status
+
+
+def test_a_pod_on_a_not_ready_node_makes_its_group_not_ready_at_once():
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    nodes = {p.node: True for members in pods.values() for p in members}
+    nodes["node-m-decode-0-1"] = False
+    result = run(spec, children, pods, status, node_ready=nodes)
+    phases = {g["name"]: g["phase"] for g in result.status["groups"]}
+    assert phases == {"m-prefill-0": "Ready", "m-decode-0": "Forming"}
+    assert cond(result.status, "Ready")["status"] == "False"
+    degraded = cond(result.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "NodeNotReady")
+    assert degraded["message"] == "group m-decode-0: node node-m-decode-0-1 of pod m-decode-0-1 is NotReady"
+    # Its pods' gates close; nothing is deleted or restarted (the pods may come back with the node).
+    assert sorted(result.pod_gates) == [("m-decode-0-0", False), ("m-decode-0-1", False)]
+    assert not result.delete_pods and not result.force_delete
+    # A node that vanished from the cluster counts as NotReady too.
+    del nodes["node-m-decode-0-1"]
+    assert (
+        cond(run(spec, children, pods, status, node_ready=nodes).status, "Degraded")["reason"]
+        == "NodeNotReady"
+    )
+
+
+def _stuck(pod: PodState, deadline: float) -> PodState:
+    return dataclasses.replace(pod, deleting=True, deletion_deadline=deadline)
+
+
+def test_a_pod_stuck_terminating_on_a_not_ready_node_is_force_deleted_after_the_timeout_only():
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    nodes = {p.node: True for members in pods.values() for p in members}
+    victim = pods["m-decode-0"][1]
+    pods["m-decode-0"][1] = _stuck(victim, deadline=NOW - 299)
+    nodes[victim.node] = False
+    early = run(spec, children, pods, status, node_ready=nodes, now=NOW)
+    assert not early.force_delete  # 299 s past its deadline < 300 s
+    late = run(spec, children, pods, status, node_ready=nodes, now=NOW + 1)
+    assert late.force_delete == [(victim.name, victim.uid)]
+    [event] = [e for e in late.events if e.reason == "ForceDeletedPods"]
+    assert event.type == "Warning" and f"{victim.name} (node {victim.node})" in event.message
+    # The same pod on a Ready node is only slow to terminate: never force-deleted (two copies could run).
+    nodes[victim.node] = True
+    assert not run(spec, children, pods, status, node_ready=nodes, now=NOW + 1000).force_delete
+    # A pod the group's StatefulSet does not own (same labels, another controller) is never touched.
+    nodes[victim.node] = False
+    pods["m-decode-0"][1] = dataclasses.replace(pods["m-decode-0"][1], owner="someone-else")
+    assert not run(spec, children, pods, status, node_ready=nodes, now=NOW + 1000).force_delete
+
+
+def test_group_restart_deletes_only_pods_its_statefulset_owns_each_with_its_uid():
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    decode = pods["m-decode-0"]
+    decode[0] = dataclasses.replace(decode[0], phase="Failed", failure="container engine exited 1 (Error)")
+    decode[1] = dataclasses.replace(decode[1], owner="")  # labelled like ours, no StatefulSet owner
+    result = run(spec, children, pods, status)
+    assert result.delete_pods == {"m-decode-0": ["m-decode-0-0"]}
+    assert result.pod_uids == {"m-decode-0-0": decode[0].uid}
+
+
+def test_children_are_deleted_only_when_the_moedeployment_owns_them():
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    extra = dataclasses.replace(
+        children[("Service", "m-prefill")], name="m-old", uid="svc-uid", owner_uids=("uid-1",)
+    )
+    foreign = dataclasses.replace(extra, name="m-foreign", uid="f-uid", owner_uids=("another-owner",))
+    children[("Service", "m-old")] = extra
+    children[("Service", "m-foreign")] = foreign
+    result = run(spec, children, pods, status)
+    assert [(c.name, c.uid) for c in result.delete] == [("m-old", "svc-uid")]
+
+
+def test_failed_create_is_degraded_with_the_servers_message():
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    message = 'create Pod m-decode-0-1 in StatefulSet m-decode-0 failed error: pods "m-decode-0-1" is forbidden: exceeded quota: gpus'
+    pods["m-decode-0"] = pods["m-decode-0"][:1]
+    result = run(spec, children, pods, status, create_failures={"m-decode-0": message})
+    degraded = cond(result.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "FailedCreate")
+    assert degraded["message"] == f"group m-decode-0: {message}"
+
+
+def test_start_up_grace_defers_a_restart_while_a_peer_still_pulls_its_image():
+    spec = make_spec(restartPolicy={"startupGrace": "10m"})
+    children, _ = converged(spec)
+    status = run(spec, children, {}).status  # new groups: their grace starts now
+    assert all(g["formingSince"] == timestamp(NOW) for g in status["groups"])
+    pods = {
+        "m-prefill-0": pods_for("m-prefill-0", 1),
+        "m-decode-0": [
+            PodState("m-decode-0-0", "u0", "m-decode-0", False, "Running", restart_count=1,
+                     failure="container engine exited 1 (Error): rendezvous timed out"),
+            PodState("m-decode-0-1", "u1", "m-decode-0", False, "Pending", starting=True),
+        ],
+    }  # fmt: skip
+    within = run(spec, children, pods, status, now=NOW + 300)
+    assert not within.delete_pods
+    assert {g["name"]: g["phase"] for g in within.status["groups"]}["m-decode-0"] == "Forming"
+    # Every pod has started (the pull finished): the failure now restarts the group, once.
+    pods["m-decode-0"][1] = dataclasses.replace(pods["m-decode-0"][1], phase="Running", starting=False)
+    started = run(spec, children, pods, within.status, now=NOW + 310)
+    assert started.delete_pods == {"m-decode-0": ["m-decode-0-0", "m-decode-0-1"]}
+    # Past the grace a failure restarts the group even while a peer still pulls.
+    pods["m-decode-0"][1] = dataclasses.replace(pods["m-decode-0"][1], phase="Pending", starting=True)
+    assert run(spec, children, pods, within.status, now=NOW + 601).delete_pods
+
+
+def test_a_ready_group_has_no_start_up_grace():
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    assert all("formingSince" not in g for g in status["groups"])
+    pods["m-decode-0"][1] = dataclasses.replace(pods["m-decode-0"][1], restart_count=1, starting=True)
+    assert run(spec, children, pods, status, now=NOW + 5).delete_pods
+
+
+def test_pod_and_node_state_from_api_bodies():
+    body = {
+        "metadata": {
+            "name": "m-decode-0-1", "uid": "u", "labels": {"moefleet.ai/group": "m-decode-0"},
+            "deletionTimestamp": "2026-11-30T10:00:00Z",
+            "ownerReferences": [{"kind": "StatefulSet", "name": "m-decode-0", "controller": True, "uid": "s"}],
+        },
+        "spec": {"nodeName": "n1"},
+        "status": {"phase": "Pending", "containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]},
+    }  # fmt: skip
+    pod = pod_state(body)
+    assert (pod.node, pod.owner, pod.starting, pod.deleting) == ("n1", "m-decode-0", True, True)
+    assert pod.deletion_deadline == 1_796_032_800.0  # 2026-11-30T10:00:00Z
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    assert node_ready(ready)
+    assert not node_ready({"status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}})
+    tainted = {
+        **ready,
+        "spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]},
+    }
+    assert not node_ready(tainted)
+
+
+def test_a_pod_evicted_from_a_not_ready_node_restarts_its_whole_group():
+    """Ready -> node NotReady (Forming, members kept) -> the pod there is deleted (taint eviction): the
+    group no longer has the members it was Ready with, so all its pods restart together."""
+    spec = make_spec()
+    children, pods, status = steady(spec)
+    nodes = {p.node: True for members in pods.values() for p in members}
+    nodes["node-m-decode-0-1"] = False
+    forming = run(spec, children, pods, status, node_ready=nodes)
+    assert not forming.delete_pods
+    pods["m-decode-0"][1] = _stuck(pods["m-decode-0"][1], deadline=NOW + 60)
+    result = run(spec, children, pods, forming.status, node_ready=nodes, now=NOW + 1)
+    assert result.delete_pods == {"m-decode-0": ["m-decode-0-0"]}  # the stuck one is already deleting
+    assert not result.force_delete  # not yet: its deletion deadline has not even passed
+    group = next(g for g in result.status["groups"] if g["name"] == "m-decode-0")
+    assert (
+        group["phase"] == "Restarting"
+        and group["lastFailure"] == "a pod of the group disappeared or was replaced"
+    )
