@@ -295,6 +295,11 @@ def _resync_one(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             "%s/%s: reconcile failed, retried later: %s", meta.get("namespace"), meta.get("name"), error
         )
     except Exception:  # a bug: log it with its traceback, keep the loop (and the other objects) going
+        if STATE.closing:  # the client was closed under a reconcile in flight: stopping, not a failure
+            log.info(
+                "reconcile of %s stopped: the operator is shutting down", body.get("metadata", {}).get("name")
+            )
+            return
         log.exception("reconcile of %s failed", body.get("metadata", {}).get("name"))
 
 
