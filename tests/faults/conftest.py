@@ -94,12 +94,14 @@ class Stream:
     model: str
     max_tokens: int
     prompt: list[int] = field(default_factory=lambda: [5, 6, 7, 8])
+    leave_after: int | None = None  # hang up once this many tokens arrived (a client that vanishes)
     status: int | None = None
     tokens: int = 0
     finish_reason: str | None = None
     error: dict[str, Any] | None = None  # an SSE error event
     exception: str | None = None  # a transport error (connection reset, timeout)
     done: bool = False  # saw data: [DONE]
+    left: bool = False  # hung up on purpose (leave_after)
     started: float = 0.0
     ended: float | None = None
 
@@ -133,6 +135,9 @@ class Stream:
                     if choice.get("token_ids"):
                         self.tokens += len(choice["token_ids"])
                         self.first_token.set()
+                        if self.leave_after is not None and self.tokens >= self.leave_after:
+                            self.left = True
+                            return  # leaving the block drops the connection mid-stream
                     if choice["finish_reason"] is not None:
                         self.finish_reason = choice["finish_reason"]
         except httpx.HTTPError as exc:
