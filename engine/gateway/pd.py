@@ -13,7 +13,8 @@ Handshake (engine side: engine/disaggregation/roles.py):
      `x-moefleet-kv-target: <rank r's receiver>`: it computes the prompt and the first token and pushes the KV; its
      answer arrives once the decode group acknowledged (`moefleet_gateway_kv_transfer_seconds`).
 A failure of either leg before the decode group's first byte cancels the other leg (which aborts the request
-and frees its KV on that side) and answers 502/503 in OpenAI form; no retry on other groups yet.
+and frees its KV on that side) and answers 502/503 in OpenAI form; a prefill group that cannot be connected to
+(it computed nothing) leaves the pool and the request is served whole by a decode group instead.
 Requests the roles cannot split (n > 1, logprobs, structured outputs), and all requests while no prefill group
 is ready, are served whole by a decode group.
 """
@@ -65,6 +66,10 @@ def splittable(body: dict[str, Any]) -> bool:
     if body.get("n") not in (None, 1):
         return False
     return not any(body.get(name) not in (None, False, 0) for name in _WHOLE_ON_DECODE)
+
+
+class Unreachable(str):
+    """The prefill group could not be connected to (so it computed nothing): why."""
 
 
 class PDRelay:
@@ -142,6 +147,11 @@ class PDRelay:
                 await _cancel(decode_task)
                 if isinstance(failure, Response):  # the request itself is bad (4xx): say so as the engine did
                     return gw._answer(failure)
+                if isinstance(failure, Unreachable):  # nothing computed yet: a decode group serves it whole
+                    log.warning(
+                        "prefill group %s unreachable (%s): serving the request whole", prefill.name, failure
+                    )
+                    return None
                 return self._fail(f"prefill group {prefill.name}: {failure}")
             result = await decode_task
         except BaseException:
@@ -170,6 +180,9 @@ class PDRelay:
         backend.in_flight += 1
         try:
             answer = await gw.client.post(backend.url + path, content=raw, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached it: nothing was computed
+            gw.pool.mark_failed(backend.name, str(exc))
+            return Unreachable(f"{type(exc).__name__}: {exc}")
         except httpx.TransportError as exc:
             gw.pool.mark_failed(backend.name, str(exc))
             return f"{type(exc).__name__}: {exc}"
