@@ -166,6 +166,22 @@ def test_thousand_concurrent_streams_on_one_server(shared_server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_thousand_concurrent_streams_through_the_gateway(shared_server, shared_gateway, tmp_path):
+    """The issue's figure through a local fleet: `moefleet gateway` in front of the group, 1,000 streams open at
+    once through it, a third hang up mid-stream (the gateway must close their upstream requests so the engine
+    aborts them and frees their KV); accounted for on the engine's side."""
+    before = _finished(shared_server.base_url)
+    summary = _loadtest(shared_gateway.base_url, tmp_path, requests=1000, concurrency=1000, timeout=280,
+                        output_len="uniform:4-8")  # fmt: skip
+    kv_zero_s = _check_accounted(shared_server.base_url, summary, 1000, before)
+    record("loadtest_1000_streams_through_gateway", requests=1000, concurrency=1000,
+           left_early=summary["left_early"], hung=0, lost=0, kv_blocks_leaked=0, kv_zero_after_s=round(kv_zero_s, 2),
+           wall_s=round(summary["wall_s"], 1), ttft_p50_s=round(summary["ttft_s"]["p50"], 1),
+           ttft_p99_s=round(summary["ttft_s"]["p99"], 1))  # fmt: skip
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "mode", [["--endpoint", "chat"], ["--no-stream"]], ids=["chat-stream", "completions-json"]
