@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
-from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts
+from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
 from moefleet.engine.server.errors import OpenAIError, error_body, install_error_handlers
 
@@ -37,6 +37,10 @@ RETRYABLE_STATUS = (502, 503, 504)
 MAX_ATTEMPTS = 3
 # While a stream is quiet this long, the gateway checks that its backend still passes health polls.
 STALL_CHECK_SECONDS = 1.0
+# Connecting to an engine: generous, since a burst of requests can delay this process's own event loop.
+CONNECT_TIMEOUT_SECONDS = 10.0
+# A stream whose group's health polls only time out is cut after this long (pool.should_cut_silent_stream).
+SLOW_BACKEND_PATIENCE_SECONDS = 30.0
 
 
 class Gateway:
@@ -49,7 +53,7 @@ class Gateway:
         self.pd = PDRelay(self)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(upstream_timeout, connect=5.0),
+            timeout=httpx.Timeout(upstream_timeout, connect=CONNECT_TIMEOUT_SECONDS),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
 
@@ -99,7 +103,8 @@ class Gateway:
             response = await self._try(backend, path, raw, headers, bool(body.get("stream")))
             if isinstance(response, str):
                 last_error = f"{backend.name}: {response}"
-                self.pool.mark_failed(backend.name, response)
+                if not isinstance(response, Busy):  # the health poll decides about a busy one
+                    self.pool.mark_failed(backend.name, response)
                 self.metrics.retries.labels(self.role).inc()
                 continue
             return response
@@ -133,6 +138,10 @@ class Gateway:
                 )
             first = await chunks.__anext__()  # a stream that dies before its first chunk is retried too
             handed_over = True
+        except (
+            httpx.ConnectTimeout
+        ) as exc:  # a busy engine (or this gateway's own loop): not proof it is down
+            return Busy(f"{type(exc).__name__}: {exc}")
         except (httpx.TransportError, StopAsyncIteration) as exc:
             return f"{type(exc).__name__}: {exc}"
         finally:
@@ -165,7 +174,7 @@ class Gateway:
                     done, _ = await asyncio.wait({pending}, timeout=STALL_CHECK_SECONDS)
                     if done:
                         break
-                    if not backend.healthy:
+                    if should_cut_silent_stream(backend, time.monotonic(), SLOW_BACKEND_PATIENCE_SECONDS):
                         raise RuntimeError(f"backend {backend.name} stopped answering health checks")
                 try:
                     chunk = pending.result()
@@ -220,6 +229,10 @@ class Gateway:
             message = f"no ready group for role(s) {missing}; backends: {states}"
             return JSONResponse(error_body(message, 503), status_code=503)
         return JSONResponse({"status": "ok", "ready_groups": ready, "mode": self.pool.config.mode})
+
+
+class Busy(str):
+    """Why a backend did not take a request in time (connect timeout): retried elsewhere, not marked down."""
 
 
 def _sse(payload: Any) -> bytes:

@@ -49,6 +49,10 @@ class Backend:
     failures: int = 0  # failed polls in a row
     last_error: str = ""
     last_poll: float = field(default=0.0)
+    # Since when it is unhealthy, and whether only because its polls timed out (busy or frozen: streams in
+    # flight there are given time) rather than a refused connection or an error answer (down: cut at once).
+    unhealthy_since: float = 0.0
+    timed_out_only: bool = False
     ranks: list[RankView] = field(default_factory=list)  # per DP rank, as last polled (PD decode routing)
     rank_opened: dict[int, int] = field(default_factory=dict)  # placed on a rank since that poll
 
@@ -171,7 +175,9 @@ class BackendPool:
         """A request could not reach the backend: out of the pool until a poll finds it healthy again."""
         backend = self.backends.get(name)
         if backend is not None:
-            backend.healthy = False
+            if backend.healthy:
+                backend.unhealthy_since = time.monotonic()
+            backend.healthy, backend.timed_out_only = False, False
             backend.last_error = error
             log.warning("backend %s (%s) failed: %s", name, backend.url, error)
 
@@ -220,11 +226,15 @@ class BackendPool:
         except Exception as exc:  # connection refused, timeout, bad status: all mean "not usable now"
             backend.failures += 1
             backend.last_error = f"{type(exc).__name__}: {exc}"
+            timed_out = isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout)
             if backend.failures >= self.unhealthy_after or not backend.healthy:
                 if backend.healthy:
                     log.warning(
                         "backend %s (%s) is unhealthy: %s", backend.name, backend.url, backend.last_error
                     )
+                    backend.unhealthy_since, backend.timed_out_only = time.monotonic(), timed_out
+                elif not timed_out:
+                    backend.timed_out_only = False
                 backend.healthy = False
         else:
             if not backend.healthy:
@@ -266,6 +276,16 @@ async def _host_addresses(url: str) -> set[str]:
 
 def _in_cluster() -> bool:
     return "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def should_cut_silent_stream(backend: Backend, now: float, patience_s: float) -> bool:
+    """Whether a stream that is waiting for its next chunk from `backend` should be ended with an error (pure):
+    at once when the backend is down (refused connections, error answers, a failed request); after
+    `patience_s` of failed polls when they only timed out (an overloaded engine answers slowly, but its
+    streams still finish; a frozen one is cut then)."""
+    if backend.healthy:
+        return False
+    return not backend.timed_out_only or now - backend.unhealthy_since >= patience_s
 
 
 def role_counts(backends: Iterable[Backend]) -> dict[tuple[str, str], int]:

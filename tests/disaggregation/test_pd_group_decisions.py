@@ -96,3 +96,15 @@ def test_parse_pd_headers():
 )
 def test_advertised_host(host, node, env, want):
     assert advertised_host(host, node, env) == want
+
+
+def test_a_silent_stream_is_cut_at_once_when_its_group_is_down_but_not_while_it_is_only_slow():
+    from moefleet.engine.gateway.pool import should_cut_silent_stream
+
+    healthy = Backend("b", "mixed", "http://b:1", healthy=True)
+    assert not should_cut_silent_stream(healthy, now=100.0, patience_s=30)
+    down = Backend("b", "mixed", "http://b:1", healthy=False, unhealthy_since=99.0, timed_out_only=False)
+    assert should_cut_silent_stream(down, now=100.0, patience_s=30)
+    slow = Backend("b", "mixed", "http://b:1", healthy=False, unhealthy_since=90.0, timed_out_only=True)
+    assert not should_cut_silent_stream(slow, now=100.0, patience_s=30)  # overloaded: its streams go on
+    assert should_cut_silent_stream(slow, now=120.0, patience_s=30)  # silent for too long: frozen
