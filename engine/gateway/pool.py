@@ -226,7 +226,8 @@ class BackendPool:
         except Exception as exc:  # connection refused, timeout, bad status: all mean "not usable now"
             backend.failures += 1
             backend.last_error = f"{type(exc).__name__}: {exc}"
-            timed_out = isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout)
+            # A slow accept or answer (ConnectTimeout included) is a busy or frozen engine; refused is down.
+            timed_out = isinstance(exc, httpx.TimeoutException)
             if backend.failures >= self.unhealthy_after or not backend.healthy:
                 if backend.healthy:
                     log.warning(
