@@ -215,7 +215,7 @@ def run_fleet(plan: FleetPlan, log_dir: Path, print_examples: bool = True) -> in
             f"moefleet local: serving '{plan.gateway.model}' through the gateway at {gateway_url}", flush=True
         )
         if print_examples:
-            print(fleet_examples(gateway_url, plan.gateway.model, plan.gateway.mode), flush=True)
+            print(fleet_examples(gateway_url, plan.gateway.model or "model", plan.gateway.mode), flush=True)
         while not stopping["flag"]:
             dead = [(name, p.returncode) for name, p in processes if p.poll() is not None]
             if dead:

@@ -28,6 +28,7 @@ from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
 from moefleet.engine.server.errors import OpenAIError, error_body, install_error_handlers
+from moefleet.engine.server.request_guard import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, json_depth
 
 log = logging.getLogger("moefleet.gateway")
 
@@ -46,8 +47,15 @@ SLOW_BACKEND_PATIENCE_SECONDS = 30.0
 class Gateway:
     """Routing state shared by the routes: the pool, the HTTP client to the engines, metrics."""
 
-    def __init__(self, pool: BackendPool, *, upstream_timeout: float | None = None):
+    def __init__(
+        self,
+        pool: BackendPool,
+        *,
+        upstream_timeout: float | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
         self.pool = pool
+        self.max_request_bytes = max_request_bytes
         self.metrics = GatewayMetrics(lambda: role_counts(self.pool.backends.values()))
         self.turns = itertools.count()
         self.pd = PDRelay(self)
@@ -73,7 +81,7 @@ class Gateway:
         return self.pool.backends[view.name]
 
     async def relay(self, request: Request, path: str) -> Response:
-        raw = await request.body()
+        raw = await self._limited_body(request)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -110,6 +118,30 @@ class Gateway:
             return response
         message = f"no {self.role} group could take the request after {len(tried)} attempts ({last_error}); retry later"
         return self._answer(JSONResponse(error_body(message, 503), status_code=503))
+
+    async def _limited_body(self, request: Request) -> bytes:
+        """The body, refused early like the engine's request guard: 413 over `max_request_bytes` (from the
+        Content-Length header, or counted as a chunked body arrives), 400 for JSON nested too deep."""
+        limit = self.max_request_bytes
+        too_large = (
+            f"the request body is larger than this gateway's limit of {limit} bytes; send a smaller request "
+            "(the gateway's --max-request-bytes sets the limit)"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise OpenAIError(too_large, status_code=413, code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise OpenAIError(too_large, status_code=413, code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        depth = json_depth(raw)
+        if depth > DEFAULT_MAX_JSON_DEPTH:
+            message = f"the request body nests JSON {depth} levels deep; this gateway accepts at most {DEFAULT_MAX_JSON_DEPTH}"
+            raise OpenAIError(message, code="json_too_deep")
+        return raw
 
     async def _try(
         self, backend: Backend, path: str, raw: bytes, headers: dict[str, str], stream: bool

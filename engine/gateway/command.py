@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from moefleet.engine.cli import CommandError
     from moefleet.engine.gateway.app import Gateway, build_gateway_app
     from moefleet.engine.gateway.pool import BackendPool
-    from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES, RequestGuard
+    from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -151,14 +151,15 @@ def run(args: argparse.Namespace) -> int:
             "whole, see docs/gateway.md)"
         )
     pool = BackendPool(config, poll_interval=args.poll_interval)
-    gateway = Gateway(pool)
+    gateway = Gateway(
+        pool, max_request_bytes=max_request_bytes
+    )  # oversize / deeply nested bodies refused early
 
     def apply(new: GatewayConfig) -> None:
         pool.configure(new)
 
     reload = (lambda: watch_config(args.config, apply)) if args.config else None
-    # Oversize and deeply nested bodies are refused before they are read or parsed, as by the engine.
-    app = RequestGuard(build_gateway_app(gateway, reload), max_request_bytes=max_request_bytes)
+    app = build_gateway_app(gateway, reload)
     port = args.port if args.port is not None else config.port
     groups = sum(len(r.groups) for r in config.roles.values())
     print(
