@@ -1,4 +1,5 @@
-# moefleet: `make run` serves a tiny MoE on CPU; `make test` installs everything the tests need and runs them.
+# moefleet: `make run` serves a tiny MoE on CPU as a local disaggregated fleet (1 prefill + 1 decode group of
+# 2 ranks each + the gateway, `moefleet local`); `make test` installs everything the tests need and runs them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -29,7 +30,7 @@ venv: $(VENV)/.stamp-test
 
 run: venv-run
 	@test -f $(TINY_MODEL)/config.json || $(VENV)/bin/moefleet make-tiny-model --arch qwen3_moe --out $(TINY_MODEL)
-	$(VENV)/bin/moefleet serve --model $(TINY_MODEL) --port $(PORT) --device cpu --dtype float32 --print-examples
+	$(VENV)/bin/moefleet local -f manifests/local/tiny-pd.yaml --model $(TINY_MODEL) --port $(PORT) --device cpu
 
 lint: venv
 	$(VENV)/bin/ruff check engine operator src tests

@@ -215,11 +215,7 @@ def run_fleet(plan: FleetPlan, log_dir: Path, print_examples: bool = True) -> in
             f"moefleet local: serving '{plan.gateway.model}' through the gateway at {gateway_url}", flush=True
         )
         if print_examples:
-            body = json.dumps({"model": plan.gateway.model, "prompt": "Once upon a time", "max_tokens": 32})
-            print(
-                f"  curl {gateway_url}/v1/completions -H 'Content-Type: application/json' -d '{body}'",
-                flush=True,
-            )
+            print(fleet_examples(gateway_url, plan.gateway.model or "model", plan.gateway.mode), flush=True)
         while not stopping["flag"]:
             dead = [(name, p.returncode) for name, p in processes if p.poll() is not None]
             if dead:
@@ -232,6 +228,29 @@ def run_fleet(plan: FleetPlan, log_dir: Path, print_examples: bool = True) -> in
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop_all(processes)
+
+
+def fleet_examples(url: str, model: str, mode: str) -> str:
+    """Copy-paste requests for the fleet's gateway (printed once it is healthy)."""
+    completion = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
+    chat = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 32,
+            "stream": True,
+        }
+    )
+    how = (
+        "each request is computed by the prefill group, its KV cache moved to the decode group, which streams"
+        if mode == "disaggregated"
+        else "requests go to the least-loaded group"
+    )
+    return f"""  ({how})
+  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{completion}'
+  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'
+  python -c "from openai import OpenAI; print(OpenAI(base_url='{url}/v1', api_key='-').completions.create(model='{model}', prompt='Hi', max_tokens=16).choices[0].text)"
+  metrics: curl {url}/metrics    Ctrl-C stops the fleet (gateway first, then each group drains)"""
 
 
 def _stop_all(processes: list[tuple[str, subprocess.Popen]]) -> None:

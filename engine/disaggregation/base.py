@@ -71,8 +71,11 @@ class KVReceiver(ABC):
     def close(self) -> None: ...
 
 
-def create_transfer(pool: KVCachePool, host: str = "0.0.0.0", port: int = 0) -> tuple[KVSender, KVReceiver]:
-    """The transfer backend of this engine; only `tcp` exists (GPU paths: see docs/distributed.md)."""
+def create_transfer(
+    pool: KVCachePool, host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None
+) -> tuple[KVSender, KVReceiver]:
+    """The transfer backend of this engine; only `tcp` exists (GPU paths: see docs/distributed.md).
+    `advertise_host`: the address the receiver announces (default: `host`, or 127.0.0.1 for a wildcard)."""
     from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
 
-    return TcpSender(pool), TcpReceiver(pool, host, port)
+    return TcpSender(pool), TcpReceiver(pool, host, port, advertise_host)

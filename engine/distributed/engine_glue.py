@@ -125,6 +125,16 @@ class RequestRejected:
     finished: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """Travels back with the outputs when a request failed on its rank after admission (e.g. its KV transfer
+    failed): the front end ends its stream with a server error."""
+
+    request_id: str
+    message: str
+    finished: bool = True
+
+
 class DPEngineLoop:
     """One rank's serving loop: request hand-over, then one engine step. Call `step()` on every rank until it
     returns False (the front end submitted `Shutdown`).
@@ -144,6 +154,10 @@ class DPEngineLoop:
         self.engine, self.router, self.on_outputs, self.idle_wait_s = engine, router, on_outputs, idle_wait_s
         self._pending: list[Any] = []
         self._group_idle = False
+        # Prefill/decode roles (optional, engine/disaggregation/group_roles.py): requests whose payload carries
+        # a transfer go to `pd.add`, its aborts to `pd.abort`; `pd.poll()` (ended transfers, as outputs) runs
+        # before each engine step and `pd.after_step()` after it.
+        self.pd: Any = None
         # EPLB (optional): commands enter on the front end and run on every rank at a step boundary.
         self.eplb: Any = getattr(engine, "eplb", None)
         self.dispatch_metrics: Any = getattr(engine, "dispatch_metrics", None)
@@ -175,19 +189,29 @@ class DPEngineLoop:
             self.eplb.on_step_boundary(commands, self.engine.num_steps_total)
         for message in messages:
             if isinstance(message, AddRequest):
-                prompt_token_ids, sampling_params = message.payload
+                prompt_token_ids, sampling_params, *transfer = message.payload
+                if transfer and self.pd is not None:
+                    rejected += self.pd.add(
+                        message.request_id, prompt_token_ids, sampling_params, transfer[0]
+                    )
+                    continue
                 try:
                     self.engine.add_request(message.request_id, prompt_token_ids, sampling_params)
                 except (ValueError, TypeError) as exc:  # a bad request must not take the rank down
                     rejected.append(RequestRejected(message.request_id, str(exc)))
             elif isinstance(message, AbortRequest):
-                self.engine.abort_request(message.request_id)
+                if self.pd is None or not self.pd.abort(message.request_id):
+                    self.engine.abort_request(message.request_id)
             elif isinstance(message, Shutdown):
                 running = False
         if not running:
             return False
+        if self.pd is not None:
+            rejected += self.pd.poll()
         batch_before = self.engine.num_steps_total
         self._pending = rejected + self.engine.step()
+        if self.pd is not None:
+            self.pd.after_step()
         # The group ran no forward at all when nobody had work (step agreement said run=False).
         self._group_idle = self.engine.num_steps_total == batch_before and not self._pending
         return True

@@ -32,6 +32,7 @@ class AddRequest:
     request_id: str
     payload: Any  # whatever the engine's add_request needs (prompt ids, sampling params)
     cost: int = 1  # load it adds to its rank until the next exchange reports real loads
+    rank: int | None = None  # place it on this rank (e.g. where its KV will land), not the least-loaded one
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,9 @@ def route_messages(
     per_rank: list[list[Message]] = [[] for _ in loads]
     for i, message in enumerate(inbox):
         if isinstance(message, AddRequest):
-            rank = pick_dp_rank(loads, start + i)
+            rank = message.rank
+            if rank is None or not 0 <= rank < len(loads):
+                rank = pick_dp_rank(loads, start + i)
             loads[rank] += message.cost
             owners[message.request_id] = rank
             per_rank[rank].append(message)
@@ -101,6 +104,10 @@ class RequestRouter:
         if not self.is_front_end:
             raise RuntimeError(f"requests enter through rank {self.front_end_rank}, not rank {self.rank}")
         self._inbox.put(message)
+        self._arrived.set()
+
+    def wake(self) -> None:
+        """Front end, any thread: end a `wait_for_inbox` now (something other than a message arrived)."""
         self._arrived.set()
 
     def wait_for_inbox(self, timeout_s: float) -> bool:

@@ -20,12 +20,17 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
-from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestRejected
+from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestFailed, RequestRejected
 from moefleet.engine.distributed.groups import ProcessGroups
 from moefleet.engine.distributed.request_router import AbortRequest, AddRequest, Shutdown
 from moefleet.engine.distributed.shutdown import announce_shutdown
 from moefleet.engine.distributed.watchdog import fatal, guard
-from moefleet.engine.server.async_engine import EngineDeadError, RequestRejectedError, StreamingEngineClient
+from moefleet.engine.server.async_engine import (
+    EngineDeadError,
+    EngineError,
+    RequestRejectedError,
+    StreamingEngineClient,
+)
 from moefleet.engine.server.metrics import group_stats
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,8 @@ class DPFrontEndClient(StreamingEngineClient):
         self._deliver_all(
             (output.request_id, RequestRejectedError(output.message), True)
             if isinstance(output, RequestRejected)
+            else (output.request_id, EngineError(output.message), True)
+            if isinstance(output, RequestFailed)
             else (output.request_id, output, bool(output.finished))
             for output in outputs
         )

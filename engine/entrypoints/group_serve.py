@@ -44,12 +44,13 @@ def _set_cpu_threads(args: argparse.Namespace, launch: Topology) -> None:
 
 def _run_rank(args: argparse.Namespace, launch: Topology, local_rank: int, sock: Any = None) -> None:
     """One rank: join the group, build this rank's engine, then serve HTTP (front end) or step."""
+    from moefleet.engine.disaggregation.group_roles import attach_role, front_end_client
     from moefleet.engine.distributed import groups
     from moefleet.engine.distributed.engine_glue import DPEngineLoop, build_engine
     from moefleet.engine.distributed.request_router import RequestRouter
     from moefleet.engine.distributed.shutdown import mark_left, request_drain, wait_for_peers_to_leave
     from moefleet.engine.distributed.watchdog import Watchdog, fatal
-    from moefleet.engine.entrypoints.dp_client import DPFrontEndClient, run_worker_rank
+    from moefleet.engine.entrypoints.dp_client import run_worker_rank
     from moefleet.engine.entrypoints.serve_command import engine_config, eplb_config, serve_http
     from moefleet.engine.entrypoints.worker_client import WorkerNodeClient
     from moefleet.engine.server.drain import Drain
@@ -63,10 +64,11 @@ def _run_rank(args: argparse.Namespace, launch: Topology, local_rank: int, sock:
     try:
         engine = build_engine(config, state, backend=args.moe_backend, eplb=eplb_config(args))
         loop = DPEngineLoop(engine, RequestRouter(state.cpu_group))
+        agent = attach_role(loop, state, args)  # --role prefill/decode: this rank's KV transfer (else None)
         drain = Drain(args.drain_timeout)
         if state.rank == 0:
             watchdog.on_drain = drain.begin  # another node's SIGTERM drains the whole group
-            serve_http(DPFrontEndClient(loop, state), sock, args, drain=drain)
+            serve_http(front_end_client(loop, state, agent), sock, args, drain=drain)
             # The client's shutdown announced it and sent Shutdown; keep the store up until everyone left.
             if not wait_for_peers_to_leave(state.store, state.world_size - 1, PEER_LEAVE_TIMEOUT_S):
                 logger.warning("not every rank reported leaving within %s s", PEER_LEAVE_TIMEOUT_S)

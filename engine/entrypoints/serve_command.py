@@ -239,15 +239,6 @@ def check_args(args: argparse.Namespace) -> Topology:
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
     check_expert_slots(args, launch)
-    if getattr(args, "role", "mixed") != "mixed" and launch.world_size > 1:
-        # Multi-rank groups do not take part in KV transfer yet: they serve whole requests (the gateway sees no
-        # /v1/pd/bootstrap and sends requests whole to decode groups).
-        print(
-            f"moefleet serve: warning: --role {args.role} with {launch.world_size} ranks serves whole requests "
-            "(KV transfer needs one rank per group for now, docs/distributed.md)",
-            file=sys.stderr,
-            flush=True,
-        )
     from moefleet.engine.server.admin import admin_token
 
     try:
@@ -505,7 +496,7 @@ def serve_http(
     routers.append(roles.make_router(client))
     drain = drain if drain is not None else Drain(args.drain_timeout)
     app = RequestGuard(build_app(client, name, routers), drain, max_request_bytes=args.max_request_bytes)
-    if isinstance(client, roles.PDEngineClient):
+    if getattr(client, "role", "mixed") != "mixed":  # a prefill/decode server: read the transfer headers
         app = roles.pd_headers(app)
     # host/port only label uvicorn's log lines; it serves on the socket bound before the model loaded.
     config = uvicorn.Config(

@@ -25,9 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
-from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts
+from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
 from moefleet.engine.server.errors import OpenAIError, error_body, install_error_handlers
+from moefleet.engine.server.request_guard import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, json_depth
 
 log = logging.getLogger("moefleet.gateway")
 
@@ -37,13 +38,24 @@ RETRYABLE_STATUS = (502, 503, 504)
 MAX_ATTEMPTS = 3
 # While a stream is quiet this long, the gateway checks that its backend still passes health polls.
 STALL_CHECK_SECONDS = 1.0
+# Connecting to an engine: generous, since a burst of requests can delay this process's own event loop.
+CONNECT_TIMEOUT_SECONDS = 10.0
+# A stream whose group's health polls only time out is cut after this long (pool.should_cut_silent_stream).
+SLOW_BACKEND_PATIENCE_SECONDS = 30.0
 
 
 class Gateway:
     """Routing state shared by the routes: the pool, the HTTP client to the engines, metrics."""
 
-    def __init__(self, pool: BackendPool, *, upstream_timeout: float | None = None):
+    def __init__(
+        self,
+        pool: BackendPool,
+        *,
+        upstream_timeout: float | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
         self.pool = pool
+        self.max_request_bytes = max_request_bytes
         self.metrics = GatewayMetrics(lambda: role_counts(self.pool.backends.values()))
         for role in pool.config.serving_roles:  # 0, not absent, until the first retry: rate() has data
             self.metrics.retries.labels(role)
@@ -51,7 +63,7 @@ class Gateway:
         self.pd = PDRelay(self)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(upstream_timeout, connect=5.0),
+            timeout=httpx.Timeout(upstream_timeout, connect=CONNECT_TIMEOUT_SECONDS),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
 
@@ -71,7 +83,7 @@ class Gateway:
         return self.pool.backends[view.name]
 
     async def relay(self, request: Request, path: str) -> Response:
-        raw = await request.body()
+        raw = await self._limited_body(request)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -101,12 +113,37 @@ class Gateway:
             response = await self._try(backend, path, raw, headers, bool(body.get("stream")))
             if isinstance(response, str):
                 last_error = f"{backend.name}: {response}"
-                self.pool.mark_failed(backend.name, response)
+                if not isinstance(response, Busy):  # the health poll decides about a busy one
+                    self.pool.mark_failed(backend.name, response)
                 self.metrics.retries.labels(self.role).inc()
                 continue
             return response
         message = f"no {self.role} group could take the request after {len(tried)} attempts ({last_error}); retry later"
         return self._answer(JSONResponse(error_body(message, 503), status_code=503))
+
+    async def _limited_body(self, request: Request) -> bytes:
+        """The body, refused early like the engine's request guard: 413 over `max_request_bytes` (from the
+        Content-Length header, or counted as a chunked body arrives), 400 for JSON nested too deep."""
+        limit = self.max_request_bytes
+        too_large = (
+            f"the request body is larger than this gateway's limit of {limit} bytes; send a smaller request "
+            "(the gateway's --max-request-bytes sets the limit)"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise OpenAIError(too_large, status_code=413, code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise OpenAIError(too_large, status_code=413, code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        depth = json_depth(raw)
+        if depth > DEFAULT_MAX_JSON_DEPTH:
+            message = f"the request body nests JSON {depth} levels deep; this gateway accepts at most {DEFAULT_MAX_JSON_DEPTH}"
+            raise OpenAIError(message, code="json_too_deep")
+        return raw
 
     async def _try(
         self, backend: Backend, path: str, raw: bytes, headers: dict[str, str], stream: bool
@@ -135,6 +172,10 @@ class Gateway:
                 )
             first = await chunks.__anext__()  # a stream that dies before its first chunk is retried too
             handed_over = True
+        except (
+            httpx.ConnectTimeout
+        ) as exc:  # a busy engine (or this gateway's own loop): not proof it is down
+            return Busy(f"{type(exc).__name__}: {exc}")
         except (httpx.TransportError, StopAsyncIteration) as exc:
             return f"{type(exc).__name__}: {exc}"
         finally:
@@ -167,7 +208,7 @@ class Gateway:
                     done, _ = await asyncio.wait({pending}, timeout=STALL_CHECK_SECONDS)
                     if done:
                         break
-                    if not backend.healthy:
+                    if should_cut_silent_stream(backend, time.monotonic(), SLOW_BACKEND_PATIENCE_SECONDS):
                         raise RuntimeError(f"backend {backend.name} stopped answering health checks")
                 try:
                     chunk = pending.result()
@@ -222,6 +263,10 @@ class Gateway:
             message = f"no ready group for role(s) {missing}; backends: {states}"
             return JSONResponse(error_body(message, 503), status_code=503)
         return JSONResponse({"status": "ok", "ready_groups": ready, "mode": self.pool.config.mode})
+
+
+class Busy(str):
+    """Why a backend did not take a request in time (connect timeout): retried elsewhere, not marked down."""
 
 
 def _sse(payload: Any) -> bytes:

@@ -49,6 +49,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=None, help="default: the config's port, else 8000")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between backend polls")
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="larger request bodies get 413 before they are read; JSON nested deeper than 32 levels gets 400 "
+        "(default 8 MiB, the engine's default)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -122,12 +130,19 @@ async def watch_config(path: str, apply: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from moefleet.engine.cli import CommandError
     from moefleet.engine.gateway.app import Gateway, build_gateway_app
     from moefleet.engine.gateway.pool import BackendPool
+    from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    max_request_bytes = getattr(args, "max_request_bytes", None)
+    if max_request_bytes is None:
+        max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
+    if max_request_bytes < 1:
+        raise CommandError(f"--max-request-bytes {max_request_bytes} must be a positive integer")
     config = config_from_args(args)
     if config.mode == "disaggregated":
         log.info(
@@ -136,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
             "whole, see docs/gateway.md)"
         )
     pool = BackendPool(config, poll_interval=args.poll_interval)
-    gateway = Gateway(pool)
+    gateway = Gateway(
+        pool, max_request_bytes=max_request_bytes
+    )  # oversize / deeply nested bodies refused early
 
     def apply(new: GatewayConfig) -> None:
         pool.configure(new)

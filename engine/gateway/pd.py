@@ -1,16 +1,20 @@
 """Disaggregated mode: one request goes to a decode group and a prefill group, and the KV moves between them.
 
 Handshake (engine side: engine/disaggregation/roles.py):
-  1. Pick a decode group and a prefill group (routing.py, by load). Read the decode group's KV receiver
-     address from its GET /v1/pd/bootstrap (cached per group; a group that answers 404 is not a
-     `--role decode` engine: the request is then served whole there, as before engines had roles).
-  2. Send the request to the decode group with `x-moefleet-kv-transfer: <id>`: it reserves KV blocks for the
-     prompt and waits for them; its answer (or stream) is what the client gets.
+  1. Pick a decode group and a prefill group (routing.py, by load). Read the decode group's KV receivers
+     (one per DP rank) from its GET /v1/pd/bootstrap (cached per group; a group that answers 404 is not a
+     `--role decode` engine: the request is then served whole there, as before engines had roles), and pick
+     the DP rank inside it with the most KV headroom (`pick_dp_rank`, from the per-rank series of its
+     /metrics plus what this gateway placed there since).
+  2. Send the request to the decode group with `x-moefleet-kv-transfer: <id>` and `x-moefleet-dp-rank: <r>`:
+     rank r reserves KV blocks for the prompt and waits for them; its answer (or stream) is what the client
+     gets.
   3. At the same time send it, non-streaming, to the prefill group with the same id and
-     `x-moefleet-kv-target: <address>`: it computes the prompt and the first token and pushes the KV; its
+     `x-moefleet-kv-target: <rank r's receiver>`: it computes the prompt and the first token and pushes the KV; its
      answer arrives once the decode group acknowledged (`moefleet_gateway_kv_transfer_seconds`).
 A failure of either leg before the decode group's first byte cancels the other leg (which aborts the request
-and frees its KV on that side) and answers 502/503 in OpenAI form; no retry on other groups yet.
+and frees its KV on that side) and answers 502/503 in OpenAI form; a prefill group that cannot be connected to
+(it computed nothing) leaves the pool and the request is served whole by a decode group instead.
 Requests the roles cannot split (n > 1, logprobs, structured outputs), and all requests while no prefill group
 is ready, are served whole by a decode group.
 """
@@ -29,7 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 from fastapi.responses import JSONResponse, Response
 from moefleet.engine.gateway.pool import Backend
-from moefleet.engine.gateway.routing import NoBackendError, pick_backend
+from moefleet.engine.gateway.routing import NoBackendError, pick_backend, pick_dp_rank
 from moefleet.engine.server.errors import error_body
 
 if TYPE_CHECKING:
@@ -39,6 +43,7 @@ log = logging.getLogger("moefleet.gateway")
 
 TRANSFER_HEADER = "x-moefleet-kv-transfer"
 TARGET_HEADER = "x-moefleet-kv-target"
+DP_RANK_HEADER = "x-moefleet-dp-rank"
 BOOTSTRAP_PATH = "/v1/pd/bootstrap"
 # Fields whose meaning needs state the decode side would not have after a hand-over (served whole there).
 _WHOLE_ON_DECODE = (
@@ -61,6 +66,10 @@ def splittable(body: dict[str, Any]) -> bool:
     if body.get("n") not in (None, 1):
         return False
     return not any(body.get(name) not in (None, False, 0) for name in _WHOLE_ON_DECODE)
+
+
+class Unreachable(str):
+    """The prefill group could not be connected to (so it computed nothing): why."""
 
 
 class PDRelay:
@@ -121,14 +130,15 @@ class PDRelay:
             return None
         transfer_id = uuid.uuid4().hex
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        # The decode group's host as the gateway reaches it, and the port its KV receiver announced.
-        target = f"{urlsplit(decode.url).hostname}:{int(boot['kv_port'])}"
+        rank, target = decode_target(decode, boot)
+        decode.rank_opened[rank] = decode.rank_opened.get(rank, 0) + 1
         prefill_headers = {**headers, TRANSFER_HEADER: transfer_id, TARGET_HEADER: target}
+        decode_headers = {**headers, TRANSFER_HEADER: transfer_id, DP_RANK_HEADER: str(rank)}
         prefill_task = asyncio.create_task(
             self._prefill(prefill, path, json.dumps(prefill_body).encode(), prefill_headers)
         )
         decode_task = asyncio.create_task(
-            gw._try(decode, path, raw, {**headers, TRANSFER_HEADER: transfer_id}, bool(body.get("stream")))
+            gw._try(decode, path, raw, decode_headers, bool(body.get("stream")))
         )
         try:
             done, _ = await asyncio.wait({prefill_task, decode_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -137,6 +147,11 @@ class PDRelay:
                 await _cancel(decode_task)
                 if isinstance(failure, Response):  # the request itself is bad (4xx): say so as the engine did
                     return gw._answer(failure)
+                if isinstance(failure, Unreachable):  # nothing computed yet: a decode group serves it whole
+                    log.warning(
+                        "prefill group %s unreachable (%s): serving the request whole", prefill.name, failure
+                    )
+                    return None
                 return self._fail(f"prefill group {prefill.name}: {failure}")
             result = await decode_task
         except BaseException:
@@ -165,6 +180,9 @@ class PDRelay:
         backend.in_flight += 1
         try:
             answer = await gw.client.post(backend.url + path, content=raw, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached it: nothing was computed
+            gw.pool.mark_failed(backend.name, str(exc))
+            return Unreachable(f"{type(exc).__name__}: {exc}")
         except httpx.TransportError as exc:
             gw.pool.mark_failed(backend.name, str(exc))
             return f"{type(exc).__name__}: {exc}"
@@ -183,6 +201,19 @@ class PDRelay:
         message = f"disaggregated request failed before its first token ({why}); retry the request"
         log.warning(message)
         return self.gateway._answer(JSONResponse(error_body(message, 502), status_code=502))
+
+
+def decode_target(decode: Backend, boot: dict[str, Any]) -> tuple[int, str]:
+    """The DP rank of the decode group a request goes to (most KV headroom) and that rank's KV receiver as
+    the gateway reaches it: a rank on the group's first node at the group URL's host, others at the address
+    they announced. A single-process decode server is rank 0."""
+    ports = [int(p) for p in boot.get("kv_ports") or [boot["kv_port"]]]
+    nodes = [int(n) for n in boot.get("kv_nodes") or [0] * len(ports)]
+    addresses = list(boot.get("kv_addresses") or [boot.get("kv_address", "")] * len(ports))
+    rank = pick_dp_rank(decode.rank_views(len(ports))) if len(ports) > 1 else 0
+    if nodes[rank] == 0:
+        return rank, f"{urlsplit(decode.url).hostname}:{ports[rank]}"
+    return rank, str(addresses[rank])
 
 
 async def _cancel(task: asyncio.Task) -> None:

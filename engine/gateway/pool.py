@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
-from moefleet.engine.gateway.routing import BackendView
+from moefleet.engine.gateway.routing import BackendView, RankView
 from prometheus_client.parser import text_string_to_metric_families
 
 from moefleet.gateway_schema import GatewayConfig
@@ -50,6 +50,20 @@ class Backend:
     failures: int = 0  # failed polls in a row
     last_error: str = ""
     last_poll: float = field(default=0.0)
+    # Since when it is unhealthy, and whether only because its polls timed out (busy or frozen: streams in
+    # flight there are given time) rather than a refused connection or an error answer (down: cut at once).
+    unhealthy_since: float = 0.0
+    timed_out_only: bool = False
+    ranks: list[RankView] = field(default_factory=list)  # per DP rank, as last polled (PD decode routing)
+    rank_opened: dict[int, int] = field(default_factory=dict)  # placed on a rank since that poll
+
+    def rank_views(self, dp_size: int) -> list[RankView]:
+        """The group's `dp_size` ranks with what this gateway placed on each since the last poll."""
+        polled = self.ranks if len(self.ranks) == dp_size else [RankView() for _ in range(dp_size)]
+        return [
+            RankView(r.kv_usage, r.running, r.waiting, self.rank_opened.get(i, 0))
+            for i, r in enumerate(polled)
+        ]
 
     def view(self) -> BackendView:
         return BackendView(
@@ -69,6 +83,34 @@ class Backend:
         if self.draining:
             return "draining"
         return "ready" if self.listed else "not_listed"
+
+
+RANK_SERIES = {
+    "moefleet_dp_rank_kv_cache_usage_ratio": "kv_usage",
+    "moefleet_dp_rank_num_requests_running": "running",
+    "moefleet_dp_rank_num_requests_waiting": "waiting",
+    "moefleet_dp_rank_num_requests_waiting_for_kv": "waiting",
+    "moefleet_dp_rank_num_requests_sending_kv": "waiting",
+}
+
+
+def parse_rank_loads(metrics_text: str) -> list[RankView]:
+    """Per DP rank (`dp_rank` label, rank order) KV usage and requests from an engine's /metrics text."""
+    found: dict[int, dict[str, float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            field_name = RANK_SERIES.get(sample.name)
+            rank = sample.labels.get("dp_rank", "")
+            if field_name is None or not rank.isdigit():
+                continue
+            values = found.setdefault(int(rank), {"kv_usage": 0.0, "running": 0.0, "waiting": 0.0})
+            values[field_name] += sample.value
+    if sorted(found) != list(range(len(found))):
+        return []
+    return [
+        RankView(found[r]["kv_usage"], int(found[r]["running"]), int(found[r]["waiting"]))
+        for r in sorted(found)
+    ]
 
 
 def parse_load(metrics_text: str) -> tuple[int, int, float]:
@@ -140,7 +182,9 @@ class BackendPool:
         """A request could not reach the backend: out of the pool until a poll finds it healthy again."""
         backend = self.backends.get(name)
         if backend is not None:
-            backend.healthy = False
+            if backend.healthy:
+                backend.unhealthy_since = time.monotonic()
+            backend.healthy, backend.timed_out_only = False, False
             backend.last_error = error
             log.warning("backend %s (%s) failed: %s", name, backend.url, error)
 
@@ -185,14 +229,20 @@ class BackendPool:
             metrics = await self._client.get(backend.url + "/metrics")
             if metrics.status_code == 200:
                 backend.running, backend.waiting, backend.kv_usage = parse_load(metrics.text)
+                backend.ranks, backend.rank_opened = parse_rank_loads(metrics.text), {}
         except Exception as exc:  # connection refused, timeout, bad status: all mean "not usable now"
             backend.failures += 1
             backend.last_error = f"{type(exc).__name__}: {exc}"
+            # A slow accept or answer (ConnectTimeout included) is a busy or frozen engine; refused is down.
+            timed_out = isinstance(exc, httpx.TimeoutException)
             if backend.failures >= self.unhealthy_after or not backend.healthy:
                 if backend.healthy:
                     log.warning(
                         "backend %s (%s) is unhealthy: %s", backend.name, backend.url, backend.last_error
                     )
+                    backend.unhealthy_since, backend.timed_out_only = time.monotonic(), timed_out
+                elif not timed_out:
+                    backend.timed_out_only = False
                 backend.healthy = False
         else:
             if not backend.healthy:
@@ -234,6 +284,16 @@ async def _host_addresses(url: str) -> set[str]:
 
 def _in_cluster() -> bool:
     return "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def should_cut_silent_stream(backend: Backend, now: float, patience_s: float) -> bool:
+    """Whether a stream that is waiting for its next chunk from `backend` should be ended with an error (pure):
+    at once when the backend is down (refused connections, error answers, a failed request); after
+    `patience_s` of failed polls when they only timed out (an overloaded engine answers slowly, but its
+    streams still finish; a frozen one is cut then)."""
+    if backend.healthy:
+        return False
+    return not backend.timed_out_only or now - backend.unhealthy_since >= patience_s
 
 
 def role_counts(backends: Iterable[Backend]) -> dict[tuple[str, str], int]:

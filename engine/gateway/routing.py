@@ -77,6 +77,36 @@ def pick_backend(
     return least
 
 
+# KV fraction one request is assumed to take when no rank reports any running request yet.
+DEFAULT_REQUEST_KV_FRACTION = 1 / 64
+
+
+@dataclass(frozen=True)
+class RankView:
+    """One DP rank of a group, as its group's /metrics last reported it (per-rank `dp_rank` series)."""
+
+    kv_usage: float = 0.0  # 0..1
+    running: int = 0
+    waiting: int = 0
+    opened: int = 0  # requests this gateway placed on the rank since that report
+
+
+def pick_dp_rank(ranks: Sequence[RankView]) -> int:
+    """The DP rank of a decode group a disaggregated request goes to: the most KV-cache headroom, counting the
+    requests placed there since the last report at the KV fraction a running request takes (estimated from
+    the reports), then the fewest requests, then the lowest rank. Pure."""
+    if not ranks:
+        return 0
+    per_request = [r.kv_usage / r.running for r in ranks if r.running > 0]
+    fraction = sum(per_request) / len(per_request) if per_request else DEFAULT_REQUEST_KV_FRACTION
+
+    def key(index: int) -> tuple[float, int, int]:
+        r = ranks[index]
+        return (r.kv_usage + fraction * r.opened, r.running + r.waiting + r.opened, index)
+
+    return min(range(len(ranks)), key=key)
+
+
 def prefix_key_of(body: dict) -> str:
     """The prompt's leading characters (completions `prompt` or chat `messages`), the prefix-cache policy's key."""
     prompt = body.get("prompt")

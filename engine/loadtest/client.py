@@ -150,7 +150,8 @@ async def run_load(
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(target.request_timeout_s, connect=min(10.0, target.request_timeout_s))
+    # Connecting may take a while when a thousand clients arrive at once at a busy server: an error after 30 s.
+    timeout = httpx.Timeout(target.request_timeout_s, connect=min(30.0, target.request_timeout_s))
     slots = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as http:
         start = time.monotonic()

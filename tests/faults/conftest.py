@@ -94,12 +94,14 @@ class Stream:
     model: str
     max_tokens: int
     prompt: list[int] = field(default_factory=lambda: [5, 6, 7, 8])
+    leave_after: int | None = None  # hang up once this many tokens arrived (a client that vanishes)
     status: int | None = None
     tokens: int = 0
     finish_reason: str | None = None
     error: dict[str, Any] | None = None  # an SSE error event
     exception: str | None = None  # a transport error (connection reset, timeout)
     done: bool = False  # saw data: [DONE]
+    left: bool = False  # hung up on purpose (leave_after)
     started: float = 0.0
     ended: float | None = None
 
@@ -133,6 +135,9 @@ class Stream:
                     if choice.get("token_ids"):
                         self.tokens += len(choice["token_ids"])
                         self.first_token.set()
+                        if self.leave_after is not None and self.tokens >= self.leave_after:
+                            self.left = True
+                            return  # leaving the block drops the connection mid-stream
                     if choice["finish_reason"] is not None:
                         self.finish_reason = choice["finish_reason"]
         except httpx.HTTPError as exc:
@@ -206,3 +211,61 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
         yield server
     finally:
         server.kill()
+
+
+class GatewayProcess:
+    """One `moefleet gateway` process (output to a file)."""
+
+    def __init__(self, log: Path, extra: list[str]):
+        from support.reference import free_port
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = log.open("a")
+        command = [
+            MOEFLEET,
+            "gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--poll-interval",
+            "0.2",
+        ]
+        self.process = subprocess.Popen([*command, *extra], stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> str:
+        def healthy() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the gateway exited ({self.process.returncode}):\n{self.log_path.read_text()}"
+                )
+            try:
+                return httpx.get(self.base_url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout, 0.2)
+        return self.base_url
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def shared_gateway(
+    shared_server: ServeProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """`moefleet gateway` in front of the shared server (a local fleet of one group), same request limits."""
+    log = tmp_path_factory.mktemp("shared-gateway") / "gateway.log"
+    extra = ["--backend", shared_server.base_url, "--max-request-bytes", str(SHARED_MAX_REQUEST_BYTES)]
+    gateway = GatewayProcess(log, [*extra, "--log-level", "warning"])
+    try:
+        gateway.wait_ready(timeout=300)
+        yield gateway
+    finally:
+        gateway.kill()

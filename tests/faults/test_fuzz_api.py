@@ -1,4 +1,5 @@
-"""Property-based fuzzing of /v1/completions and /v1/chat/completions on a real `moefleet serve` (tiny model).
+"""Property-based fuzzing of /v1/completions and /v1/chat/completions on a real `moefleet serve` (tiny model) and
+on a real `moefleet gateway` in front of it (every test runs against both).
 
 Bodies come from the request schema the server's OpenAPI document is generated from (pydantic's JSON schema
 of its request models, turned into hypothesis strategies by schema_strategy.py), then are broken on purpose: a field replaced by any
@@ -37,7 +38,20 @@ FUZZ = settings(
 
 json_values = ANY_JSON
 
-seen: dict[str, Any] = {"requests": 0, "statuses": {}, "5xx": 0}
+# Figures per target, summed over its tests; `seen` is the current target's.
+SEEN: dict[str, dict[str, Any]] = {
+    name: {"requests": 0, "statuses": {}, "5xx": 0, "target": name} for name in ("server", "gateway")
+}
+seen: dict[str, Any] = SEEN["server"]
+
+
+@pytest.fixture(params=["server", "gateway"])
+def target(request: pytest.FixtureRequest) -> str:
+    """The base URL under test: the engine server itself, or the gateway relaying to it."""
+    global seen
+    seen = SEEN[request.param]
+    process = request.getfixturevalue("shared_server" if request.param == "server" else "shared_gateway")
+    return str(process.base_url)
 
 
 # What most clients send; the other optional fields are kept in a minority of examples (each has its own rules).
@@ -111,8 +125,8 @@ def _post(base_url: str, path: str, content: bytes, content_type: str = "applica
 
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
-def test_fuzz_schema_bodies_and_mutations(shared_server, path):
-    url = shared_server.base_url
+def test_fuzz_schema_bodies_and_mutations(target, path):
+    url = target
     bodies = _schema_bodies(ENDPOINTS[path])
 
     @FUZZ
@@ -129,8 +143,8 @@ def test_fuzz_schema_bodies_and_mutations(shared_server, path):
 
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
-def test_fuzz_any_json_and_raw_bytes(shared_server, path):
-    url = shared_server.base_url
+def test_fuzz_any_json_and_raw_bytes(target, path):
+    url = target
 
     @FUZZ
     @given(
@@ -150,8 +164,8 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     return error
 
 
-def test_oversize_and_deeply_nested_bodies_are_refused_early(shared_server):
-    url = shared_server.base_url + "/v1/completions"
+def test_oversize_and_deeply_nested_bodies_are_refused_early(target):
+    url = target + "/v1/completions"
     limit = SHARED_MAX_REQUEST_BYTES
     big = json.dumps({"model": SERVED, "prompt": "x" * limit}).encode()
     refused = httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=30)
@@ -180,6 +194,6 @@ def test_oversize_and_deeply_nested_bodies_are_refused_early(shared_server):
     assert len(just_fits) == limit
     fits = httpx.post(url, content=just_fits, headers={"content-type": "application/json"}, timeout=30)
     assert fits.status_code == 200, fits.text
-    assert httpx.get(shared_server.base_url + "/health", timeout=10).status_code == 200
-    record("api_fuzzing", requests=seen["requests"], server_errors_5xx=seen["5xx"],
+    assert httpx.get(target + "/health", timeout=10).status_code == 200
+    record(f"api_fuzzing_{seen['target']}", requests=seen["requests"], server_errors_5xx=seen["5xx"],
            statuses=json.dumps(dict(sorted(seen["statuses"].items()))), crashes=0)  # fmt: skip

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import threading
 
+import httpx
 import numpy as np
 import pytest
 from faults.conftest import MOEFLEET, metric, record, wait_until
@@ -76,7 +78,9 @@ def test_summary_counts():
     assert summary["ttft_s"]["p50"] == pytest.approx(0.2) and summary["itl_s"]["p50"] == pytest.approx(0.02)
 
 
-def _loadtest(url: str, tmp_path, requests: int, concurrency: int, timeout: float, output_len: str) -> dict:
+def _loadtest(
+    url: str, tmp_path, requests: int, concurrency: int, timeout: float, output_len: str, rate: float = 0
+) -> dict:
     out = tmp_path / f"loadtest-{requests}.json"
     command = [
         MOEFLEET,
@@ -89,6 +93,7 @@ def _loadtest(url: str, tmp_path, requests: int, concurrency: int, timeout: floa
         str(concurrency),
     ]
     command += ["--prompt-len", "uniform:4-24", "--output-len", output_len, "--ignore-eos"]
+    command += ["--rate", str(rate)] if rate else []
     command += [
         "--disconnect-fraction",
         "0.3333",
@@ -106,14 +111,22 @@ def _loadtest(url: str, tmp_path, requests: int, concurrency: int, timeout: floa
     return json.loads(out.read_text())
 
 
-def _check_accounted(server_url: str, summary: dict, requests: int, before: dict[str, float]) -> float:
-    """Nothing hung or lost; the server counted the same; its KV cache drains to 0. Seconds until it did."""
-    planned_to_leave = round(requests * 0.3333)
-    assert (summary["hung"], summary["lost"], summary["errors"]) == (0, 0, 0), summary
+def _check_accounted(
+    server_url: str, summary: dict, requests: int, before: dict[str, float], max_refused: int = 0
+) -> float:
+    """Nothing hung or lost; the server counted the same; its KV cache drains to 0. Seconds until it did.
+    `max_refused`: clean 503 refusals (OpenAI error body, never reached the engine) tolerated - a gateway
+    whose only group is too slow to answer its health polls refuses new requests rather than queue them."""
+    refused = summary["errors_by_kind"].get("http 503", 0)
+    assert (summary["hung"], summary["lost"], summary["errors"] - refused) == (0, 0, 0), summary
+    assert refused <= max_refused, summary
+    requests -= refused
+    planned_to_leave = round((requests + refused) * 0.3333)
     # A client whose stream ended before it reached its leaving point (some tokens decode to no text, so
     # fewer content chunks than tokens) simply completed: every request is one or the other.
     leaving, completed = summary["left_early"], summary["completed"]
-    assert leaving + completed == requests and 0.9 * planned_to_leave <= leaving <= planned_to_leave, summary
+    low = 0.9 * planned_to_leave - refused
+    assert leaving + completed == requests and low <= leaving <= planned_to_leave, summary
     assert summary["finish_reasons"] == {"length": completed}  # ignore_eos: every one ran to max_tokens
 
     def settled() -> bool:
@@ -163,6 +176,50 @@ def test_thousand_concurrent_streams_on_one_server(shared_server, tmp_path):
     record("loadtest_1000_streams_one_server", requests=1000, concurrency=1000, left_early=summary["left_early"],
            hung=0, lost=0, kv_blocks_leaked=0, kv_zero_after_s=round(kv_zero_s, 2), wall_s=round(summary["wall_s"], 1),
            ttft_p50_s=round(summary["ttft_s"]["p50"], 1), ttft_p99_s=round(summary["ttft_s"]["p99"], 1))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_thousand_concurrent_streams_through_the_gateway(shared_server, shared_gateway, tmp_path):
+    """The issue's figure through a local fleet: `moefleet gateway` in front of the group, 1,000 streams open at
+    once through it, a third hang up mid-stream (the gateway must close their upstream requests so the engine
+    aborts them and frees their KV); accounted for on the engine's side: 0 hung, 0 lost, 0 KV pages leaked.
+    Clean 503 refusals (OpenAI error body, the request never reached the engine) are counted, not failed: on
+    this overloaded 2-core machine the engine, busy with 1,000 streams, misses health polls (2 s timeout) and
+    the gateway then takes its only group out of rotation for new requests until a poll succeeds (load
+    shedding; docs/reliability.md). They must stay a minority."""
+    before = _finished(shared_server.base_url)
+    peak = {"open": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:  # requests open in the engine (running + queued), while the load runs
+        while not stop.wait(0.5):
+            try:
+                open_now = sum(
+                    metric(shared_server.base_url, f"moefleet_num_requests_{s}")
+                    for s in ("running", "waiting")
+                )
+            except (httpx.HTTPError, AssertionError):
+                continue
+            peak["open"] = max(peak["open"], open_now)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = _loadtest(shared_gateway.base_url, tmp_path, requests=1000, concurrency=1000, timeout=280,
+                            output_len="uniform:4-8")  # fmt: skip
+    finally:
+        stop.set()
+        sampler.join(15)
+    kv_zero_s = _check_accounted(shared_server.base_url, summary, 1000, before, max_refused=499)
+    # The client held up to 1,000 connections at once; the engine's sampled peak (running + queued; requests
+    # still on their way through the gateway are not in it yet, and a busy /metrics is sampled coarsely) shows
+    # that far more than one batch (256 sequences) was open there at the same time.
+    assert peak["open"] > 256, peak
+    record("loadtest_1000_streams_through_gateway", requests=1000, concurrency=1000,
+           left_early=summary["left_early"], hung=0, lost=0, refused_503=summary["errors"], kv_blocks_leaked=0,
+           kv_zero_after_s=round(kv_zero_s, 2), wall_s=round(summary["wall_s"], 1), ttft_p50_s=round(summary["ttft_s"]["p50"], 1),
+           ttft_p99_s=round(summary["ttft_s"]["p99"], 1), peak_open_in_engine=int(peak["open"]))  # fmt: skip
 
 
 @pytest.mark.slow

@@ -101,3 +101,63 @@ def test_local_fleet_serves_a_manifest_through_its_gateway(tmp_path):
         code = process.wait(timeout=120)
     assert code == 0
     assert (tmp_path / "gateway.json").exists() and (tmp_path / "qwen3-moe-small-mixed-0.log").exists()
+
+
+MAKE_RUN_MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "local" / "tiny-pd.yaml"
+
+
+def test_make_run_manifest_plans_two_rank_prefill_and_decode_groups(tmp_path):
+    plan = _plan(MAKE_RUN_MANIFEST, tmp_path)
+    assert [(g.role, g.env["MOEFLEET_ROLE"]) for g in plan.groups] == [
+        ("prefill", "prefill"),
+        ("decode", "decode"),
+    ]
+    assert all(g.argv[g.argv.index("--nproc-per-node") + 1] == "2" for g in plan.groups)
+    assert plan.gateway.mode == "disaggregated"
+    assert (
+        "manifests/local/tiny-pd.yaml" in Path(__file__).resolve().parents[2].joinpath("Makefile").read_text()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_local_fleet_runs_the_make_run_pd_fleet_with_kv_transfer(tmp_path):
+    """What `make run` starts: 1 prefill + 1 decode group of 2 ranks each + the gateway, on CPU; a request is
+    computed by the prefill group, its KV moved to the decode group, and the answer equals transformers'."""
+    import httpx
+    from disaggregation.pd_fleet import hf_greedy
+
+    name = "qwen3_norm_topk"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())",
+         "local", "-f", str(MAKE_RUN_MANIFEST), "--model", str(tiny_model_dir(name)), "--port", str(port),
+         "--first-engine-port", str(free_port()), "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines: list[str] = []
+        assert process.stdout is not None
+
+        def serving() -> bool:
+            line = process.stdout.readline()
+            lines.append(line)
+            return "through the gateway" in line or process.poll() is not None
+
+        wait_for(serving, timeout=500, interval=0)
+        assert process.poll() is None, "".join(lines)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        prompt = [5, 17, 230, 99, 4]
+        reply = client.completions.create(
+            model="tiny-qwen3-moe", prompt=prompt, max_tokens=6, temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        assert reply.choices[0].model_extra["token_ids"] == hf_greedy(name, [prompt], 6)[0]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "moefleet_gateway_kv_transfer_seconds_count 1.0" in metrics
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    assert code == 0, "".join(lines)
+    assert "2 ranks" in (tmp_path / "tiny-pd-decode-0.log").read_text()
