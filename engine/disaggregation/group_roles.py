@@ -25,9 +25,9 @@ from typing import Any
 from moefleet.engine.disaggregation.base import create_transfer
 from moefleet.engine.disaggregation.rank_agent import PDRankAgent, PDRequest
 from moefleet.engine.disaggregation.roles import current_pd_request
-from moefleet.engine.entrypoints.dp_client import DPFrontEndClient
 from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestFailed, RequestRejected
 from moefleet.engine.distributed.request_router import AddRequest
+from moefleet.engine.entrypoints.dp_client import DPFrontEndClient
 from moefleet.engine.server.async_engine import RequestRejectedError
 
 STORE_KEY = "moefleet/pd/kv/{rank}"
