@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -270,8 +270,8 @@ async def _resync_loop() -> None:
             due = time.monotonic() - last >= SETTINGS.resync_seconds or (now_leading and not was_leading)
             was_leading = now_leading
             if not now_leading:
-                _stop_eplb_tasks(set())
-                _stop_autoscale_tasks(set())
+                _stop_tasks(STATE.eplb_tasks, set())
+                _stop_tasks(STATE.autoscale_tasks, set())
                 continue
             indexes = STATE.indexes
             if not due or indexes is None:
@@ -281,7 +281,7 @@ async def _resync_loop() -> None:
             live = [b for b in bodies if not b.get("metadata", {}).get("deletionTimestamp")]
             await asyncio.gather(*(loop.run_in_executor(executor, _resync_one, b, indexes) for b in live))
             _sync_eplb_tasks(live)
-            _sync_autoscale_tasks(live)
+            _sync_tasks(STATE.autoscale_tasks, live, _autoscale_task)  # costs nothing without autoscaling
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
 
@@ -543,24 +543,33 @@ def _remember_status(namespace: str, name: str, response: Any, status: dict[str,
 
 
 # -- EPLB trigger: one task per MoEDeployment, kept by the resync loop (eplb_loop.py does the work) ---------
-def _sync_eplb_tasks(bodies: list[Mapping[str, Any]]) -> None:
-    """One EPLB task per live MoEDeployment while a Prometheus is configured (and this replica leads)."""
-    if not SETTINGS.prometheus_url:
-        return
+def _sync_tasks(
+    tasks: dict[tuple[str, str], asyncio.Task[None]],
+    bodies: list[Mapping[str, Any]],
+    make: Callable[[tuple[str, str]], Coroutine[Any, Any, None]],
+) -> None:
+    """Keep one task per live MoEDeployment in `tasks` (started by `make(key)`, restarted when done), and
+    cancel those of deployments that are gone."""
     wanted = set()
     for body in bodies:
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
         wanted.add(key)
-        task = STATE.eplb_tasks.get(key)
+        task = tasks.get(key)
         if task is None or task.done():
-            STATE.eplb_tasks[key] = asyncio.get_running_loop().create_task(_eplb_task(key))
-    _stop_eplb_tasks(wanted)
+            tasks[key] = asyncio.get_running_loop().create_task(make(key))
+    _stop_tasks(tasks, wanted)
 
 
-def _stop_eplb_tasks(keep: set[tuple[str, str]]) -> None:
-    for key in [k for k in STATE.eplb_tasks if k not in keep]:
-        STATE.eplb_tasks.pop(key).cancel()
+def _stop_tasks(tasks: dict[tuple[str, str], asyncio.Task[None]], keep: set[tuple[str, str]]) -> None:
+    for key in [k for k in tasks if k not in keep]:
+        tasks.pop(key).cancel()
+
+
+def _sync_eplb_tasks(bodies: list[Mapping[str, Any]]) -> None:
+    """One EPLB task per live MoEDeployment while a Prometheus is configured (and this replica leads)."""
+    if SETTINGS.prometheus_url:
+        _sync_tasks(STATE.eplb_tasks, bodies, _eplb_task)
 
 
 def _latest_body(key: tuple[str, str]) -> Mapping[str, Any] | None:
@@ -628,24 +637,6 @@ def _write_status(body: Mapping[str, Any], mutate: Any) -> None:
 
 
 # -- Role autoscaling: one task per MoEDeployment, kept by the resync loop (autoscale_loop.py does the work) --
-def _sync_autoscale_tasks(bodies: list[Mapping[str, Any]]) -> None:
-    """One autoscaling task per live MoEDeployment (a deployment without autoscaling costs no request)."""
-    wanted = set()
-    for body in bodies:
-        meta = body.get("metadata", {})
-        key = (meta.get("namespace", ""), meta.get("name", ""))
-        wanted.add(key)
-        task = STATE.autoscale_tasks.get(key)
-        if task is None or task.done():
-            STATE.autoscale_tasks[key] = asyncio.get_running_loop().create_task(_autoscale_task(key))
-    _stop_autoscale_tasks(wanted)
-
-
-def _stop_autoscale_tasks(keep: set[tuple[str, str]]) -> None:
-    for key in [k for k in STATE.autoscale_tasks if k not in keep]:
-        STATE.autoscale_tasks.pop(key).cancel()
-
-
 async def _autoscale_task(key: tuple[str, str]) -> None:
     """Every MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS: scale autoscaled roles in whole groups. Like the EPLB
     task: no kopf daemon (daemons finalize every object), each pass in a thread, the latest body each time."""

@@ -11,6 +11,7 @@ Shape legend: N rows grouped by local expert, D hidden, I expert intermediate si
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,14 @@ class Experts(nn.Module):
             return self.forward_padded(hidden, tokens_per_expert)
         return self.forward_loop(hidden, tokens_per_expert)
 
+    def quant_kwargs(self) -> dict[str, Any]:
+        """The FP8 scales and block shape the fused kernels take (None for bf16 / fp32 weights)."""
+        return {
+            "w13_scale": self.w13_scale_inv,
+            "w2_scale": self.w2_scale_inv,
+            "block_shape": self.block_shape,
+        }
+
     def forward_fused(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from moefleet.engine.kernels.fused_moe import fused_experts_grouped
 
@@ -223,9 +232,7 @@ class Experts(nn.Module):
             counts,
             self.w13,
             self.w2,
-            w13_scale=self.w13_scale_inv,
-            w2_scale=self.w2_scale_inv,
-            block_shape=self.block_shape,
+            **self.quant_kwargs(),
         )
 
     def forward_topk(
@@ -241,9 +248,7 @@ class Experts(nn.Module):
             self.w2,
             topk_ids,
             topk_weights,
-            w13_scale=self.w13_scale_inv,
-            w2_scale=self.w2_scale_inv,
-            block_shape=self.block_shape,
+            **self.quant_kwargs(),
         )
 
     def forward_masked(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -254,9 +259,7 @@ class Experts(nn.Module):
             counts,
             self.w13,
             self.w2,
-            w13_scale=self.w13_scale_inv,
-            w2_scale=self.w2_scale_inv,
-            block_shape=self.block_shape,
+            **self.quant_kwargs(),
         )
 
     def forward_loop(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:

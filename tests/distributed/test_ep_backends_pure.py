@@ -113,13 +113,16 @@ def test_deepep_mode_follows_the_step():
 
 
 def test_step_mode_context_nests_and_restores():
-    assert current_step_is_prefill() is None
-    with set_step_mode(True):
-        assert current_step_is_prefill() is True
-        with set_step_mode(False):
-            assert current_step_is_prefill() is False
-        assert current_step_is_prefill() is True
-    assert current_step_is_prefill() is None
+    before = current_step_is_prefill()  # whatever an earlier test's engine left published
+    with set_step_mode(None):
+        assert current_step_is_prefill() is None
+        with set_step_mode(True):
+            assert current_step_is_prefill() is True
+            with set_step_mode(False):
+                assert current_step_is_prefill() is False
+            assert current_step_is_prefill() is True
+        assert current_step_is_prefill() is None
+    assert current_step_is_prefill() is before
 
 
 # ---- symm: capacity, row reorder kernel, index math end to end ------------------------------------------

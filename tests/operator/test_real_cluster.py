@@ -367,7 +367,9 @@ def test_watch_namespaces_rbac_can_i_matrix(moefleet_chart):
             ("list", "moedeployments.moefleet.ai", other, "no"),
             ("get", "secrets", SYSTEM_NAMESPACE, "no"),
             ("get", "customresourcedefinitions.apiextensions.k8s.io", None, "yes"),
-            ("list", "nodes", None, "no"),
+            ("list", "nodes", None, "yes"),  # read-only: NotReady nodes (never-stuck handling)
+            ("delete", "nodes", None, "no"),
+            ("patch", "nodes", None, "no"),
             ("create", "clusterroles.rbac.authorization.k8s.io", None, "no"),
         ]
         wrong = []

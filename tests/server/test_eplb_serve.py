@@ -67,7 +67,7 @@ def _metric(text: str, name: str) -> float:
 
 def test_rebalance_over_http_while_streaming_keeps_greedy_outputs(tmp_path):
     model = tiny_model_dir("qwen3_norm_topk")
-    expected = transformers_greedy(model, PROMPTS, NEW_TOKENS)
+    expected = transformers_greedy(model, PROMPTS, NEW_TOKENS, ignore_eos=True)  # as complete_token_ids
     token_file = tmp_path / "admin-token"
     token_file.write_text(TOKEN + "\n")
     auth = {"Authorization": f"Bearer {TOKEN}"}

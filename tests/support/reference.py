@@ -13,11 +13,17 @@ from support.controlplane import free_port
 __all__ = ["free_port", "transformers_greedy"]
 
 
-def transformers_greedy(model_dir: str | Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """transformers `generate(do_sample=False)` continuation of each prompt, one prompt at a time, float32 CPU."""
+def transformers_greedy(
+    model_dir: str | Path, prompts: list[list[int]], new_tokens: int, ignore_eos: bool = False
+) -> list[list[int]]:
+    """transformers `generate(do_sample=False)` continuation of each prompt, one prompt at a time, float32 CPU.
+    `ignore_eos`: exactly `new_tokens` each, past any end-of-sequence token (what a request with `ignore_eos`
+    gets from our server, e.g. `complete_token_ids`); otherwise generation stops at the model's EOS ids."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if ignore_eos:
+        hf.generation_config.eos_token_id = None
     out = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
