@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,21 @@ from support.controlplane import free_port
 from support.tiny_models import tiny_model_dir
 
 MANIFESTS = sorted(Path(__file__).resolve().parents[2].joinpath("manifests").glob("*.yaml"))
+
+
+def free_port_block(count: int = 16) -> int:
+    """The first of `count` consecutive free ports below the kernel's ephemeral range (32768+ on Linux):
+    `moefleet local` numbers its groups' HTTP and rendezvous ports from it, and a block inside the ephemeral
+    range can lose a port to any connection or port-0 bind in between (seen: a rank's KV receiver)."""
+    for base in random.sample(range(20000, 32000, count), 100):
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports in 20000-32000")
 
 
 def _plan(path, tmp_path, **overrides):
@@ -79,7 +96,7 @@ def test_local_fleet_serves_a_manifest_through_its_gateway(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())",
          "local", "-f", str(manifest), "--model", str(tiny_model_dir("qwen3_norm_topk")), "--port", str(port),
-         "--first-engine-port", str(free_port()), "--ranks-per-group", "1", "--log-dir", str(tmp_path)],
+         "--first-engine-port", str(free_port_block()), "--ranks-per-group", "1", "--log-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -133,7 +150,7 @@ def test_local_fleet_runs_the_make_run_pd_fleet_with_kv_transfer(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())",
          "local", "-f", str(MAKE_RUN_MANIFEST), "--model", str(tiny_model_dir(name)), "--port", str(port),
-         "--first-engine-port", str(free_port()), "--log-dir", str(tmp_path)],
+         "--first-engine-port", str(free_port_block()), "--log-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
