@@ -186,7 +186,7 @@ def test_on_target_load_holds_and_reports(setup):
     s = setup
     wait_ready(s["cluster"], s["namespace"], NAME)
     wait_for(lambda: condition(_moed(s), "AutoscalingReady").get("status") == "True", 60, "AutoscalingReady")
-    wait_for(lambda: "within tolerance" in _entry(s, "decode").get("reason", ""), 30, "a hold reason")
+    wait_for(lambda: "within tolerance" in _entry(s, "decode").get("reason", ""), 90, "a hold reason")
     entry = _entry(s, "decode")
     assert (entry["current"], entry["desired"], entry["signal"]) == (2, 2, 4.0)
     assert (_replicas(s, "prefill"), _replicas(s, "decode")) == (1, 2)

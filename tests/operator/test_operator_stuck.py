@@ -189,7 +189,7 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
                 and state["victim"] is not None
             )
 
-        wait_for(bound_to_unmanaged, 60, "one pod on the unmanaged node, one on a kwok node")
+        wait_for(bound_to_unmanaged, 180, "one pod on the unmanaged node, one on a kwok node")
         victim = state["victim"]
         _act_as_kubelet(kube_cluster, kube_namespace, victim)
         wait_ready(kube_cluster, kube_namespace, name)
