@@ -279,6 +279,10 @@ def test_volcano_and_kueue_gangs_are_rendered_when_their_crds_exist(
         kube_cluster.kubectl(
             "wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s"
         )
+        # The operator caches "is this CRD installed?" for crd_cache_seconds: a reconcile of an earlier test's
+        # deployment may have cached "absent" just before. Created inside that window, the groups would be
+        # rendered best effort first and then re-formed one at a time (the staged rollout), not at once.
+        time.sleep(operator.crd_cache_seconds + 0.5)
         body = small(name, gangScheduling={"queueName": "gpu-queue"} if scheduler == "kueue" else {})
         kube_cluster.apply(body, kube_namespace)
 
