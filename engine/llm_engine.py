@@ -17,7 +17,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .logprobs import attach as attach_logprobs
 from .model_runner import ModelRunner
-from .sampling_params import FinishReason, RequestOutput, SamplingParams
+from .sampling_params import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .tbo import wants_tbo
@@ -251,6 +251,8 @@ class GenerationResult:
     text: str
     finish_reason: FinishReason | None
     stop_reason: str | int | None = None
+    # One entry per new token when the request asked for logprobs (SamplingParams.logprobs).
+    logprobs: list[TokenLogprob] | None = None
 
 
 class LLM:
@@ -291,6 +293,8 @@ class LLM:
                         continue  # e.g. the abort notice of an earlier, interrupted call
                     result.token_ids.extend(out.new_token_ids)
                     result.text += out.text_delta
+                    if out.logprobs is not None:
+                        result.logprobs = (result.logprobs or []) + list(out.logprobs)
                     if out.finished:
                         result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
         except BaseException:

@@ -107,3 +107,18 @@ def test_logprobs_are_raw_before_temperature(hf_logprobs):
         assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-5)
         assert len(entry.top) == 5
         assert entry.token_id in row.topk(2).indices.tolist()
+
+
+def test_offline_generate_returns_logprobs(hf_logprobs):
+    """`LLM.generate` carries the logprobs of the requests that ask (one per new token), None for the others."""
+    llm = LLM(str(tiny_model_dir(NAME)), dtype="float32", max_model_len=64, block_size=4)
+    asked = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
+    plain = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    with_lp, without = llm.generate([PROMPTS[0], PROMPTS[1]], [asked, plain])
+    assert without.logprobs is None
+    assert with_lp.logprobs is not None and [e.token_id for e in with_lp.logprobs] == with_lp.token_ids
+    ref = hf_logprobs(PROMPTS[0] + with_lp.token_ids)
+    for j, entry in enumerate(with_lp.logprobs):
+        row = ref[len(PROMPTS[0]) - 1 + j]
+        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-5)
+        assert [t for t, _ in entry.top] == row.topk(2).indices.tolist()

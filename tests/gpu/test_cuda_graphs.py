@@ -72,7 +72,7 @@ def test_replay_equals_eager(name, dtype):
 TEXTS = ["Hello", "What is the capital of France?", "Once upon a time there was a little town by the sea"]
 
 
-def _generate(path, dtype, cuda_graphs):
+def _generate(path, dtype, cuda_graphs, logprobs=None):
     llm = LLM(
         str(path), device="cuda", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=64,
         attention_backend="triton", cuda_graphs=cuda_graphs,
@@ -84,8 +84,11 @@ def _generate(path, dtype, cuda_graphs):
         runner.graph_runner.replay = lambda batch: replays.append(batch.num_seqs) or original(batch)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    return prompts, [r.token_ids for r in llm.generate(prompts, params)], runner, replays
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=logprobs)
+    outputs = llm.generate(prompts, params)
+    if logprobs is not None:
+        return prompts, [(r.token_ids, r.logprobs) for r in outputs], runner, replays
+    return prompts, [r.token_ids for r in outputs], runner, replays
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -97,18 +100,35 @@ def test_float32_greedy_with_graphs_equals_transformers(name):
     assert got == transformers_greedy(path, prompts, 12)
 
 
+# bf16 moves a tiny random model's logits by ~0.2 (tests/support/bf16_tolerance.py): two greedy runs may part
+# where the top two tokens are closer than that, and after that point they continue different texts.
+NEAR_TIE_NATS = 0.3
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_greedy_with_graphs_matches_eager(name):
-    """bf16 with graphs vs bf16 eager: the same kernels on the same cache, so first tokens agree and the
-    sequences agree on at least the stated top-1 share."""
+    """bf16 with graphs vs bf16 eager: the same kernels on the same cache. Each sequence agrees token for token
+    up to its first difference (if any); there, both tokens are eager's top two within NEAR_TIE_NATS (a
+    rounding-order tie, not a wrong graph), and every agreeing token has the same logprob within that margin.
+    Comparing whole sequences token for token was brittle: one near-tie early makes the rest differ."""
     path = tiny_model_dir(name)
-    _, with_graphs, runner, replays = _generate(path, "bfloat16", "auto")
+    _, with_graphs, runner, replays = _generate(path, "bfloat16", "auto", logprobs=2)
     assert runner.graph_runner is not None and replays
-    _, eager, _, _ = _generate(path, "bfloat16", "off")
-    same = sum(a == b for g, e in zip(with_graphs, eager, strict=True) for a, b in zip(g, e, strict=True))
-    total = sum(len(g) for g in with_graphs)
-    assert [g[0] for g in with_graphs] == [e[0] for e in eager]
-    assert same / total >= TOP1_AGREEMENT
+    _, eager, _, _ = _generate(path, "bfloat16", "off", logprobs=2)
+    agreed = 0
+    for (g_ids, g_lps), (e_ids, e_lps) in zip(with_graphs, eager, strict=True):
+        assert g_ids[0] == e_ids[0], "the prompt step is eager in both runs: first tokens must agree"
+        for k, (g, e) in enumerate(zip(g_ids, e_ids, strict=True)):
+            if g != e:
+                top = dict(e_lps[k].top)
+                assert g in top, f"position {k}: graph token {g} is not in eager's top 2 {e_lps[k].top}"
+                gap = top[e] - top[g]
+                assert gap <= NEAR_TIE_NATS, f"position {k}: eager prefers {e} over {g} by {gap:.3f} nats"
+                break
+            assert abs(g_lps[k].logprob - e_lps[k].logprob) <= NEAR_TIE_NATS, f"position {k}"
+            agreed += 1
+    print(f"{name}: {agreed} of {sum(len(g) for g, _ in with_graphs)} tokens agree before any near-tie")
+    assert agreed >= len(with_graphs) * 2, "graphs and eager parted almost at once on every sequence"
 
 
 @pytest.mark.parametrize("name", NAMES)
