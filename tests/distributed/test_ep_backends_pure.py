@@ -20,7 +20,6 @@ from moefleet.engine.distributed.symm import (
     workspace_bytes,
 )
 from moefleet.engine.kernels.row_copy import copy_rows, copy_rows_reference
-from moefleet.engine.layers.token_dispatch import current_step_is_prefill, set_step_mode
 
 ALL_VERIFIED = {"symm": True, "deepep": True}
 NONE_VERIFIED = {"symm": False, "deepep": False}
@@ -110,19 +109,6 @@ def test_deepep_mode_follows_the_step():
     deepep.check_ll_tokens(256, 256)
     with pytest.raises(ValueError, match="300 tokens .* holds 256 .* lower --max-num-seqs"):
         deepep.check_ll_tokens(300, 256)
-
-
-def test_step_mode_context_nests_and_restores():
-    before = current_step_is_prefill()  # whatever an earlier test's engine left published
-    with set_step_mode(None):
-        assert current_step_is_prefill() is None
-        with set_step_mode(True):
-            assert current_step_is_prefill() is True
-            with set_step_mode(False):
-                assert current_step_is_prefill() is False
-            assert current_step_is_prefill() is True
-        assert current_step_is_prefill() is None
-    assert current_step_is_prefill() is before
 
 
 # ---- symm: capacity, row reorder kernel, index math end to end ------------------------------------------
