@@ -19,6 +19,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 FORWARD_PATH = sorted(
@@ -269,3 +270,108 @@ def test_the_audit_leaves_constants_and_instance_state_alone():
         "        return self.cache\n"
     )
     assert audit(source, "snippet.py") == []
+
+
+# ---- behaviour: two ForwardBatches with different modes alive at once ----------------------------------
+
+
+class ModeRecordingDispatcher:
+    """A real LocalDispatcher that records, per dispatch, the step mode it was given and the DeepEP kernels
+    that mode selects (`deepep.pick_mode`, pure: importable without deep_ep)."""
+
+    def __init__(self, inner, micro_batch: int, log: list):
+        self.inner, self.micro_batch, self.log = inner, micro_batch, log
+
+    def dispatch_start(self, hidden, topk_ids, topk_weights, *, is_prefill=None):
+        from moefleet.engine.distributed.deepep import pick_mode
+
+        self.log.append((self.micro_batch, is_prefill, pick_mode("auto", is_prefill, 7168)))
+        return self.inner.dispatch_start(hidden, topk_ids, topk_weights, is_prefill=is_prefill)
+
+    def dispatch_finish(self, pending):
+        return self.inner.dispatch_finish(pending)
+
+    def combine_start(self, expert_output, dispatched):
+        return self.inner.combine_start(expert_output, dispatched)
+
+    def combine_finish(self, pending):
+        return self.inner.combine_finish(pending)
+
+
+def test_two_batches_alive_at_once_dispatch_with_their_own_modes():
+    """A prefill batch and a decode batch run interleaved stage by stage (the TBO schedule, both alive): each
+    micro-batch's dispatches carry its own batch's mode, and each result equals that batch run alone."""
+    from moefleet.engine.forward_batch import ForwardBatch, ForwardMode
+    from moefleet.engine.layers.moe import MoE
+    from moefleet.engine.loader import load_model
+    from moefleet.engine.models.base import LayerState
+    from moefleet.engine.tbo import schedule
+    from support.tiny_models import tiny_model_dir
+
+    model = load_model(tiny_model_dir("qwen3_norm_topk"))
+    for layer in model.attention_layers():
+        layer.kv_cache = torch.empty(0)  # attention within the step (no KV cache), as the warm-up runs
+    log: list = []
+    moe_layers = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    assert moe_layers
+    for mlp in moe_layers:
+        mlp.dispatchers = [ModeRecordingDispatcher(mlp.dispatcher, m, log) for m in (0, 1)]
+    prefill = ForwardBatch.prefill_without_cache([5, 3], "cpu")
+    decode = ForwardBatch.prefill_without_cache([1, 1, 1], "cpu")  # one token per sequence: a decode step
+    prefill.input_ids.copy_(torch.arange(3, 11))
+    decode.input_ids.copy_(torch.tensor([4, 9, 12]))
+    assert (prefill.mode, prefill.is_prefill, decode.mode, decode.is_prefill) == (
+        ForwardMode.EXTEND,
+        True,
+        ForwardMode.DECODE,
+        False,
+    )
+    with torch.inference_mode():
+        decoder = model.model
+        states = [
+            LayerState(b.positions, decoder.embed_tokens(b.input_ids), b, micro_batch=i)
+            for i, b in enumerate((prefill, decode))
+        ]
+        stages = [stage for layer in decoder.layers for stage in layer.stages()]
+        for micro_batch, index in schedule(len(stages), lead=1):
+            stages[index](states[micro_batch])
+        interleaved = [decoder.norm(s.hidden) for s in states]
+        assert {entry for entry in log} == {(0, True, "normal"), (1, False, "low_latency")}
+        assert [m for m, _, _ in log] == [
+            m for m, i in schedule(len(stages), 1) if stages[i].__name__ == "_dispatch"
+        ]
+        for mlp in moe_layers:  # alone, through micro-batch 0's dispatcher
+            mlp.dispatcher = mlp.dispatchers[0]
+        log.clear()
+        alone = [model(b.input_ids, b.positions, b) for b in (prefill, decode)]
+    assert log == [(0, True, "normal")] * len(moe_layers) + [(0, False, "low_latency")] * len(moe_layers)
+    for got, want in zip(interleaved, alone, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_tbo_micro_batches_carry_the_steps_group_agreed_mode():
+    """A mixed step's micro-batches (one all-decode) dispatch with the step's mode, and a group-agreed mode
+    (a data-parallel step where another rank prefills) overrides what the local rows are."""
+    from moefleet.engine.forward_batch import ForwardBatch, ForwardMode
+    from moefleet.engine.tbo import plan_split, split_batch
+
+    def build(query_lens, seq_lens, dp_is_prefill=None):
+        return ForwardBatch.build(
+            input_ids=[0] * sum(query_lens),
+            positions=[p for q, s in zip(query_lens, seq_lens, strict=True) for p in range(s - q, s)],
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=[[0, 1]] * len(query_lens),
+            block_size=4,
+            device="cpu",
+            dp_is_prefill=dp_is_prefill,
+        )
+
+    mixed = build([6, 1, 1], [6, 7, 7])  # cost 21 | 7 + 7: the cut leaves one-token pieces in micro-batch 1
+    first, second = split_batch(mixed, plan_split(mixed.query_lens, mixed.seq_lens))
+    assert (first.mode, second.mode, second.query_lens) == (ForwardMode.EXTEND, ForwardMode.DECODE, [1, 1, 1])
+    assert (mixed.is_prefill, first.is_prefill, second.is_prefill) == (True, True, True)
+    agreed = build([1, 1], [5, 6], dp_is_prefill=True)  # local decode rows, another rank prefills
+    assert [c.is_prefill for c in split_batch(agreed, plan_split([1, 1], [5, 6]))] == [True, True]
+    alone = build([1, 1], [5, 6])
+    assert [c.is_prefill for c in split_batch(alone, plan_split([1, 1], [5, 6]))] == [False, False]
