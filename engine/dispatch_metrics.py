@@ -166,11 +166,20 @@ class MeteredDispatcher:
         else:
             self.recorder.observe(part, time.perf_counter() - start)
 
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
         if self.first:
             self.recorder.begin_forward()
         start = self._mark(hidden.device) if self.recorder.sampling else None
-        return _Pending(self.inner.dispatch_start(hidden, topk_ids, topk_weights), start)
+        return _Pending(
+            self.inner.dispatch_start(hidden, topk_ids, topk_weights, is_prefill=is_prefill), start
+        )
 
     def dispatch_finish(self, pending: Any) -> Any:
         dispatched = self.inner.dispatch_finish(pending.inner)

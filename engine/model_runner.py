@@ -20,7 +20,6 @@ from .config import EngineConfig
 from .cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCachePool
-from .layers.token_dispatch import set_step_mode
 from .loader import dtype_from_name, load_model
 from .logprobs import record_prompt, record_sampled, save_sampled
 from .sampler import SamplingBatch, sample
@@ -259,13 +258,13 @@ class ModelRunner:
         if not use_tbo and self.graph_runner is not None and self.graph_runner.can_run(fb):
             logits = self.graph_runner.replay(fb)  # [S, V]; decode only, so no prompt logprobs here
         else:
-            with set_step_mode(fb.is_prefill):  # DeepEP picks normal / low-latency kernels per step
-                if use_tbo:  # eager: CUDA graphs of the TBO step are not built
-                    hidden, plan = forward_tbo(self.model, fb)
-                    self.tbo_steps_total += 1
-                    self.tbo_last_split_imbalance = plan.imbalance
-                else:
-                    hidden = self.model(fb.input_ids, fb.positions, fb)
+            # The MoE dispatchers read the step mode (DeepEP normal / low-latency) from fb.is_prefill.
+            if use_tbo:  # eager: CUDA graphs of the TBO step are not built
+                hidden, plan = forward_tbo(self.model, fb)
+                self.tbo_steps_total += 1
+                self.tbo_last_split_imbalance = plan.imbalance
+            else:
+                hidden = self.model(fb.input_ids, fb.positions, fb)
             # Prompt logprobs of the requests that asked for them (a no-op for the rest).
             record_prompt(self.model.compute_logits, hidden, batch.scheduled)
             logits = self.model.compute_logits(hidden[fb.sample_indices])  # [S, V]

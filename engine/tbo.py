@@ -146,7 +146,9 @@ def _normalize(
 def split_batch(fb: ForwardBatch, plan: SplitPlan) -> tuple[ForwardBatch, ForwardBatch]:
     """Two ForwardBatches over contiguous token ranges of `fb` ([0, token_cut), [token_cut, T)): token tensors
     are views of fb's, per-sequence tensors are built from the host lists (one small copy each). Children
-    carry no sample indices: the merged hidden states are sampled with fb's."""
+    carry no sample indices: the merged hidden states are sampled with fb's. Each child carries the step's
+    resolved mode (`dp_is_prefill = fb.is_prefill`): a micro-batch of a mixed step dispatches with the step's
+    group-agreed kernels, not with a mode of its own."""
     c, k = plan.seq_cut, plan.cut_tokens
     q, s = fb.query_lens, fb.seq_lens
     if k:  # sequence c is cut: KV length after its first piece is its cached prefix + k
@@ -169,7 +171,7 @@ def _child(
         return ForwardBatch.build(
             input_ids=[], positions=[], query_lens=[], seq_lens=[], block_tables=[], block_size=fb.block_size,
             device=fb.input_ids.device, slot_mapping=[], sample_indices=[], attn_backend=fb.attn_backend,
-            dp_is_prefill=fb.dp_is_prefill,
+            dp_is_prefill=fb.is_prefill,
         )  # fmt: skip
     cu = [0]
     for n in query_lens:
@@ -192,7 +194,7 @@ def _child(
         block_tables=fb.block_tables[seqs],
         sample_indices=fb.sample_indices[:0],
         block_tables_cpu=fb.block_tables_cpu[seqs],
-        dp_is_prefill=fb.dp_is_prefill,
+        dp_is_prefill=fb.is_prefill,
         attn_backend=fb.attn_backend,
     )
 

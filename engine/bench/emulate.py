@@ -75,9 +75,16 @@ class EmulatedEPDispatcher:
         self.num_local_experts = num_local_experts
         self._local = LocalDispatcher(num_local_experts)
 
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
         return self._local.dispatch_start(
-            hidden, local_expert_ids(topk_ids, self.num_local_experts), topk_weights
+            hidden, local_expert_ids(topk_ids, self.num_local_experts), topk_weights, is_prefill=is_prefill
         )
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:

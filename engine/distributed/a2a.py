@@ -109,7 +109,14 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.world_size
 
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
         plan = plan_send(topk_ids, self.num_experts, self.world_size)
         send_counts = plan.counts.to(torch.int64)
         recv_counts = torch.empty_like(send_counts)

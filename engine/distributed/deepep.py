@@ -3,7 +3,9 @@
 Needs NVIDIA GPUs and a source build of DeepEP (README: "Installing DeepEP"); nothing here runs in CI.
 ONE `deep_ep.Buffer` per process (`get_buffer`), shared by every layer and micro-batch, sized at the first
 dispatcher for both modes from the hidden size, the experts and the max tokens per rank. The mode follows the
-step (`token_dispatch.current_step_is_prefill`, the group-agreed mode, so every rank picks the same kernels):
+step: `dispatch_start(..., is_prefill=)` receives the micro-batch's `ForwardBatch.is_prefill` (the group-agreed
+mode, so every rank picks the same kernels; two micro-batches alive at once each pass their own; nothing is
+read from a module global):
 
 - normal kernels (prefill steps, or any step whose mode is unknown): `get_dispatch_layout` + `dispatch` deliver
   each token once per destination rank with local expert ids (-1 = elsewhere) and weights; hits are grouped by
@@ -31,9 +33,9 @@ import torch.distributed as dist
 from moefleet.engine.distributed.groups import check_experts_divisible
 from moefleet.engine.layers.token_dispatch import (
     DispatchedTokens,
-    current_step_is_prefill,
     permute_by_expert,
     permute_by_expert_on_device,
+    unpermute_and_reduce,
 )
 
 INSTALL_HINT = (
@@ -103,26 +105,32 @@ def check_ll_tokens(num_tokens: int, ll_max_tokens: int) -> None:
 # ---- one Buffer per process -------------------------------------------------------------------------------
 
 
-@dataclass
-class _BufferSpec:
+@dataclass(eq=False)
+class SharedBuffer:
+    """The process's one deep_ep.Buffer for a group and the state of its memory, shared by every dispatcher
+    (every layer, every micro-batch) of the group: each dispatcher holds a reference (no global lookup per
+    step). `last_mode` is the buffer memory's state, not a step's: low-latency buffers must be cleaned after
+    normal kernels used the shared memory."""
+
+    buffer: Any
     hidden_size: int
     num_experts: int
     ll_max_tokens: int
-    last_mode: str = "low_latency"  # low-latency buffers must be cleaned after normal kernels used them
+    last_mode: str = "low_latency"
 
 
-_BUFFERS: dict[str, tuple[Any, _BufferSpec]] = {}
+# Construction-time registry (DeepEP allows one Buffer per process): written when a dispatcher is built,
+# keyed by group name; the forward path only touches the `SharedBuffer` its dispatcher holds.
+_BUFFERS: dict[str, SharedBuffer] = {}
 
 
-def _spec(group: dist.ProcessGroup) -> _BufferSpec:
-    return _BUFFERS[group.group_name][1]
-
-
-def get_buffer(group: dist.ProcessGroup, hidden_size: int, num_experts: int, ll_max_tokens: int) -> Any:
+def get_buffer(
+    group: dist.ProcessGroup, hidden_size: int, num_experts: int, ll_max_tokens: int
+) -> SharedBuffer:
     """The process's one deep_ep.Buffer for `group` (created by the first caller: a collective)."""
     key = group.group_name
     if key in _BUFFERS:
-        buffer, spec = _BUFFERS[key]
+        spec = _BUFFERS[key]
         if (spec.hidden_size, spec.num_experts, spec.ll_max_tokens) != (
             hidden_size,
             num_experts,
@@ -133,7 +141,7 @@ def get_buffer(group: dist.ProcessGroup, hidden_size: int, num_experts: int, ll_
                 f"{spec.ll_max_tokens} low-latency tokens; a layer asks for hidden {hidden_size}, {num_experts} "
                 f"experts, {ll_max_tokens} tokens"
             )
-        return buffer
+        return spec
     buffer_cls = _import_buffer()
     world_size = group.size()
     hidden_bytes = hidden_size * 2  # bf16
@@ -155,8 +163,8 @@ def get_buffer(group: dist.ProcessGroup, hidden_size: int, num_experts: int, ll_
         low_latency_mode=low_latency,
         num_qps_per_rank=max(num_experts // world_size, 1) if low_latency else 24,
     )
-    _BUFFERS[key] = (buffer, _BufferSpec(hidden_size, num_experts, ll_max_tokens))
-    return buffer
+    shared = _BUFFERS[key] = SharedBuffer(buffer, hidden_size, num_experts, ll_max_tokens)
+    return shared
 
 
 # ---- the dispatcher ---------------------------------------------------------------------------------------
@@ -179,6 +187,19 @@ class _LowLatencyHandle:
     hook: Any = None
 
 
+def reduce_received(expert_output: torch.Tensor, h: _NormalHandle) -> torch.Tensor:
+    """Normal mode, before DeepEP's combine: weight each received hit's expert output [N, D] by its top-k
+    weight and sum per received token -> [M, D] (float32 accumulation, padding hits contribute zeros)."""
+    return unpermute_and_reduce(
+        expert_output,
+        h.order,
+        h.recv_topk_weights,
+        h.num_received,
+        valid=h.valid,
+        accumulate_dtype=torch.float32,
+    )
+
+
 class DeepEPDispatcher:
     """TokenDispatcher on DeepEP. `mode`: "auto" (per step: low-latency for decode), "normal" or "low_latency"."""
 
@@ -197,10 +218,12 @@ class DeepEPDispatcher:
         self.group, self.mode, self.num_experts, self.hidden_size = group, mode, num_experts, hidden_size
         self.num_local_experts = num_experts // world_size
         self.ll_max_tokens = ll_max_tokens or min(max_tokens_per_rank, LL_MAX_TOKENS)
-        self.buffer = get_buffer(group, hidden_size, num_experts, self.ll_max_tokens)
+        self.shared = get_buffer(group, hidden_size, num_experts, self.ll_max_tokens)
+        self.buffer = self.shared.buffer
 
-    def step_mode(self) -> str:
-        return pick_mode(self.mode, current_step_is_prefill(), self.hidden_size)
+    def step_mode(self, is_prefill: bool | None) -> str:
+        """The kernels of a step whose group-agreed mode is `is_prefill` (None: unknown -> normal)."""
+        return pick_mode(self.mode, is_prefill, self.hidden_size)
 
     @staticmethod
     def _check_dtype(hidden: torch.Tensor) -> None:
@@ -214,7 +237,7 @@ class DeepEPDispatcher:
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> Any:
         topk_idx = topk_ids.to(torch.int64)
-        _spec(self.group).last_mode = "normal"
+        self.shared.last_mode = "normal"
         per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(
             topk_idx, self.num_experts
         )
@@ -233,25 +256,15 @@ class DeepEPDispatcher:
 
     def _normal_combine(self, expert_output: torch.Tensor, h: _NormalHandle) -> torch.Tensor:
         # Weight and sum hits per received token here; DeepEP's normal combine then sums across ranks.
-        top_k = h.recv_topk_weights.shape[1]
-        weights = h.recv_topk_weights.reshape(-1)[h.order].to(expert_output.dtype).unsqueeze(1)
-        weighted = torch.where(h.valid[:, None], expert_output * weights, torch.zeros_like(expert_output))
-        per_token = torch.zeros(
-            h.num_received, expert_output.shape[1], dtype=torch.float32, device=expert_output.device
-        )
-        per_token.index_add_(0, h.order // top_k, weighted.float())
-        combined, _, _ = self.buffer.combine(per_token.to(expert_output.dtype), h.deep_handle)
+        combined, _, _ = self.buffer.combine(reduce_received(expert_output, h), h.deep_handle)
         return combined
 
     # -- low-latency mode -----------------------------------------------------------------------------
     def _ll_dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
         check_ll_tokens(hidden.shape[0], self.ll_max_tokens)
-        spec = _spec(self.group)
-        if (
-            spec.last_mode != "low_latency"
-        ):  # normal kernels used the shared memory since: clean it (all ranks)
+        if self.shared.last_mode != "low_latency":  # normal kernels used the shared memory since: clean it
             self.buffer.clean_low_latency_buffer(self.ll_max_tokens, self.hidden_size, self.num_experts)
-            spec.last_mode = "low_latency"
+            self.shared.last_mode = "low_latency"
         topk_idx = topk_ids.to(torch.int64)
         packed, counts, deep_handle, _, hook = self.buffer.low_latency_dispatch(
             hidden, topk_idx, self.ll_max_tokens, self.num_experts, use_fp8=True, return_recv_hook=True
@@ -274,9 +287,16 @@ class DeepEPDispatcher:
         return combined, hook
 
     # -- TokenDispatcher ------------------------------------------------------------------------------
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
         self._check_dtype(hidden)
-        if self.step_mode() == "normal":
+        if self.step_mode(is_prefill) == "normal":
             return ("normal", self._normal_dispatch(hidden, topk_ids, topk_weights))
         return ("low_latency", self._ll_dispatch(hidden, topk_ids, topk_weights))
 
@@ -320,8 +340,6 @@ def self_check(
 ) -> tuple[bool, str]:
     """A tiny dispatch/combine round trip on DeepEP (normal, and low-latency when this hidden size has it)
     compared with the same computation done locally from the formula; every rank gets the group's verdict."""
-    from moefleet.engine.layers.token_dispatch import set_step_mode
-
     rank, world = dist.get_rank(group), group.size()
     device = torch.device("cuda", torch.cuda.current_device())
     detail = "ok"
@@ -342,11 +360,10 @@ def self_check(
             dispatcher = DeepEPDispatcher(
                 group, num_experts, hidden_size, mode=mode, max_tokens_per_rank=max_tokens_per_rank
             )
-            with set_step_mode(mode == "normal"):
-                d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w))
-                assert d.counts is not None
-                out = _stand_in_experts(d.hidden, d.counts, rank * num_local)
-                got = dispatcher.combine_finish(dispatcher.combine_start(out, d)).float()
+            d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w, is_prefill=mode == "normal"))
+            assert d.counts is not None
+            out = _stand_in_experts(d.hidden, d.counts, rank * num_local)
+            got = dispatcher.combine_finish(dispatcher.combine_start(out, d)).float()
             tol = 0.15 if mode == "low_latency" else 0.05  # FP8 dispatch vs bf16
             err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
             if not err <= tol:

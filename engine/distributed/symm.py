@@ -259,30 +259,49 @@ class SymmWorkspace:
         self.bytes = workspace_bytes(cap, dtype)
 
 
-_WORKSPACES: dict[tuple[Any, ...], list[SymmWorkspace]] = {}
 MAX_IN_FLIGHT = 2  # two-batch overlap keeps two micro-batches' dispatches in flight
 
 
-def lease_workspace(
-    group: dist.ProcessGroup, cap: Capacity, hidden_size: int, dtype: torch.dtype, device: torch.device
-) -> SymmWorkspace:
-    """A free workspace for these sizes (allocating one the first time: every rank reaches this together,
-    since every rank runs the same layers in the same order)."""
-    key = (group.group_name, cap, hidden_size, dtype, device)
-    pool = _WORKSPACES.setdefault(key, [])
-    for ws in pool:
-        if not ws.in_use:
-            ws.in_use = True
-            return ws
-    if len(pool) >= MAX_IN_FLIGHT:
-        raise RuntimeError(
-            f"symm dispatcher: {len(pool) + 1} dispatches in flight, at most {MAX_IN_FLIGHT} (one per micro-batch): "
-            "combine_finish each dispatch before the same micro-batch dispatches again"
-        )
-    ws = SymmWorkspace(group, cap, hidden_size, dtype, device)
-    ws.in_use = True
-    pool.append(ws)
-    return ws
+class WorkspacePool:
+    """The symmetric workspaces of one group in this process, shared by every layer's dispatchers (each holds
+    a reference): at most MAX_IN_FLIGHT per size, leased from dispatch_start to combine_finish."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[Any, ...], list[SymmWorkspace]] = {}
+
+    def lease(
+        self,
+        group: dist.ProcessGroup,
+        cap: Capacity,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> SymmWorkspace:
+        """A free workspace for these sizes (allocating one the first time: every rank reaches this together,
+        since every rank runs the same layers in the same order)."""
+        pool = self._pools.setdefault((cap, hidden_size, dtype, device), [])
+        for ws in pool:
+            if not ws.in_use:
+                ws.in_use = True
+                return ws
+        if len(pool) >= MAX_IN_FLIGHT:
+            raise RuntimeError(
+                f"symm dispatcher: {len(pool) + 1} dispatches in flight, at most {MAX_IN_FLIGHT} (one per "
+                "micro-batch): combine_finish each dispatch before the same micro-batch dispatches again"
+            )
+        ws = SymmWorkspace(group, cap, hidden_size, dtype, device)
+        ws.in_use = True
+        pool.append(ws)
+        return ws
+
+
+# Construction-time registry (one pool per group and process, like the symmetric memory it holds): read when a
+# dispatcher is built; the forward path only touches the `WorkspacePool` its dispatcher holds.
+_POOLS: dict[str, WorkspacePool] = {}
+
+
+def workspace_pool(group: dist.ProcessGroup) -> WorkspacePool:
+    return _POOLS.setdefault(group.group_name, WorkspacePool())
 
 
 # ---- the dispatcher ---------------------------------------------------------------------------------------
@@ -319,10 +338,11 @@ class SymmDispatcher:
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.num_local_experts = num_experts // self.world_size
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.pool = workspace_pool(group)
         if reserve is not None:
             top_k, dtype, device, micro_batches = reserve
             cap = self._capacity(top_k, dtype)
-            leased = [lease_workspace(group, cap, hidden_size, dtype, device) for _ in range(micro_batches)]
+            leased = [self.pool.lease(group, cap, hidden_size, dtype, device) for _ in range(micro_batches)]
             for ws in leased:
                 ws.in_use = False
 
@@ -331,7 +351,14 @@ class SymmDispatcher:
             raise ValueError(f"{self.num_local_experts} local experts do not fit a packed {dtype} id")
         return capacity(self.max_tokens_per_rank, top_k, self.world_size, self.hidden_size, dtype)
 
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
         num_tokens, top_k = topk_ids.shape
         if num_tokens > self.max_tokens_per_rank:
             raise ValueError(
@@ -345,7 +372,7 @@ class SymmDispatcher:
         device = hidden.device
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        ws = lease_workspace(
+        ws = self.pool.lease(
             self.group, self._capacity(top_k, hidden.dtype), self.hidden_size, hidden.dtype, device
         )
         from moefleet.engine.kernels.row_copy import copy_rows

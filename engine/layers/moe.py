@@ -61,10 +61,11 @@ class MoE(nn.Module):
         self.logical_to_physical.copy_(log2phy)
         self.logical_replicas.copy_(replicas)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, D] -> [T, D]: the four stages in order (two-batch overlap interleaves them instead)."""
+    def forward(self, hidden: torch.Tensor, is_prefill: bool | None = None) -> torch.Tensor:
+        """hidden [T, D] -> [T, D]: the four stages in order (two-batch overlap interleaves them instead).
+        `is_prefill`: the step's group-agreed mode (`ForwardBatch.is_prefill`), passed to the dispatcher."""
         step = self.stage_route(hidden)
-        self.stage_dispatch(step, self.dispatcher)
+        self.stage_dispatch(step, self.dispatcher, is_prefill=is_prefill)
         self.stage_experts(step, self.dispatcher)
         return self.stage_combine(step, self.dispatcher)
 
@@ -84,12 +85,18 @@ class MoE(nn.Module):
 
     def stage_route(self, hidden: torch.Tensor) -> MoEStep:
         """Compute: router, top-k, logical -> physical replica (and the EPLB load count)."""
+        topk_weights, logical_ids = self.gate(hidden)  # [T, K] each
+        return self.route_chosen(hidden, topk_weights, logical_ids)
+
+    def route_chosen(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, logical_ids: torch.Tensor
+    ) -> MoEStep:
+        """`stage_route` after the gate: logical -> physical replica of the chosen experts (and the EPLB load)."""
         if self.ep_size > 1 and isinstance(self.dispatcher, LocalDispatcher):
             raise RuntimeError(
                 f"expert-parallel size is {self.ep_size} but this MoE layer still has the single-rank "
                 "LocalDispatcher: install an expert-parallel dispatcher (moefleet.engine.distributed) first"
             )
-        topk_weights, logical_ids = self.gate(hidden)  # [T, K] each
         physical_ids = choose_replicas(
             logical_ids,
             self.logical_to_physical,
@@ -103,12 +110,18 @@ class MoE(nn.Module):
             self.expert_load.index_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         return MoEStep(hidden, hidden, topk_weights, physical_ids)
 
-    def stage_dispatch(self, step: MoEStep, dispatcher: TokenDispatcher) -> None:
-        """Communication: launch the dispatch (an all-to-all dispatcher blocks here on the receive counts)."""
+    def stage_dispatch(
+        self, step: MoEStep, dispatcher: TokenDispatcher, *, is_prefill: bool | None = None
+    ) -> None:
+        """Communication: launch the dispatch (an all-to-all dispatcher blocks here on the receive counts).
+        `is_prefill` is this micro-batch's group-agreed step mode (`ForwardBatch.is_prefill`); the dispatcher
+        picks per-mode kernels from it (DeepEP)."""
         if self.local_topk_path(step.dispatch_input, dispatcher):
             step.local = True  # nothing to move: the experts read the rows in place (stage_experts)
             return
-        step.pending = dispatcher.dispatch_start(step.dispatch_input, step.physical_ids, step.topk_weights)
+        step.pending = dispatcher.dispatch_start(
+            step.dispatch_input, step.physical_ids, step.topk_weights, is_prefill=is_prefill
+        )
 
     def stage_experts(self, step: MoEStep, dispatcher: TokenDispatcher) -> None:
         """Compute: wait for the rows, run the experts, launch the combine, then the shared experts (which

@@ -37,17 +37,11 @@ class GptOssMoE(MoE):
 
 
 class _ChosenExperts(nn.Module):
-    """The `gate` of an `InputScaledMoE`: returns the ids its layer routed to, with combine weights of 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ids: torch.Tensor | None = None
+    """The `gate` slot of an `InputScaledMoE`: it routes in `stage_route` (router first, then
+    `MoE.route_chosen` with the chosen ids), so this gate holds no state and is never called."""
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, self.ids = self.ids, None
-        if ids is None or ids.shape[0] != hidden.shape[0]:
-            raise RuntimeError("InputScaledMoE: the expert choice of this step is missing")
-        return torch.ones(ids.shape, dtype=torch.float32, device=ids.device), ids
+        raise RuntimeError("InputScaledMoE routes in stage_route: its gate is not called")
 
 
 class InputScaledMoE(MoE):
@@ -69,8 +63,8 @@ class InputScaledMoE(MoE):
     def stage_route(self, hidden: torch.Tensor) -> MoEStep:
         """Route on x, then the `MoE` pipeline on x * w; the shared expert reads the unscaled x."""
         weights, ids = self.router(hidden)  # [T, 1]
-        self.gate.ids = ids  # type: ignore[union-attr]
-        step = super().stage_route(hidden * weights.to(hidden.dtype))
+        ones = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)  # combine weights of 1
+        step = self.route_chosen(hidden * weights.to(hidden.dtype), ones, ids)
         step.hidden = hidden
         return step
 

@@ -5,37 +5,18 @@ The layer only talks to a `TokenDispatcher`; which one it holds decides whether 
 (`LocalDispatcher`, one rank) or spread over an expert-parallel group (`moefleet.engine.distributed`).
 Launching a dispatch is separate from waiting for it so two-batch overlap can queue compute in between.
 One dispatcher object per micro-batch: handles never cross dispatchers.
+Nothing here is module-global: the step's mode reaches a dispatcher as `dispatch_start(..., is_prefill=)`,
+taken by the MoE stages from the micro-batch's own ForwardBatch (`ForwardBatch.is_prefill`, group-agreed).
 
 Shape legend: T tokens, K top-k, D hidden, E_local experts on this rank, N rows received (tokens x hits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-
-# The group-agreed mode of the step being run (True prefill, False decode, None unknown): set by the model
-# runner around each forward; a dispatcher with per-mode kernels (DeepEP normal / low-latency) reads it.
-_STEP_IS_PREFILL: bool | None = None
-
-
-@contextmanager
-def set_step_mode(is_prefill: bool | None) -> Iterator[None]:
-    """Run a forward with its step mode published to the dispatchers (every rank of a group agrees on it)."""
-    global _STEP_IS_PREFILL
-    previous, _STEP_IS_PREFILL = _STEP_IS_PREFILL, is_prefill
-    try:
-        yield
-    finally:
-        _STEP_IS_PREFILL = previous
-
-
-def current_step_is_prefill() -> bool | None:
-    return _STEP_IS_PREFILL
 
 
 @dataclass
@@ -51,8 +32,19 @@ class DispatchedTokens:
 
 
 class TokenDispatcher(Protocol):
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
-        """Launch sending `hidden` [T, D] to the ranks owning physical experts `topk_ids` [T, K]."""
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
+        """Launch sending `hidden` [T, D] to the ranks owning physical experts `topk_ids` [T, K].
+
+        `is_prefill` is the step's group-agreed mode (`ForwardBatch.is_prefill` of this micro-batch; None =
+        unknown): every rank of a group passes the same value, so a dispatcher with per-mode kernels (DeepEP
+        normal / low-latency) picks the same kernels on every rank. Dispatchers with one kernel ignore it."""
         ...
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
@@ -88,16 +80,30 @@ def permute_by_expert(
 
 
 def unpermute_and_reduce(
-    sorted_output: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int
+    sorted_output: torch.Tensor,
+    order: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_tokens: int,
+    *,
+    valid: torch.Tensor | None = None,
+    accumulate_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Inverse of `permute_by_expert`: weight each hit's output and sum back per token -> [T, D]."""
+    """Inverse of `permute_by_expert` (and of `permute_by_expert_on_device`): weight each hit's output and sum
+    back per token -> [T, D] in `sorted_output`'s dtype.
+
+    sorted_output [N, D] (hit i is flattened hit order[i] of `topk_weights` [T, K]); the weight multiply is in
+    the output dtype. `valid` [N] (device path): rows where it is False are padding whose outputs are
+    undefined; they contribute exact zeros (masked after the multiply, so NaN/inf garbage never leaks).
+    `accumulate_dtype` (e.g. float32 for bf16 outputs): the per-token sum is done in it, then cast back."""
     top_k = topk_weights.shape[1]
     weights = topk_weights.reshape(-1)[order].to(sorted_output.dtype).unsqueeze(1)
-    out = torch.zeros(
-        num_tokens, sorted_output.shape[1], dtype=sorted_output.dtype, device=sorted_output.device
-    )
-    out.index_add_(0, order // top_k, sorted_output * weights)
-    return out
+    weighted = sorted_output * weights
+    if valid is not None:
+        weighted = torch.where(valid[:, None], weighted, torch.zeros_like(weighted))
+    acc_dtype = accumulate_dtype or sorted_output.dtype
+    out = torch.zeros(num_tokens, sorted_output.shape[1], dtype=acc_dtype, device=sorted_output.device)
+    out.index_add_(0, order // top_k, weighted.to(acc_dtype))
+    return out.to(sorted_output.dtype)
 
 
 def permute_by_expert_on_device(
@@ -129,7 +135,14 @@ class LocalDispatcher:
     def __init__(self, num_local_experts: int):
         self.num_local_experts = num_local_experts
 
-    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
         if hidden.is_cuda:  # counts stay on the device: no host sync, so the decode step can be captured
             order, token_index, counts, valid = permute_by_expert_on_device(topk_ids, self.num_local_experts)
             handle = _LocalHandle(order, topk_weights, hidden.shape[0], valid)
@@ -142,10 +155,8 @@ class LocalDispatcher:
         return pending
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
-        h: _LocalHandle = dispatched.handle
-        if h.valid is not None:  # padding rows' outputs are undefined: zero them, never multiply them
-            expert_output = torch.where(h.valid[:, None], expert_output, torch.zeros_like(expert_output))
-        return unpermute_and_reduce(expert_output, h.order, h.topk_weights, h.num_tokens)
+        h: _LocalHandle = dispatched.handle  # padding rows (device path: valid False) contribute zeros
+        return unpermute_and_reduce(expert_output, h.order, h.topk_weights, h.num_tokens, valid=h.valid)
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
         return pending

@@ -113,7 +113,8 @@ class DecoderLayer(nn.Module):
 
     def _dispatch(self, s: LayerState) -> None:
         assert s.moe is not None
-        self.mlp.stage_dispatch(s.moe, s.dispatcher(self.mlp))  # type: ignore[operator]
+        # The mode comes from this (micro-)batch's own ForwardBatch: two batches alive at once keep their own.
+        self.mlp.stage_dispatch(s.moe, s.dispatcher(self.mlp), is_prefill=s.batch.is_prefill)  # type: ignore[operator]
 
     def _experts(self, s: LayerState) -> None:
         assert s.moe is not None

@@ -20,7 +20,6 @@ from moefleet.engine.distributed.symm import (
     workspace_bytes,
 )
 from moefleet.engine.kernels.row_copy import copy_rows, copy_rows_reference
-from moefleet.engine.layers.token_dispatch import current_step_is_prefill, set_step_mode
 
 ALL_VERIFIED = {"symm": True, "deepep": True}
 NONE_VERIFIED = {"symm": False, "deepep": False}
@@ -110,19 +109,6 @@ def test_deepep_mode_follows_the_step():
     deepep.check_ll_tokens(256, 256)
     with pytest.raises(ValueError, match="300 tokens .* holds 256 .* lower --max-num-seqs"):
         deepep.check_ll_tokens(300, 256)
-
-
-def test_step_mode_context_nests_and_restores():
-    before = current_step_is_prefill()  # whatever an earlier test's engine left published
-    with set_step_mode(None):
-        assert current_step_is_prefill() is None
-        with set_step_mode(True):
-            assert current_step_is_prefill() is True
-            with set_step_mode(False):
-                assert current_step_is_prefill() is False
-            assert current_step_is_prefill() is True
-        assert current_step_is_prefill() is None
-    assert current_step_is_prefill() is before
 
 
 # ---- symm: capacity, row reorder kernel, index math end to end ------------------------------------------
@@ -241,3 +227,156 @@ def test_symm_index_math_round_trip_equals_dense_moe(kind):
         expected = (x[:, None, :] * (w * scale)[..., None]).sum(1)
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got, expected)
+
+
+# ---- DeepEP dispatcher on CPU over a one-rank stand-in for deep_ep.Buffer ------------------------------
+
+
+class OneRankBuffer:
+    """deep_ep.Buffer's documented V1 contract for a group of ONE rank (every expert local), on CPU: normal
+    `dispatch` hands each token back with its (local = global) expert ids and weights, `combine` sums across
+    ranks (one: the identity); `low_latency_dispatch` fills the masked FP8 layout [E, max_tokens, D] with
+    per-128-column scales, `low_latency_combine` applies the top-k weights. Every kernel call is logged."""
+
+    calls: list[str] = []
+
+    class _Config:
+        def get_nvl_buffer_size_hint(self, hidden_bytes, world):
+            return 0
+
+        def get_rdma_buffer_size_hint(self, hidden_bytes, world):
+            return 0
+
+    @classmethod
+    def get_dispatch_config(cls, world):
+        return cls._Config()
+
+    get_combine_config = get_dispatch_config
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(max_tokens, hidden, world, experts):
+        return 0
+
+    def __init__(self, group, nvl_bytes, rdma_bytes, low_latency_mode, num_qps_per_rank):
+        self.low_latency_mode = low_latency_mode
+
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        self.calls.append("get_dispatch_layout")
+        return None, None, None, None, None
+
+    def dispatch(self, x, *, topk_idx, topk_weights, **layout):
+        self.calls.append("dispatch")
+        assert topk_weights.dtype == torch.float32  # DeepEP's contract
+        return x, topk_idx, topk_weights, None, "normal-handle", None
+
+    def combine(self, x, handle):
+        self.calls.append("combine")
+        assert handle == "normal-handle"
+        return x, None, None
+
+    def clean_low_latency_buffer(self, max_tokens, hidden, experts):
+        self.calls.append("clean_low_latency_buffer")
+
+    def low_latency_dispatch(self, x, topk_idx, max_tokens, num_experts, use_fp8, return_recv_hook):
+        self.calls.append("low_latency_dispatch")
+        assert use_fp8 and return_recv_hook and self.low_latency_mode
+        packed = torch.zeros(num_experts, max_tokens, x.shape[1])
+        counts = torch.zeros(num_experts, dtype=torch.int32)
+        slots = {}
+        for t, k in ((t, k) for t in range(topk_idx.shape[0]) for k in range(topk_idx.shape[1])):
+            e = int(topk_idx[t, k])
+            if e >= 0:
+                slots[(t, k)] = (e, int(counts[e]))
+                packed[e, counts[e]] = x[t].float()
+                counts[e] += 1
+        scales = torch.ones(num_experts, max_tokens, x.shape[1] // 128)
+        return (
+            (packed.to(torch.float8_e4m3fn), scales),
+            counts,
+            slots,
+            None,
+            lambda: self.calls.append("hook"),
+        )
+
+    def low_latency_combine(self, out, topk_idx, topk_weights, slots, return_recv_hook):
+        self.calls.append("low_latency_combine")
+        combined = torch.zeros(topk_idx.shape[0], out.shape[2])
+        for (t, k), (e, row) in slots.items():
+            combined[t] += topk_weights[t, k] * out[e, row].float()
+        return combined.to(torch.bfloat16), None, lambda: self.calls.append("hook")
+
+
+class _OneRankGroup:
+    group_name = "one-rank-test-group"
+
+    def size(self):
+        return 1
+
+
+@pytest.fixture
+def one_rank_deepep(monkeypatch):
+    monkeypatch.setattr(deepep, "_import_buffer", lambda: OneRankBuffer)
+    monkeypatch.setattr(deepep, "_BUFFERS", {})
+    monkeypatch.setattr(OneRankBuffer, "calls", [])
+    return OneRankBuffer.calls
+
+
+def _tokens(seed, tokens=6, hidden=2048, experts=4, top_k=2):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-4, 5, (tokens, hidden), generator=gen) / 4).to(torch.bfloat16)  # exact in e4m3
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids[1, 1] = -1  # a padded hit
+    w = torch.rand(tokens, top_k, generator=gen)
+    return x, ids, w
+
+
+def _dense(x, ids, w):
+    """sum_k w * (1 + e / 8) * x over the valid hits (the stand-in experts' formula), float64."""
+    scale = torch.where(ids >= 0, 1 + ids.double() / 8, torch.zeros_like(ids, dtype=torch.float64))
+    return (x.double()[:, None, :] * (w.double() * scale)[..., None]).sum(1)
+
+
+def test_deepep_two_micro_batches_of_different_modes_use_their_own_kernels(one_rank_deepep):
+    """Two dispatches alive at once (one dispatcher per micro-batch, as TBO has): the prefill one runs the
+    normal kernels (weights applied and hits summed locally by the shared `unpermute_and_reduce`), the
+    decode one the low-latency kernels; both equal the dense formula. The mode comes only from the
+    `is_prefill` each dispatch is given."""
+    calls = one_rank_deepep
+    group = _OneRankGroup()
+    prefill_d, decode_d = (deepep.DeepEPDispatcher(group, 4, 2048, max_tokens_per_rank=16) for _ in range(2))
+    assert prefill_d.shared is decode_d.shared  # one Buffer per process, held by both dispatchers
+    (xa, ia, wa), (xb, ib, wb) = _tokens(1), _tokens(2)
+    pending_a = prefill_d.dispatch_start(xa, ia, wa, is_prefill=True)
+    pending_b = decode_d.dispatch_start(xb, ib, wb, is_prefill=False)
+    assert calls == ["get_dispatch_layout", "dispatch", "clean_low_latency_buffer", "low_latency_dispatch"]
+    outs = []
+    for d, pending in ((prefill_d, pending_a), (decode_d, pending_b)):
+        got = d.dispatch_finish(pending)
+        assert got.counts is not None
+        expert_out = deepep._stand_in_experts(got.hidden, got.counts, 0)
+        outs.append(d.combine_finish(d.combine_start(expert_out, got)))
+    assert calls[4:] == ["combine", "hook", "low_latency_combine", "hook"]
+    for out, (x, ids, w) in zip(outs, ((xa, ia, wa), (xb, ib, wb)), strict=True):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), _dense(x, ids, w), rtol=1e-2, atol=1e-2)
+    calls.clear()  # unknown mode (None): the safe normal kernels
+    decode_d.dispatch_start(xb, ib, wb)
+    assert calls == ["get_dispatch_layout", "dispatch"]
+
+
+def test_deepep_normal_combine_reduces_like_the_formula_in_float32():
+    """`reduce_received` (DeepEP normal mode, before its cross-rank combine) on bf16 outputs: hits grouped by
+    expert on the device path, padding rows with garbage (NaN) contribute nothing, sums in float32."""
+    from moefleet.engine.layers.token_dispatch import permute_by_expert_on_device
+
+    recv_idx = torch.tensor([[1, -1], [0, 1], [-1, -1], [1, 0]])  # M = 4 received tokens, 2 local experts
+    recv_w = torch.tensor([[0.5, 0.9], [0.25, 0.75], [0.3, 0.3], [1.0, 2.0]])
+    order, token_index, counts, valid = permute_by_expert_on_device(recv_idx, 2)
+    rows = torch.arange(1, 9, dtype=torch.float32)[:, None].expand(8, 3).to(torch.bfloat16).clone()
+    rows[~valid] = float("nan")  # padding rows' outputs are undefined
+    handle = deepep._NormalHandle(None, order, valid, recv_w, 4)
+    got = deepep.reduce_received(rows, handle)
+    # By hand: sorted hits (expert 0: t1k0, t3k1; expert 1: t0k0, t1k1, t3k0; then 3 padding) carry rows 1..5.
+    expected = torch.tensor([[0.5 * 3], [0.25 * 1 + 0.75 * 4], [0.0], [2.0 * 2 + 1.0 * 5]]).expand(4, 3)
+    assert got.dtype == torch.bfloat16 and counts.tolist() == [2, 3]
+    torch.testing.assert_close(got.float(), expected)

@@ -111,9 +111,9 @@ def test_redundant_slots_hold_replicas_and_outputs_do_not_change():
 
 
 def _spy(fn, seen):
-    def wrapper(hidden, topk_ids, topk_weights):
+    def wrapper(hidden, topk_ids, topk_weights, **kwargs):
         seen.append(topk_ids.clone())
-        return fn(hidden, topk_ids, topk_weights)
+        return fn(hidden, topk_ids, topk_weights, **kwargs)
 
     return wrapper
 

@@ -115,12 +115,12 @@ class RecordingDispatcher:
     def __init__(self, inner: LocalDispatcher, micro_batch: int, layer: int, log: list):
         self.inner, self.micro_batch, self.layer, self.log = inner, micro_batch, layer, log
 
-    def _call(self, name, *args):
+    def _call(self, name, *args, **kwargs):
         self.log.append((name, self.micro_batch, self.layer))
-        return getattr(self.inner, name)(*args)
+        return getattr(self.inner, name)(*args, **kwargs)
 
-    def dispatch_start(self, *args):
-        return self._call("dispatch_start", *args)
+    def dispatch_start(self, *args, **kwargs):
+        return self._call("dispatch_start", *args, **kwargs)
 
     def dispatch_finish(self, *args):
         return self._call("dispatch_finish", *args)
