@@ -86,9 +86,9 @@ def abort_tail(last_body: bytes | None) -> bytes:
     ended = []
     for choice in choices:
         index = choice.get("index", 0) if isinstance(choice, dict) else 0
-        part = {"delta": {}} if chat else {"text": ""}
+        part: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
         ended.append({"index": index, **part, "logprobs": None, "finish_reason": "abort"})
-    chunk = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+    chunk: dict[str, Any] = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
     chunk["choices"] = ended
     return _sse(chunk) + _sse("[DONE]")
 
