@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from disaggregation.pd_fleet import kv_idle
+from disaggregation.pd_fleet import PROMPTS, kv_idle, pd_groups
 from faults.conftest import MODEL, GatewayProcess, ServeProcess, Stream, record, status_of, wait_until
 from support.tiny_models import tiny_model_dir
 
@@ -143,3 +143,34 @@ def test_gateway_second_sigterm_forces_exit(shared_server, tmp_path):
     assert exited_s < 20, exited_s  # not the 120 s drain timeout
     record("gateway_second_sigterm_forces", exit_s=round(exited_s, 2), exit_code=code,
            streams_ended_s=round(max(s.ended or 0 for s in streams) - forced, 2))  # fmt: skip
+
+
+def test_gateway_sigterm_in_disaggregated_mode_lets_streams_finish(tmp_path):
+    with pd_groups(MODEL, tmp_path, ranks=1) as groups:
+        urls = ["--prefill", groups.prefill.base_url, "--decode", groups.decode.base_url]
+        gateway = GatewayProcess(tmp_path / "gateway.log", [*urls, "--drain-timeout", "90"])
+        try:
+            gateway.wait_ready(timeout=120)
+            streams = [Stream(gateway.base_url, MODEL, 200, prompt=PROMPTS[i % 2]).start() for i in range(2)]
+            for (
+                stream
+            ) in streams:  # prefilled by the prefill group, its KV moved, decoding on the decode group
+                assert stream.first_token.wait(120) and stream.tokens > 0, (stream, gateway.log()[-2000:])
+            signalled = time.monotonic()
+            gateway.signal(signal.SIGTERM)
+            not_ready_s = _refuses_new_work(gateway)
+            running = sum(s.ended is None for s in streams)
+            for stream in streams:
+                assert stream.join(120), "a stream hung during the gateway's drain"
+            code = gateway.wait(timeout=30)
+            exited_s = time.monotonic() - signalled
+            freed_s = wait_until(lambda: kv_idle(groups.prefill.base_url, groups.decode.base_url), 30, 0.1)
+        finally:
+            gateway.kill()
+    assert running > 0, "the streams ended before the drain was checked: the test proved nothing"
+    for stream in streams:
+        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 200, "length", True)
+        assert stream.error is None and stream.exception is None
+    assert code == 0, gateway.log()[-3000:]
+    record("gateway_drain_disaggregated", not_ready_s=round(not_ready_s, 2), streams_lost=0, exit_code=code,
+           exit_s=round(exited_s, 2), kv_freed_s=round(freed_s, 2))  # fmt: skip
