@@ -20,6 +20,8 @@ from support.tiny_models import tiny_model_dir
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 STREAMS = 4
+FINISHING = 240  # tokens: seconds of decoding on CPU, so the streams still run while the refusals are checked
+PD_FINISHING = 120
 
 
 def _gateway(engine: ServeProcess, tmp_path, drain_timeout: float) -> GatewayProcess:
@@ -55,7 +57,7 @@ def _refuses_new_work(gateway: GatewayProcess) -> float:
 def test_gateway_sigterm_lets_streams_finish(shared_server, tmp_path):
     gateway = _gateway(shared_server, tmp_path, drain_timeout=90)
     try:
-        streams = _streams(gateway, max_tokens=400)  # long enough to still run during the checks
+        streams = _streams(gateway, max_tokens=FINISHING)  # long enough to still run during the checks
         signalled = time.monotonic()
         gateway.signal(signal.SIGTERM)
         not_ready_s = _refuses_new_work(gateway)
@@ -68,7 +70,12 @@ def test_gateway_sigterm_lets_streams_finish(shared_server, tmp_path):
         gateway.kill()
     assert running > 0, "the streams ended before the drain was checked: the test proved nothing"
     for stream in streams:  # every token of every stream arrived, ended normally
-        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 400, "length", True)
+        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (
+            200,
+            FINISHING,
+            "length",
+            True,
+        )
         assert stream.error is None and stream.exception is None
     assert code == 0, gateway.log()[-3000:]
     last_stream_s = max(s.ended or 0 for s in streams) - signalled
@@ -151,7 +158,9 @@ def test_gateway_sigterm_in_disaggregated_mode_lets_streams_finish(tmp_path):
         gateway = GatewayProcess(tmp_path / "gateway.log", [*urls, "--drain-timeout", "90"])
         try:
             gateway.wait_ready(timeout=120)
-            streams = [Stream(gateway.base_url, MODEL, 200, prompt=PROMPTS[i % 2]).start() for i in range(2)]
+            streams = [
+                Stream(gateway.base_url, MODEL, PD_FINISHING, prompt=PROMPTS[i % 2]).start() for i in range(2)
+            ]
             for (
                 stream
             ) in streams:  # prefilled by the prefill group, its KV moved, decoding on the decode group
@@ -169,8 +178,14 @@ def test_gateway_sigterm_in_disaggregated_mode_lets_streams_finish(tmp_path):
             gateway.kill()
     assert running > 0, "the streams ended before the drain was checked: the test proved nothing"
     for stream in streams:
-        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (200, 200, "length", True)
+        assert (stream.status, stream.tokens, stream.finish_reason, stream.done) == (
+            200,
+            PD_FINISHING,
+            "length",
+            True,
+        )
         assert stream.error is None and stream.exception is None
     assert code == 0, gateway.log()[-3000:]
+    last_stream_s = max(s.ended or 0 for s in streams) - signalled
     record("gateway_drain_disaggregated", not_ready_s=round(not_ready_s, 2), streams_lost=0, exit_code=code,
-           exit_s=round(exited_s, 2), kv_freed_s=round(freed_s, 2))  # fmt: skip
+           last_stream_end_s=round(last_stream_s, 2), exit_s=round(exited_s, 2), kv_freed_s=round(freed_s, 2))  # fmt: skip
