@@ -66,7 +66,9 @@ def abort_tail(last_body: bytes | None) -> bytes:
 
     A chunk like the last one relayed (same id, object, created, model, choice index) with finish_reason
     "abort", as the engine ends a request it aborts, then [DONE]. When no chunk can be read back (nothing sent
-    yet, or the last body held no whole JSON event), an OpenAI error event and [DONE]."""
+    yet, or the last body held no whole JSON event), an OpenAI error event and [DONE]. A body that stopped
+    inside an event (the relay forwards raw bytes) is closed first, so the events that follow stay readable."""
+    close = b"\n\n" if last_body and not last_body.endswith(b"\n\n") else b""
     last: dict[str, Any] | None = None
     for line in (last_body or b"").splitlines():
         if line.startswith(b"data: {"):
@@ -80,7 +82,7 @@ def abort_tail(last_body: bytes | None) -> bytes:
         from moefleet.engine.server.errors import error_body
 
         message = "the gateway stopped (drain timeout reached) during this stream; retry the request"
-        return _sse(error_body(message, 503, code="gateway_draining")) + _sse("[DONE]")
+        return close + _sse(error_body(message, 503, code="gateway_draining")) + _sse("[DONE]")
     choices = last.get("choices") or [{"index": 0}]
     chat = str(last.get("object", "")).startswith("chat.")
     ended = []
@@ -90,7 +92,7 @@ def abort_tail(last_body: bytes | None) -> bytes:
         ended.append({"index": index, **part, "logprobs": None, "finish_reason": "abort"})
     chunk: dict[str, Any] = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
     chunk["choices"] = ended
-    return _sse(chunk) + _sse("[DONE]")
+    return close + _sse(chunk) + _sse("[DONE]")
 
 
 class DrainGuard:

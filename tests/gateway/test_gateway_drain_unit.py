@@ -71,3 +71,15 @@ def test_the_config_file_carries_the_drain_timeout_both_ways():
     assert config.drain_timeout_s == 12.5
     assert GatewayConfig.from_dict(config.to_dict()).drain_timeout_s == 12.5
     assert "drainTimeoutSeconds" not in GatewayConfig.from_dict({"roles": data["roles"]}).to_dict()
+
+
+def test_a_body_cut_inside_an_event_is_closed_before_the_abort_chunk():
+    last = (
+        b'data: {"id":"x","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"a"}]}\n\n'
+        b'data: {"id":"x","obj'
+    )
+    tail = abort_tail(last)
+    assert tail.startswith(b"\n\ndata: {")  # the broken event ends on its own, not glued to the abort chunk
+    chunk, done = _events(tail[2:])
+    assert done == "[DONE]" and chunk["id"] == "x" and chunk["choices"][0]["finish_reason"] == "abort"
+    assert abort_tail(b"").startswith(b"data: ") and abort_tail(last[:-20]).startswith(b"data: ")
