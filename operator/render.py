@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from typing import Any
 
 from moefleet.operator import gang, network_policy, pod_defaults, security
@@ -79,8 +80,7 @@ def engine_args(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> list[s
         "--master-port", str(L.ENGINE_MASTER_PORT),
     ]  # fmt: skip
     if spec.termination_grace_seconds is not None:  # the drain gets what the grace period leaves
-        drain = spec.termination_grace_seconds - PRESTOP_SLEEP_S - GROUP_STOP_S
-        args += ["--drain-timeout", f"{drain:g}"]
+        args += ["--drain-timeout", f"{drain_timeout_s(spec):g}"]
     return args + list(spec.engine_args) + list(role.engine_args)
 
 
@@ -156,6 +156,22 @@ def _group_affinity(spec: MoEDeploymentSpec, role: RoleSpec, replica: int) -> Ob
 PRESTOP_SLEEP_S = 5
 GROUP_STOP_S = 25
 TERMINATION_GRACE_S = PRESTOP_SLEEP_S + 30 + GROUP_STOP_S
+# The gateway (engine/gateway/drain.py) drains as long as the engines do, so a stream relayed through a gateway
+# that rolls gets the time it would get from its group; after the drain it needs up to 5 s to flush cut streams
+# and 5 s for uvicorn to close connections.
+GATEWAY_STOP_S = 10
+
+
+def drain_timeout_s(spec: MoEDeploymentSpec) -> float:
+    """The engines' --drain-timeout: what spec.terminationGracePeriod leaves, else the engine's default 30 s."""
+    if spec.termination_grace_seconds is None:
+        return TERMINATION_GRACE_S - PRESTOP_SLEEP_S - GROUP_STOP_S
+    return spec.termination_grace_seconds - PRESTOP_SLEEP_S - GROUP_STOP_S
+
+
+def gateway_termination_grace_s(spec: MoEDeploymentSpec) -> int:
+    """The gateway pod's grace period: its preStop sleep + its drain (the engines') + its stop."""
+    return int(math.ceil(PRESTOP_SLEEP_S + drain_timeout_s(spec) + GATEWAY_STOP_S))
 
 
 def render_statefulset(
@@ -360,6 +376,7 @@ def gateway_config(spec: MoEDeploymentSpec) -> Obj:
         routing_policy=spec.gateway.routing_policy,
         port=spec.gateway.port,
         health_path=L.HEALTH_PATH,
+        drain_timeout_s=drain_timeout_s(spec),
         roles=roles,
         source=f"MoEDeployment {spec.namespace}/{spec.name}",
     ).to_dict()
@@ -404,6 +421,8 @@ def render_gateway_deployment(spec: MoEDeploymentSpec) -> Obj:
                 "resources": _resources(spec.gateway.resources, None),
                 "readinessProbe": {"httpGet": {"path": L.HEALTH_PATH, "port": "http"}, "periodSeconds": 5},
                 "securityContext": security.container_security_context(),
+                # Graceful drain: endpoint removal reaches the proxies during the sleep; SIGTERM then drains.
+                "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
                 "volumeMounts": [
                     {"name": "config", "mountPath": L.GATEWAY_CONFIG_DIR, "readOnly": True},
                     security.tmp_volume()[1],
@@ -414,6 +433,7 @@ def render_gateway_deployment(spec: MoEDeploymentSpec) -> Obj:
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "securityContext": security.pod_security_context(),
+        "terminationGracePeriodSeconds": gateway_termination_grace_s(spec),
     }
     if spec.gateway.node_selector:
         pod_spec["nodeSelector"] = dict(spec.gateway.node_selector)

@@ -57,6 +57,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="larger request bodies get 413 before they are read; JSON nested deeper than 32 levels gets 400 "
         "(default 8 MiB, the engine's default)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT: refuse new requests (503), let requests in flight finish for up to this long, "
+        "then cut them (finish_reason 'abort') and exit 0; a second signal cuts now (default: the config's "
+        "drainTimeoutSeconds, else 30)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -129,8 +138,8 @@ async def watch_config(path: str, apply: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
     from moefleet.engine.cli import CommandError
+    from moefleet.engine.gateway import drain as gateway_drain
     from moefleet.engine.gateway.app import Gateway, build_gateway_app
     from moefleet.engine.gateway.pool import BackendPool
     from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
@@ -143,7 +152,13 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
     if max_request_bytes < 1:
         raise CommandError(f"--max-request-bytes {max_request_bytes} must be a positive integer")
+    drain_flag = getattr(args, "drain_timeout", None)
+    if drain_flag is not None and drain_flag < 0:
+        raise CommandError(f"--drain-timeout {drain_flag:g} must be >= 0 seconds")
     config = config_from_args(args)
+    drain = gateway_drain.Drain(
+        gateway_drain.drain_timeout_of(drain_flag, config.drain_timeout_s), name=gateway_drain.NAME
+    )
     if config.mode == "disaggregated":
         log.info(
             "disaggregated mode: each request is prefilled by a prefill group and its KV sent to a decode group "
@@ -157,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
     def apply(new: GatewayConfig) -> None:
         pool.configure(new)
+        drain.timeout_s = gateway_drain.drain_timeout_of(drain_flag, new.drain_timeout_s)
 
     reload = (lambda: watch_config(args.config, apply)) if args.config else None
     app = build_gateway_app(gateway, reload)
@@ -167,5 +183,5 @@ def run(args: argparse.Namespace) -> int:
         f"on http://{args.host}:{port}",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    gateway_drain.serve(app, args.host, port, args.log_level, drain)  # SIGTERM drains (drain.py)
     return 0

@@ -46,11 +46,15 @@ class Drain:
     """Drain state of one server process. `begin` is safe from a signal handler or any thread."""
 
     def __init__(
-        self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, clock: Callable[[], float] = time.monotonic
+        self,
+        timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "moefleet serve",
     ):
         if timeout_s < 0:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {timeout_s}")
         self.timeout_s = timeout_s
+        self.name = name  # the command that drains, in its log lines
         self._clock = clock
         self._lock = threading.Lock()
         self.started_at: float | None = None
@@ -76,9 +80,9 @@ class Drain:
             elif not first:
                 return
         if force:
-            _hard_exit_later(FORCE_EXIT_S)
+            _hard_exit_later(FORCE_EXIT_S, self.name)
         print(
-            f"moefleet serve: {'forced stop: aborting requests in flight' if force else 'draining'} "
+            f"{self.name}: {'forced stop: aborting requests in flight' if force else 'draining'} "
             f"({self.in_flight} request(s) in flight, drain timeout {self.timeout_s:g} s)",
             file=sys.stderr,
             flush=True,
@@ -99,11 +103,11 @@ class Drain:
         return drain_action(self._clock(), self.started_at, self.timeout_s, self.in_flight, self.forced)
 
 
-def _hard_exit_later(delay_s: float) -> None:
+def _hard_exit_later(delay_s: float, name: str = "moefleet serve") -> None:
     def run() -> None:
         time.sleep(delay_s)
         print(
-            f"moefleet serve: did not stop within {delay_s:g} s of the forced stop; exiting now "
+            f"{name}: did not stop within {delay_s:g} s of the forced stop; exiting now "
             f"(exit code {EXIT_FORCED})",
             file=sys.stderr,
             flush=True,

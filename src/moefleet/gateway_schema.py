@@ -4,7 +4,8 @@ Both sides import this module (no torch, no kubernetes), so the file the operato
 gateway accepts. The JSON keys are camelCase like the CRD's:
 
     {"model": "m", "mode": "mixed" | "disaggregated", "routingPolicy": "least-load", "port": 8000,
-     "healthPath": "/health",
+     "healthPath": "/health", "drainTimeoutSeconds": 30 (optional: on SIGTERM, how long requests in flight
+     may still run; `moefleet gateway --drain-timeout` wins over it),
      "roles": {"<role>": {"service": "m-decode.ns.svc" | null, "port": 8000,
                           "groups": [{"name": "m-decode-0", "url": "http://...:8000", "nodes": 1, "ranks": 8,
                                       "draining": true (optional: no new requests)}]}}}
@@ -69,6 +70,7 @@ class GatewayConfig:
     routing_policy: str = "least-load"
     port: int = 8000
     health_path: str = DEFAULT_HEALTH_PATH
+    drain_timeout_s: float | None = None  # None: the gateway's default (30 s, as `moefleet serve`)
     # Not part of the file: where it came from, for error messages.
     source: str = field(default="config", compare=False)
 
@@ -76,6 +78,10 @@ class GatewayConfig:
         _check_choice(self.mode, MODES, "mode", self.source)
         _check_choice(self.routing_policy, ROUTING_POLICIES, "routingPolicy", self.source)
         _check_port(self.port, "port", self.source)
+        if self.drain_timeout_s is not None and not 0 <= self.drain_timeout_s <= 86400:
+            raise GatewayConfigError(
+                f"{self.source}: 'drainTimeoutSeconds' is {self.drain_timeout_s:g}; expected 0..86400 seconds"
+            )
         for role in self.roles:
             _check_choice(role, ROLES, f"roles.{role}", self.source)
         if self.mode == "mixed" and set(self.roles) - {"mixed"}:
@@ -94,7 +100,7 @@ class GatewayConfig:
         return ("mixed",) if self.mode == "mixed" else ("decode",)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model": self.model,
             "mode": self.mode,
             "routingPolicy": self.routing_policy,
@@ -102,6 +108,9 @@ class GatewayConfig:
             "healthPath": self.health_path,
             "roles": {name: role.to_dict() for name, role in self.roles.items()},
         }
+        if self.drain_timeout_s is not None:
+            out["drainTimeoutSeconds"] = self.drain_timeout_s
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -110,7 +119,7 @@ class GatewayConfig:
     def from_dict(cls, data: Any, source: str = "config") -> GatewayConfig:
         if not isinstance(data, Mapping):
             raise GatewayConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        known = {"model", "mode", "routingPolicy", "port", "healthPath", "roles"}
+        known = {"model", "mode", "routingPolicy", "port", "healthPath", "drainTimeoutSeconds", "roles"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise GatewayConfigError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
@@ -131,6 +140,7 @@ class GatewayConfig:
             routing_policy=str(data.get("routingPolicy", "least-load")),
             port=_int(data.get("port", 8000), "port", source),
             health_path=health_path,
+            drain_timeout_s=_seconds(data.get("drainTimeoutSeconds"), "drainTimeoutSeconds", source),
             source=source,
         )
 
@@ -208,6 +218,16 @@ def _int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise GatewayConfigError(f"{source}: '{name}' must be a non-negative integer, got {value!r}")
     return value
+
+
+def _seconds(value: Any, name: str, source: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise GatewayConfigError(
+            f"{source}: '{name}' must be a non-negative number of seconds, got {value!r}"
+        )
+    return float(value)
 
 
 def _bool(value: Any, name: str, source: str) -> bool:

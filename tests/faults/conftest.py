@@ -249,6 +249,18 @@ class GatewayProcess:
         wait_until(healthy, timeout, 0.2)
         return self.base_url
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()

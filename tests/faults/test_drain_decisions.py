@@ -26,7 +26,7 @@ def test_drain_action(now, started, in_flight, forced, expected):
 
 
 def test_signals_drain_then_force_and_a_relayed_drain_is_not_a_signal(monkeypatch):
-    monkeypatch.setattr("moefleet.engine.server.drain._hard_exit_later", lambda delay: None)
+    monkeypatch.setattr("moefleet.engine.server.drain._hard_exit_later", lambda *args: None)
     clock = iter([10.0, 11.0, 12.0, 13.0])
     drain = Drain(timeout_s=30, clock=lambda: next(clock))
     heard: list[bool] = []

@@ -46,6 +46,9 @@ def test_every_example_renders_a_config_the_gateway_accepts(path):
         ({"roles": {"prefill": {"groups": []}}}, "mode 'mixed' takes only the role 'mixed'"),
         ({"mode": "disaggregated"}, "needs roles 'prefill' and 'decode'"),
         ({"port": 70000}, "port"),
+        ({"drainTimeoutSeconds": -1}, "drainTimeoutSeconds"),
+        ({"drainTimeoutSeconds": "30s"}, "drainTimeoutSeconds"),
+        ({"drainTimeoutSeconds": 1e6}, "drainTimeoutSeconds"),
     ],
 )
 def test_bad_config_values_are_named(change, field):

@@ -56,6 +56,35 @@ def test_user_values_win_over_defaults():
     assert args[args.index("--drain-timeout") + 1] == "90"  # 120 - 5 s preStop - 25 s group stop
 
 
+@pytest.mark.parametrize(
+    "patch,engine_drain,gateway_grace",
+    [
+        ({}, None, 45),  # engines: default 30 s drain; gateway: 5 s preStop + 30 s + 10 s stop
+        ({"terminationGracePeriod": "2m"}, "90", 105),  # 120 - 5 - 25 = 90 s for both drains
+    ],
+)
+def test_gateway_drain_fits_its_grace_period_and_matches_the_engines(patch, engine_drain, gateway_grace):
+    import json
+
+    from moefleet.gateway_schema import GatewayConfig
+
+    spec = _spec(patch)
+    engine = _engine_pod(spec)
+    args = engine["spec"]["containers"][0]["args"]
+    assert (args[args.index("--drain-timeout") + 1] if "--drain-timeout" in args else None) == engine_drain
+    gateway = render.render_gateway_deployment(spec)["spec"]["template"]["spec"]
+    container = gateway["containers"][0]
+    # The same preStop as the engines' (endpoint removal reaches the proxies before SIGTERM).
+    assert container["lifecycle"] == engine["spec"]["containers"][0]["lifecycle"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert gateway["terminationGracePeriodSeconds"] == gateway_grace
+    # The gateway reads its drain timeout from the rendered file: the engines' drain (hand-computed above).
+    text = render.render_gateway_configmap(spec)["data"][L.GATEWAY_CONFIG_FILE]
+    config = GatewayConfig.from_dict(json.loads(text))
+    assert config.drain_timeout_s == float(engine_drain or 30)
+    assert 5 + config.drain_timeout_s + 10 == gateway["terminationGracePeriodSeconds"]
+
+
 def test_every_documented_env_default_is_rendered():
     env = {e["name"]: e.get("value") for e in _engine_pod(_spec())["spec"]["containers"][0]["env"]}
     for name, value, why in pod_defaults.ENV_DEFAULTS:
