@@ -9,52 +9,34 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from functools import partial
 
 import pytest
 from support.operator_catalogue import MANIFESTS, invalid_cases
 from support.operator_cluster import (
+    ENGINE,
     condition,
     get_moed,
     is_ready,
     list_items,
+    live_engine_pods,
     patch_spec,
+    small_moed,
     wait_for,
     wait_ready,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
-ENGINE = "app.kubernetes.io/component=engine"
-
-
-def small(name: str, roles: dict, **spec) -> dict:
-    """A MoEDeployment on the operator test pool with fast restart settings."""
-    for role in roles.values():
-        role.setdefault("nodeSelector", POOL)
-    return {
-        "apiVersion": "moefleet.ai/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"path": "/models/tiny"},
-            "roles": roles,
-            "gateway": {"nodeSelector": POOL},
-            "restartPolicy": {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"},
-            **spec,
-        },
-    }
+small = partial(small_moed, fast_restarts=True)  # restarts back off in seconds here
 
 
 def pods_by_group(cluster, namespace: str, name: str) -> dict[str, dict[str, str]]:
     """group -> {pod name: uid} of live engine pods."""
     out: dict[str, dict[str, str]] = {}
-    for pod in list_items(
-        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
-    ):
+    for pod in live_engine_pods(cluster, namespace, name):
         meta = pod["metadata"]
-        if not meta.get("deletionTimestamp"):
-            out.setdefault(meta["labels"]["moefleet.ai/group"], {})[meta["name"]] = meta["uid"]
+        out.setdefault(meta["labels"]["moefleet.ai/group"], {})[meta["name"]] = meta["uid"]
     return out
 
 
@@ -75,13 +57,11 @@ def children(cluster, namespace: str, name: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    """Label the session's H100 nodes as the operator pool; taint the H200s like GPU-operator clusters do."""
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    for node in gpu_pool["h200"]:
+def pool(pool, moefleet_chart):
+    """The operator pool (conftest), and the H200s tainted like GPU-operator clusters do."""
+    for node in pool["h200"]:
         moefleet_chart.kubectl("taint", "node", node, "nvidia.com/gpu=present:NoSchedule", "--overwrite")
-    return gpu_pool
+    return pool
 
 
 def _model_claim(cluster, namespace: str, claim: str) -> None:

@@ -15,23 +15,16 @@ from support.operator_cluster import (
     OperatorProcess,
     list_items,
     patch_spec,
+    small_moed,
     wait_for,
     wait_ready,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
 LEASE = "moefleet"  # the chart's full name: its Role allows get/update on this Lease only
 LEASE_SECONDS = 6
 RETRY_SECONDS = 1
-
-
-@pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    return gpu_pool
 
 
 def _holder(cluster) -> str:
@@ -85,17 +78,7 @@ def test_two_replicas_one_leader_failover_without_duplicate_writes(
         wait_for(lambda: _holder(kube_cluster).startswith("operator-a_"), 20, "operator-a to lead")
         b.start()
         name = "ha"
-        moed = {
-            "apiVersion": "moefleet.ai/v1alpha1",
-            "kind": "MoEDeployment",
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"path": "/models/tiny"},
-                "roles": {"mixed": {"replicas": 2, "nodesPerReplica": 1, "nodeSelector": POOL}},
-                "gateway": {"nodeSelector": POOL},
-            },
-        }
-        kube_cluster.apply(moed, kube_namespace)
+        kube_cluster.apply(small_moed(name, {"mixed": {"replicas": 2, "nodesPerReplica": 1}}), kube_namespace)
         wait_ready(kube_cluster, kube_namespace, name)
         time.sleep(3)  # a few resyncs of both
         assert _holder(kube_cluster).startswith("operator-a_")

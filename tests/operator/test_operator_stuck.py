@@ -9,48 +9,30 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import pytest
 from support import kwok_nodes
-from support.operator_cluster import condition, get_moed, list_items, wait_for, wait_ready
+from support.operator_cluster import (
+    condition,
+    get_moed,
+    list_items,
+    live_engine_pods,
+    small_moed,
+    wait_for,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
-ENGINE = "app.kubernetes.io/component=engine"
 MOED = "/apis/moefleet.ai/v1alpha1/namespaces/{ns}/moedeployments"
 
-
-def small(name: str, roles: dict, **spec) -> dict:
-    for role in roles.values():
-        role.setdefault("nodeSelector", POOL)
-    return {
-        "apiVersion": "moefleet.ai/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"path": "/models/tiny"},
-            "roles": roles,
-            "gateway": {"nodeSelector": POOL},
-            "restartPolicy": {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"},
-            **spec,
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    return gpu_pool
+small = partial(small_moed, fast_restarts=True)  # restarts back off in seconds here
 
 
 def engine_pods(cluster, namespace: str, name: str) -> dict[str, dict]:
     """name -> pod of live (not deleting) engine pods."""
-    pods = list_items(
-        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
-    )
-    return {p["metadata"]["name"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
+    return {p["metadata"]["name"]: p for p in live_engine_pods(cluster, namespace, name)}
 
 
 def events(cluster, namespace: str, name: str, reason: str) -> list[dict]:

@@ -26,6 +26,9 @@ RELEASE = "moefleet"
 SYSTEM_NAMESPACE = "moefleet-system"
 SERVICE_ACCOUNT = "moefleet"  # the chart's full name for release "moefleet"
 TEST_IMAGE = "ghcr.io/moefleet/moefleet:test"
+POOL = {"moefleet.test/pool": "operator"}  # the label of the session's H100 nodes (conftest `pool`)
+ENGINE = "app.kubernetes.io/component=engine"
+FAST_RESTARTS = {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"}
 
 
 def service_account_kubeconfig(cluster: ControlPlane, out: Path) -> Path:
@@ -109,6 +112,12 @@ class OperatorProcess:
         log.close()
         wait_until(self.healthy, 60, "the operator's liveness endpoint", logs=self.logs)
 
+    def restart(self, env: dict[str, str] | None = None) -> None:
+        """Stop, then start with `env` as the extra MOEFLEET_OPERATOR_* settings (none: the defaults)."""
+        self.stop()
+        self.extra_env = dict(env or {})
+        self.start()
+
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"operator exited:\n{self.logs()}")
@@ -150,6 +159,47 @@ class OperatorProcess:
 
     def writes(self) -> float:
         return sum(n for (verb, _), n in self.api_requests().items() if verb != "GET")
+
+
+def small_moed(
+    name: str,
+    roles: dict[str, Any] | None = None,
+    namespace: str | None = None,
+    *,
+    fast_restarts: bool = False,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A MoEDeployment whose roles (default: prefill 1 group of 1 node, decode 1 group of 2 nodes, 8 GPUs
+    each) and gateway select the operator test pool unless a role says otherwise; `fast_restarts`: a
+    restart policy of seconds instead of the defaults' minutes."""
+    if roles is None:
+        roles = {
+            "prefill": {"replicas": 1, "nodesPerReplica": 1, "gpusPerNode": 8},
+            "decode": {"replicas": 1, "nodesPerReplica": 2, "gpusPerNode": 8},
+        }
+    for role in roles.values():
+        role.setdefault("nodeSelector", POOL)
+    restarts = {"restartPolicy": dict(FAST_RESTARTS)} if fast_restarts else {}
+    return moed_body(name, roles, namespace, gateway={"nodeSelector": POOL}, **restarts, **spec)
+
+
+def moed_body(name: str, roles: dict[str, Any], namespace: str | None = None, **spec: Any) -> dict[str, Any]:
+    """A MoEDeployment of the tiny model with these roles and more spec fields."""
+    metadata = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+    return {
+        "apiVersion": "moefleet.ai/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": metadata,
+        "spec": {"model": {"path": "/models/tiny"}, "roles": roles, **spec},
+    }
+
+
+def live_engine_pods(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The engine pods of MoEDeployment `name` that are not being deleted."""
+    pods = list_items(
+        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
+    )
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def get_moed(cluster: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
