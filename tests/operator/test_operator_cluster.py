@@ -14,11 +14,13 @@ from functools import partial
 import pytest
 from support.operator_catalogue import MANIFESTS, invalid_cases
 from support.operator_cluster import (
+    CHILD_PATHS,
     ENGINE,
     condition,
     get_moed,
     is_ready,
     list_items,
+    live_children,
     live_engine_pods,
     patch_spec,
     small_moed,
@@ -42,17 +44,9 @@ def pods_by_group(cluster, namespace: str, name: str) -> dict[str, dict[str, str
 
 def children(cluster, namespace: str, name: str) -> dict[str, list[str]]:
     selector = f"moefleet.ai/deployment={name}"
-    paths = {
-        "StatefulSet": f"/apis/apps/v1/namespaces/{namespace}/statefulsets",
-        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
-        "Service": f"/api/v1/namespaces/{namespace}/services",
-        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
-        "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
-        "Pod": f"/api/v1/namespaces/{namespace}/pods",
-    }
     return {
-        kind: sorted(o["metadata"]["name"] for o in list_items(cluster, path, selector))
-        for kind, path in paths.items()
+        kind: sorted(o["metadata"]["name"] for o in list_items(cluster, path.format(ns=namespace), selector))
+        for kind, path in CHILD_PATHS.items()
     }
 
 
@@ -252,22 +246,11 @@ def test_scaling_touches_only_added_and_removed_groups(operator, pool, kube_clus
 
 
 def uids(cluster, namespace: str, name: str) -> dict[tuple[str, str], str]:
-    """(kind, name) -> uid of every object labelled with the deployment (pods included)."""
-    selector = f"moefleet.ai/deployment={name}"
-    paths = {
-        "StatefulSet": f"/apis/apps/v1/namespaces/{namespace}/statefulsets",
-        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
-        "Service": f"/api/v1/namespaces/{namespace}/services",
-        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
-        "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
-        "Pod": f"/api/v1/namespaces/{namespace}/pods",
+    """(kind, name) -> uid of every live object labelled with the deployment (pods included)."""
+    return {
+        (o["kind"], o["metadata"]["name"]): o["metadata"]["uid"]
+        for o in live_children(cluster, namespace, name)
     }
-    out = {}
-    for kind, path in paths.items():
-        for obj in list_items(cluster, path, selector):
-            if not obj["metadata"].get("deletionTimestamp"):
-                out[(kind, obj["metadata"]["name"])] = obj["metadata"]["uid"]
-    return out
 
 
 def test_operator_killed_mid_reconcile_converges_without_recreating_anything(

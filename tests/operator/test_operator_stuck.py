@@ -187,7 +187,7 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
                 and condition(body, "Degraded").get("reason") == "NodeNotReady"
             )
 
-        wait_for(not_ready, 15, "Ready=False, Degraded=NodeNotReady once the node is NotReady")
+        wait_for(not_ready, 45, "Ready=False, Degraded=NodeNotReady once the node is NotReady")
         reacted = time.monotonic() - marked
         body = get_moed(kube_cluster, kube_namespace, name)
         assert unmanaged in condition(body, "Degraded")["message"]
@@ -271,6 +271,9 @@ def test_apply_refused_by_a_quota_is_degraded_with_the_servers_message_and_retri
 ):
     """A ResourceQuota allows one StatefulSet; the second group's apply is refused (HTTP 403): Degraded
     ApplyFailed carries the API server's message; once the quota is lifted the retry (backoff) converges."""
+    # The test counts the operator's StatefulSet applies (process-wide): first let the deployments of earlier
+    # tests (whose namespaces may still be terminating) settle.
+    operator.wait_quiet("statefulsets", "PATCH", quiet_s=4, timeout=120)
     _quota(kube_cluster, kube_namespace, "one-sts", {"count/statefulsets.apps": "1"})
     name = "quota"
     kube_cluster.apply(small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 1}}), kube_namespace)

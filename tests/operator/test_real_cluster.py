@@ -205,15 +205,7 @@ def test_each_group_is_one_pod_group_when_coscheduling_is_installed(
 
         # Converged: reconciles (every second here) make no PodGroup request at all. (Deployments of earlier
         # tests' namespaces may still be reconciled while those namespaces terminate: wait for a quiet 4 s.)
-        def podgroup_requests() -> dict:
-            return {k: v for k, v in operator.api_requests().items() if k[1] == "podgroups"}
-
-        def quiet_for_4s() -> bool:
-            before = podgroup_requests()
-            time.sleep(4)
-            return podgroup_requests() == before
-
-        wait_for(quiet_for_4s, 60, "no PodGroup request while converged")
+        operator.wait_quiet("podgroups", quiet_s=4, timeout=60)
         # A new group gets its PodGroup; a removed group's PodGroup goes.
         patch_spec(kube_cluster, kube_namespace, "gang", {"roles": {"decode": {"replicas": 2}}})
         wait_for(lambda: pod_groups().get("gang-decode-1") == 2, 60, "the new group's PodGroup")

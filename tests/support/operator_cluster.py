@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -160,6 +161,27 @@ class OperatorProcess:
     def writes(self) -> float:
         return sum(n for (verb, _), n in self.api_requests().items() if verb != "GET")
 
+    def wait_quiet(
+        self, resource: str, verb: str | None = None, quiet_s: float = 4, timeout: float = 60
+    ) -> None:
+        """Wait until the operator made no request on `resource` (of `verb`: any) for `quiet_s` seconds.
+        The request counters are process-wide: deployments left by earlier tests (their namespaces may take
+        minutes to terminate under kwok) are still reconciled; a test that counts requests waits for them."""
+
+        def counts() -> dict[tuple[str, str], float]:
+            return {
+                k: v
+                for k, v in self.api_requests().items()
+                if k[1] == resource and (verb is None or k[0] == verb)
+            }
+
+        def quiet() -> bool:
+            before = counts()
+            time.sleep(quiet_s)
+            return counts() == before
+
+        wait_until(quiet, timeout, f"no {verb or 'request'} on {resource} for {quiet_s:g}s", interval_s=0.5)
+
 
 def small_moed(
     name: str,
@@ -192,6 +214,28 @@ def moed_body(name: str, roles: dict[str, Any], namespace: str | None = None, **
         "metadata": metadata,
         "spec": {"model": {"path": "/models/tiny"}, "roles": roles, **spec},
     }
+
+
+# The kinds a MoEDeployment owns, by the namespaced path to list them ({ns}: the namespace).
+CHILD_PATHS = {
+    "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    "Pod": "/api/v1/namespaces/{ns}/pods",
+}
+
+
+def live_children(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    """Every object labelled with MoEDeployment `name` (pods included) that is not being deleted, each with
+    its `kind` set."""
+    out = []
+    for kind, path in CHILD_PATHS.items():
+        for obj in list_items(cluster, path.format(ns=namespace), f"moefleet.ai/deployment={name}"):
+            if not obj["metadata"].get("deletionTimestamp"):
+                out.append({**obj, "kind": kind})
+    return out
 
 
 def live_engine_pods(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
