@@ -5,6 +5,8 @@ Per role with `spec.roles.<role>.autoscaling`, from a per-group signal read from
   |signal/target - 1| <= tolerance; clamped to [minReplicas, maxReplicas];
 - stabilization like the HPA's: scale up to the LOWEST recommendation of the last scaleUpStabilization
   (a spike must last), scale down to the HIGHEST of the last scaleDownStabilization (a dip must last);
+  on the role's first reading (no history), the current group count counts as a recommendation made
+  now, so the first scale down also waits out its whole window (the HPA seeds its history the same way);
 - scale up may add several groups at once; scale down removes ONE group at a time and only after it is
   drained (the gateway stops routing to it, its in-flight requests finish): while a drain is in progress
   nothing else changes;
@@ -99,6 +101,11 @@ def decide(
     if signal is None:
         return ScaleDecision(current, False, f"no {spec.metric} signal: holding {current} group(s)", recent)
     raw = recommend(current, signal, spec)
+    if not history and raw < current and spec.scale_down_stabilization_seconds > 0:
+        # The first reading of the role (no history at all): like the HPA, count the current groups as
+        # recommended now, so a first low reading (a group's series not scraped yet, a failed scrape) cannot
+        # drain a group before the down window has passed with every reading low.
+        recent = ((now, current),)
     recent = (*recent, (now, raw))
     ups = [r for t, r in recent if now - t <= spec.scale_up_stabilization_seconds] or [raw]
     downs = [r for t, r in recent if now - t <= spec.scale_down_stabilization_seconds] or [raw]

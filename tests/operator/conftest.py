@@ -60,6 +60,14 @@ def gpu_pool(moefleet_chart: ControlPlane) -> dict[str, list[str]]:
     return {"h100": h100, "h200": h200}
 
 
+@pytest.fixture(scope="module")
+def pool(gpu_pool: dict[str, list[str]], moefleet_chart: ControlPlane) -> dict[str, list[str]]:
+    """The session's H100 nodes labelled as the operator pool (POOL: what small_moed selects)."""
+    for node in gpu_pool["h100"]:
+        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
+    return gpu_pool
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

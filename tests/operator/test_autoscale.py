@@ -58,6 +58,23 @@ def test_scale_down_drains_one_group_and_waits_for_the_down_window():
     assert (d.desired, d.drain) == (4, False) and "draining" in d.reason
 
 
+def test_the_first_low_reading_waits_out_the_down_window_too():
+    spec = auto(scale_down_stabilization_seconds=3.0)
+    # no history (a new role): one low reading, e.g. while one group's series is not scraped yet
+    first = decide(spec, 2, 5.0, [], NOW)  # ceil(2 * 0.5) = 1
+    assert (first.desired, first.drain) == (2, False) and "not stable" in first.reason
+    assert first.history == ((NOW, 2), (NOW, 1))  # the current 2 groups count as recommended now
+    d = decide(spec, 2, 10.0, first.history, NOW + 1)  # the next reading is on target: nothing happened
+    assert (d.desired, d.drain) == (2, False) and "within tolerance" in d.reason
+    # a dip that lasts the whole window drains one group
+    d = decide(spec, 2, 5.0, first.history, NOW + 2)
+    d = decide(spec, 2, 5.0, d.history, NOW + 3.5)
+    assert (d.desired, d.drain) == (2, True) and "2 -> 1" in d.reason
+    # a first high reading still scales up at once (no up window)
+    d = decide(spec, 2, 25.0, [], NOW)
+    assert (d.desired, d.drain) == (5, False)
+
+
 def test_never_below_min_and_restores_bounds_without_a_signal():
     spec = auto(min_replicas=2, scale_down_stabilization_seconds=0.0)
     d = decide(spec, 2, 0.0, [], NOW)

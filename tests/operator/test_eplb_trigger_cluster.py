@@ -15,15 +15,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
 import pytest
-from support.controlplane import free_port
-from support.operator_cluster import condition, get_moed, patch_spec, wait_for
-from support.prometheus import PrometheusServer
+from support.fake_engines import FakeEngineServer, Reply, gauges, operator_reading
+from support.operator_cluster import condition, get_moed, moed_body, patch_spec, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -32,7 +30,7 @@ GROUPS = {"eplb-prefill-0": "prefill", "eplb-decode-0": "decode", "eplb-decode-1
 WINDOW_S = 4
 
 
-class FakeEngines:
+class FakeEngines(FakeEngineServer):
     """GET /metrics/<group>: the group's balancedness; POST /<group>/admin/eplb/rebalance: recorded."""
 
     def __init__(self) -> None:
@@ -40,45 +38,27 @@ class FakeEngines:
         self.posts: list[tuple[str, str]] = []  # (group, Authorization header)
         self.rebalance_delay_s = 0.0
         self.lock = threading.Lock()
-        fake = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
+    def get(self, path: str) -> Reply | None:
+        group = path.removeprefix("/metrics/")
+        if group not in GROUPS:
+            return None
+        return gauges(moefleet_eplb_balancedness=self.balancedness[group])
 
-            def do_GET(self) -> None:
-                group = self.path.removeprefix("/metrics/")
-                if group not in GROUPS:
-                    self.send_error(404)
-                    return
-                text = f"# TYPE moefleet_eplb_balancedness gauge\nmoefleet_eplb_balancedness {fake.balancedness[group]}\n"
-                self._send(200, text.encode(), "text/plain; version=0.0.4")
-
-            def do_POST(self) -> None:
-                group, _, rest = self.path.lstrip("/").partition("/")
-                if rest != "admin/eplb/rebalance" or group not in GROUPS:
-                    self.send_error(404)
-                    return
-                with fake.lock:
-                    fake.posts.append((group, self.headers.get("Authorization", "")))
-                time.sleep(fake.rebalance_delay_s)
-                body = {
-                    "balancedness_before": fake.balancedness[group],
-                    "predicted_balancedness": 0.97,
-                    "moved_experts": 12,
-                }
-                self._send(200, json.dumps(body).encode(), "application/json")
-
-            def _send(self, code: int, body: bytes, kind: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def post(self, path: str, headers: Mapping[str, str]) -> Reply | None:
+        group, _, rest = path.lstrip("/").partition("/")
+        if rest != "admin/eplb/rebalance" or group not in GROUPS:
+            return None
+        with self.lock:
+            self.posts.append((group, headers.get("Authorization", "")))
+        time.sleep(self.rebalance_delay_s)
+        body = {
+            "balancedness_before": self.balancedness[group],
+            "predicted_balancedness": 0.97,
+            "moved_experts": 12,
+        }
+        return 200, json.dumps(body).encode(), "application/json"
 
     def posted(self) -> list[tuple[str, str]]:
         with self.lock:
@@ -89,52 +69,20 @@ class FakeEngines:
 def setup(operator, kube_cluster) -> Iterator[dict[str, Any]]:
     namespace = kube_cluster.create_namespace("t-eplb-trigger")
     fake = FakeEngines()
-    scrape = [
-        {
-            "job_name": group,
-            "metrics_path": f"/metrics/{group}",
-            "static_configs": [
-                {
-                    "targets": [f"127.0.0.1:{fake.port}"],
-                    "labels": {"namespace": namespace, "deployment": NAME, "role": role, "group": group},
-                }
-            ],
+    settings = {"MOEFLEET_OPERATOR_ADMIN_TIMEOUT_SECONDS": "30"}
+    with operator_reading(operator, fake, namespace, GROUPS, settings) as (prom, _):
+        nowhere = {"moefleet.test/pool": "none"}  # no nodes: the groups stay Pending (the fake serves them)
+        roles = {
+            "prefill": {"replicas": 1, "gpusPerNode": 8, "nodeSelector": nowhere},
+            "decode": {"replicas": 2, "gpusPerNode": 8, "nodeSelector": nowhere},
         }
-        for group, role in GROUPS.items()
-    ]
-    prom = PrometheusServer(scrape_configs=scrape, scrape_interval="1s")
-    prom.start()
-    operator.stop()
-    operator.extra_env = {
-        "MOEFLEET_OPERATOR_PROMETHEUS_URL": prom.url,
-        "MOEFLEET_OPERATOR_PROMETHEUS_TIMEOUT_SECONDS": "2",
-        "MOEFLEET_OPERATOR_ENGINE_URL_TEMPLATE": f"http://127.0.0.1:{fake.port}/{{group}}",
-        "MOEFLEET_OPERATOR_ADMIN_TIMEOUT_SECONDS": "30",
-    }
-    operator.start()
-    body = {
-        "apiVersion": "moefleet.ai/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": NAME, "namespace": namespace},
-        "spec": {
-            "model": {"path": "/models/tiny"},
-            "roles": {
-                "prefill": {"replicas": 1, "gpusPerNode": 8, "nodeSelector": {"moefleet.test/pool": "none"}},
-                "decode": {"replicas": 2, "gpusPerNode": 8, "nodeSelector": {"moefleet.test/pool": "none"}},
-            },
-            "eplb": {"threshold": 0.8, "window": f"{WINDOW_S}s", "cooldown": "10m", "interval": "1s"},
-        },
-    }
-    kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
-    try:
-        yield {"namespace": namespace, "fake": fake, "prom": prom, "cluster": kube_cluster}
-    finally:
-        kube_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        prom.stop()
-        fake.server.shutdown()
-        operator.stop()
-        operator.extra_env = {}
-        operator.start()
+        eplb = {"threshold": 0.8, "window": f"{WINDOW_S}s", "cooldown": "10m", "interval": "1s"}
+        body = moed_body(NAME, roles, namespace, eplb=eplb)
+        kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+        try:
+            yield {"namespace": namespace, "fake": fake, "prom": prom, "cluster": kube_cluster}
+        finally:
+            kube_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def _moed(s: dict[str, Any]) -> dict[str, Any]:

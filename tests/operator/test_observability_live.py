@@ -22,7 +22,7 @@ import pytest
 from moefleet.operator import dashboards as D
 from server.conftest import stop_process, wait_for_banner_url
 from support.controlplane import free_port, wait_until
-from support.operator_cluster import condition, get_moed, wait_for
+from support.operator_cluster import condition, get_moed, moed_body, wait_for
 from support.prometheus import PrometheusServer
 from support.promql import metric_names
 from support.tiny_models import tiny_model_dir
@@ -125,30 +125,20 @@ def test_running_serve_gateway_and_operator_answer_every_dashboard_and_rule_quer
         prom.start()
         # The operator, reading this Prometheus, with one autoscaled MoEDeployment (no GPU nodes: its groups
         # stay Pending, which is what the groups-by-phase series then show).
-        operator.stop()
-        operator.extra_env = {
-            "MOEFLEET_OPERATOR_PROMETHEUS_URL": prom.url,
-            "MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "1",
-        }
-        operator.start()
+        operator.restart(
+            {
+                "MOEFLEET_OPERATOR_PROMETHEUS_URL": prom.url,
+                "MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "1",
+            }
+        )
         operator_targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{operator.metrics_port}"]}]))
         namespace = kube_cluster.create_namespace("t-obs-live")
-        body = {
-            "apiVersion": "moefleet.ai/v1alpha1",
-            "kind": "MoEDeployment",
-            "metadata": {"name": NAME, "namespace": namespace},
-            "spec": {
-                "model": {"path": "/models/tiny"},
-                "roles": {
-                    "mixed": {
-                        "replicas": 1,
-                        "nodeSelector": {"moefleet.test/pool": "none"},
-                        "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "metric": "queue", "target": 4},
-                    }
-                },
-                "eplb": {"window": "4s", "interval": "1s"},
-            },
+        mixed = {
+            "replicas": 1,
+            "nodeSelector": {"moefleet.test/pool": "none"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "metric": "queue", "target": 4},
         }
+        body = moed_body(NAME, {"mixed": mixed}, namespace, eplb={"window": "4s", "interval": "1s"})
         kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
         moed = lambda: get_moed(kube_cluster, namespace, NAME)  # noqa: E731
         wait_for(
@@ -201,6 +191,4 @@ def test_running_serve_gateway_and_operator_answer_every_dashboard_and_rule_quer
             gateway.terminate()
             gateway.wait(timeout=20)
         stop_process(engine)
-        operator.stop()
-        operator.extra_env = {}
-        operator.start()
+        operator.restart()

@@ -9,79 +9,53 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from functools import partial
 
 import pytest
 from support.operator_catalogue import MANIFESTS, invalid_cases
 from support.operator_cluster import (
+    CHILD_PATHS,
+    ENGINE,
     condition,
     get_moed,
     is_ready,
     list_items,
+    live_children,
+    live_engine_pods,
     patch_spec,
+    small_moed,
     wait_for,
     wait_ready,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
-ENGINE = "app.kubernetes.io/component=engine"
-
-
-def small(name: str, roles: dict, **spec) -> dict:
-    """A MoEDeployment on the operator test pool with fast restart settings."""
-    for role in roles.values():
-        role.setdefault("nodeSelector", POOL)
-    return {
-        "apiVersion": "moefleet.ai/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"path": "/models/tiny"},
-            "roles": roles,
-            "gateway": {"nodeSelector": POOL},
-            "restartPolicy": {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"},
-            **spec,
-        },
-    }
+small = partial(small_moed, fast_restarts=True)  # restarts back off in seconds here
 
 
 def pods_by_group(cluster, namespace: str, name: str) -> dict[str, dict[str, str]]:
     """group -> {pod name: uid} of live engine pods."""
     out: dict[str, dict[str, str]] = {}
-    for pod in list_items(
-        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
-    ):
+    for pod in live_engine_pods(cluster, namespace, name):
         meta = pod["metadata"]
-        if not meta.get("deletionTimestamp"):
-            out.setdefault(meta["labels"]["moefleet.ai/group"], {})[meta["name"]] = meta["uid"]
+        out.setdefault(meta["labels"]["moefleet.ai/group"], {})[meta["name"]] = meta["uid"]
     return out
 
 
 def children(cluster, namespace: str, name: str) -> dict[str, list[str]]:
     selector = f"moefleet.ai/deployment={name}"
-    paths = {
-        "StatefulSet": f"/apis/apps/v1/namespaces/{namespace}/statefulsets",
-        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
-        "Service": f"/api/v1/namespaces/{namespace}/services",
-        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
-        "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
-        "Pod": f"/api/v1/namespaces/{namespace}/pods",
-    }
     return {
-        kind: sorted(o["metadata"]["name"] for o in list_items(cluster, path, selector))
-        for kind, path in paths.items()
+        kind: sorted(o["metadata"]["name"] for o in list_items(cluster, path.format(ns=namespace), selector))
+        for kind, path in CHILD_PATHS.items()
     }
 
 
 @pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    """Label the session's H100 nodes as the operator pool; taint the H200s like GPU-operator clusters do."""
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    for node in gpu_pool["h200"]:
+def pool(pool, moefleet_chart):
+    """The operator pool (conftest), and the H200s tainted like GPU-operator clusters do."""
+    for node in pool["h200"]:
         moefleet_chart.kubectl("taint", "node", node, "nvidia.com/gpu=present:NoSchedule", "--overwrite")
-    return gpu_pool
+    return pool
 
 
 def _model_claim(cluster, namespace: str, claim: str) -> None:
@@ -272,22 +246,11 @@ def test_scaling_touches_only_added_and_removed_groups(operator, pool, kube_clus
 
 
 def uids(cluster, namespace: str, name: str) -> dict[tuple[str, str], str]:
-    """(kind, name) -> uid of every object labelled with the deployment (pods included)."""
-    selector = f"moefleet.ai/deployment={name}"
-    paths = {
-        "StatefulSet": f"/apis/apps/v1/namespaces/{namespace}/statefulsets",
-        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
-        "Service": f"/api/v1/namespaces/{namespace}/services",
-        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
-        "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
-        "Pod": f"/api/v1/namespaces/{namespace}/pods",
+    """(kind, name) -> uid of every live object labelled with the deployment (pods included)."""
+    return {
+        (o["kind"], o["metadata"]["name"]): o["metadata"]["uid"]
+        for o in live_children(cluster, namespace, name)
     }
-    out = {}
-    for kind, path in paths.items():
-        for obj in list_items(cluster, path, selector):
-            if not obj["metadata"].get("deletionTimestamp"):
-                out[(kind, obj["metadata"]["name"])] = obj["metadata"]["uid"]
-    return out
 
 
 def test_operator_killed_mid_reconcile_converges_without_recreating_anything(

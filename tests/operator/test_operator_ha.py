@@ -13,25 +13,18 @@ import pytest
 from support.operator_cluster import (
     SYSTEM_NAMESPACE,
     OperatorProcess,
-    list_items,
+    live_children,
     patch_spec,
+    small_moed,
     wait_for,
     wait_ready,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
 LEASE = "moefleet"  # the chart's full name: its Role allows get/update on this Lease only
 LEASE_SECONDS = 6
 RETRY_SECONDS = 1
-
-
-@pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    return gpu_pool
 
 
 def _holder(cluster) -> str:
@@ -55,25 +48,6 @@ def _replica(cluster, operator: OperatorProcess, workdir, host: str) -> Operator
     return process
 
 
-KINDS = {
-    "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
-    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
-    "Service": "/api/v1/namespaces/{ns}/services",
-    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
-    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
-    "Pod": "/api/v1/namespaces/{ns}/pods",
-}
-
-
-def _objects(cluster, namespace: str, name: str) -> list[dict]:
-    out = []
-    for kind, path in KINDS.items():
-        for obj in list_items(cluster, path.format(ns=namespace), f"moefleet.ai/deployment={name}"):
-            if not obj["metadata"].get("deletionTimestamp"):
-                out.append({**obj, "kind": kind})
-    return out
-
-
 def test_two_replicas_one_leader_failover_without_duplicate_writes(
     operator, pool, kube_cluster, kube_namespace, tmp_path
 ):
@@ -82,27 +56,19 @@ def test_two_replicas_one_leader_failover_without_duplicate_writes(
     b = _replica(kube_cluster, operator, tmp_path / "b", "operator-b")
     try:
         a.start()
-        wait_for(lambda: _holder(kube_cluster).startswith("operator-a_"), 20, "operator-a to lead")
+        wait_for(lambda: _holder(kube_cluster).startswith("operator-a_"), 60, "operator-a to lead")
         b.start()
         name = "ha"
-        moed = {
-            "apiVersion": "moefleet.ai/v1alpha1",
-            "kind": "MoEDeployment",
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"path": "/models/tiny"},
-                "roles": {"mixed": {"replicas": 2, "nodesPerReplica": 1, "nodeSelector": POOL}},
-                "gateway": {"nodeSelector": POOL},
-            },
-        }
-        kube_cluster.apply(moed, kube_namespace)
+        kube_cluster.apply(small_moed(name, {"mixed": {"replicas": 2, "nodesPerReplica": 1}}), kube_namespace)
         wait_ready(kube_cluster, kube_namespace, name)
         time.sleep(3)  # a few resyncs of both
         assert _holder(kube_cluster).startswith("operator-a_")
         assert a.writes() > 0
         assert b.writes() == 0, f"the follower wrote: {b.api_requests()}"
 
-        before = {(o["kind"], o["metadata"]["name"]): o for o in _objects(kube_cluster, kube_namespace, name)}
+        before = {
+            (o["kind"], o["metadata"]["name"]): o for o in live_children(kube_cluster, kube_namespace, name)
+        }
         a.stop(kill=True)  # SIGKILL: no release; the follower must wait for the lease to expire
         killed = time.monotonic()
         wait_for(lambda: _holder(kube_cluster).startswith("operator-b_"), 30, "operator-b to take over")
@@ -112,7 +78,7 @@ def test_two_replicas_one_leader_failover_without_duplicate_writes(
         patch_spec(kube_cluster, kube_namespace, name, {"roles": {"mixed": {"replicas": 3}}})
         wait_ready(kube_cluster, kube_namespace, name)
         time.sleep(3)
-        after = _objects(kube_cluster, kube_namespace, name)
+        after = live_children(kube_cluster, kube_namespace, name)
         by_key = {(o["kind"], o["metadata"]["name"]): o for o in after}
         assert len(by_key) == len(after), "two live objects with the same kind and name"
         # Counted by uid: every object of before is still the same object; exactly the new group was added.

@@ -9,48 +9,30 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import pytest
 from support import kwok_nodes
-from support.operator_cluster import condition, get_moed, list_items, wait_for, wait_ready
+from support.operator_cluster import (
+    condition,
+    get_moed,
+    list_items,
+    live_engine_pods,
+    small_moed,
+    wait_for,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
-ENGINE = "app.kubernetes.io/component=engine"
 MOED = "/apis/moefleet.ai/v1alpha1/namespaces/{ns}/moedeployments"
 
-
-def small(name: str, roles: dict, **spec) -> dict:
-    for role in roles.values():
-        role.setdefault("nodeSelector", POOL)
-    return {
-        "apiVersion": "moefleet.ai/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"path": "/models/tiny"},
-            "roles": roles,
-            "gateway": {"nodeSelector": POOL},
-            "restartPolicy": {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"},
-            **spec,
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    return gpu_pool
+small = partial(small_moed, fast_restarts=True)  # restarts back off in seconds here
 
 
 def engine_pods(cluster, namespace: str, name: str) -> dict[str, dict]:
     """name -> pod of live (not deleting) engine pods."""
-    pods = list_items(
-        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
-    )
-    return {p["metadata"]["name"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
+    return {p["metadata"]["name"]: p for p in live_engine_pods(cluster, namespace, name)}
 
 
 def events(cluster, namespace: str, name: str, reason: str) -> list[dict]:
@@ -205,7 +187,7 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
                 and condition(body, "Degraded").get("reason") == "NodeNotReady"
             )
 
-        wait_for(not_ready, 15, "Ready=False, Degraded=NodeNotReady once the node is NotReady")
+        wait_for(not_ready, 45, "Ready=False, Degraded=NodeNotReady once the node is NotReady")
         reacted = time.monotonic() - marked
         body = get_moed(kube_cluster, kube_namespace, name)
         assert unmanaged in condition(body, "Degraded")["message"]
@@ -289,6 +271,9 @@ def test_apply_refused_by_a_quota_is_degraded_with_the_servers_message_and_retri
 ):
     """A ResourceQuota allows one StatefulSet; the second group's apply is refused (HTTP 403): Degraded
     ApplyFailed carries the API server's message; once the quota is lifted the retry (backoff) converges."""
+    # The test counts the operator's StatefulSet applies (process-wide): first let the deployments of earlier
+    # tests (whose namespaces may still be terminating) settle.
+    operator.wait_quiet("statefulsets", "PATCH", quiet_s=4, timeout=120)
     _quota(kube_cluster, kube_namespace, "one-sts", {"count/statefulsets.apps": "1"})
     name = "quota"
     kube_cluster.apply(small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 1}}), kube_namespace)

@@ -13,53 +13,22 @@ import yaml
 from support import binaries
 from support.operator_cluster import (
     CHART,
+    ENGINE,
     SYSTEM_NAMESPACE,
     condition,
     get_moed,
     list_items,
     patch_spec,
+    small_moed,
     wait_for,
     wait_ready,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-POOL = {"moefleet.test/pool": "operator"}
-ENGINE = "app.kubernetes.io/component=engine"
-
-
-def small(name: str, **spec) -> dict:
-    roles = spec.pop(
-        "roles",
-        {
-            "prefill": {"replicas": 1, "nodesPerReplica": 1, "gpusPerNode": 8},
-            "decode": {"replicas": 1, "nodesPerReplica": 2, "gpusPerNode": 8},
-        },
-    )
-    for role in roles.values():
-        role.setdefault("nodeSelector", POOL)
-    return {
-        "apiVersion": "moefleet.ai/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"path": "/models/tiny"},
-            "roles": roles,
-            "gateway": {"nodeSelector": POOL},
-            **spec,
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def pool(gpu_pool, moefleet_chart):
-    for node in gpu_pool["h100"]:
-        moefleet_chart.kubectl("label", "node", node, "moefleet.test/pool=operator", "--overwrite")
-    return gpu_pool
-
 
 def test_overlay_defaults_and_topology_reach_the_running_pods(operator, pool, kube_cluster, kube_namespace):
-    body = small(
+    body = small_moed(
         "ovl",
         topologyKey="topology.kubernetes.io/zone",
         podTemplate={
@@ -134,7 +103,7 @@ def test_overlay_defaults_and_topology_reach_the_running_pods(operator, pool, ku
 
 
 def test_an_owned_field_in_the_overlay_is_refused_at_admission(moefleet_chart, kube_namespace):
-    body = small(
+    body = small_moed(
         "bad-ovl", podTemplate={"spec": {"containers": [{"name": "engine", "args": ["--port", "1"]}]}}
     )
     result = moefleet_chart.kubectl(
@@ -147,7 +116,7 @@ def test_an_owned_field_in_the_overlay_is_refused_at_admission(moefleet_chart, k
 
 
 def test_host_path_model_volume_is_refused_naming_the_field(operator, pool, kube_cluster, kube_namespace):
-    body = small("hostpath")
+    body = small_moed("hostpath")
     body["spec"]["model"] = {"path": "/models/tiny", "volume": {"hostPath": {"path": "/data"}}}
     kube_cluster.apply(body, kube_namespace)
 
@@ -208,7 +177,7 @@ def test_each_group_is_one_pod_group_when_coscheduling_is_installed(
         kube_cluster.kubectl(
             "wait", "--for=condition=Established", "crd/podgroups.scheduling.x-k8s.io", "--timeout=60s"
         )
-        kube_cluster.apply(small("gang"), kube_namespace)
+        kube_cluster.apply(small_moed("gang"), kube_namespace)
         path = f"/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{kube_namespace}/podgroups"
 
         def pod_groups() -> dict[str, int]:
@@ -236,15 +205,7 @@ def test_each_group_is_one_pod_group_when_coscheduling_is_installed(
 
         # Converged: reconciles (every second here) make no PodGroup request at all. (Deployments of earlier
         # tests' namespaces may still be reconciled while those namespaces terminate: wait for a quiet 4 s.)
-        def podgroup_requests() -> dict:
-            return {k: v for k, v in operator.api_requests().items() if k[1] == "podgroups"}
-
-        def quiet_for_4s() -> bool:
-            before = podgroup_requests()
-            time.sleep(4)
-            return podgroup_requests() == before
-
-        wait_for(quiet_for_4s, 60, "no PodGroup request while converged")
+        operator.wait_quiet("podgroups", quiet_s=4, timeout=60)
         # A new group gets its PodGroup; a removed group's PodGroup goes.
         patch_spec(kube_cluster, kube_namespace, "gang", {"roles": {"decode": {"replicas": 2}}})
         wait_for(lambda: pod_groups().get("gang-decode-1") == 2, 60, "the new group's PodGroup")
@@ -283,7 +244,7 @@ def test_volcano_and_kueue_gangs_are_rendered_when_their_crds_exist(
         # deployment may have cached "absent" just before. Created inside that window, the groups would be
         # rendered best effort first and then re-formed one at a time (the staged rollout), not at once.
         time.sleep(operator.crd_cache_seconds + 0.5)
-        body = small(name, gangScheduling={"queueName": "gpu-queue"} if scheduler == "kueue" else {})
+        body = small_moed(name, gangScheduling={"queueName": "gpu-queue"} if scheduler == "kueue" else {})
         kube_cluster.apply(body, kube_namespace)
 
         def placement() -> str:

@@ -403,8 +403,16 @@ class ControlPlane:
         return _status_ok(self.api_url + path, self._ca_context)
 
     def api_get(self, path: str, method: str = "GET") -> Any:
-        """Call an API path as admin (GET by default) and decode the JSON body (raises on non-2xx)."""
-        status, body = _https_get(self.api_url + path, self._ca_context, timeout=30, method=method)
+        """Call an API path as admin (GET by default) and decode the JSON body (raises on non-2xx).
+
+        A 429 (the apiserver's "storage is (re)initializing" while a watch cache is rebuilt, e.g. after a
+        CRD is installed; its Retry-After is 1 s) is retried for up to 30 s, as client-go (kubectl) does."""
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = _https_get(self.api_url + path, self._ca_context, timeout=30, method=method)
+            if status != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         if status // 100 != 2:
             raise ControlPlaneError(f"{method} {path} -> {status}: {body[:500]}")
         return json.loads(body)

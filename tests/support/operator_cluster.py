@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,9 @@ RELEASE = "moefleet"
 SYSTEM_NAMESPACE = "moefleet-system"
 SERVICE_ACCOUNT = "moefleet"  # the chart's full name for release "moefleet"
 TEST_IMAGE = "ghcr.io/moefleet/moefleet:test"
+POOL = {"moefleet.test/pool": "operator"}  # the label of the session's H100 nodes (conftest `pool`)
+ENGINE = "app.kubernetes.io/component=engine"
+FAST_RESTARTS = {"backoffBase": "1s", "backoffMax": "4s", "maxRestarts": 5, "window": "10m"}
 
 
 def service_account_kubeconfig(cluster: ControlPlane, out: Path) -> Path:
@@ -109,6 +113,12 @@ class OperatorProcess:
         log.close()
         wait_until(self.healthy, 60, "the operator's liveness endpoint", logs=self.logs)
 
+    def restart(self, env: dict[str, str] | None = None) -> None:
+        """Stop, then start with `env` as the extra MOEFLEET_OPERATOR_* settings (none: the defaults)."""
+        self.stop()
+        self.extra_env = dict(env or {})
+        self.start()
+
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"operator exited:\n{self.logs()}")
@@ -150,6 +160,90 @@ class OperatorProcess:
 
     def writes(self) -> float:
         return sum(n for (verb, _), n in self.api_requests().items() if verb != "GET")
+
+    def wait_quiet(
+        self, resource: str, verb: str | None = None, quiet_s: float = 4, timeout: float = 60
+    ) -> None:
+        """Wait until the operator made no request on `resource` (of `verb`: any) for `quiet_s` seconds.
+        The request counters are process-wide: deployments left by earlier tests (their namespaces may take
+        minutes to terminate under kwok) are still reconciled; a test that counts requests waits for them."""
+
+        def counts() -> dict[tuple[str, str], float]:
+            return {
+                k: v
+                for k, v in self.api_requests().items()
+                if k[1] == resource and (verb is None or k[0] == verb)
+            }
+
+        def quiet() -> bool:
+            before = counts()
+            time.sleep(quiet_s)
+            return counts() == before
+
+        wait_until(quiet, timeout, f"no {verb or 'request'} on {resource} for {quiet_s:g}s", interval_s=0.5)
+
+
+def small_moed(
+    name: str,
+    roles: dict[str, Any] | None = None,
+    namespace: str | None = None,
+    *,
+    fast_restarts: bool = False,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A MoEDeployment whose roles (default: prefill 1 group of 1 node, decode 1 group of 2 nodes, 8 GPUs
+    each) and gateway select the operator test pool unless a role says otherwise; `fast_restarts`: a
+    restart policy of seconds instead of the defaults' minutes."""
+    if roles is None:
+        roles = {
+            "prefill": {"replicas": 1, "nodesPerReplica": 1, "gpusPerNode": 8},
+            "decode": {"replicas": 1, "nodesPerReplica": 2, "gpusPerNode": 8},
+        }
+    for role in roles.values():
+        role.setdefault("nodeSelector", POOL)
+    restarts = {"restartPolicy": dict(FAST_RESTARTS)} if fast_restarts else {}
+    return moed_body(name, roles, namespace, gateway={"nodeSelector": POOL}, **restarts, **spec)
+
+
+def moed_body(name: str, roles: dict[str, Any], namespace: str | None = None, **spec: Any) -> dict[str, Any]:
+    """A MoEDeployment of the tiny model with these roles and more spec fields."""
+    metadata = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+    return {
+        "apiVersion": "moefleet.ai/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": metadata,
+        "spec": {"model": {"path": "/models/tiny"}, "roles": roles, **spec},
+    }
+
+
+# The kinds a MoEDeployment owns, by the namespaced path to list them ({ns}: the namespace).
+CHILD_PATHS = {
+    "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    "Pod": "/api/v1/namespaces/{ns}/pods",
+}
+
+
+def live_children(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    """Every object labelled with MoEDeployment `name` (pods included) that is not being deleted, each with
+    its `kind` set."""
+    out = []
+    for kind, path in CHILD_PATHS.items():
+        for obj in list_items(cluster, path.format(ns=namespace), f"moefleet.ai/deployment={name}"):
+            if not obj["metadata"].get("deletionTimestamp"):
+                out.append({**obj, "kind": kind})
+    return out
+
+
+def live_engine_pods(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The engine pods of MoEDeployment `name` that are not being deleted."""
+    pods = list_items(
+        cluster, f"/api/v1/namespaces/{namespace}/pods", f"moefleet.ai/deployment={name},{ENGINE}"
+    )
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def get_moed(cluster: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
