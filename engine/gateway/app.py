@@ -27,6 +27,7 @@ from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
+from moefleet.engine.gateway.upstream import Upstream, UpstreamAnswer, UpstreamBusy, UpstreamError
 from moefleet.engine.server.errors import OpenAIError, error_body, error_response, install_error_handlers
 from moefleet.engine.server.request_guard import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, json_depth
 
@@ -62,6 +63,8 @@ class Gateway:
         self._children: dict[tuple[Any, ...], Any] = {}  # labelled metric children, looked up once
         self.turns = itertools.count()
         self.pd = PDRelay(self)
+        # The request path's client (relayed requests); `client` (httpx) serves bootstrap, models, prefill legs.
+        self.upstream = Upstream(connect_timeout=CONNECT_TIMEOUT_SECONDS, total_timeout=upstream_timeout)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(upstream_timeout, connect=CONNECT_TIMEOUT_SECONDS),
@@ -152,50 +155,46 @@ class Gateway:
         """The relayed response, or why this backend failed before anything reached the client (retry)."""
         started = time.perf_counter()
         backend.in_flight += 1
-        upstream: httpx.Response | None = None
-        handed_over = False  # to the streaming relay, which then owns in_flight and the upstream response
+        upstream: UpstreamAnswer | None = None
+        handed_over = False  # to the streaming relay, which then owns in_flight and the upstream answer
+        finished = False
         try:
-            request = self.client.build_request("POST", backend.url + path, content=raw, headers=headers)
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.upstream.post(backend.url + path, raw, headers)
             if upstream.status_code in RETRYABLE_STATUS:
-                detail = (await upstream.aread()).decode(errors="replace")[:200]
+                detail = (await upstream.read()).decode(errors="replace")[:200]
+                finished = True
                 return f"answered {upstream.status_code}: {detail}"
-            chunks = upstream.aiter_raw()
             if not (stream and upstream.status_code == 200):
-                content = b"".join([chunk async for chunk in chunks])
+                content = await upstream.read()
+                finished = True
                 self._child(self.metrics.upstream_seconds, self.role).observe(time.perf_counter() - started)
                 return self._answer(
-                    Response(
-                        content,
-                        status_code=upstream.status_code,
-                        media_type=upstream.headers.get("content-type"),
-                    )
+                    Response(content, status_code=upstream.status_code, media_type=upstream.content_type)
                 )
-            first = await chunks.__anext__()  # a stream that dies before its first chunk is retried too
+            first = await upstream.chunk()  # a stream that dies before its first chunk is retried too
+            if not first:
+                return "the stream ended before its first chunk"
             handed_over = True
-        except (
-            httpx.ConnectTimeout
-        ) as exc:  # a busy engine (or this gateway's own loop): not proof it is down
-            return Busy(f"{type(exc).__name__}: {exc}")
-        except (httpx.TransportError, StopAsyncIteration) as exc:
-            return f"{type(exc).__name__}: {exc}"
+        except UpstreamBusy as exc:  # a busy engine (or this gateway's own loop): not proof it is down
+            return Busy(str(exc))
+        except UpstreamError as exc:
+            return str(exc)
         finally:
             if not handed_over:
                 backend.in_flight -= 1
                 if upstream is not None:
-                    await upstream.aclose()
+                    await upstream.close(finished)
         self._child(self.metrics.requests, self.role, "200").inc()
         return StreamingResponse(
-            self._stream(backend, upstream, chunks, first, started),
+            self._stream(backend, upstream, first, started),
             status_code=200,
-            media_type=upstream.headers.get("content-type", "text/event-stream"),
+            media_type=upstream.content_type or "text/event-stream",
         )
 
     async def _stream(
         self,
         backend: Backend,
-        upstream: httpx.Response,
-        chunks: AsyncIterator[bytes],
+        upstream: UpstreamAnswer,
         first: bytes,
         started: float,
     ) -> AsyncIterator[bytes]:
@@ -205,14 +204,13 @@ class Gateway:
         STALL_CHECK_SECONDS the backend stays quiet, whether its health polls still pass, and cancels the read
         when they do not (StallWatch)."""
         watch = StallWatch(backend)
+        finished = False
         try:
             yield first
             while True:
                 watch.arm()
                 try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
+                    chunk = await upstream.chunk()
                 except asyncio.CancelledError:
                     if not watch.cut:
                         raise  # the client left (or shutdown): not ours to handle
@@ -220,8 +218,11 @@ class Gateway:
                     raise RuntimeError(f"backend {backend.name} stopped answering health checks") from None
                 finally:
                     watch.disarm()
+                if not chunk:
+                    finished = True
+                    break
                 yield chunk
-        except (httpx.TransportError, RuntimeError) as exc:
+        except (UpstreamError, RuntimeError) as exc:
             message = f"the engine group {backend.name} failed mid-stream ({exc}); retry the request"
             log.warning(message)
             self.pool.mark_failed(backend.name, str(exc))
@@ -233,7 +234,7 @@ class Gateway:
                 watch.disarm()
                 backend.in_flight -= 1
                 self._child(self.metrics.upstream_seconds, self.role).observe(time.perf_counter() - started)
-                await upstream.aclose()
+                await upstream.close(finished)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -366,6 +367,7 @@ def build_gateway_app(gateway: Gateway, reload: Any = None) -> FastAPI:
                     await task
             await gateway.pool.close()
             await gateway.client.aclose()
+            await gateway.upstream.aclose()
 
     app = GatewayApp(
         title="moefleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
