@@ -1,12 +1,17 @@
 """Latency the gateway adds: streaming requests at a fixed rate, direct to a backend vs through `moefleet gateway`.
 
 The backend is a minimal ASGI app that streams a few SSE chunks at once (so its own time is ~0), in its own
-process; the gateway runs as the real `moefleet gateway` process; the client is an asyncio httpx load generator
-in this process. Both targets are measured in one run, alternating per rate, and the table prints the added p50/p99.
+process; the gateway runs as the real `moefleet gateway` process; the load generator is a small Go program
+(benchmarks/loadgen, standard library only, built here with `go build` and cached), one process per point, so
+that on a small machine the generator is not what saturates (an asyncio Python generator saturated 2 cores
+before 500 req/s, even for direct requests). Direct and through-gateway points run in one run, one after the
+other per rate, with the same generator; the table prints p50/p99 of time to first byte and to the end of the
+stream, the gateway process's CPU time per request (user + system, from /proc: the figure that scales), and
+the added latency. `--compare DIR` adds a second gateway from another tree (before/after in one run).
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--rates 100 500] [--seconds 5] [--chunks 8]
+    .venv/bin/python benchmarks/gateway_overhead.py [--rates 100 500] [--seconds 5] [--chunks 8] [--pin]
 
-About a minute with the defaults (start-up of the two processes, 20 s of load, warm-up), never more than 3.
+About a minute with the defaults (start-up of the processes, 20 s of load, warm-up), never more than 3.
 """
 
 from __future__ import annotations
@@ -117,6 +122,16 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else float("nan")
 
 
+def start_gateway(pin: list[str], backend_port: int, port: int, pythonpath: str | None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if pythonpath:  # another checkout's `moefleet` package (see --compare)
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    moefleet = [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())"]
+    args = ["gateway", "--backend", f"http://127.0.0.1:{backend_port}", "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--log-level", "warning"]
+    return subprocess.Popen([*pin, *moefleet, *args], stdout=subprocess.DEVNULL, env=env)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 500])
@@ -125,7 +140,13 @@ def main() -> int:
     parser.add_argument(
         "--pin",
         action="store_true",
-        help="taskset: the gateway on CPU 0, the backend and the load generator on the others",
+        help="taskset: the gateway(s) on CPU 0, the backend and the load generator on the others",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="also measure the gateway of another tree: DIR holds its `moefleet` package (e.g. from "
+        "`git archive REV engine src`, with src/moefleet as DIR/moefleet and engine as DIR/moefleet/engine)",
     )
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +159,7 @@ def main() -> int:
     pin_gateway = ["taskset", "-c", "0"] if args.pin and cpus > 1 else []
     pin_rest = ["taskset", "-c", f"1-{cpus - 1}"] if args.pin and cpus > 1 else []
     loadgen = [*pin_rest, build_loadgen()]
-    backend_port, gateway_port = free_port(), free_port()
+    backend_port = free_port()
     backend = subprocess.Popen(
         [
             *pin_rest,
@@ -150,30 +171,23 @@ def main() -> int:
             str(args.chunks),
         ]
     )
-    moefleet = [sys.executable, "-c", "import sys; from moefleet.engine.cli import main; sys.exit(main())"]
-    gateway = subprocess.Popen(
-        [
-            *pin_gateway,
-            *moefleet,
-            "gateway",
-            "--backend",
-            f"http://127.0.0.1:{backend_port}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(gateway_port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    variants = [("gateway", None)] + ([("gateway (compared tree)", args.compare)] if args.compare else [])
+    gateways = {}
+    processes = [backend]
+    for name, tree in variants:
+        port = free_port()
+        process = start_gateway(pin_gateway, backend_port, port, tree)
+        processes.append(process)
+        gateways[name] = (f"http://127.0.0.1:{port}", process)
     try:
-        direct, through = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{gateway_port}"
+        direct = f"http://127.0.0.1:{backend_port}"
         wait_ready(direct)
-        wait_ready(through)
+        for url, _ in gateways.values():
+            wait_ready(url)
         print(
-            f"# {cpus} CPUs{' (gateway pinned to CPU 0)' if pin_gateway else ''}; streaming requests of "
-            f"{args.chunks} chunks; {args.seconds:g} s per point; Go open-loop load generator"
+            f"# {cpus} CPUs{' (gateways pinned to CPU 0)' if pin_gateway else ''}, load average "
+            f"{os.getloadavg()[0]:.1f} at the start; streaming requests of {args.chunks} chunks; "
+            f"{args.seconds:g} s per point; Go open-loop load generator"
         )
         print(
             "| rate (req/s) | target | requests | errors | TTFB p50 (ms) | TTFB p99 (ms) | total p50 (ms) "
@@ -182,25 +196,33 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|---|")
         for rate in args.rates:
             rows = {}
-            for name, url in (("direct", direct), ("gateway", through)):
-                before = cpu_seconds(gateway.pid)
+            targets = [("direct", direct, None)] + [(n, u, p) for n, (u, p) in gateways.items()]
+            for name, url, process in targets:
+                before = cpu_seconds(process.pid) if process else 0.0
                 ttfb, total, errors = load(loadgen, url, rate, args.seconds)
-                cpu = (cpu_seconds(gateway.pid) - before) / max(1, len(ttfb) + len(errors)) * 1000
+                cpu = ""
+                if process:
+                    per_request = (cpu_seconds(process.pid) - before) / max(1, len(ttfb) + len(errors))
+                    cpu = f"{per_request * 1000:.2f}"
                 rows[name] = (pct(ttfb, 50), pct(ttfb, 99), pct(total, 50), pct(total, 99))
                 print(
                     f"| {rate:g} | {name} | {len(ttfb)} | {len(errors)} | "
                     + " | ".join(f"{v:.2f}" for v in rows[name])
-                    + (f" | {cpu:.2f} |" if name == "gateway" else " | |"),
+                    + f" | {cpu} |",
                     flush=True,
                 )
                 if errors:
                     print(f"# {name} errors (first 3): {errors[:3]}", flush=True)
-            added = [g - d for g, d in zip(rows["gateway"], rows["direct"], strict=True)]
-            print(
-                f"| {rate:g} | **added** | | | " + " | ".join(f"{v:+.2f}" for v in added) + " | |", flush=True
-            )
+            for name in gateways:
+                added = [g - d for g, d in zip(rows[name], rows["direct"], strict=True)]
+                print(
+                    f"| {rate:g} | **added by {name}** | | | "
+                    + " | ".join(f"{v:+.2f}" for v in added)
+                    + " | |",
+                    flush=True,
+                )
     finally:
-        for process in (gateway, backend):
+        for process in reversed(processes):
             process.terminate()
             process.wait(timeout=30)
     return 0
