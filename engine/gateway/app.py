@@ -64,7 +64,7 @@ class Gateway:
         self.turns = itertools.count()
         self.pd = PDRelay(self)
         # The request path's client (relayed requests); `client` (httpx) serves bootstrap, models, prefill legs.
-        self.upstream = Upstream(connect_timeout=CONNECT_TIMEOUT_SECONDS, total_timeout=upstream_timeout)
+        self.upstream = Upstream(connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=upstream_timeout)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(upstream_timeout, connect=CONNECT_TIMEOUT_SECONDS),

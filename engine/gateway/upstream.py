@@ -6,7 +6,7 @@ poll per idle connection), so its cost per request grows with the number of conn
 under load it was the largest single item of the gateway's CPU time (py-spy, docs/benchmarks.md). aiohttp's
 connector takes an idle connection from a per-host queue and parses responses in C.
 
-    upstream = Upstream(connect_timeout=10.0, total_timeout=None)
+    upstream = Upstream(connect_timeout=10.0, read_timeout=None)
     answer = await upstream.post(url, raw, headers)   # after the status line and headers
     first = await answer.chunk()                       # b"" at the end of the body
     await answer.close(finished=True)                  # back to the pool; finished=False drops the connection
@@ -60,8 +60,12 @@ class UpstreamAnswer:
 
 
 class Upstream:
-    def __init__(self, connect_timeout: float, total_timeout: float | None = None):
-        self._timeout = aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout)
+    def __init__(self, connect_timeout: float, read_timeout: float | None = None):
+        # read_timeout: the longest wait for the next bytes (httpx's read timeout), never a bound on the whole
+        # answer: generations may be long.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def _open_session(self) -> aiohttp.ClientSession:
