@@ -27,7 +27,8 @@ from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
-from moefleet.engine.server.errors import OpenAIError, error_body, install_error_handlers
+from moefleet.engine.gateway.upstream import Upstream, UpstreamAnswer, UpstreamBusy, UpstreamError
+from moefleet.engine.server.errors import OpenAIError, error_body, error_response, install_error_handlers
 from moefleet.engine.server.request_guard import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, json_depth
 
 log = logging.getLogger("moefleet.gateway")
@@ -59,8 +60,11 @@ class Gateway:
         self.metrics = GatewayMetrics(lambda: role_counts(self.pool.backends.values()))
         for role in pool.config.serving_roles:  # 0, not absent, until the first retry: rate() has data
             self.metrics.retries.labels(role)
+        self._children: dict[tuple[Any, ...], Any] = {}  # labelled metric children, looked up once
         self.turns = itertools.count()
         self.pd = PDRelay(self)
+        # The request path's client (relayed requests); `client` (httpx) serves bootstrap, models, prefill legs.
+        self.upstream = Upstream(connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=upstream_timeout)
         # No read timeout by default: generations may be long; liveness comes from the health poll instead.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(upstream_timeout, connect=CONNECT_TIMEOUT_SECONDS),
@@ -151,73 +155,74 @@ class Gateway:
         """The relayed response, or why this backend failed before anything reached the client (retry)."""
         started = time.perf_counter()
         backend.in_flight += 1
-        upstream: httpx.Response | None = None
-        handed_over = False  # to the streaming relay, which then owns in_flight and the upstream response
+        upstream: UpstreamAnswer | None = None
+        handed_over = False  # to the streaming relay, which then owns in_flight and the upstream answer
+        finished = False
         try:
-            request = self.client.build_request("POST", backend.url + path, content=raw, headers=headers)
-            upstream = await self.client.send(request, stream=True)
+            upstream = await self.upstream.post(backend.url + path, raw, headers)
             if upstream.status_code in RETRYABLE_STATUS:
-                detail = (await upstream.aread()).decode(errors="replace")[:200]
+                detail = (await upstream.read()).decode(errors="replace")[:200]
+                finished = True
                 return f"answered {upstream.status_code}: {detail}"
-            chunks = upstream.aiter_raw()
             if not (stream and upstream.status_code == 200):
-                content = b"".join([chunk async for chunk in chunks])
-                self.metrics.upstream_seconds.labels(self.role).observe(time.perf_counter() - started)
+                content = await upstream.read()
+                finished = True
+                self._child(self.metrics.upstream_seconds, self.role).observe(time.perf_counter() - started)
                 return self._answer(
-                    Response(
-                        content,
-                        status_code=upstream.status_code,
-                        media_type=upstream.headers.get("content-type"),
-                    )
+                    Response(content, status_code=upstream.status_code, media_type=upstream.content_type)
                 )
-            first = await chunks.__anext__()  # a stream that dies before its first chunk is retried too
+            first = await upstream.chunk()  # a stream that dies before its first chunk is retried too
+            if not first:
+                return "the stream ended before its first chunk"
             handed_over = True
-        except (
-            httpx.ConnectTimeout
-        ) as exc:  # a busy engine (or this gateway's own loop): not proof it is down
-            return Busy(f"{type(exc).__name__}: {exc}")
-        except (httpx.TransportError, StopAsyncIteration) as exc:
-            return f"{type(exc).__name__}: {exc}"
+        except UpstreamBusy as exc:  # a busy engine (or this gateway's own loop): not proof it is down
+            return Busy(str(exc))
+        except UpstreamError as exc:
+            return str(exc)
         finally:
             if not handed_over:
                 backend.in_flight -= 1
                 if upstream is not None:
-                    await upstream.aclose()
-        self.metrics.requests.labels(self.role, "200").inc()
+                    await upstream.close(finished)
+        self._child(self.metrics.requests, self.role, "200").inc()
         return StreamingResponse(
-            self._stream(backend, upstream, chunks, first, started),
+            self._stream(backend, upstream, first, started),
             status_code=200,
-            media_type=upstream.headers.get("content-type", "text/event-stream"),
+            media_type=upstream.content_type or "text/event-stream",
         )
 
     async def _stream(
         self,
         backend: Backend,
-        upstream: httpx.Response,
-        chunks: AsyncIterator[bytes],
+        upstream: UpstreamAnswer,
         first: bytes,
         started: float,
     ) -> AsyncIterator[bytes]:
-        """Relay an upstream SSE stream; if it breaks, end with an OpenAI error event and [DONE]."""
-        pending: asyncio.Task | None = None
+        """Relay an upstream SSE stream; if it breaks, end with an OpenAI error event and [DONE].
+
+        Chunks are awaited in this task (no task per chunk): a timer armed around each read checks, every
+        STALL_CHECK_SECONDS the backend stays quiet, whether its health polls still pass, and cancels the read
+        when they do not (StallWatch)."""
+        watch = StallWatch(backend)
+        finished = False
         try:
             yield first
             while True:
-                pending = asyncio.ensure_future(chunks.__anext__())
-                while True:
-                    done, _ = await asyncio.wait({pending}, timeout=STALL_CHECK_SECONDS)
-                    if done:
-                        break
-                    if should_cut_silent_stream(backend, time.monotonic(), SLOW_BACKEND_PATIENCE_SECONDS):
-                        raise RuntimeError(f"backend {backend.name} stopped answering health checks")
+                watch.arm()
                 try:
-                    chunk = pending.result()
-                except StopAsyncIteration:
-                    break
+                    chunk = await upstream.chunk()
+                except asyncio.CancelledError:
+                    if not watch.cut:
+                        raise  # the client left (or shutdown): not ours to handle
+                    watch.uncancel()
+                    raise RuntimeError(f"backend {backend.name} stopped answering health checks") from None
                 finally:
-                    pending = None
+                    watch.disarm()
+                if not chunk:
+                    finished = True
+                    break
                 yield chunk
-        except (httpx.TransportError, RuntimeError) as exc:
+        except (UpstreamError, RuntimeError) as exc:
             message = f"the engine group {backend.name} failed mid-stream ({exc}); retry the request"
             log.warning(message)
             self.pool.mark_failed(backend.name, str(exc))
@@ -226,16 +231,20 @@ class Gateway:
             # Shielded: when the client disconnects, Starlette cancels this generator's scope, and an unshielded
             # await here would be cancelled too, leaving the upstream request open in the engine.
             with anyio.CancelScope(shield=True):
-                if pending is not None:
-                    pending.cancel()
-                    with contextlib.suppress(BaseException):
-                        await pending
+                watch.disarm()
                 backend.in_flight -= 1
-                self.metrics.upstream_seconds.labels(self.role).observe(time.perf_counter() - started)
-                await upstream.aclose()
+                self._child(self.metrics.upstream_seconds, self.role).observe(time.perf_counter() - started)
+                await upstream.close(finished)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _answer(self, response: Response) -> Response:
-        self.metrics.requests.labels(self.role, str(response.status_code)).inc()
+        self._child(self.metrics.requests, self.role, str(response.status_code)).inc()
         return response
 
     async def models(self) -> Response:
@@ -265,6 +274,46 @@ class Gateway:
         return JSONResponse({"status": "ok", "ready_groups": ready, "mode": self.pool.config.mode})
 
 
+class StallWatch:
+    """Per stream: while a read from the backend is pending, every STALL_CHECK_SECONDS check that the backend
+    still passes health polls (pool.should_cut_silent_stream); when it does not, cancel the reading task.
+    One timer handle per read instead of a task and a wait per chunk: the relay's hot loop stays cheap."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.task = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.cut = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._cancels = 0
+
+    def arm(self) -> None:
+        self._timer = self.loop.call_later(STALL_CHECK_SECONDS, self._check)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.task is None or self.task.done():
+            return
+        if should_cut_silent_stream(self.backend, time.monotonic(), SLOW_BACKEND_PATIENCE_SECONDS):
+            self.cut = True
+            self._cancels += 1
+            self.task.cancel()
+        else:
+            self.arm()
+
+    def uncancel(self) -> None:
+        """Take back the cancellations this watch requested (the task goes on to send the error event)."""
+        if self.task is not None:
+            for _ in range(self._cancels):
+                self.task.uncancel()
+        self._cancels = 0
+
+
 class Busy(str):
     """Why a backend did not take a request in time (connect timeout): retried elsewhere, not marked down."""
 
@@ -272,6 +321,34 @@ class Busy(str):
 def _sse(payload: Any) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
+
+
+RELAYED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with the two relayed routes answered before FastAPI's middleware and routing stack.
+
+    Per request that stack (routing, exception and telemetry middlewares, dependency solving) cost the gateway
+    about as much CPU as the relay itself (benchmarks/gateway_overhead.py, docs/benchmarks.md); the fast path
+    keeps its contract: OpenAIError -> its OpenAI error JSON, anything else -> 500 in OpenAI form. Every other
+    route (and lifespan) goes through FastAPI as before."""
+
+    gateway: Gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in RELAYED_PATHS:
+            try:
+                response = await self.gateway.relay(Request(scope, receive), scope["path"])
+            except OpenAIError as exc:
+                response = error_response(exc)
+            except Exception as exc:
+                log.exception("internal error relaying %s", scope["path"])
+                message = f"internal server error: {type(exc).__name__}: {exc}"
+                response = JSONResponse(error_body(message, 500), status_code=500)
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def build_gateway_app(gateway: Gateway, reload: Any = None) -> FastAPI:
@@ -290,11 +367,13 @@ def build_gateway_app(gateway: Gateway, reload: Any = None) -> FastAPI:
                     await task
             await gateway.pool.close()
             await gateway.client.aclose()
+            await gateway.upstream.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="moefleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.gateway = gateway
+    app.gateway = gateway
     install_error_handlers(app)
 
     @app.post("/v1/completions")

@@ -34,6 +34,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response
 from moefleet.engine.gateway.pool import Backend
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, pick_dp_rank
+from moefleet.engine.gateway.upstream import UpstreamError, UpstreamUnreachable
 from moefleet.engine.server.errors import error_body
 
 if TYPE_CHECKING:
@@ -178,22 +179,24 @@ class PDRelay:
         gw = self.gateway
         started = time.perf_counter()
         backend.in_flight += 1
+        answer = None
         try:
-            answer = await gw.client.post(backend.url + path, content=raw, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached it: nothing was computed
+            answer = await gw.upstream.post(backend.url + path, raw, headers)
+            content = await answer.read()
+        except UpstreamUnreachable as exc:  # never reached it: nothing was computed
             gw.pool.mark_failed(backend.name, str(exc))
-            return Unreachable(f"{type(exc).__name__}: {exc}")
-        except httpx.TransportError as exc:
+            return Unreachable(str(exc))
+        except UpstreamError as exc:
             gw.pool.mark_failed(backend.name, str(exc))
-            return f"{type(exc).__name__}: {exc}"
+            return str(exc)
         finally:
             backend.in_flight -= 1
+            if answer is not None:
+                await answer.close(finished=True)
         if 400 <= answer.status_code < 500:
-            return Response(
-                answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type")
-            )
+            return Response(content, status_code=answer.status_code, media_type=answer.content_type)
         if answer.status_code != 200:
-            return f"answered {answer.status_code}: {answer.text[:300]}"
+            return f"answered {answer.status_code}: {content.decode(errors='replace')[:300]}"
         gw.metrics.kv_transfer_seconds.observe(time.perf_counter() - started)
         return None
 

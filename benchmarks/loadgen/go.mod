@@ -1,0 +1,3 @@
+module moefleet/loadgen
+
+go 1.22
