@@ -55,7 +55,7 @@ from moefleet.operator.observed import (
 )
 from moefleet.operator.settings import OperatorSettings, from_environment
 from moefleet.operator.spec import SpecError, parse
-from moefleet.operator.status import condition_events, invalid_spec_status, with_degraded
+from moefleet.operator.status import condition_events, invalid_spec_status, with_degraded, write_due
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class _State:
         # may not show yet (a drift re-apply keeps the hash, so the resourceVersion says when it is seen)
         self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, int, float]]] = {}
         self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
+        self.status_written_at: dict[tuple[str, str], float] = {}  # -> monotonic time of the last write
         self.indexes: Mapping[str, Any] | None = None  # kopf's index objects (live; captured from a handler)
         self.elector: Elector | None = None
         self.elector_thread: threading.Thread | None = None
@@ -136,6 +137,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     for _kind, resource, _index_id in _CHILD_INDEXES:
         settings.watching.label_selectors[resource] = owned
     # No namespace/CRD observation (it needs namespace list/watch); the CRD exists before the operator starts.
+    # (The moefleet_crds index watches a few named CRDs: that is not kopf's resource scanning.)
     settings.scanning.disabled = True
     if SETTINGS.metrics_port:
         from prometheus_client import disable_created_metrics, start_http_server
@@ -217,6 +219,31 @@ class _NodeReady(Mapping[str, bool]):
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+# The CRDs whose presence changes what a reconcile renders: the PodMonitor's and the gang schedulers'.
+_WATCHED_CRDS = frozenset({L.PODMONITOR_CRD, *(backend.crd for backend in gang.BACKENDS)})
+
+
+@kopf.index(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    when=lambda name, **_: name in _WATCHED_CRDS,
+)
+def moefleet_crds(name: str, body: kopf.Body, **_: Any) -> Any:
+    """CRD name -> Established: watched, so knowing whether a CRD exists costs no request per reconcile
+    (a poll would also make requests while nothing changes)."""
+    conditions = body.get("status", {}).get("conditions") or []
+    return {name: any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)}
+
+
+def _crd_installed(indexes: Mapping[str, Any], kube: Kube, crd: str) -> bool:
+    """From the CRD index; without it (not yet captured) one cached lookup (kube.crd_exists)."""
+    index = indexes.get("moefleet_crds")
+    if index is None:
+        return kube.crd_exists(crd, SETTINGS.crd_cache_seconds)
+    return any(index.get(crd, ()))
 
 
 @kopf.index(L.GROUP, L.VERSION, L.PLURAL)
@@ -421,9 +448,9 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
                 f"admin Secret: {error}", delay=min(SETTINGS.resync_seconds, 10)
             ) from error
         # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
-        podmonitors = kube.crd_exists(L.PODMONITOR_CRD, SETTINGS.crd_cache_seconds)
+        podmonitors = _crd_installed(indexes, kube, L.PODMONITOR_CRD)
         # Gang placement (gang.py): the scheduler whose CRDs exist; its PodGroups go before the pods.
-        installed = {b.crd for b in gang.BACKENDS if kube.crd_exists(b.crd, SETTINGS.crd_cache_seconds)}
+        installed = {b.crd for b in gang.BACKENDS if _crd_installed(indexes, kube, b.crd)}
         backend = gang.choose_backend(spec, installed)
         try:
             gang_sync.sync_pod_groups(kube, namespace, name, backend, render.render_pod_groups(spec, backend))
@@ -447,7 +474,14 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
         )
         the_plan.pod_gates = _unwritten_gates(namespace, name, the_plan.pod_gates, observed)
         the_plan.status["placement"] = gang.placement_status(spec, backend)
-        write_status = the_plan.status != previous
+        last_write = STATE.status_written_at.get((namespace, name))
+        write_status = write_due(
+            previous,
+            the_plan.status,
+            other_writes=the_plan.writes > 0,
+            seconds_since_last_write=None if last_write is None else time.monotonic() - last_write,
+            batch_seconds=SETTINGS.status_batch_seconds,
+        )
         events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
         if not the_plan.writes and not write_status:
             return
@@ -539,6 +573,7 @@ def _unwritten_gates(
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
     resource_version = int(((response or {}).get("metadata") or {}).get("resourceVersion") or 0)
     STATE.written_status[(namespace, name)] = (resource_version, status)
+    STATE.status_written_at[(namespace, name)] = time.monotonic()  # status batching (status.write_due)
     fleet_metrics.COLLECTOR.observe(namespace, name, status)
 
 
