@@ -46,8 +46,10 @@ from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.leader import Elector, LeaseTiming
 from moefleet.operator.observed import (
+    APPLIED_TTL,
     ChildState,
     Failure,
+    applied_memo_expired,
     child_state,
     node_ready,
     pod_failed,
@@ -71,7 +73,7 @@ _CHILD_INDEXES = (
     ("NetworkPolicy", ("networking.k8s.io", "v1", "networkpolicies"), "moefleet_networkpolicies"),
 )
 _CHILD_KINDS = tuple(kind for kind, _, _ in _CHILD_INDEXES)
-_APPLIED_TTL = 30.0  # seconds an applied hash overrides a (possibly stale) index entry
+_APPLIED_TTL = APPLIED_TTL  # seconds a gate write overrides a (possibly stale) pod index entry
 
 
 class _State:
@@ -185,9 +187,18 @@ def moefleet_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.B
     return {(namespace, labels.get(L.DEPLOYMENT, "")): pod_state(body)}
 
 
+# kind -> the highest resourceVersion its watch has delivered to the child index (observed.applied_memo_expired)
+_WATCH_PROGRESS: dict[str, int] = {}
+_WATCH_PROGRESS_LOCK = threading.Lock()
+
+
 def _child_indexer(kind: str) -> Any:
     def index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
-        return {(namespace, labels.get(L.DEPLOYMENT, "")): child_state({**body, "kind": kind})}
+        state = child_state({**body, "kind": kind})
+        with _WATCH_PROGRESS_LOCK:
+            if state.resource_version > _WATCH_PROGRESS.get(kind, 0):
+                _WATCH_PROGRESS[kind] = state.resource_version
+        return {(namespace, labels.get(L.DEPLOYMENT, "")): state}
 
     return index
 
@@ -368,8 +379,9 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
     for child_key, (spec_hash, version, when) in list(applied.items()):
         seen = children.get(child_key)
         caught_up = seen is not None and seen.spec_hash == spec_hash and seen.resource_version >= version
-        if now - when > _APPLIED_TTL or caught_up:
-            del applied[child_key]  # the watch caught up (or the entry is too old to trust)
+        progress = _WATCH_PROGRESS.get(child_key[0])
+        if applied_memo_expired(caught_up, version, progress, now - when):
+            del applied[child_key]  # the watch caught up (or got past our write, or the entry is too old)
         else:  # what we applied, content unknown (no drift check, no revision) until the watch shows it
             ready, replicas = (seen.ready_replicas, seen.replicas) if seen is not None else (0, 0)
             children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready, replicas)
