@@ -151,7 +151,16 @@ def converge_and_stay_quiet(
     finally:
         scale_operator.stop()
         operator.start()  # the session operator removes finalizers while the namespace is deleted
-        cluster.delete_nodes("moefleet.test/pool=opscale")
+        try:
+            cluster.delete_nodes("moefleet.test/pool=opscale")
+        except TimeoutError:
+            if nodes <= 200:
+                raise
+            # the benchmark's 1,000 nodes: a loaded API server may not answer the delete in time; the
+            # session (and its throw-away cluster) ends with this benchmark anyway
+            print(
+                "  note: deleting the 1,000 fake nodes timed out (the cluster is discarded with the session)"
+            )
 
 
 def test_50_deployments_on_200_nodes_converge_in_at_most_20_requests_each_and_stay_quiet(
