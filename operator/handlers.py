@@ -90,6 +90,8 @@ class _State:
         # (namespace, deployment) -> {(kind, name): (hash, resourceVersion, when)}: our applies the watches
         # may not show yet (a drift re-apply keeps the hash, so the resourceVersion says when it is seen)
         self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, int, float]]] = {}
+        # (namespace, name) -> child -> when its kind's watch was first seen past the applied version
+        self.watch_passed: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
         self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
         self.status_written_at: dict[tuple[str, str], float] = {}  # -> monotonic time of the last write
         self.indexes: Mapping[str, Any] | None = None  # kopf's index objects (live; captured from a handler)
@@ -376,12 +378,19 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
             children[(child.kind, child.name)] = child
     now = time.monotonic()
     applied = STATE.applied.setdefault(key, {})
+    passed = STATE.watch_passed.setdefault(key, {})
     for child_key, (spec_hash, version, when) in list(applied.items()):
         seen = children.get(child_key)
         caught_up = seen is not None and seen.spec_hash == spec_hash and seen.resource_version >= version
         progress = _WATCH_PROGRESS.get(child_key[0])
-        if applied_memo_expired(caught_up, version, progress, now - when):
+        if progress is not None and 0 < version <= progress:
+            passed.setdefault(child_key, now)  # when the watch was first seen past our write
+        since = passed.get(child_key)
+        if applied_memo_expired(
+            caught_up, version, progress, now - when, None if since is None else now - since
+        ):
             del applied[child_key]  # the watch caught up (or got past our write, or the entry is too old)
+            passed.pop(child_key, None)
         else:  # what we applied, content unknown (no drift check, no revision) until the watch shows it
             ready, replicas = (seen.ready_replicas, seen.replicas) if seen is not None else (0, 0)
             children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready, replicas)
@@ -517,6 +526,7 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             key = (obj["kind"], obj["metadata"]["name"])
             spec_hash = obj["metadata"]["annotations"][L.SPEC_HASH]
             applied[key] = (spec_hash, versions.get(key, 0), time.monotonic())
+            STATE.watch_passed.setdefault((namespace, name), {}).pop(key, None)
         if write_status:
             _remember_status(namespace, name, response, the_plan.status)
         gates = STATE.gates.setdefault((namespace, name), {})

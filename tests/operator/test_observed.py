@@ -128,8 +128,12 @@ def test_applied_memo_outlives_a_lagging_watch_and_ends_once_the_watch_passes_th
     # rule re-applied the child (and every other child of the deployment); now it is still trusted.
     assert not applied_memo_expired(caught_up=False, version=500, watch_progress=420, age=45.0)
     # The watch delivered an event at 510 >= 500 but the index does not hold the child: it was deleted after
-    # our write (e.g. by hand), so the index is the truth and the child is re-created.
-    assert applied_memo_expired(caught_up=False, version=500, watch_progress=510, age=1.0)
+    # our write (e.g. by hand), so the index is the truth and the child is re-created - once the index had
+    # time to store what its (concurrently run) index functions returned.
+    assert not applied_memo_expired(
+        caught_up=False, version=500, watch_progress=510, age=20.0, passed_for=2.0
+    )
+    assert applied_memo_expired(caught_up=False, version=500, watch_progress=510, age=20.0, passed_for=15.0)
     assert applied_memo_expired(caught_up=True, version=500, watch_progress=420, age=1.0)  # shown: done
     assert applied_memo_expired(caught_up=False, version=500, watch_progress=420, age=601.0)  # a cap
     # Without a version from the apply, or a kind without a tracked watch: the 30 s rule.
