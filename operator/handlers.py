@@ -382,7 +382,8 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
     for child_key, (spec_hash, version, when) in list(applied.items()):
         seen = children.get(child_key)
         caught_up = seen is not None and seen.spec_hash == spec_hash and seen.resource_version >= version
-        progress = _WATCH_PROGRESS.get(child_key[0])
+        # a watched kind whose watch has delivered nothing yet (a busy operator's first minutes) is at 0
+        progress = _WATCH_PROGRESS.get(child_key[0], 0) if child_key[0] in _CHILD_KINDS else None
         if progress is not None and 0 < version <= progress:
             passed.setdefault(child_key, now)  # when the watch was first seen past our write
         since = passed.get(child_key)
