@@ -46,8 +46,10 @@ from moefleet.operator import labels as L
 from moefleet.operator.kube import Kube, KubeError
 from moefleet.operator.leader import Elector, LeaseTiming
 from moefleet.operator.observed import (
+    APPLIED_TTL,
     ChildState,
     Failure,
+    applied_memo_expired,
     child_state,
     node_ready,
     pod_failed,
@@ -55,7 +57,7 @@ from moefleet.operator.observed import (
 )
 from moefleet.operator.settings import OperatorSettings, from_environment
 from moefleet.operator.spec import SpecError, parse
-from moefleet.operator.status import condition_events, invalid_spec_status, with_degraded
+from moefleet.operator.status import condition_events, invalid_spec_status, with_degraded, write_due
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ _CHILD_INDEXES = (
     ("NetworkPolicy", ("networking.k8s.io", "v1", "networkpolicies"), "moefleet_networkpolicies"),
 )
 _CHILD_KINDS = tuple(kind for kind, _, _ in _CHILD_INDEXES)
-_APPLIED_TTL = 30.0  # seconds an applied hash overrides a (possibly stale) index entry
+_APPLIED_TTL = APPLIED_TTL  # seconds a gate write overrides a (possibly stale) pod index entry
 
 
 class _State:
@@ -88,7 +90,10 @@ class _State:
         # (namespace, deployment) -> {(kind, name): (hash, resourceVersion, when)}: our applies the watches
         # may not show yet (a drift re-apply keeps the hash, so the resourceVersion says when it is seen)
         self.applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, int, float]]] = {}
+        # (namespace, name) -> child -> when its kind's watch was first seen past the applied version
+        self.watch_passed: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
         self.written_status: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # -> (rv, status)
+        self.status_written_at: dict[tuple[str, str], float] = {}  # -> monotonic time of the last write
         self.indexes: Mapping[str, Any] | None = None  # kopf's index objects (live; captured from a handler)
         self.elector: Elector | None = None
         self.elector_thread: threading.Thread | None = None
@@ -136,6 +141,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     for _kind, resource, _index_id in _CHILD_INDEXES:
         settings.watching.label_selectors[resource] = owned
     # No namespace/CRD observation (it needs namespace list/watch); the CRD exists before the operator starts.
+    # (The moefleet_crds index watches a few named CRDs: that is not kopf's resource scanning.)
     settings.scanning.disabled = True
     if SETTINGS.metrics_port:
         from prometheus_client import disable_created_metrics, start_http_server
@@ -183,9 +189,18 @@ def moefleet_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.B
     return {(namespace, labels.get(L.DEPLOYMENT, "")): pod_state(body)}
 
 
+# kind -> the highest resourceVersion its watch has delivered to the child index (observed.applied_memo_expired)
+_WATCH_PROGRESS: dict[str, int] = {}
+_WATCH_PROGRESS_LOCK = threading.Lock()
+
+
 def _child_indexer(kind: str) -> Any:
     def index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
-        return {(namespace, labels.get(L.DEPLOYMENT, "")): child_state({**body, "kind": kind})}
+        state = child_state({**body, "kind": kind})
+        with _WATCH_PROGRESS_LOCK:
+            if state.resource_version > _WATCH_PROGRESS.get(kind, 0):
+                _WATCH_PROGRESS[kind] = state.resource_version
+        return {(namespace, labels.get(L.DEPLOYMENT, "")): state}
 
     return index
 
@@ -217,6 +232,31 @@ class _NodeReady(Mapping[str, bool]):
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+# The CRDs whose presence changes what a reconcile renders: the PodMonitor's and the gang schedulers'.
+_WATCHED_CRDS = frozenset({L.PODMONITOR_CRD, *(backend.crd for backend in gang.BACKENDS)})
+
+
+@kopf.index(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    when=lambda name, **_: name in _WATCHED_CRDS,
+)
+def moefleet_crds(name: str, body: kopf.Body, **_: Any) -> Any:
+    """CRD name -> Established: watched, so knowing whether a CRD exists costs no request per reconcile
+    (a poll would also make requests while nothing changes)."""
+    conditions = body.get("status", {}).get("conditions") or []
+    return {name: any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)}
+
+
+def _crd_installed(indexes: Mapping[str, Any], kube: Kube, crd: str) -> bool:
+    """From the CRD index; without it (not yet captured) one cached lookup (kube.crd_exists)."""
+    index = indexes.get("moefleet_crds")
+    if index is None:
+        return kube.crd_exists(crd, SETTINGS.crd_cache_seconds)
+    return any(index.get(crd, ()))
 
 
 @kopf.index(L.GROUP, L.VERSION, L.PLURAL)
@@ -338,11 +378,20 @@ def _observed(namespace: str, name: str, indexes: Mapping[str, Any], kube: Kube,
             children[(child.kind, child.name)] = child
     now = time.monotonic()
     applied = STATE.applied.setdefault(key, {})
+    passed = STATE.watch_passed.setdefault(key, {})
     for child_key, (spec_hash, version, when) in list(applied.items()):
         seen = children.get(child_key)
         caught_up = seen is not None and seen.spec_hash == spec_hash and seen.resource_version >= version
-        if now - when > _APPLIED_TTL or caught_up:
-            del applied[child_key]  # the watch caught up (or the entry is too old to trust)
+        # a watched kind whose watch has delivered nothing yet (a busy operator's first minutes) is at 0
+        progress = _WATCH_PROGRESS.get(child_key[0], 0) if child_key[0] in _CHILD_KINDS else None
+        if progress is not None and 0 < version <= progress:
+            passed.setdefault(child_key, now)  # when the watch was first seen past our write
+        since = passed.get(child_key)
+        if applied_memo_expired(
+            caught_up, version, progress, now - when, None if since is None else now - since
+        ):
+            del applied[child_key]  # the watch caught up (or got past our write, or the entry is too old)
+            passed.pop(child_key, None)
         else:  # what we applied, content unknown (no drift check, no revision) until the watch shows it
             ready, replicas = (seen.ready_replicas, seen.replicas) if seen is not None else (0, 0)
             children[child_key] = ChildState(child_key[0], child_key[1], spec_hash, ready, replicas)
@@ -421,9 +470,9 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
                 f"admin Secret: {error}", delay=min(SETTINGS.resync_seconds, 10)
             ) from error
         # The PodMonitor is managed (created, or deleted when turned off) only where its CRD exists.
-        podmonitors = kube.crd_exists(L.PODMONITOR_CRD, SETTINGS.crd_cache_seconds)
+        podmonitors = _crd_installed(indexes, kube, L.PODMONITOR_CRD)
         # Gang placement (gang.py): the scheduler whose CRDs exist; its PodGroups go before the pods.
-        installed = {b.crd for b in gang.BACKENDS if kube.crd_exists(b.crd, SETTINGS.crd_cache_seconds)}
+        installed = {b.crd for b in gang.BACKENDS if _crd_installed(indexes, kube, b.crd)}
         backend = gang.choose_backend(spec, installed)
         try:
             gang_sync.sync_pod_groups(kube, namespace, name, backend, render.render_pod_groups(spec, backend))
@@ -447,7 +496,14 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
         )
         the_plan.pod_gates = _unwritten_gates(namespace, name, the_plan.pod_gates, observed)
         the_plan.status["placement"] = gang.placement_status(spec, backend)
-        write_status = the_plan.status != previous
+        last_write = STATE.status_written_at.get((namespace, name))
+        write_status = write_due(
+            previous,
+            the_plan.status,
+            other_writes=the_plan.writes > 0,
+            seconds_since_last_write=None if last_write is None else time.monotonic() - last_write,
+            batch_seconds=SETTINGS.status_batch_seconds,
+        )
         events = the_plan.events + (condition_events(previous, the_plan.status) if write_status else [])
         if not the_plan.writes and not write_status:
             return
@@ -471,6 +527,7 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
             key = (obj["kind"], obj["metadata"]["name"])
             spec_hash = obj["metadata"]["annotations"][L.SPEC_HASH]
             applied[key] = (spec_hash, versions.get(key, 0), time.monotonic())
+            STATE.watch_passed.setdefault((namespace, name), {}).pop(key, None)
         if write_status:
             _remember_status(namespace, name, response, the_plan.status)
         gates = STATE.gates.setdefault((namespace, name), {})
@@ -539,6 +596,7 @@ def _unwritten_gates(
 def _remember_status(namespace: str, name: str, response: Any, status: dict[str, Any]) -> None:
     resource_version = int(((response or {}).get("metadata") or {}).get("resourceVersion") or 0)
     STATE.written_status[(namespace, name)] = (resource_version, status)
+    STATE.status_written_at[(namespace, name)] = time.monotonic()  # status batching (status.write_due)
     fleet_metrics.COLLECTOR.observe(namespace, name, status)
 
 

@@ -125,6 +125,7 @@ class Kube:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, str]] = Counter()
         self._crd_cache: dict[str, tuple[bool, float]] = {}
+        self._crd_lock = threading.Lock()  # one lookup per CRD and cache period, however many workers ask
         # (namespace, uid, type, reason, message) -> (event name, count, first posted at, monotonic)
         self._events: dict[tuple[str, str, str, str, str], tuple[str, int, float]] = {}
 
@@ -290,25 +291,30 @@ class Kube:
             log.warning("could not post event %s: %s", event.reason, error)
 
     def crd_exists(self, name: str, cache_seconds: float = 60.0) -> bool:
-        """Is this CRD installed? (cached; False when not allowed to look)."""
+        """Is this CRD installed? (cached; False when not allowed to look). Worker threads that miss the
+        cache together wait for one lookup instead of each making its own (single flight)."""
         cached = self._crd_cache.get(name)
         if cached and time.monotonic() - cached[1] < cache_seconds:
             return cached[0]
-        try:
-            found = (
-                self.request(
-                    "GET",
-                    f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}",
-                    "customresourcedefinitions",
-                    missing_ok=True,
+        with self._crd_lock:
+            cached = self._crd_cache.get(name)  # another worker may have looked while this one waited
+            if cached and time.monotonic() - cached[1] < cache_seconds:
+                return cached[0]
+            try:
+                found = (
+                    self.request(
+                        "GET",
+                        f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}",
+                        "customresourcedefinitions",
+                        missing_ok=True,
+                    )
+                    is not None
                 )
-                is not None
-            )
-        except KubeError as error:
-            log.warning("cannot read CRD %s (%s); assuming it is absent", name, error)
-            found = False
-        self._crd_cache[name] = (found, time.monotonic())
-        return found
+            except KubeError as error:
+                log.warning("cannot read CRD %s (%s); assuming it is absent", name, error)
+                found = False
+            self._crd_cache[name] = (found, time.monotonic())
+            return found
 
     def execute(
         self, ref: Mapping[str, str], plan: Plan, write_status: bool, events: list[Event]

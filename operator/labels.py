@@ -87,8 +87,9 @@ def group_labels(deployment: str, role: str, replica: int) -> dict[str, str]:
     }
 
 
-def role_service_name(deployment: str, role: str) -> str:
-    return f"{deployment}-{role}"
+def ready_service_name(deployment: str) -> str:
+    """The headless Service over the Ready rank-0 pods of every role (the gateway's discovery)."""
+    return f"{deployment}-ready"
 
 
 def role_pdb_name(deployment: str, role: str) -> str:

@@ -197,3 +197,36 @@ def node_ready(body: Mapping[str, Any]) -> bool:
 def pod_failed(pod: PodState) -> bool:
     """A live pod whose group must restart: it failed, or a container died and was restarted in place."""
     return not pod.deleting and (pod.phase == "Failed" or pod.restart_count > 0 or pod.failure is not None)
+
+
+# An applied child the watch has not shown yet is trusted for at most this long when its watch's progress is
+# unknown (no version from the apply, or a kind without a watch), and at most APPLIED_MAX_AGE otherwise.
+APPLIED_TTL = 30.0
+APPLIED_MAX_AGE = 600.0
+
+
+# Seconds the index gets, once its watch has delivered a resourceVersion at or past our write, to show the
+# child: kopf runs index functions of different objects concurrently (a thread pool) and stores their results
+# later on its event loop, so the highest delivered version is not an exact watermark under load.
+WATCH_SETTLE_SECONDS = 15.0
+
+
+def applied_memo_expired(
+    caught_up: bool, version: int, watch_progress: int | None, age: float, passed_for: float | None = None
+) -> bool:
+    """Stop trusting the memo of a child this operator applied (pure)? The memo stands in for the child until
+    the watch (kopf's index) shows it: `caught_up` (the index holds it at >= the applied `version` with the
+    applied hash). A watch delivers one resource type's events in resourceVersion order, so once it has
+    delivered anything at >= `version` (`watch_progress`, the highest resourceVersion its index function has
+    seen; None = not tracked) and the index had `WATCH_SETTLE_SECONDS` to store it (`passed_for`: seconds
+    since the progress was first seen past the write), the index is the truth for this child too, present or
+    not (e.g. deleted by hand meanwhile). Until then a lagging watch (a loaded operator or API server: minutes
+    at 1,000 nodes) must not make the child look missing: that re-applied every child of every deployment and
+    posted a second `Created` Event. Without a known version or progress, the old `APPLIED_TTL` rule applies;
+    `APPLIED_MAX_AGE` caps the memo in every case."""
+    if caught_up:
+        return True
+    if version <= 0 or watch_progress is None:
+        return age > APPLIED_TTL
+    passed = watch_progress >= version and passed_for is not None and passed_for >= WATCH_SETTLE_SECONDS
+    return passed or age > APPLIED_MAX_AGE

@@ -17,7 +17,8 @@ Group rules (DESIGN.md "Operator contracts"):
   StatefulSet controller has observed it, and every pod carries its updateRevision. A group whose pods are
   on an older revision (e.g. the operator stopped between applying the StatefulSet and deleting the pods) is
   re-formed like a changed one.
-- Events: one per decision (all children created in this pass -> one Created event), not one per child.
+- Events: one per decision (all children created in this pass -> one Created event), not one per child;
+  none for a new MoEDeployment's first pass (creating every child is what creating it means).
 - Never stuck: a pod on a NotReady (or vanished) node makes its group not Ready at once; a pod still
   Terminating `force_delete_after` seconds past its deletion deadline on such a node is force-deleted
   (grace 0, uid precondition) so the StatefulSet can recreate it. Children are deleted only when the
@@ -389,7 +390,12 @@ def plan(
                 if not wanted and not pod.gate_by_operator:
                     out.foreign_gates.add(pod.name)
 
-    # One Event per decision of this pass (not per child): children, re-forms, restarts, drift.
+    # One Event per decision of this pass (not per child): children, re-forms, restarts, drift. A new
+    # MoEDeployment's first pass (no status yet) creates every child, which is what creating it means: that
+    # Event would say nothing its status (Progressing=True, groups Pending) does not, so none is posted;
+    # children created later (scale up, a child deleted by hand) are news and get their Created Event.
+    if not previous_status:
+        decisions.pop("Created", None)
     reforms = decisions.pop("ReformingGroup", [])
     decided = [Event("Normal", r, f"{r} {len(w)} object(s): {', '.join(w)}") for r, w in decisions.items()]
     if reforms:

@@ -292,21 +292,29 @@ def render_headless_service(spec: MoEDeploymentSpec, role_name: str, replica: in
     )
 
 
-def render_role_service(spec: MoEDeploymentSpec, role_name: str) -> Obj:
-    """Headless Service over the *ready* rank-0 pods of a role: the gateway's group discovery."""
+def render_ready_service(spec: MoEDeploymentSpec) -> Obj:
+    """Headless Service over the *Ready* rank-0 pods of every role: the gateway's group discovery.
+
+    One per deployment, not one per role: the gateway checks whether a group's rank-0 address is among the
+    addresses the Service lists (engine/gateway/pool.py), and a pod's address is its own, so the other
+    roles' addresses in the same list change nothing; it saves one object (one apply) per extra role."""
     return _finish(
         spec,
         {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {
-                "name": L.role_service_name(spec.name, role_name),
-                "labels": {**L.common_labels(spec.name, L.COMPONENT_ENGINE), L.ROLE: role_name},
+                "name": L.ready_service_name(spec.name),
+                "labels": L.common_labels(spec.name, L.COMPONENT_ENGINE),
             },
             "spec": {
                 "clusterIP": "None",
                 "publishNotReadyAddresses": False,
-                "selector": {**L.selector_labels(spec.name), L.ROLE: role_name, L.POD_INDEX: "0"},
+                "selector": {
+                    **L.selector_labels(spec.name),
+                    L.COMPONENT: L.COMPONENT_ENGINE,
+                    L.POD_INDEX: "0",
+                },
                 "ports": [
                     {"name": "http", "port": L.ENGINE_HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
                 ],
@@ -352,10 +360,10 @@ def render_role_pdb(spec: MoEDeploymentSpec, role_name: str) -> Obj:
 
 def gateway_config(spec: MoEDeploymentSpec) -> Obj:
     """The gateway's config file (schema shared with `moefleet gateway`): roles, their groups' rank-0 URLs and
-    the role Services that list the ready ones."""
+    the Service that lists the ready ones (one for every role: render_ready_service)."""
     roles = {
         role.name: RoleEndpoints(
-            service=f"{L.role_service_name(spec.name, role.name)}.{spec.namespace}.svc",
+            service=f"{L.ready_service_name(spec.name)}.{spec.namespace}.svc",
             port=L.ENGINE_HTTP_PORT,
             groups=tuple(
                 GroupEndpoint(
@@ -551,8 +559,8 @@ def render_all(
     """Every desired child, in apply order (NetworkPolicies first, Services before the StatefulSets that
     name them). PodGroups are not in it (render_pod_groups: their kinds exist only with their scheduler)."""
     out: list[Obj] = render_network_policies(spec, operator_namespace, metrics_namespace)
+    out.append(render_ready_service(spec))
     for role in spec.roles:
-        out.append(render_role_service(spec, role.name))
         out.append(render_role_pdb(spec, role.name))
         for replica in range(role.replicas):
             out.append(render_headless_service(spec, role.name, replica))

@@ -20,6 +20,11 @@ class OperatorSettings:
     metrics_port: int = 0
     # Kopf's worker threads for the (synchronous) handlers.
     workers: int = 8
+    # Status batching (like kube-controller-manager's --endpointslice-updates-batch-period): a status change
+    # that is only progress (ready-node counts, Pending -> Forming, the gateway's ready count, condition
+    # messages) is written at most once per this many seconds; every other change is written at once
+    # (status.write_due). 0 writes every change at once.
+    status_batch_seconds: float = 10.0
     # Seconds a "does the PodMonitor CRD exist?" answer is cached.
     crd_cache_seconds: float = 60.0
     # Kubernetes API request timeout in seconds.
@@ -85,6 +90,8 @@ class OperatorSettings:
                 f"{PREFIX}DRAIN_TIMEOUT_SECONDS ({self.drain_timeout_seconds}) must be >= "
                 f"{PREFIX}DRAIN_GRACE_SECONDS ({self.drain_grace_seconds})"
             )
+        if self.status_batch_seconds < 0:
+            raise ValueError(f"{PREFIX}STATUS_BATCH_SECONDS ({self.status_batch_seconds}) must be >= 0")
         if self.workers < 1:
             raise ValueError(f"{PREFIX}WORKERS ({self.workers}) must be >= 1")
         if self.force_delete_after_seconds < 0:

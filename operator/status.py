@@ -344,3 +344,54 @@ def condition_events(previous_status: Mapping[str, Any], status: Mapping[str, An
     message = "; ".join(f"{c['type']}={c['status']} {c['reason']}: {c['message']}" for c in changed)
     first = (bad or trigger)[0]
     return [Event("Warning" if bad else "Normal", f"{first['type']}{first['status']}", message)]
+
+
+# Group phases that are steps of one start-up (no pod yet / pods starting): moving between them is progress.
+_STARTING_PHASES = (PENDING, FORMING)
+# Conditions whose reason (not only status) is news: another reason is another problem or another cause.
+_REASON_MATTERS = ("Available", "Degraded")
+
+
+def _significant(status: Mapping[str, Any]) -> Obj:
+    """`status` without what only reports progress: ready-node counts, the gateway's ready count, condition
+    messages (and the reasons of Ready/Progressing, which name the current step), Pending vs Forming."""
+    out = {k: v for k, v in status.items() if k not in ("conditions", "groups", "roles", "gateway")}
+    out["conditions"] = [
+        (c.get("type"), c.get("status"), c.get("reason") if c.get("type") in _REASON_MATTERS else "")
+        for c in status.get("conditions") or []
+    ]
+    out["groups"] = [
+        {
+            **{k: v for k, v in g.items() if k != "readyNodes"},
+            "phase": "Starting" if g.get("phase") in _STARTING_PHASES else g.get("phase"),
+        }
+        for g in status.get("groups") or []
+    ]
+    out["roles"] = {
+        role: {k: v for k, v in counts.items() if k != "readyNodes"}
+        for role, counts in (status.get("roles") or {}).items()
+    }
+    out["gateway"] = {k: v for k, v in (status.get("gateway") or {}).items() if k != "readyReplicas"}
+    return out
+
+
+def write_due(
+    previous: Mapping[str, Any],
+    status: Mapping[str, Any],
+    other_writes: bool,
+    seconds_since_last_write: float | None,
+    batch_seconds: float,
+) -> bool:
+    """Write `status` now? (pure; the operator's status batching, like kube-controller-manager's
+    --endpointslice-updates-batch-period). Yes when it differs from `previous` and any of: the same pass makes
+    other writes (children, gates, pod deletes: the status records them), the change is more than progress
+    (a condition's status or an Available/Degraded reason, a group becoming Ready/failing/restarting, its
+    members, restart records, observedGeneration, ...), no write of this object is known
+    (`seconds_since_last_write` None, e.g. after an operator restart), or the last write is at least
+    `batch_seconds` old. A progress-only change within the batch period waits for a later pass, which
+    writes the status as it is then: several steps of one start-up cost one write."""
+    if status == previous:
+        return False
+    if other_writes or seconds_since_last_write is None or seconds_since_last_write >= batch_seconds:
+        return True
+    return _significant(status) != _significant(previous)

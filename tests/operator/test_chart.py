@@ -31,7 +31,7 @@ ALLOWED = {
     ("scheduling.volcano.sh", "podgroups"): {"get", "list", "create", "patch", "delete"},
     ("", "events"): {"create", "patch", "list"},  # list: a StatefulSet's FailedCreate message
     ("events.k8s.io", "events"): {"create", "patch"},
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},  # moefleet_crds index
     ("", "nodes"): {"get", "list", "watch"},  # NotReady nodes: group not Ready, force-delete stuck pods
 }
 # Leader election: a Role in the release namespace, on the operator's own Lease only (create can't be named).

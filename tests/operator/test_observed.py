@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from moefleet.operator import labels as L
-from moefleet.operator.observed import child_state, pod_failed, pod_state
+from moefleet.operator.observed import applied_memo_expired, child_state, pod_failed, pod_state
 from moefleet.operator.settings import OperatorSettings, from_environment
 from support.kwok_nodes import failed_pod_status
 
@@ -120,3 +120,23 @@ def test_settings_from_environment():
         from_environment({"MOEFLEET_OPERATOR_WORKERS": "many"})
     with pytest.raises(ValueError, match="RESYNC_SECONDS"):
         from_environment({"MOEFLEET_OPERATOR_RESYNC_SECONDS": "0"})
+
+
+# -- the applied-object memo: trusted until the watch has got past the write, not for a fixed 30 s ----------
+def test_applied_memo_outlives_a_lagging_watch_and_ends_once_the_watch_passes_the_write():
+    # The watch of this kind has delivered nothing at or after our write (version 500) for 45 s: the old 30 s
+    # rule re-applied the child (and every other child of the deployment); now it is still trusted.
+    assert not applied_memo_expired(caught_up=False, version=500, watch_progress=420, age=45.0)
+    # The watch delivered an event at 510 >= 500 but the index does not hold the child: it was deleted after
+    # our write (e.g. by hand), so the index is the truth and the child is re-created - once the index had
+    # time to store what its (concurrently run) index functions returned.
+    assert not applied_memo_expired(
+        caught_up=False, version=500, watch_progress=510, age=20.0, passed_for=2.0
+    )
+    assert applied_memo_expired(caught_up=False, version=500, watch_progress=510, age=20.0, passed_for=15.0)
+    assert applied_memo_expired(caught_up=True, version=500, watch_progress=420, age=1.0)  # shown: done
+    assert applied_memo_expired(caught_up=False, version=500, watch_progress=420, age=601.0)  # a cap
+    # Without a version from the apply, or a kind without a tracked watch: the 30 s rule.
+    assert not applied_memo_expired(caught_up=False, version=0, watch_progress=420, age=29.0)
+    assert applied_memo_expired(caught_up=False, version=0, watch_progress=420, age=31.0)
+    assert applied_memo_expired(caught_up=False, version=500, watch_progress=None, age=31.0)

@@ -122,9 +122,7 @@ def test_example_manifest_reconciles_to_ready(operator, pool, kube_cluster, kube
     assert found["PodDisruptionBudget"] == sorted(f"{name}-{role}" for role in spec["roles"])  # one per role
     assert found["Deployment"] == [f"{name}-gateway"] and found["ConfigMap"] == [f"{name}-gateway"]
     headless = {f"{name}-{role}-{r}" for role, r in groups}
-    assert set(found["Service"]) == headless | {f"{name}-{role}" for role in spec["roles"]} | {
-        f"{name}-gateway"
-    }
+    assert set(found["Service"]) == headless | {f"{name}-ready"} | {f"{name}-gateway"}
     # Status counts agree with the spec; every engine pod sits on a GPU node with the GPUs it asked for.
     for role, role_spec in spec["roles"].items():
         assert status["roles"][role]["readyGroups"] == role_spec["replicas"]

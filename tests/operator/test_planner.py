@@ -15,7 +15,7 @@ from moefleet.operator.drift import drifted_fields
 from moefleet.operator.observed import Failure, PodState, child_state, node_ready, pod_state
 from moefleet.operator.planner import Observed, members_hash, plan, restart_decision
 from moefleet.operator.spec import RestartPolicySpec, parse
-from moefleet.operator.status import condition_events, invalid_spec_status, timestamp
+from moefleet.operator.status import condition_events, invalid_spec_status, timestamp, write_due
 from support.operator_catalogue import merge, valid_base
 
 NOW = 1_800_000_000.0
@@ -484,13 +484,20 @@ def test_progressing_is_false_and_stalled_when_only_unschedulable_groups_remain(
     assert cond(settle(spec, children, pods).status, "Progressing")["reason"] == "GroupsStarting"
 
 
-def test_fresh_deployment_posts_one_created_event_not_one_per_child():
+def test_fresh_deployment_posts_no_created_event_and_a_scale_up_posts_one_not_one_per_child():
     spec = make_spec(roles={"decode": {"replicas": 3}})
     result = settle(spec, {}, {})
+    assert result.apply and result.events == []  # creating its children is what creating it means
+    # Later creations are news: a scale up posts ONE Created Event naming every new object.
+    children, pods = converged(spec)
+    status = settle(spec, children, pods).status
+    bigger = make_spec(roles={"decode": {"replicas": 5}})
+    result = settle(bigger, children, pods, status=status)
     created = [e for e in result.events if e.reason == "Created"]
-    assert len(result.events) == 1 and len(created) == 1
-    assert created[0].message.startswith(f"Created {len(result.apply)} object(s): ")
-    assert "StatefulSet m-decode-2 (group of 2 nodes)" in created[0].message
+    assert len(created) == 1
+    new = [o for o in result.apply if (o["kind"], o["metadata"]["name"]) not in children]
+    assert created[0].message.startswith(f"Created {len(new)} object(s): ")
+    assert "StatefulSet m-decode-4 (group of 2 nodes)" in created[0].message
 
 
 # -- drift: hand edits of fields the operator owns are reverted ----------------------------------------------
@@ -520,7 +527,7 @@ def test_hand_edited_statefulset_env_is_reapplied_with_an_event():
     [
         ("StatefulSet", "m-prefill-0", lambda b: b["spec"]["template"]["spec"]["containers"][0]["env"].append(
             {"name": "EXTRA", "value": "1"})),
-        ("Service", "m-decode", lambda b: b["spec"]["selector"].update({"moefleet.ai/role": "prefill"})),
+        ("Service", "m-ready", lambda b: b["spec"]["selector"].update({L.POD_INDEX: "1"})),
         ("PodDisruptionBudget", "m-decode", lambda b: b["spec"].update(maxUnavailable=5)),
         ("ConfigMap", "m-gateway", lambda b: b["data"].update({"config.json": "{}"})),
         ("Deployment", "m-gateway", lambda b: b["metadata"]["labels"].pop("app.kubernetes.io/managed-by")),
@@ -708,7 +715,7 @@ def test_children_are_deleted_only_when_the_moedeployment_owns_them():
     spec = make_spec()
     children, pods, status = steady(spec)
     extra = dataclasses.replace(
-        children[("Service", "m-prefill")], name="m-old", uid="svc-uid", owner_uids=("uid-1",)
+        children[("Service", "m-ready")], name="m-old", uid="svc-uid", owner_uids=("uid-1",)
     )
     foreign = dataclasses.replace(extra, name="m-foreign", uid="f-uid", owner_uids=("another-owner",))
     children[("Service", "m-old")] = extra
@@ -802,3 +809,62 @@ def test_a_pod_evicted_from_a_not_ready_node_restarts_its_whole_group():
         group["phase"] == "Restarting"
         and group["lastFailure"] == "a pod of the group disappeared or was replaced"
     )
+
+
+# -- status batching: progress-only changes wait for the batch period, everything else is written at once ----
+REV = "m-decode-0-rev1"
+
+
+def _start_up(spec):
+    """The statuses the planner reports, in order, while a fresh deployment's decode group starts: no pod
+    yet, pods starting, one node Ready, the group Ready (prefill and gateway already Ready)."""
+    children, pods = converged(spec)
+    starting = pods_for("m-decode-0", 2, ready=False, revision=REV)
+    one_ready = [dataclasses.replace(starting[0], ready=True), starting[1]]
+    status = None
+    steps = []
+    for decode in ([], starting, one_ready, pods_for("m-decode-0", 2, revision=REV)):
+        pods["m-decode-0"] = decode
+        status = settle(spec, children, pods, status=status).status
+        steps.append(status)
+    return steps
+
+
+def test_progress_only_status_changes_wait_for_the_batch_period():
+    spec = make_spec()
+    no_pod, starting, one_ready, ready = _start_up(spec)
+    group = next(g for g in starting["groups"] if g["name"] == "m-decode-0")
+    assert group["phase"] == "Forming" and one_ready != starting  # the steps differ...
+    for old, new in ((no_pod, starting), (starting, one_ready)):  # ...but only in progress
+        assert not write_due(old, new, False, 1.0, 10.0)
+        assert write_due(old, new, False, 10.0, 10.0)  # the batch period is over
+        assert write_due(old, new, False, None, 10.0)  # no write known (e.g. after an operator restart)
+        assert write_due(old, new, True, 1.0, 10.0)  # the same pass writes something else
+        assert write_due(old, new, False, 1.0, 0.0)  # batching off
+    assert not write_due(ready, ready, True, None, 0.0)  # nothing changed: never a write
+
+
+def test_a_group_turning_ready_and_condition_changes_are_written_at_once():
+    spec = make_spec()
+    _, _, one_ready, ready = _start_up(spec)
+    assert cond(ready, "Ready")["status"] == "True" and cond(one_ready, "Ready")["status"] == "False"
+    assert write_due(one_ready, ready, False, 0.5, 10.0)
+    # A group becoming Ready records its members (how a replaced pod is detected later): never deferred,
+    # even while the deployment's conditions stay as they were (another group is still starting).
+    children, pods = converged(spec)
+    pods["m-decode-0"] = pods_for("m-decode-0", 2, ready=False, revision=REV)  # still starting throughout
+    pods["m-prefill-0"] = pods_for("m-prefill-0", 1, ready=False, revision="m-prefill-0-rev1")
+    before = settle(spec, children, pods).status
+    pods["m-prefill-0"] = pods_for("m-prefill-0", 1, revision="m-prefill-0-rev1")
+    after = settle(spec, children, pods, status=before).status
+    assert [c["status"] for c in after["conditions"]] == [c["status"] for c in before["conditions"]]
+    assert write_due(before, after, False, 0.5, 10.0)
+    # Degraded's reason changing (another problem) is news too.
+    degraded = {**ready, "conditions": [
+        {**c, "status": "True", "reason": "Unschedulable"} if c["type"] == "Degraded" else c
+        for c in ready["conditions"]
+    ]}  # fmt: skip
+    other = {**degraded, "conditions": [
+        {**c, "reason": "InsufficientGPUs"} if c["type"] == "Degraded" else c for c in degraded["conditions"]
+    ]}  # fmt: skip
+    assert write_due(ready, degraded, False, 0.5, 10.0) and write_due(degraded, other, False, 0.5, 10.0)

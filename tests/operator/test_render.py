@@ -169,3 +169,32 @@ def test_pvc_and_user_resources_are_rendered():
     } in pod["volumes"]
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "32", "memory": "512Gi"}
     assert pod["tolerations"][0]["key"] == L.GPU_RESOURCE
+
+
+def test_one_ready_service_lists_the_rank0_pods_of_every_role_and_nothing_else():
+    """The gateway's discovery: one Service per deployment (not per role) over Ready rank-0 engine pods. The
+    gateway keeps a group when the group's own rank-0 address is listed (engine/gateway/pool.py), so the
+    Service must select every group's rank-0 pod and no other pod."""
+    spec = _spec(next(p for p in MANIFESTS if p.stem == "deepseek-r1-reference"))
+    objects = render.render_all(spec, pod_monitor_supported=False)
+    config = json.loads(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.json"])
+    names = {role["service"] for role in config["roles"].values()}
+    assert names == {f"{spec.name}-ready.{spec.namespace}.svc"} and len(config["roles"]) == 2
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    groups = sum(r.replicas for r in spec.roles)
+    assert len(services) == groups + 2  # a headless Service per group, the ready one, the gateway's
+    ready = services[f"{spec.name}-ready"]["spec"]
+    assert ready["clusterIP"] == "None" and not ready["publishNotReadyAddresses"]
+
+    def selected(labels):
+        return ready["selector"].items() <= labels.items()
+
+    for sts in (o for o in objects if o["kind"] == "StatefulSet"):
+        pod = sts["spec"]["template"]["metadata"]["labels"]
+        assert selected({**pod, L.POD_INDEX: "0"}), sts["metadata"]["name"]  # rank 0 (the controller's label)
+        assert not selected({**pod, L.POD_INDEX: "1"})  # other ranks
+    gateway = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not selected({**gateway, L.POD_INDEX: "0"})
+    other = render.render_statefulset(_spec(MANIFESTS[0]), "prefill", 0)  # another deployment's pods
+    if _spec(MANIFESTS[0]).name != spec.name:
+        assert not selected({**other["spec"]["template"]["metadata"]["labels"], L.POD_INDEX: "0"})

@@ -13,6 +13,7 @@ import os
 import time
 
 import pytest
+from support.controlplane import LARGE_CLUSTER_ENV
 from support.operator_cluster import OperatorProcess, is_ready, list_items
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -21,11 +22,11 @@ NODES = 200
 DEPLOYMENTS = 50
 RESYNC_SECONDS = 3.0
 QUIET_SECONDS = 12.0
-# Issue 17's budget was 20 (19.9 measured before the EPLB trigger); its admin Secret adds one create per
-# deployment (21.2 measured while that took a GET and a POST; now one POST). Still catches per-child writes.
-# Issue 13 adds each group's NetworkPolicy (one apply per group: 2 here) and the gang schedulers' CRD
-# lookups (3 more CRDs, cached 60 s: 21 GETs in all instead of 3): 23.3 measured.
-MAX_REQUESTS_PER_DEPLOYMENT = 24
+# Issue 17's budget: 20 per deployment. Measured 23.3 with issue 13's per-group NetworkPolicies and gang CRD
+# lookups (22.3 on 2026-11-30 14:24: status 185, services 250, CRD GETs 31, events 50); brought under 20 by
+# one ready-rank-0 Service per deployment instead of one per role, status batching (status.write_due), the
+# CRDs watched instead of polled, and no Created Event for a new deployment's first pass.
+MAX_REQUESTS_PER_DEPLOYMENT = 20
 POOL = {"moefleet.test/pool": "opscale"}
 
 
@@ -43,6 +44,11 @@ def deployment(i: int) -> dict:
             "gateway": {"nodeSelector": POOL},
         },
     }
+
+
+def _node_ready(node: dict) -> bool:
+    conditions = node.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def converge_and_stay_quiet(
@@ -100,9 +106,14 @@ def converge_and_stay_quiet(
             if time.monotonic() - progress_at >= 60:  # what a benchmark cut short by its time limit reached
                 progress_at = time.monotonic()
                 done = sum(scale_operator.api_requests().values())
+                try:  # why a run may stall: fake nodes that fell NotReady
+                    fleet = list_items(cluster, "/api/v1/nodes", "moefleet.test/pool=opscale")
+                    not_ready = sum(not _node_ready(n) for n in fleet)
+                except (TimeoutError, OSError, RuntimeError):  # a loaded apiserver: not this minute
+                    not_ready = -1
                 print(
                     f"  {progress_at - start:.0f} s: {len(ready)}/{deployments} Ready, "
-                    f"{done:.0f} operator API requests so far",
+                    f"{done:.0f} operator API requests so far, {not_ready} nodes NotReady",
                     flush=True,
                 )
             time.sleep(1)
@@ -136,14 +147,25 @@ def converge_and_stay_quiet(
         quiet_delta = {k: v - requests.get(k, 0) for k, v in quiet.items() if v != requests.get(k, 0)}
         assert writes_after == writes_before, f"operator wrote during a quiet period: {quiet_delta}"
         assert quiet_requests == 0, f"operator made requests during a quiet period: {quiet_delta}"
+        # CRDs come from a watch (index moefleet_crds): polling them cost up to 8 GETs a minute, also when quiet.
+        assert ("GET", "customresourcedefinitions") not in requests, by_resource
         return requests, per_deployment, quiet_requests
     finally:
         scale_operator.stop()
         operator.start()  # the session operator removes finalizers while the namespace is deleted
-        cluster.delete_nodes("moefleet.test/pool=opscale")
+        try:
+            cluster.delete_nodes("moefleet.test/pool=opscale")
+        except TimeoutError:
+            if nodes <= 200:
+                raise
+            # the benchmark's 1,000 nodes: a loaded API server may not answer the delete in time; the
+            # session (and its throw-away cluster) ends with this benchmark anyway
+            print(
+                "  note: deleting the 1,000 fake nodes timed out (the cluster is discarded with the session)"
+            )
 
 
-def test_50_deployments_on_200_nodes_converge_in_at_most_24_requests_each_and_stay_quiet(
+def test_50_deployments_on_200_nodes_converge_in_at_most_20_requests_each_and_stay_quiet(
     operator, moefleet_chart, kube_namespace
 ):
     _, per_deployment, _ = converge_and_stay_quiet(
@@ -154,12 +176,18 @@ def test_50_deployments_on_200_nodes_converge_in_at_most_24_requests_each_and_st
 
 @pytest.mark.skipif(
     os.environ.get("MOEFLEET_SCALE_BENCHMARK") != "1",
-    reason="benchmark, not run in CI: MOEFLEET_SCALE_BENCHMARK=1 pytest tests/operator/test_scale.py -k 1000 -s "
-    "(MOEFLEET_SCALE_BENCHMARK_LIMIT_SECONDS caps the wait for convergence; progress is printed every minute)",
+    reason="benchmark, not run in CI: MOEFLEET_SCALE_BENCHMARK=1 MOEFLEET_KWOK_LARGE_CLUSTER=1 pytest "
+    "tests/operator/test_scale.py -k 1000 -s (MOEFLEET_SCALE_BENCHMARK_LIMIT_SECONDS caps the wait for "
+    "convergence; progress is printed every minute; MOEFLEET_KWOK_LARGE_CLUSTER=1 slows the fake nodes' "
+    "heartbeats so that 1,000 of them stay Ready on a small machine: tests/support/controlplane.py)",
 )
 @pytest.mark.timeout(3600)
 def test_benchmark_200_deployments_on_1000_nodes(operator, moefleet_chart, kube_namespace):
     """The large variant (docs/benchmarks.md records its figures): same checks, 4x the deployments."""
+    if os.environ.get(LARGE_CLUSTER_ENV) != "1":
+        print(
+            f"\n  note: without {LARGE_CLUSTER_ENV}=1 the 1,000 kwok nodes may flap NotReady on a small machine"
+        )
     limit = float(os.environ.get("MOEFLEET_SCALE_BENCHMARK_LIMIT_SECONDS", "2400"))
     _, per_deployment, _ = converge_and_stay_quiet(
         operator, moefleet_chart, kube_namespace, 1000, 200, timeout_s=limit
