@@ -8,6 +8,7 @@ The status is written before the pods are deleted, so an operator killed in betw
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import ssl
@@ -51,6 +52,17 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 EVENT_AGGREGATION_SECONDS = 600.0
 EVENT_CACHE_SIZE = 4096
 _SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def throttle_delay(retry_after: str | None, attempt: int) -> float:
+    """Pure: seconds to wait before resending a request refused with 429: the server's Retry-After (seconds)
+    when it sends one (at most 10), else 0.5 s doubling per attempt up to 5 s."""
+    if retry_after is not None:
+        try:
+            return min(max(float(retry_after), 0.0), 10.0)
+        except ValueError:
+            pass  # an HTTP date: use our own backoff
+    return min(0.5 * 2**attempt, 5.0)
 
 
 class KubeError(RuntimeError):
@@ -97,7 +109,9 @@ def _event_body(spec_ref: Mapping[str, str], event: Event, name: str, now: str) 
 class Kube:
     """A small synchronous client: apply / delete / patch status / events / get, with request counters."""
 
-    def __init__(self, kubeconfig: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, kubeconfig: str | None = None, timeout: float = 30.0, throttle_budget_s: float = 30.0
+    ) -> None:
         from kubernetes import config as kube_config
         from kubernetes.client import Configuration
 
@@ -122,6 +136,8 @@ class Kube:
             base_url=configuration.host, headers=headers, verify=context, timeout=timeout
         )
         self._token_read_at = time.monotonic()
+        # Most seconds (and at most 10 resends) one request waits out 429s before failing.
+        self.throttle_budget_s = throttle_budget_s
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, str]] = Counter()
         self._crd_cache: dict[str, tuple[bool, float]] = {}
@@ -154,6 +170,20 @@ class Kube:
         API_REQUESTS.labels(verb, resource).inc()
         headers = {"Content-Type": content_type} if body is not None else {}
         response = self._client.request(verb, path, json=body, headers=headers, params=params)
+        waited = 0.0
+        for attempt in itertools.count():
+            # 429: API Priority and Fairness throttled us, or the storage is (re)initializing. The server
+            # refused before doing anything, so any verb is safe to send again (as client-go does).
+            if response.status_code != 429 or waited >= self.throttle_budget_s or attempt >= 10:
+                break
+            delay = min(throttle_delay(response.headers.get("Retry-After"), attempt), self.throttle_budget_s)
+            log.info("%s %s throttled (429); retrying in %.1fs", verb, path, delay)
+            time.sleep(delay)
+            waited += delay
+            with self._lock:
+                self.requests[(verb, resource)] += 1
+            API_REQUESTS.labels(verb, resource).inc()
+            response = self._client.request(verb, path, json=body, headers=headers, params=params)
         if response.status_code == 404 and missing_ok:
             return None
         if response.status_code >= 400:
