@@ -172,7 +172,14 @@ def init_distributed(
     fingerprint = Fingerprint(launch.world_size, model_config_hash(hf_config or {}))
     gathered: list[Any] = [None] * launch.world_size
     dist.all_gather_object(gathered, fingerprint, group=cpu_group)
-    check_fingerprints(gathered)
+    try:
+        check_fingerprints(gathered)
+    except RuntimeError:
+        # Every rank sees the same fingerprints and fails here together: tear the groups down before the
+        # error unwinds, or the process groups die in interpreter teardown (rank 0, the store's host, was
+        # seen to abort with SIGABRT there instead of exiting with its error).
+        dist.destroy_process_group()
+        raise
     logger.info("rank %d/%d joined (%s, master %s:%d)", launch.rank, launch.world_size, backend,
                 launch.master_addr, launch.master_port)  # fmt: skip
     return ProcessGroups(launch, store, device_group, cpu_group, torch_device)

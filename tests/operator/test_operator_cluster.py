@@ -284,12 +284,9 @@ def test_operator_killed_mid_reconcile_converges_without_recreating_anything(
     assert not changed, f"deleted and recreated after the restart: {sorted(changed)}"
     groups = [f"restart-{role}-{r}" for role in ("decode", "prefill") for r in (0, 1)]
     wanted = {("StatefulSet", g) for g in groups} | {("Service", g) for g in groups}
+    wanted |= {("PodDisruptionBudget", f"restart-{role}") for role in ("prefill", "decode")}
     wanted |= {
-        (kind, f"restart-{role}")
-        for role in ("prefill", "decode")
-        for kind in ("Service", "PodDisruptionBudget")
-    }
-    wanted |= {
+        ("Service", "restart-ready"),  # the gateway's discovery: every group's rank-0 pod, all roles
         ("Deployment", "restart-gateway"),
         ("ConfigMap", "restart-gateway"),
         ("Service", "restart-gateway"),
