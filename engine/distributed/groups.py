@@ -220,7 +220,7 @@ def _wait_for_all_ranks(store: dist.TCPStore, launch: Topology, timeout_s: float
         arrived = store.add(JOINED_KEY, 0)
 
 
-LEFT_KEY = "moefleet/left"  # ranks that have torn their process groups down (graceful shutdown)
+TORN_DOWN_KEY = "moefleet/torn-down"  # ranks that have destroyed their process groups (not shutdown.LEFT_KEY)
 LEAVE_WAIT_S = 10.0
 
 
@@ -229,16 +229,14 @@ def shutdown(state: ProcessGroups | None = None) -> None:
     store - leaves last: it waits (at most LEAVE_WAIT_S) until every other rank has torn its groups down, so
     no rank's teardown finds the store gone (seen as "terminate called without an active exception", a
     SIGABRT at exit, when rank 0 exited first)."""
+    from moefleet.engine.distributed.shutdown import mark_left, wait_for_peers_to_leave
+
     if not dist.is_initialized():
         return
     dist.destroy_process_group()
     if state is None or state.world_size == 1:
         return
-    try:
-        left = state.store.add(LEFT_KEY, 1)
-        deadline = time.monotonic() + LEAVE_WAIT_S
-        while state.rank == 0 and left < state.world_size and time.monotonic() < deadline:
-            time.sleep(0.02)
-            left = state.store.add(LEFT_KEY, 0)
-    except (RuntimeError, OSError) as exc:  # the store is gone (rank 0 left or died): nothing to wait for
-        logger.debug("shutdown: rendezvous store unavailable (%s)", exc)
+    if state.rank == 0:
+        wait_for_peers_to_leave(state.store, state.world_size - 1, LEAVE_WAIT_S, key=TORN_DOWN_KEY)
+    else:
+        mark_left(state.store, key=TORN_DOWN_KEY)

@@ -46,20 +46,22 @@ def announce_shutdown(store: Any) -> None:
         logger.warning("could not announce the group shutdown: %s", exc)
 
 
-def mark_left(store: Any) -> None:
-    """A rank other than the front end: my serving loop ended normally."""
+def mark_left(store: Any, key: str = LEFT_KEY) -> None:
+    """A rank other than the front end: my serving loop ended normally (`key`: which counter to bump)."""
     try:
-        store.add(LEFT_KEY, 1)
+        store.add(key, 1)
     except Exception as exc:  # the front end already left: nothing to tell
         logger.debug("could not report leaving the group: %s", exc)
 
 
-def wait_for_peers_to_leave(store: Any, peers: int, timeout_s: float, interval_s: float = 0.05) -> bool:
+def wait_for_peers_to_leave(
+    store: Any, peers: int, timeout_s: float, interval_s: float = 0.05, key: str = LEFT_KEY
+) -> bool:
     """Front end: wait until `peers` ranks called `mark_left` (bounded); whether they all did."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if store.add(LEFT_KEY, 0) >= peers:
+            if store.add(key, 0) >= peers:
                 return True
         except Exception:
             return False

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from moefleet.operator.kube import Kube
+from support.kube_client import kube_for
 
 INSTALLED = "podmonitors.monitoring.coreos.com"
 
@@ -48,23 +48,9 @@ def api_server():
     server.server_close()
 
 
-def _kube(tmp_path, url: str) -> Kube:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": url}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "x",
-    }
-    path = tmp_path / "kubeconfig"
-    path.write_text(json.dumps(config))
-    return Kube(str(path))
-
-
 def test_eight_workers_missing_the_cache_together_make_one_lookup_per_crd(tmp_path, api_server):
     url, hits = api_server
-    kube = _kube(tmp_path, url)
+    kube = kube_for(tmp_path, url)
     names = [INSTALLED, "podgroups.scheduling.volcano.sh"]
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -78,7 +64,7 @@ def test_eight_workers_missing_the_cache_together_make_one_lookup_per_crd(tmp_pa
 
 def test_an_expired_answer_is_looked_up_again(tmp_path, api_server):
     url, hits = api_server
-    kube = _kube(tmp_path, url)
+    kube = kube_for(tmp_path, url)
     try:
         assert kube.crd_exists(INSTALLED, 0.2) and kube.crd_exists(INSTALLED, 0.2)
         assert len(hits) == 1

@@ -8,7 +8,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from moefleet.operator.kube import Kube, KubeError, throttle_delay
+from moefleet.operator.kube import KubeError, throttle_delay
+from support.kube_client import kube_for
 
 
 @pytest.fixture
@@ -47,24 +48,10 @@ def api_server():
     server.server_close()
 
 
-def _kube(tmp_path, url: str, budget: float) -> Kube:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": url}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "x",
-    }
-    path = tmp_path / "kubeconfig"
-    path.write_text(json.dumps(config))
-    return Kube(str(path), throttle_budget_s=budget)
-
-
 def test_throttled_request_is_resent_until_it_passes(api_server, tmp_path):
     url, state = api_server
     state["throttle"] = 3
-    kube = _kube(tmp_path, url, budget=5.0)
+    kube = kube_for(tmp_path, url, throttle_budget_s=5.0)
     got = kube.request("PATCH", "/api/v1/namespaces/n/configmaps/x", "configmaps", body={"data": {}})
     assert got["metadata"]["name"] == "x"
     assert state["hits"] == 4
@@ -74,7 +61,7 @@ def test_throttled_request_is_resent_until_it_passes(api_server, tmp_path):
 def test_throttling_past_the_budget_fails_with_the_servers_message(api_server, tmp_path):
     url, state = api_server
     state["throttle"] = 10**6
-    kube = _kube(tmp_path, url, budget=0.0)
+    kube = kube_for(tmp_path, url, throttle_budget_s=0.0)
     with pytest.raises(KubeError) as error:
         kube.request("GET", "/api/v1/namespaces/n/configmaps/x", "configmaps")
     assert error.value.status == 429 and "too many requests" in str(error.value)
@@ -84,7 +71,7 @@ def test_throttling_past_the_budget_fails_with_the_servers_message(api_server, t
 def test_other_errors_are_not_resent(api_server, tmp_path):
     url, state = api_server
     state.update(throttle=1, status=409)
-    kube = _kube(tmp_path, url, budget=5.0)
+    kube = kube_for(tmp_path, url, throttle_budget_s=5.0)
     with pytest.raises(KubeError):
         kube.request("GET", "/api/v1/namespaces/n/configmaps/x", "configmaps")
     assert state["hits"] == 1
@@ -102,7 +89,7 @@ def test_throttle_delay(retry_after, attempt, expected):
 def test_an_endless_zero_retry_after_stops_after_ten_resends(api_server, tmp_path):
     url, state = api_server
     state["throttle"] = 10**6
-    kube = _kube(tmp_path, url, budget=30.0)
+    kube = kube_for(tmp_path, url, throttle_budget_s=30.0)
     with pytest.raises(KubeError):
         kube.request("GET", "/api/v1/namespaces/n/configmaps/x", "configmaps")
     assert state["hits"] == 11
