@@ -8,6 +8,7 @@ runs from this checkout as the chart's ServiceAccount.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from functools import partial
 
@@ -113,6 +114,46 @@ def _set_node_ready(cluster, node: str, ready: bool) -> None:
     )  # fmt: skip
 
 
+class _NodeHeartbeat:
+    """Renew a node's Lease (kube-node-lease) every few seconds, as its kubelet would, until stopped.
+
+    Without it kube-controller-manager marks a node nobody heartbeats NotReady (and taints it unschedulable)
+    a grace period (50 s) after it appears, which on a loaded CI machine can come before the scheduler has
+    placed the group's pod there."""
+
+    def __init__(self, cluster, node: str, period_s: float = 5.0) -> None:
+        self.cluster, self.node, self.period_s = cluster, node, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{node}", daemon=True)
+
+    def _lease(self) -> dict:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        return {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": self.node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": now},
+        }  # fmt: skip
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.cluster.apply(self._lease())
+            except Exception:  # noqa: BLE001 - a missed beat is retried on the next period
+                pass
+
+    def __enter__(self) -> _NodeHeartbeat:
+        self.cluster.apply(self._lease())
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _act_as_kubelet(cluster, namespace: str, pod: dict) -> None:
     """Report the pod Running and Ready, as the (test-played) kubelet of a node kwok does not manage."""
     containers = [c["name"] for c in pod["spec"]["containers"]]
@@ -154,7 +195,10 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
         {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastHeartbeatTime": _now(), "lastTransitionTime": _now()}
     ]  # fmt: skip
     kube_cluster.apply(node)
-    healthy = kube_cluster.create_gpu_nodes(2, prefix="stuck-kwok", labels=label)
+    heartbeat = _NodeHeartbeat(kube_cluster, unmanaged).__enter__()
+    # One kwok node now: with two nodes for two pods the scheduler must use the unmanaged one. The second
+    # healthy node comes once the group is Ready, for the replacement.
+    healthy = kube_cluster.create_gpu_nodes(1, prefix="stuck-kwok-a", labels=label)
     try:
         kube_cluster.apply(
             small(name, {"mixed": {"replicas": 1, "nodesPerReplica": 2, "nodeSelector": label}}),
@@ -165,18 +209,24 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
         def bound_to_unmanaged() -> bool:
             pods = engine_pods(kube_cluster, kube_namespace, name)
             state["victim"] = next((p for p in pods.values() if p["spec"].get("nodeName") == unmanaged), None)
+            state["placed"] = {n: p["spec"].get("nodeName") for n, p in pods.items()}
             return (
                 len(pods) == 2
                 and all(p["spec"].get("nodeName") for p in pods.values())
                 and state["victim"] is not None
             )
 
-        wait_for(bound_to_unmanaged, 180, "one pod on the unmanaged node, one on a kwok node")
+        try:
+            wait_for(bound_to_unmanaged, 180, "one pod on the unmanaged node, one on a kwok node")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; pods -> nodes: {state.get('placed')}") from None
         victim = state["victim"]
         _act_as_kubelet(kube_cluster, kube_namespace, victim)
         wait_ready(kube_cluster, kube_namespace, name)
+        healthy += kube_cluster.create_gpu_nodes(1, prefix="stuck-kwok-b", labels=label)
         before = engine_pods(kube_cluster, kube_namespace, name)
         marked = time.monotonic()
+        heartbeat.stop()  # the kubelet goes silent
         _set_node_ready(kube_cluster, unmanaged, False)
         kube_cluster.kubectl("cordon", unmanaged)  # the node controller's not-ready taint, on a real cluster
 
@@ -244,7 +294,11 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
             f"group not Ready {reacted:.1f}s after its node went NotReady; stuck pod force-deleted after {waited:.1f}s"
         )
     finally:
+        heartbeat.stop()
         kube_cluster.kubectl("delete", "node", unmanaged, *healthy, "--wait=false", check=False)
+        kube_cluster.kubectl(
+            "delete", "lease", unmanaged, "-n", "kube-node-lease", "--wait=false", check=False
+        )
         operator.stop()
         operator.extra_env.pop("MOEFLEET_OPERATOR_FORCE_DELETE_AFTER_SECONDS", None)
         operator.start()

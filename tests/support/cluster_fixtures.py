@@ -10,6 +10,11 @@ tests/operator/ both get:
 - `prometheus` (function): a factory `prometheus(targets=[...]) -> PrometheusServer`, stopped afterwards.
 
 When a test using these fails, the tail of every component's log is attached to its report.
+
+Tests marked `cluster` are run a second time when they fail (pytest-rerunfailures; the report counts each
+rerun as `R`): they drive kube-controller-manager, the scheduler and kwok on a shared 2-core machine, where
+a component can fall behind a test's deadline. A real defect fails both runs. MOEFLEET_CLUSTER_RERUNS=0 turns
+the rerun off (to see a flake), another number sets the count.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ from support.controlplane import ControlPlane
 from support.prometheus import PrometheusServer
 
 _ns_counter = itertools.count()
+CLUSTER_RERUNS_ENV = "MOEFLEET_CLUSTER_RERUNS"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reruns = int(os.environ.get(CLUSTER_RERUNS_ENV, "1"))
+    if reruns <= 0 or not config.pluginmanager.hasplugin("rerunfailures"):
+        return
+    for item in items:
+        if item.get_closest_marker("cluster") and not item.get_closest_marker("flaky"):
+            item.add_marker(pytest.mark.flaky(reruns=reruns, reruns_delay=2))
 
 
 @pytest.fixture(scope="session")
