@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import Any
 
+from moefleet.engine.server import event_loop
 from moefleet.engine.server.drain import ABORT_FLUSH_S, DEFAULT_DRAIN_TIMEOUT_S, Drain
 from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
 from moefleet.engine.topology import Topology, env_int, set_current
@@ -509,7 +510,7 @@ def serve_http(
             print(examples(args.host, port, name), flush=True)
 
     try:
-        asyncio.run(_serve(server, sock, on_started, stop, drain, client))
+        event_loop.run(_serve(server, sock, on_started, stop, drain, client), config)
     except KeyboardInterrupt:  # a Ctrl-C outside uvicorn's handlers (e.g. during start-up): a clean exit
         pass
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
+from moefleet.engine.server import event_loop
 from moefleet.engine.server.drain import (
     ABORT,
     ABORT_FLUSH_S,
@@ -190,13 +191,14 @@ def serve(app: ASGIApp, host: str, port: int, log_level: str, drain: Drain) -> N
     config = uvicorn.Config(guard, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(config)
     try:
-        asyncio.run(_serve(server, guard, drain))
+        event_loop.run(_serve(server, guard, drain), config)
     except KeyboardInterrupt:  # a Ctrl-C outside uvicorn's handlers (start-up): a clean exit
         pass
 
 
 async def _serve(server: Any, guard: DrainGuard, drain: Drain) -> None:
     """Serve until the drain says stop (engine/server/drain.py: drain_action), cutting what is left at ABORT."""
+    print(f"{NAME}: event loop {event_loop.loop_name()}", flush=True)
     task = asyncio.create_task(server.serve())
     loop = asyncio.get_running_loop()
     aborted_at: float | None = None

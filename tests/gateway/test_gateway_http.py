@@ -232,7 +232,9 @@ def test_the_gateway_command_serves_and_refuses_bad_flags(tmp_path):
             assert reply.choices[0].finish_reason == "length"
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            out, _ = process.communicate(timeout=30)
+        # The server runs on uvloop (a dependency), not the stdlib loop a bare asyncio.run would start.
+        assert "moefleet gateway: event loop uvloop" in out, out
 
 
 def _ready(url: str) -> bool:
