@@ -76,6 +76,7 @@ def create_transfer(
 ) -> tuple[KVSender, KVReceiver]:
     """The transfer backend of this engine; only `tcp` exists (GPU paths: see docs/distributed.md).
     `advertise_host`: the address the receiver announces (default: `host`, or 127.0.0.1 for a wildcard)."""
-    from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
+    from moefleet.engine.disaggregation.receiver import KVServer
+    from moefleet.engine.disaggregation.tcp import TcpSender
 
-    return TcpSender(pool), TcpReceiver(pool, host, port, advertise_host)
+    return TcpSender(pool), KVServer(pool, host, port, advertise_host)
