@@ -45,6 +45,10 @@ class KVSender(ABC):
         """Push `blocks` (holding `num_tokens` prompt tokens) to the receiver at `address`; returns once the
         receiver acknowledged, raises TransferError otherwise. Blocking: call it off the engine thread."""
 
+    def close(self) -> None:
+        """Release what the sender keeps between transfers (p2p: its pair groups)."""
+        return None
+
 
 class KVReceiver(ABC):
     name = "?"
