@@ -174,6 +174,14 @@ def transfer_stream(device: torch.device) -> Iterator[Callable[[], None]]:
         yield stream.synchronize
 
 
+def _warm_up(work: Any, device: torch.device) -> None:
+    """Finish the pair's first exchange on the helper thread of `bounded` (NCCL builds its communicator on the
+    first send / recv; its `wait` only orders streams, so poll the completion)."""
+    while device.type == "cuda" and not work.is_completed():
+        time.sleep(1e-3)
+    work.wait()
+
+
 def _abort(group: Any) -> None:
     with contextlib.suppress(Exception):
         group.abort()
@@ -256,7 +264,7 @@ class P2PSender(KVSender):
                 host, store_port, is_master=False, timeout=datetime.timedelta(seconds=PAIR_TIMEOUT_SECONDS)
             )
             group = new_pair_group(store, key, 0, device, local_host)
-            group.send([torch.ones(1, device=device)], 1, 0).wait()  # warm-up: both ends connected
+            _warm_up(group.send([torch.ones(1, device=device)], 1, 0), device)  # both ends connected
             return _Pair(key, group, store)
 
         pair = bounded(make, PAIR_TIMEOUT_SECONDS, sock, f"p2p pair group with {address}")
@@ -364,7 +372,7 @@ class P2PData:
             timeout=datetime.timedelta(seconds=PAIR_TIMEOUT_SECONDS),
         )
         group = new_pair_group(store, key, 1, device, sock.getsockname()[0])
-        group.recv([torch.empty(1, device=device)], 0, 0).wait()  # warm-up: both ends connected
+        _warm_up(group.recv([torch.empty(1, device=device)], 0, 0), device)  # both ends connected
         return _Pair(key, group, store)
 
     def _pull(self, group: Any, sock: socket.socket, header: dict[str, Any], reg: Registration) -> None:

@@ -92,18 +92,27 @@ def read_ack(sock: socket.socket, transfer_id: str) -> None:
 
 
 def peer_gone(sock: socket.socket) -> str | None:
-    """Why the peer of a control connection that should be silent now is gone (closed, or it sent its error
-    early), or None while it is quiet. Never blocks."""
+    """Why the peer of a control connection that is quiet during the data is gone (it closed, or it sent an
+    error), or None: quiet, or its ack is already waiting (read later by `read_ack`). Never blocks, never
+    consumes (the peek sees a whole message, up to 64 KiB)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return None
-        if not sock.recv(1, socket.MSG_PEEK):
-            return "the peer closed the connection"
-        message = recv_json(sock)
-    except (OSError, ValueError, TransferError) as exc:
+        data = sock.recv(1 << 16, socket.MSG_PEEK)
+    except OSError as exc:
         return f"the control connection failed: {exc}"
-    return f"the peer ended the transfer: {message.get('error') or message}"
+    if not data:
+        return "the peer closed the connection"
+    if len(data) < _LEN.size or len(data) < _LEN.size + _LEN.unpack(data[: _LEN.size])[0]:
+        return None  # a message still arriving
+    try:
+        message = json.loads(data[_LEN.size : _LEN.size + _LEN.unpack(data[: _LEN.size])[0]])
+    except ValueError:
+        return "the peer sent a malformed control message"
+    if isinstance(message, dict) and message.get("ok"):
+        return None
+    return f"the peer ended the transfer: {message.get('error') if isinstance(message, dict) else message}"
 
 
 class quiet:

@@ -222,7 +222,8 @@ def test_a_sender_gone_midway_fails_the_transfer_quickly_and_the_next_one_works(
     with pytest.raises(TransferError, match="prefill engine died"):
         sender.send(receiver.address, "t6", [0], 4, first_token=1)
     assert done.wait(10) and time.monotonic() - started < 10
-    assert "closed" in (results[0].error or ""), results[0]
+    # Seen by the control connection (closed) or by gloo (its pair connection broke), whichever is first.
+    assert results[0].first_token is None and "chunk" in (results[0].error or ""), results[0]
     assert receiver.address not in sender._pairs  # dropped on both sides
     src.gather_blocks = gather  # type: ignore[method-assign]
     results, done = _expect(receiver, "t7", [2], num_tokens=4)
