@@ -267,3 +267,31 @@ def test_tcp_and_p2p_senders_push_to_the_same_receiver_at_once(receiver_of):
     ]
     _assert_moved(src, dst, [(0, 4), (1, 5), (2, 6), (3, 7)], untouched=[0, 1, 2, 3])
     p2p_sender.close()
+
+
+# ---- selection ------------------------------------------------------------------------------------------
+
+
+def test_auto_is_tcp_until_p2p_has_a_gpu_run_and_the_flag_reaches_the_sender(monkeypatch, tmp_path):
+    from moefleet.engine.cli import CommandError, build_parser
+    from moefleet.engine.disaggregation.base import choose_kv_transfer, create_transfer
+    from moefleet.engine.entrypoints.serve_command import check_args
+
+    assert [choose_kv_transfer(x) for x in ("auto", "tcp", "p2p")] == ["tcp", "tcp", "p2p"]
+    with pytest.raises(ValueError, match="auto, tcp, p2p"):
+        choose_kv_transfer("nccl")
+    src, _ = _pools()
+    for backend, kind in [("auto", TcpSender), ("p2p", P2PSender)]:
+        sender, receiver = create_transfer(src, "127.0.0.1", backend=backend)
+        assert isinstance(sender, kind) and isinstance(receiver, KVServer)
+        receiver.close()
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("MOEFLEET_KV_TRANSFER", "p2p")
+    assert build_parser().parse_args(["serve", "--model", str(tmp_path)]).kv_transfer == "p2p"
+    assert (
+        build_parser().parse_args(["serve", "--model", str(tmp_path), "--kv-transfer", "tcp"]).kv_transfer
+        == "tcp"
+    )
+    monkeypatch.setenv("MOEFLEET_KV_TRANSFER", "nccl")
+    with pytest.raises(CommandError, match="--kv-transfer 'nccl'"):
+        check_args(build_parser().parse_args(["serve", "--model", str(tmp_path)]))
