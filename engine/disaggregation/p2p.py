@@ -231,11 +231,11 @@ class P2PSender(KVSender):
                     pair = self._new_pair(address, key, int(reply["store_port"]), sock)
                 self._push(pair.group, sock, transfer_id, blocks)
                 read_ack(sock, transfer_id)
-            except (OSError, TransferError, RuntimeError) as exc:
+            except BaseException as exc:  # the pair's state is unknown now: both sides drop it
                 self._drop(address)
-                if isinstance(exc, TransferError):
-                    raise
-                raise TransferError(f"KV transfer {transfer_id} to {address} failed: {exc}") from exc
+                if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, TransferError):
+                    raise TransferError(f"KV transfer {transfer_id} to {address} failed: {exc}") from exc
+                raise
 
     def close(self) -> None:
         with self._guard:
@@ -355,7 +355,7 @@ class P2PData:
                 )
         try:
             self._pull(pair.group, sock, header, reg)
-        except (OSError, TransferError, RuntimeError):
+        except BaseException:  # the pair's state is unknown now: both sides drop it
             with self._guard:
                 if self._pairs.get(sender) is pair:
                     del self._pairs[sender]
