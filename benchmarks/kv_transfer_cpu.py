@@ -16,7 +16,8 @@ import threading
 import time
 
 import torch
-from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
+from moefleet.engine.disaggregation.receiver import KVServer as TcpReceiver
+from moefleet.engine.disaggregation.tcp import TcpSender
 from moefleet.engine.kv_cache import KVCachePool
 
 BLOCK = 16

@@ -8,6 +8,11 @@ for any layer without knowing its kind. Layers still read `layer.kv_cache` (the 
 
 Transfer unit: one (layer, block) pair, `unit_bytes(layer)` bytes, layers outer and blocks inner
 (`request_units`). `read_unit` copies one unit out to host bytes (host-staged); `write_unit` copies bytes in.
+
+Device-side transfer (the `p2p` backend): `gather_blocks(layers, blocks, out)` copies a request's blocks of a
+range of layers into one flat byte tensor on the pool's device (layers outer; each layer's piece is its cache
+with the block dimension cut down to `blocks`, in their order), `scatter_blocks` writes such a tensor back into
+other blocks of a pool of the same layout; `span_bytes` is its size. No host copy.
 """
 
 from __future__ import annotations
@@ -124,3 +129,49 @@ class KVCachePool:
         )
         src = torch.frombuffer(writable, dtype=torch.uint8).view(self.dtype).reshape(view.shape)
         view.copy_(src)
+
+    def span_bytes(self, layers: range, num_blocks: int) -> int:
+        """Bytes of `num_blocks` blocks of each layer in `layers` (the size `gather_blocks` fills)."""
+        return sum(self.unit_bytes(layer) for layer in layers) * num_blocks
+
+    def _pieces(
+        self, layers: range, blocks: list[int], flat: torch.Tensor
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(layer, the view of `flat` that holds the layer's `blocks`), checking sizes and the block ids."""
+        if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.device != self.caches[0].device:
+            raise ValueError(
+                f"staging must be a flat uint8 tensor on {self.device}, got {flat.dtype} {flat.device}"
+            )
+        if flat.numel() != self.span_bytes(layers, len(blocks)):
+            raise ValueError(
+                f"staging has {flat.numel()} bytes, layers {layers} x {len(blocks)} blocks need "
+                f"{self.span_bytes(layers, len(blocks))}"
+            )
+        bad = [b for b in blocks if not 0 <= b < self.num_blocks]
+        if bad:
+            raise IndexError(f"blocks {bad} are outside the pool [0, {self.num_blocks})")
+        offset = 0
+        for layer in layers:
+            shape = list(self.caches[layer].shape)
+            shape[self.block_dims[layer]] = len(blocks)
+            size = self.unit_bytes(layer) * len(blocks)
+            yield layer, flat[offset : offset + size].view(self.dtype).view(shape)
+            offset += size
+
+    def _index(self, blocks: list[int]) -> torch.Tensor:
+        return torch.tensor(blocks, dtype=torch.long).to(self.caches[0].device, non_blocking=True)
+
+    def gather_blocks(self, layers: range, blocks: list[int], out: torch.Tensor) -> torch.Tensor:
+        """Copy `blocks` of every layer in `layers` into `out` (flat uint8, `span_bytes` long, on the pool's
+        device), on the current stream; returns `out`."""
+        index = self._index(blocks)
+        for layer, piece in self._pieces(layers, blocks, out):
+            torch.index_select(self.caches[layer], self.block_dims[layer], index, out=piece)
+        return out
+
+    def scatter_blocks(self, layers: range, blocks: list[int], src: torch.Tensor) -> None:
+        """Write `src` (filled by `gather_blocks` of a pool with the same layout) into `blocks` of every layer
+        in `layers`, on the current stream."""
+        index = self._index(blocks)
+        for layer, piece in self._pieces(layers, blocks, src):
+            self.caches[layer].index_copy_(self.block_dims[layer], index, piece)

@@ -45,6 +45,10 @@ class KVSender(ABC):
         """Push `blocks` (holding `num_tokens` prompt tokens) to the receiver at `address`; returns once the
         receiver acknowledged, raises TransferError otherwise. Blocking: call it off the engine thread."""
 
+    def close(self) -> None:
+        """Release what the sender keeps between transfers (p2p: its pair groups)."""
+        return None
+
 
 class KVReceiver(ABC):
     name = "?"
@@ -71,11 +75,36 @@ class KVReceiver(ABC):
     def close(self) -> None: ...
 
 
-def create_transfer(
-    pool: KVCachePool, host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None
-) -> tuple[KVSender, KVReceiver]:
-    """The transfer backend of this engine; only `tcp` exists (GPU paths: see docs/distributed.md).
-    `advertise_host`: the address the receiver announces (default: `host`, or 127.0.0.1 for a wildcard)."""
-    from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
+KV_TRANSFER_CHOICES = ("auto", "tcp", "p2p")
 
-    return TcpSender(pool), TcpReceiver(pool, host, port, advertise_host)
+
+def choose_kv_transfer(requested: str) -> str:
+    """The backend `--kv-transfer` names. `auto` is `tcp`: p2p (NCCL) has not run on a GPU yet, and an
+    untested backend is never picked by auto (it switches once the GPU run is in docs/benchmarks.md)."""
+    if requested not in KV_TRANSFER_CHOICES:
+        raise ValueError(f"--kv-transfer {requested!r}: choose one of {', '.join(KV_TRANSFER_CHOICES)}")
+    return "tcp" if requested == "auto" else requested
+
+
+def create_transfer(
+    pool: KVCachePool,
+    host: str = "0.0.0.0",
+    port: int = 0,
+    advertise_host: str | None = None,
+    backend: str = "auto",
+) -> tuple[KVSender, KVReceiver]:
+    """This engine's KV sender (`backend`: auto / tcp / p2p, see `choose_kv_transfer`) and its receiver, which
+    takes transfers of every backend (receiver.py). `advertise_host`: the address the receiver announces
+    (default: `host`, or 127.0.0.1 for a wildcard)."""
+    from moefleet.engine.disaggregation.receiver import KVServer
+
+    sender: KVSender
+    if choose_kv_transfer(backend) == "p2p":
+        from moefleet.engine.disaggregation.p2p import P2PSender
+
+        sender = P2PSender(pool)
+    else:
+        from moefleet.engine.disaggregation.tcp import TcpSender
+
+        sender = TcpSender(pool)
+    return sender, KVServer(pool, host, port, advertise_host)

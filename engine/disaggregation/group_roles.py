@@ -76,11 +76,13 @@ def _as_outputs(events: list[tuple[str, Any, bool]]) -> list[Any]:
     return outputs
 
 
-def attach_rank_agent(loop: DPEngineLoop, state: Any, role: str, host: str) -> PDRankAgent:
+def attach_rank_agent(
+    loop: DPEngineLoop, state: Any, role: str, host: str, kv_transfer: str = "auto"
+) -> PDRankAgent:
     """This rank's KV sender/receiver, hooked into its loop and announced in the store."""
     pool = loop.engine.model_runner.kv_pool
     node_rank = state.topology.node_rank
-    sender, receiver = create_transfer(pool, host, 0, advertised_host(host, node_rank))
+    sender, receiver = create_transfer(pool, host, 0, advertised_host(host, node_rank), kv_transfer)
     notify = loop.router.wake if loop.router.is_front_end else None
     agent = PDRankAgent(loop.engine, role, sender, receiver, notify)
     loop.pd = GroupPD(agent)
@@ -106,7 +108,7 @@ def attach_role(loop: DPEngineLoop, state: Any, args: Any) -> PDRankAgent | None
     role = getattr(args, "role", "mixed")
     if role == "mixed":
         return None
-    agent = attach_rank_agent(loop, state, role, args.host)
+    agent = attach_rank_agent(loop, state, role, args.host, getattr(args, "kv_transfer", "auto"))
     if state.rank == 0:
         print(
             f"moefleet serve: role {role} over {state.world_size} ranks, KV transfer backend "

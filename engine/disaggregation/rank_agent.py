@@ -141,6 +141,7 @@ class PDRankAgent:
 
     def close(self) -> None:
         self._send_threads.shutdown(wait=False, cancel_futures=True)
+        self.sender.close()
         self.receiver.close()
 
     def _landed(self, request_id: str, result: TransferResult) -> list[Event]:

@@ -68,12 +68,16 @@ class PDEngineClient(LocalEngineClient):
 
     _thread_name = "moefleet-engine-pd"
 
-    def __init__(self, engine: Any, role: str, kv_host: str = "0.0.0.0", kv_port: int = 0):
+    def __init__(
+        self, engine: Any, role: str, kv_host: str = "0.0.0.0", kv_port: int = 0, kv_transfer: str = "auto"
+    ):
         if role not in ("prefill", "decode"):
             raise ValueError(f"role {role!r}: PDEngineClient serves the prefill or decode role")
         super().__init__(engine)
         self.role = role
-        self.sender, self.receiver = create_transfer(engine.model_runner.kv_pool, kv_host, kv_port)
+        self.sender, self.receiver = create_transfer(
+            engine.model_runner.kv_pool, kv_host, kv_port, backend=kv_transfer
+        )
         commands = self._commands
         self.agent = PDRankAgent(engine, role, self.sender, self.receiver, lambda: commands.put(("pd_poll",)))
 

@@ -64,6 +64,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "disaggregated deployment behind `moefleet gateway` (docs/distributed.md)",
     )
     parser.add_argument(
+        "--kv-transfer",
+        choices=("auto", "tcp", "p2p"),
+        default=os.environ.get("MOEFLEET_KV_TRANSFER") or "auto",
+        help="prefill/decode KV transfer backend (env MOEFLEET_KV_TRANSFER): tcp = host-staged over TCP (any "
+        "network); p2p = device to device over a torch.distributed pair group (NCCL on GPUs, gloo on CPU; not "
+        "yet verified on GPUs); auto = tcp until p2p has a GPU run (default auto). A decode engine receives "
+        "both either way",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         help="default: float32 on cpu, bfloat16 on cuda",
@@ -229,6 +238,8 @@ def check_args(args: argparse.Namespace) -> Topology:
         raise CommandError(f"--device {args.device} is not supported", "use --device cpu or --device cuda")
     if args.drain_timeout < 0:
         raise CommandError(f"--drain-timeout {args.drain_timeout:g} must be >= 0 seconds")
+    if getattr(args, "kv_transfer", "auto") not in ("auto", "tcp", "p2p"):  # from MOEFLEET_KV_TRANSFER
+        raise CommandError(f"--kv-transfer {args.kv_transfer!r} is not a backend", "use auto, tcp or p2p")
     for flag in (
         "max_num_seqs",
         "max_num_batched_tokens",
@@ -411,7 +422,9 @@ def build_engine_client(args: argparse.Namespace) -> Any:
     if role != "mixed":
         from moefleet.engine.disaggregation.roles import PDEngineClient
 
-        client = PDEngineClient(engine, role, kv_host=args.host)
+        client = PDEngineClient(
+            engine, role, kv_host=args.host, kv_transfer=getattr(args, "kv_transfer", "auto")
+        )
         print(
             f"moefleet serve: role {role}, KV transfer backend {client.sender.name} at {client.receiver.address}",
             file=sys.stderr,

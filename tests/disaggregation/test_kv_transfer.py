@@ -11,9 +11,10 @@ import time
 
 import pytest
 import torch
-from moefleet.engine.disaggregation import tcp
+from moefleet.engine.disaggregation import tcp, wire
 from moefleet.engine.disaggregation.base import TransferError, TransferResult
-from moefleet.engine.disaggregation.tcp import TcpReceiver, TcpSender
+from moefleet.engine.disaggregation.receiver import KVServer as TcpReceiver
+from moefleet.engine.disaggregation.tcp import TcpSender
 from moefleet.engine.kv_cache import KVCachePool, block_dim
 
 
@@ -114,7 +115,7 @@ def test_a_corrupted_chunk_fails_the_checksum():
 
 
 def test_an_unexpected_transfer_id_is_refused_after_the_wait(monkeypatch):
-    monkeypatch.setattr(tcp, "REGISTER_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(wire, "REGISTER_WAIT_SECONDS", 0.2)
     src, dst = _pools()
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
@@ -143,7 +144,7 @@ def test_a_transfer_that_arrives_before_its_registration_waits_for_it():
 
 
 def test_a_sender_for_a_cancelled_or_refused_id_is_answered_at_once(monkeypatch):
-    monkeypatch.setattr(tcp, "REGISTER_WAIT_SECONDS", 20.0)
+    monkeypatch.setattr(wire, "REGISTER_WAIT_SECONDS", 20.0)
     src, dst = _pools()
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
