@@ -27,8 +27,21 @@ from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
-from moefleet.engine.gateway.upstream import Upstream, UpstreamAnswer, UpstreamBusy, UpstreamError
-from moefleet.engine.server.errors import OpenAIError, error_body, error_response, install_error_handlers
+from moefleet.engine.gateway.upstream import (
+    Busy,
+    Full,
+    Upstream,
+    UpstreamAnswer,
+    UpstreamBusy,
+    UpstreamError,
+)
+from moefleet.engine.server.errors import (
+    KV_CACHE_FULL_CODE,
+    OpenAIError,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from moefleet.engine.server.request_guard import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, json_depth
 
 log = logging.getLogger("moefleet.gateway")
@@ -161,9 +174,10 @@ class Gateway:
         try:
             upstream = await self.upstream.post(backend.url + path, raw, headers)
             if upstream.status_code in RETRYABLE_STATUS:
-                detail = (await upstream.read()).decode(errors="replace")[:200]
+                detail = (await upstream.read()).decode(errors="replace")
                 finished = True
-                return f"answered {upstream.status_code}: {detail}"
+                why = f"answered {upstream.status_code}: {detail[:200]}"
+                return Full(why) if KV_CACHE_FULL_CODE in detail else why
             if not (stream and upstream.status_code == 200):
                 content = await upstream.read()
                 finished = True
@@ -312,10 +326,6 @@ class StallWatch:
             for _ in range(self._cancels):
                 self.task.uncancel()
         self._cancels = 0
-
-
-class Busy(str):
-    """Why a backend did not take a request in time (connect timeout): retried elsewhere, not marked down."""
 
 
 def _sse(payload: Any) -> bytes:

@@ -27,15 +27,16 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 from fastapi.responses import JSONResponse, Response
 from moefleet.engine.gateway.pool import Backend
-from moefleet.engine.gateway.routing import NoBackendError, pick_backend, pick_dp_rank
-from moefleet.engine.gateway.upstream import UpstreamError, UpstreamUnreachable
-from moefleet.engine.server.errors import error_body
+from moefleet.engine.gateway.routing import NoBackendError, next_pd_attempt, pd_attempt_limit, pick_dp_rank
+from moefleet.engine.gateway.upstream import Busy, Full, UpstreamError, UpstreamUnreachable
+from moefleet.engine.server.errors import KV_CACHE_FULL_CODE, error_body
 
 if TYPE_CHECKING:
     from moefleet.engine.gateway.app import Gateway
@@ -46,6 +47,8 @@ TRANSFER_HEADER = "x-moefleet-kv-transfer"
 TARGET_HEADER = "x-moefleet-kv-target"
 DP_RANK_HEADER = "x-moefleet-dp-rank"
 BOOTSTRAP_PATH = "/v1/pd/bootstrap"
+# A request no decode group could take (all full, or none left) is answered 503 with this Retry-After.
+RETRY_AFTER_SECONDS = 1
 # Fields whose meaning needs state the decode side would not have after a hand-over (served whole there).
 _WHOLE_ON_DECODE = (
     "logprobs",
@@ -79,18 +82,6 @@ class PDRelay:
         self._bootstrap: dict[str, dict[str, Any] | None] = {}  # decode group url -> answer (None: no roles)
         self._background: set[asyncio.Task] = set()
 
-    def pick(self, role: str, prefix_key: str) -> Backend:
-        gw = self.gateway
-        view = pick_backend(
-            gw.pool.views(),
-            role,
-            gw.pool.config.routing_policy,
-            exclude=frozenset(),
-            turn=next(gw.turns),
-            prefix_key=prefix_key,
-        )
-        return gw.pool.backends[view.name]
-
     async def bootstrap(self, backend: Backend) -> dict[str, Any] | None:
         if backend.url not in self._bootstrap:
             answer = await self.gateway.client.get(backend.url + BOOTSTRAP_PATH, timeout=5.0)
@@ -109,24 +100,66 @@ class PDRelay:
     async def relay(
         self, path: str, raw: bytes, body: dict[str, Any], headers: dict[str, str], prefix_key: str
     ) -> Response | None:
-        """The client's answer, or None when the request should be served whole by a decode group."""
+        """The client's answer, or None when the request should be served whole by a decode group.
+
+        Tries (decode, prefill) pairs from `next_pd_attempt` until one gets the first token to the client: a
+        decode group that refuses (full, draining) or cannot be reached, and a prefill group that fails before
+        the first token, are left out of the next attempt (only the side that failed); when every prefill
+        group failed, a decode group serves the request whole; when no decode group is left, 503."""
         gw = self.gateway
         if not splittable(body):
             return None
-        try:
-            prefill = self.pick("prefill", prefix_key)
-        except NoBackendError:
-            return None  # no prefill group ready: decode groups serve whole requests meanwhile
-        try:
-            decode = self.pick("decode", prefix_key)
-        except NoBackendError as exc:
-            return gw._answer(JSONResponse(error_body(str(exc), 503), status_code=503))
+        failed_decode: set[str] = set()
+        failed_prefill: set[str] = set()
+        errors: list[str] = []
+        full = 0  # decode groups that refused for want of KV room
+        limit = pd_attempt_limit(gw.pool.views())
+        for _ in range(limit):
+            try:
+                attempt = next_pd_attempt(
+                    gw.pool.views(),
+                    gw.pool.config.routing_policy,
+                    failed_decode=frozenset(failed_decode),
+                    failed_prefill=frozenset(failed_prefill),
+                    turn=next(gw.turns),
+                    prefix_key=prefix_key,
+                )
+            except NoBackendError as exc:
+                return self._unavailable(str(exc), errors, full)
+            if attempt.prefill is None:
+                if errors:
+                    log.warning("no prefill group left (%s): serving the request whole", "; ".join(errors))
+                return None  # no prefill group ready (or every one failed): decode groups serve it whole
+            outcome = await self._attempt(
+                gw.pool.backends[attempt.decode], gw.pool.backends[attempt.prefill], path, raw, body, headers
+            )
+            if isinstance(outcome, Failed):
+                errors.append(str(outcome))
+                (failed_decode if outcome.side == "decode" else failed_prefill).add(outcome.group)
+                full += outcome.full
+                gw.metrics.retries.labels(outcome.side).inc()
+                continue
+            return outcome
+        return self._unavailable(f"no group could take the request after {limit} attempts", errors, full)
+
+    async def _attempt(
+        self,
+        decode: Backend,
+        prefill: Backend,
+        path: str,
+        raw: bytes,
+        body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> Response | Failed | None:
+        """One try over `decode` and `prefill`: the client's answer, None (serve whole: the decode group has
+        no roles), or which side failed before the first token (both legs are cancelled by then, which
+        aborts the request and frees its KV on each side)."""
+        gw = self.gateway
         try:
             boot = await self.bootstrap(decode)
         except (httpx.HTTPError, ValueError) as exc:
             gw.pool.mark_failed(decode.name, str(exc))
-            message = f"decode group {decode.name} did not answer {BOOTSTRAP_PATH} ({exc}); retry the request"
-            return gw._answer(JSONResponse(error_body(message, 503), status_code=503))
+            return Failed("decode", decode.name, f"did not answer {BOOTSTRAP_PATH} ({exc})")
         if boot is None:
             return None
         transfer_id = uuid.uuid4().hex
@@ -148,22 +181,27 @@ class PDRelay:
                 await _cancel(decode_task)
                 if isinstance(failure, Response):  # the request itself is bad (4xx): say so as the engine did
                     return gw._answer(failure)
-                if isinstance(failure, Unreachable):  # nothing computed yet: a decode group serves it whole
-                    log.warning(
-                        "prefill group %s unreachable (%s): serving the request whole", prefill.name, failure
-                    )
-                    return None
-                return self._fail(f"prefill group {prefill.name}: {failure}")
+                return Failed("prefill", prefill.name, str(failure))
             result = await decode_task
         except BaseException:
             await _cancel(decode_task)
             await _cancel(prefill_task)
             raise
-        if isinstance(result, str):
+        if isinstance(result, str) or result.status_code >= 500:
+            # Refused (full, draining), unreachable, or failed before its first token: whose fault? A prefill
+            # leg that failed too (a broken transfer fails both) is blamed, else the decode group.
+            prefill_failure = await _settle(prefill_task) if prefill_task.done() else None
             await _cancel(prefill_task)
-            gw.pool.mark_failed(decode.name, result)
-            return self._fail(f"decode group {decode.name}: {result}")
-        if result.status_code != 200:  # refused by the decode group: the prefill leg has nowhere to go
+            if isinstance(prefill_failure, str):
+                return Failed("prefill", prefill.name, prefill_failure)
+            if isinstance(result, Full):
+                return Failed("decode", decode.name, str(result), full=True)
+            if isinstance(result, str):
+                if not isinstance(result, Busy):
+                    gw.pool.mark_failed(decode.name, result)
+                return Failed("decode", decode.name, result)
+            return Failed("decode", decode.name, f"answered {result.status_code}")
+        if result.status_code != 200:  # refused by the decode group (4xx): the prefill leg has nowhere to go
             await _cancel(prefill_task)
             return result
         if not prefill_task.done():  # it answers right after the decode side acknowledged: let it finish
@@ -200,10 +238,40 @@ class PDRelay:
         gw.metrics.kv_transfer_seconds.observe(time.perf_counter() - started)
         return None
 
-    def _fail(self, why: str) -> Response:
-        message = f"disaggregated request failed before its first token ({why}); retry the request"
-        log.warning(message)
-        return self.gateway._answer(JSONResponse(error_body(message, 502), status_code=502))
+    def _unavailable(self, why: str, errors: list[str], full: int) -> Response:
+        """503 with Retry-After: no decode group could take the request before its first token."""
+        tried = f"; tried: {'; '.join(errors)}" if errors else ""
+        if full and full == len(errors):
+            message = (
+                f"every decode group that was tried ({full}) has no KV-cache room for this prompt now{tried}; "
+                f"retry in {RETRY_AFTER_SECONDS} s or send a shorter prompt"
+            )
+            code = KV_CACHE_FULL_CODE
+        else:
+            message = f"{why}{tried}; retry in {RETRY_AFTER_SECONDS} s"
+            code = "no_backend_available"
+        if errors:
+            log.warning("disaggregated request failed before its first token: %s", message)
+        response = JSONResponse(
+            error_body(message, 503, code=code),
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+        return self.gateway._answer(response)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An attempt that failed before the first token: which side and group, why, and whether it was a decode
+    group's "no KV room" refusal."""
+
+    side: str  # "decode" or "prefill"
+    group: str
+    why: str
+    full: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.side} group {self.group}: {self.why}"
 
 
 def decode_target(decode: Backend, boot: dict[str, Any]) -> tuple[int, str]:
@@ -217,6 +285,12 @@ def decode_target(decode: Backend, boot: dict[str, Any]) -> tuple[int, str]:
     if nodes[rank] == 0:
         return rank, f"{urlsplit(decode.url).hostname}:{ports[rank]}"
     return rank, str(addresses[rank])
+
+
+async def _settle(task: asyncio.Task) -> Any:
+    with contextlib.suppress(BaseException):
+        return task.result()
+    return None
 
 
 async def _cancel(task: asyncio.Task) -> None:
