@@ -49,6 +49,8 @@ DP_RANK_HEADER = "x-moefleet-dp-rank"
 BOOTSTRAP_PATH = "/v1/pd/bootstrap"
 # A request no decode group could take (all full, or none left) is answered 503 with this Retry-After.
 RETRY_AFTER_SECONDS = 1
+# How long an error answer of the decode leg waits for the prefill leg's outcome (to know whom to blame).
+PREFILL_SETTLE_SECONDS = 2.0
 # Fields whose meaning needs state the decode side would not have after a hand-over (served whole there).
 _WHOLE_ON_DECODE = (
     "logprobs",
@@ -176,7 +178,9 @@ class PDRelay:
         )
         try:
             done, _ = await asyncio.wait({prefill_task, decode_task}, return_when=asyncio.FIRST_COMPLETED)
-            failure = prefill_task.result() if prefill_task in done else None
+            # When both ended, the decode leg's outcome is looked at first: a decode group that refused or
+            # could not be reached also makes the prefill leg's push fail, and is the one to blame.
+            failure = prefill_task.result() if decode_task not in done else None
             if failure is not None:
                 await _cancel(decode_task)
                 if isinstance(failure, Response):  # the request itself is bad (4xx): say so as the engine did
@@ -188,11 +192,14 @@ class PDRelay:
             await _cancel(prefill_task)
             raise
         if isinstance(result, str) or result.status_code >= 500:
-            # Refused (full, draining), unreachable, or failed before its first token: whose fault? A prefill
-            # leg that failed too (a broken transfer fails both) is blamed, else the decode group.
+            # Refused (full, draining), unreachable, or failed before its first token (an error answer, e.g. a
+            # failed transfer): a transport failure or refusal is the decode group's; an error answer is the
+            # prefill group's when its leg failed too (a broken transfer fails both), else the decode group's.
+            if not isinstance(result, str):  # a failed transfer ends both legs: let the prefill answer come
+                await asyncio.wait({prefill_task}, timeout=PREFILL_SETTLE_SECONDS)
             prefill_failure = await _settle(prefill_task) if prefill_task.done() else None
             await _cancel(prefill_task)
-            if isinstance(prefill_failure, str):
+            if not isinstance(result, str) and isinstance(prefill_failure, str):
                 return Failed("prefill", prefill.name, prefill_failure)
             if isinstance(result, Full):
                 return Failed("decode", decode.name, str(result), full=True)
@@ -240,16 +247,18 @@ class PDRelay:
 
     def _unavailable(self, why: str, errors: list[str], full: int) -> Response:
         """503 with Retry-After: no decode group could take the request before its first token."""
-        tried = f"; tried: {'; '.join(errors)}" if errors else ""
+        tried = "; ".join(errors)
         if full and full == len(errors):
             message = (
-                f"every decode group that was tried ({full}) has no KV-cache room for this prompt now{tried}; "
-                f"retry in {RETRY_AFTER_SECONDS} s or send a shorter prompt"
+                f"no decode group has KV-cache room for this prompt now ({tried}); retry in "
+                f"{RETRY_AFTER_SECONDS} s, or send a shorter prompt"
             )
             code = KV_CACHE_FULL_CODE
-        else:
-            message = f"{why}{tried}; retry in {RETRY_AFTER_SECONDS} s"
+        elif errors:
+            message = f"no group could take the request before its first token ({tried}); retry in {RETRY_AFTER_SECONDS} s"
             code = "no_backend_available"
+        else:
+            message, code = why, "no_backend_available"
         if errors:
             log.warning("disaggregated request failed before its first token: %s", message)
         response = JSONResponse(
