@@ -168,3 +168,34 @@ def stream_ids(url: str, request: dict, headers: dict | None = None) -> list[int
                 assert "error" not in event, event
                 ids.extend(event["choices"][0].get("token_ids") or [])
     return ids
+
+
+@contextmanager
+def kv_reservation(
+    decode_url: str, request: dict, reserved: Any, headers: dict[str, str] | None = None
+) -> Iterator[None]:
+    """A transfer that never comes: the decode server reserves the prompt's KV and waits for it until this
+    client leaves (a raw socket, so leaving is closing it). `reserved()` says when the reservation is held."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from server.conftest import wait_for
+
+    payload = json.dumps(request).encode()
+    parts = urlsplit(decode_url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    lines = [
+        "POST /v1/completions HTTP/1.1",
+        "Host: test",
+        "Content-Type: application/json",
+        f"x-moefleet-kv-transfer: hold-{time.monotonic_ns()}",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        f"Content-Length: {len(payload)}",
+    ]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+    try:
+        wait_for(reserved, timeout=30)
+        yield
+    finally:
+        sock.close()

@@ -13,16 +13,22 @@ group of each role by name (p0, d0) is always tried first: the failing one.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
-from disaggregation.pd_fleet import PROMPTS, body, engines_idle, hf_greedy, pd_config, role_server
+from disaggregation.pd_fleet import (
+    PROMPTS,
+    body,
+    engines_idle,
+    hf_greedy,
+    kv_reservation,
+    pd_config,
+    role_server,
+)
 from gateway.conftest import scripted_backend
 from moefleet.engine.gateway.app import Gateway, build_gateway_app
 from moefleet.engine.gateway.pool import BackendPool
@@ -60,23 +66,12 @@ def pd_gateway(config: GatewayConfig) -> Iterator[tuple[str, Gateway]]:
 
 
 @contextmanager
-def kv_reservation(decode_url: str, decode) -> Iterator[None]:
-    """A transfer that never comes: the decode server reserves a 19-token prompt's KV and waits for it, until
-    this client leaves (a raw socket, so leaving is just closing it)."""
-    payload = json.dumps(body(NAME, PROMPTS[1])).encode()
-    parts = urlsplit(decode_url)
+def held(decode_url: str, decode) -> Iterator[None]:
+    """A 19-token prompt's KV reserved on `decode` for a transfer that never comes, until the block ends."""
     waiting = decode.stats()["num_waiting_for_kv"]
-    sock = socket.create_connection((parts.hostname, parts.port))
-    head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        f"x-moefleet-kv-transfer: hold-{time.monotonic_ns()}\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + payload)
-    try:
-        wait_for(lambda: decode.stats()["num_waiting_for_kv"] == waiting + 1, timeout=10)
+    request = body(NAME, PROMPTS[1])
+    with kv_reservation(decode_url, request, lambda: decode.stats()["num_waiting_for_kv"] == waiting + 1):
         yield
-    finally:
-        sock.close()
 
 
 def completion_ids(url: str, request: dict) -> list[int]:
@@ -112,7 +107,7 @@ def test_a_full_decode_group_is_skipped_and_all_full_answers_503_with_retry_afte
         pd_gateway(pd_config(prefill_url, [d0_url, d1_url])) as (url, gateway),
     ):
         # A decode server with no room answers 503 kv_cache_full (a valid request: not 400).
-        with kv_reservation(d0_url, d0):
+        with held(d0_url, d0):
             direct = httpx.post(
                 d0_url + "/v1/completions",
                 json=body(NAME, PROMPTS[1]),
@@ -130,7 +125,7 @@ def test_a_full_decode_group_is_skipped_and_all_full_answers_503_with_retry_afte
             assert gateway.pool.backends["d0"].healthy  # full is not down
 
             # Every decode group full: 503 in OpenAI form with Retry-After, within the bound (no waiting).
-            with kv_reservation(d1_url, d1):
+            with held(d1_url, d1):
                 started = time.monotonic()
                 reply = httpx.post(url + "/v1/completions", json=body(NAME, PROMPTS[1]), timeout=30)
                 assert time.monotonic() - started < 10
