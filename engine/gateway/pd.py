@@ -12,9 +12,14 @@ Handshake (engine side: engine/disaggregation/roles.py):
   3. At the same time send it, non-streaming, to the prefill group with the same id and
      `x-moefleet-kv-target: <rank r's receiver>`: it computes the prompt and the first token and pushes the KV; its
      answer arrives once the decode group acknowledged (`moefleet_gateway_kv_transfer_seconds`).
-A failure of either leg before the decode group's first byte cancels the other leg (which aborts the request
-and frees its KV on that side) and answers 502/503 in OpenAI form; a prefill group that cannot be connected to
-(it computed nothing) leaves the pool and the request is served whole by a decode group instead.
+Retries (before anything reached the client): a decode group that refuses (503 `kv_cache_full`: no KV room
+now; another 502/503/504, e.g. draining) or cannot be reached, and a prefill group that fails (unreachable, an
+error answer, a failed transfer), end the attempt: the other leg is cancelled (which aborts the request and
+frees its KV on that side) and the next (decode, prefill) pair comes from `routing.next_pd_attempt`, which
+leaves out only the side that failed. When every prefill group failed, a decode group serves the request whole;
+when no decode group is left, 503 in OpenAI form with Retry-After (`kv_cache_full` when all were full). A 4xx
+from either leg is the request's fault and is relayed as is. After the first token, the stream ends with an
+error event (app.py).
 Requests the roles cannot split (n > 1, logprobs, structured outputs), and all requests while no prefill group
 is ready, are served whole by a decode group.
 """
