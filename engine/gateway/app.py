@@ -176,8 +176,7 @@ class Gateway:
             if upstream.status_code in RETRYABLE_STATUS:
                 detail = (await upstream.read()).decode(errors="replace")
                 finished = True
-                why = f"answered {upstream.status_code}: {detail[:200]}"
-                return Full(why) if KV_CACHE_FULL_CODE in detail else why
+                return _refusal(upstream.status_code, detail)
             if not (stream and upstream.status_code == 200):
                 content = await upstream.read()
                 finished = True
@@ -326,6 +325,19 @@ class StallWatch:
             for _ in range(self._cancels):
                 self.task.uncancel()
         self._cancels = 0
+
+
+def _refusal(status: int, detail: str) -> str:
+    """Why a backend answered a retryable status: `Full` for a 503 `kv_cache_full` (no room now: retried
+    elsewhere, the backend stays in the pool), else the status and the start of the body."""
+    why = f"answered {status}: {detail[:200]}"
+    try:
+        answer = json.loads(detail)
+    except ValueError:
+        return why
+    error = answer.get("error") if isinstance(answer, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return Full(why) if status == 503 and code == KV_CACHE_FULL_CODE else why
 
 
 def _sse(payload: Any) -> bytes:

@@ -7,6 +7,7 @@ import pytest
 from moefleet.engine.disaggregation.group_roles import advertised_host
 from moefleet.engine.disaggregation.roles import parse_pd_headers
 from moefleet.engine.distributed.request_router import AddRequest, route_messages
+from moefleet.engine.gateway.app import _refusal
 from moefleet.engine.gateway.pd import decode_target
 from moefleet.engine.gateway.pool import Backend, parse_rank_loads
 from moefleet.engine.gateway.routing import (
@@ -18,6 +19,7 @@ from moefleet.engine.gateway.routing import (
     pd_attempt_limit,
     pick_dp_rank,
 )
+from moefleet.engine.gateway.upstream import Full
 
 
 def test_pick_dp_rank_prefers_kv_headroom_then_fewer_requests_then_lower_rank():
@@ -176,3 +178,19 @@ def test_pd_attempts_are_bounded_by_the_groups_and_every_attempt_grows_a_failed_
     else:
         raise AssertionError("the attempts did not end within the limit")
     assert attempt_number < pd_attempt_limit(views)
+
+
+def test_only_a_503_kv_cache_full_answer_is_a_no_room_refusal():
+    full = '{"error":{"message":"no room","type":"service_unavailable_error","param":null,"code":"kv_cache_full"}}'
+    assert isinstance(_refusal(503, full), Full)
+    assert str(_refusal(503, full)).startswith("answered 503: ")
+    draining = '{"error":{"message":"the server is draining","type":"service_unavailable_error"}}'
+    for status, detail in [
+        (503, draining),
+        (502, full),
+        (503, "kv_cache_full"),
+        (503, "[]"),
+        (503, '{"error":"x"}'),
+    ]:
+        refusal = _refusal(status, detail)
+        assert not isinstance(refusal, Full) and refusal.startswith(f"answered {status}: ")
