@@ -27,6 +27,11 @@ from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
+class KVCacheFullError(ValueError):
+    """Decode side: a valid request whose prompt's KV has no room in the cache now (not the request's fault:
+    the server answers 503 `kv_cache_full` and the gateway tries another decode group)."""
+
+
 @dataclass(slots=True)
 class ScheduledSequence:
     """Compute tokens [start, start + num_new_tokens) of `seq` this step."""
@@ -159,7 +164,7 @@ class Scheduler:
         self.add(seq)
         self.waiting.pop()
         if not self.block_manager.can_allocate(seq, seq.num_prompt_tokens):
-            raise ValueError(
+            raise KVCacheFullError(
                 f"the decode KV cache has no room for this prompt ({seq.num_prompt_tokens} tokens) now: retry later"
             )
         self.block_manager.allocate(seq, seq.num_prompt_tokens)

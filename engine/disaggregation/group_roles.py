@@ -28,7 +28,7 @@ from moefleet.engine.disaggregation.roles import current_pd_request
 from moefleet.engine.distributed.engine_glue import DPEngineLoop, RequestFailed, RequestRejected
 from moefleet.engine.distributed.request_router import AddRequest
 from moefleet.engine.entrypoints.dp_client import DPFrontEndClient
-from moefleet.engine.server.async_engine import RequestRejectedError
+from moefleet.engine.server.async_engine import NoRoomError, RequestRejectedError
 
 STORE_KEY = "moefleet/pd/kv/{rank}"
 ANNOUNCE_TIMEOUT_S = 300.0  # every rank announces its receiver right after loading its model
@@ -68,7 +68,7 @@ def _as_outputs(events: list[tuple[str, Any, bool]]) -> list[Any]:
     outputs = []
     for request_id, item, _last in events:
         if isinstance(item, RequestRejectedError):
-            outputs.append(RequestRejected(request_id, str(item)))
+            outputs.append(RequestRejected(request_id, str(item), no_room=isinstance(item, NoRoomError)))
         elif isinstance(item, BaseException):
             outputs.append(RequestFailed(request_id, str(item)))
         else:

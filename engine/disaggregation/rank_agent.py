@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moefleet.engine.disaggregation.base import KVReceiver, KVSender, TransferError, TransferResult
-from moefleet.engine.server.async_engine import EngineError, RequestRejectedError
+from moefleet.engine.scheduler import KVCacheFullError
+from moefleet.engine.server.async_engine import EngineError, NoRoomError, RequestRejectedError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class PDRankAgent:
         except (ValueError, TypeError) as exc:
             if self.role == "decode":
                 self.receiver.refuse(pd.transfer_id, f"the decode server rejected the request: {exc}")
-            return [(request_id, RequestRejectedError(str(exc)), True)]
+            refusal = NoRoomError if isinstance(exc, KVCacheFullError) else RequestRejectedError
+            return [(request_id, refusal(str(exc)), True)]
         self._transfers[request_id] = pd
         if self.role == "decode":
             notifications, notify = self._notifications, self._notify

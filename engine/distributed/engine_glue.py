@@ -123,6 +123,7 @@ class RequestRejected:
     request_id: str
     message: str
     finished: bool = True
+    no_room: bool = False  # a valid request refused for want of KV room now (503 kv_cache_full, not 400)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from moefleet.engine.distributed.watchdog import fatal, guard
 from moefleet.engine.server.async_engine import (
     EngineDeadError,
     EngineError,
+    NoRoomError,
     RequestRejectedError,
     StreamingEngineClient,
 )
@@ -77,7 +78,11 @@ class DPFrontEndClient(StreamingEngineClient):
     def _on_outputs(self, outputs: list[Any]) -> None:
         # Batched like LocalEngineClient: one event-loop wake-up per rank's outputs, not one per token.
         self._deliver_all(
-            (output.request_id, RequestRejectedError(output.message), True)
+            (
+                output.request_id,
+                (NoRoomError if output.no_room else RequestRejectedError)(output.message),
+                True,
+            )
             if isinstance(output, RequestRejected)
             else (output.request_id, EngineError(output.message), True)
             if isinstance(output, RequestFailed)

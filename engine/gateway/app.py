@@ -27,8 +27,21 @@ from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
-from moefleet.engine.gateway.upstream import Upstream, UpstreamAnswer, UpstreamBusy, UpstreamError
-from moefleet.engine.server.errors import OpenAIError, error_body, error_response, install_error_handlers
+from moefleet.engine.gateway.upstream import (
+    Busy,
+    Full,
+    Upstream,
+    UpstreamAnswer,
+    UpstreamBusy,
+    UpstreamError,
+)
+from moefleet.engine.server.errors import (
+    KV_CACHE_FULL_CODE,
+    OpenAIError,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from moefleet.engine.server.request_guard import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_REQUEST_BYTES, json_depth
 
 log = logging.getLogger("moefleet.gateway")
@@ -161,9 +174,9 @@ class Gateway:
         try:
             upstream = await self.upstream.post(backend.url + path, raw, headers)
             if upstream.status_code in RETRYABLE_STATUS:
-                detail = (await upstream.read()).decode(errors="replace")[:200]
+                detail = (await upstream.read()).decode(errors="replace")
                 finished = True
-                return f"answered {upstream.status_code}: {detail}"
+                return _refusal(upstream.status_code, detail)
             if not (stream and upstream.status_code == 200):
                 content = await upstream.read()
                 finished = True
@@ -314,8 +327,17 @@ class StallWatch:
         self._cancels = 0
 
 
-class Busy(str):
-    """Why a backend did not take a request in time (connect timeout): retried elsewhere, not marked down."""
+def _refusal(status: int, detail: str) -> str:
+    """Why a backend answered a retryable status: `Full` for a 503 `kv_cache_full` (no room now: retried
+    elsewhere, the backend stays in the pool), else the status and the start of the body."""
+    why = f"answered {status}: {detail[:200]}"
+    try:
+        answer = json.loads(detail)
+    except ValueError:
+        return why
+    error = answer.get("error") if isinstance(answer, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return Full(why) if status == 503 and code == KV_CACHE_FULL_CODE else why
 
 
 def _sse(payload: Any) -> bytes:

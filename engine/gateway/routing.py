@@ -123,3 +123,46 @@ def _rendezvous(key: str, name: str) -> int:
     """Highest-random-weight hashing: each key prefers one backend; removing a backend moves only its keys."""
     digest = hashlib.blake2b(f"{name}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+@dataclass(frozen=True)
+class PDAttempt:
+    """One try of a disaggregated request: the decode group, and the prefill group (None: no prefill group is
+    left to try, so the decode group serves the request whole)."""
+
+    decode: str
+    prefill: str | None
+
+
+def next_pd_attempt(
+    backends: Sequence[BackendView],
+    policy: str,
+    *,
+    failed_decode: frozenset[str] = frozenset(),
+    failed_prefill: frozenset[str] = frozenset(),
+    turn: int = 0,
+    prefix_key: str = "",
+    rng: random.Random | None = None,
+) -> PDAttempt:
+    """The next (decode, prefill) pair to try for a disaggregated request, never one that already failed it.
+
+    A decode group that refused the request (full, draining) or could not be reached is in `failed_decode`; a
+    prefill group that failed (unreachable, 5xx, transfer error) is in `failed_prefill`. Each failure excludes
+    only the side that failed, so every attempt grows one of the two sets and the number of attempts is bounded
+    by the number of groups. Raises NoBackendError when no decode group is left (the request fails, 503)."""
+    decode = pick_backend(
+        backends, "decode", policy, exclude=failed_decode, turn=turn, prefix_key=prefix_key, rng=rng
+    )
+    try:
+        prefill: str | None = pick_backend(
+            backends, "prefill", policy, exclude=failed_prefill, turn=turn, prefix_key=prefix_key, rng=rng
+        ).name
+    except NoBackendError:
+        prefill = None
+    return PDAttempt(decode.name, prefill)
+
+
+def pd_attempt_limit(backends: Sequence[BackendView]) -> int:
+    """At most this many attempts per disaggregated request: each eligible group of either role once, plus
+    one (a last decode group serving whole after every prefill group failed)."""
+    return 1 + sum(1 for b in backends if b.eligible and b.role in ("decode", "prefill"))

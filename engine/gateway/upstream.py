@@ -29,6 +29,15 @@ class UpstreamBusy(UpstreamUnreachable):
     """Connecting to the engine timed out: it (or this process's own loop) is busy, not proof it is down."""
 
 
+class Busy(str):
+    """Why a backend did not take a request in time (connect timeout): retried elsewhere, not marked down."""
+
+
+class Full(Busy):
+    """A backend refused a valid request for want of room (503 `kv_cache_full`: a decode group's KV cache is
+    full): retried elsewhere, not marked down."""
+
+
 class UpstreamAnswer:
     """One engine answer being read: status, content type, body chunks as they arrive."""
 

@@ -42,6 +42,11 @@ class RequestRejectedError(ValueError):
     """The engine refused a request at admission (HTTP 400), e.g. a prompt its config cannot hold."""
 
 
+class NoRoomError(RequestRejectedError):
+    """A valid request the engine has no room for now (a decode server's KV cache is full): HTTP 503 with code
+    `kv_cache_full`, which the gateway takes as "try another group" (engine/gateway/pd.py)."""
+
+
 class EngineClient(ABC):
     """What the HTTP server needs from an engine, local or spread over data-parallel ranks."""
 

@@ -22,6 +22,10 @@ _ERROR_TYPES = {
 }
 
 
+# The `code` of a 503 for a valid request that an engine has no room for now (a decode server's KV cache is
+# full): the gateway retries it on another group instead of taking the group out of the pool.
+KV_CACHE_FULL_CODE = "kv_cache_full"
+
 # Names pydantic inserts into an error's location for the member of a union that failed.
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
 

@@ -15,9 +15,10 @@ from moefleet.engine.server.async_engine import (
     EngineClient,
     EngineDeadError,
     EngineError,
+    NoRoomError,
     RequestRejectedError,
 )
-from moefleet.engine.server.errors import OpenAIError
+from moefleet.engine.server.errors import KV_CACHE_FULL_CODE, OpenAIError
 from moefleet.engine.server.metrics import ServerMetrics
 from starlette.requests import Request
 
@@ -83,6 +84,9 @@ class Generation:
                     current.uncancel()
                 raise ClientDisconnected(self.request_id) from None
             raise
+        except NoRoomError as exc:
+            await self._end("error")
+            raise OpenAIError(str(exc), status_code=503, code=KV_CACHE_FULL_CODE) from exc
         except RequestRejectedError as exc:
             await self._end("error")
             raise OpenAIError(str(exc), status_code=400) from exc

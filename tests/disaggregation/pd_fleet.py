@@ -1,5 +1,8 @@
-"""A disaggregated fleet of real processes for tests: a `moefleet serve --role prefill` group and a
-`--role decode` group (each `--nproc-per-node N`, gloo on CPU) behind the gateway, plus the transformers oracle."""
+"""Disaggregated fleets for tests, plus the transformers oracle and request helpers:
+- real processes: a `moefleet serve --role prefill` group and a `--role decode` group (each
+  `--nproc-per-node N`, gloo on CPU), `pd_groups`;
+- in this process: one role server (`PDEngineClient` + the engine's HTTP app under uvicorn), `role_server`;
+- the gateway's disaggregated config over any number of groups per role, `pd_config`."""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
 from faults.conftest import ServeProcess
+from support.asgi import serve_asgi
 from support.reference import free_port
 from support.tiny_models import tiny_model_dir
 
@@ -47,16 +52,54 @@ def pd_groups(name: str, tmp_path: Path, ranks: int = 2, extra: list[str] = ()) 
         yield Groups(groups["prefill"], groups["decode"])
 
 
-def pd_config(prefill_url: str, decode_url: str) -> GatewayConfig:
+def pd_config(prefill_url: str | list[str], decode_url: str | list[str]) -> GatewayConfig:
+    """Groups named p0, p1, ... and d0, d1, ... in the order given."""
+    prefill = [prefill_url] if isinstance(prefill_url, str) else prefill_url
+    decode = [decode_url] if isinstance(decode_url, str) else decode_url
     return GatewayConfig.from_dict(
         {
             "mode": "disaggregated",
             "roles": {
-                "prefill": {"groups": [{"name": "p0", "url": prefill_url}]},
-                "decode": {"groups": [{"name": "d0", "url": decode_url}]},
+                "prefill": {"groups": [{"name": f"p{i}", "url": u} for i, u in enumerate(prefill)]},
+                "decode": {"groups": [{"name": f"d{i}", "url": u} for i, u in enumerate(decode)]},
             },
         }
     )
+
+
+@contextmanager
+def role_server(
+    name: str, role: str, block_size: int = 4, num_kv_blocks: int | None = None
+) -> Iterator[tuple[str, Any]]:
+    """A single-process `prefill` or `decode` engine server in this process: (its URL, its PDEngineClient)."""
+    from moefleet.engine.config import EngineConfig
+    from moefleet.engine.disaggregation.roles import PDEngineClient, make_router, pd_headers
+    from moefleet.engine.llm_engine import LLMEngine
+    from moefleet.engine.server.api import build_app
+
+    config = EngineConfig(
+        model=str(tiny_model_dir(name)),
+        dtype="float32",
+        max_model_len=256,
+        block_size=block_size,
+        num_kv_blocks=num_kv_blocks,
+    )
+    client = PDEngineClient(LLMEngine(config), role, kv_host="127.0.0.1")
+    app = pd_headers(build_app(client, name, [make_router(client)]))
+    try:
+        with serve_asgi(app) as url:
+            yield url, client
+    finally:
+        client.shutdown()
+
+
+def engines_idle(*clients: Any) -> bool:
+    """No KV block used and no request parked for a transfer on any of these in-process engine clients."""
+    for client in clients:
+        stats = client.stats()
+        if stats.get("kv_blocks_used") or stats.get("num_waiting_for_kv") or stats.get("num_sending_kv"):
+            return False
+    return True
 
 
 def hf_greedy(name: str, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
@@ -125,3 +168,34 @@ def stream_ids(url: str, request: dict, headers: dict | None = None) -> list[int
                 assert "error" not in event, event
                 ids.extend(event["choices"][0].get("token_ids") or [])
     return ids
+
+
+@contextmanager
+def kv_reservation(
+    decode_url: str, request: dict, reserved: Any, headers: dict[str, str] | None = None
+) -> Iterator[None]:
+    """A transfer that never comes: the decode server reserves the prompt's KV and waits for it until this
+    client leaves (a raw socket, so leaving is closing it). `reserved()` says when the reservation is held."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from server.conftest import wait_for
+
+    payload = json.dumps(request).encode()
+    parts = urlsplit(decode_url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    lines = [
+        "POST /v1/completions HTTP/1.1",
+        "Host: test",
+        "Content-Type: application/json",
+        f"x-moefleet-kv-transfer: hold-{time.monotonic_ns()}",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        f"Content-Length: {len(payload)}",
+    ]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+    try:
+        wait_for(reserved, timeout=30)
+        yield
+    finally:
+        sock.close()

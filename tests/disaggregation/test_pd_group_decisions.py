@@ -7,9 +7,19 @@ import pytest
 from moefleet.engine.disaggregation.group_roles import advertised_host
 from moefleet.engine.disaggregation.roles import parse_pd_headers
 from moefleet.engine.distributed.request_router import AddRequest, route_messages
+from moefleet.engine.gateway.app import _refusal
 from moefleet.engine.gateway.pd import decode_target
 from moefleet.engine.gateway.pool import Backend, parse_rank_loads
-from moefleet.engine.gateway.routing import RankView, pick_dp_rank
+from moefleet.engine.gateway.routing import (
+    BackendView,
+    NoBackendError,
+    PDAttempt,
+    RankView,
+    next_pd_attempt,
+    pd_attempt_limit,
+    pick_dp_rank,
+)
+from moefleet.engine.gateway.upstream import Full
 
 
 def test_pick_dp_rank_prefers_kv_headroom_then_fewer_requests_then_lower_rank():
@@ -108,3 +118,79 @@ def test_a_silent_stream_is_cut_at_once_when_its_group_is_down_but_not_while_it_
     slow = Backend("b", "mixed", "http://b:1", healthy=False, unhealthy_since=90.0, timed_out_only=True)
     assert not should_cut_silent_stream(slow, now=100.0, patience_s=30)  # overloaded: its streams go on
     assert should_cut_silent_stream(slow, now=120.0, patience_s=30)  # silent for too long: frozen
+
+
+def _groups(*specs: tuple[str, str, bool, int]) -> list[BackendView]:
+    return [BackendView(name, role, eligible, running=running) for name, role, eligible, running in specs]
+
+
+def test_next_pd_attempt_skips_only_the_side_that_failed():
+    views = _groups(
+        ("d0", "decode", True, 0),
+        ("d1", "decode", True, 2),
+        ("d2", "decode", False, 0),  # unhealthy: never tried
+        ("p0", "prefill", True, 0),
+        ("p1", "prefill", True, 1),
+    )
+    assert next_pd_attempt(views, "least-load") == PDAttempt("d0", "p0")
+    # d0 refused (full, dead): the next decode group, the same prefill group.
+    assert next_pd_attempt(views, "least-load", failed_decode=frozenset({"d0"})) == PDAttempt("d1", "p0")
+    # p0 failed: the same decode group, the next prefill group.
+    assert next_pd_attempt(views, "least-load", failed_prefill=frozenset({"p0"})) == PDAttempt("d0", "p1")
+    # Every prefill group failed: the decode group serves the request whole.
+    both = frozenset({"p0", "p1"})
+    assert next_pd_attempt(views, "least-load", failed_prefill=both) == PDAttempt("d0", None)
+    # No decode group left: the request fails (503), naming the groups.
+    with pytest.raises(NoBackendError, match="no healthy decode group"):
+        next_pd_attempt(views, "least-load", failed_decode=frozenset({"d0", "d1"}))
+    # Round-robin still turns over the groups that are left.
+    rr = [next_pd_attempt(views, "round-robin", failed_decode=frozenset({"d0"}), turn=t) for t in range(2)]
+    assert rr == [PDAttempt("d1", "p0"), PDAttempt("d1", "p1")]
+
+
+def test_pd_attempts_are_bounded_by_the_groups_and_every_attempt_grows_a_failed_set():
+    views = _groups(
+        ("d0", "decode", True, 0),
+        ("d1", "decode", True, 0),
+        ("d2", "decode", False, 0),
+        ("p0", "prefill", True, 0),
+        ("m0", "mixed", True, 0),
+    )
+    assert pd_attempt_limit(views) == 4  # d0, d1, p0, then whole on a decode group
+    # Worst case, every attempt fails, alternating sides: the loop ends (whole or 503) within the limit.
+    failed_decode: set[str] = set()
+    failed_prefill: set[str] = set()
+    for attempt_number in range(pd_attempt_limit(views)):
+        try:
+            attempt = next_pd_attempt(
+                views,
+                "least-load",
+                failed_decode=frozenset(failed_decode),
+                failed_prefill=frozenset(failed_prefill),
+            )
+        except NoBackendError:
+            break
+        if attempt.prefill is None:
+            break
+        (failed_prefill if attempt_number % 2 else failed_decode).add(
+            attempt.prefill if attempt_number % 2 else attempt.decode
+        )
+    else:
+        raise AssertionError("the attempts did not end within the limit")
+    assert attempt_number < pd_attempt_limit(views)
+
+
+def test_only_a_503_kv_cache_full_answer_is_a_no_room_refusal():
+    full = '{"error":{"message":"no room","type":"service_unavailable_error","param":null,"code":"kv_cache_full"}}'
+    assert isinstance(_refusal(503, full), Full)
+    assert str(_refusal(503, full)).startswith("answered 503: ")
+    draining = '{"error":{"message":"the server is draining","type":"service_unavailable_error"}}'
+    for status, detail in [
+        (503, draining),
+        (502, full),
+        (503, "kv_cache_full"),
+        (503, "[]"),
+        (503, '{"error":"x"}'),
+    ]:
+        refusal = _refusal(status, detail)
+        assert not isinstance(refusal, Full) and refusal.startswith(f"answered {status}: ")

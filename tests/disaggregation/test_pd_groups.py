@@ -23,9 +23,12 @@ from disaggregation.pd_fleet import (
     PROMPTS,
     body,
     hf_greedy,
+    kv_gauges,
     kv_idle,
+    kv_reservation,
     pd_config,
     pd_groups,
+    start_group,
     stream_ids,
 )
 from faults.conftest import Stream, record, wait_until
@@ -136,3 +139,28 @@ def test_two_rank_prefill_and_decode_groups_match_transformers(name, tmp_path):
 def _finished(url: str) -> float:
     lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
     return sum(float(line.split()[-1]) for line in lines if line.startswith("moefleet_requests_total{"))
+
+
+def test_a_full_decode_rank_answers_503_kv_cache_full_through_the_group_exchange(tmp_path):
+    """The "no room" refusal of a decode rank travels back to the front end as such (not as a 400), so the
+    gateway can try another group: a 2-rank decode group with 2 KV blocks per rank (block size 16: one 19-token
+    prompt + 8 new tokens), rank 1's held by a reservation whose KV never comes."""
+    name = "qwen3_norm_topk"
+    group = start_group(name, "decode", 2, tmp_path / "decode.log", ["--num-kv-blocks", "2"])
+    try:
+        group.wait_ready(timeout=300)
+        url = group.base_url
+        request = body(name, PROMPTS[1])
+
+        def reserved() -> bool:
+            return kv_gauges(url)["moefleet_num_requests_waiting_for_kv"] == 1
+
+        with kv_reservation(url, request, reserved, headers={"x-moefleet-dp-rank": "1"}):
+            headers = {"x-moefleet-kv-transfer": uuid.uuid4().hex, "x-moefleet-dp-rank": "1"}
+            reply = httpx.post(url + "/v1/completions", json=request, headers=headers, timeout=60)
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["code"] == "kv_cache_full"
+            assert "no room" in reply.json()["error"]["message"]
+        wait_until(lambda: kv_idle(url), timeout=15)
+    finally:
+        group.kill()

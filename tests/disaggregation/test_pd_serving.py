@@ -15,31 +15,28 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import torch
+from disaggregation.pd_fleet import (
+    NEW_TOKENS,
+    PROMPTS,
+    body,
+    engines_idle,
+    hf_greedy,
+    pd_config,
+    role_server,
+)
 from gateway.conftest import scripted_backend, serve_gateway
-from moefleet.engine.config import EngineConfig
-from moefleet.engine.disaggregation.roles import PDEngineClient, make_router, pd_headers
-from moefleet.engine.llm_engine import LLMEngine
-from moefleet.engine.server.api import build_app
 from server.conftest import stream_last_event, wait_for
 from support.asgi import serve_asgi
 from support.controlplane import free_port
 from support.tiny_models import one_torch_thread, tiny_model_dir
 
-from moefleet.gateway_schema import GatewayConfig
-
 transformers = pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
-
-NEW_TOKENS = 8
-PROMPTS = [[5, 17, 230, 99, 4], [300, 12, 41, 7, 8, 9, 10, 11, 77, 3, 1, 2, 250, 19, 20, 21, 22, 23, 24]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,77 +45,10 @@ def single_thread():
         yield
 
 
-def _engine(name: str, block_size: int) -> LLMEngine:
-    config = EngineConfig(
-        model=str(tiny_model_dir(name)), dtype="float32", max_model_len=256, block_size=block_size
-    )
-    return LLMEngine(config)
-
-
-@contextmanager
-def _role_server(name: str, role: str, block_size: int = 4) -> Iterator[tuple[str, PDEngineClient]]:
-    client = PDEngineClient(_engine(name, block_size), role, kv_host="127.0.0.1")
-    app = pd_headers(build_app(client, name, [make_router(client)]))
-    try:
-        with serve_asgi(app) as url:
-            yield url, client
-    finally:
-        client.shutdown()
-
-
-def _pd_config(prefill_url: str, decode_url: str) -> GatewayConfig:
-    return GatewayConfig.from_dict(
-        {
-            "mode": "disaggregated",
-            "roles": {
-                "prefill": {"groups": [{"name": "p0", "url": prefill_url}]},
-                "decode": {"groups": [{"name": "d0", "url": decode_url}]},
-            },
-        }
-    )
-
-
-def _hf_greedy(name: str, prompts: list[list[int]]) -> list[list[int]]:
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(name), dtype=torch.float32).eval()
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            gen = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-            )
-        out.append(gen[0, len(prompt) :].tolist())
-    return out
-
-
-def _kv_idle(*clients: PDEngineClient) -> bool:
-    for client in clients:
-        stats = client.stats()
-        if stats.get("kv_blocks_used") or stats.get("num_waiting_for_kv") or stats.get("num_sending_kv"):
-            return False
-    return True
-
-
-def _body(name: str, prompt: list[int], stream: bool = False, max_tokens: int = NEW_TOKENS) -> dict:
-    return {
-        "model": name,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-        "stream": stream,
-    }
-
-
-async def _stream_ids(url: str, body: dict) -> list[int]:
+async def _stream_ids(url: str, request: dict) -> list[int]:
     ids: list[int] = []
     async with httpx.AsyncClient(timeout=120) as http:
-        async with http.stream("POST", url + "/v1/completions", json=body) as response:
+        async with http.stream("POST", url + "/v1/completions", json=request) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
@@ -130,24 +60,24 @@ async def _stream_ids(url: str, body: dict) -> list[int]:
 
 @pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
 def test_prefill_decode_through_the_gateway_match_transformers(name):
-    expected = _hf_greedy(name, PROMPTS)
+    expected = hf_greedy(name, PROMPTS)
     with (
-        _role_server(name, "prefill") as (prefill_url, prefill),
-        _role_server(name, "decode") as (decode_url, decode),
-        serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+        role_server(name, "prefill") as (prefill_url, prefill),
+        role_server(name, "decode") as (decode_url, decode),
+        serve_gateway(pd_config(prefill_url, decode_url)) as (url, _),
     ):
         for prompt, want in zip(PROMPTS, expected, strict=True):
-            reply = httpx.post(url + "/v1/completions", json=_body(name, prompt), timeout=120)
+            reply = httpx.post(url + "/v1/completions", json=body(name, prompt), timeout=120)
             assert reply.status_code == 200, reply.text
             assert reply.json()["choices"][0]["token_ids"] == want
-        streamed = asyncio.run(_stream_ids(url, _body(name, PROMPTS[1], stream=True)))
+        streamed = asyncio.run(_stream_ids(url, body(name, PROMPTS[1], stream=True)))
         assert streamed == expected[1]
 
         async def concurrent() -> list[list[int]]:
-            return await asyncio.gather(*(_stream_ids(url, _body(name, p, stream=True)) for p in PROMPTS * 2))
+            return await asyncio.gather(*(_stream_ids(url, body(name, p, stream=True)) for p in PROMPTS * 2))
 
         assert asyncio.run(concurrent()) == expected * 2
-        wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
+        wait_for(lambda: engines_idle(prefill, decode), timeout=10)
         # The prefill group computed every prompt; the decode group computed none of them.
         assert prefill.stats()["prompt_tokens_total"] == 3 * sum(map(len, PROMPTS)) + len(PROMPTS[1])
         assert decode.stats()["prompt_tokens_total"] == 0
@@ -186,27 +116,27 @@ def test_prefill_decode_through_the_gateway_match_transformers(name):
             if c.choices
         ]
         assert "".join(deltas) == direct.chat.completions.create(**chat).choices[0].message.content
-        wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
+        wait_for(lambda: engines_idle(prefill, decode), timeout=10)
 
 
 def test_a_client_that_leaves_mid_stream_frees_kv_on_both_sides():
     name = "qwen3_norm_topk"
     with (
-        _role_server(name, "prefill") as (prefill_url, prefill),
-        _role_server(name, "decode") as (decode_url, decode),
-        serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+        role_server(name, "prefill") as (prefill_url, prefill),
+        role_server(name, "decode") as (decode_url, decode),
+        serve_gateway(pd_config(prefill_url, decode_url)) as (url, _),
     ):
 
         async def leave() -> list[str | None]:
-            bodies = [_body(name, p, stream=True, max_tokens=200) for p in PROMPTS * 2]
+            bodies = [body(name, p, stream=True, max_tokens=200) for p in PROMPTS * 2]
             return await asyncio.gather(*(stream_last_event(url, b, 3, timeout=60) for b in bodies))
 
         assert asyncio.run(leave()) == [None] * 4
-        wait_for(lambda: _kv_idle(prefill, decode), timeout=15)
+        wait_for(lambda: engines_idle(prefill, decode), timeout=15)
         # Still serving correctly afterwards.
-        reply = httpx.post(url + "/v1/completions", json=_body(name, PROMPTS[0]), timeout=60)
+        reply = httpx.post(url + "/v1/completions", json=body(name, PROMPTS[0]), timeout=60)
         assert reply.status_code == 200 and len(reply.json()["choices"][0]["token_ids"]) == NEW_TOKENS
-        wait_for(lambda: _kv_idle(prefill, decode), timeout=10)
+        wait_for(lambda: engines_idle(prefill, decode), timeout=10)
 
 
 def test_killing_the_decode_server_mid_stream_ends_the_stream_with_an_error():
@@ -239,13 +169,13 @@ def test_killing_the_decode_server_mid_stream_ends_the_stream_with_an_error():
         assert httpx.get(decode_url + "/v1/pd/bootstrap").json()["role"] == "decode"
         with (
             # The block size `moefleet serve` uses by default (prefill and decode layouts must match).
-            _role_server(name, "prefill", block_size=16) as (prefill_url, prefill),
-            serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+            role_server(name, "prefill", block_size=16) as (prefill_url, prefill),
+            serve_gateway(pd_config(prefill_url, decode_url)) as (url, _),
         ):
-            body = _body(name, PROMPTS[0], stream=True, max_tokens=240)
+            request = body(name, PROMPTS[0], stream=True, max_tokens=240)
             started = None
             events: list[str] = []
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            with httpx.stream("POST", url + "/v1/completions", json=request, timeout=60) as response:
                 for line in response.iter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -256,7 +186,7 @@ def test_killing_the_decode_server_mid_stream_ends_the_stream_with_an_error():
             assert started is not None, (response.status_code, events)
             assert time.monotonic() - started < 15
             assert "error" in json.loads(events[-2].removeprefix("data: ")) and events[-1] == "data: [DONE]"
-            wait_for(lambda: _kv_idle(prefill), timeout=10)
+            wait_for(lambda: engines_idle(prefill), timeout=10)
     finally:
         process.kill()
         process.wait()
@@ -270,18 +200,28 @@ def _ok(url: str) -> bool:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_failing_prefill_group_answers_an_error_and_frees_the_decode_reservation(stream):
+def test_a_failing_prefill_group_frees_the_decode_reservation_and_the_decode_group_serves_it_whole(stream):
+    """The only prefill group answers 503 before the first token: the decode reservation is cancelled (KV back
+    to 0) and, with no other prefill group to try, the decode group computes the prompt itself."""
     name = "qwen3_norm_topk"
+    expected = hf_greedy(name, PROMPTS[1:])[0]
     app, state = scripted_backend("draining")  # healthy, but answers every completion 503
     with (
         serve_asgi(app) as prefill_url,
-        _role_server(name, "decode") as (decode_url, decode),
-        serve_gateway(_pd_config(prefill_url, decode_url)) as (url, _),
+        role_server(name, "decode") as (decode_url, decode),
+        serve_gateway(pd_config(prefill_url, decode_url)) as (url, _),
     ):
-        reply = httpx.post(url + "/v1/completions", json=_body(name, PROMPTS[1], stream=stream), timeout=60)
-        assert reply.status_code == 502 and "prefill group p0" in reply.json()["error"]["message"]
+        request = body(name, PROMPTS[1], stream=stream)
+        if stream:
+            assert asyncio.run(_stream_ids(url, request)) == expected
+        else:
+            reply = httpx.post(url + "/v1/completions", json=request, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["token_ids"] == expected
         assert state["requests"] == 1
-        wait_for(lambda: _kv_idle(decode), timeout=10)
+        assert decode.stats()["prompt_tokens_total"] == len(PROMPTS[1])  # served whole: computed there
+        assert 'moefleet_gateway_retries_total{role="prefill"} 1.0' in httpx.get(url + "/metrics").text
+        wait_for(lambda: engines_idle(decode), timeout=10)
 
 
 def test_the_commands_serve_pd_on_one_host_with_no_flags_beyond_role():
@@ -335,8 +275,8 @@ def test_the_commands_serve_pd_on_one_host_with_no_flags_beyond_role():
     try:
         for port in ports.values():
             wait_for(lambda port=port: _ok(f"http://127.0.0.1:{port}/health"), timeout=240, interval=0.2)
-        expected = _hf_greedy(name, PROMPTS[:1])[0]
-        reply = httpx.post(url + "/v1/completions", json=_body(name, PROMPTS[0]), timeout=120)
+        expected = hf_greedy(name, PROMPTS[:1])[0]
+        reply = httpx.post(url + "/v1/completions", json=body(name, PROMPTS[0]), timeout=120)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["token_ids"] == expected
         assert "moefleet_gateway_kv_transfer_seconds_count 1.0" in httpx.get(url + "/metrics").text

@@ -6,7 +6,7 @@ import pytest
 from moefleet.engine.block_manager import BlockManager
 from moefleet.engine.gateway.pd import splittable
 from moefleet.engine.sampling_params import SamplingParams
-from moefleet.engine.scheduler import Scheduler
+from moefleet.engine.scheduler import KVCacheFullError, Scheduler
 from moefleet.engine.sequence import Sequence, SequenceStatus
 
 
@@ -46,7 +46,7 @@ def test_decode_refuses_a_prompt_with_no_room_and_aborts_free_parked_blocks():
     sched = _scheduler(num_blocks=4)
     first = _seq("a", 12)  # 3 of the 4 blocks
     sched.reserve_for_kv(first)
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(KVCacheFullError, match="no room"):  # a valid request: 503 kv_cache_full, not 400
         sched.reserve_for_kv(_seq("b", 8))
     assert sched.abort("a") is first and sched.block_manager.num_free_blocks == 4
 
