@@ -22,10 +22,11 @@ from typing import Any
 import anyio
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from moefleet.engine.gateway.metrics import GatewayMetrics
 from moefleet.engine.gateway.pd import PDRelay
 from moefleet.engine.gateway.pool import Backend, BackendPool, role_counts, should_cut_silent_stream
+from moefleet.engine.gateway.relay_response import RelayResponse
 from moefleet.engine.gateway.routing import NoBackendError, pick_backend, prefix_key_of
 from moefleet.engine.gateway.upstream import (
     Busy,
@@ -198,7 +199,7 @@ class Gateway:
                 if upstream is not None:
                     await upstream.close(finished)
         self._child(self.metrics.requests, self.role, "200").inc()
-        return StreamingResponse(
+        return RelayResponse(
             self._stream(backend, upstream, first, started),
             status_code=200,
             media_type=upstream.content_type or "text/event-stream",
@@ -241,8 +242,8 @@ class Gateway:
             self.pool.mark_failed(backend.name, str(exc))
             yield _sse(error_body(message, 502)) + _sse("[DONE]")
         finally:
-            # Shielded: when the client disconnects, Starlette cancels this generator's scope, and an unshielded
-            # await here would be cancelled too, leaving the upstream request open in the engine.
+            # Shielded: a client disconnect (RelayResponse) or the drain's cut cancels this task, and a second
+            # cancel during an unshielded await here would leave the upstream request open in the engine.
             with anyio.CancelScope(shield=True):
                 watch.disarm()
                 backend.in_flight -= 1
