@@ -32,6 +32,7 @@ SERVE_ARGS += ["--log-level", "warning", "--print-examples"]
 class _LoggedProcess:
     """A child process whose output goes to a log file: what both process wrappers below share."""
 
+    base_url: str
     log_path: Path
     _log: Any
     process: subprocess.Popen[bytes]
@@ -215,6 +216,34 @@ def metric(base_url: str, name: str, labels: str = "") -> float:
         if line.startswith(wanted + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{wanted} not in /metrics")
+
+
+def open_streams(target: _LoggedProcess, max_tokens: int, prompts: list[list[int]]) -> list[Stream]:
+    """One stream per prompt to `target` (a server or a gateway), each past its first token before returning."""
+    from support.tiny_models import tiny_model_dir
+
+    model = tiny_model_dir(MODEL).name
+    streams = [Stream(target.base_url, model, max_tokens, prompt=prompt).start() for prompt in prompts]
+    for stream in streams:
+        assert stream.first_token.wait(60) and stream.tokens > 0, (stream, target.log()[-2000:])
+    return streams
+
+
+def refuses_new_work(target: _LoggedProcess, *message_words: str) -> float:
+    """Seconds until /health answers 503 after the signal; then a new request is refused in OpenAI's shape,
+    its message naming the drain (and `message_words`), while /metrics is still scraped."""
+    from support.tiny_models import tiny_model_dir
+
+    took = wait_until(lambda: status_of(target.base_url + "/health")[0] == 503, timeout=10)
+    body = {"model": tiny_model_dir(MODEL).name, "prompt": [1, 2], "max_tokens": 2}
+    status, reply = status_of(target.base_url + "/v1/completions", "POST", json=body)
+    assert status == 503, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"}
+    assert reply["error"]["type"] == "service_unavailable_error"
+    for word in ("draining", *message_words):
+        assert word in reply["error"]["message"], reply
+    assert status_of(target.base_url + "/metrics")[0] == 200  # still scraped while draining
+    return took
 
 
 SHARED_MAX_REQUEST_BYTES = 1_000_000
