@@ -37,6 +37,7 @@ from moefleet.operator.autoscale_status import (
     CONDITION,
     HISTORY_LIMIT,
     Mutate,
+    draining_entry,
     drop,
     history_of,
     raw_replicas,
@@ -323,17 +324,7 @@ def _start_drain(
     # The annotation is the durable record (and what the gateway config is rendered from): first.
     _patch(ctx, spec, D.annotation_ops(metadata, draining))
     ctx.checkpoint("autoscale-drain-recorded")
-    ctx.write_status(
-        set_entry(
-            role.name,
-            current=role.replicas,
-            desired=role.replicas - 1,
-            draining=group,
-            drainStartTime=timestamp(now),
-            reason=reason,
-            **common,
-        )
-    )
+    ctx.write_status(draining_entry(role.name, role.replicas, group, now, reason, **common))
     DECISIONS.labels(role.name, "drain_started").inc()
     ctx.kube.create_event(
         ref,
@@ -379,14 +370,7 @@ def _continue_drain(
     state = D.drain_state(busy, ready, since, now, ctx.drain_grace_seconds, ctx.drain_timeout_seconds)
     if not state.done:
         ctx.write_status(
-            set_entry(
-                role.name,
-                current=role.replicas,
-                desired=role.replicas - 1,
-                draining=group,
-                drainStartTime=timestamp(since),
-                reason=f"group {group} {state.reason}",
-            )
+            draining_entry(role.name, role.replicas, group, since, f"group {group} {state.reason}")
         )
         return
     _scale(

@@ -9,6 +9,7 @@ from typing import Any
 
 from moefleet.operator import autoscale as A
 from moefleet.operator.spec import MoEDeploymentSpec, RoleSpec
+from moefleet.operator.status import timestamp
 
 CONDITION = "AutoscalingReady"
 HISTORY_LIMIT = 256  # recommendations kept in status per role (the windows need far fewer)
@@ -39,6 +40,19 @@ def set_entry(role: str, **fields: Any) -> Mutate:
         return {**current, "autoscaling": autoscaling}
 
     return mutate
+
+
+def draining_entry(role: str, replicas: int, group: str, since: float, reason: str, **common: Any) -> Mutate:
+    """status.autoscaling.<role> while `group` (the highest of `replicas`) drains since `since`."""
+    return set_entry(
+        role,
+        current=replicas,
+        desired=replicas - 1,
+        draining=group,
+        drainStartTime=timestamp(since),
+        reason=reason,
+        **common,
+    )
 
 
 def set_condition(new: dict[str, Any]) -> Mutate:

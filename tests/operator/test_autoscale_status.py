@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moefleet.operator.autoscale_status import (
     CONDITION,
+    draining_entry,
     drop,
     history_of,
     raw_replicas,
@@ -63,3 +64,15 @@ def test_readiness_names_the_cause():
     roles = {r.name: r for r in spec.roles}
     assert readiness("down", [], roles)[:2] == (False, "PrometheusUnavailable")
     assert readiness(None, [], roles) == (True, "Monitoring", "2 role(s) scaled from Prometheus")
+
+
+def test_draining_entry_records_the_group_and_one_group_less():
+    out = draining_entry("decode", 3, "m-decode-2", 0.0, "idle", metric="kv")({"autoscaling": {}})
+    assert out["autoscaling"]["decode"] == {
+        "current": 3,
+        "desired": 2,
+        "draining": "m-decode-2",
+        "drainStartTime": "1970-01-01T00:00:00Z",
+        "reason": "idle",
+        "metric": "kv",
+    }
