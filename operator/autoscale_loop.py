@@ -1,4 +1,5 @@
-"""Role autoscaling's side effects: read Prometheus, scale a role in whole groups, drain before removing.
+"""Role autoscaling's side effects: scale a role in whole groups, drain before removing (the Prometheus
+query is autoscale_prometheus.py, the status bookkeeping autoscale_status.py, the decision autoscale.py).
 
 One cycle per MOEFLEET_OPERATOR_AUTOSCALE_INTERVAL_SECONDS, run by a per-MoEDeployment task of the operator
 (handlers.py) on a fresh GET of the object. Per role with `spec.roles.<role>.autoscaling`:
@@ -21,7 +22,6 @@ Prometheus unreachable -> no decision at all and AutoscalingReady=False Promethe
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +32,20 @@ import httpx
 from moefleet.operator import autoscale as A
 from moefleet.operator import group_drain as D
 from moefleet.operator import labels as L
+from moefleet.operator.autoscale_prometheus import query_signal
+from moefleet.operator.autoscale_status import (
+    CONDITION,
+    HISTORY_LIMIT,
+    Mutate,
+    draining_entry,
+    drop,
+    history_of,
+    raw_replicas,
+    readiness,
+    role_of,
+    set_condition,
+    set_entry,
+)
 from moefleet.operator.eplb_loop import engine_url
 from moefleet.operator.kube import Kube, KubeError, _path
 from moefleet.operator.spec import MoEDeploymentSpec, RoleSpec
@@ -40,16 +54,12 @@ from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
-CONDITION = "AutoscalingReady"
 DECISIONS = Counter(
     "moefleet_operator_scaling_decisions",
     "Autoscaler actions per role: scaled_up, drain_started, scaled_down, abandoned (replicas changed by "
     "someone else), skipped_no_data (Prometheus unreadable or the signal absent)",
     ["role", "outcome"],
 )
-HISTORY_LIMIT = 256  # recommendations kept in status per role (the windows need far fewer)
-
-Mutate = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -78,58 +88,6 @@ def wants_cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any]) -> bool:
     )
 
 
-def query_signal(client: httpx.Client, url: str, query: str) -> float | None:
-    """One instant query -> its single value (None when the result is empty or NaN); raises on errors."""
-    response = client.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query})
-    if not response.headers.get("content-type", "").startswith("application/json"):
-        raise ValueError(f"HTTP {response.status_code}: {response.text[:200]}")
-    payload = response.json()
-    if payload.get("status") != "success":
-        raise ValueError(f"Prometheus answered {payload.get('status')!r}: {payload.get('error', '')}")
-    result = (payload.get("data") or {}).get("result") or []
-    if not result:
-        return None
-    value = float(result[0]["value"][1])
-    return None if math.isnan(value) or math.isinf(value) else value
-
-
-def _role_of(spec: MoEDeploymentSpec, group: str) -> tuple[str, int] | None:
-    for role in spec.roles:
-        prefix = f"{spec.name}-{role.name}-"
-        if group.startswith(prefix) and group[len(prefix) :].isdigit():
-            return role.name, int(group[len(prefix) :])
-    return None
-
-
-def _set_entry(role: str, **fields: Any) -> Mutate:
-    """Update status.autoscaling.<role> (a None value removes the key)."""
-
-    def mutate(current: dict[str, Any]) -> dict[str, Any]:
-        autoscaling = dict(current.get("autoscaling") or {})
-        entry = dict(autoscaling.get(role) or {})
-        for key, value in fields.items():
-            if value is None:
-                entry.pop(key, None)
-            else:
-                entry[key] = value
-        autoscaling[role] = entry
-        return {**current, "autoscaling": autoscaling}
-
-    return mutate
-
-
-def _set_condition(new: dict[str, Any]) -> Mutate:
-    def mutate(current: dict[str, Any]) -> dict[str, Any]:
-        others = [c for c in current.get("conditions") or [] if c.get("type") != new["type"]]
-        return {**current, "conditions": [*others, new]}
-
-    return mutate
-
-
-def _raw_replicas(body: Mapping[str, Any], role: str) -> int:
-    return int(((body.get("spec") or {}).get("roles") or {}).get(role, {}).get("replicas", 1))
-
-
 def _patch(ctx: Context, spec: MoEDeploymentSpec, ops: list[dict[str, Any]]) -> None:
     ctx.kube.request(
         "PATCH",
@@ -138,14 +96,6 @@ def _patch(ctx: Context, spec: MoEDeploymentSpec, ops: list[dict[str, Any]]) -> 
         body=ops,
         content_type="application/json-patch+json",
     )
-
-
-def _history(entry: Mapping[str, Any]) -> list[A.Recommendation]:
-    out = []
-    for item in entry.get("history") or []:
-        if isinstance(item, list) and len(item) == 2:
-            out.append((float(item[0]), int(item[1])))
-    return out
 
 
 def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> None:
@@ -160,7 +110,7 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
     stale = {
         g
         for g in draining
-        if (owner := _role_of(spec, g)) is None
+        if (owner := role_of(spec, g)) is None
         or owner[0] not in autoscaled
         or owner[1] >= spec.role(owner[0]).replicas
     }
@@ -171,10 +121,10 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
     gone = tuple(r for r in (status.get("autoscaling") or {}) if r not in autoscaled)
     if not autoscaled:
         if gone or any(c.get("type") == CONDITION for c in status.get("conditions") or []):
-            ctx.write_status(_drop(gone, condition_too=True))
+            ctx.write_status(drop(gone, condition_too=True))
         return
     if gone:  # roles no longer autoscaled: their entries go, the others stay
-        ctx.write_status(_drop(gone, condition_too=False))
+        ctx.write_status(drop(gone, condition_too=False))
     error = (
         None
         if ctx.prometheus_url
@@ -190,7 +140,7 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
         if pending:
             _complete(spec, body, role, dict(pending), ctx, ref)
             continue
-        mine = {g: t for g, t in draining.items() if (_role_of(spec, g) or ("", 0))[0] == name}
+        mine = {g: t for g, t in draining.items() if (role_of(spec, g) or ("", 0))[0] == name}
         if mine:
             group, since = sorted(mine.items())[0]
             _continue_drain(spec, body, role, group, since, draining, status, ctx, now)
@@ -208,7 +158,7 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
         if error is not None:
             DECISIONS.labels(name, "skipped_no_data").inc()
             ctx.write_status(
-                _set_entry(
+                set_entry(
                     name,
                     current=role.replicas,
                     desired=role.replicas,
@@ -218,21 +168,6 @@ def cycle(spec: MoEDeploymentSpec, body: Mapping[str, Any], ctx: Context) -> Non
             continue
         _decide(spec, body, role, raw, entry, status, ctx, ref, now, absent)
     _report_condition(spec, status, error, absent, autoscaled, ctx, ref, now)
-
-
-def _drop(roles: tuple[str, ...], condition_too: bool) -> Mutate:
-    def mutate(current: dict[str, Any]) -> dict[str, Any]:
-        out = {**current}
-        if condition_too:
-            out["conditions"] = [c for c in current.get("conditions") or [] if c.get("type") != CONDITION]
-        autoscaling = {k: v for k, v in (current.get("autoscaling") or {}).items() if k not in roles}
-        if autoscaling:
-            out["autoscaling"] = autoscaling
-        else:
-            out.pop("autoscaling", None)
-        return out
-
-    return mutate
 
 
 def _decide(
@@ -258,7 +193,7 @@ def _decide(
         auto,
         role.replicas,
         signal,
-        _history(entry),
+        history_of(entry),
         now,
         ready=int(ready) if isinstance(ready, int) else None,
     )
@@ -278,7 +213,7 @@ def _decide(
         _start_drain(spec, body, role, group, decision.reason, common, ctx, ref, now)
     else:
         ctx.write_status(
-            _set_entry(
+            set_entry(
                 role.name, current=role.replicas, desired=role.replicas, reason=decision.reason, **common
             )
         )
@@ -301,7 +236,7 @@ def _scale(
     if group is not None:
         pending["group"] = group
     # The intent first: a restarted operator finishes THIS change instead of deciding another one.
-    ctx.write_status(_set_entry(role.name, pending=pending, desired=to, reason=reason, **common))
+    ctx.write_status(set_entry(role.name, pending=pending, desired=to, reason=reason, **common))
     ctx.checkpoint("autoscale-intent")
     _complete(spec, body, role, pending, ctx, ref)
 
@@ -317,7 +252,7 @@ def _complete(
     """Finish a recorded intent: patch replicas unless already done, then report it once."""
     frm, to, group = int(pending["from"]), int(pending["to"]), pending.get("group")
     metadata = body.get("metadata") or {}
-    replicas = _raw_replicas(body, role.name)
+    replicas = raw_replicas(body, role.name)
     auto = role.autoscaling
     outcome = "scaled_up" if to > frm else "scaled_down"
     abandoned = ""
@@ -336,8 +271,8 @@ def _complete(
             if error.status not in (409, 422):
                 raise
             fresh = ctx.kube.get(L.KIND, spec.namespace, spec.name) or {}
-            if _raw_replicas(fresh, role.name) != to:
-                abandoned = f"replicas changed to {_raw_replicas(fresh, role.name)} meanwhile"
+            if raw_replicas(fresh, role.name) != to:
+                abandoned = f"replicas changed to {raw_replicas(fresh, role.name)} meanwhile"
     elif replicas != to:
         abandoned = f"replicas changed to {replicas} meanwhile"
     ctx.checkpoint("autoscale-applied")
@@ -348,13 +283,13 @@ def _complete(
         DECISIONS.labels(role.name, "abandoned").inc()
         message = f"{role.name}: {frm} -> {to} group(s) dropped: {abandoned}"
         ctx.write_status(
-            _set_entry(role.name, pending=None, draining=None, drainStartTime=None, reason=message)
+            set_entry(role.name, pending=None, draining=None, drainStartTime=None, reason=message)
         )
         ctx.kube.create_event(ref, Event("Warning", "ScaleAbandoned", message))
         return
     reason = str(pending.get("reason") or "")
     ctx.write_status(
-        _set_entry(
+        set_entry(
             role.name,
             pending=None,
             draining=None,
@@ -389,17 +324,7 @@ def _start_drain(
     # The annotation is the durable record (and what the gateway config is rendered from): first.
     _patch(ctx, spec, D.annotation_ops(metadata, draining))
     ctx.checkpoint("autoscale-drain-recorded")
-    ctx.write_status(
-        _set_entry(
-            role.name,
-            current=role.replicas,
-            desired=role.replicas - 1,
-            draining=group,
-            drainStartTime=timestamp(now),
-            reason=reason,
-            **common,
-        )
-    )
+    ctx.write_status(draining_entry(role.name, role.replicas, group, now, reason, **common))
     DECISIONS.labels(role.name, "drain_started").inc()
     ctx.kube.create_event(
         ref,
@@ -425,7 +350,7 @@ def _continue_drain(
 ) -> None:
     auto = role.autoscaling
     assert auto is not None
-    index = (_role_of(spec, group) or ("", -1))[1]
+    index = (role_of(spec, group) or ("", -1))[1]
     ref = {"namespace": spec.namespace, "name": spec.name, "uid": (body.get("metadata") or {}).get("uid", "")}
     if index != role.replicas - 1 or role.replicas - 1 < auto.min_replicas:
         # replicas or minReplicas were changed by hand during the drain: removing the group is wrong now
@@ -436,7 +361,7 @@ def _continue_drain(
             f"(minReplicas {auto.min_replicas}); the gateway routes to it again"
         )
         DECISIONS.labels(role.name, "abandoned").inc()
-        ctx.write_status(_set_entry(role.name, draining=None, drainStartTime=None, reason=message))
+        ctx.write_status(set_entry(role.name, draining=None, drainStartTime=None, reason=message))
         ctx.kube.create_event(ref, Event("Warning", "ScaleAbandoned", message))
         return
     groups = {g.get("name"): g for g in status.get("groups") or [] if isinstance(g, Mapping)}
@@ -445,14 +370,7 @@ def _continue_drain(
     state = D.drain_state(busy, ready, since, now, ctx.drain_grace_seconds, ctx.drain_timeout_seconds)
     if not state.done:
         ctx.write_status(
-            _set_entry(
-                role.name,
-                current=role.replicas,
-                desired=role.replicas - 1,
-                draining=group,
-                drainStartTime=timestamp(since),
-                reason=f"group {group} {state.reason}",
-            )
+            draining_entry(role.name, role.replicas, group, since, f"group {group} {state.reason}")
         )
         return
     _scale(
@@ -480,18 +398,7 @@ def _report_condition(
     ref: Mapping[str, str],
     now: float,
 ) -> None:
-    if error is not None:
-        ready = (False, "PrometheusUnavailable", f"no scaling while Prometheus cannot be read: {error}")
-    elif absent:
-        metrics = ", ".join(f"{r} ({autoscaled[r].autoscaling.metric})" for r in absent)  # type: ignore[union-attr]
-        ready = (
-            False,
-            "SignalAbsent",
-            f"no series for role(s) {metrics}: holding their groups; check that Prometheus scrapes the "
-            "engines (spec.monitoring.podMonitor) and that they serve traffic",
-        )
-    else:
-        ready = (True, "Monitoring", f"{len(autoscaled)} role(s) scaled from Prometheus")
+    ready = readiness(error, absent, autoscaled)
     before: Mapping[str, Any] = next(
         (c for c in status.get("conditions") or [] if c.get("type") == CONDITION), {}
     )
@@ -499,7 +406,7 @@ def _report_condition(
     if before.get("status") == new["status"] and before.get("reason") == new["reason"]:
         if before.get("message") == new["message"]:
             return
-    ctx.write_status(_set_condition(new))
+    ctx.write_status(set_condition(new))
     if before.get("status") != new["status"] or before.get("reason") != new["reason"]:
         kind = "Normal" if ready[0] else "Warning"
         ctx.kube.create_event(ref, Event(kind, f"{CONDITION}{new['status']}", f"{ready[1]}: {ready[2]}"))

@@ -203,19 +203,23 @@ def _use_nvshmem() -> None:
         pass
 
 
+@dataclass(frozen=True)
+class WorkspaceShape:
+    """What sizes one workspace: its pool key, and everything `SymmWorkspace` allocates from."""
+
+    cap: Capacity
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
 class SymmWorkspace:
     """Symmetric buffers of one dispatch + combine: allocated and rendezvoused once (a collective)."""
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup,
-        cap: Capacity,
-        hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
+    def __init__(self, group: dist.ProcessGroup, shape: WorkspaceShape):
         import torch.distributed._symmetric_memory as symm_mem
 
+        cap, hidden_size, dtype, device = shape.cap, shape.hidden_size, shape.dtype, shape.device
         if device.type != "cuda" or device.index is None:
             raise ValueError(f"symm buffers need an explicit CUDA device index, got {device}")
         world = dist.get_world_size(group)
@@ -267,19 +271,12 @@ class WorkspacePool:
     a reference): at most MAX_IN_FLIGHT per size, leased from dispatch_start to combine_finish."""
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[Any, ...], list[SymmWorkspace]] = {}
+        self._pools: dict[WorkspaceShape, list[SymmWorkspace]] = {}
 
-    def lease(
-        self,
-        group: dist.ProcessGroup,
-        cap: Capacity,
-        hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> SymmWorkspace:
+    def lease(self, group: dist.ProcessGroup, shape: WorkspaceShape) -> SymmWorkspace:
         """A free workspace for these sizes (allocating one the first time: every rank reaches this together,
         since every rank runs the same layers in the same order)."""
-        pool = self._pools.setdefault((cap, hidden_size, dtype, device), [])
+        pool = self._pools.setdefault(shape, [])
         for ws in pool:
             if not ws.in_use:
                 ws.in_use = True
@@ -289,10 +286,16 @@ class WorkspacePool:
                 f"symm dispatcher: {len(pool) + 1} dispatches in flight, at most {MAX_IN_FLIGHT} (one per "
                 "micro-batch): combine_finish each dispatch before the same micro-batch dispatches again"
             )
-        ws = SymmWorkspace(group, cap, hidden_size, dtype, device)
+        ws = SymmWorkspace(group, shape)
         ws.in_use = True
         pool.append(ws)
         return ws
+
+    def reserve(self, group: dist.ProcessGroup, shape: WorkspaceShape, count: int) -> None:
+        """Allocate `count` workspaces of these sizes now (a collective) and leave them free."""
+        leased = [self.lease(group, shape) for _ in range(count)]
+        for ws in leased:
+            ws.in_use = False
 
 
 # Construction-time registry (one pool per group and process, like the symmetric memory it holds): read when a
@@ -341,10 +344,8 @@ class SymmDispatcher:
         self.pool = workspace_pool(group)
         if reserve is not None:
             top_k, dtype, device, micro_batches = reserve
-            cap = self._capacity(top_k, dtype)
-            leased = [self.pool.lease(group, cap, hidden_size, dtype, device) for _ in range(micro_batches)]
-            for ws in leased:
-                ws.in_use = False
+            shape = WorkspaceShape(self._capacity(top_k, dtype), hidden_size, dtype, device)
+            self.pool.reserve(group, shape, micro_batches)
 
     def _capacity(self, top_k: int, dtype: torch.dtype) -> Capacity:
         if self.num_local_experts >= 2 ** (8 * dtype.itemsize - 1):
@@ -372,9 +373,8 @@ class SymmDispatcher:
         device = hidden.device
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        ws = self.pool.lease(
-            self.group, self._capacity(top_k, hidden.dtype), self.hidden_size, hidden.dtype, device
-        )
+        shape = WorkspaceShape(self._capacity(top_k, hidden.dtype), self.hidden_size, hidden.dtype, device)
+        ws = self.pool.lease(self.group, shape)
         from moefleet.engine.kernels.row_copy import copy_rows
 
         plan = plan_send(topk_ids, self.num_experts, self.world_size)

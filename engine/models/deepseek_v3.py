@@ -8,13 +8,10 @@ Shape legend: T tokens, D hidden.
 from __future__ import annotations
 
 from moefleet.engine.layers.mla import MLAConfig, MLAttention
-from moefleet.engine.layers.mlp import GatedMLP
-from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.rotary import RotaryEmbedding, mla_softmax_scale
-from moefleet.engine.layers.router import RoutingConfig
 from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.configs import DeepseekV3Config
-from torch import nn
+from moefleet.engine.models.grouped_moe import feed_forward
 
 
 def decoder_layer(config: DeepseekV3Config, layer: int, rotary: RotaryEmbedding) -> DecoderLayer:
@@ -31,26 +28,7 @@ def decoder_layer(config: DeepseekV3Config, layer: int, rotary: RotaryEmbedding)
         attention_bias=c.attention_bias,
         rms_norm_eps=c.rms_norm_eps,
     )
-    mlp: nn.Module
-    if c.is_moe_layer(layer):
-        routing = RoutingConfig(
-            num_experts=c.n_routed_experts,
-            top_k=c.num_experts_per_tok,
-            scoring=c.scoring_func,
-            norm_topk_prob=c.norm_topk_prob,
-            n_group=c.n_group,
-            topk_group=c.topk_group,
-            routed_scaling_factor=c.routed_scaling_factor,
-            correction_bias=c.scoring_func == "sigmoid",
-        )
-        shared = (
-            GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
-            if c.n_shared_experts
-            else None
-        )
-        mlp = MoE(c.hidden_size, c.moe_intermediate_size, routing, shared_experts=shared)
-    else:
-        mlp = GatedMLP(c.hidden_size, c.intermediate_size)
+    mlp = feed_forward(c, layer, scoring=c.scoring_func, correction_bias=c.scoring_func == "sigmoid")
     return DecoderLayer(MLAttention(mla, rotary), mlp, c.hidden_size, c.rms_norm_eps)
 
 

@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from moefleet.engine.layers.attention import PagedAttention
 from moefleet.engine.layers.linear import Linear
-from moefleet.engine.layers.mlp import GatedMLP
-from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.norm import RMSNorm
 from moefleet.engine.layers.rotary import RotaryEmbedding
-from moefleet.engine.layers.router import RoutingConfig
 from moefleet.engine.models.base import CausalLM, DecoderLayer
 from moefleet.engine.models.glm4_moe_config import Glm4MoeConfig
+from moefleet.engine.models.grouped_moe import feed_forward
 from torch import nn
 
 if TYPE_CHECKING:
@@ -72,26 +70,7 @@ class Glm4MoeAttention(nn.Module):
 
 def decoder_layer(config: Glm4MoeConfig, layer: int, rotary: RotaryEmbedding) -> DecoderLayer:
     c = config
-    mlp: nn.Module
-    if c.is_moe_layer(layer):
-        routing = RoutingConfig(
-            num_experts=c.n_routed_experts,
-            top_k=c.num_experts_per_tok,
-            scoring="sigmoid",
-            norm_topk_prob=c.norm_topk_prob,
-            n_group=c.n_group,
-            topk_group=c.topk_group,
-            routed_scaling_factor=c.routed_scaling_factor,
-            correction_bias=True,
-        )
-        shared = (
-            GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
-            if c.n_shared_experts
-            else None
-        )
-        mlp = MoE(c.hidden_size, c.moe_intermediate_size, routing, shared_experts=shared)
-    else:
-        mlp = GatedMLP(c.hidden_size, c.intermediate_size)
+    mlp = feed_forward(c, layer, scoring="sigmoid", correction_bias=True)
     return DecoderLayer(Glm4MoeAttention(c, rotary), mlp, c.hidden_size, c.rms_norm_eps)
 
 

@@ -12,12 +12,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
+
+P = TypeVar("P", bound="_LoggedProcess")
 
 MOEFLEET = str(Path(sys.executable).with_name("moefleet"))
 MODEL = "qwen3_norm_topk"
@@ -26,7 +29,49 @@ SERVE_ARGS = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batc
 SERVE_ARGS += ["--log-level", "warning", "--print-examples"]
 
 
-class ServeProcess:
+class _LoggedProcess:
+    """A child process whose output goes to a log file: what both process wrappers below share."""
+
+    base_url: str
+    log_path: Path
+    _log: Any
+    process: subprocess.Popen[bytes]
+
+    def wait_ready(self, timeout: float) -> str:
+        """The base URL once the process serves (each wrapper knows how to tell)."""
+        raise NotImplementedError
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """Teardown: make sure the process is gone and its log closed."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+@contextmanager
+def running(process: P, timeout: float) -> Iterator[P]:
+    """`process` once ready (`wait_ready(timeout)`), killed when the block ends however it ends."""
+    try:
+        process.wait_ready(timeout=timeout)
+        yield process
+    finally:
+        process.kill()
+
+
+class ServeProcess(_LoggedProcess):
     """One `moefleet serve` process (a whole server, or one node of a group)."""
 
     def __init__(self, model: Path, log: Path, extra: list[str]):
@@ -50,18 +95,6 @@ class ServeProcess:
             time.sleep(0.2)
         raise AssertionError(f"server not ready; exit code {self.process.poll()}; log:\n{self.log()[-4000:]}")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
     def children(self) -> list[int]:
         """Pids of the rank processes this node spawned (multiprocessing spawn children)."""
         pids = []
@@ -75,15 +108,12 @@ class ServeProcess:
     def kill(self) -> None:
         """Teardown: make sure nothing is left behind (children too)."""
         pids = self.children() if self.process.poll() is None else []
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        super().kill()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self._log.close()
 
 
 @dataclass
@@ -188,6 +218,34 @@ def metric(base_url: str, name: str, labels: str = "") -> float:
     raise AssertionError(f"{wanted} not in /metrics")
 
 
+def open_streams(target: _LoggedProcess, max_tokens: int, prompts: list[list[int]]) -> list[Stream]:
+    """One stream per prompt to `target` (a server or a gateway), each past its first token before returning."""
+    from support.tiny_models import tiny_model_dir
+
+    model = tiny_model_dir(MODEL).name
+    streams = [Stream(target.base_url, model, max_tokens, prompt=prompt).start() for prompt in prompts]
+    for stream in streams:
+        assert stream.first_token.wait(60) and stream.tokens > 0, (stream, target.log()[-2000:])
+    return streams
+
+
+def refuses_new_work(target: _LoggedProcess, *message_words: str) -> float:
+    """Seconds until /health answers 503 after the signal; then a new request is refused in OpenAI's shape,
+    its message naming the drain (and `message_words`), while /metrics is still scraped."""
+    from support.tiny_models import tiny_model_dir
+
+    took = wait_until(lambda: status_of(target.base_url + "/health")[0] == 503, timeout=10)
+    body = {"model": tiny_model_dir(MODEL).name, "prompt": [1, 2], "max_tokens": 2}
+    status, reply = status_of(target.base_url + "/v1/completions", "POST", json=body)
+    assert status == 503, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"}
+    assert reply["error"]["type"] == "service_unavailable_error"
+    for word in ("draining", *message_words):
+        assert word in reply["error"]["message"], reply
+    assert status_of(target.base_url + "/metrics")[0] == 200  # still scraped while draining
+    return took
+
+
 SHARED_MAX_REQUEST_BYTES = 1_000_000
 
 
@@ -205,15 +263,11 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
         "--max-request-bytes",
         str(SHARED_MAX_REQUEST_BYTES),
     ]
-    server = ServeProcess(tiny_model_dir(MODEL), log, extra)
-    try:
-        server.wait_ready(timeout=120)
+    with running(ServeProcess(tiny_model_dir(MODEL), log, extra), timeout=120) as server:
         yield server
-    finally:
-        server.kill()
 
 
-class GatewayProcess:
+class GatewayProcess(_LoggedProcess):
     """One `moefleet gateway` process (output to a file)."""
 
     def __init__(self, log: Path, extra: list[str]):
@@ -249,24 +303,6 @@ class GatewayProcess:
         wait_until(healthy, timeout, 0.2)
         return self.base_url
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self._log.close()
-
 
 @pytest.fixture(scope="session")
 def shared_gateway(
@@ -275,9 +311,5 @@ def shared_gateway(
     """`moefleet gateway` in front of the shared server (a local fleet of one group), same request limits."""
     log = tmp_path_factory.mktemp("shared-gateway") / "gateway.log"
     extra = ["--backend", shared_server.base_url, "--max-request-bytes", str(SHARED_MAX_REQUEST_BYTES)]
-    gateway = GatewayProcess(log, [*extra, "--log-level", "warning"])
-    try:
-        gateway.wait_ready(timeout=300)
+    with running(GatewayProcess(log, [*extra, "--log-level", "warning"]), timeout=300) as gateway:
         yield gateway
-    finally:
-        gateway.kill()

@@ -12,12 +12,13 @@ import threading
 import time
 
 import pytest
-from faults.conftest import MODEL, ServeProcess, Stream, record, status_of, wait_until
+from faults.conftest import MODEL, ServeProcess, open_streams, record, refuses_new_work, status_of
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
 
 STREAMS = 4
+PROMPTS = [[5, 6, 7, 8]] * STREAMS
 
 
 def _start(tmp_path, drain_timeout: float) -> ServeProcess:
@@ -28,34 +29,15 @@ def _start(tmp_path, drain_timeout: float) -> ServeProcess:
     return server
 
 
-def _streams(server: ServeProcess, max_tokens: int) -> list[Stream]:
-    streams = [
-        Stream(server.base_url, tiny_model_dir(MODEL).name, max_tokens).start() for _ in range(STREAMS)
-    ]
-    for stream in streams:
-        assert stream.first_token.wait(60) and stream.tokens > 0, (stream, server.log()[-2000:])
-    return streams
-
-
-def _refuses_new_work(server: ServeProcess) -> float:
-    """Seconds until /health answers 503 after the signal; then a new request is refused in OpenAI's shape."""
-    took = wait_until(lambda: status_of(server.base_url + "/health")[0] == 503, timeout=10)
-    body = {"model": tiny_model_dir(MODEL).name, "prompt": [1, 2], "max_tokens": 2}
-    status, reply = status_of(server.base_url + "/v1/completions", "POST", json=body)
-    assert status == 503, reply
-    assert set(reply["error"]) == {"message", "type", "param", "code"}
-    assert "draining" in reply["error"]["message"] and reply["error"]["type"] == "service_unavailable_error"
-    assert status_of(server.base_url + "/metrics")[0] == 200  # still scraped while draining
-    return took
-
-
 def test_sigterm_lets_streams_finish(tmp_path):
     server = _start(tmp_path, drain_timeout=60)
     try:
-        streams = _streams(server, max_tokens=400)  # long enough to still run during the checks
+        streams = open_streams(
+            server, prompts=PROMPTS, max_tokens=400
+        )  # long enough to still run during the checks
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)
-        not_ready_s = _refuses_new_work(server)
+        not_ready_s = refuses_new_work(server)
         for stream in streams:
             assert stream.join(90), "a stream hung during the drain"
         code = server.wait(timeout=30)
@@ -94,7 +76,9 @@ def test_short_drain_timeout_aborts_streams(tmp_path):
     waiter = threading.Thread(target=plain_request, daemon=True)
     try:
         waiter.start()
-        streams = _streams(server, max_tokens=1000)  # minutes of decoding: cannot finish in the drain
+        streams = open_streams(
+            server, prompts=PROMPTS, max_tokens=1000
+        )  # minutes of decoding: cannot finish in the drain
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)  # (refusals are checked above; this server stops within a second)
         for stream in streams:
@@ -120,9 +104,9 @@ def test_short_drain_timeout_aborts_streams(tmp_path):
 def test_second_sigterm_forces_exit(tmp_path):
     server = _start(tmp_path, drain_timeout=120)
     try:
-        streams = _streams(server, max_tokens=1000)
+        streams = open_streams(server, prompts=PROMPTS, max_tokens=1000)
         server.signal(signal.SIGTERM)
-        _refuses_new_work(server)
+        refuses_new_work(server)
         forced = time.monotonic()
         server.signal(signal.SIGTERM)
         for stream in streams:

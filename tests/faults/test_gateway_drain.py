@@ -14,7 +14,17 @@ import time
 
 import pytest
 from disaggregation.pd_fleet import PROMPTS, kv_idle, pd_groups
-from faults.conftest import MODEL, GatewayProcess, ServeProcess, Stream, record, status_of, wait_until
+from faults.conftest import (
+    MODEL,
+    GatewayProcess,
+    ServeProcess,
+    Stream,
+    open_streams,
+    record,
+    refuses_new_work,
+    status_of,
+    wait_until,
+)
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -22,6 +32,7 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 STREAMS = 4
 FINISHING = 240  # tokens: seconds of decoding on CPU, so the streams still run while the refusals are checked
 PD_FINISHING = 120
+GATEWAY_PROMPTS = [[5 + i, 6, 7] for i in range(STREAMS)]
 
 
 def _gateway(engine: ServeProcess, tmp_path, drain_timeout: float) -> GatewayProcess:
@@ -31,36 +42,15 @@ def _gateway(engine: ServeProcess, tmp_path, drain_timeout: float) -> GatewayPro
     return gateway
 
 
-def _streams(gateway: GatewayProcess, max_tokens: int) -> list[Stream]:
-    model = tiny_model_dir(MODEL).name
-    streams = [
-        Stream(gateway.base_url, model, max_tokens, prompt=[5 + i, 6, 7]).start() for i in range(STREAMS)
-    ]
-    for stream in streams:
-        assert stream.first_token.wait(60) and stream.tokens > 0, (stream, gateway.log()[-2000:])
-    return streams
-
-
-def _refuses_new_work(gateway: GatewayProcess) -> float:
-    """Seconds until /health answers 503 after the signal; then a new request is refused in OpenAI's shape."""
-    took = wait_until(lambda: status_of(gateway.base_url + "/health")[0] == 503, timeout=10)
-    body = {"model": tiny_model_dir(MODEL).name, "prompt": [1, 2], "max_tokens": 2}
-    status, reply = status_of(gateway.base_url + "/v1/completions", "POST", json=body)
-    assert status == 503, reply
-    assert set(reply["error"]) == {"message", "type", "param", "code"}
-    assert reply["error"]["type"] == "service_unavailable_error"
-    assert "draining" in reply["error"]["message"] and "retry" in reply["error"]["message"]
-    assert status_of(gateway.base_url + "/metrics")[0] == 200  # still scraped while draining
-    return took
-
-
 def test_gateway_sigterm_lets_streams_finish(shared_server, tmp_path):
     gateway = _gateway(shared_server, tmp_path, drain_timeout=90)
     try:
-        streams = _streams(gateway, max_tokens=FINISHING)  # long enough to still run during the checks
+        streams = open_streams(
+            gateway, prompts=GATEWAY_PROMPTS, max_tokens=FINISHING
+        )  # long enough to still run during the checks
         signalled = time.monotonic()
         gateway.signal(signal.SIGTERM)
-        not_ready_s = _refuses_new_work(gateway)
+        not_ready_s = refuses_new_work(gateway, "retry")
         running = sum(s.ended is None for s in streams)
         for stream in streams:
             assert stream.join(120), "a stream hung during the gateway's drain"
@@ -103,7 +93,9 @@ def test_gateway_short_drain_timeout_cuts_streams_with_abort(shared_server, tmp_
     waiter = threading.Thread(target=plain_request, daemon=True)
     try:
         waiter.start()
-        streams = _streams(gateway, max_tokens=1000)  # minutes of decoding: cannot finish in the drain
+        streams = open_streams(
+            gateway, prompts=GATEWAY_PROMPTS, max_tokens=1000
+        )  # minutes of decoding: cannot finish in the drain
         signalled = time.monotonic()
         gateway.signal(signal.SIGTERM)
         for stream in streams:
@@ -131,9 +123,9 @@ def test_gateway_short_drain_timeout_cuts_streams_with_abort(shared_server, tmp_
 def test_gateway_second_sigterm_forces_exit(shared_server, tmp_path):
     gateway = _gateway(shared_server, tmp_path, drain_timeout=120)
     try:
-        streams = _streams(gateway, max_tokens=1000)
+        streams = open_streams(gateway, prompts=GATEWAY_PROMPTS, max_tokens=1000)
         gateway.signal(signal.SIGTERM)
-        _refuses_new_work(gateway)
+        refuses_new_work(gateway, "retry")
         forced = time.monotonic()
         gateway.signal(signal.SIGTERM)
         for stream in streams:
@@ -167,7 +159,7 @@ def test_gateway_sigterm_in_disaggregated_mode_lets_streams_finish(tmp_path):
                 assert stream.first_token.wait(120) and stream.tokens > 0, (stream, gateway.log()[-2000:])
             signalled = time.monotonic()
             gateway.signal(signal.SIGTERM)
-            not_ready_s = _refuses_new_work(gateway)
+            not_ready_s = refuses_new_work(gateway, "retry")
             running = sum(s.ended is None for s in streams)
             for stream in streams:
                 assert stream.join(120), "a stream hung during the gateway's drain"
