@@ -12,6 +12,7 @@ import time
 from functools import partial
 
 import pytest
+from support.fake_kubelet import FakeKubelet, NodeHeartbeat, unmanaged_node
 from support.operator_catalogue import MANIFESTS, invalid_cases
 from support.operator_cluster import (
     CHILD_PATHS,
@@ -536,44 +537,109 @@ def _evict(cluster, namespace: str, pod: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.skip(
-    reason="flaky on kwok under CI load (docs/operator.md, Known issues): the evicted pod is recreated Ready "
-    "at once, so the budget can read 4 healthy pods again before the operator re-forms the group"
-)
+def _budget(cluster, path: str) -> dict:
+    return cluster.api_get(path).get("status", {})
+
+
 def test_role_budget_lets_a_drain_take_only_one_group_of_a_role_at_a_time(
     operator, pool, kube_cluster, kube_namespace
 ):
-    name = "budget"
-    kube_cluster.apply(small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 2}}), kube_namespace)
-    wait_ready(kube_cluster, kube_namespace, name)
+    """The role's PodDisruptionBudget (maxUnavailable 1 over the role, the group-ready gate in every pod's
+    readiness) lets a drain evict one pod of group 0; then no pod of group 1 may go while group 0 is down,
+    re-forming or starting, but group 0's own pods may (a broken group never blocks a drain); once the
+    operator has re-formed group 0 and opened its gates, group 1 may go.
+
+    The pods run on Nodes kwok does not manage, whose kubelet the test plays (support/fake_kubelet.py): kwok
+    would finish the eviction and make the recreated pod Ready (its gate opened by itself) at once, so the
+    budget could read 4 healthy pods again before the operator has even seen the eviction. Here a pod stays
+    Terminating, and a recreated one starting, until the test lets it go, and Ready follows the operator's
+    gate as on a real kubelet."""
+    name, label = "budget", {"moefleet.test/budget": "yes"}
+    nodes = [f"budget-unmanaged-{i}" for i in range(4)]
+    for node in nodes:
+        kube_cluster.apply(unmanaged_node(node, label))
+    heartbeats = [NodeHeartbeat(kube_cluster, node).__enter__() for node in nodes]
+    kubelet = FakeKubelet(kube_cluster, kube_namespace, nodes).__enter__()
     pdb_path = f"/apis/policy/v1/namespaces/{kube_namespace}/poddisruptionbudgets/budget-mixed"
-    wait_for(
-        lambda: kube_cluster.api_get(pdb_path).get("status", {}).get("disruptionsAllowed") == 1,
-        30,
-        "the role budget to allow one disruption",
-    )
-    first = _evict(kube_cluster, kube_namespace, "budget-mixed-0-0")
-    assert first.returncode == 0, first.stderr
-    # Group 0 is now disrupted: no pod of group 1 may go, while group 0's other pod still can (a broken group
-    # never blocks a drain).
-    refused = _evict(kube_cluster, kube_namespace, "budget-mixed-1-0")
-    assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
-    wait_for(
-        lambda: condition(get_moed(kube_cluster, kube_namespace, name), "Ready").get("status") == "False",
-        30,
-        "Ready=False while group 0 is down",
-    )
-    same_group = _evict(kube_cluster, kube_namespace, "budget-mixed-0-1")
-    assert same_group.returncode == 0 or "not found" in same_group.stderr, same_group.stderr
-    body = get_moed(kube_cluster, kube_namespace, name)
-    assert condition(body, "Available")["status"] == "True"  # one group of two down: still serving
-    wait_ready(kube_cluster, kube_namespace, name)
-    wait_for(
-        lambda: kube_cluster.api_get(pdb_path).get("status", {}).get("disruptionsAllowed") == 1,
-        60,
-        "the budget to recover",
-    )
-    assert _evict(kube_cluster, kube_namespace, "budget-mixed-1-0").returncode == 0
+    pod_path = f"/api/v1/namespaces/{kube_namespace}/pods/{{}}"
+    try:
+        kube_cluster.apply(
+            small(name, {"mixed": {"replicas": 2, "nodesPerReplica": 2, "nodeSelector": label}}),
+            kube_namespace,
+        )
+        wait_ready(kube_cluster, kube_namespace, name, timeout=180)
+        before = pods_by_group(kube_cluster, kube_namespace, name)
+        wait_for(
+            lambda: _budget(kube_cluster, pdb_path).get("disruptionsAllowed") == 1,
+            120,
+            "the role budget to allow one disruption",
+        )
+        kubelet.admit.clear()  # from now on a recreated pod stays starting until the test says
+        first = _evict(kube_cluster, kube_namespace, "budget-mixed-0-0")
+        assert first.returncode == 0, first.stderr
+        # Group 0 is now disrupted (its pod Terminating: the kubelet holds it): no pod of group 1 may go.
+        refused = _evict(kube_cluster, kube_namespace, "budget-mixed-1-0")
+        assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
+        wait_for(
+            lambda: condition(get_moed(kube_cluster, kube_namespace, name), "Ready").get("status") == "False",
+            120,
+            "Ready=False while group 0 is down",
+        )
+
+        # The operator restarts group 0 (a member is gone): it deletes the other pod or closes its gate, so
+        # the pod is unhealthy and the budget lets it go (unhealthyPodEvictionPolicy AlwaysAllow).
+        def other_pod_unhealthy() -> bool:
+            pod = kube_cluster.api_get(pod_path.format("budget-mixed-0-1"))
+            ready = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}.get("Ready")
+            return bool(pod["metadata"].get("deletionTimestamp")) or ready == "False"
+
+        wait_for(other_pod_unhealthy, 120, "budget-mixed-0-1 deleted or unready (group 0 restarting)")
+        same_group = _evict(kube_cluster, kube_namespace, "budget-mixed-0-1")
+        assert same_group.returncode == 0, same_group.stderr
+        assert condition(get_moed(kube_cluster, kube_namespace, name), "Available")["status"] == "True"
+
+        # The kubelet finishes the deletions; the StatefulSet recreates group 0, whose pods stay starting.
+        kubelet.finish_deletions.set()
+
+        def recreated() -> bool:
+            pods = pods_by_group(kube_cluster, kube_namespace, name).get("budget-mixed-0", {})
+            old = set(before["budget-mixed-0"].values())
+            return len(pods) == 2 and not old & set(pods.values())
+
+        wait_for(recreated, 120, "group 0's pods recreated")
+        budget = _budget(kube_cluster, pdb_path)
+        assert budget.get("disruptionsAllowed") == 0, budget
+        refused = _evict(kube_cluster, kube_namespace, "budget-mixed-1-0")
+        assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
+
+        # The engines start; the operator opens group 0's gates, the pods turn Ready, and group 1 may go.
+        kubelet.admit.set()
+        moed = wait_ready(kube_cluster, kube_namespace, name, timeout=180)
+        assert condition(moed, "Available")["status"] == "True"
+        for pod in pods_by_group(kube_cluster, kube_namespace, name)["budget-mixed-0"]:
+            gate = _gate(kube_cluster, kube_namespace, pod)
+            assert gate == "True", (pod, gate)
+        wait_for(
+            lambda: _budget(kube_cluster, pdb_path).get("disruptionsAllowed") == 1,
+            120,
+            "the budget to recover",
+        )
+        assert pods_by_group(kube_cluster, kube_namespace, name)["budget-mixed-1"] == before["budget-mixed-1"]
+        last = _evict(kube_cluster, kube_namespace, "budget-mixed-1-0")
+        assert last.returncode == 0, last.stderr
+    finally:
+        kubelet.finish_deletions.set()
+        kubelet.admit.set()
+        kube_cluster.kubectl("delete", "moed", name, "-n", kube_namespace, "--wait=false", check=False)
+        try:
+            wait_for(lambda: not live_engine_pods(kube_cluster, kube_namespace, name), 60, "engine pods gone")
+        except TimeoutError:
+            pass  # the Pod garbage collector removes what is left once the nodes are deleted
+        kubelet.stop()
+        for heartbeat in heartbeats:
+            heartbeat.stop()
+        kube_cluster.kubectl("delete", "node", *nodes, "--wait=false", check=False)
+        kube_cluster.kubectl("delete", "lease", *nodes, "-n", "kube-node-lease", "--wait=false", check=False)
 
 
 def test_pods_from_an_older_template_are_reformed_to_the_update_revision(

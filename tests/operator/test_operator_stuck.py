@@ -8,12 +8,11 @@ runs from this checkout as the chart's ServiceAccount.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from functools import partial
 
 import pytest
-from support import kwok_nodes
+from support.fake_kubelet import NodeHeartbeat, unmanaged_node
 from support.operator_cluster import (
     condition,
     get_moed,
@@ -114,46 +113,6 @@ def _set_node_ready(cluster, node: str, ready: bool) -> None:
     )  # fmt: skip
 
 
-class _NodeHeartbeat:
-    """Renew a node's Lease (kube-node-lease) every few seconds, as its kubelet would, until stopped.
-
-    Without it kube-controller-manager marks a node nobody heartbeats NotReady (and taints it unschedulable)
-    a grace period (50 s) after it appears, which on a loaded CI machine can come before the scheduler has
-    placed the group's pod there."""
-
-    def __init__(self, cluster, node: str, period_s: float = 5.0) -> None:
-        self.cluster, self.node, self.period_s = cluster, node, period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{node}", daemon=True)
-
-    def _lease(self) -> dict:
-        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-        return {
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": self.node, "namespace": "kube-node-lease"},
-            "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": now},
-        }  # fmt: skip
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                self.cluster.apply(self._lease())
-            except Exception:  # noqa: BLE001 - a missed beat is retried on the next period
-                pass
-
-    def __enter__(self) -> _NodeHeartbeat:
-        self.cluster.apply(self._lease())
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 def _act_as_kubelet(cluster, namespace: str, pod: dict) -> None:
     """Report the pod Running and Ready, as the (test-played) kubelet of a node kwok does not manage."""
     containers = [c["name"] for c in pod["spec"]["containers"]]
@@ -189,13 +148,8 @@ def test_pod_stuck_terminating_on_an_unreachable_node_is_force_deleted(
     operator.start()
     name, label = "stuck", {"moefleet.test/stuck": "yes"}
     unmanaged = "stuck-unmanaged-node"
-    node = kwok_nodes.gpu_node(unmanaged, labels=label)
-    del node["metadata"]["annotations"][kwok_nodes.KWOK_ANNOTATION]
-    node["status"]["conditions"] = [
-        {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastHeartbeatTime": _now(), "lastTransitionTime": _now()}
-    ]  # fmt: skip
-    kube_cluster.apply(node)
-    heartbeat = _NodeHeartbeat(kube_cluster, unmanaged).__enter__()
+    kube_cluster.apply(unmanaged_node(unmanaged, label))
+    heartbeat = NodeHeartbeat(kube_cluster, unmanaged).__enter__()
     # One kwok node now: with two nodes for two pods the scheduler must use the unmanaged one. The second
     # healthy node comes once the group is Ready, for the replacement.
     healthy = kube_cluster.create_gpu_nodes(1, prefix="stuck-kwok-a", labels=label)
