@@ -170,6 +170,31 @@ def stream_ids(url: str, request: dict, headers: dict | None = None) -> list[int
     return ids
 
 
+def completion_ids(url: str, request: dict) -> list[int]:
+    reply = httpx.post(url + "/v1/completions", json=request, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["token_ids"]
+
+
+def check_greedy_through(url: str, name: str, expected: list[list[int]], concurrent: int = 8) -> None:
+    """PROMPTS through the gateway at `url` equal `expected` (transformers greedy): each alone, not streamed
+    and streamed, then `concurrent` at once (half streamed), which the gateway spreads over the decode ranks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        assert completion_ids(url, body(name, prompt)) == want
+        assert stream_ids(url, body(name, prompt, stream=True)) == want
+
+    def one(i: int) -> list[int]:
+        prompt = PROMPTS[i % 2]
+        if i % 4 < 2:
+            return stream_ids(url, body(name, prompt, stream=True))
+        return completion_ids(url, body(name, prompt))
+
+    with ThreadPoolExecutor(concurrent) as pool:
+        assert list(pool.map(one, range(concurrent))) == [expected[i % 2] for i in range(concurrent)]
+
+
 @contextmanager
 def kv_reservation(
     decode_url: str, request: dict, reserved: Any, headers: dict[str, str] | None = None

@@ -11,46 +11,12 @@ import time
 
 import pytest
 import torch
+from disaggregation.kv_pools import GQALayer, MLALayer, block, expect, pools
 from moefleet.engine.disaggregation import tcp, wire
-from moefleet.engine.disaggregation.base import TransferError, TransferResult
+from moefleet.engine.disaggregation.base import TransferError
 from moefleet.engine.disaggregation.receiver import KVServer as TcpReceiver
 from moefleet.engine.disaggregation.tcp import TcpSender
 from moefleet.engine.kv_cache import KVCachePool, block_dim
-
-
-class GQALayer:
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, 2, 8)
-
-
-class MLALayer:
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        return (num_blocks, block_size, 12)  # latent R + rope Dr only
-
-
-def _pools(dtype=torch.float32, num_blocks=6):
-    src = KVCachePool([GQALayer(), MLALayer(), GQALayer()], num_blocks, 4, dtype, torch.device("cpu"))
-    dst = KVCachePool([GQALayer(), MLALayer(), GQALayer()], num_blocks, 4, dtype, torch.device("cpu"))
-    for cache in src.caches:
-        cache.copy_(torch.randn(cache.shape).to(dtype))
-    return src, dst
-
-
-def _block(pool: KVCachePool, layer: int, block: int) -> torch.Tensor:
-    cache = pool.caches[layer]
-    return cache[:, block] if cache.dim() == 5 else cache[block]
-
-
-def _landed_into(receiver: TcpReceiver, transfer_id: str, blocks: list[int], num_tokens: int):
-    results: list[TransferResult] = []
-    done = threading.Event()
-
-    def on_landed(result: TransferResult) -> None:
-        results.append(result)
-        done.set()
-
-    receiver.register(transfer_id, blocks, num_tokens, on_landed)
-    return results, done
 
 
 def test_the_pool_owns_each_layers_cache_and_finds_the_block_dimension():
@@ -64,28 +30,28 @@ def test_the_pool_owns_each_layers_cache_and_finds_the_block_dimension():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocks_move_between_pools_in_small_chunks(dtype):
-    src, dst = _pools(dtype)
+    src, dst = pools(dtype)
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
-        results, done = _landed_into(receiver, "t1", [0, 2], num_tokens=7)
+        results, done = expect(receiver, "t1", [0, 2], num_tokens=7)
         # 7 tokens in 2 blocks of 4; chunks smaller than one unit, so units span chunks.
         TcpSender(src, chunk_bytes=100).send(receiver.address, "t1", [3, 1], 7, first_token=42)
         assert done.wait(5) and results[0].first_token == 42 and results[0].error is None
         for layer in range(3):
-            assert torch.equal(_block(dst, layer, 0), _block(src, layer, 3))
-            assert torch.equal(_block(dst, layer, 2), _block(src, layer, 1))
+            assert torch.equal(block(dst, layer, 0), block(src, layer, 3))
+            assert torch.equal(block(dst, layer, 2), block(src, layer, 1))
             for untouched in (1, 3, 4, 5):
-                assert not _block(dst, layer, untouched).any()
+                assert not block(dst, layer, untouched).any()
     finally:
         receiver.close()
 
 
 def test_a_layout_mismatch_is_refused_and_reported_on_both_sides():
-    src, _ = _pools()
+    src, _ = pools()
     other = KVCachePool([GQALayer(), MLALayer()], 6, 4, torch.float32, torch.device("cpu"))  # one layer less
     receiver = TcpReceiver(other, "127.0.0.1")
     try:
-        results, done = _landed_into(receiver, "t2", [0, 1], num_tokens=5)
+        results, done = expect(receiver, "t2", [0, 1], num_tokens=5)
         with pytest.raises(TransferError, match="layout differs"):
             TcpSender(src).send(receiver.address, "t2", [0, 1], 5, first_token=1)
         assert done.wait(5) and results[0].first_token is None and "layout" in (results[0].error or "")
@@ -94,7 +60,7 @@ def test_a_layout_mismatch_is_refused_and_reported_on_both_sides():
 
 
 def test_a_corrupted_chunk_fails_the_checksum():
-    src, dst = _pools()
+    src, dst = pools()
 
     class Corrupting(TcpSender):
         @staticmethod
@@ -106,7 +72,7 @@ def test_a_corrupted_chunk_fails_the_checksum():
 
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
-        results, done = _landed_into(receiver, "t3", [4], num_tokens=3)
+        results, done = expect(receiver, "t3", [4], num_tokens=3)
         with pytest.raises(TransferError):
             Corrupting(src).send(receiver.address, "t3", [0], 3, first_token=1)
         assert done.wait(5) and "checksum" in (results[0].error or "")
@@ -116,7 +82,7 @@ def test_a_corrupted_chunk_fails_the_checksum():
 
 def test_an_unexpected_transfer_id_is_refused_after_the_wait(monkeypatch):
     monkeypatch.setattr(wire, "REGISTER_WAIT_SECONDS", 0.2)
-    src, dst = _pools()
+    src, dst = pools()
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
         with pytest.raises(TransferError, match="not expected"):
@@ -129,23 +95,23 @@ def test_an_unexpected_transfer_id_is_refused_after_the_wait(monkeypatch):
 
 
 def test_a_transfer_that_arrives_before_its_registration_waits_for_it():
-    src, dst = _pools()
+    src, dst = pools()
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
         sender = threading.Thread(target=TcpSender(src).send, args=(receiver.address, "t5", [2], 4, 9))
         sender.start()
         threading.Event().wait(0.2)
-        results, done = _landed_into(receiver, "t5", [5], num_tokens=4)
+        results, done = expect(receiver, "t5", [5], num_tokens=4)
         sender.join(5)
         assert done.wait(5) and results[0].first_token == 9
-        assert torch.equal(_block(dst, 1, 5), _block(src, 1, 2))
+        assert torch.equal(block(dst, 1, 5), block(src, 1, 2))
     finally:
         receiver.close()
 
 
 def test_a_sender_for_a_cancelled_or_refused_id_is_answered_at_once(monkeypatch):
     monkeypatch.setattr(wire, "REGISTER_WAIT_SECONDS", 20.0)
-    src, dst = _pools()
+    src, dst = pools()
     receiver = TcpReceiver(dst, "127.0.0.1")
     try:
         receiver.register("t6", [1], 2, lambda result: None)

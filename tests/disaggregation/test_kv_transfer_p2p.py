@@ -13,61 +13,22 @@ import time
 
 import pytest
 import torch
+from disaggregation.kv_pools import GQALayer, MLALayer, block, expect, pool, pools
 from moefleet.engine.disaggregation import p2p, wire
-from moefleet.engine.disaggregation.base import TransferError, TransferResult
+from moefleet.engine.disaggregation.base import TransferError
 from moefleet.engine.disaggregation.p2p import P2PSender, plan_chunks
 from moefleet.engine.disaggregation.receiver import KVServer
 from moefleet.engine.disaggregation.tcp import TcpSender
-from moefleet.engine.kv_cache import KVCachePool
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class GQALayer:
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, 2, 8)
-
-
-class MLALayer:
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        return (num_blocks, block_size, 12)  # latent R + rope Dr only
-
-
-def _pool(dtype=torch.float32, num_blocks=6, layers=None):
-    layers = layers or [GQALayer(), MLALayer(), GQALayer()]
-    return KVCachePool(layers, num_blocks, 4, dtype, torch.device("cpu"))
-
-
-def _pools(dtype=torch.float32, num_blocks=6):
-    src, dst = _pool(dtype, num_blocks), _pool(dtype, num_blocks)
-    for cache in src.caches:
-        cache.copy_(torch.randn(cache.shape).to(dtype))
-    return src, dst
-
-
-def _block(pool: KVCachePool, layer: int, block: int) -> torch.Tensor:
-    cache = pool.caches[layer]
-    return cache[:, block] if cache.dim() == 5 else cache[block]
-
-
-def _expect(receiver: KVServer, transfer_id: str, blocks: list[int], num_tokens: int):
-    results: list[TransferResult] = []
-    done = threading.Event()
-
-    def on_landed(result: TransferResult) -> None:
-        results.append(result)
-        done.set()
-
-    receiver.register(transfer_id, blocks, num_tokens, on_landed)
-    return results, done
 
 
 def _assert_moved(src, dst, pairs, untouched):
     for layer in range(src.num_layers):
         for s, d in pairs:
-            assert torch.equal(_block(dst, layer, d), _block(src, layer, s))
-        for block in untouched:
-            assert not _block(dst, layer, block).any()
+            assert torch.equal(block(dst, layer, d), block(src, layer, s))
+        for other in untouched:
+            assert not block(dst, layer, other).any()
 
 
 @pytest.fixture
@@ -88,7 +49,7 @@ def receiver_of():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_then_scatter_moves_exactly_the_chosen_blocks(dtype):
-    src, dst = _pools(dtype)
+    src, dst = pools(dtype)
     layers = range(0, 3)
     staging = torch.empty(src.span_bytes(layers, 2), dtype=torch.uint8)
     assert (
@@ -104,7 +65,7 @@ def test_gather_then_scatter_moves_exactly_the_chosen_blocks(dtype):
 
 
 def test_gather_refuses_a_wrong_staging_size_or_a_block_outside_the_pool():
-    src, _ = _pools()
+    src, _ = pools()
     with pytest.raises(ValueError, match="bytes"):
         src.gather_blocks(range(1), [0], torch.empty(3, dtype=torch.uint8))
     with pytest.raises(IndexError, match="outside"):
@@ -135,16 +96,16 @@ def test_the_chunk_plan_packs_whole_layers_and_splits_a_layer_too_big_for_one_ch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_bytes", [100, 1 << 20])  # many chunks (layers split) / one chunk
 def test_blocks_move_over_the_pair_group_and_the_pair_is_reused(dtype, chunk_bytes, receiver_of):
-    src, dst = _pools(dtype)
+    src, dst = pools(dtype)
     receiver = receiver_of(dst)
     sender = P2PSender(src, chunk_bytes=chunk_bytes)
     try:
-        results, done = _expect(receiver, "t1", [0, 2], num_tokens=7)
+        results, done = expect(receiver, "t1", [0, 2], num_tokens=7)
         sender.send(receiver.address, "t1", [3, 1], 7, first_token=42)
         assert done.wait(5) and results[0].first_token == 42 and results[0].error is None
         _assert_moved(src, dst, [(3, 0), (1, 2)], untouched=[1, 3, 4, 5])
         pair = sender._pairs[receiver.address]
-        results, done = _expect(receiver, "t2", [5], num_tokens=2)
+        results, done = expect(receiver, "t2", [5], num_tokens=2)
         sender.send(receiver.address, "t2", [4], 2, first_token=7)
         assert done.wait(5) and results[0].first_token == 7
         assert sender._pairs[receiver.address] is pair  # one group per (sender, receiver), reused
@@ -154,9 +115,9 @@ def test_blocks_move_over_the_pair_group_and_the_pair_is_reused(dtype, chunk_byt
 
 
 def test_a_layout_mismatch_is_refused_on_both_sides(receiver_of):
-    src, _ = _pools()
-    receiver = receiver_of(_pool(layers=[GQALayer(), MLALayer()]))  # one layer less
-    results, done = _expect(receiver, "t3", [0, 1], num_tokens=5)
+    src, _ = pools()
+    receiver = receiver_of(pool(layers=[GQALayer(), MLALayer()]))  # one layer less
+    results, done = expect(receiver, "t3", [0, 1], num_tokens=5)
     with pytest.raises(TransferError, match="layout differs"):
         P2PSender(src).send(receiver.address, "t3", [0, 1], 5, first_token=1)
     assert done.wait(5) and "layout" in (results[0].error or "")
@@ -164,7 +125,7 @@ def test_a_layout_mismatch_is_refused_on_both_sides(receiver_of):
 
 def test_unknown_and_refused_ids_are_answered(receiver_of, monkeypatch):
     monkeypatch.setattr(wire, "REGISTER_WAIT_SECONDS", 0.3)
-    src, dst = _pools()
+    src, dst = pools()
     receiver = receiver_of(dst)
     receiver.refuse("t4", "the decode server rejected the request: too long")
     with pytest.raises(TransferError, match="not expected"):
@@ -175,7 +136,7 @@ def test_unknown_and_refused_ids_are_answered(receiver_of, monkeypatch):
 
 
 def test_a_transfer_cancelled_midway_is_drained_not_written_and_fails(receiver_of):
-    src, dst = _pools()
+    src, dst = pools()
     receiver = receiver_of(dst)
     gather = src.gather_blocks
 
@@ -184,7 +145,7 @@ def test_a_transfer_cancelled_midway_is_drained_not_written_and_fails(receiver_o
         return gather(*args)
 
     src.gather_blocks = slow_gather  # type: ignore[method-assign]
-    results, done = _expect(receiver, "t5", [1, 2], num_tokens=8)
+    results, done = expect(receiver, "t5", [1, 2], num_tokens=8)
     failure: list[BaseException] = []
 
     def send() -> None:
@@ -205,7 +166,7 @@ def test_a_transfer_cancelled_midway_is_drained_not_written_and_fails(receiver_o
 
 
 def test_a_sender_gone_midway_fails_the_transfer_quickly_and_the_next_one_works(receiver_of):
-    src, dst = _pools()
+    src, dst = pools()
     receiver = receiver_of(dst)
     sender = P2PSender(src, chunk_bytes=100)
     gather, calls = src.gather_blocks, []
@@ -217,7 +178,7 @@ def test_a_sender_gone_midway_fails_the_transfer_quickly_and_the_next_one_works(
         return gather(*args)
 
     src.gather_blocks = failing_gather  # type: ignore[method-assign]
-    results, done = _expect(receiver, "t6", [1], num_tokens=4)
+    results, done = expect(receiver, "t6", [1], num_tokens=4)
     started = time.monotonic()
     with pytest.raises(TransferError, match="prefill engine died"):
         sender.send(receiver.address, "t6", [0], 4, first_token=1)
@@ -226,7 +187,7 @@ def test_a_sender_gone_midway_fails_the_transfer_quickly_and_the_next_one_works(
     assert results[0].first_token is None and "chunk" in (results[0].error or ""), results[0]
     assert receiver.address not in sender._pairs  # dropped on both sides
     src.gather_blocks = gather  # type: ignore[method-assign]
-    results, done = _expect(receiver, "t7", [2], num_tokens=4)
+    results, done = expect(receiver, "t7", [2], num_tokens=4)
     sender.send(receiver.address, "t7", [5], 4, first_token=3)
     assert done.wait(5) and results[0].first_token == 3
     _assert_moved(src, dst, [(5, 2)], untouched=[0, 3, 4, 5])
@@ -235,12 +196,12 @@ def test_a_sender_gone_midway_fails_the_transfer_quickly_and_the_next_one_works(
 
 def test_a_pair_group_that_cannot_form_is_an_error_that_names_the_way_out(receiver_of, monkeypatch):
     monkeypatch.setattr(p2p, "PAIR_TIMEOUT_SECONDS", 1.0)
-    src, dst = _pools()
+    src, dst = pools()
     receiver = receiver_of(dst)
     monkeypatch.setattr(
         p2p.P2PData, "_make", lambda self, key, sock: time.sleep(30)
     )  # the receiver never joins
-    results, done = _expect(receiver, "t8", [1], num_tokens=4)
+    results, done = expect(receiver, "t8", [1], num_tokens=4)
     started = time.monotonic()
     with pytest.raises(TransferError, match="--kv-transfer tcp"):
         P2PSender(src).send(receiver.address, "t8", [0], 4, first_token=1)
@@ -248,7 +209,7 @@ def test_a_pair_group_that_cannot_form_is_an_error_that_names_the_way_out(receiv
 
 
 def test_tcp_and_p2p_senders_push_to_the_same_receiver_at_once(receiver_of):
-    src, dst = _pools(num_blocks=8)
+    src, dst = pools(num_blocks=8)
     receiver = receiver_of(dst)
     p2p_sender, tcp_sender = P2PSender(src, chunk_bytes=200), TcpSender(src, chunk_bytes=100)
     expected = []
@@ -256,7 +217,7 @@ def test_tcp_and_p2p_senders_push_to_the_same_receiver_at_once(receiver_of):
     for i, (sender, s, d) in enumerate(
         [(p2p_sender, 0, 4), (tcp_sender, 1, 5), (p2p_sender, 2, 6), (tcp_sender, 3, 7)]
     ):
-        expected.append(_expect(receiver, f"m{i}", [d], num_tokens=3))
+        expected.append(expect(receiver, f"m{i}", [d], num_tokens=3))
         threads.append(threading.Thread(target=sender.send, args=(receiver.address, f"m{i}", [s], 3, 10 + i)))
     for thread in threads:
         thread.start()
@@ -280,7 +241,7 @@ def test_auto_is_tcp_until_p2p_has_a_gpu_run_and_the_flag_reaches_the_sender(mon
     assert [choose_kv_transfer(x) for x in ("auto", "tcp", "p2p")] == ["tcp", "tcp", "p2p"]
     with pytest.raises(ValueError, match="auto, tcp, p2p"):
         choose_kv_transfer("nccl")
-    src, _ = _pools()
+    src, _ = pools()
     for backend, kind in [("auto", TcpSender), ("p2p", P2PSender)]:
         sender, receiver = create_transfer(src, "127.0.0.1", backend=backend)
         assert isinstance(sender, kind) and isinstance(receiver, KVServer)

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -22,6 +21,7 @@ from disaggregation.pd_fleet import (
     NEW_TOKENS,
     PROMPTS,
     body,
+    check_greedy_through,
     hf_greedy,
     kv_gauges,
     kv_idle,
@@ -51,23 +51,7 @@ def test_two_rank_prefill_and_decode_groups_match_transformers(name, tmp_path):
         assert boot["role"] == "decode" and boot["dp_size"] == 2 and len(set(boot["kv_ports"])) == 2
         assert httpx.get(prefill_url + "/v1/pd/bootstrap", timeout=10).json()["role"] == "prefill"
 
-        # Single requests, not streamed and streamed.
-        for prompt, want in zip(PROMPTS, expected, strict=True):
-            reply = httpx.post(url + "/v1/completions", json=body(name, prompt), timeout=120)
-            assert reply.status_code == 200, reply.text
-            assert reply.json()["choices"][0]["token_ids"] == want
-            assert stream_ids(url, body(name, prompt, stream=True)) == want
-
-        # Concurrent, streamed and not: spread over both decode ranks by the gateway.
-        def one(i: int) -> list[int]:
-            prompt = PROMPTS[i % 2]
-            if i % 4 < 2:
-                return stream_ids(url, body(name, prompt, stream=True))
-            reply = httpx.post(url + "/v1/completions", json=body(name, prompt), timeout=120)
-            return reply.json()["choices"][0]["token_ids"]
-
-        with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(one, range(8))) == [expected[i % 2] for i in range(8)]
+        check_greedy_through(url, name, expected)
 
         # By hand, into decode rank 1's receiver: the decode group places the request on that rank.
         transfer = uuid.uuid4().hex

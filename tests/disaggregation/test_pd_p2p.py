@@ -8,11 +8,9 @@ groups; the decode group's bootstrap and both start-up lines name the backend.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
 import pytest
-from disaggregation.pd_fleet import PROMPTS, body, hf_greedy, kv_idle, pd_config, pd_groups, stream_ids
+from disaggregation.pd_fleet import PROMPTS, check_greedy_through, hf_greedy, kv_idle, pd_config, pd_groups
 from faults.conftest import wait_until
 from gateway.conftest import serve_gateway
 
@@ -32,21 +30,7 @@ def test_p2p_transfer_between_two_rank_groups_matches_transformers(name, tmp_pat
             assert "KV transfer backend p2p" in group.log()
             boot = httpx.get(group.base_url + "/v1/pd/bootstrap", timeout=10).json()
             assert boot["kv_transfer_backend"] == "p2p"
-        for prompt, want in zip(PROMPTS, expected, strict=True):
-            reply = httpx.post(url + "/v1/completions", json=body(name, prompt), timeout=120)
-            assert reply.status_code == 200, reply.text
-            assert reply.json()["choices"][0]["token_ids"] == want
-            assert stream_ids(url, body(name, prompt, stream=True)) == want
-
-        def one(i: int) -> list[int]:
-            prompt = PROMPTS[i % 2]
-            if i % 2:
-                return stream_ids(url, body(name, prompt, stream=True))
-            reply = httpx.post(url + "/v1/completions", json=body(name, prompt), timeout=120)
-            return reply.json()["choices"][0]["token_ids"]
-
-        # Concurrent, over both decode ranks (so several pair groups, each carrying several transfers).
-        with ThreadPoolExecutor(6) as pool:
-            assert list(pool.map(one, range(6))) == [expected[i % 2] for i in range(6)]
+        # Concurrent requests go over both decode ranks: several pair groups, each carrying several transfers.
+        check_greedy_through(url, name, expected, concurrent=6)
         wait_until(lambda: kv_idle(groups.prefill.base_url, groups.decode.base_url), timeout=15)
         assert "KV transfer failed" not in groups.prefill.log() + groups.decode.log()

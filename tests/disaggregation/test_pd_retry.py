@@ -12,7 +12,6 @@ group of each role by name (p0, d0) is always tried first: the failing one.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,11 +22,13 @@ import pytest
 from disaggregation.pd_fleet import (
     PROMPTS,
     body,
+    completion_ids,
     engines_idle,
     hf_greedy,
     kv_reservation,
     pd_config,
     role_server,
+    stream_ids,
 )
 from gateway.conftest import scripted_backend
 from moefleet.engine.gateway.app import Gateway, build_gateway_app
@@ -72,24 +73,6 @@ def held(decode_url: str, decode) -> Iterator[None]:
     request = body(NAME, PROMPTS[1])
     with kv_reservation(decode_url, request, lambda: decode.stats()["num_waiting_for_kv"] == waiting + 1):
         yield
-
-
-def completion_ids(url: str, request: dict) -> list[int]:
-    reply = httpx.post(url + "/v1/completions", json=request, timeout=120)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["choices"][0]["token_ids"]
-
-
-def stream_ids(url: str, request: dict) -> list[int]:
-    ids: list[int] = []
-    with httpx.stream("POST", url + "/v1/completions", json=request, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line.removeprefix("data: "))
-                assert "error" not in event, event
-                ids.extend(event["choices"][0].get("token_ids") or [])
-    return ids
 
 
 def retries(url: str, role: str) -> float:
