@@ -31,6 +31,18 @@ the receiver runs on_landed (so decoding reads the landed KV). Every wait is bou
 connection: a peer that closes it, or a timeout, fails the transfer (TransferError) on both sides and drops
 the pair group (the next transfer builds a new one), never a hang. NCCL has not run on a GPU yet (gloo on CPU
 is tested), so `--kv-transfer auto` does not pick p2p.
+
+Bounded pair caches: each side keeps at most `max_pairs` pair groups (MOEFLEET_KV_P2P_MAX_PAIRS, default 16;
+each holds an NCCL communicator with device buffers on GPUs) and drops pairs unused for PAIR_IDLE_SECONDS (a
+background sweep, so the pairs of prefill ranks that were scaled away go too). `pairs_to_drop` decides: idle
+ones, then the least recently used, never a busy one (sender: its pair lock is held; receiver: a transfer is
+on it, or an ok reply naming it was sent and its go has not come yet), so while every pair is busy the cache
+grows past the bound and is trimmed once they end. A dropped pair is aborted (`abort()`: frees the
+communicator at once, never waits for the peer). The peer learns lazily, with no extra message: the
+receiver's ok reply names the pair it holds for that sender (`"pair"`, "" for none); a sender whose cached
+pair differs drops its own half and announces a new generation (go with `"new"`). A receiver's half of a pair
+its sender dropped goes at that sender's next new pair, by its own bound or by its idle sweep. Older senders
+ignore `"pair"`: their transfer on a pair the receiver dropped fails once, and the next one builds a new pair.
 """
 
 from __future__ import annotations
@@ -38,12 +50,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -66,6 +79,9 @@ CHUNK_BYTES = 64 << 20
 MAX_CHUNK_BYTES = 1 << 30  # a receiver refuses larger staging
 PAIR_TIMEOUT_SECONDS = 30.0
 STORE_PREFIX = "moefleet/kv-pair/"
+MAX_PAIRS_ENV = "MOEFLEET_KV_P2P_MAX_PAIRS"
+DEFAULT_MAX_PAIRS = 16
+PAIR_IDLE_SECONDS = 600.0
 HINT = "; check that both engines reach each other, or use --kv-transfer tcp"
 T = TypeVar("T")
 
@@ -92,6 +108,52 @@ def plan_chunks(unit_bytes: list[int], num_blocks: int, limit: int) -> list[tupl
     if size:
         chunks.append((range(start, len(unit_bytes)), slice(0, num_blocks)))
     return chunks
+
+
+def pairs_to_drop(
+    pairs: Mapping[str, tuple[float, bool]], now: float, max_pairs: int, idle_seconds: float, adding: int = 0
+) -> list[str]:
+    """The cached pairs to destroy (`pairs`: key -> (last used, busy)): every one not busy and unused for more
+    than `idle_seconds`, then the least recently used of the other idle ones until at most `max_pairs` remain
+    with the `adding` pairs about to be built. A busy pair is never chosen (the bound is exceeded meanwhile)."""
+    idle = sorted((used, key) for key, (used, busy) in pairs.items() if not busy)
+    stale = [key for used, key in idle if now - used > idle_seconds]
+    fresh = [key for used, key in idle if now - used <= idle_seconds]
+    excess = len(pairs) + adding - len(stale) - max_pairs
+    return stale + fresh[: max(0, excess)]
+
+
+def max_pairs_setting(value: int | None = None) -> int:
+    """`value`, else MOEFLEET_KV_P2P_MAX_PAIRS, else DEFAULT_MAX_PAIRS; at least 1."""
+    raw = os.environ.get(MAX_PAIRS_ENV, "") if value is None else str(value)
+    if not raw:
+        return DEFAULT_MAX_PAIRS
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(
+            f"{MAX_PAIRS_ENV}={raw!r}: the p2p pair groups kept per engine must be a whole number >= 1 "
+            f"(default {DEFAULT_MAX_PAIRS})"
+        )
+    return int(raw)
+
+
+class _Sweeper:
+    """Calls `sweep` every `interval` seconds on a daemon thread until `stop`."""
+
+    def __init__(self, sweep: Callable[[], None], interval: float):
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                sweep()
+
+        threading.Thread(target=run, name="moefleet-kv-pair-sweep", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _sweep_interval(idle_seconds: float) -> float:
+    return min(60.0, max(0.05, idle_seconds / 4))
 
 
 def _device(pool: KVCachePool) -> torch.device:
@@ -192,6 +254,8 @@ class _Pair:
     key: str
     group: Any
     store: Any = None  # the sender's client of the receiver's TCPStore
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0  # receiver: transfers on it now
 
 
 def _staging(pool: KVCachePool, plan: list[tuple[range, slice]], blocks: list[int]) -> list[torch.Tensor]:
@@ -202,16 +266,25 @@ def _staging(pool: KVCachePool, plan: list[tuple[range, slice]], blocks: list[in
 class P2PSender(KVSender):
     name = "p2p"
 
-    def __init__(self, pool: KVCachePool, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(
+        self,
+        pool: KVCachePool,
+        chunk_bytes: int = CHUNK_BYTES,
+        max_pairs: int | None = None,
+        idle_seconds: float | None = None,
+    ):
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes {chunk_bytes}: must be in (0, {MAX_CHUNK_BYTES}]")
         self.pool = pool
         self.chunk_bytes = chunk_bytes
+        self.max_pairs = max_pairs_setting(max_pairs)
+        self.idle_seconds = PAIR_IDLE_SECONDS if idle_seconds is None else idle_seconds
         self.sender_id = uuid.uuid4().hex
         self._generation = itertools.count()
         self._pairs: dict[str, _Pair] = {}  # by receiver address
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.Lock] = {}  # by receiver address, kept (a waiter may hold one)
         self._guard = threading.Lock()
+        self._sweeper = _Sweeper(self._evict, _sweep_interval(self.idle_seconds))
 
     def send(
         self, address: str, transfer_id: str, blocks: list[int], num_tokens: int, first_token: int
@@ -224,6 +297,12 @@ class P2PSender(KVSender):
         sock, reply = open_transfer(address, header)
         with sock, self._pair_lock(address, transfer_id):
             pair = self._pairs.get(address)
+            held = reply.get("pair")  # receivers that bound their pairs name the one they hold for us
+            if pair is not None and held is not None and held != pair.key:
+                self._drop(address)  # the receiver dropped its half: build a new generation
+                pair = None
+            if pair is None:
+                self._evict(adding=1, keep=address)
             try:
                 key = pair.key if pair is not None else f"{self.sender_id}/{next(self._generation)}"
                 send_json(sock, {"pair": key, "new": pair is None})
@@ -231,6 +310,7 @@ class P2PSender(KVSender):
                     pair = self._new_pair(address, key, int(reply["store_port"]), sock)
                 self._push(pair.group, sock, transfer_id, blocks)
                 read_ack(sock, transfer_id)
+                pair.last_used = time.monotonic()
             except BaseException as exc:  # the pair's state is unknown now: both sides drop it
                 self._drop(address)
                 if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, TransferError):
@@ -238,10 +318,27 @@ class P2PSender(KVSender):
                 raise
 
     def close(self) -> None:
+        self._sweeper.stop()
         with self._guard:
             for pair in self._pairs.values():
                 _abort(pair.group)
             self._pairs.clear()
+
+    def _evict(self, adding: int = 0, keep: str | None = None) -> None:
+        """Destroy the pairs `pairs_to_drop` picks (idle, or beyond the bound with `adding` more); a pair whose
+        lock is held (a transfer on it, or `keep`: the caller's) is busy."""
+        with self._guard:
+            view = {
+                address: (pair.last_used, address == keep or self._locks[address].locked())
+                for address, pair in self._pairs.items()
+            }
+        for address in pairs_to_drop(view, time.monotonic(), self.max_pairs, self.idle_seconds, adding):
+            lock = self._locks[address]
+            if lock.acquire(blocking=False):  # not if a transfer took it since
+                try:
+                    self._drop(address)
+                finally:
+                    lock.release()
 
     @contextlib.contextmanager
     def _pair_lock(self, address: str, transfer_id: str) -> Iterator[None]:
@@ -268,11 +365,13 @@ class P2PSender(KVSender):
             return _Pair(key, group, store)
 
         pair = bounded(make, PAIR_TIMEOUT_SECONDS, sock, f"p2p pair group with {address}")
-        self._pairs[address] = pair
+        with self._guard:
+            self._pairs[address] = pair
         return pair
 
     def _drop(self, address: str) -> None:
-        pair = self._pairs.pop(address, None)
+        with self._guard:
+            pair = self._pairs.pop(address, None)
         if pair is not None:
             _abort(pair.group)
 
@@ -305,11 +404,16 @@ class P2PSender(KVSender):
 class P2PData:
     """The receiver's side of the p2p data path (a `wire.DataPath`): hosts the TCPStore of its pair groups."""
 
-    def __init__(self, pool: KVCachePool):
+    def __init__(self, pool: KVCachePool, max_pairs: int | None = None, idle_seconds: float | None = None):
         self.pool = pool
+        self.max_pairs = max_pairs_setting(max_pairs)
+        self.idle_seconds = PAIR_IDLE_SECONDS if idle_seconds is None else idle_seconds
         self._store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
         self._pairs: dict[str, _Pair] = {}  # by sender id
+        # Sender id -> {transfer id: deadline}: ok replies that named the sender's pair, go not read yet.
+        self._pins: dict[str, dict[str, float]] = {}
         self._guard = threading.Lock()
+        self._sweeper = _Sweeper(self._evict, _sweep_interval(self.idle_seconds))
 
     def check(self, header: dict[str, Any]) -> None:
         ours, theirs = _device(self.pool).type, header.get("device")
@@ -323,10 +427,39 @@ class P2PData:
         if not str(header.get("sender_id", "")):
             raise TransferError("p2p header without sender_id")
 
-    def ok_fields(self) -> dict[str, Any]:
-        return {"store_port": self._store.port}
+    def ok_fields(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Where to meet, and the pair held for this sender ("" for none; pinned until its go arrives)."""
+        sender = str(header["sender_id"])
+        deadline = time.monotonic() + wire.IO_TIMEOUT_SECONDS + PAIR_TIMEOUT_SECONDS  # the sender's lock wait
+        with self._guard:
+            pair = self._pairs.get(sender)
+            if pair is not None:
+                self._pins.setdefault(sender, {})[str(header["transfer_id"])] = deadline
+        return {"store_port": self._store.port, "pair": pair.key if pair is not None else ""}
+
+    def _evict(self, adding: int = 0, keep: str | None = None) -> None:
+        """Destroy the pairs `pairs_to_drop` picks; busy: a transfer on it, a live pin, or `keep`."""
+        now = time.monotonic()
+        with self._guard:
+            for sender in list(self._pins):
+                live = {tid: end for tid, end in self._pins[sender].items() if end > now}
+                if live:
+                    self._pins[sender] = live
+                else:
+                    del self._pins[sender]
+            view = {
+                sender: (pair.last_used, sender == keep or pair.busy > 0 or sender in self._pins)
+                for sender, pair in self._pairs.items()
+            }
+            victims = [
+                self._pairs.pop(s)
+                for s in pairs_to_drop(view, now, self.max_pairs, self.idle_seconds, adding)
+            ]
+        for pair in victims:
+            _abort(pair.group)
 
     def close(self) -> None:
+        self._sweeper.stop()
         with self._guard:
             for pair in self._pairs.values():
                 _abort(pair.group)
@@ -334,25 +467,15 @@ class P2PData:
 
     def receive(self, sock: socket.socket, header: dict[str, Any], reg: Registration) -> None:
         sender = str(header["sender_id"])
-        go = recv_json(sock)  # sent once the sender holds its pair lock
-        key = str(go.get("pair", ""))
-        if not key.startswith(sender + "/"):
-            raise TransferError(f"pair {key!r} does not belong to sender {sender}")
-        if go.get("new"):
+        try:
+            go = recv_json(sock)  # sent once the sender holds its pair lock
+            pair = self._take(sender, go, sock)
+        finally:
             with self._guard:
-                old = self._pairs.pop(sender, None)
-            if old is not None:
-                _abort(old.group)
-            pair = bounded(lambda: self._make(key, sock), PAIR_TIMEOUT_SECONDS, sock, "p2p pair group")
-            with self._guard:
-                self._pairs[sender] = pair
-        else:
-            with self._guard:
-                pair = self._pairs.get(sender)  # type: ignore[assignment]
-            if pair is None or pair.key != key:
-                raise TransferError(
-                    f"no pair group {key} here (the decode engine restarted?); the next transfer makes one"
-                )
+                pins = self._pins.get(sender, {})
+                pins.pop(str(header["transfer_id"]), None)
+                if not pins:
+                    self._pins.pop(sender, None)
         try:
             self._pull(pair.group, sock, header, reg)
         except BaseException:  # the pair's state is unknown now: both sides drop it
@@ -361,6 +484,37 @@ class P2PData:
                     del self._pairs[sender]
             _abort(pair.group)
             raise
+        finally:
+            with self._guard:
+                pair.busy -= 1
+                pair.last_used = time.monotonic()
+        self._evict()  # back within the bound if it was exceeded while every pair was busy
+
+    def _take(self, sender: str, go: dict[str, Any], sock: socket.socket) -> _Pair:
+        """The pair the go message names, marked busy: a new one (built; the sender's older one dropped) or
+        the cached one."""
+        key = str(go.get("pair", ""))
+        if not key.startswith(sender + "/"):
+            raise TransferError(f"pair {key!r} does not belong to sender {sender}")
+        if go.get("new"):
+            with self._guard:
+                old = self._pairs.pop(sender, None)
+            if old is not None:
+                _abort(old.group)
+            self._evict(adding=1, keep=sender)
+            pair = bounded(lambda: self._make(key, sock), PAIR_TIMEOUT_SECONDS, sock, "p2p pair group")
+            with self._guard:
+                pair.busy = 1
+                self._pairs[sender] = pair
+            return pair
+        with self._guard:
+            cached = self._pairs.get(sender)
+            if cached is not None and cached.key == key:
+                cached.busy += 1
+                return cached
+        raise TransferError(
+            f"no pair group {key} here (dropped, or the decode engine restarted); the next transfer makes one"
+        )
 
     def _make(self, key: str, sock: socket.socket) -> _Pair:
         device = _device(self.pool)

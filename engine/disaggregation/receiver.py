@@ -150,7 +150,7 @@ class KVServer(KVReceiver):
         try:
             self._check(header, reg)
             path.check(header)
-            send_json(sock, {"ok": True, **path.ok_fields()})
+            send_json(sock, {"ok": True, **path.ok_fields(header)})
             path.receive(sock, header, reg)
             if reg.cancelled:
                 result.error = "the decode request was aborted during the transfer"

@@ -78,7 +78,7 @@ class TcpData:
     def check(self, header: dict[str, Any]) -> None:
         return None
 
-    def ok_fields(self) -> dict[str, Any]:
+    def ok_fields(self, header: dict[str, Any]) -> dict[str, Any]:
         return {}
 
     def close(self) -> None:

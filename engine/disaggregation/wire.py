@@ -142,8 +142,8 @@ class DataPath(Protocol):
     def check(self, header: dict[str, Any]) -> None:
         """Raise TransferError when this receiver cannot take the transfer the header describes."""
 
-    def ok_fields(self) -> dict[str, Any]:
-        """Fields of the ok reply the sender needs (e.g. where to meet)."""
+    def ok_fields(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Fields of the ok reply the sender needs (e.g. where to meet), right after `check(header)`."""
 
     def receive(self, sock: socket.socket, header: dict[str, Any], reg: Registration) -> None:
         """Take the data into `reg.blocks` (not when `reg.cancelled`); raise TransferError on failure."""
