@@ -55,6 +55,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -137,14 +138,20 @@ def max_pairs_setting(value: int | None = None) -> int:
 
 
 class _Sweeper:
-    """Calls `sweep` every `interval` seconds on a daemon thread until `stop`."""
+    """Calls the bound method `sweep` every `interval` seconds on a daemon thread until `stop` or until its
+    object is garbage (the thread holds it weakly)."""
 
     def __init__(self, sweep: Callable[[], None], interval: float):
         self._stop = threading.Event()
+        method = weakref.WeakMethod(sweep)  # type: ignore[arg-type]
 
         def run() -> None:
             while not self._stop.wait(interval):
-                sweep()
+                bound_sweep = method()
+                if bound_sweep is None:
+                    return
+                bound_sweep()
+                del bound_sweep
 
         threading.Thread(target=run, name="moefleet-kv-pair-sweep", daemon=True).start()
 
