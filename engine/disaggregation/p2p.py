@@ -8,7 +8,7 @@ Data flow of one transfer:
 
     sender (prefill engine)                       receiver (decode engine's KVServer, P2PData)
     header {..., "data": "p2p", "sender_id", "device", "chunk_bytes"}  ->
-                                              <-  {"ok": true, "store_port"} (registered, layout matches;
+                                              <-  {"ok": true, "store_port", "pair"} (registered, layout matches;
                                                   the receiver hosts one TCPStore for its pair groups)
     takes the per-receiver pair lock (bounded), then
     {"pair": "<sender id>/<generation>", "new"}  ->   (the go message)
@@ -36,13 +36,14 @@ Bounded pair caches: each side keeps at most `max_pairs` pair groups (MOEFLEET_K
 each holds an NCCL communicator with device buffers on GPUs) and drops pairs unused for PAIR_IDLE_SECONDS (a
 background sweep, so the pairs of prefill ranks that were scaled away go too). `pairs_to_drop` decides: idle
 ones, then the least recently used, never a busy one (sender: its pair lock is held; receiver: a transfer is
-on it, or an ok reply naming it was sent and its go has not come yet), so while every pair is busy the cache
-grows past the bound and is trimmed once they end. A dropped pair is aborted (`abort()`: frees the
-communicator at once, never waits for the peer). The peer learns lazily, with no extra message: the
+on it, or an ok reply went to its sender and that transfer's go has not come yet), so while every pair is
+busy the cache grows past the bound and is trimmed once they end. A dropped pair is aborted (`abort()`: frees
+the communicator at once, never waits for the peer). The peer learns lazily, with no extra message: the
 receiver's ok reply names the pair it holds for that sender (`"pair"`, "" for none); a sender whose cached
-pair differs drops its own half and announces a new generation (go with `"new"`). A receiver's half of a pair
-its sender dropped goes at that sender's next new pair, by its own bound or by its idle sweep. Older senders
-ignore `"pair"`: their transfer on a pair the receiver dropped fails once, and the next one builds a new pair.
+pair (built before that reply) differs drops its own half and announces a new generation (go with "new"). A
+receiver's half of a pair its sender dropped goes at that sender's next new pair, by its own bound or by its
+idle sweep. Older senders ignore `"pair"`: their transfer on a pair the receiver dropped fails once, and the
+next one builds a new pair.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ class _Pair:
     key: str
     group: Any
     store: Any = None  # the sender's client of the receiver's TCPStore
+    created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0  # receiver: transfers on it now
 
@@ -301,11 +303,12 @@ class P2PSender(KVSender):
         header.update(
             data="p2p", sender_id=self.sender_id, device=_device(pool).type, chunk_bytes=self.chunk_bytes
         )
+        asked = time.monotonic()
         sock, reply = open_transfer(address, header)
         with sock, self._pair_lock(address, transfer_id):
             pair = self._pairs.get(address)
             held = reply.get("pair")  # receivers that bound their pairs name the one they hold for us
-            if pair is not None and held is not None and held != pair.key:
+            if pair is not None and held is not None and held != pair.key and pair.created < asked:
                 self._drop(address)  # the receiver dropped its half: build a new generation
                 pair = None
             if pair is None:
@@ -438,10 +441,9 @@ class P2PData:
         """Where to meet, and the pair held for this sender ("" for none; pinned until its go arrives)."""
         sender = str(header["sender_id"])
         deadline = time.monotonic() + wire.IO_TIMEOUT_SECONDS + PAIR_TIMEOUT_SECONDS  # the sender's lock wait
-        with self._guard:
+        with self._guard:  # pinned even with no pair yet: one this sender builds first stays for this go
             pair = self._pairs.get(sender)
-            if pair is not None:
-                self._pins.setdefault(sender, {})[str(header["transfer_id"])] = deadline
+            self._pins.setdefault(sender, {})[str(header["transfer_id"])] = deadline
         return {"store_port": self._store.port, "pair": pair.key if pair is not None else ""}
 
     def _evict(self, adding: int = 0, keep: str | None = None) -> None:

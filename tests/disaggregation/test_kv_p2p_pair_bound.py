@@ -133,6 +133,31 @@ def test_a_bound_of_one_keeps_one_pair_per_side_and_every_transfer_lands(monkeyp
         s2.close()
 
 
+def test_concurrent_first_transfers_of_one_sender_build_one_pair(receivers, aborted):
+    # Each ok reply says "no pair for you" ("") before the first transfer builds one: the later ones must
+    # use that pair, not rebuild (the reply predates it).
+    src, dst = pools(num_blocks=8)
+    receiver = receivers(dst)
+    sender = P2PSender(src, chunk_bytes=200)
+    expected = [expect(receiver, f"c{i}", [4 + i], num_tokens=3) for i in range(4)]
+    threads = [
+        threading.Thread(target=sender.send, args=(receiver.address, f"c{i}", [i], 3, 10 + i))
+        for i in range(4)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert [(done.wait(5), results[0].first_token) for results, done in expected] == [
+            (True, 10 + i) for i in range(4)
+        ]
+        assert _moved(src, dst, [(i, 4 + i) for i in range(4)])
+        assert sender._pairs[receiver.address].key == f"{sender.sender_id}/0" and not aborted
+    finally:
+        sender.close()
+
+
 def test_a_pair_idle_too_long_is_dropped_on_both_sides_and_rebuilt(monkeypatch, receivers, aborted):
     monkeypatch.setattr(p2p, "PAIR_IDLE_SECONDS", 0.3)
     src, dst = pools()
