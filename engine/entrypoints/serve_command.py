@@ -240,6 +240,13 @@ def check_args(args: argparse.Namespace) -> Topology:
         raise CommandError(f"--drain-timeout {args.drain_timeout:g} must be >= 0 seconds")
     if getattr(args, "kv_transfer", "auto") not in ("auto", "tcp", "p2p"):  # from MOEFLEET_KV_TRANSFER
         raise CommandError(f"--kv-transfer {args.kv_transfer!r} is not a backend", "use auto, tcp or p2p")
+    if os.environ.get("MOEFLEET_KV_P2P_MAX_PAIRS"):  # read by the p2p sender / receiver when they start
+        from moefleet.engine.disaggregation.p2p import max_pairs_setting
+
+        try:
+            max_pairs_setting()
+        except ValueError as exc:
+            raise CommandError(str(exc), "unset it for the default, or set a whole number >= 1") from exc
     for flag in (
         "max_num_seqs",
         "max_num_batched_tokens",

@@ -46,7 +46,7 @@ def test_pairs_to_drop_takes_idle_ones_then_the_least_recently_used_never_a_busy
     assert pairs_to_drop({"z": (50.0, False)}, 100.0, 8, 50.0) == []
 
 
-def test_the_bound_setting(monkeypatch):
+def test_the_bound_setting(monkeypatch, tmp_path):
     monkeypatch.delenv(p2p.MAX_PAIRS_ENV, raising=False)
     assert max_pairs_setting() == 16
     assert max_pairs_setting(3) == 3
@@ -56,6 +56,17 @@ def test_the_bound_setting(monkeypatch):
         monkeypatch.setenv(p2p.MAX_PAIRS_ENV, bad)
         with pytest.raises(ValueError, match="MOEFLEET_KV_P2P_MAX_PAIRS"):
             max_pairs_setting()
+    # `moefleet serve` refuses it at start-up (the decode side builds its receiver's path lazily).
+    from moefleet.engine.cli import CommandError, build_parser
+    from moefleet.engine.entrypoints.serve_command import check_args
+
+    (tmp_path / "config.json").write_text("{}")
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path)])
+    with pytest.raises(CommandError, match="MOEFLEET_KV_P2P_MAX_PAIRS='many'"):
+        check_args(args)
+    monkeypatch.setenv(p2p.MAX_PAIRS_ENV, "4")
+    check_args(args)
+    assert P2PSender(pools()[0]).max_pairs == 4
 
 
 # ---- real pair groups -----------------------------------------------------------------------------------
