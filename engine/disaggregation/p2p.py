@@ -420,7 +420,7 @@ class P2PData:
         self.idle_seconds = PAIR_IDLE_SECONDS if idle_seconds is None else idle_seconds
         self._store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
         self._pairs: dict[str, _Pair] = {}  # by sender id
-        # Sender id -> {transfer id: deadline}: ok replies that named the sender's pair, go not read yet.
+        # Sender id -> {transfer id: deadline}: ok replies sent to that sender whose go is not read yet.
         self._pins: dict[str, dict[str, float]] = {}
         self._guard = threading.Lock()
         self._sweeper = _Sweeper(self._evict, _sweep_interval(self.idle_seconds))
