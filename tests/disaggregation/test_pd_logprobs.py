@@ -12,12 +12,22 @@ computed its prompt and the decode engine computed none.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from disaggregation.pd_fleet import PROMPTS, body, engines_idle, hf_greedy, pd_config, role_server
+from disaggregation.pd_fleet import (
+    PROMPTS,
+    body,
+    engines_idle,
+    hf_greedy,
+    kv_idle,
+    pd_config,
+    pd_groups,
+    role_server,
+)
 from gateway.conftest import serve_gateway
 from server.conftest import wait_for
 from support.tiny_models import one_torch_thread, tiny_model_dir
@@ -160,3 +170,32 @@ def test_logprobs_are_split_and_equal_a_mixed_engine():
         chat_prompt = gained_prefill - prompt_tokens
         assert gained_decode == mixed_prompts + chat_prompt
         wait_for(lambda: engines_idle(prefill, decode), timeout=10)
+
+
+def finished_requests(url: str) -> float:
+    """The sum of an engine's `moefleet_requests_total` (finished requests, every finish reason)."""
+    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith("moefleet_requests_total"))
+
+
+@pytest.mark.multiprocess
+def test_two_rank_groups_split_logprobs_requests(tmp_path):
+    """2-rank prefill and decode groups: concurrent logprobs requests (spread over the decode ranks) equal
+    transformers greedy and the decode group's own whole answer, and each one was finished by the prefill group."""
+    expected = hf_greedy(NAME, PROMPTS)
+    with (
+        pd_groups(NAME, tmp_path) as groups,
+        serve_gateway(pd_config(groups.prefill.base_url, groups.decode.base_url)) as (url, _),
+    ):
+        prefill_url, decode_url = groups.prefill.base_url, groups.decode.base_url
+        requests = [{**body(NAME, PROMPTS[i % 2], stream=i % 4 < 2), "logprobs": TOP} for i in range(8)]
+        before = finished_requests(prefill_url)
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: completion(url, r), requests))
+        assert finished_requests(prefill_url) - before == len(requests)
+        for i, (request, (ids, logprobs)) in enumerate(zip(requests, answers, strict=True)):
+            assert ids == expected[i % 2]
+            whole_ids, whole = completion(decode_url, request)
+            assert whole_ids == ids
+            assert_close(logprobs, whole, f"request {i}")
+        wait_for(lambda: kv_idle(prefill_url, decode_url), timeout=30)
