@@ -185,18 +185,27 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = finish_reason or "length", stop_reason
         self.scheduler.finish_sent(seq)
         self.model_runner.release(seq)
-        return self._output(seq, [token_id], delta, seq.finish_reason, stop_reason)
+        return attach_logprobs(self._output(seq, [token_id], delta, seq.finish_reason, stop_reason), seq)
 
     def kv_blocks(self, request_id: str) -> list[int]:
         """The blocks a parked request holds (decode: reserved for its prompt; prefill: to send)."""
         return list(self._requests[request_id].seq.block_table)
 
-    def kv_landed(self, request_id: str, first_token: int) -> RequestOutput:
-        """Decode side: the prompt's KV and the first token arrived; report the token and decode from here."""
+    def kv_landed(
+        self, request_id: str, first_token: int, first_logprob: TokenLogprob | None = None
+    ) -> RequestOutput:
+        """Decode side: the prompt's KV and the first token arrived (with its logprob entry when the request
+        asked for logprobs, computed by the prefill side); report the token and decode from here."""
         request = self._requests[request_id]
         seq = request.seq
+        if seq.params.logprobs is not None and (
+            first_logprob is None or first_logprob.token_id != first_token
+        ):
+            raise ValueError(f"the prefill side sent no logprobs for the first token of {request_id}")
         self.scheduler.resume_with_kv(seq)
         seq.append_token(first_token)
+        if seq.params.logprobs is not None:
+            seq.new_logprob = first_logprob
         self.generation_tokens_total += 1
         delta, finish_reason, stop_reason = request.detokenizer.update(first_token)
         if finish_reason is not None:
@@ -204,7 +213,7 @@ class LLMEngine:
             self.scheduler.finish(seq)
             self.model_runner.release(seq)
             del self._requests[request_id]
-        return self._output(seq, [first_token], delta, finish_reason, stop_reason)
+        return attach_logprobs(self._output(seq, [first_token], delta, finish_reason, stop_reason), seq)
 
     def stats(self) -> dict[str, float]:
         """Load and KV usage of this engine, for metrics and routing."""

@@ -108,6 +108,19 @@ def attach(output: RequestOutput, seq: Sequence) -> RequestOutput:
     return output
 
 
+def to_wire(entry: TokenLogprob) -> dict[str, Any]:
+    """A token's logprob as the KV hand-over's header carries it (JSON; floats round-trip exactly)."""
+    return {"token_id": entry.token_id, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
+
+
+def from_wire(value: Any) -> TokenLogprob | None:
+    """The inverse of `to_wire`; None for a header without the field (a sender that does not ship it)."""
+    if value is None:
+        return None
+    top = [(int(token), float(logprob)) for token, logprob in value.get("top", [])]
+    return TokenLogprob(int(value["token_id"]), float(value["logprob"]), top)
+
+
 def _gather(
     logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]
 ) -> list[tuple[float, list[tuple[int, float]]]]:

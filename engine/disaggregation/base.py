@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from moefleet.engine.kv_cache import KVCachePool
 
@@ -24,11 +25,13 @@ class TransferError(RuntimeError):
 
 @dataclass(slots=True)
 class TransferResult:
-    """What the decode side learns when a transfer ends: the first token, or why it failed."""
+    """What the decode side learns when a transfer ends: the first token (and, when the request asked for
+    logprobs, its logprob entry as `logprobs.to_wire` writes it), or why it failed."""
 
     transfer_id: str
     first_token: int | None
     error: str | None = None
+    first_logprob: dict[str, Any] | None = None
 
 
 # Runs on the receiver's thread once a registered transfer ends (landed or failed).
@@ -40,10 +43,17 @@ class KVSender(ABC):
 
     @abstractmethod
     def send(
-        self, address: str, transfer_id: str, blocks: list[int], num_tokens: int, first_token: int
+        self,
+        address: str,
+        transfer_id: str,
+        blocks: list[int],
+        num_tokens: int,
+        first_token: int,
+        first_logprob: dict[str, Any] | None = None,
     ) -> None:
-        """Push `blocks` (holding `num_tokens` prompt tokens) to the receiver at `address`; returns once the
-        receiver acknowledged, raises TransferError otherwise. Blocking: call it off the engine thread."""
+        """Push `blocks` (holding `num_tokens` prompt tokens) to the receiver at `address`, with the first
+        token (and its logprob entry, when the request asked: `logprobs.to_wire`); returns once the receiver
+        acknowledged, raises TransferError otherwise. Blocking: call it off the engine thread."""
 
     def close(self) -> None:
         """Release what the sender keeps between transfers (p2p: its pair groups)."""

@@ -296,10 +296,16 @@ class P2PSender(KVSender):
         self._sweeper = _Sweeper(self._evict, _sweep_interval(self.idle_seconds))
 
     def send(
-        self, address: str, transfer_id: str, blocks: list[int], num_tokens: int, first_token: int
+        self,
+        address: str,
+        transfer_id: str,
+        blocks: list[int],
+        num_tokens: int,
+        first_token: int,
+        first_logprob: dict[str, Any] | None = None,
     ) -> None:
         pool = self.pool
-        header = transfer_header(pool, transfer_id, blocks, num_tokens, first_token)
+        header = transfer_header(pool, transfer_id, blocks, num_tokens, first_token, first_logprob)
         header.update(
             data="p2p", sender_id=self.sender_id, device=_device(pool).type, chunk_bytes=self.chunk_bytes
         )

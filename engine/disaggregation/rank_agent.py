@@ -8,7 +8,8 @@ deliver (the HTTP queues of a single-process server, the step exchange of a grou
 - decode: `add` reserves blocks for the prompt (state WAITING_FOR_KV) and registers them with this rank's KV
   receiver; when the KV and the first token land (`poll`) the request decodes and streams as usual.
 - prefill: `add` queues the prompt; once it is computed and the first token sampled the request waits in
-  state SENDING_KV while a sender thread pushes its blocks (`start_sends`, after each engine step); they are
+  state SENDING_KV while a sender thread pushes its blocks (with the first token and, when the request asked
+  for logprobs, the first token's logprob entry, which the decode side emits with it) (`start_sends`, after each engine step); they are
   freed once the decode side acknowledged (the answer is the first token) or the transfer failed (an error).
 Aborts never free blocks that a transfer is reading or writing: they wait for it to end.
 All methods run on the engine's thread; the receiver and sender threads only queue notifications for `poll`.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moefleet.engine.disaggregation.base import KVReceiver, KVSender, TransferError, TransferResult
+from moefleet.engine.logprobs import from_wire, to_wire
 from moefleet.engine.scheduler import KVCacheFullError
 from moefleet.engine.server.async_engine import EngineError, NoRoomError, RequestRejectedError
 
@@ -138,8 +140,9 @@ class PDRankAgent:
         for seq in self.engine.take_kv_sends():
             pd = self._transfers[seq.request_id]
             assert pd.target is not None
+            first_logprob = None if seq.new_logprob is None else to_wire(seq.new_logprob)
             args = (seq.request_id, pd, list(seq.block_table), seq.num_prompt_tokens, seq.token_ids[-1])
-            self._send_threads.submit(self._send, *args)
+            self._send_threads.submit(self._send, *args, first_logprob)
 
     def close(self) -> None:
         self._send_threads.shutdown(wait=False, cancel_futures=True)
@@ -154,15 +157,28 @@ class PDRankAgent:
             if result.error is not None:
                 return [(request_id, EngineError(f"KV transfer failed: {result.error}"), True)]
             return []
-        output = self.engine.kv_landed(request_id, result.first_token)
+        try:
+            output = self.engine.kv_landed(request_id, result.first_token, from_wire(result.first_logprob))
+        except ValueError as exc:  # a prefill engine that does not ship logprobs (older than the decode one)
+            self.engine.abort_request(request_id)
+            return [(request_id, EngineError(f"KV transfer incomplete: {exc}"), True)]
         return [(request_id, output, bool(output.finished))]
 
-    def _send(self, request_id: str, pd: PDRequest, blocks: list[int], num_tokens: int, first: int) -> None:
-        """Sender thread: push the blocks, then tell the engine thread how it went."""
+    def _send(
+        self,
+        request_id: str,
+        pd: PDRequest,
+        blocks: list[int],
+        num_tokens: int,
+        first: int,
+        first_logprob: dict[str, Any] | None,
+    ) -> None:
+        """Sender thread: push the blocks (and the first token's logprob entry, when asked), then tell the
+        engine thread how it went."""
         error = None
         try:
             assert pd.target is not None
-            self.sender.send(pd.target, pd.transfer_id, blocks, num_tokens, first)
+            self.sender.send(pd.target, pd.transfer_id, blocks, num_tokens, first, first_logprob)
         except TransferError as exc:
             error = str(exc)
         except Exception as exc:  # never leave the request parked

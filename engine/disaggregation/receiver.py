@@ -156,6 +156,7 @@ class KVServer(KVReceiver):
                 result.error = "the decode request was aborted during the transfer"
             else:
                 result.first_token = int(header["first_token"])
+                result.first_logprob = header.get("first_logprob")
         except Exception as exc:  # whatever went wrong, the decode engine must hear of it (on_landed)
             result.error = f"{type(exc).__name__}: {exc}"
         with self._cond:

@@ -24,10 +24,16 @@ _CHUNK = struct.Struct("!II")
 
 
 def transfer_header(
-    pool: KVCachePool, transfer_id: str, blocks: list[int], num_tokens: int, first_token: int
+    pool: KVCachePool,
+    transfer_id: str,
+    blocks: list[int],
+    num_tokens: int,
+    first_token: int,
+    first_logprob: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The header fields every backend sends (wire.py)."""
-    return {
+    """The header fields every backend sends (wire.py). `first_logprob` only when the request asked for
+    logprobs (absent otherwise, so receivers that predate it are unaffected)."""
+    header = {
         "transfer_id": transfer_id,
         "num_tokens": num_tokens,
         "num_blocks": len(blocks),
@@ -35,6 +41,9 @@ def transfer_header(
         "layout": pool.layout().to_dict(),
         "total_bytes": pool.span_bytes(range(pool.num_layers), len(blocks)),
     }
+    if first_logprob is not None:
+        header["first_logprob"] = first_logprob
+    return header
 
 
 class TcpSender(KVSender):
@@ -45,10 +54,16 @@ class TcpSender(KVSender):
         self.chunk_bytes = chunk_bytes
 
     def send(
-        self, address: str, transfer_id: str, blocks: list[int], num_tokens: int, first_token: int
+        self,
+        address: str,
+        transfer_id: str,
+        blocks: list[int],
+        num_tokens: int,
+        first_token: int,
+        first_logprob: dict[str, Any] | None = None,
     ) -> None:
         pool = self.pool
-        header = transfer_header(pool, transfer_id, blocks, num_tokens, first_token)
+        header = transfer_header(pool, transfer_id, blocks, num_tokens, first_token, first_logprob)
         sock, _ = open_transfer(address, header)
         try:
             with sock:

@@ -3,6 +3,7 @@ handshake. One TCP connection per transfer; JSON messages are a 4-byte big-endia
 
     sender                                    receiver (receiver.py: one server for every backend)
     header {"transfer_id", "num_tokens", "num_blocks", "first_token", "layout", "total_bytes",
+            "first_logprob" (only when the request asked for logprobs: {"token_id", "logprob", "top"}),
             "data": "tcp" | "p2p" (absent: tcp), + the data path's own fields}  ->
                                           <-  {"ok": true, + the data path's fields} once registered and the
                                               layout matches (or {"ok": false, "error"})

@@ -20,7 +20,7 @@ leaves out only the side that failed. When every prefill group failed, a decode 
 when no decode group is left, 503 in OpenAI form with Retry-After (`kv_cache_full` when all were full). A 4xx
 from either leg is the request's fault and is relayed as is. After the first token, the stream ends with an
 error event (app.py).
-Requests the roles cannot split (n > 1, logprobs, structured outputs), and all requests while no prefill group
+Requests the roles cannot split (n > 1, best_of, echo, prompt_logprobs, structured outputs, tools), and all requests while no prefill group
 is ready, are served whole by a decode group.
 """
 
@@ -57,9 +57,8 @@ RETRY_AFTER_SECONDS = 1
 # How long an error answer of the decode leg waits for the prefill leg's outcome (to know whom to blame).
 PREFILL_SETTLE_SECONDS = 2.0
 # Fields whose meaning needs state the decode side would not have after a hand-over (served whole there).
+# `logprobs` / `top_logprobs` split: the prefill side ships the first token's entry with the KV.
 _WHOLE_ON_DECODE = (
-    "logprobs",
-    "top_logprobs",
     "prompt_logprobs",
     "echo",
     "response_format",

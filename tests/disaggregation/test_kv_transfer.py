@@ -46,6 +46,26 @@ def test_blocks_move_between_pools_in_small_chunks(dtype):
         receiver.close()
 
 
+def test_the_first_tokens_logprob_entry_rides_the_header_and_is_optional():
+    """With `first_logprob` the receiver reports it exactly (JSON floats round-trip); without it (a sender that
+    predates the field, or a request that asked for none) the header has no such field and the result None."""
+    from moefleet.engine.logprobs import from_wire, to_wire
+    from moefleet.engine.sampling_params import TokenLogprob
+
+    src, dst = pools()
+    entry = TokenLogprob(42, -0.123456789012345, [(42, -0.123456789012345), (7, -2.5000000001)])
+    assert "first_logprob" not in tcp.transfer_header(src, "x", [0], 3, 42)
+    receiver = TcpReceiver(dst, "127.0.0.1")
+    try:
+        for transfer_id, sent in (("with", to_wire(entry)), ("without", None)):
+            results, done = expect(receiver, transfer_id, [0], num_tokens=3)
+            TcpSender(src).send(receiver.address, transfer_id, [1], 3, first_token=42, first_logprob=sent)
+            assert done.wait(5) and results[0].error is None and results[0].first_token == 42
+            assert from_wire(results[0].first_logprob) == (entry if sent is not None else None)
+    finally:
+        receiver.close()
+
+
 def test_a_layout_mismatch_is_refused_and_reported_on_both_sides():
     src, _ = pools()
     other = KVCachePool([GQALayer(), MLALayer()], 6, 4, torch.float32, torch.device("cpu"))  # one layer less
