@@ -257,6 +257,15 @@ def _abort(group: Any) -> None:
         group.abort()
 
 
+def _close_pairs(sweeper: _Sweeper, guard: Any, pairs: dict[Any, Any]) -> None:
+    """Stop a side's idle sweep and abort every pair group it holds."""
+    sweeper.stop()
+    with guard:
+        for pair in pairs.values():
+            _abort(pair.group)
+        pairs.clear()
+
+
 @dataclass
 class _Pair:
     key: str
@@ -334,11 +343,7 @@ class P2PSender(KVSender):
                 raise
 
     def close(self) -> None:
-        self._sweeper.stop()
-        with self._guard:
-            for pair in self._pairs.values():
-                _abort(pair.group)
-            self._pairs.clear()
+        _close_pairs(self._sweeper, self._guard, self._pairs)
 
     def _evict(self, adding: int = 0, keep: str | None = None) -> None:
         """Destroy the pairs `pairs_to_drop` picks (idle, or beyond the bound with `adding` more); a pair whose
@@ -474,11 +479,7 @@ class P2PData:
             _abort(pair.group)
 
     def close(self) -> None:
-        self._sweeper.stop()
-        with self._guard:
-            for pair in self._pairs.values():
-                _abort(pair.group)
-            self._pairs.clear()
+        _close_pairs(self._sweeper, self._guard, self._pairs)
 
     def receive(self, sock: socket.socket, header: dict[str, Any], reg: Registration) -> None:
         sender = str(header["sender_id"])

@@ -90,19 +90,6 @@ def aborted(monkeypatch):
     assert not errors, errors
 
 
-@pytest.fixture
-def receivers():
-    made: list[KVServer] = []
-
-    def make(pool):
-        made.append(KVServer(pool, "127.0.0.1"))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.close()
-
-
 def _pairs_of(receiver: KVServer) -> dict:
     path = receiver._paths.get("p2p")
     return {} if path is None else path._pairs  # type: ignore[attr-defined]
@@ -116,13 +103,13 @@ def _moved(src, dst, pairs) -> bool:
     )
 
 
-def test_a_bound_of_one_keeps_one_pair_per_side_and_every_transfer_lands(monkeypatch, receivers, aborted):
+def test_a_bound_of_one_keeps_one_pair_per_side_and_every_transfer_lands(monkeypatch, receiver_of, aborted):
     monkeypatch.setenv(p2p.MAX_PAIRS_ENV, "1")
     src, dst = pools(num_blocks=12)
     _, dst2 = pools(num_blocks=12)
-    one, two = receivers(dst), receivers(dst2)
+    one, two = receiver_of(dst), receiver_of(dst2)
     s1, s2 = P2PSender(src, chunk_bytes=200), P2PSender(src, chunk_bytes=1 << 20)
-    # Two senders alternating into one receiver, and s1 alternating between two receivers.
+    # Two senders alternating into one receiver, and s1 alternating between two receiver_of.
     plan = [(s1, one), (s2, one), (s1, one), (s1, two), (s2, one), (s1, one), (s2, two), (s1, two)]
     keys = []
     try:
@@ -144,11 +131,11 @@ def test_a_bound_of_one_keeps_one_pair_per_side_and_every_transfer_lands(monkeyp
         s2.close()
 
 
-def test_concurrent_first_transfers_of_one_sender_build_one_pair(receivers, aborted):
+def test_concurrent_first_transfers_of_one_sender_build_one_pair(receiver_of, aborted):
     # Each ok reply says "no pair for you" ("") before the first transfer builds one: the later ones must
     # use that pair, not rebuild (the reply predates it).
     src, dst = pools(num_blocks=8)
-    receiver = receivers(dst)
+    receiver = receiver_of(dst)
     sender = P2PSender(src, chunk_bytes=200)
     expected = [expect(receiver, f"c{i}", [4 + i], num_tokens=3) for i in range(4)]
     threads = [
@@ -169,10 +156,10 @@ def test_concurrent_first_transfers_of_one_sender_build_one_pair(receivers, abor
         sender.close()
 
 
-def test_a_pair_idle_too_long_is_dropped_on_both_sides_and_rebuilt(monkeypatch, receivers, aborted):
+def test_a_pair_idle_too_long_is_dropped_on_both_sides_and_rebuilt(monkeypatch, receiver_of, aborted):
     monkeypatch.setattr(p2p, "PAIR_IDLE_SECONDS", 0.3)
     src, dst = pools()
-    receiver = receivers(dst)
+    receiver = receiver_of(dst)
     sender = P2PSender(src)
     try:
         results, done = expect(receiver, "i1", [2], num_tokens=3)
@@ -194,10 +181,10 @@ def test_a_pair_idle_too_long_is_dropped_on_both_sides_and_rebuilt(monkeypatch, 
         sender.close()
 
 
-def test_an_eviction_never_hits_a_pair_carrying_a_transfer(monkeypatch, receivers, aborted):
+def test_an_eviction_never_hits_a_pair_carrying_a_transfer(monkeypatch, receiver_of, aborted):
     monkeypatch.setenv(p2p.MAX_PAIRS_ENV, "1")
     src, dst = pools()
-    receiver = receivers(dst)
+    receiver = receiver_of(dst)
     slow_src, _ = pools()
     gather = slow_src.gather_blocks
 
@@ -243,11 +230,11 @@ def test_an_eviction_never_hits_a_pair_carrying_a_transfer(monkeypatch, receiver
 
 
 def test_a_sender_that_ignores_the_pair_field_fails_once_on_a_dropped_pair_then_works(
-    monkeypatch, receivers, aborted
+    monkeypatch, receiver_of, aborted
 ):
     monkeypatch.setenv(p2p.MAX_PAIRS_ENV, "1")
     src, dst = pools()
-    receiver = receivers(dst)
+    receiver = receiver_of(dst)
     opened = p2p.open_transfer
 
     def as_older_sender(address, header):  # what a sender from before the bound reads of the ok reply

@@ -31,19 +31,6 @@ def _assert_moved(src, dst, pairs, untouched):
             assert not block(dst, layer, other).any()
 
 
-@pytest.fixture
-def receiver_of():
-    made: list[KVServer] = []
-
-    def make(pool):
-        made.append(KVServer(pool, "127.0.0.1"))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.close()
-
-
 # ---- pool and plan --------------------------------------------------------------------------------------
 
 
