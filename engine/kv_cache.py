@@ -140,12 +140,12 @@ class KVCachePool:
         """(layer, the view of `flat` that holds the layer's `blocks`), checking sizes and the block ids."""
         if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.device != self.caches[0].device:
             raise ValueError(
-                f"staging must be a flat uint8 tensor on {self.device}, got {flat.dtype} {flat.device}"
+                f"staging must be a flat uint8 tensor on {self.caches[0].device}, got {flat.dtype} {flat.device}"
             )
-        if flat.numel() != self.span_bytes(layers, len(blocks)):
+        need = self.span_bytes(layers, len(blocks))
+        if flat.numel() != need:
             raise ValueError(
-                f"staging has {flat.numel()} bytes, layers {layers} x {len(blocks)} blocks need "
-                f"{self.span_bytes(layers, len(blocks))}"
+                f"staging has {flat.numel()} bytes, layers {layers} x {len(blocks)} blocks need {need}"
             )
         bad = [b for b in blocks if not 0 <= b < self.num_blocks]
         if bad:
