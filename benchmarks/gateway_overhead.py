@@ -95,7 +95,11 @@ LOADGEN_DIR = Path(__file__).with_name("loadgen")
 
 
 def build_loadgen() -> str:
-    """Compile the Go load generator (standard library only) once; a cached binary is reused."""
+    """Compile the Go load generator (standard library only) once; a cached binary is reused.
+    `MOEFLEET_LOADGEN` names a prebuilt binary instead (a machine without Go, e.g. a lent GPU host)."""
+    prebuilt = os.environ.get("MOEFLEET_LOADGEN")
+    if prebuilt:
+        return prebuilt
     binary = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moefleet" / "gateway-loadgen"
     source = LOADGEN_DIR / "main.go"
     if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
