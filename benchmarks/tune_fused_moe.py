@@ -30,6 +30,11 @@ SHAPES = [
     ("deepseek-v3 E4 prefill", "grouped", 4, 7168, 2048, 16384, None),
     ("qwen3-30b-a3b E128 decode", "topk", 128, 2048, 768, 256, 8),
     ("qwen3-30b-a3b E128 prefill", "topk", 128, 2048, 768, 4096, 8),
+    # one GPU holding all 256 experts (`moefleet bench --preset deepseek-v3` without --emulate-ep)
+    ("deepseek-v3 E256 decode", "topk", 256, 7168, 2048, 256, 8),
+    ("deepseek-v3 E256 prefill", "topk", 256, 7168, 2048, 16384, 8),
+    # EP32 prefill (the reference deployment): (256 + 32) / 32 = 9 experts, 16,384 tokens x top-8 rows per GPU
+    ("deepseek-v3 E9 prefill", "grouped", 9, 7168, 2048, 131072, None),
 ]
 
 
@@ -106,7 +111,9 @@ def time_ms(fn, reps=20):
 
 def candidates(fp8, rows_per_expert):
     """Most promising first (the sweep stops at its time budget)."""
-    block_ms = [16, 32, 64] if rows_per_expert <= 64 else [64, 128, 32]
+    block_ms = (
+        [16, 32, 64] if rows_per_expert <= 64 else [64, 128, 32] if rows_per_expert <= 256 else [128, 64]
+    )
     block_ns = [128, 64] if fp8 else [64, 128]
     block_ks = [128] if fp8 else [64, 128]
     warps = [4, 8]
@@ -130,7 +137,7 @@ def tune(budget_s: float, out_path: Path, dtypes: tuple[str, ...], shape_filter:
         (s, fp8)
         for s in SHAPES
         for fp8 in (False, True)
-        if ("fp8" if fp8 else "bf16") in dtypes and shape_filter in s[0]
+        if ("fp8" if fp8 else "bf16") in dtypes and any(f in s[0] for f in shape_filter.split(","))
     ]
     per_job = budget_s / max(len(jobs), 1)
     print("| shape | dtype | rows | best config | ms | configs tried |\n|---|---|---|---|---|---|")
@@ -202,7 +209,9 @@ def main() -> None:
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--budget-s", type=float, default=150.0, help="total tuning time")
     parser.add_argument("--dtypes", default="bf16,fp8", help="comma-separated: bf16, fp8")
-    parser.add_argument("--shapes", default="", help="tune only shapes whose name contains this")
+    parser.add_argument(
+        "--shapes", default="", help="tune only shapes whose name contains one of these (comma-separated)"
+    )
     parser.add_argument(
         "--out",
         type=Path,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from moefleet.engine.kv_cache import KVCachePool
 
 
@@ -88,12 +89,15 @@ class KVReceiver(ABC):
 KV_TRANSFER_CHOICES = ("auto", "tcp", "p2p")
 
 
-def choose_kv_transfer(requested: str) -> str:
-    """The backend `--kv-transfer` names. `auto` is `tcp`: p2p (NCCL) has not run on a GPU yet, and an
-    untested backend is never picked by auto (it switches once the GPU run is in docs/benchmarks.md)."""
+def choose_kv_transfer(requested: str, device: str = "cpu") -> str:
+    """The backend `--kv-transfer` names. `auto`: `p2p` when the KV cache lives on a CUDA device (NCCL device
+    to device; verified on 2x H200, prefill on GPU 0 and decode on GPU 1: docs/benchmarks.md), else `tcp`
+    (host pools: p2p over gloo would only add a process group to what tcp already does)."""
     if requested not in KV_TRANSFER_CHOICES:
         raise ValueError(f"--kv-transfer {requested!r}: choose one of {', '.join(KV_TRANSFER_CHOICES)}")
-    return "tcp" if requested == "auto" else requested
+    if requested == "auto":
+        return "p2p" if device.startswith("cuda") else "tcp"
+    return requested
 
 
 def create_transfer(
@@ -109,7 +113,7 @@ def create_transfer(
     from moefleet.engine.disaggregation.receiver import KVServer
 
     sender: KVSender
-    if choose_kv_transfer(backend) == "p2p":
+    if choose_kv_transfer(backend, torch.device(pool.device).type) == "p2p":
         from moefleet.engine.disaggregation.p2p import P2PSender
 
         sender = P2PSender(pool)

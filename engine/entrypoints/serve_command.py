@@ -68,9 +68,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("auto", "tcp", "p2p"),
         default=os.environ.get("MOEFLEET_KV_TRANSFER") or "auto",
         help="prefill/decode KV transfer backend (env MOEFLEET_KV_TRANSFER): tcp = host-staged over TCP (any "
-        "network); p2p = device to device over a torch.distributed pair group (NCCL on GPUs, gloo on CPU; not "
-        "yet verified on GPUs); auto = tcp until p2p has a GPU run (default auto). A decode engine receives "
-        "both either way",
+        "network); p2p = device to device over a torch.distributed pair group (NCCL on GPUs, gloo on CPU); "
+        "auto = p2p when the KV cache is on a GPU, else tcp (default auto). A decode engine receives both "
+        "either way; use tcp where the groups' NCCL cannot reach each other",
     )
     parser.add_argument(
         "--dtype",

@@ -1,6 +1,9 @@
 """Fused rotary embedding on the GPU: one kernel per tensor instead of seven (two half loads, four products,
-a difference, a sum and a concatenation), with the reference's rounding (engine/layers/rotary.py, Hugging
-Face's): in bf16 each product is rounded to bf16, then the difference / sum is rounded again.
+a difference, a sum and a concatenation). The rotation is computed in float32 and rounded once to the
+output dtype, so in bf16 it is at least as accurate as the reference formula (engine/layers/rotary.py,
+Hugging Face's), which rounds each product to bf16 and then the difference / sum again; the two are not
+bit-identical in bf16 (tests/gpu/test_fused_elementwise_gpu.py checks the accuracy bound). In float32 the
+kernel may contract a product and a difference into one FMA (Triton's default), within 1 ulp of torch.
 
 x [T, H, R] (rows may be strided: per-head views of a projection, MLA's rope slice), cos/sin [T, R/2]
 (contiguous, computed once per step). Non-interleaved (NeoX halves) or interleaved (pairs (x0, x1), ...);

@@ -220,12 +220,13 @@ def test_tcp_and_p2p_senders_push_to_the_same_receiver_at_once(receiver_of):
 # ---- selection ------------------------------------------------------------------------------------------
 
 
-def test_auto_is_tcp_until_p2p_has_a_gpu_run_and_the_flag_reaches_the_sender(monkeypatch, tmp_path):
+def test_auto_is_p2p_on_cuda_tcp_on_host_pools_and_the_flag_reaches_the_sender(monkeypatch, tmp_path):
     from moefleet.engine.cli import CommandError, build_parser
     from moefleet.engine.disaggregation.base import choose_kv_transfer, create_transfer
     from moefleet.engine.entrypoints.serve_command import check_args
 
     assert [choose_kv_transfer(x) for x in ("auto", "tcp", "p2p")] == ["tcp", "tcp", "p2p"]
+    assert [choose_kv_transfer(x, "cuda") for x in ("auto", "tcp", "p2p")] == ["p2p", "tcp", "p2p"]
     with pytest.raises(ValueError, match="auto, tcp, p2p"):
         choose_kv_transfer("nccl")
     src, _ = pools()

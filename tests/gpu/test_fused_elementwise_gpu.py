@@ -47,7 +47,7 @@ def test_module_uses_the_kernel_on_strided_heads():
 
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("heads,dim", [(32, 128), (128, 64)])
-def test_fused_rotary_bf16_within_two_ulps(interleaved, heads, dim):
+def test_fused_rotary_bf16_as_accurate_as_torch(interleaved, heads, dim):
     from moefleet.engine.kernels.rotary import rotary
     from moefleet.engine.layers.rotary import RotaryEmbedding
 
@@ -56,7 +56,12 @@ def test_fused_rotary_bf16_within_two_ulps(interleaved, heads, dim):
     cos, sin = rope.cos_sin(positions, torch.bfloat16)
     wide = torch.randn(256, heads, dim + 128, device="cuda", dtype=torch.bfloat16)
     x = wide[:, :, 128:]  # strided rows, as MLA's rope slice
-    got, ref = rotary(x, cos, sin, interleaved).float(), rope.rotate_reference(x, cos, sin).float()
-    # bit-identical outputs were expected (same rounding steps) but were not on H200 (2026-11-30, cause not
-    # established; whole-model bf16 tolerance tests pass with the kernel): within two bf16 ulps
-    assert ((got - ref).abs() <= ref.abs() * 2**-6 + 1e-6).all()
+    got, ref = rotary(x, cos, sin, interleaved).double(), rope.rotate_reference(x, cos, sin).double()
+    # The exact rotation of the same bf16 inputs. Bit-identity with torch's bf16 formula (each product rounded)
+    # was expected and is not what H200 gives (run of 2026-11-30: up to a few ulps apart where x1*cos and
+    # x2*sin cancel); the property that matters is accuracy: never worse than torch's own bf16 formula by more
+    # than one bf16 rounding of the result. Swapped halves, a wrong sign or a wrong frequency fail it.
+    exact = rope.rotate_reference(x.double(), cos.double(), sin.double())
+    slack = exact.abs() * 2**-8 + 2**-133
+    assert ((got - exact).abs() <= (ref - exact).abs() + slack).all()
+    assert (got - exact).abs().max() < 0.05
