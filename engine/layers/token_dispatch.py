@@ -94,7 +94,15 @@ def unpermute_and_reduce(
     sorted_output [N, D] (hit i is flattened hit order[i] of `topk_weights` [T, K]); the weight multiply is in
     the output dtype. `valid` [N] (device path): rows where it is False are padding whose outputs are
     undefined; they contribute exact zeros (masked after the multiply, so NaN/inf garbage never leaks).
-    `accumulate_dtype` (e.g. float32 for bf16 outputs): the per-token sum is done in it, then cast back."""
+    `accumulate_dtype` (e.g. float32 for bf16 outputs): the per-token sum is done in it, then cast back.
+    On CUDA the Triton gather-reduce (`kernels/moe_combine.py`) runs instead: weights applied and summed in
+    float32, one rounding (more exact than this path in bf16; the summation order differs in float32)."""
+    if sorted_output.is_cuda:  # one gather-reduce kernel: no atomics, no zero fill (kernels/moe_combine.py)
+        from moefleet.engine.kernels.moe_combine import combine_rows, hit_positions
+
+        if topk_weights.shape[0] != num_tokens:
+            raise ValueError(f"topk_weights has {topk_weights.shape[0]} rows for {num_tokens} tokens")
+        return combine_rows(sorted_output, hit_positions(order, topk_weights.numel(), valid), topk_weights)
     top_k = topk_weights.shape[1]
     weights = topk_weights.reshape(-1)[order].to(sorted_output.dtype).unsqueeze(1)
     weighted = sorted_output * weights
