@@ -242,13 +242,22 @@ class TritonAttentionBackend(AttentionBackend):
             else:
                 context = flat[context_slots(g, batch.block_size)].to(q_nope.dtype)  # [S, R + Dr]
             latent, k_pe = context.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-            k_nope, values = layer.expand_latent(latent)  # [S, H, Dn], [S, H, Dv]
-            keys = torch.cat([k_nope, k_pe[:, None, :].expand(-1, c.num_heads, -1)], dim=-1)
+            k_nope, values = layer.expand_latent(latent)  # [S, H, Dn], [S, H, Dv]: views of kv_b's output
+            k_rope = k_pe[:, None, :].expand(-1, c.num_heads, -1)  # one rope key per token: head stride 0
             assert g.cu_kv_lens is not None
-            out = _kernels().varlen_prefill(
-                torch.cat([qn, qp], dim=-1), keys, values.contiguous(), g.cu_query_lens, g.cu_kv_lens,
-                c.softmax_scale, max_query_len=g.max_query_len,
-            )  # fmt: skip
+            dn, dr = c.qk_nope_head_dim, c.qk_rope_head_dim
+            if (
+                dn & (dn - 1) == 0 and dr < dn
+            ):  # Dn is the kernel's power-of-two part: read in place, no copies
+                out = _kernels().varlen_prefill(
+                    qn, k_nope, values, g.cu_query_lens, g.cu_kv_lens, c.softmax_scale,
+                    max_query_len=g.max_query_len, q_rope=qp, k_rope=k_rope,
+                )  # fmt: skip
+            else:
+                out = _kernels().varlen_prefill(
+                    torch.cat([qn, qp], dim=-1), torch.cat([k_nope, k_rope], dim=-1), values.contiguous(),
+                    g.cu_query_lens, g.cu_kv_lens, c.softmax_scale, max_query_len=g.max_query_len,
+                )  # fmt: skip
             parts.append((g.row_index, out))
         if len(parts) == 1:
             return parts[0][1]

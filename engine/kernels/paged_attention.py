@@ -409,6 +409,10 @@ def _prefill_tile(
     stride_vh,
     stride_vd,
     stride_btm,
+    kb_ptr,
+    stride_kbs,
+    stride_kbh,
+    stride_kbd,
     offs_n,
     offs_dka,
     offs_dkb,
@@ -416,6 +420,7 @@ def _prefill_tile(
     DK: tl.constexpr,
     DK_A: tl.constexpr,
     HAS_DK_B: tl.constexpr,
+    SPLIT_B: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -439,11 +444,12 @@ def _prefill_tile(
     k_a = _load_rows(k_ptr + k_rows[:, None] + offs_dka[None, :] * stride_kd, k_valid[:, None], MASKED)
     s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
     if HAS_DK_B:
-        k_b = tl.load(
-            k_ptr + k_rows[:, None] + offs_dkb[None, :] * stride_kd,
-            mask=k_valid[:, None] & (offs_dkb[None, :] < DK),
-            other=0.0,
-        )
+        if SPLIT_B:  # the remainder columns live in their own tensor (MLA's shared rope key: head stride 0)
+            kb_rows = (kv_base + keys).to(tl.int64) * stride_kbs + kh * stride_kbh
+            kb_ptrs = kb_ptr + kb_rows[:, None] + (offs_dkb[None, :] - DK_A) * stride_kbd
+        else:
+            kb_ptrs = k_ptr + k_rows[:, None] + offs_dkb[None, :] * stride_kd
+        k_b = tl.load(kb_ptrs, mask=k_valid[:, None] & (offs_dkb[None, :] < DK), other=0.0)
         s += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PREC)
     if BLOCK_DV == DV:
         v = _load_rows(v_ptr + v_rows[:, None] + offs_dv[None, :] * stride_vd, k_valid[:, None], MASKED)
@@ -497,11 +503,20 @@ def _prefill_kernel(
     stride_ot,
     stride_oh,
     stride_od,
+    qb_ptr,
+    stride_qbt,
+    stride_qbh,
+    stride_qbd,
+    kb_ptr,
+    stride_kbs,
+    stride_kbh,
+    stride_kbd,
     GROUP: tl.constexpr,
     DK: tl.constexpr,
     DK_A: tl.constexpr,
     BLOCK_DK_B: tl.constexpr,
     HAS_DK_B: tl.constexpr,
+    SPLIT_B: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -542,11 +557,13 @@ def _prefill_kernel(
     q_a = tl.load(q_rows + offs_dka[None, :] * stride_qd, mask=m_valid[:, None], other=0.0)
     q_b = q_a
     if HAS_DK_B:
-        q_b = tl.load(
-            q_rows + offs_dkb[None, :] * stride_qd,
-            mask=m_valid[:, None] & (offs_dkb[None, :] < DK),
-            other=0.0,
-        )
+        if SPLIT_B:
+            qb_ptrs = (
+                qb_ptr + rows[:, None] * stride_qbt + h * stride_qbh + (offs_dkb[None, :] - DK_A) * stride_qbd
+            )
+        else:
+            qb_ptrs = q_rows + offs_dkb[None, :] * stride_qd
+        q_b = tl.load(qb_ptrs, mask=m_valid[:, None] & (offs_dkb[None, :] < DK), other=0.0)
     if HAS_SINKS:
         m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -568,14 +585,16 @@ def _prefill_kernel(
         acc, l_i, m_i = _prefill_tile(
             acc, l_i, m_i, q_a, q_b, start_n, pos, ctx, window, qk_scale, k_ptr, v_ptr, bt_row, kv_base, kh,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            stride_btm, offs_n, offs_dka, offs_dkb, offs_dv, DK, DK_A, HAS_DK_B, DV, BLOCK_DV, BLOCK_SIZE, PAGED,
+            stride_btm, kb_ptr, stride_kbs, stride_kbh, stride_kbd, offs_n, offs_dka, offs_dkb, offs_dv, DK, DK_A,
+            HAS_DK_B, SPLIT_B, DV, BLOCK_DV, BLOCK_SIZE, PAGED,
             False, USE_WINDOW, DOT_PREC,
         )  # fmt: skip
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
             acc, l_i, m_i, q_a, q_b, start_n, pos, ctx, window, qk_scale, k_ptr, v_ptr, bt_row, kv_base, kh,
             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-            stride_btm, offs_n, offs_dka, offs_dkb, offs_dv, DK, DK_A, HAS_DK_B, DV, BLOCK_DV, BLOCK_SIZE, PAGED,
+            stride_btm, kb_ptr, stride_kbs, stride_kbh, stride_kbd, offs_n, offs_dka, offs_dkb, offs_dv, DK, DK_A,
+            HAS_DK_B, SPLIT_B, DV, BLOCK_DV, BLOCK_SIZE, PAGED,
             True, USE_WINDOW, DOT_PREC,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -599,10 +618,14 @@ def _launch_prefill(
     sinks: Tensor | None,
     sliding_window: int | None,
     config: PrefillConfig | None,
+    rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     paged = block_tables is not None
     tokens, heads, dk = q.shape
     kv_heads, dv = k.shape[-2], v.shape[-1]
+    if rope is not None:  # (q_rope [T, H, Dr], k_rope [S, Hk, Dr]): the key columns after q's and k's own
+        q_b, k_b = rope
+        dk += q_b.shape[-1]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
     if cu_query_lens.dtype != torch.int32:
@@ -613,6 +636,11 @@ def _launch_prefill(
         return out
     cfg = config or prefill_config(dk, dv, q.device, element_size=q.element_size())
     dk_a = triton_next_power_of_2(dk + 1) // 2  # the largest power of two <= dk
+    if rope is not None and (paged or q.shape[-1] != dk_a or k_b.shape[-1] != q_b.shape[-1]):
+        raise ValueError(
+            f"split rope columns need packed K, a power-of-two first part and equal rope widths; got q "
+            f"{tuple(q.shape)}, q_rope {tuple(q_b.shape)}, k_rope {tuple(k_b.shape)}"
+        )
     if paged:
         assert block_tables is not None and seq_lens is not None
         k_strides, v_strides = k.stride(), v.stride()
@@ -640,11 +668,16 @@ def _launch_prefill(
         *v_strides,
         *bt_strides,
         *out.stride(),
+        q_b if rope is not None else q,
+        *(q_b.stride() if rope is not None else (0, 0, 0)),
+        k_b if rope is not None else k,
+        *(k_b.stride() if rope is not None else (0, 0, 0)),
         GROUP=heads // kv_heads,
         DK=dk,
         DK_A=dk_a,
         BLOCK_DK_B=max(16, triton_next_power_of_2(dk - dk_a)),
         HAS_DK_B=dk_a < dk,
+        SPLIT_B=rope is not None,
         DV=dv,
         BLOCK_DV=triton_next_power_of_2(dv),
         BLOCK_SIZE=block_size,
@@ -693,7 +726,11 @@ def varlen_prefill(
     sinks: Tensor | None = None,
     sliding_window: int | None = None,
     config: PrefillConfig | None = None,
+    q_rope: Tensor | None = None,  # [T, H, Dr]: more query columns, after q's (MLA: q_pe, no concatenation)
+    k_rope: Tensor | None = None,  # [S, Hk, Dr] (head stride 0 for MLA's one shared rope key per token)
 ) -> Tensor:
+    """Causal attention over packed varlen sequences. With q_rope / k_rope the key width is Dk + Dr, read from
+    the two tensors in place of [q | q_rope] and [k | k_rope] (Dk must be a power of two)."""
     if k.dim() != 3 or v.dim() != 3 or q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"varlen_prefill wants q [T, H, Dk], k [S, Hk, Dk], v [S, Hk, Dv]; got {tuple(q.shape)}, "
@@ -701,9 +738,20 @@ def varlen_prefill(
         )
     if cu_kv_lens.dtype != torch.int32:
         raise ValueError("cu_kv_lens must be an int32 tensor")
+    if (q_rope is None) != (k_rope is None):
+        raise ValueError("give both q_rope and k_rope, or neither")
+    rope = None
+    if q_rope is not None and k_rope is not None:
+        if q_rope.shape[:2] != q.shape[:2] or k_rope.shape[:2] != k.shape[:2]:
+            raise ValueError(
+                f"q_rope / k_rope must match q / k in their first two dims; got {tuple(q_rope.shape)} for q "
+                f"{tuple(q.shape)}, {tuple(k_rope.shape)} for k {tuple(k.shape)}"
+            )
+        rope = (q_rope, k_rope)
     return _launch_prefill(
-        q, k, v, None, None, cu_query_lens, cu_kv_lens, scale, max_query_len, sinks, sliding_window, config
-    )
+        q, k, v, None, None, cu_query_lens, cu_kv_lens, scale, max_query_len, sinks, sliding_window, config,
+        rope,
+    )  # fmt: skip
 
 
 __all__ = ["paged_decode", "paged_prefill", "varlen_prefill", "split_reduce", "dot_precision"]

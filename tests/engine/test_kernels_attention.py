@@ -186,6 +186,38 @@ def test_varlen_prefill_wide_keys(kernels, window):
     _close(got, varlen_prefill_ref(*args, sinks=sinks, sliding_window=window))
 
 
+def test_varlen_prefill_split_rope_columns(kernels):
+    """MLA's expanded prefill without concatenation: q_nope / k_nope (strided views of wider projections, as
+    kv_b's split gives them) plus q_pe and the one rope key per token shared by every head (head stride 0)
+    equal the reference over [q_nope | q_pe] and [k_nope | k_pe]."""
+    paged, _ = kernels
+    gen = torch.Generator().manual_seed(8)
+    q_lens, kv_lens, heads, dn, dr, dv = [17, 2], [17, 9], 3, 32, 16, 24
+    q_wide = torch.randn(sum(q_lens), heads, dn + 8, generator=gen)
+    kv = torch.randn(sum(kv_lens), heads, dn + dv, generator=gen)  # kv_b's output: [k_nope | v] per head
+    q_nope, (k_nope, v) = q_wide[..., :dn], kv.split([dn, dv], dim=-1)
+    q_pe = torch.randn(sum(q_lens), heads, dr, generator=gen)
+    k_pe = torch.randn(sum(kv_lens), dr, generator=gen)[:, None, :].expand(-1, heads, -1)
+    assert k_pe.stride(1) == 0 and not k_nope.is_contiguous()
+    cu = (_cu(q_lens), _cu(kv_lens))
+    got = paged.varlen_prefill(q_nope, k_nope, v, *cu, 0.2, max_query_len=17, q_rope=q_pe, k_rope=k_pe)
+    q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)
+    _close(got, varlen_prefill_ref(q, k, v.contiguous(), *cu, 0.2))
+    with pytest.raises(ValueError, match="both q_rope and k_rope"):
+        paged.varlen_prefill(q_nope, k_nope, v, *cu, 0.2, max_query_len=17, q_rope=q_pe)
+    with pytest.raises(ValueError, match="power-of-two first part"):
+        paged.varlen_prefill(  # 24 + 8: the first part is not the largest power of two <= 32
+            q_wide[..., :24],
+            kv[..., :24],
+            v,
+            *cu,
+            0.2,
+            max_query_len=17,
+            q_rope=q_pe[..., :8],
+            k_rope=k_pe[..., :8],
+        )
+
+
 @pytest.mark.parametrize("num_splits,v_split", [(1, 1), (3, 1), (2, 2)])
 def test_mla_decode_matches_reference(kernels, num_splits, v_split):
     _, mla = kernels

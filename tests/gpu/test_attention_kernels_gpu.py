@@ -189,6 +189,25 @@ def test_varlen_prefill_mla_expanded(dtype):
     _check(varlen_prefill(*args, max_query_len=1024), varlen_prefill_ref(*args), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_prefill_mla_split_rope_in_place(dtype):
+    """The backend's MLA prefill call: k_nope / v as views of kv_b's output, the shared rope key with head
+    stride 0, q_nope / q_pe apart; equal to the reference over the concatenations."""
+    from moefleet.engine.kernels.paged_attention import varlen_prefill
+
+    gen = torch.Generator().manual_seed(7)
+    q_lens, kv_lens, heads = [1, 300, 1024], [1, 700, 1024], 16
+    q_nope = torch.randn(sum(q_lens), heads, 128, generator=gen).to("cuda", dtype)
+    q_pe = torch.randn(sum(q_lens), heads, 64, generator=gen).to("cuda", dtype)
+    kv = torch.randn(sum(kv_lens), heads, 256, generator=gen).to("cuda", dtype)
+    k_nope, v = kv.split([128, 128], dim=-1)
+    k_pe = torch.randn(sum(kv_lens), 64, generator=gen).to("cuda", dtype)[:, None, :].expand(-1, heads, -1)
+    cu = (_cu(q_lens), _cu(kv_lens))
+    got = varlen_prefill(q_nope, k_nope, v, *cu, 192**-0.5, max_query_len=1024, q_rope=q_pe, k_rope=k_pe)
+    q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)
+    _check(got, varlen_prefill_ref(q, k, v.contiguous(), *cu, 192**-0.5), dtype)
+
+
 def test_decode_kernels_replay_in_cuda_graph():
     """Captured once, replayed with new lengths and pages: no host reads of seq_lens, grids from shapes."""
     from moefleet.engine.kernels.mla_decode import mla_decode
