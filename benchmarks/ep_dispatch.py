@@ -7,7 +7,8 @@ Each rank routes `tokens` bf16 rows of width `hidden` to top-k of `experts` (uni
 for every backend); the experts are the identity, so the time is dispatch_start -> dispatch_finish ->
 combine_start -> combine_finish of one layer (the dispatcher's own reorders included). "symm-graph" replays the
 symm round trip from a CUDA graph (launch overhead removed: what a captured decode step pays). Reports the
-median and p90 over iterations of the slowest rank, in microseconds.
+median and p90 over iterations of the slowest rank, in microseconds. `--profile N`: then N more round trips of
+each backend under torch.profiler; rank 0 prints its kernels by GPU time per round trip.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def round_trip(dispatcher, x, ids, w):
     return dispatcher.combine_finish(dispatcher.combine_start(d.hidden, d))
 
 
-def time_backend(name, group, device, x, ids, w, experts, iters, warmup) -> list[float]:
+def time_backend(name, group, device, x, ids, w, experts, iters, warmup, profile_iters=0) -> list[float]:
     dispatcher = build(name, group, experts, x.shape[1], x.shape[0])
     run = lambda: round_trip(dispatcher, x, ids, w)  # noqa: E731
     for _ in range(warmup):
@@ -69,7 +70,36 @@ def time_backend(name, group, device, x, ids, w, experts, iters, warmup) -> list
         end.record()
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end) * 1000)
+    if profile_iters:
+        try:
+            print_kernel_profile(name, run, profile_iters, device)
+        except Exception as exc:  # noqa: BLE001 - the timings above still stand
+            print(f"rank {dist.get_rank()}: profiling {name} failed: {type(exc).__name__}: {exc}")
     return times
+
+
+def print_kernel_profile(name, run, iters, device) -> None:
+    """Rank 0's kernels (CUPTI, graph replays included) by GPU time per round trip."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize(device)
+    if dist.get_rank() != 0:
+        return
+    rows = sorted(
+        (e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
+        key=lambda e: -e.device_time_total,
+    )
+    total = sum(e.device_time_total for e in rows) / iters
+    print(f"== kernels of {name}, rank 0, per round trip ({iters} profiled): {total:.0f} us of GPU time")
+    print("| kernel | calls | us | share |\n|---|---|---|---|")
+    for e in rows[:18]:
+        us = e.device_time_total / iters
+        print(f"| {e.key[:70]} | {e.count / iters:.1f} | {us:.1f} | {us / total:.0%} |")
 
 
 def main() -> None:
@@ -81,6 +111,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backends", default="a2a,symm,symm-graph,deepep-normal,deepep-ll")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more round trips")
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -95,7 +126,9 @@ def main() -> None:
     rows = []
     for name in args.backends.split(","):
         try:
-            times = time_backend(name, group, device, x, ids, w, args.experts, args.iters, args.warmup)
+            times = time_backend(
+                name, group, device, x, ids, w, args.experts, args.iters, args.warmup, args.profile
+            )
             stats = torch.tensor(
                 [statistics.median(times), sorted(times)[int(0.9 * (len(times) - 1))]], device=device
             )
