@@ -166,6 +166,23 @@ def plan_expert_major(recv_ids: torch.Tensor, recv_splits: torch.Tensor, num_loc
     return ExpertMajor(order, counts[:num_local], num_valid)
 
 
+def combine_hits_kernel(
+    returned: torch.Tensor,
+    order: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    hidden: int,
+) -> torch.Tensor:
+    """`combine_hits` as one Triton gather-reduce (kernels/moe_combine.py; what CUDA runs): each token reads
+    its K returned rows once, padding hits skipped, float32 sums, no per-hit copies."""
+    from moefleet.engine.kernels.moe_combine import combine_rows, hit_positions
+
+    hits = topk_ids.numel()
+    pos = hit_positions(order[:hits], hits)
+    pos = torch.where(topk_ids.reshape(-1) >= 0, pos, torch.full_like(pos, -1))
+    return combine_rows(returned[:, :hidden], pos, topk_weights)
+
+
 def combine_hits(
     returned: torch.Tensor,
     order: torch.Tensor,
@@ -177,9 +194,11 @@ def combine_hits(
     and stale rows contribute exactly zero; a fixed-order sum, no atomics)."""
     num_tokens, top_k = topk_ids.shape
     hits = num_tokens * top_k
+    hidden = returned.shape[1] if hidden_size is None else hidden_size
+    if returned.is_cuda:
+        return combine_hits_kernel(returned, order, topk_ids, topk_weights, hidden)
     position = torch.empty_like(order)
     position[order] = torch.arange(hits, device=order.device)
-    hidden = returned.shape[1] if hidden_size is None else hidden_size
     per_hit = returned[:hits, :hidden][position].view(num_tokens, top_k, hidden)
     weighted = per_hit * topk_weights.to(returned.dtype).unsqueeze(-1)
     valid = (topk_ids >= 0).unsqueeze(-1)

@@ -14,6 +14,7 @@ from moefleet.engine.distributed.symm import (
     a2a_row_bytes,
     capacity,
     combine_hits,
+    combine_hits_kernel,
     id_columns,
     plan_expert_major,
     plan_send,
@@ -227,6 +228,10 @@ def test_symm_index_math_round_trip_equals_dense_moe(kind):
         expected = (x[:, None, :] * (w * scale)[..., None]).sum(1)
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got, expected)
+        # what CUDA runs: the gather-reduce kernel (interpreted here), stale NaN rows of padding hits skipped
+        fused = combine_hits_kernel(returned[rank], plans[rank].order, ids[rank], ws[rank], hidden)
+        assert not torch.isnan(fused).any()
+        torch.testing.assert_close(fused, expected)
 
 
 # ---- DeepEP dispatcher on CPU over a one-rank stand-in for deep_ep.Buffer ------------------------------
