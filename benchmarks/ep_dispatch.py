@@ -8,7 +8,10 @@ for every backend); the experts are the identity, so the time is dispatch_start 
 combine_start -> combine_finish of one layer (the dispatcher's own reorders included). "symm-graph" replays the
 symm round trip from a CUDA graph (launch overhead removed: what a captured decode step pays). Reports the
 median and p90 over iterations of the slowest rank, in microseconds. `--profile N`: then N more round trips of
-each backend under torch.profiler; rank 0 prints its kernels by GPU time per round trip.
+each backend under torch.profiler; rank 0 prints its kernels by GPU time per round trip. `--chain N` runs N
+round trips back to back per timed iteration and reports the time per round trip: a model step runs its MoE
+layers back to back, so the ranks' launch skew (paid again by every single timed round trip after the
+barrier) is paid once per step, not once per layer.
 """
 
 from __future__ import annotations
@@ -41,9 +44,15 @@ def round_trip(dispatcher, x, ids, w):
     return dispatcher.combine_finish(dispatcher.combine_start(d.hidden, d))
 
 
-def time_backend(name, group, device, x, ids, w, experts, iters, warmup, profile_iters=0) -> list[float]:
+def time_backend(
+    name, group, device, x, ids, w, experts, iters, warmup, profile_iters=0, chain=1
+) -> list[float]:
     dispatcher = build(name, group, experts, x.shape[1], x.shape[0])
-    run = lambda: round_trip(dispatcher, x, ids, w)  # noqa: E731
+
+    def run():
+        for _ in range(chain):
+            round_trip(dispatcher, x, ids, w)
+
     for _ in range(warmup):
         run()
     torch.cuda.synchronize(device)
@@ -69,16 +78,16 @@ def time_backend(name, group, device, x, ids, w, experts, iters, warmup, profile
         run()
         end.record()
         torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) * 1000)
+        times.append(start.elapsed_time(end) * 1000 / chain)
     if profile_iters:
         try:
-            print_kernel_profile(name, run, profile_iters, device)
+            print_kernel_profile(name, run, profile_iters, chain, device)
         except Exception as exc:  # noqa: BLE001 - the timings above still stand
             print(f"rank {dist.get_rank()}: profiling {name} failed: {type(exc).__name__}: {exc}")
     return times
 
 
-def print_kernel_profile(name, run, iters, device) -> None:
+def print_kernel_profile(name, run, iters, chain, device) -> None:
     """Rank 0's kernels (CUPTI, graph replays included) by GPU time per round trip."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -94,12 +103,13 @@ def print_kernel_profile(name, run, iters, device) -> None:
         (e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
         key=lambda e: -e.device_time_total,
     )
-    total = sum(e.device_time_total for e in rows) / iters
-    print(f"== kernels of {name}, rank 0, per round trip ({iters} profiled): {total:.0f} us of GPU time")
+    trips = iters * chain
+    total = sum(e.device_time_total for e in rows) / trips
+    print(f"== kernels of {name}, rank 0, per round trip ({trips} profiled): {total:.0f} us of GPU time")
     print("| kernel | calls | us | share |\n|---|---|---|---|")
     for e in rows[:18]:
-        us = e.device_time_total / iters
-        print(f"| {e.key[:70]} | {e.count / iters:.1f} | {us:.1f} | {us / total:.0%} |")
+        us = e.device_time_total / trips
+        print(f"| {e.key[:70]} | {e.count / trips:.1f} | {us:.1f} | {us / total:.0%} |")
 
 
 def main() -> None:
@@ -112,6 +122,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backends", default="a2a,symm,symm-graph,deepep-normal,deepep-ll")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more round trips")
+    parser.add_argument("--chain", type=int, default=1, metavar="N", help="round trips per timed iteration")
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -127,7 +138,17 @@ def main() -> None:
     for name in args.backends.split(","):
         try:
             times = time_backend(
-                name, group, device, x, ids, w, args.experts, args.iters, args.warmup, args.profile
+                name,
+                group,
+                device,
+                x,
+                ids,
+                w,
+                args.experts,
+                args.iters,
+                args.warmup,
+                args.profile,
+                args.chain,
             )
             stats = torch.tensor(
                 [statistics.median(times), sorted(times)[int(0.9 * (len(times) - 1))]], device=device
@@ -142,6 +163,7 @@ def main() -> None:
         print(
             f"dispatch + combine per MoE layer: {args.tokens} tokens/GPU x hidden {args.hidden} bf16, top-{args.top_k} "
             f"of {args.experts} experts over {world} GPUs ({torch.cuda.get_device_name(device)}), slowest rank"
+            + (f", per round trip of {args.chain} back to back" if args.chain > 1 else "")
         )
         print(f"| {'backend':<14} | {'median us':>9} | {'p90 us':>7} | note")
         print(f"|{'-' * 16}|{'-' * 11}|{'-' * 9}|------")

@@ -46,14 +46,10 @@ def _rotary_kernel(
     s = tl.load(sin_ptr + token * HALF + i, mask=mask, other=0.0).to(tl.float32)
     dt = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    # each product rounded to the input dtype first, as torch evaluates `x1 * cos - x2 * sin`
-    p1c = (a1 * c).to(dt).to(tl.float32)
-    p2s = (a2 * s).to(dt).to(tl.float32)
-    p2c = (a2 * c).to(dt).to(tl.float32)
-    p1s = (a1 * s).to(dt).to(tl.float32)
+    # float32 products and sums, one explicit round-to-nearest-even into the output dtype
     out = out_ptr + row * (2 * HALF)
-    tl.store(out + i, (p1c - p2s).to(dt), mask=mask)
-    tl.store(out + HALF + i, (p2c + p1s).to(dt), mask=mask)
+    tl.store(out + i, (a1 * c - a2 * s).to(dt, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(out + HALF + i, (a2 * c + a1 * s).to(dt, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def fused_rotary_supported(x: torch.Tensor, cos: torch.Tensor) -> bool:

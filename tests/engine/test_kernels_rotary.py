@@ -52,3 +52,16 @@ def test_bad_shapes_are_refused(kernel):
     with pytest.raises(ValueError, match="cos/sin"):
         kernel.rotary(torch.ones(4, 2, 15), cos, cos, False)
     assert kernel.rotary(torch.ones(0, 2, 16), torch.ones(0, 8), torch.ones(0, 8), False).shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_bfloat16_as_accurate_as_the_torch_formula(kernel, interleaved):
+    """bf16: float32 math and one rounding, so never further from the exact rotation of the same bf16 inputs
+    than torch's formula (which rounds each product too) by more than one bf16 ulp of the result."""
+    rope = RotaryEmbedding(64, 1e6, interleaved=interleaved)
+    cos, sin = rope.cos_sin(torch.randint(0, 32768, (24,)), torch.bfloat16)
+    x = torch.randn(24, 4, 64 + 32, dtype=torch.bfloat16)[:, :, 32:]
+    got = kernel.rotary(x, cos, sin, interleaved).double()
+    exact = rope.rotate_reference(x.double(), cos.double(), sin.double())
+    ref = rope.rotate_reference(x, cos, sin).double()
+    assert ((got - exact).abs() <= (ref - exact).abs() + exact.abs() * 2**-7).all()
