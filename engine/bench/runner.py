@@ -516,7 +516,13 @@ def _capture_decode_graph(
 ) -> tuple[CudaGraphRunner | None, str]:
     """One CUDA graph for the scenario's batch size, as the engine captures its buckets (or why not)."""
     expert_parallel = group is not None and dist_world_size(group) > 1
-    use, why = decide_cuda_graphs(options.cuda_graphs, device, backend.supports_cuda_graphs, expert_parallel)
+    # Every rank of the bench runs the same shapes in lockstep, so an EP step whose dispatchers never read
+    # the host (symm) is captured and replayed by all ranks together (serving still needs DP-padded buckets).
+    dispatchers = [m.dispatcher for m in model.modules() if hasattr(m, "dispatcher")]
+    sync_free = bool(dispatchers) and all(getattr(d, "capturable", False) for d in dispatchers)
+    use, why = decide_cuda_graphs(
+        options.cuda_graphs, device, backend.supports_cuda_graphs, expert_parallel and not sync_free
+    )
     if not use:
         return None, why
     runner = CudaGraphRunner(

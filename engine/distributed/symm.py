@@ -341,6 +341,8 @@ class _SymmHandle:
 class SymmDispatcher:
     """TokenDispatcher over torch symmetric memory: device-side splits, fixed capacity, no host sync."""
 
+    capturable = True  # no host read anywhere: a decode step through it can be captured in a CUDA graph
+
     def __init__(
         self,
         group: dist.ProcessGroup,
