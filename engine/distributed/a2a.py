@@ -102,6 +102,10 @@ class AllToAllDispatcher:
     combined before the same object dispatches again.
     """
 
+    # Two-batch overlap (tbo_streams.py): the collectives are issued from a comm stream (NCCL orders its own
+    # stream after it).
+    TBO_OVERLAP = "comm_stream"
+
     def __init__(self, group: dist.ProcessGroup, num_experts: int):
         self.group = group
         self.world_size = dist.get_world_size(group)

@@ -322,6 +322,8 @@ class _SymmHandle:
 class SymmDispatcher:
     """TokenDispatcher over torch symmetric memory: device-side splits, fixed capacity, no host sync."""
 
+    TBO_OVERLAP = "comm_stream"  # two-batch overlap: all_to_all_vdev kernels launched on the comm stream
+
     def __init__(
         self,
         group: dist.ProcessGroup,
