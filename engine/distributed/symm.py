@@ -291,6 +291,12 @@ class WorkspacePool:
         pool.append(ws)
         return ws
 
+    def release_all(self) -> None:
+        """Mark every workspace free (after a step broke off between a dispatch and its combine)."""
+        for pool in self._pools.values():
+            for ws in pool:
+                ws.in_use = False
+
     def reserve(self, group: dist.ProcessGroup, shape: WorkspaceShape, count: int) -> None:
         """Allocate `count` workspaces of these sizes now (a collective) and leave them free."""
         leased = [self.lease(group, shape) for _ in range(count)]
