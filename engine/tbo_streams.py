@@ -22,9 +22,11 @@
   exactly as before (the CPU parity suites run this).
 
 Tensor lifetimes across streams: before each stage, every tensor the stage may read (the micro-batch's hidden
-state and MoE step, walked recursively) is `record_stream`-ed on the stream about to run it, and so are the
-arguments of a diverted `combine_start`; the caching allocator then reuses no block before the consumer's
-work is done. Only the stream API is behind `StreamOps`, so a recording fake checks the launch order and the
+state and MoE step, walked recursively into the dispatcher's handle) is `record_stream`-ed on the stream about
+to run it, and so are the arguments of a diverted `combine_start`; the caching allocator then reuses no block
+before the consumer's work is done. The batch's own tensors live past the final join, so they need nothing.
+Dispatchers keep what their collectives read in their handles (a2a: the send rows), so nothing a collective
+still reads is freed inside `*_start`. Only the stream API is behind `StreamOps`, so a recording fake checks the launch order and the
 waits on CPU with the model running for real (tests/engine/test_tbo_streams.py).
 """
 
@@ -118,7 +120,7 @@ class CudaStreamOps:
             tensor.record_stream(stream)
 
 
-def tensors_in(obj: Any, depth: int = 4) -> Iterator[torch.Tensor]:
+def tensors_in(obj: Any, depth: int = 5) -> Iterator[torch.Tensor]:
     """Tensors reachable from `obj` through dataclass fields, lists, tuples and dict values."""
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -168,12 +170,17 @@ class StreamOverlap(Overlap):
         for tensor in tensors_in(obj):
             self.ops.keep(tensor, stream)
 
+    def _keep_state(self, state: Any, stream: Any) -> None:
+        """The tensors a stage may read that can die before the step's join: the micro-batch's hidden
+        state and MoE step (with the dispatcher's handle). The batch's own tensors live past the join."""
+        self._keep((getattr(state, "hidden", None), getattr(state, "moe", None)), stream)
+
     def run(self, micro_batch: int, kind: str, stage: Callable[[Any], None], state: Any) -> None:
         if kind == COMM:
             event = self.computed.get(micro_batch)
             if event is not None:
                 self.ops.wait(self.comm, event)
-            self._keep(state, self.comm)
+            self._keep_state(state, self.comm)
             with self.ops.use(self.comm):
                 stage(state)
             self.communicated[micro_batch] = self.ops.record(self.comm)
@@ -181,7 +188,7 @@ class StreamOverlap(Overlap):
         event = self.communicated.pop(micro_batch, None)
         if event is not None:
             self.ops.wait(self.compute, event)
-        self._keep(state, self.compute)
+        self._keep_state(state, self.compute)
         stage(state)
         self.computed[micro_batch] = self.ops.record(self.compute)
 
