@@ -176,14 +176,9 @@ def split_batch(fb: ForwardBatch, plan: SplitPlan) -> tuple[ForwardBatch, Forwar
 def _child(
     fb: ForwardBatch, query_lens: list[int], seq_lens: list[int], seqs: slice, tokens: slice
 ) -> ForwardBatch:
-    if not query_lens:  # an empty micro-batch is an idle batch (T = 0)
-        return ForwardBatch.build(
-            input_ids=[], positions=[], query_lens=[], seq_lens=[], block_tables=[], block_size=fb.block_size,
-            device=fb.input_ids.device, slot_mapping=[], sample_indices=[], attn_backend=fb.attn_backend,
-            dp_is_prefill=fb.is_prefill,
-        )  # fmt: skip
-    if fb.mode is ForwardMode.DECODE:
-        # Decode: per-sequence tensors are views of the parent's (cu_query_lens is 0..B): no host copy, so a
+    if not query_lens or fb.mode is ForwardMode.DECODE:
+        # Decode (or an empty micro-batch: an idle batch, T = 0): per-sequence tensors are views of the
+        # parent's (decode: cu_query_lens is 0..B; its first entry is 0 for any batch): no host copy, so a
         # CUDA graph can capture the split (the static buffers stay the graph's inputs).
         qlens, slens = fb.query_lens_t[seqs], fb.seq_lens_t[seqs]
         cu_t = fb.cu_query_lens[: len(query_lens) + 1]
