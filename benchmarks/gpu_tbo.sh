@@ -6,7 +6,7 @@
 # goes on; past BUDGET seconds the remaining points are skipped and say so. Ends with one table (on/off ratio
 # per point) and the `auto` threshold each mode would get (engine/tbo.py AUTO_MIN_TOKENS).
 # Run from the checkout root on a 2-GPU machine:
-#   source benchmarks/device_setup.sh && bash benchmarks/gpu_tbo.sh [OUTDIR]
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_tbo.sh [OUTDIR]     (NSYS=1: also an Nsight timeline)
 set -uo pipefail
 out=${1:-/tmp/tbo_out}; mkdir -p "$out"
 BUDGET=${BUDGET:-360}                 # seconds for all runs (~6 min); later points are skipped past it
@@ -46,3 +46,12 @@ for n in $A2A_DECODE; do for tbo in off on; do point a2a decode "$n" "$tbo"; don
 for n in $A2A_PREFILL; do for tbo in off on; do point a2a prefill "$n" "$tbo"; done; done
 echo "== all runs: $((SECONDS - start))s"
 python3 benchmarks/tbo_table.py "$out" | tee "$out/table.md"
+# Optional timeline (NSYS=1, needs nsys): symm decode 256 with TBO, eager (graph replays hide the ranges), every
+# stage in an NVTX range "mb<i> <compute|comm> <n>"; open $out/tbo_symm_decode256.nsys-rep in Nsight Systems
+if [ "${NSYS:-0}" = 1 ] && command -v nsys >/dev/null; then
+  echo "== nsys timeline"
+  MOEFLEET_TBO_NVTX=1 timeout -k 10 150 nsys profile --trace cuda,nvtx --force-overwrite true \
+    -o "$out/tbo_symm_decode256" moefleet bench "${common[@]}" --mode decode --batch-size 256 --kv-len 2000 \
+    --moe-backend symm --tbo on --cuda-graphs off > "$out/nsys.log" 2>&1
+  echo "nsys rc=$?"; ls -la "$out"/tbo_symm_decode256* 2>/dev/null
+fi

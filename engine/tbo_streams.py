@@ -33,6 +33,7 @@ waits on CPU with the model running for real (tests/engine/test_tbo_streams.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -157,8 +158,9 @@ class StreamOverlap(Overlap):
 
     mechanism = "comm_stream"
 
-    def __init__(self, ops: StreamOps):
-        self.ops = ops
+    def __init__(self, ops: StreamOps, nvtx: bool = False):
+        """`nvtx`: name each stage in an NVTX range ("mb0 comm 5") for an Nsight Systems timeline."""
+        self.ops, self.nvtx, self.index = ops, nvtx, [0, 0]
         self.compute = ops.current_stream()
         self.comm = ops.comm_stream()
         self.computed: dict[int, Any] = {}  # micro-batch -> event after its latest compute stage
@@ -176,6 +178,16 @@ class StreamOverlap(Overlap):
         self._keep((getattr(state, "hidden", None), getattr(state, "moe", None)), stream)
 
     def run(self, micro_batch: int, kind: str, stage: Callable[[Any], None], state: Any) -> None:
+        if not self.nvtx:
+            return self._run(micro_batch, kind, stage, state)
+        torch.cuda.nvtx.range_push(f"mb{micro_batch} {kind} {self.index[micro_batch]}")
+        try:
+            self._run(micro_batch, kind, stage, state)
+        finally:
+            torch.cuda.nvtx.range_pop()
+            self.index[micro_batch] += 1
+
+    def _run(self, micro_batch: int, kind: str, stage: Callable[[Any], None], state: Any) -> None:
         if kind == COMM:
             event = self.computed.get(micro_batch)
             if event is not None:
@@ -232,4 +244,6 @@ def make_overlap(model: Any, device: torch.device, ops: StreamOps | None = None)
     if ops is not None:
         return StreamOverlap(ops)
     mechanism, _ = choose_mechanism(device.type, dispatcher_overlaps(model))
-    return StreamOverlap(CudaStreamOps(device)) if mechanism == "comm_stream" else Overlap()
+    if mechanism != "comm_stream":
+        return Overlap()
+    return StreamOverlap(CudaStreamOps(device), nvtx=os.environ.get("MOEFLEET_TBO_NVTX") == "1")

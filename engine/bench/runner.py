@@ -558,7 +558,10 @@ def _capture_decode_graph(
             runner.capture()
     except Exception as exc:  # noqa: BLE001 - any capture failure: run eagerly and say why
         release_dispatch_buffers(model)
-        torch.cuda.synchronize(device)
+        try:
+            torch.cuda.synchronize(device)  # the broken-off step's work drains before the eager steps
+        except Exception as sync_exc:  # noqa: BLE001 - a sticky CUDA error: report both
+            return None, f"off: capture failed ({str(exc).splitlines()[0][:120]}); then {sync_exc}"
         return None, f"off: capture failed{' (tbo step)' if tbo else ''} ({str(exc).splitlines()[0][:160]})"
     return (
         runner,
