@@ -8,7 +8,9 @@ rows of its logits are the step's logits. Graphs share one memory pool, captured
 
 The pure parts (bucket sizes, bucket choice, the static fill) run and are tested on CPU; capture/replay
 need CUDA (tests/gpu/test_cuda_graphs.py). Whether graphs are used at all is `decide_cuda_graphs`, also
-pure. Shape legend: n live sequences, N bucket size, M max blocks per sequence, V vocabulary.
+pure. With `tbo=True` the captured step is the two-batch-overlap decode step (tbo.forward_tbo: the split is
+views of the static buffers, the comm stream forks from and joins the capture stream); a dispatcher with a
+host sync (a2a's receive counts) fails `check_capturable` and the caller runs eagerly with the reason. Shape legend: n live sequences, N bucket size, M max blocks per sequence, V vocabulary.
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
 
 
 def decide_cuda_graphs(
-    mode: str, device: torch.device, backend_supports_graphs: bool, expert_parallel: bool
+    mode: str,
+    device: torch.device,
+    backend_supports_graphs: bool,
+    expert_parallel: bool,
+    lockstep: bool = False,
 ) -> tuple[bool, str]:
     """(use graphs?, why) for `--cuda-graphs mode`. auto = on for CUDA decode with a graph-capable attention
-    backend on a single rank; `off` always off."""
+    backend on a single rank, or in an expert-parallel group whose ranks all replay the same graph together
+    (`lockstep`: the bench, where every rank runs the same shapes); `off` always off."""
     if mode not in ("auto", "off"):
         raise ValueError(f"cuda_graphs ({mode!r}) must be 'auto' or 'off'")
     if mode == "off":
@@ -56,7 +63,7 @@ def decide_cuda_graphs(
         return False, "off: not a CUDA device"
     if not backend_supports_graphs:
         return False, "off: the attention backend cannot be captured (use --attention-backend triton)"
-    if expert_parallel:
+    if expert_parallel and not lockstep:
         return False, "off: expert-parallel groups are not captured yet"
     return True, "on: CUDA decode with a graph-capable attention backend"
 
@@ -162,9 +169,12 @@ class CudaGraphRunner:
         device: torch.device,
         extra_sizes: Iterable[int] = (),
         sizes: list[int] | None = None,
+        tbo: bool = False,
     ):
-        """`sizes` replaces the default buckets (e.g. one size for a benchmark)."""
+        """`sizes` replaces the default buckets (e.g. one size for a benchmark); `tbo` captures the
+        two-batch-overlap step (tbo.forward_tbo) instead of the plain forward."""
         self.model, self.backend, self.block_size, self.device = model, backend, block_size, device
+        self.tbo = tbo
         self.sizes = sorted(sizes) if sizes else capture_batch_sizes(max_batch_size, extra_sizes)
         if self.sizes[-1] > max_batch_size:
             raise ValueError(f"capture sizes {self.sizes} exceed max_batch_size ({max_batch_size})")
@@ -174,7 +184,12 @@ class CudaGraphRunner:
         self.pool_bytes = 0
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.model(batch.input_ids, batch.positions, batch)
+        if self.tbo:
+            from .tbo import forward_tbo
+
+            hidden, _ = forward_tbo(self.model, batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(hidden).float()  # decode: every row samples
 
     def check_capturable(self) -> None:

@@ -26,7 +26,7 @@ from .sampler import SamplingBatch, sample
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 from .structured_output import GrammarCompiler, GrammarMasks, compiler_for
-from .tbo import check_supported, forward_tbo
+from .tbo import check_supported, forward_tbo, plan_split
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class ModelRunner:
             config.cuda_graphs, self.device, capturable, expert_parallel
         )
         self.graph_runner: CudaGraphRunner | None = None
+        if config.tbo == "on":  # before a capture of the TBO decode step
+            check_supported(self.model)
         self.num_kv_blocks = self._count_kv_blocks()
         self._allocate_kv_cache()
         if self.use_cuda_graphs:
@@ -76,8 +78,6 @@ class ModelRunner:
         # Structured outputs: per-sequence grammar matchers, the compiler built on first use.
         self.grammar = GrammarMasks(self._grammar_compiler)
         # Two-batch overlap (tbo.py): steps run as two micro-batches, and the last split's imbalance.
-        if config.tbo == "on":
-            check_supported(self.model)
         self.tbo_steps_total = 0
         self.tbo_last_split_imbalance = 0.0
 
@@ -165,6 +165,7 @@ class ModelRunner:
             max_blocks_per_seq=config.max_blocks_per_seq,
             block_size=self.block_size,
             device=self.device,
+            tbo=config.tbo == "on",  # every step of a lone engine with --tbo on is a TBO step
         )
         try:
             runner.capture()
@@ -255,11 +256,15 @@ class ModelRunner:
         fb = self.prepare(batch, is_prefill)
         sampling = [s.seq for s in batch.sampling]
         grammar_mask = self.grammar.prepare(sampling, self.device)  # host fill overlaps the forward
-        if not use_tbo and self.graph_runner is not None and self.graph_runner.can_run(fb):
-            logits = self.graph_runner.replay(fb)  # [S, V]; decode only, so no prompt logprobs here
+        graphs = self.graph_runner
+        if graphs is not None and use_tbo == graphs.tbo and graphs.can_run(fb):
+            logits = graphs.replay(fb)  # [S, V]; decode only, so no prompt logprobs here
+            if use_tbo:  # the captured TBO decode step
+                self.tbo_steps_total += 1
+                self.tbo_last_split_imbalance = plan_split(fb.query_lens, fb.seq_lens).imbalance
         else:
             # The MoE dispatchers read the step mode (DeepEP normal / low-latency) from fb.is_prefill.
-            if use_tbo:  # eager: CUDA graphs of the TBO step are not built
+            if use_tbo:  # eager TBO step (prefill, or no graph of the TBO decode step)
                 hidden, plan = forward_tbo(self.model, fb)
                 self.tbo_steps_total += 1
                 self.tbo_last_split_imbalance = plan.imbalance

@@ -17,24 +17,33 @@ Prefill cuts by balanced attention cost: a new token at position p attends to p 
 inside one sequence (its first piece goes to micro-batch 0, which writes that piece's KV at each layer before
 micro-batch 1's piece reads it - the schedule runs micro-batch 0's stage i before micro-batch 1's stage i).
 Chunked prefill: a chunk's already-cached prefix counts in its tokens' cost and stays in the KV cache.
-Not built here (GPU work): separate streams / DeepEP hooks for real overlap, CUDA graphs of the TBO step, and
-the measured `auto` thresholds (see docs/distributed.md).
+On CUDA the stages run through an `Overlap` (tbo_streams.py): a2a and symm put every dispatch / combine on a
+comm stream ordered by events, DeepEP low-latency overlaps through its receive hooks; on CPU the stages run in
+launch order on one stream. A decode split builds its children as views of the parent's tensors (no host
+copy), so the TBO decode step can be captured in a CUDA graph (cuda_graph_runner.py, `tbo=True`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from .config import TBO_MODES
 from .forward_batch import ForwardBatch, ForwardMode
+from .tbo_streams import Overlap, StreamedDispatcher, StreamOverlap, make_overlap
 
-# Tokens per rank at and above which `--tbo auto` uses TBO, per mode. To be measured (GPU benchmark, TBO on
-# vs off side by side): None = not measured yet, so `auto` never turns TBO on.
-AUTO_MIN_TOKENS: dict[str, int | None] = {"decode": None, "prefill": None}
+# THE `--tbo auto` threshold table (the one place; docs/distributed.md "TBO auto thresholds" records the runs):
+# tokens per rank at and above which `auto` uses TBO, per mode. Fill in from benchmarks/gpu_tbo.sh (on/off
+# ratio per point): the smallest measured point from which every larger point has on/off >= 1.0 (decode:
+# tokens/GPU = sequences/GPU; prefill: new tokens/GPU). None = not measured yet, so `auto` stays off.
+AUTO_MIN_TOKENS: dict[str, int | None] = {
+    "decode": None,  # measured points: 32, 64, 128, 256 tokens/GPU (2x H200, DeepSeek-V3 width, symm)
+    "prefill": None,  # measured points: 4096, 8192, 16384 tokens/GPU
+}
 # Stages micro-batch 0 runs ahead of micro-batch 1.
 STAGE_LEAD = 2
 
@@ -167,19 +176,20 @@ def split_batch(fb: ForwardBatch, plan: SplitPlan) -> tuple[ForwardBatch, Forwar
 def _child(
     fb: ForwardBatch, query_lens: list[int], seq_lens: list[int], seqs: slice, tokens: slice
 ) -> ForwardBatch:
-    if not query_lens:  # an empty micro-batch is an idle batch (T = 0)
-        return ForwardBatch.build(
-            input_ids=[], positions=[], query_lens=[], seq_lens=[], block_tables=[], block_size=fb.block_size,
-            device=fb.input_ids.device, slot_mapping=[], sample_indices=[], attn_backend=fb.attn_backend,
-            dp_is_prefill=fb.is_prefill,
-        )  # fmt: skip
-    cu = [0]
-    for n in query_lens:
-        cu.append(cu[-1] + n)
-    host = torch.tensor(query_lens + seq_lens + cu, dtype=torch.int32)
-    qlens, slens, cu_t = host.to(fb.input_ids.device, non_blocking=True).split(
-        [len(query_lens), len(seq_lens), len(cu)]
-    )
+    if not query_lens or fb.mode is ForwardMode.DECODE:
+        # Decode (or an empty micro-batch: an idle batch, T = 0): per-sequence tensors are views of the
+        # parent's (decode: cu_query_lens is 0..B; its first entry is 0 for any batch): no host copy, so a
+        # CUDA graph can capture the split (the static buffers stay the graph's inputs).
+        qlens, slens = fb.query_lens_t[seqs], fb.seq_lens_t[seqs]
+        cu_t = fb.cu_query_lens[: len(query_lens) + 1]
+    else:
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+        host = torch.tensor(query_lens + seq_lens + cu, dtype=torch.int32)
+        qlens, slens, cu_t = host.to(fb.input_ids.device, non_blocking=True).split(
+            [len(query_lens), len(seq_lens), len(cu)]
+        )
     return ForwardBatch(
         mode=ForwardMode.of(query_lens),
         block_size=fb.block_size,
@@ -196,6 +206,7 @@ def _child(
         block_tables_cpu=fb.block_tables_cpu[seqs],
         dp_is_prefill=fb.is_prefill,
         attn_backend=fb.attn_backend,
+        for_cuda_graph=fb.for_cuda_graph,
     )
 
 
@@ -228,10 +239,12 @@ def check_supported(model: Any) -> None:
         )
 
 
-def forward_tbo(model: Any, fb: ForwardBatch, lead: int = STAGE_LEAD) -> tuple[torch.Tensor, SplitPlan]:
+def forward_tbo(
+    model: Any, fb: ForwardBatch, lead: int = STAGE_LEAD, overlap: Overlap | None = None
+) -> tuple[torch.Tensor, SplitPlan]:
     """Forward `fb` as two interleaved micro-batches; returns (final hidden [T, D] in fb's token order, the
     split plan). The result equals `model(fb.input_ids, fb.positions, fb)` up to floating-point reordering
-    of batched matmuls."""
+    of batched matmuls. `overlap` runs the stages (default: `make_overlap` for the model and device)."""
     from .models.base import LayerState
 
     plan = plan_split(fb.query_lens, fb.seq_lens)
@@ -241,8 +254,14 @@ def forward_tbo(model: Any, fb: ForwardBatch, lead: int = STAGE_LEAD) -> tuple[t
         LayerState(child.positions, decoder.embed_tokens(child.input_ids), child, micro_batch=i)
         for i, child in enumerate(children)
     ]
+    run = overlap if overlap is not None else make_overlap(model, fb.input_ids.device)
+    if isinstance(run, StreamOverlap):  # combine_start launches from inside the experts stage: divert it
+        for i, state in enumerate(states):
+            state.wrap_dispatcher = partial(StreamedDispatcher, overlap=run, micro_batch=i)
     stages = [stage for layer in decoder.layers for stage in layer.stages()]
+    kinds = [kind for layer in decoder.layers for kind in layer.stage_kinds()]
     for micro_batch, index in schedule(len(stages), lead):
-        stages[index](states[micro_batch])
+        run.run(micro_batch, kinds[index], stages[index], states[micro_batch])
+    run.finish()
     hidden = torch.cat([state.hidden for state in states])
     return decoder.norm(hidden), plan

@@ -48,14 +48,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="none",
         help="fp8: random weights quantised to 128x128 block FP8 (w8a8 Triton GEMMs on CUDA)",
     )
-    p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "deepep"])
+    p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "symm", "deepep"])
     p.add_argument(
         "--attention-backend", default=defaults.attention_backend, choices=["auto", "torch", "triton"],
         help="auto = triton on CUDA, torch on CPU",
     )  # fmt: skip
     p.add_argument(
         "--cuda-graphs", default=defaults.cuda_graphs, choices=["auto", "off"],
-        help="auto = decode steps replay a CUDA graph (CUDA, triton backend, single GPU) when capturable",
+        help="auto = decode steps replay a CUDA graph (CUDA, triton backend; in an EP group too, incl. the TBO "
+        "step) when capturable (a2a's host sync is not: it then runs eagerly, the reason printed)",
     )  # fmt: skip
     p.add_argument(
         "--tbo", default=defaults.tbo, choices=["auto", "on", "off"],

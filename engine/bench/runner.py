@@ -342,7 +342,21 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
 
         quantize_model(model)
     if group is not None:
-        apply_expert_parallel(model, group, options.backend, num_micro_batches=num_micro_batches(options.tbo))
+        micro_batches = num_micro_batches(options.tbo)
+        apply_expert_parallel(
+            model,
+            group,
+            options.backend,
+            num_micro_batches=micro_batches,
+            hidden_size=int(config["hidden_size"]),
+            device_type=device.type,
+            # the most tokens this rank forwards in one step (symm sizes its buffers from it)
+            max_tokens_per_rank=options.batch_size if options.mode == "decode" else options.prefill_tokens,
+            top_k=int(config["num_experts_per_tok"]),
+            dtype=options.dtype,
+            device=device,
+            micro_batches=micro_batches,
+        )
     if options.emulate_ep:
         from moefleet.engine.bench.emulate import install_emulated_dispatchers
 
@@ -372,9 +386,14 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     # Every rank runs the same shapes, so each decides alike (no step agreement needed here).
     use_tbo = wants_tbo(options.tbo, scenario.num_tokens, options.mode == "prefill")
     if use_tbo:
-        graphs_why = "off: tbo (no CUDA graphs of the TBO step yet)"
-    elif options.mode == "decode":
-        graphs, graphs_why = _capture_decode_graph(model, backend, options, scenario, device, group)
+        from moefleet.engine.tbo_streams import choose_mechanism, dispatcher_overlaps
+
+        mechanism, why = choose_mechanism(device.type, dispatcher_overlaps(model))
+        print(f"rank {rank}: TBO overlap {mechanism} ({why})", file=sys.stderr, flush=True)
+    if options.mode == "decode":
+        graphs, graphs_why = _capture_decode_graph(
+            model, backend, options, scenario, device, group, tbo=use_tbo
+        )
     print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
     prepare_times: list[float] = []
 
@@ -513,15 +532,14 @@ def _capture_decode_graph(
     scenario: Scenario,
     device: torch.device,
     group: Any,
+    tbo: bool = False,
 ) -> tuple[CudaGraphRunner | None, str]:
-    """One CUDA graph for the scenario's batch size, as the engine captures its buckets (or why not)."""
+    """One CUDA graph for the scenario's batch size (of the TBO step with `tbo`), as the engine captures its
+    buckets, or why not. Every rank runs the same shapes in lockstep, so an EP group captures too; a step
+    with a host sync (a2a) fails the capturability check on every rank alike and runs eagerly."""
     expert_parallel = group is not None and dist_world_size(group) > 1
-    # Every rank of the bench runs the same shapes in lockstep, so an EP step whose dispatchers never read
-    # the host (symm) is captured and replayed by all ranks together (serving still needs DP-padded buckets).
-    dispatchers = [m.dispatcher for m in model.modules() if hasattr(m, "dispatcher")]
-    sync_free = bool(dispatchers) and all(getattr(d, "capturable", False) for d in dispatchers)
     use, why = decide_cuda_graphs(
-        options.cuda_graphs, device, backend.supports_cuda_graphs, expert_parallel and not sync_free
+        options.cuda_graphs, device, backend.supports_cuda_graphs, expert_parallel, lockstep=True
     )
     if not use:
         return None, why
@@ -533,13 +551,34 @@ def _capture_decode_graph(
         block_size=options.block_size,
         device=device,
         sizes=[options.batch_size],
+        tbo=tbo,
     )
     try:
         with torch.inference_mode():
             runner.capture()
-    except RuntimeError as exc:
-        return None, f"off: capture failed ({str(exc).splitlines()[0][:160]})"
-    return runner, f"on: batch {options.batch_size}, {runner.pool_bytes / 2**20:.0f} MiB"
+    except Exception as exc:  # noqa: BLE001 - any capture failure: run eagerly and say why
+        release_dispatch_buffers(model)
+        try:
+            torch.cuda.synchronize(device)  # the broken-off step's work drains before the eager steps
+        except Exception as sync_exc:  # noqa: BLE001 - a sticky CUDA error: report both
+            return None, f"off: capture failed ({str(exc).splitlines()[0][:120]}); then {sync_exc}"
+        return None, f"off: capture failed{' (tbo step)' if tbo else ''} ({str(exc).splitlines()[0][:160]})"
+    return (
+        runner,
+        f"on: batch {options.batch_size}{', tbo step' if tbo else ''}, {runner.pool_bytes / 2**20:.0f} MiB",
+    )
+
+
+def release_dispatch_buffers(model: nn.Module) -> None:
+    """After a step broke off mid-way (a failed capture check), free the dispatch workspaces it leased (symm)
+    so the eager steps that follow can lease them again."""
+    from moefleet.engine.distributed.ep import moe_layers
+
+    for _, layer in moe_layers(model):
+        for dispatcher in getattr(layer, "dispatchers", None) or [layer.dispatcher]:
+            pool = getattr(dispatcher, "pool", None)
+            if pool is not None and hasattr(pool, "release_all"):
+                pool.release_all()
 
 
 def dist_world_size(group: Any) -> int:

@@ -85,6 +85,8 @@ class _PendingDispatch:
     received: torch.Tensor
     handle: _A2AHandle
     tokens_per_expert: list[int]
+    # Read by the collective: held until the handle dies (two-batch overlap frees blocks across streams)
+    send_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,6 +94,7 @@ class _PendingCombine:
     work: Any
     returned: torch.Tensor  # [S, D] this rank's hits, in send order
     handle: _A2AHandle
+    sent: torch.Tensor | None = None  # read by the collective: held until the handle dies
 
 
 class AllToAllDispatcher:
@@ -101,6 +104,10 @@ class AllToAllDispatcher:
     [r * L, (r + 1) * L) (`ParallelLayout.local_experts`). One object per micro-batch: a dispatch must be
     combined before the same object dispatches again.
     """
+
+    # Two-batch overlap (tbo_streams.py): the collectives are issued from a comm stream (NCCL orders its own
+    # stream after it).
+    TBO_OVERLAP = "comm_stream"
 
     def __init__(self, group: dist.ProcessGroup, num_experts: int):
         self.group = group
@@ -134,7 +141,7 @@ class AllToAllDispatcher:
         handle = _A2AHandle(
             plan, topk_weights, hidden.shape[0], send_splits, recv_splits, regroup_by_expert(recv_counts)
         )
-        return _PendingDispatch(work, received, handle, host_recv.sum(0).tolist())
+        return _PendingDispatch(work, received, handle, host_recv.sum(0).tolist(), send_rows)
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
         p: _PendingDispatch = pending
@@ -147,10 +154,11 @@ class AllToAllDispatcher:
         by_source = torch.empty_like(expert_output)
         by_source[h.regroup] = expert_output  # undo the regroup: back to (source rank, expert) order
         returned = expert_output.new_empty(sum(h.send_splits), expert_output.shape[1])
+        sent = by_source.contiguous()
         work = dist.all_to_all_single(
-            returned, by_source.contiguous(), h.send_splits, h.recv_splits, group=self.group, async_op=True
+            returned, sent, h.send_splits, h.recv_splits, group=self.group, async_op=True
         )
-        return _PendingCombine(work, returned, h)
+        return _PendingCombine(work, returned, h, sent)
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
         p: _PendingCombine = pending

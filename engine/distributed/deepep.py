@@ -203,6 +203,10 @@ def reduce_received(expert_output: torch.Tensor, h: _NormalHandle) -> torch.Tens
 class DeepEPDispatcher:
     """TokenDispatcher on DeepEP. `mode`: "auto" (per step: low-latency for decode), "normal" or "low_latency"."""
 
+    # Two-batch overlap (tbo_streams.py): low-latency sends issue in *_start, the receive hook runs in *_finish,
+    # so the launch order alone overlaps; no side stream (normal kernels: no GPU overlap yet).
+    TBO_OVERLAP = "recv_hook"
+
     def __init__(
         self,
         group: dist.ProcessGroup,

@@ -310,6 +310,12 @@ class WorkspacePool:
         pool.append(ws)
         return ws
 
+    def release_all(self) -> None:
+        """Mark every workspace free (after a step broke off between a dispatch and its combine)."""
+        for pool in self._pools.values():
+            for ws in pool:
+                ws.in_use = False
+
     def reserve(self, group: dist.ProcessGroup, shape: WorkspaceShape, count: int) -> None:
         """Allocate `count` workspaces of these sizes now (a collective) and leave them free."""
         leased = [self.lease(group, shape) for _ in range(count)]
@@ -341,7 +347,7 @@ class _SymmHandle:
 class SymmDispatcher:
     """TokenDispatcher over torch symmetric memory: device-side splits, fixed capacity, no host sync."""
 
-    capturable = True  # no host read anywhere: a decode step through it can be captured in a CUDA graph
+    TBO_OVERLAP = "comm_stream"  # two-batch overlap: all_to_all_vdev kernels launched on the comm stream
 
     def __init__(
         self,

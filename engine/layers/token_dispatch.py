@@ -140,6 +140,8 @@ class _LocalHandle:
 class LocalDispatcher:
     """All experts live on this rank: dispatch is a permutation, combine its weighted inverse."""
 
+    TBO_OVERLAP = "none"  # nothing to communicate
+
     def __init__(self, num_local_experts: int):
         self.num_local_experts = num_local_experts
 

@@ -54,8 +54,14 @@ class LayerState:
     batch: ForwardBatch
     micro_batch: int | None = None
     moe: MoEStep | None = None  # in flight between the stages of the current MoE layer
+    # Two-batch overlap on a comm stream (tbo_streams.py): wraps the micro-batch's dispatcher
+    wrap_dispatcher: Callable[[TokenDispatcher], TokenDispatcher] | None = None
 
     def dispatcher(self, mlp: nn.Module) -> TokenDispatcher:
+        found = self._dispatcher(mlp)
+        return found if self.wrap_dispatcher is None else self.wrap_dispatcher(found)
+
+    def _dispatcher(self, mlp: nn.Module) -> TokenDispatcher:
         if self.micro_batch is None:
             return mlp.dispatcher  # type: ignore[return-value]
         dispatchers = getattr(mlp, "dispatchers", None)
@@ -99,6 +105,12 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, MoE):
             return [self._attention_and_route, self._dispatch, self._experts, self._combine]
         return [self._attention_and_mlp]
+
+    def stage_kinds(self) -> list[str]:
+        """ "compute" or "comm" per stage of `stages()` (two-batch overlap puts "comm" on the comm stream)."""
+        if isinstance(self.mlp, MoE):
+            return ["compute", "comm", "compute", "comm"]
+        return ["compute"]
 
     def _attention(self, s: LayerState) -> None:
         s.hidden = s.hidden + self.self_attn(s.positions, self.input_layernorm(s.hidden), s.batch)

@@ -136,3 +136,48 @@ def test_replay_plumbing_with_a_stand_in_graph():
     assert runner.static.slot_mapping[3].item() == -1  # the pad row of bucket 4 writes nothing
     mixed = driver.batch([(0, [1]), (3, [1, 2])])
     assert not runner.can_run(mixed)  # not a decode step
+
+
+@pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
+def test_tbo_step_on_the_padded_static_batch_equals_eager_decode(name):
+    """What a capture of the TBO decode step computes (`CudaGraphRunner(tbo=True)._step` on the padded static
+    batch: two micro-batches over views of the static buffers, marked for a graph) equals the plain eager
+    decode on the live rows; bucket 1 splits one sequence into [1 | 0] (an empty micro-batch of views)."""
+    pytest.importorskip("moefleet.engine.kernels.paged_attention")
+    from moefleet.engine.attention.triton_backend import TritonAttentionBackend
+    from moefleet.engine.cuda_graph_runner import CudaGraphRunner
+    from moefleet.engine.loader import load_model
+    from moefleet.engine.tbo import plan_split, split_batch
+    from support.tiny_models import PagedDriver, tiny_model_dir
+
+    backend = TritonAttentionBackend()
+    model = load_model(tiny_model_dir(name), "cpu", torch.float32)
+    driver = PagedDriver(model, num_blocks=16, block_size=16, attn_backend=backend)
+    runner = CudaGraphRunner(
+        model, backend, max_batch_size=8, max_blocks_per_seq=4, block_size=16, device=torch.device("cpu"),
+        tbo=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        driver.step([(0, list(range(3, 23))), (1, list(range(5, 12))), (2, [7, 8, 9])])
+        decode = driver.batch([(0, [30]), (1, [31]), (2, [32])])
+        eager = model.compute_logits(model(decode.input_ids, decode.positions, decode))
+        fill_static(runner.static, decode, bucket=8)
+        padded = static_batch(runner.static, 8, 16, backend)
+        children = split_batch(padded, plan_split(padded.query_lens, padded.seq_lens))
+        assert [c.num_seqs for c in children] == [4, 4] and all(c.for_cuda_graph for c in children)
+        # views of the static buffers: a replay's new inputs reach both micro-batches
+        assert children[1].seq_lens_t.data_ptr() == runner.static.seq_lens[4:].data_ptr()
+        tbo_logits = runner._step(padded)
+        lone = driver.batch([(2, [33])])
+        lone_eager = model.compute_logits(model(lone.input_ids, lone.positions, lone))
+        fill_static(runner.static, lone, bucket=1)
+        lone_tbo = runner._step(static_batch(runner.static, 1, 16, backend))
+    torch.testing.assert_close(tbo_logits[:3], eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lone_tbo, lone_eager, atol=1e-4, rtol=1e-4)
+
+
+def test_decide_cuda_graphs_in_lockstep_expert_parallel_groups():
+    cuda = torch.device("cuda")
+    assert decide_cuda_graphs("auto", cuda, True, True, lockstep=True)[0] is True  # the bench's EP group
+    assert decide_cuda_graphs("auto", cuda, True, True)[0] is False  # the engine's EP group: not yet
+    assert decide_cuda_graphs("off", cuda, True, True, lockstep=True)[0] is False
