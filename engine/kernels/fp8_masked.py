@@ -93,7 +93,9 @@ def dequantize_masked(
     _check(x, masked_m)
     num_experts, capacity, hidden = x.shape
     if scales.shape[:2] != x.shape[:2] or hidden % scales.shape[2]:
-        raise ValueError(f"scales {tuple(scales.shape)} do not match x {tuple(x.shape)} (one per row per group)")
+        raise ValueError(
+            f"scales {tuple(scales.shape)} do not match x {tuple(x.shape)} (one per row per group)"
+        )
     group = hidden // scales.shape[2]
     out = torch.empty((num_experts, capacity, hidden), dtype=out_dtype, device=x.device)
     grid = (num_experts, triton.cdiv(capacity, BLOCK_R))
@@ -121,9 +123,7 @@ def dequantize_masked(
     return out
 
 
-def quantize_masked(
-    x: torch.Tensor, masked_m: torch.Tensor, group: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_masked(x: torch.Tensor, masked_m: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [E, C, D] (bf16/fp16/fp32) -> (fp8 [E, C, D], float32 scales [E, C, ceil(D/group)], row-major):
     `quantize_per_token_group` on rows [e, :masked_m[e]] only; the other rows are left unwritten."""
     _check(x, masked_m)

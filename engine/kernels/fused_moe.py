@@ -477,7 +477,9 @@ def fused_experts_masked(
     if (x.dtype == FP8_DTYPE) != (x_scale is not None):
         raise ValueError("float8_e4m3fn activations need x_scale [E, C, D / group] (and only they take one)")
     if x_scale is not None and (x_scale.shape[:2] != x.shape[:2] or hidden % x_scale.shape[2]):
-        raise ValueError(f"x_scale {tuple(x_scale.shape)} is not one scale per row per group of x {tuple(x.shape)}")
+        raise ValueError(
+            f"x_scale {tuple(x_scale.shape)} is not one scale per row per group of x {tuple(x.shape)}"
+        )
     expected = min(expected_rows or num_experts * capacity, num_experts * capacity)
     config = config or pick_config(num_experts, w13.shape[1] // 2, hidden, max(expected, 1), fp8)
     # twice the expected rows per expert, in row blocks: headroom for imbalance without idle programs

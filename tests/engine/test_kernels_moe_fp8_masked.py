@@ -36,7 +36,9 @@ FP8 = torch.float8_e4m3fn
 MASKS = [[0, 19, 5, 1], [19, 19, 19, 19], [0, 0, 0, 0], [17, 0, 3, 16]]
 
 
-def deepep_like_rows(num_experts: int, capacity: int, hidden: int, group: int, masked_m: list[int], seed: int):
+def deepep_like_rows(
+    num_experts: int, capacity: int, hidden: int, group: int, masked_m: list[int], seed: int
+):
     """fp8 rows [E, C, D] + float32 scales [E, C, D/group] stored column-major in (C, D/group) as DeepEP
     allocates them; rows at or past masked_m[e] hold NaN (fp8 and scale)."""
     g = torch.Generator().manual_seed(seed)
