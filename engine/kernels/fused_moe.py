@@ -466,8 +466,8 @@ def fused_experts_masked(
     x may be float8_e4m3fn with `x_scale` [E, C, D / group] (one float32 per row per group, any strides:
     DeepEP low-latency's column-major scales as they come): the rows are used as they are, dequantised
     inside the GEMM (bf16/fp32 weights: each K tile's partial product times the row's scale; FP8 weights:
-    w8a8 with both scales). Nothing past masked_m[e] is read. The output is `out_dtype` (default: x's dtype,
-    bfloat16 for fp8 x). `expected_rows` (rows over all experts, a host-side guess such as tokens x top-k)
+    w8a8 with both scales). Nothing past masked_m[e] is read. The output (and the intermediate) is
+    `out_dtype`; default: x's dtype, for fp8 x the weights' (bfloat16 for FP8 weights). `expected_rows` (rows over all experts, a host-side guess such as tokens x top-k)
     picks the block config and how many row-block programs each expert gets; more rows than expected are
     still computed (each program loops), fewer leave programs idle. Default: the capacity."""
     fp8 = _check_weights(w13, w2, w13_scale, w2_scale, block_shape)
@@ -484,7 +484,8 @@ def fused_experts_masked(
     config = config or pick_config(num_experts, w13.shape[1] // 2, hidden, max(expected, 1), fp8)
     # twice the expected rows per expert, in row blocks: headroom for imbalance without idle programs
     m_blocks = triton.cdiv(2 * triton.cdiv(expected, num_experts), config.block_m) if expected_rows else None
-    out_dtype = out_dtype or (torch.bfloat16 if x.dtype == FP8_DTYPE else x.dtype)
+    if out_dtype is None:  # fp8 rows: the weights' dtype (bf16 for FP8 weights), else x's
+        out_dtype = x.dtype if x.dtype != FP8_DTYPE else (torch.bfloat16 if fp8 else w13.dtype)
     out = torch.empty((num_experts * capacity, hidden), dtype=out_dtype, device=x.device)
     _two_gemms(
         x if x_scale is not None else x.reshape(num_experts * capacity, hidden).contiguous(),

@@ -190,3 +190,44 @@ def test_masked_fp8_rows_need_their_scales():
         fused_moe.fused_experts_masked(q, torch.tensor([1, 1]), w13, w2, config=CFG)
     with pytest.raises(ValueError, match="one scale per row per group"):
         fused_moe.fused_experts_masked(q, torch.tensor([1, 1]), w13, w2, x_scale=s[:, :2], config=CFG)
+
+
+# ---- the Experts layer's masked call (what the MoE layer runs on DeepEP low-latency rows) ----
+
+
+@pytest.mark.parametrize("fp8_experts", [False, True])
+def test_experts_forward_masked_takes_fp8_rows_and_scales(fp8_experts):
+    """`Experts.forward_masked(rows, counts, scales=, expected_rows=)` with the layer's own weights (float32,
+    or FP8 blocks via `to_fp8`) equals the formula on the dequantised rows."""
+    from moefleet.engine.layers.experts import Experts
+
+    num_experts, capacity, hidden, inter = 3, 19, 32, 16
+    w13, w2 = weights(num_experts, hidden, inter, seed=10)
+    layer = Experts(range(num_experts), hidden, inter)
+    if fp8_experts:
+        w13q, w13s, w2q, w2s = fp8_weights(w13, w2)
+        layer.to_fp8(BLOCK)
+        assert layer.w13_scale_inv is not None and layer.w2_scale_inv is not None
+        layer.w13.data.copy_(w13q)
+        layer.w2.data.copy_(w2q)
+        layer.w13_scale_inv.copy_(w13s)
+        layer.w2_scale_inv.copy_(w2s)
+    else:
+        layer.w13.data.copy_(w13)
+        layer.w2.data.copy_(w2)
+    masked_m = [7, 0, 19]
+    q, s = deepep_like_rows(num_experts, capacity, hidden, 16, masked_m, seed=11)
+    out = layer.forward_masked(q, torch.tensor(masked_m), scales=s, expected_rows=6)
+    assert out.shape == (num_experts, capacity, hidden)
+    assert out.dtype == (torch.bfloat16 if fp8_experts else torch.float32)  # the weights' dtype
+    for e, m in enumerate(masked_m):
+        if m == 0:
+            continue
+        a = dequant(q[e, :m], s[e, :m])
+        if fp8_experts:
+            ref = w8a8_reference(a, w13q[e], w13s[e], w2q[e], w2s[e])
+            torch.testing.assert_close(out[e, :m].float(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)
+        else:
+            torch.testing.assert_close(out[e, :m], swiglu64(a, w13[e], w2[e]), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="masked layout"):
+        layer(q[0], counts=torch.tensor(masked_m), scales=s[0])
