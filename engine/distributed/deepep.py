@@ -18,9 +18,9 @@ read from a module global):
   and their scales ([L, R * max_tokens, D / 128], column-major in the last two dims) are handed over as they
   are (`DispatchedTokens.scales`): the masked fused-MoE kernel (`Experts.forward` on a 3-D input) applies
   the scales inside its GEMM and never reads rows past the counts. `low_latency_combine` (bf16, applies the
-  top-k weights) likewise returns a hook. No host synchronisation. The FP8 rows live in DeepEP's receive
-  buffer (two, alternating per low-latency call) until the experts have read them: at most one other
-  low-latency call (e.g. the other micro-batch's dispatch) may be issued between a dispatch and its experts.
+  top-k weights) likewise returns a hook. No host synchronisation. The FP8 rows and scales are ordinary
+  torch tensors that DeepEP allocates per call (csrc/deep_ep.cpp, `packed_recv_x`), not views of its buffer,
+  so holding them until the experts run constrains no other call.
 
 Limits (checked with readable errors): bf16 activations; low-latency hidden sizes are DeepEP's compiled set
 (LL_HIDDEN_SIZES); low-latency tokens per rank <= `ll_max_tokens` (same value on every rank).
