@@ -244,14 +244,13 @@ def deepep_rows(fp8_quant, num_experts, capacity, hidden, masked_m, seed=7):
     """fp8 [E, C, D] + float32 scales [E, C, D/128] column-major in (C, D/128) as DeepEP allocates them;
     rows past masked_m[e] are NaN (a kernel that read them would spread NaN)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    x = torch.randn(num_experts * capacity, hidden, generator=g, device=DEV) * 2
-    q, s = fp8_quant.quantize_per_token_group_reference(x, 128)
+    x = torch.randn(num_experts, capacity, hidden, generator=g, device=DEV) * 2
+    for e, m in enumerate(masked_m):
+        x[e, m:] = float("nan")  # quantises to NaN rows with NaN scales
+    q, s = fp8_quant.quantize_per_token_group_reference(x.view(-1, hidden), 128)
     q = q.view(num_experts, capacity, hidden)
     scales = torch.empty(num_experts, hidden // 128, capacity, device=DEV).transpose(1, 2)
     scales.copy_(s.view(num_experts, capacity, -1))
-    for e, m in enumerate(masked_m):
-        q[e, m:] = float("nan")
-        scales[e, m:] = float("nan")
     return q, scales
 
 
