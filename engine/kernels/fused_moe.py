@@ -7,14 +7,20 @@ Three layouts, one GEMM kernel:
 - `fused_experts_grouped`: rows [N, D] already grouped by local expert (the dispatcher's layout) with
   `counts` [E] in device memory; returns unweighted outputs [N, D] in the same order.
 - `fused_experts_masked`: the low-latency dispatch layout x [E, C, D] with valid rows `masked_m` [E] per
-  expert (DeepEP low-latency output); returns [E, C, D]; rows at or past masked_m[e] are left unwritten.
+  expert (DeepEP low-latency output); returns [E, C, D]; rows at or past masked_m[e] are neither read nor
+  written. x may be FP8 as DeepEP delivers it, with per-row per-128-column scales [E, C, D/128] (any strides):
+  dequantised inside the GEMM (see "FP8" below). Each expert gets a host-chosen number of row-block programs
+  (from `expected_rows`), each looping over its share of the rows below masked_m[e].
 The launch grid depends only on shapes (worst case: every expert's last block ragged), blocks past the
 padded total read from device memory exit at once: no host synchronisation, CUDA-graph capturable.
 
 FP8 (w8a8, DeepSeek's block format): weights float8_e4m3fn [E, O, I] with `scale_inv` [E, O/bo, I/bi]
 (bo x bi = 128 x 128 in released checkpoints); activations are quantised per row per group of bi columns by
 `fp8_quant.quantize_per_token_group` just before each GEMM; each K tile's partial product is scaled by the
-row's activation scale times the column's weight-tile scale.
+row's activation scale times the column's weight-tile scale. FP8 rows that arrive with their scales (masked
+mode) skip that quantisation; against bf16/fp32 weights each fp8 tile is widened (exact) and its partial
+product multiplied by the row's scale. The FP8 intermediate of masked mode is quantised on valid rows only
+(`fp8_masked.quantize_masked`).
 Shape legend: T tokens, K top-k (`top_k`), N rows, E local experts, C capacity per expert, D hidden,
 I expert intermediate size; w13 [E, 2I, D] (gate rows :I, up rows I:), w2 [E, D, I].
 """
@@ -53,7 +59,7 @@ def _moe_gemm_kernel(
     K,
     num_rows,  # sorted mode: the sentinel row id; masked mode: capacity C per expert
     up_offset,  # SWIGLU: row of b where the up projection starts (= N)
-    stride_ae,  # masked mode: a's and a_scale's stride between experts (rows of a are [e, m])
+    stride_ae,  # masked mode: a's stride between experts (rows of a are [e, m]; stride_ase: a_scale's)
     stride_am,
     stride_ak,
     stride_be,
