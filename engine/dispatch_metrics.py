@@ -201,7 +201,12 @@ class MeteredDispatcher:
 
     def _count_bytes(self, dispatched: Any, device: torch.device) -> None:
         hidden = dispatched.hidden
-        row_bytes = (hidden.shape[1] if hidden.dim() > 1 else 1) * hidden.element_size()
+        row_bytes = (
+            hidden.shape[-1] if hidden.dim() > 1 else 1
+        ) * hidden.element_size()  # [N, D] or [L, C, D]
+        scales = getattr(dispatched, "scales", None)
+        if scales is not None:  # FP8 rows (DeepEP low-latency) travel with their per-128-column scales
+            row_bytes += scales.shape[-1] * scales.element_size()
         if dispatched.tokens_per_expert is not None:
             self.recorder.add_bytes(int(sum(dispatched.tokens_per_expert)) * row_bytes)
         elif dispatched.counts is not None and device.type == "cuda":

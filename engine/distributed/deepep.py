@@ -12,11 +12,15 @@ read from a module global):
   local expert on the device (`permute_by_expert_on_device`: counts stay on the GPU), and on combine the
   weights are applied locally and hits summed per received token before `combine` sums across ranks. DeepEP's
   normal dispatch itself waits on the host for the receive counts (prefill only; not CUDA-graph safe).
-- low-latency kernels (decode steps): `low_latency_dispatch` with FP8 (e4m3, per-128-column scales) and
-  `return_recv_hook=True` (dispatch_start issues the sends, dispatch_finish calls the hook to receive) fills the
-  masked layout [L, R * max_tokens, D] with per-expert counts on the device; the rows are dequantised to bf16
-  and fed as-is to the masked fused-MoE kernel (`Experts.forward` on a 3-D input); `low_latency_combine`
-  (bf16, applies the top-k weights) likewise returns a hook. No host synchronisation.
+- low-latency kernels (decode steps): `low_latency_dispatch` with FP8 (e4m3, per-128-column float32 scales,
+  not UE8M0) and `return_recv_hook=True` (dispatch_start issues the sends, dispatch_finish calls the hook to
+  receive) fills the masked layout [L, R * max_tokens, D] with per-expert counts on the device; the FP8 rows
+  and their scales ([L, R * max_tokens, D / 128], column-major in the last two dims) are handed over as they
+  are (`DispatchedTokens.scales`): the masked fused-MoE kernel (`Experts.forward` on a 3-D input) applies
+  the scales inside its GEMM and never reads rows past the counts. `low_latency_combine` (bf16, applies the
+  top-k weights) likewise returns a hook. No host synchronisation. The FP8 rows and scales are ordinary
+  torch tensors that DeepEP allocates per call (csrc/deep_ep.cpp, `packed_recv_x`), not views of its buffer,
+  so holding them until the experts run constrains no other call.
 
 Limits (checked with readable errors): bf16 activations; low-latency hidden sizes are DeepEP's compiled set
 (LL_HIDDEN_SIZES); low-latency tokens per rank <= `ll_max_tokens` (same value on every rank).
@@ -278,10 +282,15 @@ class DeepEPDispatcher:
     def _ll_finish(self, pending: Any) -> DispatchedTokens:
         (x_fp8, scales), counts, handle = pending
         handle.hook()  # receive: the sends were issued in dispatch_start
-        num_local, capacity, hidden = x_fp8.shape
-        x = x_fp8.float().view(num_local, capacity, hidden // 128, 128) * scales.unsqueeze(-1)
+        # The FP8 rows and their scales go to the experts as they came (no dequantisation here): the masked
+        # fused-MoE kernel reads rows [e, :counts[e]] only and applies the scales inside its GEMM.
         return DispatchedTokens(
-            x.view(num_local, capacity, hidden).to(torch.bfloat16), None, handle, counts=counts
+            x_fp8,
+            None,
+            handle,
+            counts=counts,
+            scales=scales,
+            expected_rows=handle.topk_idx.numel() or None,  # this rank's hits: the balanced share
         )
 
     def _ll_combine(self, expert_output: torch.Tensor, h: _LowLatencyHandle) -> Any:
@@ -366,7 +375,7 @@ def self_check(
             )
             d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w, is_prefill=mode == "normal"))
             assert d.counts is not None
-            out = _stand_in_experts(d.hidden, d.counts, rank * num_local)
+            out = _stand_in_experts(d.real_rows(), d.counts, rank * num_local)
             got = dispatcher.combine_finish(dispatcher.combine_start(out, d)).float()
             tol = 0.15 if mode == "low_latency" else 0.05  # FP8 dispatch vs bf16
             err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))

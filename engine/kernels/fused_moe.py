@@ -7,14 +7,20 @@ Three layouts, one GEMM kernel:
 - `fused_experts_grouped`: rows [N, D] already grouped by local expert (the dispatcher's layout) with
   `counts` [E] in device memory; returns unweighted outputs [N, D] in the same order.
 - `fused_experts_masked`: the low-latency dispatch layout x [E, C, D] with valid rows `masked_m` [E] per
-  expert (DeepEP low-latency output); returns [E, C, D]; rows at or past masked_m[e] are left unwritten.
+  expert (DeepEP low-latency output); returns [E, C, D]; rows at or past masked_m[e] are neither read nor
+  written. x may be FP8 as DeepEP delivers it, with per-row per-128-column scales [E, C, D/128] (any strides):
+  dequantised inside the GEMM (see "FP8" below). Each expert gets a host-chosen number of row-block programs
+  (from `expected_rows`), each looping over its share of the rows below masked_m[e].
 The launch grid depends only on shapes (worst case: every expert's last block ragged), blocks past the
 padded total read from device memory exit at once: no host synchronisation, CUDA-graph capturable.
 
 FP8 (w8a8, DeepSeek's block format): weights float8_e4m3fn [E, O, I] with `scale_inv` [E, O/bo, I/bi]
 (bo x bi = 128 x 128 in released checkpoints); activations are quantised per row per group of bi columns by
 `fp8_quant.quantize_per_token_group` just before each GEMM; each K tile's partial product is scaled by the
-row's activation scale times the column's weight-tile scale.
+row's activation scale times the column's weight-tile scale. FP8 rows that arrive with their scales (masked
+mode) skip that quantisation; against bf16/fp32 weights each fp8 tile is widened (exact) and its partial
+product multiplied by the row's scale. The FP8 intermediate of masked mode is quantised on valid rows only
+(`fp8_masked.quantize_masked`).
 Shape legend: T tokens, K top-k (`top_k`), N rows, E local experts, C capacity per expert, D hidden,
 I expert intermediate size; w13 [E, 2I, D] (gate rows :I, up rows I:), w2 [E, D, I].
 """
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from moefleet.engine.kernels.fp8_masked import quantize_masked
 from moefleet.engine.kernels.fp8_quant import FP8_DTYPE, quantize_per_token_group
 from moefleet.engine.kernels.fused_moe_configs import MoEConfig, pick_config
 from moefleet.engine.kernels.moe_align import AlignedRows, align_grouped, align_topk
@@ -52,6 +59,7 @@ def _moe_gemm_kernel(
     K,
     num_rows,  # sorted mode: the sentinel row id; masked mode: capacity C per expert
     up_offset,  # SWIGLU: row of b where the up projection starts (= N)
+    stride_ae,  # masked mode: a's stride between experts (rows of a are [e, m]; stride_ase: a_scale's)
     stride_am,
     stride_ak,
     stride_be,
@@ -59,6 +67,7 @@ def _moe_gemm_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
+    stride_ase,
     stride_asm,
     stride_ask,
     stride_bse,
@@ -68,12 +77,14 @@ def _moe_gemm_kernel(
     MASKED: tl.constexpr,
     SWIGLU: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr,  # fp8 weights (w8a8): a is fp8 too, both scaled per K group
+    A_FP8: tl.constexpr,  # fp8 activations with per-row per-A_GROUP_K scales against bf16/fp32 weights
     UPCAST_FP8: tl.constexpr,
     UPCAST_TYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr,
     GROUP_K: tl.constexpr,
+    A_GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -89,77 +100,92 @@ def _moe_gemm_kernel(
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if MASKED:
+        # program (pid_m, expert) takes row blocks pid_m, pid_m + num_pid_m, ... below masked_m[expert]: the
+        # grid is sized from the expected rows, the loop from the rows that came (device memory, no sync)
         expert = tl.program_id(1)
         valid = tl.load(masked_m_ptr + expert)
-        if pid_m * BLOCK_M >= valid:
-            return
-        row_mask = offs_m < valid
-        rows = expert.to(tl.int64) * num_rows + offs_m
-        a_rows = rows
+        num_iters = tl.cdiv(valid - pid_m * BLOCK_M, num_pid_m * BLOCK_M)
     else:
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        row_mask = ids < num_rows
-        expert = tl.load(expert_ids_ptr + pid_m)
-        rows = ids.to(tl.int64)
-        a_rows = rows // A_ROW_DIV
+        valid = 0
+        expert = tl.load(expert_ids_ptr + pid_m)  # pid_m < the grid's blocks: in bounds even when unused
+        num_iters = tl.where(pid_m * BLOCK_M < tl.load(num_padded_ptr), 1, 0)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_base = b_ptr + expert.to(tl.int64) * stride_be
-    b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    if SWIGLU:
-        u_ptrs = b_base + (offs_n[None, :] + up_offset) * stride_bn + offs_k[:, None] * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FP8:
-        as_ptrs = a_scale_ptr + a_rows * stride_asm
-        bs_base = b_scale_ptr + expert.to(tl.int64) * stride_bse
-        bs_ptrs = bs_base + (offs_n // GROUP_N) * stride_bsn
-        if SWIGLU:
-            us_ptrs = bs_base + ((offs_n + up_offset) // GROUP_N) * stride_bsn
-
-    for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k_tile * BLOCK_K
-        k_mask = offs_k < k_left
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if SWIGLU:
-            u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if FP8:
-            if UPCAST_FP8:
-                a = a.to(UPCAST_TYPE)
-                b = b.to(UPCAST_TYPE)
-                if SWIGLU:
-                    u = u.to(UPCAST_TYPE)
-            k_group = (k_tile * BLOCK_K) // GROUP_K
-            a_s = tl.load(as_ptrs + k_group * stride_ask, mask=row_mask, other=0.0)
-            b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            if SWIGLU:
-                u_s = tl.load(us_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
-                acc_up += tl.dot(a, u) * a_s[:, None] * u_s[None, :]
+    for it in range(0, num_iters):
+        offs_m = (pid_m + it * num_pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_mask = offs_m < valid
+            rows = expert.to(tl.int64) * num_rows + offs_m
+            a_base = a_ptr + expert.to(tl.int64) * stride_ae + offs_m.to(tl.int64) * stride_am
+            as_rows = a_scale_ptr + expert.to(tl.int64) * stride_ase + offs_m.to(tl.int64) * stride_asm
         else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            ids = tl.load(sorted_ids_ptr + offs_m)
+            row_mask = ids < num_rows
+            rows = ids.to(tl.int64)
+            a_base = a_ptr + (rows // A_ROW_DIV) * stride_am
+            as_rows = a_scale_ptr + (rows // A_ROW_DIV) * stride_asm
+        a_ptrs = a_base[:, None] + offs_k[None, :] * stride_ak
+        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
         if SWIGLU:
-            u_ptrs += BLOCK_K * stride_bk
+            u_ptrs = b_base + (offs_n[None, :] + up_offset) * stride_bn + offs_k[:, None] * stride_bk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FP8:
+            bs_base = b_scale_ptr + expert.to(tl.int64) * stride_bse
+            bs_ptrs = bs_base + (offs_n // GROUP_N) * stride_bsn
+            if SWIGLU:
+                us_ptrs = bs_base + ((offs_n + up_offset) // GROUP_N) * stride_bsn
 
-    if SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    if MUL_WEIGHT:
-        w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        acc = acc * w[:, None]
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k_tile * BLOCK_K
+            k_mask = offs_k < k_left
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if SWIGLU:
+                u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if FP8 or A_FP8:
+                a_s = tl.load(
+                    as_rows + ((k_tile * BLOCK_K) // A_GROUP_K) * stride_ask, mask=row_mask, other=0.0
+                )
+            if FP8:
+                if UPCAST_FP8:
+                    a = a.to(UPCAST_TYPE)
+                    b = b.to(UPCAST_TYPE)
+                    if SWIGLU:
+                        u = u.to(UPCAST_TYPE)
+                k_group = (k_tile * BLOCK_K) // GROUP_K
+                b_s = tl.load(bs_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+                if SWIGLU:
+                    u_s = tl.load(us_ptrs + k_group * stride_bsk, mask=n_mask, other=0.0)
+                    acc_up += tl.dot(a, u) * a_s[:, None] * u_s[None, :]
+            elif A_FP8:
+                # dequantise the activation tile: e4m3 values are exact in the weights' dtype, the row's
+                # scale multiplies the tile's partial product (one scale per row per K group)
+                a = a.to(b.dtype)
+                acc += tl.dot(a, b, input_precision=DOT_PRECISION) * a_s[:, None]
+                if SWIGLU:
+                    acc_up += tl.dot(a, u, input_precision=DOT_PRECISION) * a_s[:, None]
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                if SWIGLU:
+                    acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+            if SWIGLU:
+                u_ptrs += BLOCK_K * stride_bk
+
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if MUL_WEIGHT:
+            w = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            acc = acc * w[:, None]
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 def _check_weights(w13, w2, w13_scale, w2_scale, block_shape):
@@ -179,6 +205,16 @@ def _check_weights(w13, w2, w13_scale, w2_scale, block_shape):
     return fp8
 
 
+def _strides3(t: torch.Tensor | None, masked: bool, capacity: int) -> tuple[int, int, int]:
+    """(expert, row, column) strides of an activation or its scales: [E, C, X] as given, [E*C, X] flat
+    (masked: expert stride C rows), absent: zeros."""
+    if t is None:
+        return 0, 0, 0
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return (capacity * t.stride(0) if masked else 0), t.stride(0), t.stride(1)
+
+
 def _gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -192,21 +228,40 @@ def _gemm(
     aligned: AlignedRows | None = None,
     masked_m: torch.Tensor | None = None,
     capacity: int = 0,
+    m_blocks: int | None = None,
+    a_group: int | None = None,
     a_row_div: int = 1,
     swiglu: bool = False,
     weights: torch.Tensor | None = None,
 ) -> None:
-    k = a.shape[1]
+    """One grouped GEMM. `a` [rows, K] (or [E, C, K] in masked mode, any strides); fp8 `a` comes with
+    `a_scale` [rows (or E, C), K / a_group] (any strides: DeepEP's are column-major). Masked mode: `m_blocks`
+    row-block programs per expert (default: enough for C rows), each looping over its share of the rows
+    below masked_m[e]."""
+    k = a.shape[-1]
     fp8 = b.dtype == FP8_DTYPE
+    a_fp8 = a.dtype == FP8_DTYPE
+    if a_fp8 != (a_scale is not None):
+        raise ValueError("fp8 activations need their scales (and only fp8 activations have scales)")
+    if fp8 and not a_fp8:
+        raise ValueError("FP8 weights need fp8 activations with scales")
     block_k = config.block_k
+    a_group = a_group or (block_shape[1] if fp8 and block_shape else k)
     if fp8:
         assert block_shape is not None
         block_k = min(block_k, block_shape[1])
         if block_shape[1] % block_k:
             raise ValueError(f"BLOCK_K {block_k} must divide the FP8 group {block_shape[1]}")
+    if a_fp8:
+        block_k = min(block_k, a_group)
+        if a_group % block_k:
+            raise ValueError(f"BLOCK_K {block_k} must divide the activation scale group {a_group}")
     num_n = triton.cdiv(n, config.block_n)
-    if masked_m is not None:
-        grid = (triton.cdiv(capacity, config.block_m) * num_n, masked_m.shape[0])
+    masked = masked_m is not None
+    if masked:
+        assert masked_m is not None
+        full = triton.cdiv(capacity, config.block_m)
+        grid = (max(1, min(m_blocks or full, full)) * num_n if full else 0, masked_m.shape[0])
         num_rows = capacity
     else:
         assert aligned is not None
@@ -217,6 +272,10 @@ def _gemm(
     dummy = out
     a_s = a_scale if a_scale is not None else dummy
     b_s = b_scale if b_scale is not None else dummy
+    stride_ae, stride_am, stride_ak = _strides3(a, masked, capacity)
+    stride_ase, stride_asm, stride_ask = _strides3(a_scale, masked, capacity)
+    if a_scale is not None and a.dim() != a_scale.dim():
+        raise ValueError("masked activations and their scales must both be [E, C, X] or both flat")
     _moe_gemm_kernel[grid](
         a,
         b,
@@ -232,28 +291,32 @@ def _gemm(
         k,
         num_rows,
         n,
-        a.stride(0),
-        a.stride(1),
+        stride_ae,
+        stride_am,
+        stride_ak,
         b.stride(0),
         b.stride(1),
         b.stride(2),
         out.stride(0),
         out.stride(1),
-        a_s.stride(0) if a_scale is not None else 0,
-        a_s.stride(1) if a_scale is not None else 0,
+        stride_ase,
+        stride_asm,
+        stride_ask,
         b_s.stride(0) if b_scale is not None else 0,
         b_s.stride(1) if b_scale is not None else 0,
         b_s.stride(2) if b_scale is not None else 0,
         A_ROW_DIV=a_row_div,
-        MASKED=masked_m is not None,
+        MASKED=masked,
         SWIGLU=swiglu,
         MUL_WEIGHT=weights is not None,
         FP8=fp8,
+        A_FP8=a_fp8 and not fp8,
         UPCAST_FP8=fp8 and (_INTERPRET or block_k < 32),  # fp8 MMAs need K tiles of 32
         UPCAST_TYPE=tl.float32 if _INTERPRET else tl.bfloat16,  # bf16 holds every e4m3 value exactly
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
+        DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
         GROUP_N=block_shape[0] if block_shape else 1,
         GROUP_K=block_shape[1] if block_shape else 1,
+        A_GROUP_K=a_group,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=block_k,
@@ -282,19 +345,37 @@ def _two_gemms(
     weights,
     out,
     rows,
+    hidden_scale=None,
+    m_blocks=None,
 ):
-    """gate/up (+SiLU*up) into an intermediate [rows, I], then down into `out`."""
+    """gate/up (+SiLU*up) into an intermediate [rows, I], then down into `out`. `hidden` arrives either in
+    the activation dtype (quantised here for FP8 weights) or as fp8 with `hidden_scale` (masked mode:
+    DeepEP's low-latency rows, [E, C, D] with scales [E, C, D/128], used as they are)."""
     fp8 = w13.dtype == FP8_DTYPE
     inter = w13.shape[1] // 2
     act_dtype = out.dtype
     aligned, masked_m, capacity = aligned_or_masked
     mid = torch.empty((rows, inter), dtype=act_dtype, device=hidden.device)
-    a, a_s = _maybe_quant(hidden, fp8, block_shape)
+    a_group = None
+    if hidden_scale is not None:
+        a, a_s = hidden, hidden_scale
+        a_group = hidden.shape[-1] // hidden_scale.shape[-1]
+    else:
+        a, a_s = _maybe_quant(hidden, fp8, block_shape)
     common = dict(
-        config=config, block_shape=block_shape, aligned=aligned, masked_m=masked_m, capacity=capacity
+        config=config,
+        block_shape=block_shape,
+        aligned=aligned,
+        masked_m=masked_m,
+        capacity=capacity,
+        m_blocks=m_blocks,
     )
-    _gemm(a, a_s, w13, w13_scale, mid, n=inter, a_row_div=a_row_div, swiglu=True, **common)  # type: ignore[arg-type]
-    m, m_s = _maybe_quant(mid, fp8, block_shape)
+    _gemm(a, a_s, w13, w13_scale, mid, n=inter, a_group=a_group, a_row_div=a_row_div, swiglu=True, **common)  # type: ignore[arg-type]
+    if fp8 and masked_m is not None:  # quantise only the rows below masked_m (the rest was never written)
+        m3, s3 = quantize_masked(mid.view(-1, capacity, inter), masked_m, block_shape[1])
+        m, m_s = m3.view(rows, inter), s3.view(rows, -1)
+    else:
+        m, m_s = _maybe_quant(mid, fp8, block_shape)
     _gemm(m, m_s, w2, w2_scale, out, n=w2.shape[1], weights=weights, **common)  # type: ignore[arg-type]
 
 
@@ -378,21 +459,42 @@ def fused_experts_masked(
     w13: torch.Tensor,
     w2: torch.Tensor,
     *,
+    x_scale: torch.Tensor | None = None,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
     config: MoEConfig | None = None,
+    expected_rows: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [E, C, D], masked_m [E] valid rows per expert (device) -> [E, C, D] (rows >= masked_m[e] unwritten)."""
+    """x [E, C, D], masked_m [E] valid rows per expert (device) -> [E, C, D] (rows >= masked_m[e] unwritten).
+
+    x may be float8_e4m3fn with `x_scale` [E, C, D / group] (one float32 per row per group, any strides:
+    DeepEP low-latency's column-major scales as they come): the rows are used as they are, dequantised
+    inside the GEMM (bf16/fp32 weights: each K tile's partial product times the row's scale; FP8 weights:
+    w8a8 with both scales). Nothing past masked_m[e] is read. The output (and the intermediate) is
+    `out_dtype`; default: x's dtype, for fp8 x the weights' (bfloat16 for FP8 weights). `expected_rows` (rows over all experts, a host-side guess such as tokens x top-k)
+    picks the block config and how many row-block programs each expert gets; more rows than expected are
+    still computed (each program loops), fewer leave programs idle. Default: the capacity."""
     fp8 = _check_weights(w13, w2, w13_scale, w2_scale, block_shape)
     num_experts, capacity, hidden = x.shape
     if num_experts != w13.shape[0]:
         raise ValueError(f"x has {num_experts} experts, weights have {w13.shape[0]}")
-    config = config or pick_config(num_experts, w13.shape[1] // 2, hidden, num_experts * capacity, fp8)
-    flat = x.reshape(num_experts * capacity, hidden).contiguous()
-    out = torch.empty_like(flat)
+    if (x.dtype == FP8_DTYPE) != (x_scale is not None):
+        raise ValueError("float8_e4m3fn activations need x_scale [E, C, D / group] (and only they take one)")
+    if x_scale is not None and (x_scale.shape[:2] != x.shape[:2] or hidden % x_scale.shape[2]):
+        raise ValueError(
+            f"x_scale {tuple(x_scale.shape)} is not one scale per row per group of x {tuple(x.shape)}"
+        )
+    expected = min(expected_rows or num_experts * capacity, num_experts * capacity)
+    config = config or pick_config(num_experts, w13.shape[1] // 2, hidden, max(expected, 1), fp8)
+    # twice the expected rows per expert, in row blocks: headroom for imbalance without idle programs
+    m_blocks = triton.cdiv(2 * triton.cdiv(expected, num_experts), config.block_m) if expected_rows else None
+    if out_dtype is None:  # fp8 rows: the weights' dtype (bf16 for FP8 weights), else x's
+        out_dtype = x.dtype if x.dtype != FP8_DTYPE else (torch.bfloat16 if fp8 else w13.dtype)
+    out = torch.empty((num_experts * capacity, hidden), dtype=out_dtype, device=x.device)
     _two_gemms(
-        flat,
+        x if x_scale is not None else x.reshape(num_experts * capacity, hidden).contiguous(),
         (None, masked_m.to(torch.int32).contiguous(), capacity),
         w13,
         w2,
@@ -404,6 +506,8 @@ def fused_experts_masked(
         None,
         out,
         num_experts * capacity,
+        hidden_scale=x_scale,
+        m_blocks=m_blocks,
     )
     return out.view(num_experts, capacity, hidden)
 

@@ -186,12 +186,16 @@ class Experts(nn.Module):
         tokens_per_expert: list[int] | None = None,
         *,
         counts: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+        expected_rows: int | None = None,
     ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
         Rows per expert come either as a host list `tokens_per_expert` or as a device tensor `counts` [E_local]
         (no host synchronisation on CUDA). On CUDA the fused Triton kernel runs (`kernels.fused_moe`); on CPU
-        a torch path that computes exactly what transformers computes per expert.
+        a torch path that computes exactly what transformers computes per expert. The masked layout
+        [E_local, C, D] (DeepEP low-latency) may be FP8 with `scales` [E_local, C, D / 128]: dequantised
+        inside the expert GEMM, rows >= counts[e] never read; output bf16 [E_local, C, D].
         """
         if tokens_per_expert is None and counts is None:
             raise ValueError("Experts.forward needs tokens_per_expert (host list) or counts (tensor)")
@@ -200,7 +204,9 @@ class Experts(nn.Module):
                 raise ValueError(
                     "the masked expert layout [E_local, C, D] needs device counts on a CUDA tensor"
                 )
-            return self.forward_masked(hidden, counts)
+            return self.forward_masked(hidden, counts, scales=scales, expected_rows=expected_rows)
+        if scales is not None:
+            raise ValueError("FP8 rows with scales come only in the masked layout [E_local, C, D]")
         if hidden.is_cuda:
             if counts is None:
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
@@ -251,7 +257,16 @@ class Experts(nn.Module):
             **self.quant_kwargs(),
         )
 
-    def forward_masked(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward_masked(
+        self,
+        hidden: torch.Tensor,
+        counts: torch.Tensor,
+        *,
+        scales: torch.Tensor | None = None,
+        expected_rows: int | None = None,
+    ) -> torch.Tensor:
+        """Masked layout [E_local, C, D] (bf16, or FP8 rows with `scales` [E_local, C, D/128]) -> [E_local,
+        C, D] in the activation dtype (bf16 for FP8 rows); rows >= counts[e] are neither read nor written."""
         from moefleet.engine.kernels.fused_moe import fused_experts_masked
 
         return fused_experts_masked(
@@ -259,6 +274,8 @@ class Experts(nn.Module):
             counts,
             self.w13,
             self.w2,
+            x_scale=scales,
+            expected_rows=expected_rows,
             **self.quant_kwargs(),
         )
 

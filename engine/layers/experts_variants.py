@@ -73,12 +73,19 @@ class BiasedClampedExperts(Experts):
         tokens_per_expert: list[int] | None = None,
         *,
         counts: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+        expected_rows: int | None = None,
     ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
         As `Experts.forward`: one batched matmul over rows padded to the busiest expert while padding
         stays small (decode, balanced prefill), else a loop over the experts that have rows.
         """
+        if hidden.dim() == 3 or scales is not None:
+            raise ValueError(
+                "gpt-oss experts (biases, clamped SwiGLU) have no masked/FP8-row kernel: serve with "
+                "--moe-backend a2a or symm, or deepep in normal mode"
+            )
         if tokens_per_expert is None:  # device counts (a CUDA dispatcher): rows past their sum are padding
             assert counts is not None
             tokens_per_expert = [int(c) for c in counts.tolist()]

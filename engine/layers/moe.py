@@ -133,7 +133,13 @@ class MoE(nn.Module):
             step.shared = self.shared_output(step.hidden)
             return
         dispatched = dispatcher.dispatch_finish(step.pending)
-        expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert, counts=dispatched.counts)
+        expert_out = self.experts(
+            dispatched.hidden,
+            dispatched.tokens_per_expert,
+            counts=dispatched.counts,
+            scales=dispatched.scales,
+            expected_rows=dispatched.expected_rows,
+        )
         step.pending = dispatcher.combine_start(expert_out, dispatched)
         step.shared = self.shared_output(step.hidden)
 

@@ -22,13 +22,35 @@ import torch
 @dataclass
 class DispatchedTokens:
     """Rows routed to this rank's experts, grouped by local expert (expert 0's rows first); or, from a
-    low-latency dispatcher, the masked layout [E_local, C, D] where expert e's valid rows are [e, :counts[e]]."""
+    low-latency dispatcher, the masked layout [E_local, C, D] where expert e's valid rows are [e, :counts[e]].
+
+    The low-latency DeepEP dispatcher hands over its FP8 rows as they came (no dequantisation): `hidden` is
+    float8_e4m3fn [E_local, C, D] and `scales` float32 [E_local, C, D / 128] (value = fp8 * scale per row per
+    128 columns; DeepEP's strides: column-major in the last two dims). `Experts.forward` takes both; other
+    consumers that want real-valued rows call `kernels.fp8_masked.dequantize_masked` (valid rows only)."""
 
     hidden: torch.Tensor  # [N, D] (or [E_local, C, D]: masked)
     tokens_per_expert: list[int] | None  # [E_local] on the host, sums to the valid rows; or None, then:
     handle: Any  # opaque, passed back to combine
     # [E_local] on the device (no host sync); rows past their sum are padding the experts skip.
     counts: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # fp8 `hidden` only: per row per 128 columns (see above)
+    # a host-side guess of the valid rows over all local experts (masked layout: sizes the expert kernel's
+    # grid; any count is still computed right); None: the capacity
+    expected_rows: int | None = None
+
+    def real_rows(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """`hidden` as real values: as it is, or (FP8 masked rows) dequantised on the valid rows only into
+        `dtype` (the other rows are undefined): for stand-in experts and checks, not for the expert path."""
+        if self.scales is None:
+            return self.hidden
+        if not self.hidden.is_cuda:  # CPU (tests with a stand-in buffer): every row, from the formula
+            group = self.hidden.shape[-1] // self.scales.shape[-1]
+            return (self.hidden.float() * self.scales.float().repeat_interleave(group, -1)).to(dtype)
+        from moefleet.engine.kernels.fp8_masked import dequantize_masked
+
+        assert self.counts is not None, "FP8 masked rows come with device counts"
+        return dequantize_masked(self.hidden, self.scales, self.counts, dtype)
 
 
 class TokenDispatcher(Protocol):

@@ -358,7 +358,13 @@ def test_deepep_two_micro_batches_of_different_modes_use_their_own_kernels(one_r
     for d, pending in ((prefill_d, pending_a), (decode_d, pending_b)):
         got = d.dispatch_finish(pending)
         assert got.counts is not None
-        expert_out = deepep._stand_in_experts(got.hidden, got.counts, 0)
+        if d is decode_d:  # low-latency: the FP8 rows and their per-128-column scales, not dequantised
+            assert got.hidden.dtype == torch.float8_e4m3fn and got.scales is not None
+            assert got.scales.shape == (*got.hidden.shape[:2], got.hidden.shape[2] // 128)
+            assert got.expected_rows == int(ib.numel())
+        else:
+            assert got.scales is None
+        expert_out = deepep._stand_in_experts(got.real_rows(), got.counts, 0)
         outs.append(d.combine_finish(d.combine_start(expert_out, got)))
     assert calls[4:] == ["combine", "hook", "low_latency_combine", "hook"]
     for out, (x, ids, w) in zip(outs, ((xa, ia, wa), (xb, ib, wb)), strict=True):

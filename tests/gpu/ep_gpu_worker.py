@@ -6,7 +6,9 @@ BACKEND: symm | deepep_normal | deepep_ll | a2a. For each routing (random, skewe
 every hit to the last rank) a dispatch -> stand-in experts (expert g scales its rows by 1 + g / 8) -> combine
 round trip is compared with the dense formula sum_k w * x * (1 + id / 8) computed on this rank. For symm also:
 the round trip runs with CUDA's sync debug mode set to "error" (no host synchronisation) and is captured in a
-CUDA graph whose replays on new inputs equal the formula. Prints PASS/FAIL lines; exits 1 on any failure.
+CUDA graph whose replays on new inputs equal the formula. For deepep_ll also: the FP8 rows + scales go through
+the real Experts layer (masked fused kernel, no dequantisation of the buffer) on the same five routings,
+against the dense SwiGLU formula, and once under sync debug mode "error". Prints PASS/FAIL lines; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def expected(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tenso
 
 def round_trip(dispatcher, x, ids, w, first_expert):
     d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w))
-    out = stand_in_experts(
-        d.hidden, d.counts if d.counts is not None else _host_counts(d, x.device), first_expert
+    out = stand_in_experts(  # deepep_ll's FP8 rows: dequantised (valid rows only) for the stand-ins
+        d.real_rows(x.dtype), d.counts if d.counts is not None else _host_counts(d, x.device), first_expert
     )
     return dispatcher.combine_finish(dispatcher.combine_start(out, d))
 
@@ -118,9 +120,98 @@ def main() -> int:
             dist.barrier()
     if backend == "symm":
         failures += graph_check(group, rank, world, device)
+    if backend == "deepep_ll":
+        failures += ll_experts_check(group, rank, world, device)
     dist.barrier()
     dist.destroy_process_group()
     return 1 if failures else 0
+
+
+def ll_experts_check(group, rank: int, world: int, device: torch.device) -> int:
+    """DeepEP low-latency with this rank's REAL experts (`Experts.forward` on the FP8 rows and their scales,
+    exactly as the MoE layer calls it) against the dense formula on every rank: sum_k w * expert_id(qdq(x)),
+    with qdq = the per-token-per-128 FP8 quantisation (fp8_blocks reference) and float32 math on the same bf16
+    weights. Tolerance: relative L2 error <= 3e-2 (bf16 intermediate and output; DeepEP's and the reference's
+    FP8 rounding may differ by one e4m3 step on a few elements). The round trip also runs with CUDA's sync
+    debug mode "error" (no host synchronisation on the dispatch -> experts -> combine path)."""
+    import torch.nn.functional as F
+    from moefleet.engine.kernels.fp8_blocks import quantize_per_token_group_reference
+    from moefleet.engine.layers.experts import Experts
+
+    tokens, top_k, experts, hidden, inter = 128, 8, 256, 7168, 256
+    num_local = experts // world
+    first = rank * num_local
+    dispatcher = make("deepep_ll", group, experts, hidden, tokens)
+    gen = torch.Generator(device=device).manual_seed(77)  # the same weights on every rank
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen, device=device) / hidden**0.5).to(
+        torch.bfloat16
+    )
+    w2 = (torch.randn(experts, hidden, inter, generator=gen, device=device) / inter**0.5).to(torch.bfloat16)
+    with torch.device("meta"):
+        layer = Experts(range(first, first + num_local), hidden, inter)
+    layer.w13 = torch.nn.Parameter(w13[first : first + num_local].clone(), requires_grad=False)
+    layer.w2 = torch.nn.Parameter(w2[first : first + num_local].clone(), requires_grad=False)
+
+    def trip(x, ids, w):
+        d = dispatcher.dispatch_finish(dispatcher.dispatch_start(x, ids, w, is_prefill=False))
+        out = layer(
+            d.hidden, d.tokens_per_expert, counts=d.counts, scales=d.scales, expected_rows=d.expected_rows
+        )
+        return dispatcher.combine_finish(dispatcher.combine_start(out, d)), d
+
+    failures = 0
+    for kind in ("random", "skewed", "empty", "padded", "maximal"):
+        name = f"deepep_ll real experts {kind} T={tokens} D={hidden} I={inter}"
+        try:
+            g = torch.Generator().manual_seed(500 + 100 * rank + len(kind))
+            ids = routing(kind, rank, world, tokens, top_k, experts, g).to(device)
+            x = torch.randn(ids.shape[0], hidden, generator=g).to(device, torch.bfloat16)
+            w = torch.rand(ids.shape, generator=g).to(device)
+            got, d = trip(x, ids, w)
+            assert d.hidden.dtype == torch.float8_e4m3fn and d.scales is not None, (
+                "LL rows are not FP8 + scales"
+            )
+            q, sc = quantize_per_token_group_reference(x, 128)
+            a = q.float() * sc.repeat_interleave(128, 1)
+            want = torch.zeros(ids.shape[0], hidden, device=device)
+            for k in range(top_k):
+                for e in ids[:, k].unique().tolist():
+                    if e < 0:
+                        continue
+                    rows = (ids[:, k] == e).nonzero().flatten()
+                    h = F.silu(a[rows] @ w13[e, :inter].float().T) * (a[rows] @ w13[e, inter:].float().T)
+                    want[rows] += w[rows, k : k + 1] * (h @ w2[e].float().T)
+            err = float((got.float() - want).norm() / want.norm().clamp_min(1e-6)) if want.numel() else 0.0
+            ok = err <= 3e-2 and bool(torch.isfinite(got.float()).all())
+            failures += not ok
+            print(
+                f"[rank {rank}] {'PASS' if ok else 'FAIL'} {name}: rel L2 err {err:.2e} (tol 3e-2)",
+                flush=True,
+            )
+        except Exception:
+            failures += 1
+            print(f"[rank {rank}] FAIL {name}:\n{traceback.format_exc()}", flush=True)
+        dist.barrier()
+    try:
+        g = torch.Generator().manual_seed(900 + rank)
+        ids = routing("random", rank, world, tokens, top_k, experts, g).to(device)
+        x = torch.randn(ids.shape[0], hidden, generator=g).to(device, torch.bfloat16)
+        w = torch.rand(ids.shape, generator=g).to(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trip(x, ids, w)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+        print(
+            f"[rank {rank}] PASS deepep_ll dispatch -> real experts -> combine without host synchronisation"
+        )
+    except Exception:
+        failures += 1
+        print(f"[rank {rank}] FAIL deepep_ll sync-free round trip:\n{traceback.format_exc()}", flush=True)
+    dist.barrier()
+    return failures
 
 
 def graph_check(group, rank: int, world: int, device: torch.device) -> int:

@@ -235,3 +235,113 @@ def test_w8a8_block_linear(k, rows):
     q, s = fp8_quant.quantize_per_token_group_reference(x, 128)
     ref = (q.float() * s.repeat_interleave(128, 1)) @ fp8_quant.dequantize_block(wq, ws, (128, 128)).T
     close(out, ref, 2e-2)
+
+
+# ---- FP8 rows in the masked layout (DeepEP low-latency dispatch output) ----
+
+
+def deepep_rows(fp8_quant, num_experts, capacity, hidden, masked_m, seed=7):
+    """fp8 [E, C, D] + float32 scales [E, C, D/128] column-major in (C, D/128) as DeepEP allocates them;
+    rows past masked_m[e] are NaN (a kernel that read them would spread NaN)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(num_experts, capacity, hidden, generator=g, device=DEV) * 2
+    for e, m in enumerate(masked_m):
+        x[e, m:] = float("nan")  # quantises to NaN rows with NaN scales
+    q, s = fp8_quant.quantize_per_token_group_reference(x.view(-1, hidden), 128)
+    q = q.view(num_experts, capacity, hidden)
+    scales = torch.empty(num_experts, hidden // 128, capacity, device=DEV).transpose(1, 2)
+    scales.copy_(s.view(num_experts, capacity, -1))
+    return q, scales
+
+
+def dequant_rows(q, s):
+    return q.float() * s.float().repeat_interleave(128, -1)
+
+
+@pytest.mark.parametrize("expected_rows", [None, 64])
+def test_fp8_rows_bf16_weights_masked(k, expected_rows):
+    """DeepSeek-V3 width; the reference multiplies the dequantised rows (fp8 * scale) with the bf16 weights in
+    float32. expected_rows=64 (16 per expert): experts with 512 rows loop in few programs."""
+    fused_moe, fp8_quant, _ = k
+    masked_m = [0, 512, 1, 77]
+    w13, w2 = weights(4, 7168, 256)
+    q, s = deepep_rows(fp8_quant, 4, 512, 7168, masked_m)
+    out = fused_moe.fused_experts_masked(
+        q, torch.tensor(masked_m, device=DEV), w13, w2, x_scale=s, expected_rows=expected_rows
+    )
+    assert out.dtype == torch.bfloat16
+    for e, m in enumerate(masked_m):
+        if m:
+            a = dequant_rows(q[e, :m], s[e, :m])
+            close(out[e, :m], ref_grouped(a, torch.full((m,), e, device=DEV), w13.float(), w2.float()), 2e-2)
+
+
+def test_fp8_rows_fp8_weights_masked(k):
+    fused_moe, fp8_quant, _ = k
+    masked_m = [300, 0, 16]
+    w13q, w13s, w2q, w2s = quantize_experts(fp8_quant, *weights(3, 7168, 256, dtype=torch.float32, seed=3))
+    q, s = deepep_rows(fp8_quant, 3, 512, 7168, masked_m, seed=8)
+    out = fused_moe.fused_experts_masked(
+        q,
+        torch.tensor(masked_m, device=DEV),
+        w13q,
+        w2q,
+        x_scale=s,
+        w13_scale=w13s,
+        w2_scale=w2s,
+        block_shape=(128, 128),
+        expected_rows=32,
+    )
+    deq13 = fp8_quant.dequantize_block(w13q, w13s, (128, 128))
+    deq2 = fp8_quant.dequantize_block(w2q, w2s, (128, 128))
+    for e, m in enumerate(masked_m):
+        if m:
+            ref = ref_grouped(dequant_rows(q[e, :m], s[e, :m]), torch.full((m,), e, device=DEV), deq13, deq2)
+            assert torch.isfinite(out[e, :m].float()).all()
+            assert (out[e, :m].float() - ref).norm() / ref.norm() <= 6e-2
+
+
+def test_fp8_rows_masked_graph_replay_and_no_sync(k):
+    """The LL expert call is sync-free and replays from a CUDA graph with new masked_m, rows and scales."""
+    fused_moe, fp8_quant, _ = k
+    w13, w2 = weights(4, 2048, 256)
+    q, s = deepep_rows(fp8_quant, 4, 64, 2048, [64, 64, 64, 64])
+    masked_m = torch.tensor([3, 0, 64, 17], device=DEV, dtype=torch.int32)
+    run = lambda: fused_moe.fused_experts_masked(q, masked_m, w13, w2, x_scale=s, expected_rows=32)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        static_out = run()
+    new_q, new_s = deepep_rows(fp8_quant, 4, 64, 2048, [64, 64, 64, 64], seed=9)
+    q.copy_(new_q)
+    s.copy_(new_s)
+    masked_m.copy_(torch.tensor([64, 5, 0, 40]))
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, m in enumerate(masked_m.tolist()):
+        if m:
+            a = dequant_rows(q[e, :m], s[e, :m])
+            ref = ref_grouped(a, torch.full((m,), e, device=DEV), w13.float(), w2.float())
+            close(static_out[e, :m], ref, 2e-2)
+
+
+def test_masked_dequantize_kernel(k):
+    from moefleet.engine.kernels.fp8_masked import dequantize_masked
+
+    _, fp8_quant, _ = k
+    masked_m = [0, 512, 33]
+    q, s = deepep_rows(fp8_quant, 3, 512, 7168, masked_m)
+    out = dequantize_masked(q, s, torch.tensor(masked_m, device=DEV), torch.float32)
+    for e, m in enumerate(masked_m):
+        torch.testing.assert_close(out[e, :m], dequant_rows(q[e, :m], s[e, :m]), atol=0, rtol=0)

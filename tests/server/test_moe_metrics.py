@@ -68,6 +68,39 @@ def test_decorator_is_transparent_and_samples_every_nth_forward():
     assert stats[dm.bucket_key("dispatch", last)] == 4
 
 
+class _MaskedFp8Dispatch:
+    """A low-latency-shaped dispatcher (DeepEP's output layout, CPU): FP8 rows [L, C, D] with per-128-column
+    scales and device counts; combine returns zeros (only the bytes are checked here)."""
+
+    def __init__(self, counts, capacity, dim):
+        self.counts, self.capacity, self.dim = torch.tensor(counts, dtype=torch.int32), capacity, dim
+
+    def dispatch_start(self, hidden, ids, weights, *, is_prefill=None):
+        return hidden.shape[0]
+
+    def dispatch_finish(self, tokens):
+        from moefleet.engine.layers.token_dispatch import DispatchedTokens
+
+        rows = torch.zeros(len(self.counts), self.capacity, self.dim, dtype=torch.float8_e4m3fn)
+        scales = torch.ones(len(self.counts), self.capacity, self.dim // 128)
+        return DispatchedTokens(rows, None, tokens, counts=self.counts, scales=scales)
+
+    def combine_start(self, out, dispatched):
+        return torch.zeros(dispatched.handle, self.dim)
+
+    def combine_finish(self, pending):
+        return pending
+
+
+def test_masked_fp8_rows_count_their_width_and_scales():
+    """Bytes of FP8 masked rows: valid rows x (D x 1 byte + D/128 float32 scales), not the capacity."""
+    recorder = DispatchRecorder(every=1)
+    metered = MeteredDispatcher(_MaskedFp8Dispatch([3, 0, 5], capacity=16, dim=256), recorder, first=True)
+    dispatched = metered.dispatch_finish(metered.dispatch_start(torch.zeros(4, 256), None, None))
+    metered.combine_finish(metered.combine_start(dispatched.real_rows(), dispatched))
+    assert recorder.stats()[dm.BYTES_KEY] == 8 * (256 * 1 + 2 * 4)
+
+
 def test_install_wraps_every_micro_batch_dispatcher():
     layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(3))
     for layer in layers:

@@ -1,0 +1,99 @@
+"""Compiles the masked fused-MoE kernel's FP8-row variants and the masked (de)quantisation kernel for Hopper
+(sm_90, down to a cubin with the ptxas bundled in the Triton wheel). Run by test_kernels_compile_sm90.py in a
+subprocess WITHOUT TRITON_INTERPRET (under it, @triton.jit yields interpreted functions that cannot compile).
+Prints one "OK <case>" line per kernel; exit 3 when this Triton has no NVIDIA compiler backend."""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+import triton.language as tl
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - other Triton layouts
+    sys.exit(3)
+
+from moefleet.engine.kernels import fp8_masked, fused_moe
+
+HOPPER = GPUTarget("cuda", 90, 32)
+INTS = (
+    "N K num_rows up_offset stride_ae stride_am stride_ak stride_be stride_bn stride_bk stride_cm stride_cn "
+    "stride_ase stride_asm stride_ask stride_bse stride_bsn stride_bsk"
+).split()
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, **options):
+    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    try:
+        return triton.compile(source, target=HOPPER, options=options)
+    except FileNotFoundError:  # no ptxas
+        sys.exit(3)
+
+
+def gemm(weights: str, swiglu: bool) -> None:
+    fp8_weights = weights == "fp8e4nv"
+    signature = {
+        "a_ptr": "*fp8e4nv",
+        "b_ptr": f"*{weights}",
+        "c_ptr": "*bf16",
+        "a_scale_ptr": "*fp32",
+        "b_scale_ptr": "*fp32",
+        "weight_ptr": "*fp32",
+        "sorted_ids_ptr": "*i32",
+        "expert_ids_ptr": "*i32",
+        "num_padded_ptr": "*i32",
+        "masked_m_ptr": "*i32",
+        **dict.fromkeys(INTS, "i32"),
+    }
+    constexprs = dict(
+        A_ROW_DIV=1,
+        MASKED=True,
+        SWIGLU=swiglu,
+        MUL_WEIGHT=False,
+        FP8=fp8_weights,
+        A_FP8=not fp8_weights,
+        UPCAST_FP8=False,
+        UPCAST_TYPE=tl.bfloat16,
+        DOT_PRECISION="tf32",
+        GROUP_N=128 if fp8_weights else 1,
+        GROUP_K=128 if fp8_weights else 1,
+        A_GROUP_K=128,
+        BLOCK_M=16,
+        BLOCK_N=64,
+        BLOCK_K=128 if fp8_weights else 64,
+        GROUP_M=1,
+    )
+    kernel = compile_for_hopper(fused_moe._moe_gemm_kernel, signature, constexprs, num_warps=4, num_stages=4)
+    assert kernel.asm["cubin"]
+    print(f"OK gemm weights={weights} swiglu={swiglu}", flush=True)
+
+
+def masked_rows(quant: bool) -> None:
+    x, y = ("bf16", "fp8e4nv") if quant else ("fp8e4nv", "bf16")
+    ints = "D stride_xe stride_xm stride_xk stride_xse stride_xsm stride_xsk stride_ye stride_ym stride_yse stride_ysm"
+    signature = {
+        "x_ptr": f"*{x}",
+        "xs_ptr": "*fp32",
+        "y_ptr": f"*{y}",
+        "ys_ptr": "*fp32",
+        "masked_m_ptr": "*i32",
+        **dict.fromkeys(ints.split(), "i32"),
+    }
+    constexprs = dict(QUANT=quant, GROUP=128, BLOCK_G=128, BLOCK_R=16, FP8_MAX_C=448.0, EPS=1e-10)
+    kernel = compile_for_hopper(fp8_masked._masked_rows_kernel, signature, constexprs, num_warps=4)
+    assert kernel.asm["cubin"]
+    print(f"OK masked_rows quant={quant}", flush=True)
+
+
+if __name__ == "__main__":
+    if not isinstance(fused_moe._moe_gemm_kernel, triton.JITFunction):
+        sys.exit("the kernels are interpreted here: run without TRITON_INTERPRET")
+    for weights in ("bf16", "fp8e4nv"):
+        for swiglu in (True, False):
+            gemm(weights, swiglu)
+    for quant in (False, True):
+        masked_rows(quant)
