@@ -37,11 +37,14 @@ def routing(kind: str, rank: int, world: int, tokens: int, top_k: int, experts: 
     if t == 0:
         return torch.zeros(0, top_k, dtype=torch.int64)
     pool = experts // world if kind == "maximal" else experts
+    if (
+        kind == "skewed"
+    ):  # every token's first hit on expert 0, the others distinct (a router never repeats one)
+        rest = [1 + torch.randperm(experts - 1, generator=gen)[: top_k - 1] for _ in range(t)]
+        return torch.stack([torch.cat([torch.zeros(1, dtype=torch.int64), r]) for r in rest])
     ids = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(t)])
     if kind == "maximal":
         ids += experts - pool  # every hit of every rank goes to the last rank
-    if kind == "skewed":
-        ids[:, 0] = 0
     if kind == "padded":
         ids[::2, -1] = -1
     return ids
