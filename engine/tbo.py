@@ -41,8 +41,12 @@ from .tbo_streams import Overlap, StreamedDispatcher, StreamOverlap, make_overla
 # ratio per point): the smallest measured point from which every larger point has on/off >= 1.0 (decode:
 # tokens/GPU = sequences/GPU; prefill: new tokens/GPU). None = not measured yet, so `auto` stays off.
 AUTO_MIN_TOKENS: dict[str, int | None] = {
-    "decode": None,  # measured points: 32, 64, 128, 256 tokens/GPU (2x H200, DeepSeek-V3 width, symm)
-    "prefill": None,  # measured points: 4096, 8192, 16384 tokens/GPU
+    # 2x H200, DeepSeek-V3 width, 2 layers (2026-11-30, docs/distributed.md): on/off 0.78 / 0.71 / 0.68 / 0.65
+    # at 32 / 64 / 128 / 256 tokens/GPU with symm (0.59 with a2a at 256): TBO loses at every decode point
+    "decode": None,
+    # on/off 0.90 / 0.95 / 1.106 at 4k / 8k / 16k tokens/GPU with symm, 0.997 with a2a at 16k: off until a
+    # margin shows for the default backend too (the threshold is per mode, not per backend)
+    "prefill": None,
 }
 # Stages micro-batch 0 runs ahead of micro-batch 1.
 STAGE_LEAD = 2
