@@ -85,6 +85,39 @@ def _check(x: torch.Tensor, masked_m: torch.Tensor) -> None:
         )
 
 
+def _launch(
+    x: torch.Tensor,
+    x_scales: torch.Tensor | None,
+    out: torch.Tensor,
+    out_scales: torch.Tensor | None,
+    masked_m: torch.Tensor,
+    group: int,
+) -> None:
+    """One launch over [E, cdiv(C, BLOCK_R)]: dequantise (x_scales given) or quantise (out_scales given)."""
+    num_experts, capacity, hidden = x.shape
+    if not (num_experts and capacity and hidden):
+        return
+    _masked_rows_kernel[(num_experts, triton.cdiv(capacity, BLOCK_R))](
+        x,
+        x if x_scales is None else x_scales,
+        out,
+        out if out_scales is None else out_scales,
+        masked_m.to(torch.int32),
+        hidden,
+        *x.stride(),
+        *((0, 0, 0) if x_scales is None else x_scales.stride()),
+        out.stride(0),
+        out.stride(1),
+        *((0, 0) if out_scales is None else (out_scales.stride(0), out_scales.stride(1))),
+        QUANT=out_scales is not None,
+        GROUP=group,
+        BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_R=BLOCK_R,
+        FP8_MAX_C=FP8_MAX,
+        EPS=SCALE_EPS,
+    )
+
+
 def dequantize_masked(
     x: torch.Tensor, scales: torch.Tensor, masked_m: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
@@ -98,28 +131,7 @@ def dequantize_masked(
         )
     group = hidden // scales.shape[2]
     out = torch.empty((num_experts, capacity, hidden), dtype=out_dtype, device=x.device)
-    grid = (num_experts, triton.cdiv(capacity, BLOCK_R))
-    if num_experts and capacity and hidden:
-        _masked_rows_kernel[grid](
-            x,
-            scales,
-            out,
-            out,
-            masked_m.to(torch.int32),
-            hidden,
-            *x.stride(),
-            *scales.stride(),
-            out.stride(0),
-            out.stride(1),
-            0,
-            0,
-            QUANT=False,
-            GROUP=group,
-            BLOCK_G=triton.next_power_of_2(group),
-            BLOCK_R=BLOCK_R,
-            FP8_MAX_C=FP8_MAX,
-            EPS=SCALE_EPS,
-        )
+    _launch(x, scales, out, None, masked_m, group)
     return out
 
 
@@ -131,30 +143,7 @@ def quantize_masked(x: torch.Tensor, masked_m: torch.Tensor, group: int) -> tupl
     groups = triton.cdiv(hidden, group)
     q = torch.empty(x.shape, dtype=torch.float32 if _INTERPRET else FP8_DTYPE, device=x.device)
     scales = torch.empty((num_experts, capacity, groups), dtype=torch.float32, device=x.device)
-    grid = (num_experts, triton.cdiv(capacity, BLOCK_R))
-    if num_experts and capacity and hidden:
-        _masked_rows_kernel[grid](
-            x,
-            x,
-            q,
-            scales,
-            masked_m.to(torch.int32),
-            hidden,
-            *x.stride(),
-            0,
-            0,
-            0,
-            q.stride(0),
-            q.stride(1),
-            scales.stride(0),
-            scales.stride(1),
-            QUANT=True,
-            GROUP=group,
-            BLOCK_G=triton.next_power_of_2(group),
-            BLOCK_R=BLOCK_R,
-            FP8_MAX_C=FP8_MAX,
-            EPS=SCALE_EPS,
-        )
+    _launch(x, None, q, scales, masked_m, group)
     return q.to(FP8_DTYPE), scales
 
 

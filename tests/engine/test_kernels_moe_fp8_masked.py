@@ -136,14 +136,8 @@ def test_masked_fp8_rows_float_weights_match_formula(masked_m, expected_rows):
 
 
 def fp8_weights(w13, w2):
-    q13 = [fp8_quant.quantize_weight_block(w, BLOCK) for w in w13]
-    q2 = [fp8_quant.quantize_weight_block(w, BLOCK) for w in w2]
-    return (
-        torch.stack([q for q, _ in q13]),
-        torch.stack([s for _, s in q13]),
-        torch.stack([q for q, _ in q2]),
-        torch.stack([s for _, s in q2]),
-    )
+    """(w13 fp8, w13 scales, w2 fp8, w2 scales): 128x128-style blocks per expert (leading dim batched)."""
+    return (*fp8_quant.quantize_weight_block(w13, BLOCK), *fp8_quant.quantize_weight_block(w2, BLOCK))
 
 
 def w8a8_reference(a, w13q, w13s, w2q, w2s):

@@ -21,6 +21,7 @@ from moefleet.engine.tbo import (
     split_batch,
     wants_tbo,
 )
+from support.forward_batches import three_prompts
 from support.reference import transformers_greedy
 from support.tiny_models import TINY_CONFIGS, tiny_model_dir
 
@@ -154,16 +155,7 @@ def test_compute_of_one_micro_batch_is_enqueued_before_the_others_blocking_dispa
     log: list = []
     num_layers = _record(model, log)
     runner = llm.engine.model_runner
-    fb = ForwardBatch.build(  # three fresh 5-token prompts (cost 15 each): the cut is 3 tokens into the 2nd
-        input_ids=list(range(3, 18)),
-        positions=[p for _ in range(3) for p in range(5)],
-        query_lens=[5, 5, 5],
-        seq_lens=[5, 5, 5],
-        block_tables=[[0], [1], [2]],
-        block_size=runner.block_size,
-        device="cpu",
-        attn_backend=runner.attn_backend,
-    )
+    fb = three_prompts(runner)
     with torch.inference_mode():
         forward_tbo(model, fb)
     batches = [e[1] for e in log if e[0] == "attention"]

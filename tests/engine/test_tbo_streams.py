@@ -10,7 +10,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 from moefleet.engine import LLM
-from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.token_dispatch import LocalDispatcher
 from moefleet.engine.tbo import forward_tbo, schedule
@@ -22,6 +21,7 @@ from moefleet.engine.tbo_streams import (
     make_overlap,
     tensors_in,
 )
+from support.forward_batches import three_prompts
 from support.tiny_models import tiny_model_dir
 
 pytestmark = pytest.mark.timeout(300)
@@ -94,19 +94,6 @@ def model_and_runner():
     return llm.engine.model_runner.model, llm.engine.model_runner
 
 
-def _batch(runner):
-    return ForwardBatch.build(  # three fresh 5-token prompts: the cut is 3 tokens into the 2nd
-        input_ids=list(range(3, 18)),
-        positions=[p for _ in range(3) for p in range(5)],
-        query_lens=[5, 5, 5],
-        seq_lens=[5, 5, 5],
-        block_tables=[[0], [1], [2]],
-        block_size=runner.block_size,
-        device="cpu",
-        attn_backend=runner.attn_backend,
-    )
-
-
 def test_comm_stages_run_on_the_comm_stream_ordered_by_events(model_and_runner):
     model, runner = model_and_runner
     log: list = []
@@ -115,7 +102,7 @@ def test_comm_stages_run_on_the_comm_stream_ordered_by_events(model_and_runner):
     assert all(isinstance(layer.mlp, MoE) for layer in layers)
     saved = [(layer.mlp.dispatcher, getattr(layer.mlp, "dispatchers", None)) for layer in layers]
     with torch.inference_mode():
-        plain = _batch(runner)
+        plain = three_prompts(runner)
         expected_hidden = model(plain.input_ids, plain.positions, plain)
     hooks = []
     try:
@@ -128,7 +115,7 @@ def test_comm_stages_run_on_the_comm_stream_ordered_by_events(model_and_runner):
                 log.append(("attention", args[2].num_tokens, index, streams.current))
 
             hooks.append(layer.self_attn.register_forward_pre_hook(hook))
-        fb = _batch(runner)
+        fb = three_prompts(runner)
         with torch.inference_mode():
             hidden, _ = forward_tbo(model, fb, overlap=StreamOverlap(streams))
     finally:
@@ -207,8 +194,10 @@ def test_without_streams_cpu_runs_the_stages_in_launch_order(model_and_runner):
     overlap = make_overlap(model, torch.device("cpu"))
     assert type(overlap) is Overlap and overlap.mechanism == "none"
     with torch.inference_mode():
-        hidden, _ = forward_tbo(model, _batch(runner))
-        expected = model(_batch(runner).input_ids, _batch(runner).positions, _batch(runner))
+        hidden, _ = forward_tbo(model, three_prompts(runner))
+        expected = model(
+            three_prompts(runner).input_ids, three_prompts(runner).positions, three_prompts(runner)
+        )
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
     assert dispatcher_overlaps(model) == {"none"}  # LocalDispatcher
 
