@@ -111,9 +111,12 @@ def time_ms(fn, reps=20):
 
 def candidates(fp8, rows_per_expert):
     """Most promising first (the sweep stops at its time budget)."""
-    block_ms = (
-        [16, 32, 64] if rows_per_expert <= 64 else [64, 128, 32] if rows_per_expert <= 256 else [128, 64]
-    )
+    if rows_per_expert <= 64:
+        block_ms = [16, 32, 64]
+    elif rows_per_expert <= 256:
+        block_ms = [64, 128, 32]
+    else:
+        block_ms = [128, 64]
     block_ns = [128, 64] if fp8 else [64, 128]
     block_ks = [128] if fp8 else [64, 128]
     warps = [4, 8]

@@ -245,10 +245,8 @@ class TritonAttentionBackend(AttentionBackend):
             k_nope, values = layer.expand_latent(latent)  # [S, H, Dn], [S, H, Dv]: views of kv_b's output
             k_rope = k_pe[:, None, :].expand(-1, c.num_heads, -1)  # one rope key per token: head stride 0
             assert g.cu_kv_lens is not None
-            dn, dr = c.qk_nope_head_dim, c.qk_rope_head_dim
-            if (
-                dn & (dn - 1) == 0 and dr < dn
-            ):  # Dn is the kernel's power-of-two part: read in place, no copies
+            # read q_pe and the shared rope key in place (no concatenation) where the kernel's split allows
+            if _kernels().rope_split_supported(c.qk_nope_head_dim, c.qk_rope_head_dim):
                 out = _kernels().varlen_prefill(
                     qn, k_nope, values, g.cu_query_lens, g.cu_kv_lens, c.softmax_scale,
                     max_query_len=g.max_query_len, q_rope=qp, k_rope=k_rope,

@@ -178,8 +178,8 @@ def combine_hits_kernel(
     from moefleet.engine.kernels.moe_combine import combine_rows, hit_positions
 
     hits = topk_ids.numel()
-    pos = hit_positions(order[:hits], hits)
-    pos = torch.where(topk_ids.reshape(-1) >= 0, pos, torch.full_like(pos, -1))
+    order = order[:hits]
+    pos = hit_positions(order, hits, valid=topk_ids.reshape(-1)[order] >= 0)
     return combine_rows(returned[:, :hidden], pos, topk_weights)
 
 

@@ -605,6 +605,12 @@ def _prefill_kernel(
     )
 
 
+def rope_split_supported(head_dim: int, rope_dim: int) -> bool:
+    """Whether `varlen_prefill` can read the rope columns from their own tensors: the kernel splits the key
+    width into its largest power of two and the rest, so `head_dim` must be exactly that power of two."""
+    return head_dim > 0 and head_dim & (head_dim - 1) == 0 and 0 < rope_dim < head_dim
+
+
 def _launch_prefill(
     q: Tensor,
     k: Tensor,  # paged [N, bs, Hk, Dk] or packed [S, Hk, Dk]
@@ -636,7 +642,9 @@ def _launch_prefill(
         return out
     cfg = config or prefill_config(dk, dv, q.device, element_size=q.element_size())
     dk_a = triton_next_power_of_2(dk + 1) // 2  # the largest power of two <= dk
-    if rope is not None and (paged or q.shape[-1] != dk_a or k_b.shape[-1] != q_b.shape[-1]):
+    if rope is not None and (
+        paged or not rope_split_supported(q.shape[-1], q_b.shape[-1]) or k_b.shape[-1] != q_b.shape[-1]
+    ):
         raise ValueError(
             f"split rope columns need packed K, a power-of-two first part and equal rope widths; got q "
             f"{tuple(q.shape)}, q_rope {tuple(q_b.shape)}, k_rope {tuple(k_b.shape)}"
@@ -754,4 +762,11 @@ def varlen_prefill(
     )  # fmt: skip
 
 
-__all__ = ["paged_decode", "paged_prefill", "varlen_prefill", "split_reduce", "dot_precision"]
+__all__ = [
+    "paged_decode",
+    "paged_prefill",
+    "varlen_prefill",
+    "split_reduce",
+    "dot_precision",
+    "rope_split_supported",
+]

@@ -4,6 +4,7 @@ receiver registration that records how the transfer ended."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 from moefleet.engine.disaggregation.base import KVReceiver, TransferResult
@@ -37,6 +38,25 @@ def block(kv: KVCachePool, layer: int, index: int) -> torch.Tensor:
     """One block of one layer by plain indexing (the oracle for what a transfer moved)."""
     cache = kv.caches[layer]
     return cache[:, index] if cache.dim() == 5 else cache[index]
+
+
+def moved(src: KVCachePool, dst: KVCachePool, pairs: list[tuple[int, int]]) -> bool:
+    """Every layer's block d of `dst` equals block s of `src`, for each (s, d)."""
+    return all(
+        torch.equal(block(dst, layer, d), block(src, layer, s))
+        for layer in range(src.num_layers)
+        for s, d in pairs
+    )
+
+
+def send_concurrently(sends: list[tuple[Any, str, str, list[int], int, int]]) -> None:
+    """(sender, address, transfer id, blocks, num_tokens, first_token) each from its own thread, all at once;
+    waits up to 30 s for each."""
+    threads = [threading.Thread(target=sender.send, args=args) for sender, *args in sends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
 
 
 def expect(receiver: KVReceiver, transfer_id: str, blocks: list[int], num_tokens: int):

@@ -14,8 +14,7 @@ import threading
 import time
 
 import pytest
-import torch
-from disaggregation.kv_pools import block, expect, pools
+from disaggregation.kv_pools import expect, moved, pools, send_concurrently
 from moefleet.engine.disaggregation import p2p
 from moefleet.engine.disaggregation.base import TransferError
 from moefleet.engine.disaggregation.p2p import P2PSender, max_pairs_setting, pairs_to_drop
@@ -95,14 +94,6 @@ def _pairs_of(receiver: KVServer) -> dict:
     return {} if path is None else path._pairs  # type: ignore[attr-defined]
 
 
-def _moved(src, dst, pairs) -> bool:
-    return all(
-        torch.equal(block(dst, layer, d), block(src, layer, s))
-        for layer in range(src.num_layers)
-        for s, d in pairs
-    )
-
-
 def test_a_bound_of_one_keeps_one_pair_per_side_and_every_transfer_lands(monkeypatch, receiver_of, aborted):
     monkeypatch.setenv(p2p.MAX_PAIRS_ENV, "1")
     src, dst = pools(num_blocks=12)
@@ -118,7 +109,7 @@ def test_a_bound_of_one_keeps_one_pair_per_side_and_every_transfer_lands(monkeyp
             results, done = expect(receiver, f"b{i}", [d], num_tokens=3)
             sender.send(receiver.address, f"b{i}", [s], 3, first_token=100 + i)
             assert done.wait(5) and results[0].first_token == 100 + i and results[0].error is None
-            assert _moved(src, receiver.pool, [(s, d)]), i
+            assert moved(src, receiver.pool, [(s, d)]), i
             assert len(_pairs_of(one)) <= 1 and len(_pairs_of(two)) <= 1, i
             assert len(s1._pairs) <= 1 and len(s2._pairs) <= 1, i
             keys.append(sender._pairs[receiver.address].key)
@@ -138,19 +129,12 @@ def test_concurrent_first_transfers_of_one_sender_build_one_pair(receiver_of, ab
     receiver = receiver_of(dst)
     sender = P2PSender(src, chunk_bytes=200)
     expected = [expect(receiver, f"c{i}", [4 + i], num_tokens=3) for i in range(4)]
-    threads = [
-        threading.Thread(target=sender.send, args=(receiver.address, f"c{i}", [i], 3, 10 + i))
-        for i in range(4)
-    ]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        send_concurrently([(sender, receiver.address, f"c{i}", [i], 3, 10 + i) for i in range(4)])
         assert [(done.wait(5), results[0].first_token) for results, done in expected] == [
             (True, 10 + i) for i in range(4)
         ]
-        assert _moved(src, dst, [(i, 4 + i) for i in range(4)])
+        assert moved(src, dst, [(i, 4 + i) for i in range(4)])
         assert sender._pairs[receiver.address].key == f"{sender.sender_id}/0" and not aborted
     finally:
         sender.close()
@@ -176,7 +160,7 @@ def test_a_pair_idle_too_long_is_dropped_on_both_sides_and_rebuilt(monkeypatch, 
         sender.send(receiver.address, "i2", [1], 3, first_token=2)
         assert done.wait(5) and results[0].first_token == 2
         assert sender._pairs[receiver.address].key != first.key  # a new generation
-        assert _moved(src, dst, [(0, 2), (1, 3)])
+        assert moved(src, dst, [(0, 2), (1, 3)])
     finally:
         sender.close()
 
@@ -222,7 +206,7 @@ def test_an_eviction_never_hits_a_pair_carrying_a_transfer(monkeypatch, receiver
         assert slow_pair.group not in aborted and list(_pairs_of(receiver)) == [slow.sender_id]
         thread.join(30)
         assert not failure and slow_done.wait(5) and slow_results[0].first_token == 7
-        assert _moved(slow_src, dst, [(4, 2), (5, 3)]) and _moved(src, dst, [(0, 4)])
+        assert moved(slow_src, dst, [(4, 2), (5, 3)]) and moved(src, dst, [(0, 4)])
         assert _pairs_of(receiver) == {slow.sender_id: slow_pair} and slow_pair.busy == 0
     finally:
         slow.close()
@@ -256,7 +240,7 @@ def test_a_sender_that_ignores_the_pair_field_fails_once_on_a_dropped_pair_then_
         assert done.wait(5) and results[0].error
         results, done = expect(receiver, "o3", [3], num_tokens=3)
         old.send(receiver.address, "o3", [3], 3, first_token=5)
-        assert done.wait(5) and results[0].first_token == 5 and _moved(src, dst, [(3, 3)])
+        assert done.wait(5) and results[0].first_token == 5 and moved(src, dst, [(3, 3)])
     finally:
         old.close()
         other.close()

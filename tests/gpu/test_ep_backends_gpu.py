@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import pytest
 import torch
 from moefleet.engine.distributed.deepep import deep_ep_available
 from server.conftest import complete_token_ids, stop_process
-from support.reference import free_port, transformers_greedy
+from support.reference import free_port, moefleet_executable, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [
@@ -45,14 +44,9 @@ def test_dispatcher_round_trips(backend):
     assert "FAIL" not in result.stdout and result.stdout.count("PASS") >= 10
 
 
-def _moefleet() -> str:
-    local = Path(sys.executable).with_name("moefleet")
-    return str(local) if local.exists() else str(shutil.which("moefleet"))
-
-
 def _serve_tokens(model: Path, backend: str, dtype: str) -> list[list[int]]:
     command = [
-        _moefleet(),
+        moefleet_executable(),
         "serve",
         "--model",
         str(model),

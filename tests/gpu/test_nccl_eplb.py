@@ -6,19 +6,16 @@ Not run yet by its author (no GPU in that session)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from server.conftest import complete_token_ids, stop_process, wait_for_banner_url
 from server.test_eplb_serve import stream_token_ids
-from support.reference import free_port, transformers_greedy
+from support.reference import free_port, moefleet_executable, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [
@@ -37,9 +34,8 @@ def test_nccl_rebalance_keeps_greedy_outputs(name):
     nproc = 4 if torch.cuda.device_count() >= 4 else 2
     model = tiny_model_dir(name)
     expected = transformers_greedy(model, PROMPTS, NEW_TOKENS, ignore_eos=True)  # as complete_token_ids
-    local = Path(sys.executable).with_name("moefleet")
     command = [
-        str(local) if local.exists() else str(shutil.which("moefleet")),
+        moefleet_executable(),
         "serve",
         "--model",
         str(model),

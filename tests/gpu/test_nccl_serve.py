@@ -6,16 +6,13 @@ long enough to need several prefill chunks. Skipped without at least 2 GPUs (CI)
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 from server.conftest import complete_token_ids, stop_process, wait_for_banner_url
-from support.reference import free_port, transformers_greedy
+from support.reference import free_port, moefleet_executable, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [
@@ -29,11 +26,6 @@ NEW_TOKENS = 10
 PROMPTS = [[5, 6, 7, 8], list(range(20, 70)), [300] * 9, [11, 400, 12, 401, 13, 402], list(range(100, 140))]
 
 
-def _moefleet() -> str:
-    local = Path(sys.executable).with_name("moefleet")
-    return str(local) if local.exists() else str(shutil.which("moefleet"))
-
-
 @pytest.mark.parametrize(
     "name", ["qwen3_norm_topk", "deepseek_grouped", "glm4_grouped", "gpt_oss_sliding", "llama4_chunked"]
 )
@@ -41,7 +33,7 @@ def test_nccl_group_serves_like_transformers(name):
     nproc = min(4, torch.cuda.device_count())
     model = tiny_model_dir(name)
     expected = transformers_greedy(model, PROMPTS, NEW_TOKENS, ignore_eos=True)  # as complete_token_ids
-    command = [_moefleet(), "serve", "--model", str(model), "--port", "0", "--print-examples"]
+    command = [moefleet_executable(), "serve", "--model", str(model), "--port", "0", "--print-examples"]
     command += ["--device", "cuda", "--dtype", "float32", "--nproc-per-node", str(nproc)]
     command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     command += ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "16"]

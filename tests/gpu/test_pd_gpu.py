@@ -8,12 +8,9 @@ to 0 on both servers after each run. Skipped without 2 GPUs (CI)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +20,7 @@ from disaggregation.pd_fleet import body as request_body
 from faults.conftest import wait_until
 from gateway.conftest import serve_gateway
 from server.conftest import stop_process, wait_for_banner_url
-from support.reference import transformers_greedy
+from support.reference import moefleet_executable, transformers_greedy
 from support.tiny_models import tiny_model_dir
 
 pytestmark = [
@@ -36,14 +33,17 @@ transformers = pytest.importorskip("transformers")
 NEW_TOKENS = 8
 
 
-def _moefleet() -> str:
-    local = Path(sys.executable).with_name("moefleet")
-    return str(local) if local.exists() else str(shutil.which("moefleet"))
-
-
 @contextmanager
 def _server(name: str, gpu: int, dtype: str, role: str) -> Iterator[str]:
-    command = [_moefleet(), "serve", "--model", str(tiny_model_dir(name)), "--port", "0", "--print-examples"]
+    command = [
+        moefleet_executable(),
+        "serve",
+        "--model",
+        str(tiny_model_dir(name)),
+        "--port",
+        "0",
+        "--print-examples",
+    ]
     command += ["--device", "cuda", "--dtype", dtype, "--role", role]
     command += ["--kv-transfer", "p2p"] if role != "mixed" else []
     command += ["--served-model-name", name, "--max-model-len", "256", "--max-num-seqs", "8"]

@@ -10,7 +10,7 @@ import torch
 
 from support.controlplane import free_port
 
-__all__ = ["free_port", "transformers_greedy"]
+__all__ = ["free_port", "moefleet_executable", "transformers_greedy"]
 
 
 def transformers_greedy(
@@ -33,3 +33,12 @@ def transformers_greedy(
             )
         out.append(gen[0, len(prompt) :].tolist())
     return out
+
+
+def moefleet_executable() -> str:
+    """The `moefleet` command: beside this interpreter (a venv) or on PATH (a lent GPU machine's shim)."""
+    import shutil
+    import sys
+
+    local = Path(sys.executable).with_name("moefleet")
+    return str(local) if local.exists() else str(shutil.which("moefleet"))
