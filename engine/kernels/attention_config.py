@@ -35,6 +35,7 @@ class DecodeConfig:
     v_split: int = (
         1  # MLA: programs sharing one head block, each accumulating 1/v_split of the latent columns
     )
+    warp_specialize: bool = False  # MLA: Triton's automatic warp specialisation of the key loop
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ def _mla_decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     V_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     # V_SPLIT > 1: V_SPLIT adjacent programs share heads and pages, each accumulating 1/V_SPLIT of the latent
     # columns (a smaller fp32 accumulator per program, at the price of recomputing the scores)
@@ -97,7 +98,7 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R // V_SPLIT], tl.float32)
     bt_row = bt_ptr + b * stride_btb
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         keys = start_n + offs_n
         k_valid = keys < end
         block = tl.load(bt_row + (keys // BLOCK_SIZE) * stride_btm, mask=k_valid, other=0).to(tl.int64)
@@ -203,6 +204,7 @@ def mla_decode(
         NUM_SPLITS=splits,
         V_SPLIT=cfg.v_split,
         DOT_PREC=dot_precision(q_latent.dtype),
+        WARP_SPEC=cfg.warp_specialize,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
