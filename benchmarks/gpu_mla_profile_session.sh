@@ -21,8 +21,6 @@ gpu1=1; (( ngpu < 2 )) && gpu1=0
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout 200 python3 benchmarks/attention_kernels.py --mla-only --sweep > "$out/mla_sweep.txt" 2>&1
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --timeout 80 tests/gpu/test_attention_kernels_gpu.py \
-    -k "mla" > "$out/mla_tests.txt" 2>&1
   timeout 120 moefleet bench $EMU_DEC --quantization fp8 --project-depths 4,6 --project-layers 61 \
     --json "$out/emulate_decode_ep72_fp8.json" > "$out/emulate_decode_ep72_fp8.txt" 2>&1
 ) &
@@ -47,6 +45,8 @@ source "$deepep/build.sh" >> "$out/deepep_build.txt" 2>&1
 timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py \
   --backends deepep-ll --chain 8 --iters 30 --profile 10 --expert-weights none > "$out/ep_dispatch_ll_profile.txt" 2>&1
 fi
+CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --timeout 80 \
+  tests/gpu/test_attention_kernels_gpu.py -k "mla" > "$out/mla_tests.txt" 2>&1
 stamp "done"
 grep -E "^\|" "$out/mla_sweep.txt" | head -30
 grep -E "passed|failed|^FAILED" "$out/mla_tests.txt" | tail -5
