@@ -36,6 +36,7 @@ class DecodeConfig:
         1  # MLA: programs sharing one head block, each accumulating 1/v_split of the latent columns
     )
     warp_specialize: bool = False  # MLA: Triton's automatic warp specialisation of the key loop
+    q_in_loop: bool = False  # MLA: reload the query tile every key block instead of holding it in registers
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ def _mla_decode_split_kernel(
     V_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     WARP_SPEC: tl.constexpr,
+    Q_IN_LOOP: tl.constexpr,
 ):
     # V_SPLIT > 1: V_SPLIT adjacent programs share heads and pages, each accumulating 1/V_SPLIT of the latent
     # columns (a smaller fp32 accumulator per program, at the price of recomputing the scores)
@@ -82,23 +83,22 @@ def _mla_decode_split_kernel(
     h_mask = heads < H
     r_mask = offs_r < R
     dr_mask = offs_dr < DR
-    q_lat = tl.load(
-        ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_r[None, :] * stride_qld,
-        mask=h_mask[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    q_pe = tl.load(
-        qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_dr[None, :] * stride_qrd,
-        mask=h_mask[:, None] & dr_mask[None, :],
-        other=0.0,
-    )
+    ql_tile = ql_ptr + b * stride_qlb + heads[:, None] * stride_qlh + offs_r[None, :] * stride_qld
+    ql_mask = h_mask[:, None] & r_mask[None, :]
+    qr_tile = qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_dr[None, :] * stride_qrd
+    qr_mask = h_mask[:, None] & dr_mask[None, :]
+    q_lat = tl.load(ql_tile, mask=ql_mask, other=0.0)
+    q_pe = tl.load(qr_tile, mask=qr_mask, other=0.0)
     offs_rv = vb * (BLOCK_R // V_SPLIT) + tl.arange(0, BLOCK_R // V_SPLIT)
     rv_mask = offs_rv < R
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R // V_SPLIT], tl.float32)
     bt_row = bt_ptr + b * stride_btb
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC, disable_licm=Q_IN_LOOP):
+        if Q_IN_LOOP:  # re-read the query tile (L1/L2) each iteration: fewer live registers than holding it
+            q_lat = tl.load(ql_tile, mask=ql_mask, other=0.0)
+            q_pe = tl.load(qr_tile, mask=qr_mask, other=0.0)
         keys = start_n + offs_n
         k_valid = keys < end
         block = tl.load(bt_row + (keys // BLOCK_SIZE) * stride_btm, mask=k_valid, other=0).to(tl.int64)
@@ -205,6 +205,7 @@ def mla_decode(
         V_SPLIT=cfg.v_split,
         DOT_PREC=dot_precision(q_latent.dtype),
         WARP_SPEC=cfg.warp_specialize,
+        Q_IN_LOOP=cfg.q_in_loop,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -218,8 +218,10 @@ def test_varlen_prefill_split_rope_columns(kernels):
         )
 
 
-@pytest.mark.parametrize("num_splits,v_split", [(1, 1), (3, 1), (2, 2)])
-def test_mla_decode_matches_reference(kernels, num_splits, v_split):
+@pytest.mark.parametrize(
+    "num_splits,v_split,q_in_loop", [(1, 1, False), (3, 1, False), (2, 2, False), (2, 1, True)]
+)
+def test_mla_decode_matches_reference(kernels, num_splits, v_split, q_in_loop):
     _, mla = kernels
     gen = torch.Generator().manual_seed(6)
     lens, rank, rope = [1, 33, 40], 64, 16
@@ -230,7 +232,9 @@ def test_mla_decode_matches_reference(kernels, num_splits, v_split):
     q_rope = torch.randn(3, 16, rope, generator=gen)
     config = None  # the per-shape default, with num_splits forced
     if v_split > 1:  # two programs per head block, each accumulating half of the latent columns
-        config = DecodeConfig(block_n=16, num_splits=num_splits, num_warps=4, num_stages=1, v_split=v_split)
+        config = DecodeConfig(
+            block_n=16, num_splits=num_splits, num_warps=4, num_stages=1, v_split=v_split, q_in_loop=q_in_loop
+        )
     got = mla.mla_decode(
         q_latent, q_rope, kv, tables, seq_lens, 0.1, kv_lora_rank=rank, num_splits=num_splits, config=config
     )
