@@ -15,7 +15,7 @@ timeout 100 python3 benchmarks/tune_fused_moe.py --tune --budget-s 80 --dtypes b
 cp engine/kernels/fused_moe_configs.json "$out/"
 stamp bench
 timeout 130 moefleet bench --preset deepseek-v3 --mode decode --batch-size 256 --kv-len 2000 --emulate-ep 72 \
-  --num-redundant-experts 32 --dense-layers 3 --project-depths 4,6 --project-layers 61 \
+  --num-redundant-experts 32 --dense-layers 3 --project-depths 4,8 --project-layers 61 \
   --json "$out/emulate_decode_ep72.json" > "$out/emulate_decode_ep72.txt" 2>&1
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf --timeout 80 tests/gpu/test_head_matmul_gpu.py \
   tests/gpu/test_attention_kernels_gpu.py -k "head_matmul or mla" > "$out/tests.txt" 2>&1

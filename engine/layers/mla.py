@@ -115,10 +115,19 @@ class MLAttention(nn.Module):
         return torch.einsum("thr,hvr->thv", out_latent, w_uv)
 
 
+HEAD_MATMUL_MAX_TOKENS = 128
+
+
 def _head_matmul_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """CUDA, one dtype, and every dot dimension >= 16 (tl.dot): the per-head Triton matmul, which reads the
-    split kv_b_proj weight in place (cuBLAS's batched GEMM took ~68 us per call at 256 x 128 heads on H200)."""
-    return x.is_cuda and x.dtype == w.dtype and min(w.shape[1], w.shape[2]) >= 16
+    """The per-head Triton matmul on CUDA for up to HEAD_MATMUL_MAX_TOKENS rows (every dot dimension >= 16).
+    Measured on H200 at DeepSeek-V3's 128 heads (benchmarks/mla_absorb.py): 64 tokens 14 us vs einsum's 27;
+    256 tokens 28 vs 23, where cuBLAS's batched GEMM is better."""
+    return (
+        x.is_cuda
+        and x.dtype == w.dtype
+        and x.shape[0] <= HEAD_MATMUL_MAX_TOKENS
+        and min(w.shape[1], w.shape[2]) >= 16
+    )
 
 
 def _head_matmul():  # type: ignore[no-untyped-def]

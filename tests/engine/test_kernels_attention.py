@@ -271,7 +271,9 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     f32 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=4)
     assert (f32.block_h + f32.num_stages * f32.block_n) * 576 * 4 <= 232448
     bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2)
-    assert (bf16.block_h + bf16.num_stages * bf16.block_n) * 576 * 2 <= 232448
+    # bf16 re-reads the query tile every key block (q_in_loop): the key stages alone fit (3 x 64 keys, 221 KB;
+    # compiled and ran on H200 on 2026-12-01)
+    assert bf16.q_in_loop and bf16.num_stages * bf16.block_n * 576 * 2 <= 232448
     # expanded MLA prefill (Dk 192, Dv 128): q tile + K and V tiles per stage
     for size in (2, 4):
         for dk, dv in ((192, 128), (128, 128)):
