@@ -114,7 +114,21 @@ class Router(nn.Module):
         c = self.config
         if c.scoring == "softmax":
             return softmax_topk(F.linear(hidden, self.weight), c.top_k, c.norm_topk_prob)
-        scores = F.linear(hidden.float(), self.weight.float()).sigmoid()
+        logits = F.linear(hidden.float(), self.weight.float())
+        if logits.is_cuda and _fused_supports(c.num_experts, c.n_group, c.top_k):
+            # one Triton program per token instead of ~10 torch kernels (engine/kernels/grouped_topk.py)
+            from moefleet.engine.kernels.grouped_topk import fused_grouped_topk
+
+            return fused_grouped_topk(
+                logits,
+                self.e_score_correction_bias,
+                c.top_k,
+                c.n_group,
+                c.topk_group,
+                c.norm_topk_prob,
+                c.routed_scaling_factor,
+            )
+        scores = logits.sigmoid()
         return grouped_topk(
             scores,
             self.e_score_correction_bias,
@@ -124,3 +138,9 @@ class Router(nn.Module):
             c.norm_topk_prob,
             c.routed_scaling_factor,
         )
+
+
+def _fused_supports(num_experts: int, n_group: int, top_k: int) -> bool:
+    from moefleet.engine.kernels.grouped_topk import supports
+
+    return supports(num_experts, n_group, top_k)
