@@ -115,29 +115,13 @@ class Router(nn.Module):
         if c.scoring == "softmax":
             return softmax_topk(F.linear(hidden, self.weight), c.top_k, c.norm_topk_prob)
         logits = F.linear(hidden.float(), self.weight.float())
+        selection = (c.top_k, c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         if logits.is_cuda and _fused_supports(c.num_experts, c.n_group, c.top_k):
             # one Triton program per token instead of ~10 torch kernels (engine/kernels/grouped_topk.py)
             from moefleet.engine.kernels.grouped_topk import fused_grouped_topk
 
-            return fused_grouped_topk(
-                logits,
-                self.e_score_correction_bias,
-                c.top_k,
-                c.n_group,
-                c.topk_group,
-                c.norm_topk_prob,
-                c.routed_scaling_factor,
-            )
-        scores = logits.sigmoid()
-        return grouped_topk(
-            scores,
-            self.e_score_correction_bias,
-            c.top_k,
-            c.n_group,
-            c.topk_group,
-            c.norm_topk_prob,
-            c.routed_scaling_factor,
-        )
+            return fused_grouped_topk(logits, self.e_score_correction_bias, *selection)
+        return grouped_topk(logits.sigmoid(), self.e_score_correction_bias, *selection)
 
 
 def _fused_supports(num_experts: int, n_group: int, top_k: int) -> bool:
