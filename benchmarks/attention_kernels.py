@@ -113,10 +113,10 @@ def decode_mla(sweep: bool, batch: int = 256, length: int = 2000) -> None:
         return
     # (heads, keys, warps, stages, splits, v_split, warp specialisation); run 2's winner first (64, 64, 8, 2)
     # run of 2026-12-01: 16 warps, 128 keys and warp specialisation all lost to (64, 64, 8, 2); q_in_loop next
-    for block_h, block_n, warps, stages, splits, v_split, ws, qloop in [
-        (64, 64, 8, 2, 1, 1, False, False), (64, 64, 8, 2, 1, 1, False, True), (64, 64, 8, 3, 1, 1, False, True),
-        (64, 32, 8, 3, 1, 1, False, True), (128, 32, 8, 2, 1, 1, False, True), (128, 64, 8, 1, 1, 1, False, True),
-        (64, 32, 4, 3, 1, 1, False, True), (64, 64, 4, 2, 1, 1, False, True),
+    for block_h, block_n, warps, stages, splits, v_split, qloop in [
+        (64, 64, 8, 2, 1, 1, False), (64, 64, 8, 2, 1, 1, True), (64, 64, 8, 3, 1, 1, True),
+        (64, 32, 8, 3, 1, 1, True), (128, 32, 8, 2, 1, 1, True), (128, 64, 8, 1, 1, 1, True),
+        (64, 32, 4, 3, 1, 1, True), (64, 64, 4, 2, 1, 1, True),
     ]:  # fmt: skip
         cfg = DecodeConfig(
             block_n=block_n,
@@ -125,10 +125,9 @@ def decode_mla(sweep: bool, batch: int = 256, length: int = 2000) -> None:
             num_stages=stages,
             block_h=block_h,
             v_split=v_split,
-            warp_specialize=ws,
             q_in_loop=qloop,
         )
-        note = f"h={block_h} n={block_n} w={warps} s={stages} splits={splits} v_split={v_split} ws={int(ws)} qloop={int(qloop)}"
+        note = f"h={block_h} n={block_n} w={warps} s={stages} splits={splits} v_split={v_split} qloop={int(qloop)}"
         _timed(name, lambda cfg=cfg: run(cfg), nbytes, flops, note)
 
 

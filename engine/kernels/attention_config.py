@@ -35,7 +35,6 @@ class DecodeConfig:
     v_split: int = (
         1  # MLA: programs sharing one head block, each accumulating 1/v_split of the latent columns
     )
-    warp_specialize: bool = False  # MLA: Triton's automatic warp specialisation of the key loop
     q_in_loop: bool = False  # MLA: reload the query tile every key block instead of holding it in registers
 
 
@@ -104,16 +103,18 @@ def mla_decode_config(
     # for 32 x 32; splitting the latent columns over two programs (v_split) was 2x slower
     # 2026-12-01 (same shape): re-reading the query tile every key block (q_in_loop, fewer live registers) with
     # 3 stages: 683 -> 640 us; 16 warps, 128 keys and Triton's warp specialisation were all slower
-    if heads >= 64:
-        programs = batch * -(-heads // 64)
-        splits = num_splits or choose_num_splits(programs, max_seq_len, device)
-        return DecodeConfig(
-            block_n=64, num_splits=splits, num_warps=8, num_stages=3, block_h=64, q_in_loop=True
-        )
-    block_h = max(16, triton_next_power_of_2(heads))
+    wide = heads >= 64
+    block_h = 64 if wide else max(16, triton_next_power_of_2(heads))
     programs = batch * -(-heads // block_h)
     splits = num_splits or choose_num_splits(programs, max_seq_len, device)
-    return DecodeConfig(block_n=32, num_splits=splits, num_warps=4, num_stages=2, block_h=block_h)
+    return DecodeConfig(
+        block_n=64 if wide else 32,
+        num_splits=splits,
+        num_warps=8 if wide else 4,
+        num_stages=3 if wide else 2,
+        block_h=block_h,
+        q_in_loop=wide,
+    )
 
 
 def prefill_config(

@@ -62,7 +62,6 @@ def _mla_decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     V_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
     Q_IN_LOOP: tl.constexpr,
 ):
     # V_SPLIT > 1: V_SPLIT adjacent programs share heads and pages, each accumulating 1/V_SPLIT of the latent
@@ -95,7 +94,7 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_R // V_SPLIT], tl.float32)
     bt_row = bt_ptr + b * stride_btb
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC, disable_licm=Q_IN_LOOP):
+    for start_n in tl.range(start, end, BLOCK_N, disable_licm=Q_IN_LOOP):
         if Q_IN_LOOP:  # re-read the query tile (L1/L2) each iteration: fewer live registers than holding it
             q_lat = tl.load(ql_tile, mask=ql_mask, other=0.0)
             q_pe = tl.load(qr_tile, mask=qr_mask, other=0.0)
@@ -204,7 +203,6 @@ def mla_decode(
         NUM_SPLITS=splits,
         V_SPLIT=cfg.v_split,
         DOT_PREC=dot_precision(q_latent.dtype),
-        WARP_SPEC=cfg.warp_specialize,
         Q_IN_LOOP=cfg.q_in_loop,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

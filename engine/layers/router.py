@@ -108,6 +108,10 @@ class Router(nn.Module):
             if config.correction_bias
             else None
         )
+        # sigmoid selection through engine/kernels/grouped_topk.py on CUDA when its shapes allow (fixed per layer)
+        from moefleet.engine.kernels.grouped_topk import supports
+
+        self._fused_selection = supports(config.num_experts, config.n_group, config.top_k)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, D] -> (weights [T, K] float32, logical ids [T, K] int64)."""
@@ -116,15 +120,9 @@ class Router(nn.Module):
             return softmax_topk(F.linear(hidden, self.weight), c.top_k, c.norm_topk_prob)
         logits = F.linear(hidden.float(), self.weight.float())
         selection = (c.top_k, c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
-        if logits.is_cuda and _fused_supports(c.num_experts, c.n_group, c.top_k):
+        if logits.is_cuda and self._fused_selection:
             # one Triton program per token instead of ~10 torch kernels (engine/kernels/grouped_topk.py)
             from moefleet.engine.kernels.grouped_topk import fused_grouped_topk
 
             return fused_grouped_topk(logits, self.e_score_correction_bias, *selection)
         return grouped_topk(logits.sigmoid(), self.e_score_correction_bias, *selection)
-
-
-def _fused_supports(num_experts: int, n_group: int, top_k: int) -> bool:
-    from moefleet.engine.kernels.grouped_topk import supports
-
-    return supports(num_experts, n_group, top_k)

@@ -146,15 +146,14 @@ def test_mla_decode_deepseek_shape(dtype):
         return
     # other tilings the benchmark sweeps, in bf16 only (compiling each takes seconds; a config that does not
     # fit this GPU's shared memory is skipped: the benchmark reports those)
-    for block_h, block_n, warps, stages, v_split, ws in [
-        (64, 32, 8, 2, 1, False),
-        (64, 32, 8, 2, 2, False),
-        (128, 32, 8, 1, 2, False),
-        (64, 64, 16, 2, 1, False),
-        (64, 128, 8, 1, 1, False),
-        (64, 64, 8, 2, 1, True),
+    for block_h, block_n, warps, stages, v_split in [
+        (64, 32, 8, 2, 1),
+        (64, 32, 8, 2, 2),
+        (128, 32, 8, 1, 2),
+        (64, 64, 16, 2, 1),
+        (64, 128, 8, 1, 1),
     ]:
-        cfg = DecodeConfig(block_n, 3, warps, stages, block_h=block_h, v_split=v_split, warp_specialize=ws)
+        cfg = DecodeConfig(block_n, 3, warps, stages, block_h=block_h, v_split=v_split)
         try:
             got = mla_decode(q_lat, q_pe, kv, tables, seq_lens, 0.07, kv_lora_rank=512, config=cfg)
         except OutOfResources:
