@@ -44,9 +44,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=defaults.dtype)
     p.add_argument(
         "--quantization",
-        choices=["none", "fp8"],
+        choices=["none", "fp8", "fp8-triton"],
         default="none",
-        help="fp8: random weights quantised to 128x128 block FP8 (w8a8 Triton GEMMs on CUDA)",
+        help="fp8: random weights quantised to 128x128 block FP8 (cuBLAS blockwise FP8 GEMMs where verified, "
+        "else Triton w8a8); fp8-triton: the same on the Triton GEMMs only (side-by-side runs)",
     )
     p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "symm", "deepep"])
     p.add_argument(

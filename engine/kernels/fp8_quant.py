@@ -33,46 +33,91 @@ def _quant_per_token_group_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
+    rows,
     K,
     stride_xm,
     stride_qm,
     stride_sm,
+    stride_sg,
+    swiglu_offset,
     GROUP: tl.constexpr,
     BLOCK: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr,
+    SWIGLU: tl.constexpr,
     FP8_MAX_C: tl.constexpr,
     EPS: tl.constexpr,
 ):
+    """One row x GROUPS_PER_PROGRAM column groups per program (a [G, BLOCK] tile, amax per tile row).
+
+    SWIGLU: the input row is [gate | up] (up at column offset `swiglu_offset`) and the quantised values are
+    silu(gate) * up, rounded to x's dtype first (what the unfused torch SwiGLU would hand the next GEMM).
+    Rows in [rows, grid rows) are padding: zeros with scale EPS (cuBLAS wants M padded to a multiple of 4)."""
     row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    lane = tl.arange(0, BLOCK)
-    cols = group * GROUP + lane
-    mask = (lane < GROUP) & (cols < K)
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0), EPS) / FP8_MAX_C
-    q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
-    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row * stride_sm + group, scale)
+    group = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)  # [G]
+    lane = tl.arange(0, BLOCK)  # [BLOCK]
+    cols = group[:, None] * GROUP + lane[None, :]  # [G, BLOCK]
+    valid_cols = tl.where(row < rows, K, 0)  # padding rows read nothing
+    mask = (lane[None, :] < GROUP) & (cols < valid_cols)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
+    if SWIGLU:
+        up = tl.load(x_ptr + row * stride_xm + swiglu_offset + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = x.to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32) * up
+        x = x.to(x_ptr.dtype.element_ty)
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), EPS) / FP8_MAX_C  # [G]
+    q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
+    store_mask = (lane[None, :] < GROUP) & (cols < K)
+    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=store_mask)
+    groups = tl.cdiv(K, GROUP)
+    tl.store(s_ptr + row * stride_sm + group * stride_sg, scale, mask=group < groups)
 
 
-def quantize_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (bf16/fp16/fp32, last dim contiguous) -> (fp8 [M, K], float32 scales [M, ceil(K/group)])."""
+def quantize_per_token_group(
+    x: torch.Tensor,
+    group: int,
+    *,
+    column_major_scales: bool = False,
+    swiglu: bool = False,
+    pad_rows_to: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (bf16/fp16/fp32, last dim contiguous) -> (fp8 [M, K], float32 scales [M, ceil(K/group)]).
+
+    `column_major_scales`: the scales tensor is [M, G] with strides (1, M) (each group's scales contiguous),
+    the "outer-dim-major" layout cuBLAS's blockwise FP8 GEMM reads (`kernels.fp8_cublas`).
+    `swiglu`: x is [M, 2K'] = [gate | up]; quantises silu(gate) * up ([M, K'] out), SwiGLU fused in.
+    `pad_rows_to`: outputs have M rounded up to this multiple; the extra rows are zeros (scale EPS)."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"expected a 2-d row-major activation, got shape {tuple(x.shape)}")
     rows, cols = x.shape
+    if swiglu:
+        if cols % 2:
+            raise ValueError(f"SwiGLU input [gate | up] needs an even width, got {cols}")
+        cols //= 2
+    padded = -(-rows // pad_rows_to) * pad_rows_to
     groups = triton.cdiv(cols, group)
-    q = torch.empty((rows, cols), dtype=torch.float32 if _INTERPRET else FP8_DTYPE, device=x.device)
-    scales = torch.empty((rows, groups), dtype=torch.float32, device=x.device)
-    if rows and cols:
-        _quant_per_token_group_kernel[(rows, groups)](
+    q = torch.empty((padded, cols), dtype=torch.float32 if _INTERPRET else FP8_DTYPE, device=x.device)
+    if column_major_scales:
+        scales = torch.empty((groups, padded), dtype=torch.float32, device=x.device).t()
+    else:
+        scales = torch.empty((padded, groups), dtype=torch.float32, device=x.device)
+    per_program = min(8, triton.next_power_of_2(groups))
+    if padded and cols:
+        _quant_per_token_group_kernel[(padded, triton.cdiv(groups, per_program))](
             x,
             q,
             scales,
+            rows,
             cols,
             x.stride(0),
             q.stride(0),
             scales.stride(0),
+            scales.stride(1),
+            cols,
             GROUP=group,
             BLOCK=triton.next_power_of_2(group),
+            GROUPS_PER_PROGRAM=per_program,
+            SWIGLU=swiglu,
             FP8_MAX_C=FP8_MAX,
             EPS=SCALE_EPS,
         )

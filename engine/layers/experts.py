@@ -21,6 +21,9 @@ SHARDS = ("gate", "up", "down")
 # Padded batched matmul is used while E_local * max_count <= max(PAD_FACTOR * N, PAD_MIN_ROWS).
 PAD_FACTOR = 4
 PAD_MIN_ROWS = 4096
+# FP8 experts on CUDA: from this many rows per local expert on, per-expert cuBLAS blockwise FP8 GEMMs
+# (kernels.fp8_cublas, host row counts) beat the fused Triton kernel (H200, benchmarks/fp8_experts_probe.py).
+CUBLAS_MIN_ROWS_PER_EXPERT = 1024
 
 
 def torch_path(tokens_per_expert: list[int], num_rows: int) -> str:
@@ -188,6 +191,7 @@ class Experts(nn.Module):
         counts: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         expected_rows: int | None = None,
+        host_sync_ok: bool = False,
     ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
@@ -196,6 +200,8 @@ class Experts(nn.Module):
         a torch path that computes exactly what transformers computes per expert. The masked layout
         [E_local, C, D] (DeepEP low-latency) may be FP8 with `scales` [E_local, C, D / 128]: dequantised
         inside the expert GEMM, rows >= counts[e] never read; output bf16 [E_local, C, D].
+        `host_sync_ok` (prefill-mode steps): device counts may be read on the host when that buys the faster
+        per-expert GEMMs (`host_count_path`); never while a CUDA graph is being captured.
         """
         if tokens_per_expert is None and counts is None:
             raise ValueError("Experts.forward needs tokens_per_expert (host list) or counts (tensor)")
@@ -208,6 +214,11 @@ class Experts(nn.Module):
         if scales is not None:
             raise ValueError("FP8 rows with scales come only in the masked layout [E_local, C, D]")
         if hidden.is_cuda:
+            if self.host_count_path(hidden.device, hidden.shape[0]) and (
+                tokens_per_expert is not None
+                or (host_sync_ok and not torch.cuda.is_current_stream_capturing())
+            ):
+                return self.forward_cublas_fp8(hidden, tokens_per_expert or counts.tolist())  # type: ignore[union-attr]
             if counts is None:
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
                     hidden.device, non_blocking=True
@@ -229,6 +240,30 @@ class Experts(nn.Module):
             "w2_scale": self.w2_scale_inv,
             "block_shape": self.block_shape,
         }
+
+    def host_count_path(self, device: torch.device, rows: int) -> bool:
+        """Whether `rows` grouped rows go to per-expert cuBLAS blockwise FP8 GEMMs (which need host counts):
+        FP8 experts with 128x128 blocks on a device where that GEMM is verified, >= CUBLAS_MIN_ROWS_PER_EXPERT
+        rows per local expert on average (prefill; decode's few rows stay on the fused kernel)."""
+        from moefleet.engine.kernels import fp8_cublas
+
+        block = self.block_shape
+        inter, hidden = self.intermediate_size, self.hidden_size
+        return (
+            block is not None
+            and rows >= CUBLAS_MIN_ROWS_PER_EXPERT * len(self.local_experts)
+            and fp8_cublas.shape_ok(2 * inter, hidden, block)
+            and fp8_cublas.shape_ok(hidden, inter, block)
+            and fp8_cublas.device_ok(device)
+        )
+
+    def forward_cublas_fp8(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        from moefleet.engine.kernels import fp8_cublas
+
+        assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+        return fp8_cublas.experts(
+            hidden, tokens_per_expert, self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv
+        )
 
     def forward_fused(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from moefleet.engine.kernels.fused_moe import fused_experts_grouped

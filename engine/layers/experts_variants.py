@@ -75,6 +75,7 @@ class BiasedClampedExperts(Experts):
         counts: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         expected_rows: int | None = None,
+        host_sync_ok: bool = False,
     ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 

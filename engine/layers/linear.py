@@ -53,8 +53,9 @@ class Fp8Linear(nn.Module):
     """y = x W^T (+ b) with W kept in float8_e4m3fn plus block scales (DeepSeek-V3/R1, Kimi-K2 checkpoints).
 
     `weight` [out, in] fp8 and `weight_scale_inv` [ceil(out/bo), ceil(in/bi)] float32 load by name from the
-    checkpoint (W = fp8 * scale per bo x bi tile). On CUDA a Triton w8a8 block GEMM runs (activations
-    quantised per token per group of bi columns on the fly); on CPU the weight is dequantised and multiplied
+    checkpoint (W = fp8 * scale per bo x bi tile). On CUDA cuBLAS's blockwise FP8 GEMM runs where verified
+    (`kernels.fp8_cublas`: SM90, 128x128 blocks, whole tiles), else a Triton w8a8 block GEMM (activations
+    quantised per token per group of bi columns on the fly, for both); on CPU the weight is dequantised and multiplied
     in the activation dtype (exact w.r.t. the dequantised weights; slow, for tests).
     """
 
@@ -79,9 +80,15 @@ class Fp8Linear(nn.Module):
 
         flat = x.reshape(-1, self.in_features)
         if x.is_cuda:
+            from moefleet.engine.kernels import fp8_cublas
             from moefleet.engine.kernels.fused_moe import w8a8_block_linear
 
-            out = w8a8_block_linear(flat, self.weight, self.weight_scale_inv, self.block)  # type: ignore[arg-type]
+            if fp8_cublas.shape_ok(self.out_features, self.in_features, self.block) and fp8_cublas.device_ok(
+                x.device
+            ):
+                out = fp8_cublas.linear(flat, self.weight, self.weight_scale_inv)
+            else:
+                out = w8a8_block_linear(flat, self.weight, self.weight_scale_inv, self.block)  # type: ignore[arg-type]
             if self.bias is not None:
                 out = out + self.bias
         else:

@@ -69,17 +69,24 @@ class MoE(nn.Module):
         self.stage_experts(step, self.dispatcher)
         return self.stage_combine(step, self.dispatcher)
 
-    def local_topk_path(self, hidden: torch.Tensor, dispatcher: TokenDispatcher) -> bool:
+    def local_topk_path(
+        self, hidden: torch.Tensor, dispatcher: TokenDispatcher, *, is_prefill: bool | None = None
+    ) -> bool:
         """Whether the stages may skip the dispatcher: CUDA, the single-rank LocalDispatcher, and the plain
         layer and experts (variants with input scaling, biases or other activations keep the dispatcher).
         Then the fused kernel reads token rows by top-k id and applies the routing weights in its epilogue:
-        no permutation, sort, gather or index_add (~0.1 ms per Qwen3 layer at 256 decode tokens, H200)."""
-        return (
+        no permutation, sort, gather or index_add (~0.1 ms per Qwen3 layer at 256 decode tokens, H200).
+        A prefill-mode step whose FP8 experts take the per-expert cuBLAS path (`Experts.host_count_path`)
+        keeps the dispatcher: grouped rows and host counts are what that path needs."""
+        if not (
             hidden.is_cuda
             and type(dispatcher) is LocalDispatcher
             and type(self) is MoE
             and type(self.experts) is Experts
-        )
+        ):
+            return False
+        rows = hidden.shape[0] * self.gate.config.top_k
+        return not (is_prefill and self.experts.host_count_path(hidden.device, rows))
 
     # ---- stages, split at the two communications (engine/tbo.py interleaves two micro-batches' stages) -----
 
@@ -116,7 +123,8 @@ class MoE(nn.Module):
         """Communication: launch the dispatch (an all-to-all dispatcher blocks here on the receive counts).
         `is_prefill` is this micro-batch's group-agreed step mode (`ForwardBatch.is_prefill`); the dispatcher
         picks per-mode kernels from it (DeepEP)."""
-        if self.local_topk_path(step.dispatch_input, dispatcher):
+        step.is_prefill = is_prefill
+        if self.local_topk_path(step.dispatch_input, dispatcher, is_prefill=is_prefill):
             step.local = True  # nothing to move: the experts read the rows in place (stage_experts)
             return
         step.pending = dispatcher.dispatch_start(
@@ -139,6 +147,7 @@ class MoE(nn.Module):
             counts=dispatched.counts,
             scales=dispatched.scales,
             expected_rows=dispatched.expected_rows,
+            host_sync_ok=bool(step.is_prefill),
         )
         step.pending = dispatcher.combine_start(expert_out, dispatched)
         step.shared = self.shared_output(step.hidden)
@@ -165,3 +174,4 @@ class MoEStep:
     pending: Any = None  # the dispatcher's handle; on the local top-k path, the experts' weighted output
     shared: torch.Tensor | None = None
     local: bool = False  # the single-rank CUDA path (MoE.local_topk_path): no dispatcher involved
+    is_prefill: bool | None = None  # the step's group-agreed mode (host counts may be read in prefill)

@@ -1,0 +1,123 @@
+"""Block-FP8 GEMMs on cuBLAS: torch's `F.scaled_mm` with DeepSeek's scaling (activations 1x128, weights 128x128).
+
+Data flow (one linear, x [M, K] bf16, W fp8 [N, K] with scale_inv [N/128, K/128]):
+    x --quantize (Triton, rows padded to 4)--> xq fp8 [M4, K], xs [M4, K/128] (strides (1, M4))
+      --F.scaled_mm(xq, W^T, xs BlockWise1x128, scale_inv^T BlockWise128x128)--> y [M4, N] bf16 -> y[:M]
+Experts (prefill, host row counts): per local expert with rows, quantise -> w13 GEMM -> SwiGLU fused into
+the second quantisation -> w2 GEMM.
+
+Measured on H200 (torch 2.11, cuBLAS of CUDA 13): 1,035-1,178 TFLOP/s against bf16 cuBLAS's 610-780 and our
+Triton w8a8 kernel's ~480 (benchmarks/fp8_scaled_mm_probe.py, docs/benchmarks.md). Used where `usable` says
+so (SM90, the API present, 128x128 blocks, K a multiple of 512); everything else keeps the Triton path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = (128, 128)
+# Compute capabilities where this path was measured and verified (H100/H200); others keep Triton.
+VERIFIED_CAPABILITIES = ((9, 0),)
+
+
+def api_present() -> bool:
+    """torch exposes the blockwise scaled GEMM (torch >= 2.10)."""
+    scaling = getattr(F, "ScalingType", None)
+    return hasattr(F, "scaled_mm") and scaling is not None and hasattr(scaling, "BlockWise1x128")
+
+
+_DEVICE_OK: dict[int, bool] = {}
+_ENABLED = [True]
+
+
+def set_enabled(enabled: bool) -> None:
+    """Process-wide switch (`moefleet bench --quantization fp8-triton` turns cuBLAS off for side-by-side runs)."""
+    _ENABLED[0] = enabled
+
+
+def device_ok(device: torch.device) -> bool:
+    """CUDA device of a verified compute capability, with the API present (cached per device index)."""
+    if device.type != "cuda" or not _ENABLED[0]:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_OK:
+        _DEVICE_OK[index] = api_present() and torch.cuda.get_device_capability(index) in VERIFIED_CAPABILITIES
+    return _DEVICE_OK[index]
+
+
+# torch wants the K/128 scale columns in whole groups of 4 (K = 256 failed: "scale_b must have shape 4 x 4").
+K_MULTIPLE = 4 * BLOCK[1]
+
+
+def shape_ok(out_features: int, in_features: int, block: Sequence[int]) -> bool:
+    """cuBLAS's blockwise kernels want 128x128 weight tiles, K a multiple of 512 (every DeepSeek-V3 / Kimi-K2
+    GEMM) and 16-byte rows (N a multiple of 16; a ragged last tile along N, kv_a_proj's 576, is accepted)."""
+    return tuple(block) == BLOCK and in_features % K_MULTIPLE == 0 and out_features % 16 == 0
+
+
+# cuBLAS refuses blockwise FP8 GEMMs whose row count is not a multiple of 4 (measured: M = 1, 7, 4,097 fail,
+# 100 passes); the activations are quantised into a buffer padded to this and the extra output rows dropped.
+ROW_MULTIPLE = 4
+
+
+def quantize(x: torch.Tensor, *, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M4, K], scales [M4, K/128] outer-dim-major), M4 = M rounded up to ROW_MULTIPLE.
+    `swiglu`: x is [gate | up] and silu(gate) * up is quantised (one pass, no bf16 intermediate)."""
+    from moefleet.engine.kernels.fp8_quant import quantize_per_token_group
+
+    return quantize_per_token_group(
+        x.contiguous(), BLOCK[1], column_major_scales=True, swiglu=swiglu, pad_rows_to=ROW_MULTIPLE
+    )
+
+
+def gemm(
+    xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, rows: int, dtype
+) -> torch.Tensor:
+    """Quantised activations from `quantize` @ W^T -> [rows, N] (padding rows dropped)."""
+    st = F.ScalingType  # type: ignore[attr-defined]
+    out = F.scaled_mm(  # type: ignore[attr-defined]
+        xq, weight.t(), xs, st.BlockWise1x128, scale_inv.t(), st.BlockWise128x128, output_dtype=dtype
+    )
+    return out if out.shape[0] == rows else out[:rows]
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x [M, K] @ W^T with W fp8 [N, K], scale_inv [N/128, K/128] float32 -> [M, N] in `out_dtype` (x's)."""
+    rows = x.shape[0]
+    dtype = out_dtype or x.dtype
+    if rows == 0:
+        return torch.empty((0, weight.shape[0]), dtype=dtype, device=x.device)
+    xq, xs = quantize(x)
+    return gemm(xq, xs, weight, scale_inv, rows, dtype)
+
+
+def experts(
+    hidden: torch.Tensor,
+    tokens_per_expert: Sequence[int],
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+) -> torch.Tensor:
+    """hidden [N, D] grouped by local expert (host row counts) -> [N, D] unweighted SwiGLU expert outputs.
+
+    w13 fp8 [E, 2I, D] (gate rows then up rows), w2 fp8 [E, D, I], scales [E, 2I/128, D/128] / [E, D/128,
+    I/128]. Per expert with rows: quantise, w13 GEMM, SwiGLU fused into the second quantisation, w2 GEMM.
+    Rows past sum(tokens_per_expert) (padding) come back as zeros."""
+    valid = sum(tokens_per_expert)
+    out = torch.zeros_like(hidden) if valid < hidden.shape[0] else torch.empty_like(hidden)
+    start = 0
+    for expert, count in enumerate(tokens_per_expert):
+        if count == 0:
+            continue
+        xq, xs = quantize(hidden[start : start + count])
+        gate_up = gemm(xq, xs, w13[expert], w13_scale[expert], xq.shape[0], hidden.dtype)
+        aq, as_ = quantize(gate_up, swiglu=True)
+        out[start : start + count] = gemm(aq, as_, w2[expert], w2_scale[expert], count, hidden.dtype)
+        start += count
+    return out
