@@ -44,11 +44,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=defaults.dtype)
     p.add_argument(
         "--quantization",
-        choices=["none", "fp8", "fp8-triton"],
+        choices=["none", "fp8"],
         default="none",
-        help="fp8: random weights quantised to 128x128 block FP8 (cuBLAS blockwise FP8 GEMMs where verified, "
-        "else Triton w8a8); fp8-triton: the same on the Triton GEMMs only (side-by-side runs)",
+        help="fp8: random weights quantised to 128x128 block FP8",
     )
+    p.add_argument(
+        "--gemm-backend", default="auto", choices=["auto", "triton"],
+        help="auto = torch's cuBLAS/CUTLASS GEMMs where verified (blockwise FP8 scaled_mm for FP8 linears and "
+        "prefill experts, bf16 grouped_mm for experts), else Triton; triton = Triton kernels only (side by side)",
+    )  # fmt: skip
     p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "symm", "deepep"])
     p.add_argument(
         "--attention-backend", default=defaults.attention_backend, choices=["auto", "torch", "triton"],
@@ -246,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                         preset=preset, num_layers=depth, dense_layers=args.dense_layers, mode=mode,
                         batch_size=batch or BenchOptions().batch_size, kv_len=args.kv_len,
                         prefill_tokens=args.prefill_tokens, prefill_seq_len=args.prefill_seq_len,
-                        steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                        steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype, quantization=args.quantization, gemm_backend=args.gemm_backend,
                         backend=args.moe_backend, breakdown=not args.no_breakdown,
                         attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                         block_size=args.block_size, peak_tflops=args.peak_tflops,

@@ -44,9 +44,10 @@ class BenchOptions:
     warmup: int = 3
     device: str = "cuda"
     dtype: str = "bfloat16"
-    # "fp8": linears and experts quantised to 128x128 block FP8 after random init (GEMMs: cuBLAS blockwise FP8
-    # where verified, else Triton); "fp8-triton": the same weights on the Triton w8a8 GEMMs only
-    quantization: str = "none"
+    quantization: str = "none"  # "fp8": linears and experts quantised to 128x128 block FP8 after random init
+    # "auto": torch's cuBLAS/CUTLASS GEMMs where verified (blockwise FP8 scaled_mm, bf16 grouped_mm), else
+    # Triton; "triton": the Triton kernels only (side-by-side runs)
+    gemm_backend: str = "auto"
     backend: str = "auto"
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     cuda_graphs: str = "auto"  # auto: decode steps replay CUDA graphs when capturable (CUDA, triton)
@@ -339,12 +340,14 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     finally:
         topology.set_current(topology.Topology())
     random_init(model, options.seed)
-    if options.quantization in ("fp8", "fp8-triton"):
+    from moefleet.engine.kernels import fp8_cublas, grouped_mm
+
+    fp8_cublas.set_enabled(options.gemm_backend == "auto")  # "triton": our Triton GEMMs only (side by side)
+    grouped_mm.set_enabled(options.gemm_backend == "auto")
+    if options.quantization == "fp8":
         from moefleet.engine.fp8_weights import quantize_model
-        from moefleet.engine.kernels import fp8_cublas
 
         quantize_model(model)
-        fp8_cublas.set_enabled(options.quantization == "fp8")  # fp8-triton: the Triton GEMMs only
     if group is not None:
         micro_batches = num_micro_batches(options.tbo)
         apply_expert_parallel(

@@ -196,7 +196,8 @@ class Experts(nn.Module):
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
         Rows per expert come either as a host list `tokens_per_expert` or as a device tensor `counts` [E_local]
-        (no host synchronisation on CUDA). On CUDA the fused Triton kernel runs (`kernels.fused_moe`); on CPU
+        (no host synchronisation on CUDA). On CUDA bf16 experts run torch's grouped GEMM where verified
+        (`kernels.grouped_mm`), else the fused Triton kernel (`kernels.fused_moe`); on CPU
         a torch path that computes exactly what transformers computes per expert. The masked layout
         [E_local, C, D] (DeepEP low-latency) may be FP8 with `scales` [E_local, C, D / 128]: dequantised
         inside the expert GEMM, rows >= counts[e] never read; output bf16 [E_local, C, D].
@@ -223,6 +224,10 @@ class Experts(nn.Module):
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
                     hidden.device, non_blocking=True
                 )
+            from moefleet.engine.kernels import grouped_mm
+
+            if self.block_shape is None and grouped_mm.usable(self.w13, hidden):
+                return grouped_mm.experts(hidden, counts, self.w13, self.w2)
             return self.forward_fused(hidden, counts)
         if tokens_per_expert is None:
             assert counts is not None
