@@ -5,9 +5,11 @@ Data flow (hidden [N, D] grouped by local expert, counts [E] on device):
     offs = cumsum(counts) (int32) -> grouped_mm(hidden, w13^T per expert) [N, 2I] -> silu(gate) * up [N, I]
       -> grouped_mm(., w2^T per expert) [N, D]; rows past offs[-1] (padding) are left undefined, as the fused
       kernel leaves them (every combine reads only valid rows).
-Measured on H200 (benchmarks/fp8_experts_probe.py): 304 vs 351 us at EP72 decode (4 experts x 512 rows) and
-20.0 vs 21.6 ms at EP32 prefill against the Triton fused kernel. Used where `usable` says so (bf16 weights,
-SM90, torch with the op, 16-element-aligned widths); FP8 and float32 experts keep their paths.
+Measured on H200 against the Triton fused kernel: eager 20.0 vs 21.6 ms at EP32 prefill (9 experts x 14.6k
+rows, benchmarks/fp8_experts_probe.py); at EP72 decode (4 x 512 rows) eager timing favoured it (304 vs 351 us)
+but inside the decode step's CUDA graph it lost (1.519 vs 1.453 ms per layer), so `Experts` uses it from
+GROUPED_MM_MIN_ROWS_PER_EXPERT rows per expert only. `usable`: bf16 weights, SM90, torch with the op,
+16-element-aligned widths; FP8 and float32 experts keep their paths.
 """
 
 from __future__ import annotations

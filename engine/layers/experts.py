@@ -24,6 +24,10 @@ PAD_MIN_ROWS = 4096
 # FP8 experts on CUDA: from this many rows per local expert on, per-expert cuBLAS blockwise FP8 GEMMs
 # (kernels.fp8_cublas, host row counts) beat the fused Triton kernel (H200, benchmarks/fp8_experts_probe.py).
 CUBLAS_MIN_ROWS_PER_EXPERT = 1024
+# bf16 experts on CUDA: torch's grouped GEMM (kernels.grouped_mm) from this many rows per local expert on
+# (prefill); below it the fused Triton kernel is faster inside the decode step's CUDA graph (EP72 decode
+# projection, H200: 1.519 vs 1.453 ms/layer with grouped_mm at 512 rows per expert).
+GROUPED_MM_MIN_ROWS_PER_EXPERT = 1024
 
 
 def torch_path(tokens_per_expert: list[int], num_rows: int) -> str:
@@ -196,8 +200,8 @@ class Experts(nn.Module):
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
         Rows per expert come either as a host list `tokens_per_expert` or as a device tensor `counts` [E_local]
-        (no host synchronisation on CUDA). On CUDA bf16 experts run torch's grouped GEMM where verified
-        (`kernels.grouped_mm`), else the fused Triton kernel (`kernels.fused_moe`); on CPU
+        (no host synchronisation on CUDA). On CUDA bf16 experts with prefill-sized rows run torch's grouped
+        GEMM where verified (`kernels.grouped_mm`), else the fused Triton kernel (`kernels.fused_moe`); on CPU
         a torch path that computes exactly what transformers computes per expert. The masked layout
         [E_local, C, D] (DeepEP low-latency) may be FP8 with `scales` [E_local, C, D / 128]: dequantised
         inside the expert GEMM, rows >= counts[e] never read; output bf16 [E_local, C, D].
@@ -226,7 +230,11 @@ class Experts(nn.Module):
                 )
             from moefleet.engine.kernels import grouped_mm
 
-            if self.block_shape is None and grouped_mm.usable(self.w13, hidden):
+            if (
+                self.block_shape is None
+                and hidden.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * len(self.local_experts)
+                and grouped_mm.usable(self.w13, hidden)
+            ):
                 return grouped_mm.experts(hidden, counts, self.w13, self.w2)
             return self.forward_fused(hidden, counts)
         if tokens_per_expert is None:

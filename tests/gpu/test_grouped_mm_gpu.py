@@ -3,7 +3,8 @@
 Both compute in bf16 with float32 accumulation; they differ in summation order and in where the SwiGLU
 intermediate is rounded, so outputs agree within bf16 rounding of the output scale (rel L2 <= 1e-2). Padding
 rows (past the counts' sum) are undefined in both and not compared. Also: a CUDA graph captured once replays
-new counts correctly (the offsets live on the device), and `Experts.forward` takes the path for bf16 only."""
+new counts correctly (the offsets live on the device), and `Experts.forward` takes the path for bf16
+prefill-sized rows only."""
 
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def test_experts_layer_takes_grouped_mm_for_bf16_only(monkeypatch):
         with torch.no_grad():
             layer.w13.normal_(0, 0.03)
             layer.w2.normal_(0, 0.03)
-        x = torch.randn(64, 512, device=DEV, dtype=dtype)
-        out = layer(x, counts=torch.tensor([30, 34], dtype=torch.int32, device=DEV))
-        assert calls == expected and out.shape == x.shape and torch.isfinite(out).all()
+        x = torch.randn(2 * 1024 + 64, 512, device=DEV, dtype=dtype)
+        out = layer(x, counts=torch.tensor([1030, 1034], dtype=torch.int32, device=DEV))
+        assert calls == expected and out.shape == x.shape and torch.isfinite(out[:2064]).all()
+        calls.clear()
+        layer(x[:64], counts=torch.tensor([30, 34], dtype=torch.int32, device=DEV))  # decode-sized
+        assert calls == []
