@@ -30,17 +30,18 @@ def api_present() -> bool:
 
 
 _DEVICE_OK: dict[int, bool] = {}
-_ENABLED = [True]
+_enabled = True
 
 
 def set_enabled(enabled: bool) -> None:
     """Process-wide switch (`moefleet bench --quantization fp8-triton` turns cuBLAS off for side-by-side runs)."""
-    _ENABLED[0] = enabled
+    global _enabled
+    _enabled = enabled
 
 
 def device_ok(device: torch.device) -> bool:
     """CUDA device of a verified compute capability, with the API present (cached per device index)."""
-    if device.type != "cuda" or not _ENABLED[0]:
+    if device.type != "cuda" or not _enabled:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_OK:

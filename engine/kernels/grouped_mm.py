@@ -18,23 +18,19 @@ import torch
 import torch.nn.functional as F
 
 VERIFIED_CAPABILITIES = ((9, 0),)
-_ENABLED = [True]
+_enabled = True
 _DEVICE_OK: dict[int, bool] = {}
 
 
 def set_enabled(enabled: bool) -> None:
     """Process-wide switch (`moefleet bench --gemm-backend triton` turns it off for side-by-side runs)."""
-    _ENABLED[0] = enabled
+    global _enabled
+    _enabled = enabled
 
 
 def usable(weight: torch.Tensor, hidden: torch.Tensor) -> bool:
     """bf16 weights and activations on a CUDA device of a verified capability, widths multiples of 16."""
-    if (
-        not _ENABLED[0]
-        or not hidden.is_cuda
-        or weight.dtype != torch.bfloat16
-        or hidden.dtype != torch.bfloat16
-    ):
+    if not _enabled or not hidden.is_cuda or weight.dtype != torch.bfloat16 or hidden.dtype != torch.bfloat16:
         return False
     if weight.shape[-1] % 16 or weight.shape[-2] % 16:
         return False

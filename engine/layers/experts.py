@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from moefleet.engine.kernels import fp8_cublas, grouped_mm
 from torch import nn
 
 SHARDS = ("gate", "up", "down")
@@ -228,8 +229,6 @@ class Experts(nn.Module):
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
                     hidden.device, non_blocking=True
                 )
-            from moefleet.engine.kernels import grouped_mm
-
             if (
                 self.block_shape is None
                 and hidden.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * len(self.local_experts)
@@ -258,8 +257,6 @@ class Experts(nn.Module):
         """Whether `rows` grouped rows go to per-expert cuBLAS blockwise FP8 GEMMs (which need host counts):
         FP8 experts with 128x128 blocks on a device where that GEMM is verified, >= CUBLAS_MIN_ROWS_PER_EXPERT
         rows per local expert on average (prefill; decode's few rows stay on the fused kernel)."""
-        from moefleet.engine.kernels import fp8_cublas
-
         block = self.block_shape
         inter, hidden = self.intermediate_size, self.hidden_size
         return (
@@ -271,8 +268,6 @@ class Experts(nn.Module):
         )
 
     def forward_cublas_fp8(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        from moefleet.engine.kernels import fp8_cublas
-
         assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
         return fp8_cublas.experts(
             hidden, tokens_per_expert, self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv

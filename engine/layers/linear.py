@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from moefleet.engine.kernels import fp8_cublas
 from torch import nn
 
 
@@ -54,9 +55,9 @@ class Fp8Linear(nn.Module):
 
     `weight` [out, in] fp8 and `weight_scale_inv` [ceil(out/bo), ceil(in/bi)] float32 load by name from the
     checkpoint (W = fp8 * scale per bo x bi tile). On CUDA cuBLAS's blockwise FP8 GEMM runs where verified
-    (`kernels.fp8_cublas`: SM90, 128x128 blocks, whole tiles), else a Triton w8a8 block GEMM (activations
-    quantised per token per group of bi columns on the fly, for both); on CPU the weight is dequantised and multiplied
-    in the activation dtype (exact w.r.t. the dequantised weights; slow, for tests).
+    (`kernels.fp8_cublas`: SM90, 128x128 blocks, K a multiple of 512), else a Triton w8a8 block GEMM (both
+    quantise the activations per token per group of bi columns on the fly); on CPU the weight is dequantised
+    and multiplied in the activation dtype (exact w.r.t. the dequantised weights; slow, for tests).
     """
 
     def __init__(
@@ -80,7 +81,6 @@ class Fp8Linear(nn.Module):
 
         flat = x.reshape(-1, self.in_features)
         if x.is_cuda:
-            from moefleet.engine.kernels import fp8_cublas
             from moefleet.engine.kernels.fused_moe import w8a8_block_linear
 
             if fp8_cublas.shape_ok(self.out_features, self.in_features, self.block) and fp8_cublas.device_ok(
