@@ -22,9 +22,13 @@ SHARDS = ("gate", "up", "down")
 # Padded batched matmul is used while E_local * max_count <= max(PAD_FACTOR * N, PAD_MIN_ROWS).
 PAD_FACTOR = 4
 PAD_MIN_ROWS = 4096
-# FP8 experts on CUDA: from this many rows per local expert on, per-expert cuBLAS blockwise FP8 GEMMs
-# (kernels.fp8_cublas, host row counts) beat the fused Triton kernel (H200, benchmarks/fp8_experts_probe.py).
-CUBLAS_MIN_ROWS_PER_EXPERT = 1024
+# FP8 experts on CUDA: per-expert cuBLAS blockwise FP8 GEMMs (kernels.fp8_cublas, host row counts) cost ~340 us
+# of host time per expert (two F.scaled_mm calls, two quantiser launches) and run at ~930 TFLOP/s; the fused
+# Triton kernel has no per-expert host cost but runs at ~530. cuBLAS wins once an expert's average work
+# (rows x 6 D I flops) takes the Triton kernel longer than that host time: ~1.9e11 flops, i.e. ~2,100 rows per
+# expert at DeepSeek-V3's D 7168, I 2048 (H200, benchmarks/fp8_experts_probe.py: 9 experts x 1,024 rows 3,084 us
+# cuBLAS vs 1,480 Triton; x 4,096 rows 3,534 vs 6,180).
+CUBLAS_MIN_FLOPS_PER_EXPERT = 1.9e11
 # bf16 experts on CUDA: torch's grouped GEMM (kernels.grouped_mm) from this many rows per local expert on
 # (prefill); below it the fused Triton kernel is faster inside the decode step's CUDA graph (EP72 decode
 # projection, H200: 1.519 vs 1.453 ms/layer with grouped_mm at 512 rows per expert).
@@ -255,13 +259,15 @@ class Experts(nn.Module):
 
     def host_count_path(self, device: torch.device, rows: int) -> bool:
         """Whether `rows` grouped rows go to per-expert cuBLAS blockwise FP8 GEMMs (which need host counts):
-        FP8 experts with 128x128 blocks on a device where that GEMM is verified, >= CUBLAS_MIN_ROWS_PER_EXPERT
-        rows per local expert on average (prefill; decode's few rows stay on the fused kernel)."""
+        FP8 experts with 128x128 blocks on a device where that GEMM is verified, and enough work per local
+        expert on average to outweigh the per-expert host cost (CUBLAS_MIN_FLOPS_PER_EXPERT; prefill-sized
+        batches; decode's few rows stay on the fused kernel)."""
         block = self.block_shape
         inter, hidden = self.intermediate_size, self.hidden_size
+        flops_per_expert = rows / max(len(self.local_experts), 1) * 6 * hidden * inter
         return (
             block is not None
-            and rows >= CUBLAS_MIN_ROWS_PER_EXPERT * len(self.local_experts)
+            and flops_per_expert >= CUBLAS_MIN_FLOPS_PER_EXPERT
             and fp8_cublas.shape_ok(2 * inter, hidden, block)
             and fp8_cublas.shape_ok(hidden, inter, block)
             and fp8_cublas.device_ok(device)

@@ -25,7 +25,7 @@ from moefleet.engine.kernels.fp8_blocks import (  # noqa: E402
     quantize_per_token_group_reference,
     quantize_weight_block,
 )
-from moefleet.engine.layers.experts import CUBLAS_MIN_ROWS_PER_EXPERT, Experts  # noqa: E402
+from moefleet.engine.layers.experts import CUBLAS_MIN_FLOPS_PER_EXPERT, Experts  # noqa: E402
 
 if not fp8_quant._INTERPRET:
     pytest.skip(
@@ -134,12 +134,18 @@ def test_experts_orchestration_matches_formula(monkeypatch):
 def test_host_count_path_needs_fp8_enough_rows_and_a_verified_device(monkeypatch):
     experts = Experts([0, 1], hidden_size=512, intermediate_size=512)
     cuda = torch.device("cuda", 0)
-    enough = CUBLAS_MIN_ROWS_PER_EXPERT * 2
+    enough = 2 * int(CUBLAS_MIN_FLOPS_PER_EXPERT / (6 * 512 * 512) + 1)  # 2 experts' worth of rows
+    deepseek = Experts([0, 1, 2, 3, 4, 5, 6, 7, 8], hidden_size=7168, intermediate_size=2048)
+    deepseek.to_fp8((128, 128))
     monkeypatch.setattr(fp8_cublas, "device_ok", lambda device: device.type == "cuda")
     assert not experts.host_count_path(cuda, enough)  # bf16 experts: the fused kernel
     experts.to_fp8((128, 128))
     assert experts.host_count_path(cuda, enough)
-    assert not experts.host_count_path(cuda, enough - 1)  # decode-sized: the fused kernel
+    assert not experts.host_count_path(cuda, enough - 2)  # less work per expert: the fused kernel
+    # DeepSeek-V3 width, EP32's 9 experts: the measured crossover (~2,100 rows per expert)
+    assert not deepseek.host_count_path(cuda, 9 * 1024)  # 2k-token chunk: Triton measured 2x faster
+    assert deepseek.host_count_path(cuda, 9 * 4096)  # cuBLAS measured 1.75x faster
+    assert deepseek.host_count_path(cuda, 131_072)  # the 16k-token EP32 prefill step
     assert not experts.host_count_path(torch.device("cpu"), enough)
     fp8_cublas.set_enabled(False)
     try:
@@ -150,4 +156,4 @@ def test_host_count_path_needs_fp8_enough_rows_and_a_verified_device(monkeypatch
     small_blocks = Experts([0], hidden_size=512, intermediate_size=512)
     small_blocks.to_fp8((64, 64))
     monkeypatch.setattr(fp8_cublas, "device_ok", lambda device: True)
-    assert not small_blocks.host_count_path(cuda, CUBLAS_MIN_ROWS_PER_EXPERT)
+    assert not small_blocks.host_count_path(cuda, enough)

@@ -106,9 +106,9 @@ def test_experts_match_triton_fused_fp8():
     assert _rel(got[:valid], ref[:valid]) <= 3e-2
 
 
-def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode():
+def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode(monkeypatch):
     _needs_cublas_fp8()
-    from moefleet.engine.layers.experts import CUBLAS_MIN_ROWS_PER_EXPERT
+    from moefleet.engine.layers import experts as experts_module
     from moefleet.engine.layers.moe import MoE
     from moefleet.engine.layers.router import RoutingConfig
 
@@ -128,7 +128,9 @@ def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode():
             q, s = quantize_weight_block(w2[e], BLOCK)
             moe.experts.w2[e].copy_(q)
             moe.experts.w2_scale_inv[e].copy_(s)  # type: ignore[index]
-    tokens = CUBLAS_MIN_ROWS_PER_EXPERT * experts // top_k + 17
+    # the threshold scaled to this small width: the path is chosen from 1,024 rows per expert here
+    monkeypatch.setattr(experts_module, "CUBLAS_MIN_FLOPS_PER_EXPERT", 1024 * 6 * hidden * inter)
+    tokens = 1024 * experts // top_k + 17
     x = torch.randn(tokens, hidden, device=DEV, dtype=torch.bfloat16)
     assert not moe.local_topk_path(x, moe.dispatcher, is_prefill=True)
     assert moe.local_topk_path(x, moe.dispatcher, is_prefill=False)
