@@ -7,8 +7,8 @@ Experts (prefill, host row counts): per local expert with rows, quantise -> w13 
 the second quantisation -> w2 GEMM.
 
 Measured on H200 (torch 2.11, cuBLAS of CUDA 13): 1,035-1,178 TFLOP/s against bf16 cuBLAS's 610-780 and our
-Triton w8a8 kernel's ~480 (benchmarks/fp8_scaled_mm_probe.py, docs/benchmarks.md). Used where `usable` says
-so (SM90, the API present, 128x128 blocks, K a multiple of 512); everything else keeps the Triton path.
+Triton w8a8 kernel's ~480 (benchmarks/fp8_scaled_mm_probe.py, docs/benchmarks.md). Used where `device_ok` and
+`shape_ok` say so (SM90, the API present, 128x128 blocks, K a multiple of 512); everything else keeps Triton.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ VERIFIED_CAPABILITIES = ((9, 0),)
 
 
 def api_present() -> bool:
-    """torch exposes the blockwise scaled GEMM (torch >= 2.10)."""
+    """torch exposes the blockwise scaled GEMM (`F.scaled_mm` + `F.ScalingType`; measured with torch 2.11)."""
     scaling = getattr(F, "ScalingType", None)
     return hasattr(F, "scaled_mm") and scaling is not None and hasattr(scaling, "BlockWise1x128")
 
@@ -34,7 +34,7 @@ _enabled = True
 
 
 def set_enabled(enabled: bool) -> None:
-    """Process-wide switch (`moefleet bench --quantization fp8-triton` turns cuBLAS off for side-by-side runs)."""
+    """Process-wide switch (`moefleet bench --gemm-backend triton` turns it off for side-by-side runs)."""
     global _enabled
     _enabled = enabled
 

@@ -51,7 +51,8 @@ def _quant_per_token_group_kernel(
 
     SWIGLU: the input row is [gate | up] (up at column offset `swiglu_offset`) and the quantised values are
     silu(gate) * up, rounded to x's dtype first (what the unfused torch SwiGLU would hand the next GEMM).
-    Rows in [rows, grid rows) are padding: zeros with scale EPS (cuBLAS wants M padded to a multiple of 4)."""
+    Rows in [rows, grid rows) are padding: zeros with an all-zero group's scale (cuBLAS wants M padded to a
+    multiple of 4)."""
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)  # [G]
     lane = tl.arange(0, BLOCK)  # [BLOCK]
@@ -86,7 +87,7 @@ def quantize_per_token_group(
     `column_major_scales`: the scales tensor is [M, G] with strides (1, M) (each group's scales contiguous),
     the "outer-dim-major" layout cuBLAS's blockwise FP8 GEMM reads (`kernels.fp8_cublas`).
     `swiglu`: x is [M, 2K'] = [gate | up]; quantises silu(gate) * up ([M, K'] out), SwiGLU fused in.
-    `pad_rows_to`: outputs have M rounded up to this multiple; the extra rows are zeros (scale EPS)."""
+    `pad_rows_to`: outputs have M rounded up to this multiple; the extra rows are zeros (scale EPS / 448)."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"expected a 2-d row-major activation, got shape {tuple(x.shape)}")
     rows, cols = x.shape

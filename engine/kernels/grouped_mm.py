@@ -7,8 +7,9 @@ Data flow (hidden [N, D] grouped by local expert, counts [E] on device):
       kernel leaves them (every combine reads only valid rows).
 Measured on H200 against the Triton fused kernel: eager 20.0 vs 21.6 ms at EP32 prefill (9 experts x 14.6k
 rows, benchmarks/fp8_experts_probe.py); at EP72 decode (4 x 512 rows) eager timing favoured it (304 vs 351 us)
-but inside the decode step's CUDA graph it lost (1.519 vs 1.453 ms per layer), so `Experts` uses it from
-GROUPED_MM_MIN_ROWS_PER_EXPERT rows per expert only. `usable`: bf16 weights, SM90, torch with the op,
+but inside the decode step's CUDA graph it lost in the one run that compared it (1.519 vs 1.453 ms per layer,
+within the run-to-run spread measured later), so `Experts` uses it from GROUPED_MM_MIN_ROWS_PER_EXPERT rows
+per expert only until a repeated decode measurement says otherwise. `usable`: bf16 weights, SM90, torch with the op,
 16-element-aligned widths; FP8 and float32 experts keep their paths.
 """
 

@@ -30,8 +30,8 @@ PAD_MIN_ROWS = 4096
 # cuBLAS vs 1,480 Triton; x 4,096 rows 3,534 vs 6,180).
 CUBLAS_MIN_FLOPS_PER_EXPERT = 1.9e11
 # bf16 experts on CUDA: torch's grouped GEMM (kernels.grouped_mm) from this many rows per local expert on
-# (prefill); below it the fused Triton kernel is faster inside the decode step's CUDA graph (EP72 decode
-# projection, H200: 1.519 vs 1.453 ms/layer with grouped_mm at 512 rows per expert).
+# (prefill); decode keeps the fused Triton kernel, which won the one in-graph comparison (EP72 decode
+# projection, H200: 1.519 vs 1.453 ms/layer with grouped_mm at 512 rows per expert; within run-to-run spread).
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 1024
 
 

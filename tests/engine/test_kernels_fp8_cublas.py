@@ -150,7 +150,7 @@ def test_host_count_path_needs_fp8_enough_rows_and_a_verified_device(monkeypatch
     fp8_cublas.set_enabled(False)
     try:
         monkeypatch.undo()
-        assert not fp8_cublas.device_ok(cuda)  # switched off (bench --quantization fp8-triton)
+        assert not fp8_cublas.device_ok(cuda)  # switched off (bench --gemm-backend triton)
     finally:
         fp8_cublas.set_enabled(True)
     small_blocks = Experts([0], hidden_size=512, intermediate_size=512)
