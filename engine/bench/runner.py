@@ -340,14 +340,13 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     finally:
         topology.set_current(topology.Topology())
     random_init(model, options.seed)
-    from moefleet.engine.kernels import fp8_cublas, grouped_mm
-
-    fp8_cublas.set_enabled(options.gemm_backend == "auto")  # "triton": our Triton GEMMs only (side by side)
-    grouped_mm.set_enabled(options.gemm_backend == "auto")
     if options.quantization == "fp8":
         from moefleet.engine.fp8_weights import quantize_model
 
         quantize_model(model)
+    from moefleet.engine.gemm_backend import set_gemm_backend
+
+    set_gemm_backend(model, options.gemm_backend)  # "triton": our Triton GEMMs only (side by side)
     if group is not None:
         micro_batches = num_micro_batches(options.tbo)
         apply_expert_parallel(

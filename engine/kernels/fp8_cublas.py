@@ -29,24 +29,14 @@ def api_present() -> bool:
     return hasattr(F, "scaled_mm") and scaling is not None and hasattr(scaling, "BlockWise1x128")
 
 
-_DEVICE_OK: dict[int, bool] = {}
-_enabled = True
-
-
-def set_enabled(enabled: bool) -> None:
-    """Process-wide switch (`moefleet bench --gemm-backend triton` turns it off for side-by-side runs)."""
-    global _enabled
-    _enabled = enabled
-
-
 def device_ok(device: torch.device) -> bool:
-    """CUDA device of a verified compute capability, with the API present (cached per device index)."""
-    if device.type != "cuda" or not _enabled:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_OK:
-        _DEVICE_OK[index] = api_present() and torch.cuda.get_device_capability(index) in VERIFIED_CAPABILITIES
-    return _DEVICE_OK[index]
+    """CUDA device of a verified compute capability, with the API present. No process-wide state: layers
+    decide once and keep the answer (`Fp8Linear`), or ask per prefill step (`Experts.host_count_path`)."""
+    return (
+        device.type == "cuda"
+        and api_present()
+        and torch.cuda.get_device_capability(device) in VERIFIED_CAPABILITIES
+    )
 
 
 # torch wants the K/128 scale columns in whole groups of 4 (K = 256 failed: "scale_b must have shape 4 x 4").

@@ -19,28 +19,24 @@ import torch
 import torch.nn.functional as F
 
 VERIFIED_CAPABILITIES = ((9, 0),)
-_enabled = True
-_DEVICE_OK: dict[int, bool] = {}
 
 
-def set_enabled(enabled: bool) -> None:
-    """Process-wide switch (`moefleet bench --gemm-backend triton` turns it off for side-by-side runs)."""
-    global _enabled
-    _enabled = enabled
+def device_ok(device: torch.device) -> bool:
+    """CUDA device of a verified compute capability, torch with the op."""
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(device) in VERIFIED_CAPABILITIES
+    )
 
 
 def usable(weight: torch.Tensor, hidden: torch.Tensor) -> bool:
     """bf16 weights and activations on a CUDA device of a verified capability, widths multiples of 16."""
-    if not _enabled or not hidden.is_cuda or weight.dtype != torch.bfloat16 or hidden.dtype != torch.bfloat16:
+    if not hidden.is_cuda or weight.dtype != torch.bfloat16 or hidden.dtype != torch.bfloat16:
         return False
     if weight.shape[-1] % 16 or weight.shape[-2] % 16:
         return False
-    index = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_OK:
-        _DEVICE_OK[index] = (
-            hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(index) in VERIFIED_CAPABILITIES
-        )
-    return _DEVICE_OK[index]
+    return device_ok(hidden.device)
 
 
 def experts(hidden: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

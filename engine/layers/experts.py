@@ -62,6 +62,9 @@ class Experts(nn.Module):
         self.register_buffer("w13_scale_inv", None, persistent=False)
         self.register_buffer("w2_scale_inv", None, persistent=False)
         self.loaded_scales: set[tuple[int, str]] = set()
+        # torch's library GEMMs (cuBLAS blockwise FP8 per expert, bf16 grouped_mm) where verified;
+        # `gemm_backend.set_gemm_backend(model, "triton")` turns them off (side-by-side runs).
+        self.library_gemms = True
 
     def to_fp8(self, block: tuple[int, int]) -> None:
         """Store weights as float8_e4m3fn + per-(bo x bi)-tile scales (DeepSeek's format), before loading.
@@ -235,6 +238,7 @@ class Experts(nn.Module):
                 )
             if (
                 self.block_shape is None
+                and self.library_gemms
                 and hidden.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * len(self.local_experts)
                 and grouped_mm.usable(self.w13, hidden)
             ):
@@ -267,6 +271,7 @@ class Experts(nn.Module):
         flops_per_expert = rows / max(len(self.local_experts), 1) * 6 * hidden * inter
         return (
             block is not None
+            and self.library_gemms
             and flops_per_expert >= CUBLAS_MIN_FLOPS_PER_EXPERT
             and fp8_cublas.shape_ok(2 * inter, hidden, block)
             and fp8_cublas.shape_ok(hidden, inter, block)

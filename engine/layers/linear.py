@@ -75,6 +75,10 @@ class Fp8Linear(nn.Module):
         self.bias = (
             set_weight_loader(nn.Parameter(torch.zeros(out_features, dtype=dtype), False)) if bias else None
         )
+        # torch's library GEMM (cuBLAS blockwise FP8) where verified; `gemm_backend.set_gemm_backend(model,
+        # "triton")` turns it off (side-by-side runs). `_cublas`: decided at the first CUDA forward, then kept.
+        self.library_gemms = True
+        self._cublas: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from moefleet.engine.kernels.fp8_blocks import dequantize_block
@@ -83,9 +87,11 @@ class Fp8Linear(nn.Module):
         if x.is_cuda:
             from moefleet.engine.kernels.fused_moe import w8a8_block_linear
 
-            if fp8_cublas.shape_ok(self.out_features, self.in_features, self.block) and fp8_cublas.device_ok(
-                x.device
-            ):
+            if self._cublas is None:
+                self._cublas = fp8_cublas.shape_ok(
+                    self.out_features, self.in_features, self.block
+                ) and fp8_cublas.device_ok(x.device)
+            if self._cublas and self.library_gemms:
                 out = fp8_cublas.linear(flat, self.weight, self.weight_scale_inv)
             else:
                 out = w8a8_block_linear(flat, self.weight, self.weight_scale_inv, self.block)  # type: ignore[arg-type]

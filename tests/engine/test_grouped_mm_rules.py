@@ -7,24 +7,21 @@ import torch
 from moefleet.engine.kernels import grouped_mm
 
 
-def test_usable_only_for_bf16_on_cuda_with_aligned_widths(monkeypatch):
+def test_usable_only_for_bf16_on_a_verified_cuda_device_with_aligned_widths(monkeypatch):
     w = torch.empty(4, 64, 32, dtype=torch.bfloat16)
     x = torch.empty(8, 32, dtype=torch.bfloat16)
     assert not grouped_mm.usable(w, x)  # CPU tensors
+    assert not grouped_mm.device_ok(torch.device("cpu"))
 
-    class _CudaLike:  # a stand-in with is_cuda and a device index: the capability lookup is patched
+    class _CudaLike:  # a stand-in with is_cuda and a device: the capability check is patched
         def __init__(self, dtype):
             self.is_cuda, self.dtype, self.device = True, dtype, torch.device("cuda", 0)
 
-    monkeypatch.setattr(grouped_mm, "_DEVICE_OK", {0: True})
+    monkeypatch.setattr(grouped_mm, "device_ok", lambda device: True)
     assert grouped_mm.usable(w, _CudaLike(torch.bfloat16))  # type: ignore[arg-type]
     assert not grouped_mm.usable(w, _CudaLike(torch.float32))  # type: ignore[arg-type]
     assert not grouped_mm.usable(w.float(), _CudaLike(torch.bfloat16))  # type: ignore[arg-type]
-    assert not grouped_mm.usable(torch.empty(4, 64, 40, dtype=torch.bfloat16), _CudaLike(torch.bfloat16))  # type: ignore[arg-type]
-    grouped_mm.set_enabled(False)
-    try:
-        assert not grouped_mm.usable(w, _CudaLike(torch.bfloat16))  # type: ignore[arg-type]
-    finally:
-        grouped_mm.set_enabled(True)
-    monkeypatch.setattr(grouped_mm, "_DEVICE_OK", {0: False})  # an unverified capability
+    unaligned = torch.empty(4, 64, 40, dtype=torch.bfloat16)
+    assert not grouped_mm.usable(unaligned, _CudaLike(torch.bfloat16))  # type: ignore[arg-type]
+    monkeypatch.setattr(grouped_mm, "device_ok", lambda device: False)  # an unverified capability
     assert not grouped_mm.usable(w, _CudaLike(torch.bfloat16))  # type: ignore[arg-type]

@@ -147,13 +147,26 @@ def test_host_count_path_needs_fp8_enough_rows_and_a_verified_device(monkeypatch
     assert deepseek.host_count_path(cuda, 9 * 4096)  # cuBLAS measured 1.75x faster
     assert deepseek.host_count_path(cuda, 131_072)  # the 16k-token EP32 prefill step
     assert not experts.host_count_path(torch.device("cpu"), enough)
-    fp8_cublas.set_enabled(False)
-    try:
-        monkeypatch.undo()
-        assert not fp8_cublas.device_ok(cuda)  # switched off (bench --gemm-backend triton)
-    finally:
-        fp8_cublas.set_enabled(True)
+    experts.library_gemms = False  # what `set_gemm_backend(model, "triton")` sets
+    assert not experts.host_count_path(cuda, enough)
     small_blocks = Experts([0], hidden_size=512, intermediate_size=512)
     small_blocks.to_fp8((64, 64))
     monkeypatch.setattr(fp8_cublas, "device_ok", lambda device: True)
     assert not small_blocks.host_count_path(cuda, enough)
+
+
+def test_set_gemm_backend_flips_every_layer_with_a_choice():
+    from moefleet.engine.gemm_backend import set_gemm_backend
+    from moefleet.engine.layers.linear import Fp8Linear, Linear
+
+    model = torch.nn.Sequential(
+        Fp8Linear(512, 512, (128, 128)),
+        Linear(512, 512),
+        Experts([0, 1], hidden_size=512, intermediate_size=512),
+    )
+    assert set_gemm_backend(model, "triton") == 2  # the plain Linear has no choice
+    assert model[0].library_gemms is False and model[2].library_gemms is False
+    assert set_gemm_backend(model, "auto") == 2
+    assert model[0].library_gemms is True and model[2].library_gemms is True
+    with pytest.raises(ValueError, match="gemm backend 'cublas' must be one of"):
+        set_gemm_backend(model, "cublas")

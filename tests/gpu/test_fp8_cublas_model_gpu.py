@@ -3,7 +3,7 @@ multiple of 512, DeepSeek's 128x128 blocks), prefilled on a GPU through the load
 
 - every FP8 linear runs on cuBLAS (`fp8_cublas.linear`) and the MoE layer's prefill step takes the
   per-expert cuBLAS path with host counts (`fp8_cublas.experts`), counted by spies;
-- its logits match the same checkpoint on the Triton w8a8 kernels (`fp8_cublas.set_enabled(False)`: same
+- its logits match the same checkpoint on the Triton w8a8 kernels (`set_gemm_backend(model, "triton")`: same
   quantised weights, other accumulation order and bf16 intermediates, each of which can move a requantised
   e4m3 value by one step) within median rel L2 6e-2 (measured 3.7e-2), and the dequantised bf16 model
   (`--quantization none`) within tests/gpu/test_fp8_models_gpu.py's 0.12 and no worse than the Triton path
@@ -84,11 +84,11 @@ def test_wide_fp8_checkpoint_prefills_on_cublas(tmp_path, monkeypatch):
     on_cublas = _logits(kept, prompt)
     assert calls["experts"] == 1  # the one MoE layer's prefill step
     assert calls["linear"] >= 10  # q_a, q_b, kv_a, kv_b, o_proj per layer, the MLPs, the shared expert
-    fp8_cublas.set_enabled(False)
-    try:
-        on_triton = _logits(kept, prompt)
-    finally:
-        fp8_cublas.set_enabled(True)
+    from moefleet.engine.gemm_backend import set_gemm_backend
+
+    set_gemm_backend(kept, "triton")
+    on_triton = _logits(kept, prompt)
+    assert calls["experts"] == 1  # the Triton run took no cuBLAS path
     dequantised = _logits(plain, prompt)
     vs_triton, vs_bf16 = _rel(on_cublas, on_triton), _rel(on_cublas, dequantised)
     triton_vs_bf16 = _rel(on_triton, dequantised)
