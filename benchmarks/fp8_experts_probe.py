@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
-from moefleet.engine.kernels import fp8_cublas
+from moefleet.engine.kernels import fp8_cublas, grouped_mm
 from moefleet.engine.kernels.fp8_blocks import quantize_weight_block
 from moefleet.engine.kernels.fused_moe import fused_experts_grouped, w8a8_block_linear
 
@@ -49,7 +49,7 @@ def experts_table() -> None:
             ),
             "cublas_fp8": lambda: fp8_cublas.experts(x, host, q13, q2, s13, s2),
             "cublas_bf16": lambda: _bf16_loop(x, host, w13, w2),
-            "grouped_mm": lambda: _grouped_mm(x, counts, w13, w2),
+            "grouped_mm": lambda: grouped_mm.experts(x, counts, w13, w2),
         }
         for name, fn in fns.items():
             try:
@@ -71,13 +71,6 @@ def _bf16_loop(x, host, w13, w2):
         out[start : start + n] = F.linear(F.silu(g) * u, w2[e])
         start += n
     return out
-
-
-def _grouped_mm(x, counts, w13, w2):
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
-    g, u = h.chunk(2, -1)
-    return torch._grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
 
 
 def projections_table() -> None:

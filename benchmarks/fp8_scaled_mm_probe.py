@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
+from moefleet.engine.kernels.fp8_blocks import (
+    dequantize_block,
+    quantize_per_token_group_reference,
+    quantize_weight_block,
+)
 
 
 def main() -> None:
@@ -30,14 +35,8 @@ def _row(m: int, n: int, k: int) -> str:
     t_bf16 = triton.testing.do_bench(lambda: F.linear(x, w)) * 1e3
     note, t_fp8, err = "", float("nan"), float("nan")
     try:
-        xs = x.float().view(m, k // 128, 128).abs().amax(-1).clamp_min(1e-12) / 448.0  # [M, K/128]
-        xq = (x.float().view(m, k // 128, 128) / xs[..., None]).view(m, k).to(torch.float8_e4m3fn)
-        ws = w.float().view(n // 128, 128, k // 128, 128).abs().amax((1, 3)).clamp_min(1e-12) / 448.0
-        wq = (
-            (w.float().view(n // 128, 128, k // 128, 128) / ws[:, None, :, None])
-            .view(n, k)
-            .to(torch.float8_e4m3fn)
-        )
+        xq, xs = quantize_per_token_group_reference(x, 128)  # xs [M, K/128]
+        wq, ws = quantize_weight_block(w, (128, 128))  # ws [N/128, K/128]
         xs_t = xs.t().contiguous().t()  # outer-dim-major
         st = F.ScalingType
 
@@ -46,9 +45,7 @@ def _row(m: int, n: int, k: int) -> str:
                 xq, wq.t(), xs_t, st.BlockWise1x128, ws.t(), st.BlockWise128x128, output_dtype=torch.bfloat16
             )
 
-        ref = (xq.float().view(m, k // 128, 128) * xs[..., None]).view(m, k) @ (
-            (wq.float().view(n // 128, 128, k // 128, 128) * ws[:, None, :, None]).view(n, k).t()
-        )
+        ref = (xq.float() * xs.repeat_interleave(128, 1)) @ dequantize_block(wq, ws, (128, 128)).t()
         got = run().float()
         err = ((got - ref).norm() / ref.norm()).item()
         t_fp8 = triton.testing.do_bench(run) * 1e3

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One 1-GPU call: torch's GEMMs (cuBLAS blockwise FP8 scaled_mm, bf16 grouped_mm for prefill experts) vs our
 # Triton kernels in the deployment-shape projections, side by side in one run (--gemm-backend auto vs
-# triton), decode repeated for the run-to-run spread, plus the GPU tests and an eager decode profile.
+# triton), decode repeated for the run-to-run spread, plus the GPU tests, the quantiser probe and an eager
+# decode profile.
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_gemm_backend_session.sh OUTDIR
 set -uo pipefail
 out=${1:-/tmp/gpu-gemm}
@@ -10,6 +11,7 @@ EMU_DEC="--preset deepseek-v3 --mode decode --batch-size 256 --kv-len 2000 --emu
 EMU_PRE="--preset deepseek-v3 --mode prefill --prefill-tokens 16384 --prefill-seq-len 4096 --emulate-ep 32 --num-redundant-experts 32 --dense-layers 3"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_grouped_mm_gpu.py tests/gpu/test_fp8_cublas_gpu.py \
   2>&1 | tail -3 | tee "$out/tests.txt"
+timeout 60 python3 benchmarks/fp8_quant_probe.py > "$out/quant_probe.txt" 2>&1
 run() {  # name, then bench arguments
   local name=$1; shift
   timeout 150 moefleet bench "$@" --project-layers 61 --steps 5 --warmup 2 --no-breakdown \

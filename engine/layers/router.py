@@ -109,9 +109,13 @@ class Router(nn.Module):
             else None
         )
         # sigmoid selection through engine/kernels/grouped_topk.py on CUDA when its shapes allow (fixed per layer)
-        from moefleet.engine.kernels.grouped_topk import supports
+        from moefleet.engine.kernels import grouped_topk as fused
 
-        self._fused_selection = supports(config.num_experts, config.n_group, config.top_k)
+        self._fused_selection = (
+            fused.fused_grouped_topk
+            if fused.supports(config.num_experts, config.n_group, config.top_k)
+            else None
+        )
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, D] -> (weights [T, K] float32, logical ids [T, K] int64)."""
@@ -120,9 +124,7 @@ class Router(nn.Module):
             return softmax_topk(F.linear(hidden, self.weight), c.top_k, c.norm_topk_prob)
         logits = F.linear(hidden.float(), self.weight.float())
         selection = (c.top_k, c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
-        if logits.is_cuda and self._fused_selection:
+        if logits.is_cuda and self._fused_selection is not None:
             # one Triton program per token instead of ~10 torch kernels (engine/kernels/grouped_topk.py)
-            from moefleet.engine.kernels.grouped_topk import fused_grouped_topk
-
-            return fused_grouped_topk(logits, self.e_score_correction_bias, *selection)
+            return self._fused_selection(logits, self.e_score_correction_bias, *selection)
         return grouped_topk(logits.sigmoid(), self.e_score_correction_bias, *selection)

@@ -108,6 +108,7 @@ def test_experts_match_triton_fused_fp8():
 
 def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode(monkeypatch):
     _needs_cublas_fp8()
+    from moefleet.engine.fp8_weights import quantize_model
     from moefleet.engine.layers import experts as experts_module
     from moefleet.engine.layers.moe import MoE
     from moefleet.engine.layers.router import RoutingConfig
@@ -117,17 +118,10 @@ def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode(monkey
     moe = MoE(hidden, inter, RoutingConfig(num_experts=experts, top_k=top_k)).to(DEV, torch.bfloat16)
     with torch.no_grad():
         moe.gate.weight.normal_(0, 0.05)
-        w13 = torch.randn(experts, 2 * inter, hidden, device=DEV) * 0.03
-        w2 = torch.randn(experts, hidden, inter, device=DEV) * 0.03
-    moe.experts.to_fp8(BLOCK)
-    with torch.no_grad():
-        for e in range(experts):
-            q, s = quantize_weight_block(w13[e], BLOCK)
-            moe.experts.w13[e].copy_(q)
-            moe.experts.w13_scale_inv[e].copy_(s)  # type: ignore[index]
-            q, s = quantize_weight_block(w2[e], BLOCK)
-            moe.experts.w2[e].copy_(q)
-            moe.experts.w2_scale_inv[e].copy_(s)  # type: ignore[index]
+        moe.experts.w13.normal_(0, 0.03)
+        moe.experts.w2.normal_(0, 0.03)
+    quantize_model(moe, BLOCK)  # the experts to block FP8 (what `moefleet bench --quantization fp8` does)
+    assert moe.experts.w13.dtype == torch.float8_e4m3fn
     # the threshold scaled to this small width: the path is chosen from 1,024 rows per expert here
     monkeypatch.setattr(experts_module, "CUBLAS_MIN_FLOPS_PER_EXPERT", 1024 * 6 * hidden * inter)
     tokens = 1024 * experts // top_k + 17
