@@ -93,42 +93,52 @@ def decode_qwen3(sweep: bool, batch: int = 256, length: int = 2000) -> None:
         )
 
 
-def decode_mla(sweep: bool, batch: int = 256, length: int = 2000) -> None:
-    heads, rank, rope, bs = 128, 512, 64, 16
-    tables, blocks = _tables(batch, length, bs)
-    kv = torch.randn(blocks, bs, rank + rope, dtype=DTYPE, device="cuda")
+# MLA tilings the sweep times at each page size: (heads, keys, warps, stages, q_in_loop, tma); TMA rows need
+# keys <= the page size. History: 16 warps (1,395 us), 128 keys (969), 32 x 32 (990), v_split (2x slower) and
+# Triton warp specialisation (684) all lost to 64 x 64 x 8 warps at 16-token pages (640 us, q_in_loop, 3 stages).
+MLA_SWEEP = [
+    (64, 64, 8, 3, True, False), (64, 64, 8, 3, False, False), (64, 64, 8, 2, False, False),
+    (64, 64, 8, 2, True, False), (64, 64, 8, 3, False, True), (64, 64, 8, 2, False, True),
+    (64, 64, 8, 3, True, True), (64, 64, 8, 2, True, True), (64, 32, 8, 3, False, True),
+    (64, 32, 8, 4, False, True), (64, 32, 8, 3, True, False), (64, 16, 8, 4, False, True),
+]  # fmt: skip
+
+
+def decode_mla(
+    sweep: bool, batch: int = 256, length: int = 2000, block_sizes: tuple[int, ...] = (16,)
+) -> None:
+    heads, rank, rope = 128, 512, 64
+    nbytes = batch * length * (rank + rope) * 2 + 2 * batch * heads * rank * 2
+    flops = 2 * batch * length * heads * (rank + rope + rank)
     q_lat = torch.randn(batch, heads, rank, dtype=DTYPE, device="cuda") * 0.1
     q_pe = torch.randn(batch, heads, rope, dtype=DTYPE, device="cuda") * 0.1
     lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q_lat)
-    nbytes = batch * length * (rank + rope) * 2 + 2 * q_lat.numel() * 2
-    flops = 2 * batch * length * heads * (rank + rope + rank)
-    name = f"mla_decode DeepSeek-V3 B={batch} ctx={length}"
+    for bs in block_sizes:
+        tables, blocks = _tables(batch, length, bs)
+        kv = torch.randn(blocks, bs, rank + rope, dtype=DTYPE, device="cuda")
+        name = f"mla_decode DeepSeek-V3 B={batch} ctx={length} page={bs}"
 
-    def run(cfg=None):
-        return mla_decode(q_lat, q_pe, kv, tables, lens, 0.07, kv_lora_rank=rank, out=out, config=cfg)
+        def run(cfg=None, kv=kv, tables=tables):
+            return mla_decode(q_lat, q_pe, kv, tables, lens, 0.07, kv_lora_rank=rank, out=out, config=cfg)
 
-    _timed(name, run, nbytes, flops, "default")
-    if not sweep:
-        return
-    # (heads, keys, warps, stages, splits, v_split, warp specialisation); run 2's winner first (64, 64, 8, 2)
-    # run of 2026-12-01: 16 warps, 128 keys and warp specialisation all lost to (64, 64, 8, 2); q_in_loop next
-    for block_h, block_n, warps, stages, splits, v_split, qloop in [
-        (64, 64, 8, 2, 1, 1, False), (64, 64, 8, 2, 1, 1, True), (64, 64, 8, 3, 1, 1, True),
-        (64, 32, 8, 3, 1, 1, True), (128, 32, 8, 2, 1, 1, True), (128, 64, 8, 1, 1, 1, True),
-        (64, 32, 4, 3, 1, 1, True), (64, 64, 4, 2, 1, 1, True),
-    ]:  # fmt: skip
-        cfg = DecodeConfig(
-            block_n=block_n,
-            num_splits=splits,
-            num_warps=warps,
-            num_stages=stages,
-            block_h=block_h,
-            v_split=v_split,
-            q_in_loop=qloop,
-        )
-        note = f"h={block_h} n={block_n} w={warps} s={stages} splits={splits} v_split={v_split} qloop={int(qloop)}"
-        _timed(name, lambda cfg=cfg: run(cfg), nbytes, flops, note)
+        _timed(name, run, nbytes, flops, "default")
+        if not sweep:
+            continue
+        for block_h, block_n, warps, stages, qloop, tma in MLA_SWEEP:
+            if tma and block_n > bs:
+                continue
+            cfg = DecodeConfig(
+                block_n=block_n,
+                num_splits=1,
+                num_warps=warps,
+                num_stages=stages,
+                block_h=block_h,
+                q_in_loop=qloop,
+                tma=tma,
+            )
+            note = f"h={block_h} n={block_n} w={warps} s={stages} qloop={int(qloop)} tma={int(tma)}"
+            _timed(name, lambda cfg=cfg: run(cfg), nbytes, flops, note)
 
 
 def _causal_pairs(q_len: int, ctx: int) -> int:
@@ -195,6 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     parser.add_argument("--mla-only", action="store_true", help="only the MLA decode rows (and their sweep)")
+    parser.add_argument(
+        "--mla-pages", default="16", help="comma-separated KV page sizes for the MLA decode rows"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -207,13 +220,14 @@ def main() -> None:
     print("| kernel | time (us) | GB read | GB/s | of HBM peak | TFLOP/s | MFU | config |")
     print("|---|---|---|---|---|---|---|---|")
     copy_ceiling()
+    pages = tuple(int(p) for p in args.mla_pages.split(","))
     if args.mla_only:
-        decode_mla(args.sweep)
+        decode_mla(args.sweep, block_sizes=pages)
         return
     decode_qwen3(args.sweep)
     decode_qwen3(False, batch=8, length=32768)  # long context: split-K
-    decode_mla(args.sweep)
-    decode_mla(False, batch=8, length=32768)
+    decode_mla(args.sweep, block_sizes=pages)
+    decode_mla(False, batch=8, length=32768, block_sizes=pages)
     prefill(args.sweep)
 
 

@@ -90,6 +90,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-model-len", type=int, help="context length: prompt + output tokens")
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from memory)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        help="KV cache page size in tokens (default: 64 for MLA models such as DeepSeek-V3 on CUDA, else 16)",
+    )
     parser.add_argument("--seed", type=int, help="engine seed for requests without their own seed")
     parser.add_argument(
         "--attention-backend",
@@ -399,6 +404,7 @@ def engine_config(args: argparse.Namespace) -> Any:
             "max_num_batched_tokens",
             "max_model_len",
             "num_kv_blocks",
+            "block_size",
             "seed",
             "attention_backend",
             "cuda_graphs",

@@ -32,10 +32,8 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     block_h: int = 16  # MLA: query heads per program (GQA decode uses the KV group, padded to >= 16)
-    v_split: int = (
-        1  # MLA: programs sharing one head block, each accumulating 1/v_split of the latent columns
-    )
     q_in_loop: bool = False  # MLA: reload the query tile every key block instead of holding it in registers
+    tma: bool = False  # MLA: read whole key tiles through TMA descriptors (needs block_n <= the page size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +85,7 @@ def mla_decode_config(
     device: torch.device,
     num_splits: int | None = None,
     element_size: int = 2,
+    block_size: int = 16,
 ) -> DecodeConfig:
     if device.type != "cuda":
         splits = num_splits or choose_num_splits(batch, max_seq_len, device)
@@ -98,23 +97,31 @@ def mla_decode_config(
         programs = batch * -(-heads // block_h)
         splits = num_splits or choose_num_splits(programs, max_seq_len, device)
         return DecodeConfig(block_n=32, num_splits=splits, num_warps=4, num_stages=1, block_h=block_h)
-    # measured on H200 (docs/benchmarks.md, "Attention kernels"): at H = 128, 64 heads x 64 keys with 8 warps
-    # (two warpgroups sharing the 512-wide accumulator, wgmma) 687 us against 909 us for 64 x 32 and 990 us
-    # for 32 x 32; splitting the latent columns over two programs (v_split) was 2x slower
-    # 2026-12-01 (same shape): re-reading the query tile every key block (q_in_loop, fewer live registers) with
-    # 3 stages: 683 -> 640 us; 16 warps, 128 keys and Triton's warp specialisation were all slower
+    # measured on H200 (docs/benchmarks.md, "Attention kernels" and "MLA decode over 64-token pages"): at
+    # H = 128, 64 heads x 64 keys with 8 warps (two warpgroups sharing the 512-wide accumulator, wgmma); 16 warps,
+    # 128 or 32 keys, splitting the latent columns over two programs and Triton's warp specialisation all lost.
+    # 2026-12-01, 256 x 2,000: whole 64-token pages as one tile through TMA descriptors, 2 stages: 507.7 us
+    # (pointer loads 518.2); 16-token pages, the query tile held in shared memory, 3 stages: 606.7 (was 636)
     wide = heads >= 64
     block_h = 64 if wide else max(16, triton_next_power_of_2(heads))
     programs = batch * -(-heads // block_h)
     splits = num_splits or choose_num_splits(programs, max_seq_len, device)
+    if not wide:
+        return DecodeConfig(block_n=32, num_splits=splits, num_warps=4, num_stages=2, block_h=block_h)
+    whole_pages = block_size >= 64
     return DecodeConfig(
-        block_n=64 if wide else 32,
+        block_n=64,
         num_splits=splits,
-        num_warps=8 if wide else 4,
-        num_stages=3 if wide else 2,
+        num_warps=8,
+        num_stages=2 if whole_pages else 3,
         block_h=block_h,
-        q_in_loop=wide,
+        tma=whole_pages and _has_tma(device),
     )
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Tensor-memory-accelerator loads need Hopper or newer (a host query, answered from torch's cache)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def prefill_config(

@@ -219,26 +219,41 @@ def test_varlen_prefill_split_rope_columns(kernels):
 
 
 @pytest.mark.parametrize(
-    "num_splits,v_split,q_in_loop", [(1, 1, False), (3, 1, False), (2, 2, False), (2, 1, True)]
-)
-def test_mla_decode_matches_reference(kernels, num_splits, v_split, q_in_loop):
+    "num_splits,block_n,q_in_loop,tma",
+    [(1, None, False, False), (3, None, False, False), (2, None, True, False), (1, 32, False, False),
+     (2, 16, False, True), (1, 16, True, True)],
+)  # fmt: skip
+def test_mla_decode_matches_reference(kernels, num_splits, block_n, q_in_loop, tma):
+    """Lengths 1, 33, 40, 64 over 16-token pages: full tiles (unmasked loads), partial last tiles, a sequence
+    shorter than a tile and empty splits. block_n 16 <= the page reads one block-table entry per tile (and
+    through TMA descriptors with tma); 32 > the page looks up every key's page."""
     _, mla = kernels
     gen = torch.Generator().manual_seed(6)
-    lens, rank, rope = [1, 33, 40], 64, 16
-    kv = torch.randn(12, 16, 1, rank + rope, generator=gen)  # [N, bs, 1, R + Dr] view accepted
-    tables = _block_tables(lens, 16, 12, gen)
+    lens, rank, rope = [1, 33, 40, 64], 64, 16
+    kv = torch.randn(16, 16, 1, rank + rope, generator=gen)  # [N, bs, 1, R + Dr] view accepted
+    tables = _block_tables(lens, 16, 16, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    q_latent = torch.randn(3, 16, rank, generator=gen)
-    q_rope = torch.randn(3, 16, rope, generator=gen)
+    q_latent = torch.randn(4, 16, rank, generator=gen)
+    q_rope = torch.randn(4, 16, rope, generator=gen)
     config = None  # the per-shape default, with num_splits forced
-    if v_split > 1:  # two programs per head block, each accumulating half of the latent columns
+    if block_n is not None:
         config = DecodeConfig(
-            block_n=16, num_splits=num_splits, num_warps=4, num_stages=1, v_split=v_split, q_in_loop=q_in_loop
+            block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=1, q_in_loop=q_in_loop, tma=tma
         )
     got = mla.mla_decode(
         q_latent, q_rope, kv, tables, seq_lens, 0.1, kv_lora_rank=rank, num_splits=num_splits, config=config
     )
     _close(got, mla_decode_ref(q_latent, q_rope, kv, tables, seq_lens, 0.1, kv_lora_rank=rank))
+
+
+def test_mla_decode_tma_refuses_tiles_across_pages(kernels):
+    _, mla = kernels
+    kv = torch.zeros(4, 16, 80)
+    tables, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    cfg = DecodeConfig(block_n=32, num_splits=1, num_warps=4, num_stages=1, tma=True)
+    with pytest.raises(ValueError, match="tma=False"):
+        mla.mla_decode(torch.zeros(1, 16, 64), torch.zeros(1, 16, 16), kv, tables, lens, 1.0, kv_lora_rank=64,
+                       config=cfg)  # fmt: skip
 
 
 def test_mla_decode_empty_batch_and_bad_rank(kernels):
@@ -258,6 +273,7 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
 
     # an H200's 132 SMs stand in for the device query on this CUDA-less machine
     monkeypatch.setattr(ac, "_sm_count", lambda device: ac.H200_SMS)
+    monkeypatch.setattr(ac, "_has_tma", lambda device: True)
     cuda = torch.device("cuda")
     assert ac.choose_num_splits(1024, 2000, cuda) == 1  # 256 sequences x 4 KV heads fill the GPU
     assert ac.choose_num_splits(32, 32768, cuda) == 9  # 8 sequences x 4 KV heads: ~2 programs per SM
@@ -270,10 +286,14 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     # to launch there): q tile + one K/V tile per stage, 576 = 512 latent + 64 rope columns, 4 bytes each
     f32 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=4)
     assert (f32.block_h + f32.num_stages * f32.block_n) * 576 * 4 <= 232448
-    bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2)
-    # bf16 re-reads the query tile every key block (q_in_loop): the key stages alone fit (3 x 64 keys, 221 KB;
-    # compiled and ran on H200 on 2026-12-01)
-    assert bf16.q_in_loop and bf16.num_stages * bf16.block_n * 576 * 2 <= 232448
+    # bf16 holds the query tile in shared memory next to two key tiles (Triton keeps num_stages - 1 pointer-load
+    # buffers and up to 2 TMA buffers: 221 KB as compiled for sm_90, ran on H200 on 2026-12-01)
+    for page in (16, 64):
+        bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2, block_size=page)
+        assert not bf16.q_in_loop and (bf16.block_h + 2 * bf16.block_n) * 576 * 2 <= 232448
+        assert bf16.tma == (page >= bf16.block_n)  # TMA only where a tile lies within one page
+    monkeypatch.setattr(ac, "_has_tma", lambda device: False)  # pre-Hopper
+    assert not ac.mla_decode_config(3, 128, 512, 32768, cuda, block_size=64).tma
     # expanded MLA prefill (Dk 192, Dv 128): q tile + K and V tiles per stage
     for size in (2, 4):
         for dk, dv in ((192, 128), (128, 128)):

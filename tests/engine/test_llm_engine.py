@@ -227,3 +227,20 @@ def test_min_tokens_bans_stop_tokens_until_reached(model_dir):
     assert result.token_ids[0] != full.token_ids[0]
     if stop_id in result.token_ids:
         assert result.token_ids[-1] == stop_id and result.finish_reason == "stop"
+
+
+def test_kv_page_size_defaults_to_64_for_mla_on_cuda():
+    """The MLA decode kernel reads a whole 64-token page as one tile (docs/benchmarks.md); other attention and
+    CPU runs keep 16-token pages; an explicit size (config or `moefleet serve --block-size`) wins."""
+    from moefleet.engine.cli import build_parser
+    from moefleet.engine.entrypoints.serve_command import engine_config
+
+    mla, gqa = str(tiny_model_dir("deepseek_grouped")), str(tiny_model_dir("qwen3_norm_topk"))
+    assert EngineConfig(model=mla, device="cuda").block_size == 64
+    assert EngineConfig(model=mla).block_size == 16  # cpu
+    assert EngineConfig(model=gqa, device="cuda").block_size == 16
+    assert EngineConfig(model=mla, device="cuda", block_size=32).block_size == 32
+    assert EngineConfig(model=mla, device="cuda").max_blocks_per_seq == -(-1024 // 64)
+    args = build_parser().parse_args(["serve", "--model", mla, "--block-size", "128"])
+    assert engine_config(args).block_size == 128
+    assert engine_config(build_parser().parse_args(["serve", "--model", mla])).block_size == 16

@@ -127,14 +127,15 @@ def test_long_context_32k_split_k(dtype):
     _check(got, mla_decode_ref(q_lat, q_pe, kv, tables, seq_lens, 0.07, kv_lora_rank=512), dtype)
 
 
+@pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mla_decode_deepseek_shape(dtype):
+def test_mla_decode_deepseek_shape(dtype, page):
     from moefleet.engine.kernels.mla_decode import mla_decode
 
     gen = torch.Generator().manual_seed(3)
-    lens = [1, 16, 33, 2000] + torch.randint(1, 4000, (12,), generator=gen).tolist()
-    tables, blocks = _tables(lens, 16, gen)
-    kv = torch.randn(blocks, 16, 1, 576, generator=gen).to("cuda", dtype)
+    lens = [1, 16, 33, 64, 2000] + torch.randint(1, 4000, (12,), generator=gen).tolist()
+    tables, blocks = _tables(lens, page, gen)
+    kv = torch.randn(blocks, page, 1, 576, generator=gen).to("cuda", dtype)
     q_lat = torch.randn(len(lens), 128, 512, generator=gen).to("cuda", dtype) * 0.1
     q_pe = torch.randn(len(lens), 128, 64, generator=gen).to("cuda", dtype) * 0.1
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -145,15 +146,18 @@ def test_mla_decode_deepseek_shape(dtype):
     if dtype != torch.bfloat16:
         return
     # other tilings the benchmark sweeps, in bf16 only (compiling each takes seconds; a config that does not
-    # fit this GPU's shared memory is skipped: the benchmark reports those)
-    for block_h, block_n, warps, stages, v_split in [
-        (64, 32, 8, 2, 1),
-        (64, 32, 8, 2, 2),
-        (128, 32, 8, 1, 2),
-        (64, 64, 16, 2, 1),
-        (64, 128, 8, 1, 1),
+    # fit this GPU's shared memory is skipped: the benchmark reports those); TMA ones need keys <= the page
+    for block_h, block_n, warps, stages, qloop, tma in [
+        (64, 32, 8, 2, False, False),
+        (64, 64, 8, 3, False, False),
+        (64, 64, 16, 2, True, False),
+        (64, 16, 8, 4, False, True),
+        (64, 64, 8, 2, False, True),
+        (64, 32, 8, 3, True, True),
     ]:
-        cfg = DecodeConfig(block_n, 3, warps, stages, block_h=block_h, v_split=v_split)
+        if tma and block_n > page:
+            continue
+        cfg = DecodeConfig(block_n, 3, warps, stages, block_h=block_h, q_in_loop=qloop, tma=tma)
         try:
             got = mla_decode(q_lat, q_pe, kv, tables, seq_lens, 0.07, kv_lora_rank=512, config=cfg)
         except OutOfResources:
