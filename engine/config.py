@@ -15,7 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "fp8")  # see fp8_weights.py
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-CUDA_GRAPH_MODES = ("auto", "off")
+CUDA_GRAPH_MODES = ("auto", "on", "off")  # see cuda_graph_runner.decide_cuda_graphs
 TBO_MODES = ("auto", "on", "off")  # two-batch overlap, see tbo.py
 # Without an explicit max_model_len we take the checkpoint's max_position_embeddings, but no more than this:
 # very long defaults (128k+) would make every request's worst case reserve a huge share of the KV pool.

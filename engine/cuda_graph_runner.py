@@ -45,18 +45,28 @@ def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
     return None
 
 
+# Expert-parallel decode graphs (every rank replays the group-agreed bucket; idle ranks replay padding) are
+# captured by `--cuda-graphs auto` only once tests/gpu/test_ep_backends_gpu.py's serve-level graph test has
+# passed on 2 GPUs; until then `--cuda-graphs on` opts in (docs/distributed.md, "CUDA graphs of EP decode").
+EP_GRAPHS_VERIFIED = False
+
+
 def decide_cuda_graphs(
     mode: str,
     device: torch.device,
     backend_supports_graphs: bool,
     expert_parallel: bool,
     lockstep: bool = False,
+    ep_sync_free: bool = False,
+    ep_verified: bool | None = None,
 ) -> tuple[bool, str]:
     """(use graphs?, why) for `--cuda-graphs mode`. auto = on for CUDA decode with a graph-capable attention
-    backend on a single rank, or in an expert-parallel group whose ranks all replay the same graph together
-    (`lockstep`: the bench, where every rank runs the same shapes); `off` always off."""
-    if mode not in ("auto", "off"):
-        raise ValueError(f"cuda_graphs ({mode!r}) must be 'auto' or 'off'")
+    backend on a single rank; in an expert-parallel group only when every rank replays the same graph together
+    (`lockstep`: the bench, where every rank runs the same shapes) or the engine agrees a bucket per step, which
+    needs MoE dispatchers without host syncs (`ep_sync_free`: symm, deepep) and, for auto, the 2-GPU
+    verification (`EP_GRAPHS_VERIFIED`); `on` = auto without that last condition; `off` always off."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"cuda_graphs ({mode!r}) must be 'auto', 'on' or 'off'")
     if mode == "off":
         return False, "off: requested"
     if device.type != "cuda":
@@ -64,7 +74,20 @@ def decide_cuda_graphs(
     if not backend_supports_graphs:
         return False, "off: the attention backend cannot be captured (use --attention-backend triton)"
     if expert_parallel and not lockstep:
-        return False, "off: expert-parallel groups are not captured yet"
+        if not ep_sync_free:
+            return False, (
+                "off: the MoE backend reads receive counts on the host (a2a), which a graph cannot replay: "
+                "use --moe-backend symm or deepep"
+            )
+        verified = EP_GRAPHS_VERIFIED if ep_verified is None else ep_verified
+        if mode == "auto" and not verified:
+            return False, (
+                "off: expert-parallel decode graphs are not verified on GPUs yet (--cuda-graphs on opts in)"
+            )
+        return (
+            True,
+            "on: expert-parallel decode, one group-agreed bucket per step (idle ranks replay padding)",
+        )
     return True, "on: CUDA decode with a graph-capable attention backend"
 
 
@@ -109,8 +132,12 @@ class StaticInputs:
 
 def fill_static(static: StaticInputs, batch: ForwardBatch, bucket: int) -> None:
     """Copy a live decode batch of n sequences into the static buffers of `bucket` (>= n), padding rows
-    n..bucket (device-to-device copies and fills only: no host sync)."""
+    n..bucket (device-to-device copies and fills only: no host sync). An empty batch (an idle rank of an
+    expert-parallel group replaying the group's bucket) pads every row."""
     n = batch.num_seqs
+    if batch.num_tokens == 0:
+        _pad(static, 0, bucket)
+        return
     width = int(batch.block_tables.shape[1])
     if batch.mode is not ForwardMode.DECODE or batch.num_tokens != n:
         raise ValueError(f"only decode steps run in CUDA graphs (got a {batch.mode.value} step)")
@@ -120,16 +147,21 @@ def fill_static(static: StaticInputs, batch: ForwardBatch, bucket: int) -> None:
             f"[{static.max_batch_size}, {static.max_blocks_per_seq}]"
         )
     static.input_ids[:n].copy_(batch.input_ids)
-    static.input_ids[n:bucket].zero_()
     static.positions[:n].copy_(batch.positions)
-    static.positions[n:bucket].zero_()
     static.slot_mapping[:n].copy_(batch.slot_mapping)
-    static.slot_mapping[n:bucket].fill_(-1)
     static.seq_lens[:n].copy_(batch.seq_lens_t)
-    static.seq_lens[n:bucket].fill_(1)
     # Columns past `width` keep stale page ids: the kernels read only pages below each seq_len.
     static.block_tables[:n, :width].copy_(batch.block_tables)
-    static.block_tables[n:bucket, 0].zero_()
+    _pad(static, n, bucket)
+
+
+def _pad(static: StaticInputs, start: int, bucket: int) -> None:
+    """Rows start..bucket: token 0 at position 0, no KV slot, seq_len 1 over page 0."""
+    static.input_ids[start:bucket].zero_()
+    static.positions[start:bucket].zero_()
+    static.slot_mapping[start:bucket].fill_(-1)
+    static.seq_lens[start:bucket].fill_(1)
+    static.block_tables[start:bucket, 0].zero_()
 
 
 def static_batch(static: StaticInputs, bucket: int, block_size: int, backend: Any) -> ForwardBatch:
@@ -253,9 +285,15 @@ class CudaGraphRunner:
             and int(batch.sample_indices.shape[0]) == batch.num_seqs
         )
 
-    def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [n, V] of a decode batch (a view of the graph's output: read it before the next replay)."""
-        bucket = bucket_for(batch.num_seqs, self.sizes)
+    def can_join(self, num_seqs: int) -> bool:
+        """This rank's vote in an expert-parallel group: its decode batch of num_seqs (0: idle) fits a bucket."""
+        return bool(self.graphs) and bucket_for(num_seqs, self.sizes) is not None
+
+    def replay(self, batch: ForwardBatch, group_tokens: int | None = None) -> torch.Tensor:
+        """Logits [n, V] of a decode batch (a view of the graph's output: read it before the next replay).
+        `group_tokens`: the most sequences any rank of an expert-parallel group decodes this step; every rank
+        replays that bucket (an idle rank, n = 0, replays padding) so the captured collectives line up."""
+        bucket = bucket_for(max(batch.num_seqs, group_tokens or 0), self.sizes)
         assert bucket is not None
         fill_static(self.static, batch, bucket)
         self.backend.init_forward_metadata_replay(

@@ -51,7 +51,7 @@ class LLMEngine:
         self.model_runner = ModelRunner(config, self.tokenizer.eos_token_ids, model)
         assert config.max_model_len is not None
         self.scheduler = Scheduler(
-            BlockManager(self.model_runner.num_kv_blocks, config.block_size),
+            BlockManager(self.model_runner.num_kv_blocks, self.model_runner.block_size),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
@@ -117,22 +117,27 @@ class LLMEngine:
         """Schedule one batch, run the model on it, and report every request that produced something."""
         outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
-        run, is_prefill, use_tbo = self.agree_step(batch)
+        run, is_prefill, use_tbo, graph_tokens = self.agree_step(batch)
         if run:
-            token_ids = self.model_runner.run(batch, is_prefill=is_prefill, use_tbo=use_tbo)
+            token_ids = self.model_runner.run(
+                batch, is_prefill=is_prefill, use_tbo=use_tbo, group_tokens=graph_tokens
+            )
             outputs += self.postprocess(batch, token_ids)
         return outputs
 
-    def agree_step(self, batch: SchedulerOutput) -> tuple[bool, bool, bool]:
-        """(run the forward?, prefill mode?, two-batch overlap?). Alone: run when there is work, in the batch's
-        own mode, TBO as `config.tbo` says. In an expert-parallel group every rank must run each step in one
-        agreed mode, an empty batch included (an idle forward with T = 0), so the group's `step_agreement`
-        decides."""
+    def agree_step(self, batch: SchedulerOutput) -> tuple[bool, bool, bool, int | None]:
+        """(run the forward?, prefill mode?, two-batch overlap?, group graph tokens). Alone: run when there is
+        work, in the batch's own mode, TBO as `config.tbo` says, graphs as the runner decides. In an
+        expert-parallel group every rank must run each step in one agreed mode, an empty batch included (an idle
+        forward with T = 0), and replay CUDA graphs together (the bucket of the group's most sequences), so the
+        group's `step_agreement` decides."""
         if self.step_agreement is not None:
-            run, is_prefill, *tbo = self.step_agreement(batch)
-            return run, is_prefill, bool(tbo and tbo[0])
+            run, is_prefill, *rest = self.step_agreement(batch)
+            use_tbo = bool(rest and rest[0])
+            graph_tokens = rest[1] if len(rest) > 1 else None
+            return run, is_prefill, use_tbo, graph_tokens
         tbo_here = wants_tbo(self.config.tbo, batch.num_tokens, batch.is_prefill)
-        return not batch.is_empty, batch.is_prefill, tbo_here
+        return not batch.is_empty, batch.is_prefill, tbo_here, None
 
     def postprocess(self, batch: SchedulerOutput, token_ids: list[int]) -> list[RequestOutput]:
         """Record the computed tokens, append sampled ones, detokenize, and retire finished requests."""

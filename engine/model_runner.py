@@ -44,7 +44,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         assert config.dtype is not None
         self.dtype = dtype_from_name(config.dtype)
-        self.block_size = config.block_size
+        assert config.block_size is not None  # resolved by EngineConfig (64 for MLA on CUDA, else 16)
+        self.block_size: int = config.block_size
         # Any: models follow the engine contract (forward, compute_logits), not one base class.
         self.model: Any = (
             model
@@ -54,14 +55,19 @@ class ModelRunner:
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
-        self.attn_backend = create_attention_backend(config.attention_backend, self.device, config.block_size)
-        expert_parallel = any(getattr(m, "ep_size", 1) > 1 for m in self.model.modules())
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device, self.block_size)
+        self.expert_parallel = expert_parallel = any(
+            getattr(m, "ep_size", 1) > 1 for m in self.model.modules()
+        )
+        # Expert-parallel decode graphs need dispatchers without host syncs (symm, DeepEP low-latency).
+        dispatchers = [d for m in self.model.modules() for d in getattr(m, "dispatchers", ())]
+        ep_sync_free = bool(dispatchers) and all(getattr(d, "SYNC_FREE_DECODE", False) for d in dispatchers)
         # Attention variants on the torch reference path (windows, chunks, sinks) cannot be captured.
         capturable = self.attn_backend.supports_cuda_graphs and all(
             getattr(m, "supports_cuda_graphs", True) for m in self.model.modules()
         )
         self.use_cuda_graphs, why = decide_cuda_graphs(
-            config.cuda_graphs, self.device, capturable, expert_parallel
+            config.cuda_graphs, self.device, capturable, expert_parallel, ep_sync_free=ep_sync_free
         )
         self.graph_runner: CudaGraphRunner | None = None
         if config.tbo == "on":  # before a capture of the TBO decode step
@@ -69,7 +75,8 @@ class ModelRunner:
         self.num_kv_blocks = self._count_kv_blocks()
         self._allocate_kv_cache()
         if self.use_cuda_graphs:
-            why = self._capture_cuda_graphs()
+            captured = self._capture_cuda_graphs()
+            why = f"{captured} ({why.removeprefix('on: ')})" if captured.startswith("on") else captured
         print(f"CUDA graphs: {why}", file=sys.stderr, flush=True)
         logger.info("CUDA graphs: %s", why)
         # Unseeded requests draw from one engine-wide generator, seeded for reproducible runs.
@@ -246,19 +253,44 @@ class ModelRunner:
         hidden = self.model(fb.input_ids, fb.positions, fb)
         return self.model.compute_logits(hidden[fb.sample_indices]).float()
 
+    def graph_vote(self, batch: SchedulerOutput) -> bool:
+        """This rank's vote on a CUDA-graph step of an expert-parallel group: it holds graphs and its batch is
+        empty (it replays padding) or a decode step whose every sequence samples and fits a bucket."""
+        graphs = self.graph_runner
+        if graphs is None:
+            return False
+        if batch.is_empty:
+            return graphs.can_join(0)
+        decode = not batch.is_prefill and batch.num_tokens == len(batch.scheduled) == len(batch.sampling)
+        return decode and graphs.can_join(batch.num_tokens)
+
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput, is_prefill: bool | None = None, use_tbo: bool = False) -> list[int]:
+    def run(
+        self,
+        batch: SchedulerOutput,
+        is_prefill: bool | None = None,
+        use_tbo: bool = False,
+        group_tokens: int | None = None,
+    ) -> list[int]:
         """One forward over `batch`; returns one sampled token per sampling sequence (scheduled order).
 
         `is_prefill` is the group-agreed mode (expert-parallel ranks agree on one mode per step); `use_tbo`
-        (agreed by the group too) runs the forward as two interleaved micro-batches (tbo.py).
+        (agreed by the group too) runs the forward as two interleaved micro-batches (tbo.py); `group_tokens`
+        (expert-parallel groups): the step replays CUDA graphs on every rank, in the bucket of that many
+        sequences (None: eager on every rank).
         """
         fb = self.prepare(batch, is_prefill)
         sampling = [s.seq for s in batch.sampling]
         grammar_mask = self.grammar.prepare(sampling, self.device)  # host fill overlaps the forward
         graphs = self.graph_runner
-        if graphs is not None and use_tbo == graphs.tbo and graphs.can_run(fb):
-            logits = graphs.replay(fb)  # [S, V]; decode only, so no prompt logprobs here
+        if graphs is not None and self.expert_parallel:
+            # the group decided (all ranks voted with graph_vote): replay together or not at all
+            replay = group_tokens is not None and use_tbo == graphs.tbo
+        else:
+            replay = graphs is not None and use_tbo == graphs.tbo and graphs.can_run(fb)
+        if replay:
+            assert graphs is not None
+            logits = graphs.replay(fb, group_tokens)  # [S, V]; decode only, so no prompt logprobs here
             if use_tbo:  # the captured TBO decode step
                 self.tbo_steps_total += 1
                 self.tbo_last_split_imbalance = plan_split(fb.query_lens, fb.seq_lens).imbalance

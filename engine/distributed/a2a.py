@@ -108,6 +108,8 @@ class AllToAllDispatcher:
     # Two-batch overlap (tbo_streams.py): the collectives are issued from a comm stream (NCCL orders its own
     # stream after it).
     TBO_OVERLAP = "comm_stream"
+    # Decode steps read the receive counts on the host: not replayable from a CUDA graph.
+    SYNC_FREE_DECODE = False
 
     def __init__(self, group: dist.ProcessGroup, num_experts: int):
         self.group = group

@@ -229,6 +229,11 @@ class DeepEPDispatcher:
         self.shared = get_buffer(group, hidden_size, num_experts, self.ll_max_tokens)
         self.buffer = self.shared.buffer
 
+    @property
+    def SYNC_FREE_DECODE(self) -> bool:  # noqa: N802 - the attribute the other dispatchers define as a constant
+        """Decode steps run the low-latency kernels (no host sync, capturable) when this model has them."""
+        return pick_mode(self.mode, False, self.hidden_size) == "low_latency"
+
     def step_mode(self, is_prefill: bool | None) -> str:
         """The kernels of a step whose group-agreed mode is `is_prefill` (None: unknown -> normal)."""
         return pick_mode(self.mode, is_prefill, self.hidden_size)

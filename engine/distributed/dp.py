@@ -4,7 +4,7 @@ Every rank runs its own scheduler, but MoE layers issue collectives, so every ra
 the same step with the same forward mode. Each step all ranks all-gather a few integers over the CPU group
 and reduce them identically (SGLang-style): run if ANY rank has work (ranks without work run an idle step
 with T = 0), prefill if ANY rank prefills, two-batch overlap only if ALL ranks can, CUDA graphs only if ALL
-ranks can.
+ranks can (idle ones included: they replay the group's bucket with padding rows).
 """
 
 from __future__ import annotations
@@ -61,11 +61,10 @@ def reduce_step_infos(infos: Sequence[StepInfo]) -> GroupStep:
     return GroupStep(
         run=run,
         is_prefill=run and any(i.is_prefill for i in infos),
-        # Idle ranks can follow any mode, so only ranks with work vote on TBO / graphs.
+        # Idle ranks can follow any TBO mode, so only ranks with work vote on it; a graph step replays one
+        # bucket on every rank (idle ones replay padding), so every rank must hold that graph: all vote.
         use_tbo=run and all(i.can_use_tbo for i in infos if i.has_work),
-        use_graph=run
-        and all(i.can_use_graph for i in infos if i.has_work)
-        and not any(i.is_prefill for i in infos),
+        use_graph=run and all(i.can_use_graph for i in infos) and not any(i.is_prefill for i in infos),
         tokens_per_rank=tuple(i.num_tokens if i.has_work else 0 for i in infos),
     )
 

@@ -39,21 +39,26 @@ from moefleet.engine.tbo import num_micro_batches, wants_tbo
 
 
 def make_step_agreement(
-    coordinator: DPStepCoordinator, tbo: str = "off"
-) -> Callable[[SchedulerOutput], tuple[bool, bool, bool]]:
-    """LLMEngine's `step_agreement`: all-gather this rank's batch summary, return (run, prefill mode, TBO);
-    TBO only when every rank with work can use it (`tbo` is the `--tbo` mode, tbo.py)."""
+    coordinator: DPStepCoordinator,
+    tbo: str = "off",
+    graph_vote: Callable[[SchedulerOutput], bool] | None = None,
+) -> Callable[[SchedulerOutput], tuple[bool, bool, bool, int | None]]:
+    """LLMEngine's `step_agreement`: all-gather this rank's batch summary, return (run, prefill mode, TBO,
+    graph tokens); TBO only when every rank with work can use it (`tbo` is the `--tbo` mode, tbo.py); a CUDA
+    graph step only when every rank's `graph_vote` (ModelRunner.graph_vote) says yes, then graph tokens = the
+    most sequences any rank decodes (every rank replays that bucket), else None."""
 
-    def agree(batch: SchedulerOutput) -> tuple[bool, bool, bool]:
+    def agree(batch: SchedulerOutput) -> tuple[bool, bool, bool, int | None]:
         can_tbo = not batch.is_empty and wants_tbo(tbo, batch.num_tokens, batch.is_prefill)
         info = StepInfo(
             num_tokens=batch.num_tokens,
             is_prefill=batch.is_prefill,
             has_work=not batch.is_empty,
             can_use_tbo=can_tbo,
+            can_use_graph=graph_vote is not None and graph_vote(batch),
         )
         step = coordinator.sync(info)
-        return step.run, step.is_prefill, step.use_tbo
+        return step.run, step.is_prefill, step.use_tbo, step.max_tokens if step.use_graph else None
 
     return agree
 
@@ -93,8 +98,14 @@ def build_engine(
         micro_batches=num_micro_batches(config.tbo),
         **options,
     )
-    agreement = make_step_agreement(DPStepCoordinator(state.cpu_group), config.tbo)
+    runners: list[Any] = []  # the engine's ModelRunner once built (it captures graphs while it is built)
+    agreement = make_step_agreement(
+        DPStepCoordinator(state.cpu_group),
+        config.tbo,
+        graph_vote=lambda batch: bool(runners) and runners[0].graph_vote(batch),
+    )
     engine = LLMEngine(config, model=model, step_agreement=agreement)
+    runners.append(engine.model_runner)
     every = every_from_env() if metrics_every is None else metrics_every
     if every:  # per-rank dispatch/combine time and bytes, sampled; exported by the front end's /metrics
         recorder = DispatchRecorder(every)

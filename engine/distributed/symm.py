@@ -348,6 +348,7 @@ class SymmDispatcher:
     """TokenDispatcher over torch symmetric memory: device-side splits, fixed capacity, no host sync."""
 
     TBO_OVERLAP = "comm_stream"  # two-batch overlap: all_to_all_vdev kernels launched on the comm stream
+    SYNC_FREE_DECODE = True  # device-side splits, fixed capacity: decode steps can be captured in CUDA graphs
 
     def __init__(
         self,

@@ -103,8 +103,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cuda-graphs",
-        choices=("auto", "off"),
-        help="auto = capture decode steps in CUDA graphs on CUDA with the triton backend (default auto)",
+        choices=("auto", "on", "off"),
+        help="auto = capture decode steps in CUDA graphs on CUDA with the triton backend (default auto); "
+        "on = also in expert-parallel groups with a sync-free MoE backend (symm, deepep) before that is "
+        "verified on GPUs",
     )
     parser.add_argument(
         "--tbo",

@@ -85,3 +85,44 @@ def test_peer_death_fails_client_requests_and_exits(start_group):
     stdout, stderr = group.outputs[0]
     assert "CLIENT GOT EngineDeadError: the DP group stopped" in stdout, stdout
     assert "moefleet: rank 0 failed: DP engine loop stopped" in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("tiny", "nnodes", "nproc_per_node"),
+    [("qwen3_norm_topk", 1, 2), ("deepseek_grouped", 2, 2)],
+    ids=lambda v: v if isinstance(v, str) else str(v),
+)
+def test_group_agreed_graph_buckets_match_transformers(start_group, tiny, nnodes, nproc_per_node):
+    """Expert-parallel decode steps replayed from per-bucket graphs (stand-ins on CPU that re-run the step over
+    the static buffers, tests/support/stand_in_graphs.py): every rank replays the bucket of the group's most
+    sequences, so ranks with fewer pad rows and idle ranks (the lone request) replay all-padding steps whose
+    rows still route through the MoE exchange. Greedy tokens equal transformers; every rank replayed the same
+    number of graph steps; idle ranks replayed too."""
+    from support.reference import transformers_greedy
+
+    world = nnodes * nproc_per_node
+    model_dir = str(tiny_model_dir(tiny))
+    lone = [44, 45, 46, 47, 48]
+    prompts = [*PROMPTS, [90, 91, 92]]  # 5 requests: uneven per-rank batches (3 + 2, or 2 + 1 + 1 + 1)
+    options = {
+        "model": model_dir,
+        "prompts": prompts,
+        "lone_prompt": lone,
+        "max_tokens": MAX_TOKENS,
+        "stand_in_graphs": True,
+        "engine": {"attention_backend": "triton", "max_num_seqs": 4},
+    }
+    group = start_group("engine", nnodes, nproc_per_node, options=options)
+    codes = group.wait(timeout_s=150 * world // 2)
+    assert codes == [0] * world, [group.stderr(r)[-3000:] for r in range(world)]
+    results = group.results()
+    with one_torch_thread():
+        expected = transformers_greedy(model_dir, [*prompts, lone], MAX_TOKENS, ignore_eos=True)
+    front = results[0]
+    assert [front["tokens"][f"p{i}"] for i in range(len(prompts))] == expected[:-1]
+    assert front["lone"] == expected[-1]
+    # every rank replayed the same buckets the same number of times (the group's bucket, not its own), and
+    # the lone request's MAX_TOKENS - 1 decode steps ran from bucket 1 on every rank (idle ones included)
+    by_bucket = [r["graph_replays"] for r in results]
+    assert all(b == by_bucket[0] for b in by_bucket), by_bucket
+    assert by_bucket[0].get(1, 0) >= MAX_TOKENS - 1 and sum(by_bucket[0].values()) > MAX_TOKENS, by_bucket

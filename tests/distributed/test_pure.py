@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from moefleet.engine import topology
@@ -61,7 +63,7 @@ def test_regroup_by_expert_nothing_received():
 def test_reduce_step_infos_prefill_any_run_any_tbo_all():
     infos = [
         StepInfo(num_tokens=5, is_prefill=False, has_work=True, can_use_tbo=True, can_use_graph=True),
-        StepInfo(num_tokens=0, has_work=False),  # idle: does not veto TBO or graphs
+        StepInfo(num_tokens=0, has_work=False),  # idle: does not veto TBO
         StepInfo(num_tokens=9, is_prefill=True, has_work=True, can_use_tbo=True, can_use_graph=True),
     ]
     step = reduce_step_infos(infos)
@@ -69,6 +71,32 @@ def test_reduce_step_infos_prefill_any_run_any_tbo_all():
     assert not step.use_graph  # prefill steps never replay decode graphs
     assert step.tokens_per_rank == (5, 0, 9) and step.max_tokens == 9
     assert step.is_idle(1) and not step.is_idle(0)
+
+
+def test_reduce_step_infos_graphs_need_every_rank_idle_ones_included():
+    """A graph step replays one bucket on every rank (idle ranks replay padding), so an idle rank without that
+    graph vetoes it; the bucket comes from the most sequences any rank decodes."""
+    working = StepInfo(num_tokens=3, has_work=True, can_use_graph=True)
+    step = reduce_step_infos([working, StepInfo(can_use_graph=True), StepInfo(7, False, True, False, True)])
+    assert step.use_graph and step.max_tokens == 7 and step.is_idle(1)
+    assert not reduce_step_infos([working, StepInfo(can_use_graph=False)]).use_graph
+
+
+def test_step_agreement_returns_the_group_graph_tokens():
+    from moefleet.engine.distributed.dp import DPStepCoordinator
+    from moefleet.engine.distributed.engine_glue import make_step_agreement
+    from moefleet.engine.scheduler import SchedulerOutput
+
+    alone = DPStepCoordinator(None)  # one rank: the all-gather is its own summary
+    votes: list[bool] = [True]
+    agree = make_step_agreement(alone, "off", graph_vote=lambda batch: votes[0])
+    empty = SchedulerOutput(scheduled=[])
+    assert agree(empty) == (False, False, False, None)  # nobody works: no forward at all
+    decode = SimpleNamespace(num_tokens=3, is_prefill=False, is_empty=False)  # what the agreement reads
+    assert agree(decode) == (True, False, False, 3)
+    votes[0] = False  # e.g. more sequences than the largest captured bucket
+    assert agree(decode) == (True, False, False, None)
+    assert make_step_agreement(alone, "off")(decode)[3] is None  # no graph runner: never
 
 
 def test_reduce_step_infos_tbo_vetoed_and_nobody_working():

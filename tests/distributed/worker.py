@@ -282,6 +282,12 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
         options["model"], 128, options.get("backend", "a2a"), **options.get("engine", {})
     )
     result: dict[str, Any] = {"expert_params": ep.count_routed_expert_parameters(engine.model_runner.model)}
+    graphs = None
+    if options.get("stand_in_graphs"):  # decode steps replay "graphs" that re-run the step on static buffers
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from support.stand_in_graphs import install_stand_in_graphs, replays_by_bucket
+
+        graphs = install_stand_in_graphs(engine.model_runner)
     if state.rank == 0:
         client = DPFrontEndClient(loop)
         client.start()
@@ -311,6 +317,8 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     result["prompt_tokens_total"] = engine.stats()["prompt_tokens_total"]
     result["tbo_steps_total"] = engine.stats()["tbo_steps_total"]
     result["num_steps_total"] = engine.num_steps_total
+    if graphs is not None:
+        result["graph_replays"] = replays_by_bucket(graphs)
     torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
     groups.shutdown(state)
 

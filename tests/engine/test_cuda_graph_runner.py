@@ -22,6 +22,7 @@ from moefleet.engine.cuda_graph_runner import (  # noqa: E402
     static_batch,
 )
 from moefleet.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from support.stand_in_graphs import replays_by_bucket, stand_in_graph_runner  # noqa: E402
 
 
 def test_capture_sizes_and_buckets():
@@ -41,9 +42,10 @@ def test_decide_cuda_graphs():
     assert decide_cuda_graphs("off", cuda, True, False)[0] is False
     assert decide_cuda_graphs("auto", cpu, True, False)[0] is False
     assert "attention backend" in decide_cuda_graphs("auto", cuda, False, False)[1]
-    assert "expert-parallel" in decide_cuda_graphs("auto", cuda, True, True)[1]
+    assert "expert-parallel" in decide_cuda_graphs("auto", cuda, True, True, ep_sync_free=True)[1]
+    assert decide_cuda_graphs("on", cuda, True, False)[0] is True  # one rank: the same as auto
     with pytest.raises(ValueError, match="cuda_graphs"):
-        decide_cuda_graphs("on", cuda, True, False)
+        decide_cuda_graphs("always", cuda, True, False)
 
 
 def _decode_batch():
@@ -101,29 +103,16 @@ def test_replay_plumbing_with_a_stand_in_graph():
     and `can_run` refuses what no graph covers."""
     pytest.importorskip("moefleet.engine.kernels.paged_attention")
     from moefleet.engine.attention.triton_backend import TritonAttentionBackend
-    from moefleet.engine.cuda_graph_runner import CudaGraphRunner
     from moefleet.engine.loader import load_model
     from support.tiny_models import PagedDriver, tiny_model_dir
 
     backend = TritonAttentionBackend()
     model = load_model(tiny_model_dir("qwen3_norm_topk"), "cpu", torch.float32)
     driver = PagedDriver(model, num_blocks=16, block_size=16, attn_backend=backend)
-    runner = CudaGraphRunner(
+    runner = stand_in_graph_runner(
         model, backend, max_batch_size=4, max_blocks_per_seq=4, block_size=16, device=torch.device("cpu")
     )
-
-    class StandIn:
-        def __init__(self, bucket):
-            self.bucket = bucket
-
-        def replay(self):
-            batch = static_batch(runner.static, self.bucket, 16, backend)
-            runner.outputs[self.bucket].copy_(runner._step(batch))
-
     vocab = model.config.vocab_size
-    for bucket in runner.sizes:
-        runner.graphs[bucket] = StandIn(bucket)
-        runner.outputs[bucket] = torch.zeros(bucket, vocab)
     assert runner.sizes == [1, 2, 4]
     with torch.no_grad():
         driver.step([(0, list(range(3, 23))), (1, list(range(5, 12))), (2, [7, 8, 9])])
@@ -136,6 +125,26 @@ def test_replay_plumbing_with_a_stand_in_graph():
     assert runner.static.slot_mapping[3].item() == -1  # the pad row of bucket 4 writes nothing
     mixed = driver.batch([(0, [1]), (3, [1, 2])])
     assert not runner.can_run(mixed)  # not a decode step
+    # an expert-parallel group's step: this rank decodes 3 sequences, another rank 2 -> bucket 4 here; 0 here
+    # (idle) while another decodes 2 -> bucket 2, all padding, no rows returned
+    with torch.no_grad():
+        assert runner.replay(decode, group_tokens=2).shape == (3, vocab)
+        idle = ForwardBatch.build(
+            input_ids=[],
+            positions=[],
+            query_lens=[],
+            seq_lens=[],
+            block_tables=[],
+            block_size=16,
+            device="cpu",
+        )
+        assert runner.can_join(0) and runner.replay(idle, group_tokens=2).shape == (0, vocab)
+    assert runner.static.slot_mapping[:2].tolist() == [-1, -1] and runner.static.seq_lens[:2].tolist() == [
+        1,
+        1,
+    ]
+    assert replays_by_bucket(runner) == {4: 2, 2: 1}
+    assert not runner.can_join(5)  # more sequences than the largest bucket: the rank votes against graphs
 
 
 @pytest.mark.parametrize("name", ["qwen3_norm_topk", "deepseek_grouped"])
@@ -176,8 +185,16 @@ def test_tbo_step_on_the_padded_static_batch_equals_eager_decode(name):
     torch.testing.assert_close(lone_tbo, lone_eager, atol=1e-4, rtol=1e-4)
 
 
-def test_decide_cuda_graphs_in_lockstep_expert_parallel_groups():
+def test_decide_cuda_graphs_in_expert_parallel_groups():
     cuda = torch.device("cuda")
     assert decide_cuda_graphs("auto", cuda, True, True, lockstep=True)[0] is True  # the bench's EP group
-    assert decide_cuda_graphs("auto", cuda, True, True)[0] is False  # the engine's EP group: not yet
     assert decide_cuda_graphs("off", cuda, True, True, lockstep=True)[0] is False
+    # the engine's EP group: a2a reads counts on the host, so never; sync-free backends (symm, DeepEP LL) by
+    # auto only once verified on GPUs, by `on` before that
+    on, why = decide_cuda_graphs("on", cuda, True, True, ep_sync_free=False)
+    assert not on and "--moe-backend symm or deepep" in why
+    on, why = decide_cuda_graphs("auto", cuda, True, True, ep_sync_free=True, ep_verified=False)
+    assert not on and "--cuda-graphs on" in why
+    assert decide_cuda_graphs("auto", cuda, True, True, ep_sync_free=True, ep_verified=True)[0] is True
+    assert decide_cuda_graphs("on", cuda, True, True, ep_sync_free=True, ep_verified=False)[0] is True
+    assert decide_cuda_graphs("on", torch.device("cpu"), True, True, ep_sync_free=True)[0] is False

@@ -160,7 +160,7 @@ def test_config_and_params_validation(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"block_size \(8\) must be a power of two >= 16"):
         EngineConfig(model=model_dir, attention_backend="triton", block_size=8)
     with pytest.raises(ValueError, match="cuda_graphs"):
-        EngineConfig(model=model_dir, cuda_graphs="on")
+        EngineConfig(model=model_dir, cuda_graphs="always")
     config = EngineConfig(model=model_dir)
     assert config.dtype == "float32" and config.max_model_len == 1024
     with pytest.raises(ValueError, match="fewer than one max_model_len"):

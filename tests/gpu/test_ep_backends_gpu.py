@@ -44,7 +44,9 @@ def test_dispatcher_round_trips(backend):
     assert "FAIL" not in result.stdout and result.stdout.count("PASS") >= 10
 
 
-def _serve_tokens(model: Path, backend: str, dtype: str) -> list[list[int]]:
+def _serve_tokens(
+    model: Path, backend: str, dtype: str, prompts: list[list[int]] = PROMPTS, cuda_graphs: str = "auto"
+) -> list[list[int]]:
     command = [
         moefleet_executable(),
         "serve",
@@ -57,11 +59,19 @@ def _serve_tokens(model: Path, backend: str, dtype: str) -> list[list[int]]:
         "--dtype",
         dtype,
     ]
-    command += ["--print-examples", "--nproc-per-node", "2", "--moe-backend", backend]
+    command += [
+        "--print-examples",
+        "--nproc-per-node",
+        "2",
+        "--moe-backend",
+        backend,
+        "--cuda-graphs",
+        cuda_graphs,
+    ]
     command += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     command += ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "16"]
     log_dir = Path(os.environ.get("EP_SERVE_LOG_DIR") or tempfile.mkdtemp())
-    log_path = log_dir / f"serve_{model.name}_{backend}_{dtype}.log"
+    log_path = log_dir / f"serve_{model.name}_{backend}_{dtype}_graphs-{cuda_graphs}.log"
     log = log_path.open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     try:
@@ -70,14 +80,18 @@ def _serve_tokens(model: Path, backend: str, dtype: str) -> list[list[int]]:
         def complete(prompt: list[int]) -> list[int]:
             return complete_token_ids(url, model.name, prompt, NEW_TOKENS, timeout=300)
 
-        alone = [complete(p) for p in PROMPTS[:1]]  # one request: the other rank idles (T = 0)
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = list(pool.map(complete, PROMPTS))
+        alone = [complete(p) for p in prompts[:1]]  # one request: the other rank idles (T = 0)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(complete, prompts))
     finally:
         code = stop_process(process)
         log.close()
     assert code == 0, log_path.read_text()[-4000:]
     assert "moe backend: " + backend in log_path.read_text()  # the start-up line names the backend
+    if cuda_graphs == "on":  # every rank captured the expert-parallel decode graphs
+        assert re.search(r"CUDA graphs: on: .*expert-parallel", log_path.read_text()), log_path.read_text()[
+            -4000:
+        ]
     assert alone == together[:1]
     return together
 
@@ -101,6 +115,16 @@ def test_symm_serve_equals_transformers(name):
     assert _serve_tokens(model, "symm", "float32") == transformers_greedy(
         model, PROMPTS, NEW_TOKENS, ignore_eos=True
     )
+
+
+def test_symm_serve_with_expert_parallel_cuda_graphs_equals_transformers():
+    """`--cuda-graphs on` with symm: decode steps replay the group-agreed bucket on both ranks (a lone request:
+    the idle rank replays padding; 5 requests: 3 + 2 sequences, both replay bucket 4). The gate for
+    cuda_graph_runner.EP_GRAPHS_VERIFIED (auto)."""
+    model = tiny_model_dir("qwen3_norm_topk")
+    prompts = [*PROMPTS, [90, 91, 92]]
+    got = _serve_tokens(model, "symm", "float32", prompts, cuda_graphs="on")
+    assert got == transformers_greedy(model, prompts, NEW_TOKENS, ignore_eos=True)
 
 
 @pytest.mark.skipif(not deep_ep_available(), reason="deep_ep is not installed (README: Installing DeepEP)")
