@@ -62,6 +62,11 @@ class ModelRunner:
         # Expert-parallel decode graphs need dispatchers without host syncs (symm, DeepEP low-latency).
         dispatchers = [d for m in self.model.modules() for d in getattr(m, "dispatchers", ())]
         ep_sync_free = bool(dispatchers) and all(getattr(d, "SYNC_FREE_DECODE", False) for d in dispatchers)
+        # Host-side work a dispatcher needs before a captured step replays (DeepEP: clean its buffer after
+        # normal-mode kernels); a replay runs no Python of the step itself.
+        self._before_replay = [
+            d.before_graph_replay for d in dispatchers if hasattr(d, "before_graph_replay")
+        ]
         # Attention variants on the torch reference path (windows, chunks, sinks) cannot be captured.
         capturable = self.attn_backend.supports_cuda_graphs and all(
             getattr(m, "supports_cuda_graphs", True) for m in self.model.modules()
@@ -290,6 +295,8 @@ class ModelRunner:
             replay = graphs is not None and use_tbo == graphs.tbo and graphs.can_run(fb)
         if replay:
             assert graphs is not None
+            for hook in self._before_replay:
+                hook()
             logits = graphs.replay(fb, group_tokens)  # [S, V]; decode only, so no prompt logprobs here
             if use_tbo:  # the captured TBO decode step
                 self.tbo_steps_total += 1

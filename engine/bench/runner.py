@@ -312,7 +312,11 @@ def prepare(scenario: Scenario, options: BenchOptions, device: torch.device, bac
 def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     """Benchmark this rank (of `group`, an EP process group, or alone when None)."""
     import torch.distributed as dist
-    from moefleet.engine.distributed.ep import apply_expert_parallel, set_expert_parallel_layout
+    from moefleet.engine.distributed.ep import (
+        apply_expert_parallel,
+        has_fp8_experts,
+        set_expert_parallel_layout,
+    )
     from moefleet.engine.loader import build_model, dtype_from_name
     from moefleet.engine.tbo import forward_tbo, num_micro_batches, wants_tbo
 
@@ -362,6 +366,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             dtype=options.dtype,
             device=device,
             micro_batches=micro_batches,
+            deepep_ll_fp8=has_fp8_experts(model),  # the serving rule: FP8 rows for FP8 experts only
         )
     if options.emulate_ep:
         from moefleet.engine.bench.emulate import install_emulated_dispatchers

@@ -136,12 +136,14 @@ def make_dispatcher(
     dtype: torch.dtype | str | None = None,
     device: torch.device | None = None,
     micro_batches: int = 1,
+    deepep_ll_fp8: bool = True,
 ) -> TokenDispatcher:
     """Build one dispatcher for one MoE layer (and one micro-batch). `num_experts` counts physical experts
     across the whole group; `group` may be None only for "local". `max_tokens_per_rank` bounds the tokens of
     one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it.
     With `top_k`, `dtype` and `device` known, symm allocates its `micro_batches` workspaces now (before the KV
-    cache is sized), else on the first dispatch."""
+    cache is sized), else on the first dispatch. `deepep_ll_fp8`: DeepEP low-latency dispatch in FP8 (FP8
+    experts) or bf16 (bf16 experts)."""
     world_size = 1 if group is None else dist.get_world_size(group)
 
     def self_check() -> tuple[bool, str]:
@@ -165,5 +167,10 @@ def make_dispatcher(
         reserve = symm_reservation(top_k, dtype, device, micro_batches)
         return SymmDispatcher(group, num_experts, hidden_size, max_tokens_per_rank, reserve=reserve)
     return DeepEPDispatcher(
-        group, num_experts, hidden_size, mode=deepep_mode, max_tokens_per_rank=max_tokens_per_rank
+        group,
+        num_experts,
+        hidden_size,
+        mode=deepep_mode,
+        max_tokens_per_rank=max_tokens_per_rank,
+        ll_fp8=deepep_ll_fp8,
     )

@@ -219,8 +219,13 @@ class DeepEPDispatcher:
         mode: str = "auto",
         max_tokens_per_rank: int = 128,
         ll_max_tokens: int | None = None,
+        ll_fp8: bool = True,
     ):
+        """`ll_fp8`: low-latency dispatch sends FP8 rows + scales (half the bytes; for FP8 experts, whose masked
+        kernel applies the scales in its GEMM); False sends bf16 rows (bf16 experts: the same inputs as the other
+        backends give them)."""
         pick_mode(mode, None, hidden_size)  # validates the mode and the hidden size
+        self.ll_fp8 = ll_fp8
         world_size = group.size()
         check_experts_divisible(num_experts, world_size)
         self.group, self.mode, self.num_experts, self.hidden_size = group, mode, num_experts, hidden_size
@@ -273,24 +278,34 @@ class DeepEPDispatcher:
         return combined
 
     # -- low-latency mode -----------------------------------------------------------------------------
-    def _ll_dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
-        check_ll_tokens(hidden.shape[0], self.ll_max_tokens)
+    def before_graph_replay(self) -> None:
+        """Run by the engine before it replays a captured decode step (which holds only the low-latency
+        kernels): normal kernels that ran since, e.g. a prefill step's, leave the buffer to clean first. Every
+        rank runs the same sequence of step modes, so the ranks clean at the same step."""
+        self._clean_for_low_latency()
+
+    def _clean_for_low_latency(self) -> None:
         if self.shared.last_mode != "low_latency":  # normal kernels used the shared memory since: clean it
             self.buffer.clean_low_latency_buffer(self.ll_max_tokens, self.hidden_size, self.num_experts)
             self.shared.last_mode = "low_latency"
+
+    def _ll_dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+        check_ll_tokens(hidden.shape[0], self.ll_max_tokens)
+        self._clean_for_low_latency()
         topk_idx = topk_ids.to(torch.int64)
         packed, counts, deep_handle, _, hook = self.buffer.low_latency_dispatch(
-            hidden, topk_idx, self.ll_max_tokens, self.num_experts, use_fp8=True, return_recv_hook=True
+            hidden, topk_idx, self.ll_max_tokens, self.num_experts, use_fp8=self.ll_fp8, return_recv_hook=True
         )
         return packed, counts, _LowLatencyHandle(deep_handle, topk_idx, topk_weights.float(), hook)
 
     def _ll_finish(self, pending: Any) -> DispatchedTokens:
-        (x_fp8, scales), counts, handle = pending
+        packed, counts, handle = pending
         handle.hook()  # receive: the sends were issued in dispatch_start
-        # The FP8 rows and their scales go to the experts as they came (no dequantisation here): the masked
+        # FP8 rows and their scales go to the experts as they came (no dequantisation here): the masked
         # fused-MoE kernel reads rows [e, :counts[e]] only and applies the scales inside its GEMM.
+        rows, scales = packed if self.ll_fp8 else (packed, None)
         return DispatchedTokens(
-            x_fp8,
+            rows,
             None,
             handle,
             counts=counts,

@@ -21,7 +21,7 @@ from moefleet.engine import topology
 from moefleet.engine.config import EngineConfig
 from moefleet.engine.dispatch_metrics import DispatchRecorder, every_from_env, install_dispatch_metrics
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
-from moefleet.engine.distributed.ep import apply_expert_parallel
+from moefleet.engine.distributed.ep import apply_expert_parallel, has_fp8_experts
 from moefleet.engine.distributed.groups import ProcessGroups
 from moefleet.engine.distributed.request_router import (
     AbortRequest,
@@ -96,6 +96,7 @@ def build_engine(
         dtype=config.dtype,
         device=state.device,
         micro_batches=num_micro_batches(config.tbo),
+        deepep_ll_fp8=has_fp8_experts(model),
         **options,
     )
     runners: list[Any] = []  # the engine's ModelRunner once built (it captures graphs while it is built)

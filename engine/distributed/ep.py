@@ -81,6 +81,11 @@ def apply_expert_parallel(
     return count
 
 
+def has_fp8_experts(model: nn.Module) -> bool:
+    """Whether the routed experts hold block-FP8 weights (DeepEP low-latency then dispatches FP8 rows)."""
+    return any(getattr(layer.experts, "block_shape", None) is not None for _, layer in moe_layers(model))
+
+
 def _check_built_for(name: str, layer: nn.Module, rank: int, world_size: int) -> None:
     local: range | list[int] = layer.experts.local_experts  # type: ignore[union-attr,assignment]
     if isinstance(local, list):  # EPLB slots (MoE): any expert per slot; the layer knows its rank

@@ -126,3 +126,5 @@ def test_group_agreed_graph_buckets_match_transformers(start_group, tiny, nnodes
     by_bucket = [r["graph_replays"] for r in results]
     assert all(b == by_bucket[0] for b in by_bucket), by_bucket
     assert by_bucket[0].get(1, 0) >= MAX_TOKENS - 1 and sum(by_bucket[0].values()) > MAX_TOKENS, by_bucket
+    # the dispatchers' pre-replay hooks ran once before every replay
+    assert all(r["before_replay_calls"] == sum(r["graph_replays"].values()) for r in results)

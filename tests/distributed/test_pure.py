@@ -214,3 +214,18 @@ def test_apply_expert_parallel_single_rank_and_wrong_layout():
     assert count_routed_expert_parameters(model) == 2 * 4 * 3
     with pytest.raises(ValueError, match="num_micro_batches"):
         apply_expert_parallel(model, None, num_micro_batches=3)
+
+
+def test_has_fp8_experts_picks_deepep_low_latency_row_format():
+    """DeepEP low-latency dispatches FP8 rows for block-FP8 experts and bf16 rows otherwise (build_engine and
+    the bench pass `has_fp8_experts(model)` as `deepep_ll_fp8`)."""
+    from moefleet.engine.distributed.ep import has_fp8_experts
+    from moefleet.engine.fp8_weights import quantize_model
+    from moefleet.engine.loader import load_model
+    from support.tiny_models import tiny_model_dir
+
+    model = load_model(tiny_model_dir("deepseek_grouped"), "cpu", torch.float32)
+    assert not has_fp8_experts(model)
+    quantize_model(model, block=(16, 16))
+    assert has_fp8_experts(model)
+    assert not has_fp8_experts(torch.nn.Sequential(torch.nn.Linear(2, 2)))  # no MoE layers at all

@@ -288,6 +288,8 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
         from support.stand_in_graphs import install_stand_in_graphs, replays_by_bucket
 
         graphs = install_stand_in_graphs(engine.model_runner)
+        before_replay: list[int] = []  # a dispatcher's pre-replay hook (DeepEP cleans its buffer there)
+        engine.model_runner._before_replay.append(lambda: before_replay.append(engine.num_steps_total))
     if state.rank == 0:
         client = DPFrontEndClient(loop)
         client.start()
@@ -319,6 +321,7 @@ def scenario_engine(options: dict[str, Any], out_dir: str) -> None:
     result["num_steps_total"] = engine.num_steps_total
     if graphs is not None:
         result["graph_replays"] = replays_by_bucket(graphs)
+        result["before_replay_calls"] = len(before_replay)
     torch.save(result, os.path.join(out_dir, f"rank{state.rank}.pt"))
     groups.shutdown(state)
 

@@ -2,7 +2,7 @@
 
     python3 -m torch.distributed.run --nproc-per-node 2 tests/gpu/ep_gpu_worker.py BACKEND
 
-BACKEND: symm | deepep_normal | deepep_ll | a2a. For each routing (random, skewed, empty rank, padded, maximal:
+BACKEND: symm | deepep_normal | deepep_ll | deepep_ll_bf16 (bf16 rows) | a2a. For each routing (random, skewed, empty rank, padded, maximal:
 every hit to the last rank) a dispatch -> stand-in experts (expert g scales its rows by 1 + g / 8) -> combine
 round trip is compared with the dense formula sum_k w * x * (1 + id / 8) computed on this rank. For symm also:
 the round trip runs with CUDA's sync debug mode set to "error" (no host synchronisation) and is captured in a
@@ -78,8 +78,9 @@ def make(backend: str, group, experts: int, hidden: int, max_tokens: int):
         return AllToAllDispatcher(group, experts)
     from moefleet.engine.distributed.deepep import DeepEPDispatcher
 
-    mode = "low_latency" if backend == "deepep_ll" else "normal"
-    return DeepEPDispatcher(group, experts, hidden, mode=mode, max_tokens_per_rank=max_tokens)
+    mode = "low_latency" if backend.startswith("deepep_ll") else "normal"
+    ll_fp8 = backend != "deepep_ll_bf16"  # bf16 rows: what a bf16 model's experts get from DeepEP LL
+    return DeepEPDispatcher(group, experts, hidden, mode=mode, max_tokens_per_rank=max_tokens, ll_fp8=ll_fp8)
 
 
 def main() -> int:
@@ -96,6 +97,7 @@ def main() -> int:
         # one deep_ep.Buffer per process, so one shape per DeepEP run (the tiny width runs in the serve test)
         "deepep_normal": [(torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
         "deepep_ll": [(torch.bfloat16, 128, 8, 256, 7168, 0.1)],
+        "deepep_ll_bf16": [(torch.bfloat16, 128, 8, 256, 7168, 2e-2)],
     }[backend]
     for dtype, tokens, top_k, experts, hidden, tol in shapes:
         dispatcher = make(backend, group, experts, hidden, tokens)

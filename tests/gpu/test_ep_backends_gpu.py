@@ -32,7 +32,7 @@ NEW_TOKENS = 8
 PROMPTS = [[5, 6, 7, 8], list(range(20, 70)), [300] * 9, [11, 400, 12, 401, 13, 402]]
 
 
-@pytest.mark.parametrize("backend", ["a2a", "symm", "deepep_normal", "deepep_ll"])
+@pytest.mark.parametrize("backend", ["a2a", "symm", "deepep_normal", "deepep_ll", "deepep_ll_bf16"])
 def test_dispatcher_round_trips(backend):
     if backend.startswith("deepep") and not deep_ep_available():
         pytest.skip("deep_ep is not installed (README: Installing DeepEP)")
@@ -131,3 +131,18 @@ def test_symm_serve_with_expert_parallel_cuda_graphs_equals_transformers():
 def test_deepep_serve_equals_a2a_bf16():
     model = tiny_model_dir("qwen3_norm_topk")
     assert _serve_tokens(model, "deepep", "bfloat16") == _serve_tokens(model, "a2a", "bfloat16")
+
+
+@pytest.mark.skipif(not deep_ep_available(), reason="deep_ep is not installed (README: Installing DeepEP)")
+@pytest.mark.parametrize("cuda_graphs", ["auto", "on"])
+def test_deepep_low_latency_serve_equals_a2a_bf16(tmp_path, cuda_graphs):
+    """DeepEP inside `moefleet serve` at a width its low-latency kernels support (hidden 2048; the tiny models'
+    64 have none): prefill steps run the normal kernels, decode steps the low-latency ones with bf16 rows (a
+    bf16 model), eagerly (auto: EP graphs unverified) and replayed from CUDA graphs (on); greedy tokens equal
+    the a2a backend's."""
+    from moefleet.engine.tiny_model import make_tiny_model
+
+    model = make_tiny_model("qwen3_moe", tmp_path / "qwen3_moe_ll", seed=5, hidden_size=2048)
+    prompts = [*PROMPTS, [90, 91, 92]]
+    got = _serve_tokens(model, "deepep", "bfloat16", prompts, cuda_graphs=cuda_graphs)
+    assert got == _serve_tokens(model, "a2a", "bfloat16", prompts)
