@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One 2-GPU lease that verifies what was built without one (issue 9), time-boxed, in order of value:
+#   1. symm: the dispatcher round trips and `moefleet serve` with expert-parallel CUDA graphs (--cuda-graphs on:
+#      group-agreed buckets, idle ranks replaying padding) against transformers; DeepEP builds meanwhile.
+#   2. DeepEP: round trips with bf16 low-latency rows, and DeepEP inside `moefleet serve` at hidden 2048
+#      (normal prefill + low-latency decode, eager and from EP graphs) against a2a.
+# A pass of (1) lets cuda_graph_runner.EP_GRAPHS_VERIFIED (and backends.VERIFIED_ON_GPU["symm"]) be set;
+# (2) the same for deepep.
+#   source benchmarks/device_setup.sh && DEEPEP_DIR=.deepep bash benchmarks/gpu_ep_verify_session.sh OUTDIR
+set -uo pipefail
+out=${1:-/tmp/gpu-ep-verify}
+mkdir -p "$out"
+export EP_SERVE_LOG_DIR="$out"
+deepep=${DEEPEP_DIR:-.deepep}
+(bash -c "source $deepep/build.sh" > "$out/deepep_build.txt" 2>&1) &
+build=$!
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_ep_backends_gpu.py \
+  -k "symm or a2a" > "$out/symm_tests.txt" 2>&1
+wait $build
+source "$deepep/build.sh" >> "$out/deepep_build.txt" 2>&1
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_ep_backends_gpu.py \
+  -k "deepep" > "$out/deepep_tests.txt" 2>&1
+tail -4 "$out/deepep_build.txt"
+grep -E "passed|failed|^FAILED|^ERROR" "$out/symm_tests.txt" "$out/deepep_tests.txt" | tail -12
