@@ -167,18 +167,22 @@ class ModelRunner:
                 layer.kv_cache = cache
         return torch.cuda.max_memory_allocated(self.device) - before
 
+    def graph_runner_options(self) -> dict[str, Any]:
+        """The CudaGraphRunner options of this engine's decode graphs (model, backend and keywords)."""
+        config = self.config
+        return {
+            "model": self.model,
+            "backend": self.attn_backend,
+            "max_batch_size": config.max_num_seqs,
+            "max_blocks_per_seq": config.max_blocks_per_seq,
+            "block_size": self.block_size,
+            "device": self.device,
+            "tbo": config.tbo == "on",  # every step of a lone engine with --tbo on is a TBO step
+        }
+
     def _capture_cuda_graphs(self) -> str:
         """Capture decode graphs (before the engine serves); on failure run eagerly and say why."""
-        config = self.config
-        runner = CudaGraphRunner(
-            self.model,
-            self.attn_backend,
-            max_batch_size=config.max_num_seqs,
-            max_blocks_per_seq=config.max_blocks_per_seq,
-            block_size=self.block_size,
-            device=self.device,
-            tbo=config.tbo == "on",  # every step of a lone engine with --tbo on is a TBO step
-        )
+        runner = CudaGraphRunner(**self.graph_runner_options())
         try:
             runner.capture()
         except RuntimeError as exc:  # e.g. a host sync in the decode step (see docs/engine.md)

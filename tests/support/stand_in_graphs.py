@@ -32,16 +32,7 @@ def stand_in_graph_runner(model: Any, backend: Any, **options: Any) -> CudaGraph
 
 def install_stand_in_graphs(model_runner: Any) -> CudaGraphRunner:
     """Give an engine's ModelRunner stand-in graphs for every bucket its config would capture."""
-    config = model_runner.config
-    runner = stand_in_graph_runner(
-        model_runner.model,
-        model_runner.attn_backend,
-        max_batch_size=config.max_num_seqs,
-        max_blocks_per_seq=config.max_blocks_per_seq,
-        block_size=model_runner.block_size,
-        device=model_runner.device,
-        tbo=config.tbo == "on",
-    )
+    runner = stand_in_graph_runner(**model_runner.graph_runner_options())
     model_runner.graph_runner = runner
     return runner
 
