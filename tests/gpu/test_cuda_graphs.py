@@ -81,7 +81,9 @@ def _generate(path, dtype, cuda_graphs, logprobs=None):
     replays = []
     if runner.graph_runner is not None:
         original = runner.graph_runner.replay
-        runner.graph_runner.replay = lambda batch: replays.append(batch.num_seqs) or original(batch)
+        runner.graph_runner.replay = lambda batch, *group: (
+            replays.append(batch.num_seqs) or original(batch, *group)
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=logprobs)
