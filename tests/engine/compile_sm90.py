@@ -1,4 +1,5 @@
-"""Compiles the masked fused-MoE kernel's FP8-row variants and the masked (de)quantisation kernel for Hopper
+"""Compiles the masked fused-MoE kernel's FP8-row variants, the masked (de)quantisation kernel and the MLA decode
+tile (over TMA descriptors and pointers) for Hopper
 (sm_90, down to a cubin with the ptxas bundled in the Triton wheel). Run by test_kernels_compile_sm90.py in a
 subprocess WITHOUT TRITON_INTERPRET (under it, @triton.jit yields interpreted functions that cannot compile).
 Prints one "OK <case>" line per kernel; exit 3 when this Triton has no NVIDIA compiler backend."""
@@ -89,6 +90,44 @@ def masked_rows(quant: bool) -> None:
     print(f"OK masked_rows quant={quant}", flush=True)
 
 
+def mla_decode_tiles(tma: bool, page: int) -> None:
+    """DeepSeek-V3's MLA decode tile (64 heads x 64 keys, 8 warps) over pages, via TMA descriptors or pointers,
+    with the pointer arguments 16-byte aligned as the JIT specialises them (else no cp.async is emitted)."""
+    from moefleet.engine.kernels import mla_decode
+
+    fn = mla_decode._mla_decode_split_kernel
+    ones = ["stride_qld", "stride_qrd", "stride_kvd", "stride_od", "stride_btm"]
+    ints = (
+        "H stride_qlb stride_qlh stride_qrb stride_qrh stride_kvb stride_kvs stride_btb stride_mb stride_mh "
+        "stride_ms stride_md stride_lb stride_lh stride_ls stride_ob stride_oh"
+    ).split()
+    descs = ("tensordesc<bf16[64,512]>", "tensordesc<bf16[64,64]>") if tma else ("*bf16", "*bf16")
+    signature = {
+        "ql_ptr": "*bf16", "qr_ptr": "*bf16", "kv_ptr": "*bf16", "lat_desc": descs[0], "pe_desc": descs[1],
+        "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "out_ptr": "*bf16",
+        "qk_scale": "fp32", **dict.fromkeys(ints, "i32"),
+    }  # fmt: skip
+    constexprs = dict(
+        R=512, DR=64, BLOCK_R=512, BLOCK_DR=64, BLOCK_H=64, BLOCK_SIZE=page, BLOCK_N=64, NUM_SPLITS=1,
+        DOT_PREC=None, Q_IN_LOOP=False, PAGE_TILE=page >= 64, TMA=tma, **dict.fromkeys(ones, 1),
+    )  # fmt: skip
+    aligned = [n for n, t in signature.items() if t.startswith("*") or (t == "i32" and n != "stride_btb")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    try:
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs),
+            target=HOPPER,
+            options=dict(num_warps=8, num_stages=2 if tma else 3),
+        )
+    except FileNotFoundError:  # no ptxas
+        sys.exit(3)
+    assert kernel.asm["cubin"]
+    ttgir = kernel.asm["ttgir"]
+    assert "async_tma_copy" in ttgir if tma else "async_copy_global_to_local" in ttgir, "loads not pipelined"
+    print(f"OK mla_decode tma={tma} page={page}", flush=True)
+
+
 if __name__ == "__main__":
     if not isinstance(fused_moe._moe_gemm_kernel, triton.JITFunction):
         sys.exit("the kernels are interpreted here: run without TRITON_INTERPRET")
@@ -97,3 +136,5 @@ if __name__ == "__main__":
             gemm(weights, swiglu)
     for quant in (False, True):
         masked_rows(quant)
+    for tma, page in ((True, 64), (False, 64), (False, 16)):
+        mla_decode_tiles(tma, page)
