@@ -21,6 +21,11 @@ from dataclasses import dataclass
 import torch
 
 H200_SMS = 132
+# TMA descriptors cost ~50 us of host time per eager launch (encoded on the host each call; 8 x 2,048 at 64-token
+# pages: 90.9 us eager vs 38.6 with pointer loads, 34.8 vs 35.5 replayed from a CUDA graph, H200): eagerly only
+# launches this large in key rows (batch x max length) take them, where the GPU time hides it (256 x 2,000:
+# 509 vs 519 us); inside a graph capture always (the descriptors are encoded once, at capture).
+TMA_EAGER_MIN_KEY_ROWS = 1 << 18
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
 
@@ -86,7 +91,9 @@ def mla_decode_config(
     num_splits: int | None = None,
     element_size: int = 2,
     block_size: int = 16,
+    capturing: bool = False,
 ) -> DecodeConfig:
+    """`capturing`: the launch is being captured into a CUDA graph (TMA's host cost is paid once there)."""
     if device.type != "cuda":
         splits = num_splits or choose_num_splits(batch, max_seq_len, device)
         return DecodeConfig(block_n=16, num_splits=splits, num_warps=4, num_stages=1, block_h=16)
@@ -109,13 +116,14 @@ def mla_decode_config(
     if not wide:
         return DecodeConfig(block_n=32, num_splits=splits, num_warps=4, num_stages=2, block_h=block_h)
     whole_pages = block_size >= 64
+    worth_tma = capturing or batch * max_seq_len >= TMA_EAGER_MIN_KEY_ROWS
     return DecodeConfig(
         block_n=64,
         num_splits=splits,
         num_warps=8,
         num_stages=2 if whole_pages else 3,
         block_h=block_h,
-        tma=whole_pages and _has_tma(device),
+        tma=whole_pages and worth_tma and _has_tma(device),
     )
 
 

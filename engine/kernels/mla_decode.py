@@ -199,8 +199,17 @@ def mla_decode(
         return out
     max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
     if config is None:
+        capturing = q_latent.is_cuda and torch.cuda.is_current_stream_capturing()
         config = mla_decode_config(
-            batch, heads, rank, max_len, q_latent.device, num_splits, kv_cache.element_size(), block_size
+            batch,
+            heads,
+            rank,
+            max_len,
+            q_latent.device,
+            num_splits,
+            kv_cache.element_size(),
+            block_size,
+            capturing,
         )
         if config.tma and not tma_usable(kv_cache, rank, rope_dim, config.block_n):
             config = dataclasses.replace(config, tma=False)

@@ -289,11 +289,15 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     # bf16 holds the query tile in shared memory next to two key tiles (Triton keeps num_stages - 1 pointer-load
     # buffers and up to 2 TMA buffers: 221 KB as compiled for sm_90, ran on H200 on 2026-12-01)
     for page in (16, 64):
-        bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2, block_size=page)
+        bf16 = ac.mla_decode_config(3, 128, 512, 32768, cuda, element_size=2, block_size=page, capturing=True)
         assert not bf16.q_in_loop and (bf16.block_h + 2 * bf16.block_n) * 576 * 2 <= 232448
         assert bf16.tma == (page >= bf16.block_n)  # TMA only where a tile lies within one page
+    # eagerly, small launches keep pointer loads (TMA's descriptors cost host time per launch); captured, TMA
+    assert not ac.mla_decode_config(1, 128, 512, 4096, cuda, block_size=64).tma
+    assert ac.mla_decode_config(1, 128, 512, 4096, cuda, block_size=64, capturing=True).tma
+    assert ac.mla_decode_config(256, 128, 512, 2000, cuda, block_size=64).tma
     monkeypatch.setattr(ac, "_has_tma", lambda device: False)  # pre-Hopper
-    assert not ac.mla_decode_config(3, 128, 512, 32768, cuda, block_size=64).tma
+    assert not ac.mla_decode_config(3, 128, 512, 32768, cuda, block_size=64, capturing=True).tma
     # expanded MLA prefill (Dk 192, Dv 128): q tile + K and V tiles per stage
     for size in (2, 4):
         for dk, dv in ((192, 128), (128, 128)):
