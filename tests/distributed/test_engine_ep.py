@@ -88,16 +88,17 @@ def test_peer_death_fails_client_requests_and_exits(start_group):
 
 
 @pytest.mark.parametrize(
-    ("tiny", "nnodes", "nproc_per_node"),
-    [("qwen3_norm_topk", 1, 2), ("deepseek_grouped", 2, 2)],
+    ("tiny", "nnodes", "nproc_per_node", "tbo"),
+    [("qwen3_norm_topk", 1, 2, "off"), ("deepseek_grouped", 2, 2, "off"), ("qwen3_norm_topk", 1, 2, "on")],
     ids=lambda v: v if isinstance(v, str) else str(v),
 )
-def test_group_agreed_graph_buckets_match_transformers(start_group, tiny, nnodes, nproc_per_node):
+def test_group_agreed_graph_buckets_match_transformers(start_group, tiny, nnodes, nproc_per_node, tbo):
     """Expert-parallel decode steps replayed from per-bucket graphs (stand-ins on CPU that re-run the step over
     the static buffers, tests/support/stand_in_graphs.py): every rank replays the bucket of the group's most
     sequences, so ranks with fewer pad rows and idle ranks (the lone request) replay all-padding steps whose
     rows still route through the MoE exchange. Greedy tokens equal transformers; every rank replayed the same
-    number of graph steps; idle ranks replayed too."""
+    number of graph steps; idle ranks replayed too. With `tbo` on, the graphs hold the two-batch-overlap decode
+    step (two micro-batches over views of the static buffers; idle ranks: two all-padding micro-batches)."""
     from support.reference import transformers_greedy
 
     world = nnodes * nproc_per_node
@@ -110,7 +111,7 @@ def test_group_agreed_graph_buckets_match_transformers(start_group, tiny, nnodes
         "lone_prompt": lone,
         "max_tokens": MAX_TOKENS,
         "stand_in_graphs": True,
-        "engine": {"attention_backend": "triton", "max_num_seqs": 4},
+        "engine": {"attention_backend": "triton", "max_num_seqs": 4, "tbo": tbo},
     }
     group = start_group("engine", nnodes, nproc_per_node, options=options)
     codes = group.wait(timeout_s=150 * world // 2)
@@ -128,3 +129,5 @@ def test_group_agreed_graph_buckets_match_transformers(start_group, tiny, nnodes
     assert by_bucket[0].get(1, 0) >= MAX_TOKENS - 1 and sum(by_bucket[0].values()) > MAX_TOKENS, by_bucket
     # the dispatchers' pre-replay hooks ran once before every replay
     assert all(r["before_replay_calls"] == sum(r["graph_replays"].values()) for r in results)
+    if tbo == "on":  # every step of every rank was a TBO step, the replayed ones included
+        assert all(r["tbo_steps_total"] == r["num_steps_total"] > 0 for r in results)
