@@ -1,7 +1,7 @@
 """Dispatch + combine time per MoE layer, backends side by side (one table), on the GPUs of one host:
 
     python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py [--tokens 256] [--hidden 7168]
-        [--top-k 8] [--experts 256] [--backends a2a,symm,symm-graph,deepep-normal,deepep-ll]
+        [--top-k 8] [--experts 256] [--backends a2a,symm,symm-graph,deepep-normal,deepep-ll,deepep-ll-graph]
         [--expert-weights fp8|bf16|none] [--intermediate 2048]
 
 Each rank routes `tokens` bf16 rows of width `hidden` to top-k of `experts` (uniform random, the same routing
@@ -15,8 +15,8 @@ for every backend). Two timings per backend:
   and their scales), random weights of the model's shape (`--expert-weights`, DeepSeek-V3: fp8 128x128 blocks,
   intermediate 2048). At EP2 this column is dominated by reading E/2 experts' weights from HBM; it shows that
   the cost moved out of the deepep-ll dispatch did not reappear in the experts.
-"symm-graph" replays the round trip from a CUDA graph (launch overhead removed: what a captured decode step
-pays). Reports the median and p90 over iterations of the slowest rank, in microseconds.
+"symm-graph" and "deepep-ll-graph" replay the round trip from a CUDA graph (launch overhead removed: what a
+captured decode step pays; DeepEP's low-latency kernels are capturable, its normal ones are not). Reports the median and p90 over iterations of the slowest rank, in microseconds.
 `--profile N`: then N more round trips of each backend under torch.profiler; rank 0 prints its kernels by GPU
 time per round trip. `--chain N` runs N round trips back to back per timed iteration and reports the time per
 round trip: a model step runs its MoE layers back to back, so the ranks' launch skew (paid again by every
@@ -44,7 +44,7 @@ def build(name: str, group, experts: int, hidden: int, tokens: int):
         return SymmDispatcher(group, experts, hidden, tokens)
     from moefleet.engine.distributed.deepep import DeepEPDispatcher
 
-    mode = "low_latency" if name == "deepep-ll" else "normal"
+    mode = "low_latency" if name.startswith("deepep-ll") else "normal"
     return DeepEPDispatcher(group, experts, hidden, mode=mode, max_tokens_per_rank=tokens)
 
 
@@ -100,7 +100,7 @@ def time_backend(
     for _ in range(warmup):
         run()
     torch.cuda.synchronize(device)
-    if name == "symm-graph":
+    if name.endswith("-graph"):
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
