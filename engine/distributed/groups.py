@@ -222,6 +222,10 @@ def _wait_for_all_ranks(store: dist.TCPStore, launch: Topology, timeout_s: float
 
 TORN_DOWN_KEY = "moefleet/torn-down"  # ranks that have destroyed their process groups (not shutdown.LEFT_KEY)
 LEAVE_WAIT_S = 10.0
+# After every peer marked itself torn down it still runs its interpreter's exit (destructors of the store
+# client and the process-group objects); rank 0 keeps the store up this much longer so that exit never finds
+# the store gone (one CI run of 2026-12-01 still saw the SIGABRT with rank 0 leaving right after the marks).
+EXIT_GRACE_S = 1.0
 
 
 def shutdown(state: ProcessGroups | None = None) -> None:
@@ -237,6 +241,7 @@ def shutdown(state: ProcessGroups | None = None) -> None:
     if state is None or state.world_size == 1:
         return
     if state.rank == 0:
-        wait_for_peers_to_leave(state.store, state.world_size - 1, LEAVE_WAIT_S, key=TORN_DOWN_KEY)
+        if wait_for_peers_to_leave(state.store, state.world_size - 1, LEAVE_WAIT_S, key=TORN_DOWN_KEY):
+            time.sleep(EXIT_GRACE_S)
     else:
         mark_left(state.store, key=TORN_DOWN_KEY)
