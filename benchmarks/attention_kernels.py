@@ -104,23 +104,33 @@ MLA_SWEEP = [
 ]  # fmt: skip
 
 
+MLA_HEADS, MLA_RANK, MLA_ROPE = 128, 512, 64  # DeepSeek-V3 attention per GPU
+
+
+def mla_inputs(batch: int, length: int, page: int) -> tuple[torch.Tensor, ...]:
+    """(q_latent, q_rope, kv_cache, block_tables, seq_lens) of an MLA decode step: `batch` sequences of `length`
+    cached tokens in shuffled `page`-token pages (also used by mla_decode_shapes.py and mla_tma_probe.py)."""
+    q_lat = torch.randn(batch, MLA_HEADS, MLA_RANK, dtype=DTYPE, device="cuda") * 0.1
+    q_pe = torch.randn(batch, MLA_HEADS, MLA_ROPE, dtype=DTYPE, device="cuda") * 0.1
+    tables, blocks = _tables(batch, length, page)
+    kv = torch.randn(blocks, page, MLA_RANK + MLA_ROPE, dtype=DTYPE, device="cuda")
+    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    return q_lat, q_pe, kv, tables, lens
+
+
 def decode_mla(
     sweep: bool, batch: int = 256, length: int = 2000, block_sizes: tuple[int, ...] = (16,)
 ) -> None:
-    heads, rank, rope = 128, 512, 64
+    heads, rank, rope = MLA_HEADS, MLA_RANK, MLA_ROPE
     nbytes = batch * length * (rank + rope) * 2 + 2 * batch * heads * rank * 2
     flops = 2 * batch * length * heads * (rank + rope + rank)
-    q_lat = torch.randn(batch, heads, rank, dtype=DTYPE, device="cuda") * 0.1
-    q_pe = torch.randn(batch, heads, rope, dtype=DTYPE, device="cuda") * 0.1
-    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q_lat)
     for bs in block_sizes:
-        tables, blocks = _tables(batch, length, bs)
-        kv = torch.randn(blocks, bs, rank + rope, dtype=DTYPE, device="cuda")
+        q_lat, q_pe, kv, tables, lens = mla_inputs(batch, length, bs)
+        out = torch.empty_like(q_lat)
         name = f"mla_decode DeepSeek-V3 B={batch} ctx={length} page={bs}"
 
-        def run(cfg=None, kv=kv, tables=tables):
-            return mla_decode(q_lat, q_pe, kv, tables, lens, 0.07, kv_lora_rank=rank, out=out, config=cfg)
+        def run(cfg=None, inputs=(q_lat, q_pe, kv, tables, lens), out=out):
+            return mla_decode(*inputs, 0.07, kv_lora_rank=rank, out=out, config=cfg)
 
         _timed(name, run, nbytes, flops, "default")
         if not sweep:

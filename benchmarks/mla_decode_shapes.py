@@ -11,6 +11,7 @@ import argparse
 
 import torch
 import triton
+from attention_kernels import MLA_HEADS, MLA_RANK, MLA_ROPE, mla_inputs
 from moefleet.engine.kernels.mla_decode import mla_decode
 
 SHAPES = [(256, 2000), (64, 8192), (8, 32768), (1, 4096)]  # (sequences, tokens each)
@@ -22,19 +23,14 @@ def main() -> None:
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     torch.manual_seed(0)
-    heads, rank, rope = 128, 512, 64
     for batch, length in SHAPES:
-        q_lat = torch.randn(batch, heads, rank, dtype=torch.bfloat16, device="cuda") * 0.1
-        q_pe = torch.randn(batch, heads, rope, dtype=torch.bfloat16, device="cuda") * 0.1
-        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-        flops = 2 * batch * length * heads * (rank + rope + rank)
+        flops = 2 * batch * length * MLA_HEADS * (MLA_RANK + MLA_ROPE + MLA_RANK)
         for page in PAGES:
-            per_seq = -(-length // page)
-            tables = torch.randperm(batch * per_seq, device="cuda").int().view(batch, per_seq)
-            kv = torch.randn(batch * per_seq, page, rank + rope, dtype=torch.bfloat16, device="cuda")
-            args_ = (q_lat, q_pe, kv, tables, lens, 0.07)
+            inputs = mla_inputs(batch, length, page)
             ms = triton.testing.do_bench(
-                lambda a=args_, n=length: mla_decode(*a, kv_lora_rank=rank, max_seq_len=n), warmup=25, rep=200
+                lambda a=inputs, n=length: mla_decode(*a, 0.07, kv_lora_rank=MLA_RANK, max_seq_len=n),
+                warmup=25,
+                rep=200,
             )
             print(
                 f"| {args.label} | {batch} x {length} | {page} | {ms * 1e3:.1f} | {flops / ms / 1e9:.1f} |",

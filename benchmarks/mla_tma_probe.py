@@ -10,10 +10,11 @@ import dataclasses
 
 import torch
 import triton
+from attention_kernels import MLA_HEADS, MLA_RANK, mla_inputs
 from moefleet.engine.kernels.attention_config import mla_decode_config
 from moefleet.engine.kernels.mla_decode import mla_decode
 
-HEADS, RANK, ROPE, PAGE = 128, 512, 64, 64
+PAGE = 64
 
 
 def _us(fn) -> float:
@@ -36,23 +37,20 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for batch, length in [(1, 4096), (8, 2048), (32, 2048), (256, 2000)]:
-        q_lat = torch.randn(batch, HEADS, RANK, dtype=torch.bfloat16, device="cuda") * 0.1
-        q_pe = torch.randn(batch, HEADS, ROPE, dtype=torch.bfloat16, device="cuda") * 0.1
-        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-        per = -(-length // PAGE)
-        tables = torch.randperm(batch * per, device="cuda").int().view(batch, per)
-        kv = torch.randn(batch * per, PAGE, RANK + ROPE, dtype=torch.bfloat16, device="cuda")
+        q_lat, q_pe, kv, tables, lens = mla_inputs(batch, length, PAGE)
         out = torch.empty_like(q_lat)
-        base = mla_decode_config(batch, HEADS, RANK, length, q_lat.device, block_size=PAGE, capturing=True)
+        base = mla_decode_config(
+            batch, MLA_HEADS, MLA_RANK, length, q_lat.device, block_size=PAGE, capturing=True
+        )
         cells = []
         for tma in (True, False):
             cfg = dataclasses.replace(base, tma=tma)
 
             def run(cfg: object = cfg) -> None:
-                mla_decode(q_lat, q_pe, kv, tables, lens, 0.07, kv_lora_rank=RANK, out=out, config=cfg)  # noqa: B023
+                mla_decode(q_lat, q_pe, kv, tables, lens, 0.07, kv_lora_rank=MLA_RANK, out=out, config=cfg)  # noqa: B023
 
             cells += [f"{_us(run):.1f}", f"{_us(_graph(run).replay):.1f}"]
-        eager = mla_decode_config(batch, HEADS, RANK, length, q_lat.device, block_size=PAGE)
+        eager = mla_decode_config(batch, MLA_HEADS, MLA_RANK, length, q_lat.device, block_size=PAGE)
         default = f"eager tma={int(eager.tma)}, captured tma={int(base.tma)}"
         print(f"| {batch} x {length} | " + " | ".join(cells) + f" | {default} |", flush=True)
 

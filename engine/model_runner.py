@@ -62,11 +62,10 @@ class ModelRunner:
         # Expert-parallel decode graphs need dispatchers without host syncs (symm, DeepEP low-latency).
         dispatchers = [d for m in self.model.modules() for d in getattr(m, "dispatchers", ())]
         ep_sync_free = bool(dispatchers) and all(getattr(d, "SYNC_FREE_DECODE", False) for d in dispatchers)
-        # Host-side work a dispatcher needs before a captured step replays (DeepEP: clean its buffer after
-        # normal-mode kernels); a replay runs no Python of the step itself.
-        self._before_replay = [
-            d.before_graph_replay for d in dispatchers if hasattr(d, "before_graph_replay")
-        ]
+        # Host-side work before a captured step replays (a replay runs no Python of the step itself): each
+        # distinct `graph_replay_state` once (DeepEP: the process's one buffer, cleaned after normal kernels).
+        states = {id(s): s for d in dispatchers if (s := getattr(d, "graph_replay_state", None)) is not None}
+        self._before_replay = [s.before_graph_replay for s in states.values()]
         # Attention variants on the torch reference path (windows, chunks, sinks) cannot be captured.
         capturable = self.attn_backend.supports_cuda_graphs and all(
             getattr(m, "supports_cuda_graphs", True) for m in self.model.modules()

@@ -122,6 +122,18 @@ class SharedBuffer:
     ll_max_tokens: int
     last_mode: str = "low_latency"
 
+    def clean_for_low_latency(self) -> None:
+        """Clean the low-latency buffer if normal kernels used the shared memory since the last clean."""
+        if self.last_mode != "low_latency":
+            self.buffer.clean_low_latency_buffer(self.ll_max_tokens, self.hidden_size, self.num_experts)
+            self.last_mode = "low_latency"
+
+    def before_graph_replay(self) -> None:
+        """Run by the engine (once per process, not per layer) before it replays a captured decode step, which
+        holds only the low-latency kernels and runs no Python: a prefill step's normal kernels since leave the
+        buffer to clean first. Every rank runs the same sequence of step modes, so the ranks clean together."""
+        self.clean_for_low_latency()
+
 
 # Construction-time registry (DeepEP allows one Buffer per process): written when a dispatcher is built,
 # keyed by group name; the forward path only touches the `SharedBuffer` its dispatcher holds.
@@ -233,6 +245,8 @@ class DeepEPDispatcher:
         self.ll_max_tokens = ll_max_tokens or min(max_tokens_per_rank, LL_MAX_TOKENS)
         self.shared = get_buffer(group, hidden_size, num_experts, self.ll_max_tokens)
         self.buffer = self.shared.buffer
+        # What a CUDA-graph replay needs done on the host first: the process's one buffer, shared by all layers
+        self.graph_replay_state = self.shared
 
     @property
     def SYNC_FREE_DECODE(self) -> bool:  # noqa: N802 - the attribute the other dispatchers define as a constant
@@ -278,20 +292,9 @@ class DeepEPDispatcher:
         return combined
 
     # -- low-latency mode -----------------------------------------------------------------------------
-    def before_graph_replay(self) -> None:
-        """Run by the engine before it replays a captured decode step (which holds only the low-latency
-        kernels): normal kernels that ran since, e.g. a prefill step's, leave the buffer to clean first. Every
-        rank runs the same sequence of step modes, so the ranks clean at the same step."""
-        self._clean_for_low_latency()
-
-    def _clean_for_low_latency(self) -> None:
-        if self.shared.last_mode != "low_latency":  # normal kernels used the shared memory since: clean it
-            self.buffer.clean_low_latency_buffer(self.ll_max_tokens, self.hidden_size, self.num_experts)
-            self.shared.last_mode = "low_latency"
-
     def _ll_dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
         check_ll_tokens(hidden.shape[0], self.ll_max_tokens)
-        self._clean_for_low_latency()
+        self.shared.clean_for_low_latency()  # after normal kernels used the shared memory
         topk_idx = topk_ids.to(torch.int64)
         packed, counts, deep_handle, _, hook = self.buffer.low_latency_dispatch(
             hidden, topk_idx, self.ll_max_tokens, self.num_experts, use_fp8=self.ll_fp8, return_recv_hook=True
