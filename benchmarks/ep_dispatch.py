@@ -1,7 +1,7 @@
 """Dispatch + combine time per MoE layer, backends side by side (one table), on the GPUs of one host:
 
     python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py [--tokens 256] [--hidden 7168]
-        [--top-k 8] [--experts 256] [--backends a2a,symm,symm-graph,deepep-normal,deepep-ll,deepep-ll-graph]
+        [--top-k 8] [--experts 256] [--backends a2a,symm,symm-graph,nvlink,nvlink-graph,deepep-normal,deepep-ll,...]
         [--expert-weights fp8|bf16|none] [--intermediate 2048]
 
 Each rank routes `tokens` bf16 rows of width `hidden` to top-k of `experts` (uniform random, the same routing
@@ -15,7 +15,8 @@ for every backend). Two timings per backend:
   and their scales), random weights of the model's shape (`--expert-weights`, DeepSeek-V3: fp8 128x128 blocks,
   intermediate 2048). At EP2 this column is dominated by reading E/2 experts' weights from HBM; it shows that
   the cost moved out of the deepep-ll dispatch did not reappear in the experts.
-"symm-graph" and "deepep-ll-graph" replay the round trip from a CUDA graph (launch overhead removed: what a
+"nvlink" writes rows straight into the peers' memory (engine/distributed/nvlink.py).
+"symm-graph", "nvlink-graph" and "deepep-ll-graph" replay the round trip from a CUDA graph (launch overhead removed: what a
 captured decode step pays; DeepEP's low-latency kernels are capturable, its normal ones are not). Reports the median and p90 over iterations of the slowest rank, in microseconds.
 `--profile N`: then N more round trips of each backend under torch.profiler; rank 0 prints its kernels by GPU
 time per round trip. `--chain N` runs N round trips back to back per timed iteration and reports the time per
@@ -42,6 +43,11 @@ def build(name: str, group, experts: int, hidden: int, tokens: int):
         from moefleet.engine.distributed.symm import SymmDispatcher
 
         return SymmDispatcher(group, experts, hidden, tokens)
+    if name.startswith("nvlink"):
+        from moefleet.engine.distributed.nvlink import NvlinkDispatcher, workspace_pool
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        return NvlinkDispatcher(workspace_pool(group, device), experts, hidden, tokens)
     from moefleet.engine.distributed.deepep import DeepEPDispatcher
 
     mode = "low_latency" if name.startswith("deepep-ll") else "normal"

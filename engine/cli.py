@@ -24,6 +24,8 @@ COMMAND_MODULES: list[str] = [
 ]
 
 USAGE_ERROR = 2
+# `--moe-backend` of serve and bench (= distributed.backends.CLI_CHOICES; spelled out here: no torch import)
+MOE_BACKEND_CHOICES = ("auto", "deepep", "nvlink", "symm", "a2a")
 
 
 class CommandError(Exception):

@@ -1,9 +1,10 @@
-"""Pick a TokenDispatcher by backend name: "local", "a2a", "symm", "deepep" or "auto".
+"""Pick a TokenDispatcher by backend name: "local", "a2a", "symm", "nvlink", "deepep" or "auto".
 
 `choose_backend` is the pure decision (unit-tested); `make_dispatcher` builds one dispatcher per MoE layer and
 micro-batch, resolving "auto" once per process group (and running DeepEP's start-up self-check at most once).
 auto = local on one rank; else deepep when importable, verified on GPUs and its self-check passes; else symm
-on CUDA with NVSHMEM once verified on GPUs; else a2a. The choice and why are printed once at start-up.
+on CUDA with NVSHMEM once verified on GPUs; else a2a (nvlink: only when requested until verified on GPUs).
+The choice and why are printed once at start-up.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import torch
 import torch.distributed as dist
 from moefleet.engine.distributed.a2a import AllToAllDispatcher
 from moefleet.engine.distributed.deepep import INSTALL_HINT, DeepEPDispatcher, deep_ep_available
+from moefleet.engine.distributed.nvlink import NVLINK_HINT, NvlinkDispatcher, nvlink_available
 from moefleet.engine.distributed.symm import SYMM_HINT, SymmDispatcher, symm_available
 from moefleet.engine.layers.token_dispatch import LocalDispatcher, TokenDispatcher
 
-BACKENDS = ("local", "a2a", "symm", "deepep", "auto")
-CLI_CHOICES = ("auto", "deepep", "symm", "a2a")  # `--moe-backend`
+BACKENDS = ("local", "a2a", "symm", "nvlink", "deepep", "auto")
+CLI_CHOICES = ("auto", "deepep", "nvlink", "symm", "a2a")  # `--moe-backend`
+CUDA_ONLY = ("symm", "nvlink", "deepep")
 
 # Backends `auto` may pick: only those whose GPU tests (tests/gpu/test_ep_backends_gpu.py) passed on 2 GPUs.
 # See docs/distributed.md for the run that set each one.
-VERIFIED_ON_GPU = {"symm": False, "deepep": False}
+VERIFIED_ON_GPU = {"symm": False, "nvlink": False, "deepep": False}
 
 
 def choose_backend(
@@ -48,7 +51,7 @@ def choose_backend(
             )
         return "local", "requested"
     if requested != "auto":
-        if requested in ("symm", "deepep") and device_type != "cuda":
+        if requested in CUDA_ONLY and device_type != "cuda":
             raise ValueError(
                 f"moe backend {requested!r} needs CUDA GPUs but the device is {device_type!r}: use --moe-backend a2a"
             )
@@ -161,6 +164,10 @@ def make_dispatcher(
         raise ValueError(f"moe backend {chosen!r} needs a process group")
     if chosen == "a2a":
         return AllToAllDispatcher(group, num_experts)
+    if chosen == "nvlink":
+        return _nvlink_dispatcher(
+            group, num_experts, hidden_size, max_tokens_per_rank, top_k, dtype, device, micro_batches
+        )
     if chosen == "symm":
         if not symm_available():
             raise RuntimeError(SYMM_HINT)
@@ -173,4 +180,40 @@ def make_dispatcher(
         mode=deepep_mode,
         max_tokens_per_rank=max_tokens_per_rank,
         ll_fp8=deepep_ll_fp8,
+    )
+
+
+def _nvlink_dispatcher(
+    group: dist.ProcessGroup,
+    num_experts: int,
+    hidden_size: int,
+    max_tokens_per_rank: int,
+    top_k: int,
+    dtype: torch.dtype | str | None,
+    device: torch.device | None,
+    micro_batches: int,
+) -> TokenDispatcher:
+    """The nvlink dispatcher over this process's symmetric workspaces; prefill steps too large for its buffers
+    go to a2a. Workspaces are reserved now when the sizes are known."""
+    from moefleet.engine.distributed.nvlink import workspace_pool
+
+    if not nvlink_available():
+        raise RuntimeError(NVLINK_HINT)
+    world_size = dist.get_world_size(group)
+    if world_size > torch.cuda.device_count():
+        raise ValueError(
+            f"moe backend 'nvlink' writes into peers' memory over NVLink within one node, but the expert-parallel "
+            f"group has {world_size} ranks and this node {torch.cuda.device_count()} GPUs: use --moe-backend "
+            "deepep (across nodes) or a2a"
+        )
+    if device is None or device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    reserve = symm_reservation(top_k, dtype, device, micro_batches)
+    return NvlinkDispatcher(
+        workspace_pool(group, device),
+        num_experts,
+        hidden_size,
+        max_tokens_per_rank,
+        prefill=AllToAllDispatcher(group, num_experts),
+        reserve=None if reserve is None else (reserve[0], reserve[1], reserve[3]),
     )

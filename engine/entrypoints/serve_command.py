@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import Any
 
+from moefleet.engine.cli import MOE_BACKEND_CHOICES
 from moefleet.engine.server import event_loop
 from moefleet.engine.server.drain import ABORT_FLUSH_S, DEFAULT_DRAIN_TIMEOUT_S, Drain
 from moefleet.engine.server.request_guard import DEFAULT_MAX_REQUEST_BYTES
@@ -139,10 +140,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--moe-backend",
         default="auto",
-        choices=("auto", "deepep", "symm", "a2a"),
+        choices=MOE_BACKEND_CHOICES,
         help="expert-parallel dispatch: auto = DeepEP when installed and its start-up self-check passes, else "
-        "symm (torch symmetric memory) on CUDA, else all-to-all; only GPU-verified backends are auto-picked "
-        "(default auto)",
+        "symm (torch symmetric memory) on CUDA, else all-to-all; nvlink = rows written into peers' memory "
+        "(one node, low latency); only GPU-verified backends are auto-picked (default auto)",
     )
     eplb = parser.add_argument_group("expert-parallel load balancing (EPLB; docs/distributed.md)")
     eplb.add_argument(

@@ -71,6 +71,15 @@ def test_auto_never_picks_an_unverified_backend():
     assert (chosen, calls) == ("a2a", 0)
     assert "deepep: not verified on GPUs yet" in why and "symm: not verified on GPUs yet" in why
     assert _choose(verified={"symm": True, "deepep": False})[0] == "symm"
+    assert _choose(verified={"nvlink": True}, deepep_ok=False, symm_ok=False)[0] == "a2a"  # requested only
+
+
+def test_cli_choices_are_the_backends_a_user_may_request():
+    from moefleet.engine.cli import MOE_BACKEND_CHOICES
+    from moefleet.engine.distributed.backends import BACKENDS, CLI_CHOICES
+
+    assert MOE_BACKEND_CHOICES == CLI_CHOICES
+    assert set(CLI_CHOICES) == set(BACKENDS) - {"local"}
 
 
 def test_explicit_backends_and_bad_requests():
@@ -78,6 +87,9 @@ def test_explicit_backends_and_bad_requests():
     assert _choose("symm", verified=NONE_VERIFIED)[0] == "symm"  # explicit: the user's call
     with pytest.raises(ValueError, match="needs CUDA GPUs .* use --moe-backend a2a"):
         _choose("symm", device="cpu")
+    assert _choose("nvlink", verified=NONE_VERIFIED)[:2] == ("nvlink", "requested")
+    with pytest.raises(ValueError, match="'nvlink' needs CUDA GPUs .* use --moe-backend a2a"):
+        _choose("nvlink", device="cpu")
     with pytest.raises(ValueError, match="must be one of"):
         _choose("nvshmem")
     with pytest.raises(ValueError, match="use --moe-backend a2a"):

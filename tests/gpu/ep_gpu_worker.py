@@ -2,9 +2,9 @@
 
     python3 -m torch.distributed.run --nproc-per-node 2 tests/gpu/ep_gpu_worker.py BACKEND
 
-BACKEND: symm | deepep_normal | deepep_ll | deepep_ll_bf16 (bf16 rows) | a2a. For each routing (random, skewed, empty rank, padded, maximal:
+BACKEND: symm | nvlink | deepep_normal | deepep_ll | deepep_ll_bf16 (bf16 rows) | a2a. For each routing (random, skewed, empty rank, padded, maximal:
 every hit to the last rank) a dispatch -> stand-in experts (expert g scales its rows by 1 + g / 8) -> combine
-round trip is compared with the dense formula sum_k w * x * (1 + id / 8) computed on this rank. For symm also:
+round trip is compared with the dense formula sum_k w * x * (1 + id / 8) computed on this rank. For symm and nvlink also:
 the round trip runs with CUDA's sync debug mode set to "error" (no host synchronisation) and is captured in a
 CUDA graph whose replays on new inputs equal the formula. For deepep_ll also: the FP8 rows + scales go through
 the real Experts layer (masked fused kernel, no dequantisation of the buffer) on the same five routings,
@@ -72,6 +72,11 @@ def make(backend: str, group, experts: int, hidden: int, max_tokens: int):
         from moefleet.engine.distributed.symm import SymmDispatcher
 
         return SymmDispatcher(group, experts, hidden, max_tokens)
+    if backend == "nvlink":
+        from moefleet.engine.distributed.nvlink import NvlinkDispatcher, workspace_pool
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        return NvlinkDispatcher(workspace_pool(group, device), experts, hidden, max_tokens)
     if backend == "a2a":
         from moefleet.engine.distributed.a2a import AllToAllDispatcher
 
@@ -93,6 +98,7 @@ def main() -> int:
     failures = 0
     shapes = {  # (dtype, tokens, top_k, experts, hidden, tolerance)
         "symm": [(torch.float32, 12, 3, 8, 64, 1e-5), (torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
+        "nvlink": [(torch.float32, 12, 3, 8, 64, 1e-5), (torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
         "a2a": [(torch.float32, 12, 3, 8, 64, 1e-5)],
         # one deep_ep.Buffer per process, so one shape per DeepEP run (the tiny width runs in the serve test)
         "deepep_normal": [(torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
@@ -123,8 +129,8 @@ def main() -> int:
                 failures += 1
                 print(f"[rank {rank}] FAIL {name}:\n{traceback.format_exc()}", flush=True)
             dist.barrier()
-    if backend == "symm":
-        failures += graph_check(group, rank, world, device)
+    if backend in ("symm", "nvlink"):
+        failures += graph_check(group, rank, world, device, backend)
     if backend == "deepep_ll":
         failures += ll_experts_check(group, rank, world, device)
     dist.barrier()
@@ -219,12 +225,10 @@ def ll_experts_check(group, rank: int, world: int, device: torch.device) -> int:
     return failures
 
 
-def graph_check(group, rank: int, world: int, device: torch.device) -> int:
+def graph_check(group, rank: int, world: int, device: torch.device, backend: str) -> int:
     """No host sync in an eager round trip; then a CUDA graph of dispatch + experts + combine replays right."""
-    from moefleet.engine.distributed.symm import SymmDispatcher
-
     tokens, top_k, experts, hidden = 16, 4, 8, 128
-    dispatcher = SymmDispatcher(group, experts, hidden, tokens)
+    dispatcher = make(backend, group, experts, hidden, tokens)
     first = rank * (experts // world)
     static_x = torch.zeros(tokens, hidden, device=device)
     static_ids = torch.zeros(tokens, top_k, dtype=torch.int64, device=device)
@@ -247,7 +251,7 @@ def graph_check(group, rank: int, world: int, device: torch.device) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize(device)
-        print(f"[rank {rank}] PASS symm round trip without host synchronisation", flush=True)
+        print(f"[rank {rank}] PASS {backend} round trip without host synchronisation", flush=True)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -268,12 +272,12 @@ def graph_check(group, rank: int, world: int, device: torch.device) -> int:
             ok = err < 1e-4
             failures += not ok
             print(
-                f"[rank {rank}] {'PASS' if ok else 'FAIL'} symm CUDA graph replay {seed}: max abs err {err:.2e}"
+                f"[rank {rank}] {'PASS' if ok else 'FAIL'} {backend} CUDA graph replay {seed}: max abs err {err:.2e}"
             )
             dist.barrier()
     except Exception:
         failures += 1
-        print(f"[rank {rank}] FAIL symm graph check:\n{traceback.format_exc()}", flush=True)
+        print(f"[rank {rank}] FAIL {backend} graph check:\n{traceback.format_exc()}", flush=True)
     return failures
 
 
