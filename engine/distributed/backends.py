@@ -38,8 +38,10 @@ def choose_backend(
     symm_usable: bool,
     deepep_self_check: Callable[[], tuple[bool, str]] | None = None,
     verified: dict[str, bool] | None = None,
+    nvlink_usable: bool = False,
 ) -> tuple[str, str]:
-    """Pure: (backend, why). `deepep_self_check` runs only when auto gets as far as DeepEP."""
+    """Pure: (backend, why). `deepep_self_check` runs only when auto gets as far as DeepEP. auto's order:
+    deepep, nvlink (`nvlink_usable`: CUDA peers within one node), symm, a2a; each only once verified."""
     verified = VERIFIED_ON_GPU if verified is None else verified
     if requested not in BACKENDS:
         raise ValueError(f"moe backend ({requested!r}) must be one of {BACKENDS}")
@@ -75,6 +77,12 @@ def choose_backend(
             "symm: DeepEP already holds NVSHMEM here",
         ]
         return "a2a", "; ".join(skipped)
+    if not nvlink_usable:
+        skipped.append("nvlink: the group is not one node's GPUs")
+    elif not verified.get("nvlink", False):
+        skipped.append("nvlink: not verified on GPUs yet")
+    else:
+        return "nvlink", "; ".join([*skipped, "nvlink: one node, peers' memory reachable over NVLink"])
     if not symm_usable:
         skipped.append("symm: no NVSHMEM symmetric memory in this torch build")
     elif not verified.get("symm", False):
@@ -98,6 +106,13 @@ def symm_reservation(
     return top_k, dtype_from_name(dtype), device, micro_batches
 
 
+def _one_node(world_size: int) -> bool:
+    """Whether the EP group is this node's GPUs (the launch's topology says one node and the GPUs are here)."""
+    from moefleet.engine import topology
+
+    return nvlink_available() and topology.current().nnodes == 1 and world_size <= torch.cuda.device_count()
+
+
 _RESOLVED: dict[tuple[str, str], str] = {}
 
 
@@ -114,6 +129,7 @@ def _resolve(
             deepep_importable=importable,
             symm_usable=symm_available() if backend in ("auto", "symm") and device_type == "cuda" else False,
             deepep_self_check=self_check,
+            nvlink_usable=backend == "auto" and device_type == "cuda" and _one_node(world_size),
         )
         if backend != "local":
             rank = dist.get_rank(group) if group is not None else 0
@@ -140,13 +156,15 @@ def make_dispatcher(
     device: torch.device | None = None,
     micro_batches: int = 1,
     deepep_ll_fp8: bool = True,
+    max_decode_tokens: int = 0,
 ) -> TokenDispatcher:
     """Build one dispatcher for one MoE layer (and one micro-batch). `num_experts` counts physical experts
-    across the whole group; `group` may be None only for "local". `max_tokens_per_rank` bounds the tokens of
-    one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it.
-    With `top_k`, `dtype` and `device` known, symm allocates its `micro_batches` workspaces now (before the KV
-    cache is sized), else on the first dispatch. `deepep_ll_fp8`: DeepEP low-latency dispatch in FP8 (FP8
-    experts) or bf16 (bf16 experts)."""
+        across the whole group; `group` may be None only for "local". `max_tokens_per_rank` bounds the tokens of
+        one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it.
+        With `top_k`, `dtype` and `device` known, symm allocates its `micro_batches` workspaces now (before the KV
+        cache is sized), else on the first dispatch. `deepep_ll_fp8`: DeepEP low-latency dispatch in FP8 (FP8
+        experts) or bf16 (bf16 experts). `max_decode_tokens`: the most sequences one rank decodes in a step (nvlink sizes
+    its decode buffers from it; 0: 256)."""
     world_size = 1 if group is None else dist.get_world_size(group)
 
     def self_check() -> tuple[bool, str]:
@@ -166,7 +184,15 @@ def make_dispatcher(
         return AllToAllDispatcher(group, num_experts)
     if chosen == "nvlink":
         return _nvlink_dispatcher(
-            group, num_experts, hidden_size, max_tokens_per_rank, top_k, dtype, device, micro_batches
+            group,
+            num_experts,
+            hidden_size,
+            max_tokens_per_rank,
+            top_k,
+            dtype,
+            device,
+            micro_batches,
+            max_decode_tokens,
         )
     if chosen == "symm":
         if not symm_available():
@@ -192,10 +218,11 @@ def _nvlink_dispatcher(
     dtype: torch.dtype | str | None,
     device: torch.device | None,
     micro_batches: int,
+    max_decode_tokens: int,
 ) -> TokenDispatcher:
     """The nvlink dispatcher over this process's symmetric workspaces; prefill steps too large for its buffers
     go to a2a. Workspaces are reserved now when the sizes are known."""
-    from moefleet.engine.distributed.nvlink import workspace_pool
+    from moefleet.engine.distributed.nvlink import DECODE_TOKENS, workspace_pool
 
     if not nvlink_available():
         raise RuntimeError(NVLINK_HINT)
@@ -214,6 +241,7 @@ def _nvlink_dispatcher(
         num_experts,
         hidden_size,
         max_tokens_per_rank,
+        decode_tokens=max_decode_tokens or DECODE_TOKENS,
         prefill=AllToAllDispatcher(group, num_experts),
         reserve=None if reserve is None else (reserve[0], reserve[1], reserve[3]),
     )

@@ -97,6 +97,7 @@ def build_engine(
         device=state.device,
         micro_batches=num_micro_batches(config.tbo),
         deepep_ll_fp8=has_fp8_experts(model),
+        max_decode_tokens=config.max_num_seqs,  # decode steps forward at most this many tokens per rank
         **options,
     )
     runners: list[Any] = []  # the engine's ModelRunner once built (it captures graphs while it is built)

@@ -371,8 +371,11 @@ class NvlinkDispatcher:
         h: _Handle = payload
         ws = h.ws
         self.pool.fabric.barrier(ws.handle)
-        h.counts = ws.counters.clone()
-        ws.counters.zero_()  # the combine barrier orders this before any peer's next dispatch
+        from moefleet.engine.kernels.nvlink_ep import take_counts
+
+        h.counts = take_counts(
+            ws.counters
+        )  # zeroed: the combine barrier orders that before peers' next dispatch
         return DispatchedTokens(
             ws.recv_x,
             None,
@@ -407,15 +410,11 @@ class NvlinkDispatcher:
         if kind == "prefill":
             assert self.prefill is not None
             return self.prefill.combine_finish(payload)
-        from moefleet.engine.kernels.moe_combine import combine_rows
+        from moefleet.engine.kernels.moe_combine import combine_hit_rows
 
         h: _Handle = payload
         ws = h.ws
         self.pool.fabric.barrier(ws.handle)
-        hits = h.topk_ids.numel()
-        flat = h.topk_ids.reshape(-1)
-        rows = torch.arange(hits, dtype=torch.int32, device=flat.device)
-        pos = torch.where(flat >= 0, rows, torch.full_like(rows, -1))
-        out = combine_rows(ws.back[:hits], pos, h.topk_weights)
+        out = combine_hit_rows(ws.back[: h.topk_ids.numel()], h.topk_ids, h.topk_weights)
         ws.in_use = False
         return out

@@ -30,6 +30,7 @@ def _combine_kernel(
     stride_out,
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HIT_ROWS: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -37,6 +38,10 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         pos = tl.load(pos_ptr + token * TOP_K + k).to(tl.int64)
+        if (
+            HIT_ROWS
+        ):  # pos_ptr holds the hits' expert ids: hit (t, k) is row t * K + k, padding (< 0) left out
+            pos = tl.where(pos >= 0, token * TOP_K + k, -1)
         weight = tl.load(w_ptr + token * TOP_K + k).to(tl.float32)
         if pos >= 0:
             row = tl.load(rows_ptr + pos * stride_row + offs, mask=mask, other=0.0)
@@ -55,7 +60,15 @@ def hit_positions(order: torch.Tensor, num_hits: int, valid: torch.Tensor | None
     return pos.scatter_(0, order.to(torch.int64), sorted_rows)
 
 
-def combine_rows(rows: torch.Tensor, pos: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+def combine_hit_rows(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """out [T, D]: out[t] = sum over k of topk_weights[t, k] * rows[t * K + k], hits with topk_ids < 0 left out
+    (rows in hit order, e.g. written back by the nvlink dispatcher); one launch, float32 accumulation."""
+    return combine_rows(rows, topk_ids.reshape(-1), topk_weights, hit_rows=True)
+
+
+def combine_rows(
+    rows: torch.Tensor, pos: torch.Tensor, topk_weights: torch.Tensor, *, hit_rows: bool = False
+) -> torch.Tensor:
     """out [T, D] (rows' dtype): out[t] = sum over k of topk_weights[t, k] * rows[pos[t * K + k]], hits with
     pos < 0 left out; float32 accumulation."""
     tokens, top_k = topk_weights.shape
@@ -81,6 +94,7 @@ def combine_rows(rows: torch.Tensor, pos: torch.Tensor, topk_weights: torch.Tens
         out.stride(0),
         TOP_K=top_k,
         BLOCK_D=block_d,
+        HIT_ROWS=hit_rows,
         num_warps=4,
     )
     return out

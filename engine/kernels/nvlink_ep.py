@@ -156,6 +156,26 @@ def return_rows(
     )
 
 
+@triton.jit
+def _take_counts_kernel(counters_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        mask = start + offs < n
+        tl.store(counts_ptr + start + offs, tl.load(counters_ptr + start + offs, mask=mask), mask=mask)
+        tl.store(counters_ptr + start + offs, tl.zeros([BLOCK], tl.int32), mask=mask)
+
+
+def take_counts(counters: torch.Tensor) -> torch.Tensor:
+    """counts = counters, counters = 0 (one launch): the received rows per local expert, and the counters
+    ready for the next dispatch."""
+    counts = torch.empty_like(counters)
+    if counters.numel():
+        _take_counts_kernel[(1,)](
+            counters, counts, counters.numel(), BLOCK=min(1024, triton.next_power_of_2(counters.numel()))
+        )
+    return counts
+
+
 def dispatch_reference(
     x: torch.Tensor, topk_ids: torch.Tensor, world_size: int, num_local_experts: int
 ) -> list[list[list[tuple[int, torch.Tensor]]]]:

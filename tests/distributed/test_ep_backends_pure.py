@@ -30,7 +30,14 @@ NONE_VERIFIED = {"symm": False, "deepep": False}
 
 
 def _choose(
-    requested="auto", world=2, device="cuda", deepep_ok=True, symm_ok=True, check=(True, "ok"), verified=None
+    requested="auto",
+    world=2,
+    device="cuda",
+    deepep_ok=True,
+    symm_ok=True,
+    check=(True, "ok"),
+    verified=None,
+    nvlink_ok=False,
 ):
     calls = []
 
@@ -46,6 +53,7 @@ def _choose(
         symm_usable=symm_ok,
         deepep_self_check=self_check,
         verified=ALL_VERIFIED if verified is None else verified,
+        nvlink_usable=nvlink_ok,
     )
     return chosen, why, len(calls)
 
@@ -71,7 +79,13 @@ def test_auto_never_picks_an_unverified_backend():
     assert (chosen, calls) == ("a2a", 0)
     assert "deepep: not verified on GPUs yet" in why and "symm: not verified on GPUs yet" in why
     assert _choose(verified={"symm": True, "deepep": False})[0] == "symm"
-    assert _choose(verified={"nvlink": True}, deepep_ok=False, symm_ok=False)[0] == "a2a"  # requested only
+    # nvlink: after deepep, before symm, once verified and only within one node
+    assert _choose(deepep_ok=False, nvlink_ok=True, verified={"symm": True})[0] == "symm"
+    chosen, why, _ = _choose(deepep_ok=False, nvlink_ok=True, verified={"symm": True, "nvlink": True})
+    assert chosen == "nvlink" and "deep_ep is not installed" in why
+    chosen, why, _ = _choose(deepep_ok=False, nvlink_ok=False, verified={"symm": True, "nvlink": True})
+    assert chosen == "symm" and "nvlink: the group is not one node's GPUs" in why
+    assert _choose(nvlink_ok=True, verified={"deepep": True, "nvlink": True})[0] == "deepep"
 
 
 def test_cli_choices_are_the_backends_a_user_may_request():

@@ -72,3 +72,18 @@ def test_hit_positions_invert_the_sort(kernel):
 def test_bad_shapes_are_refused(kernel):
     with pytest.raises(ValueError, match="rows \\[N, D\\] and pos \\[T\\*K\\]"):
         kernel.combine_rows(torch.ones(4, 8), torch.zeros(3, dtype=torch.int32), torch.ones(2, 2))
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "width"), [(5, 3, 40), (1, 8, 1030), (0, 2, 8)])
+def test_combine_hit_rows_weights_rows_in_hit_order_and_leaves_padding_out(kernel, tokens, top_k, width):
+    g = torch.Generator().manual_seed(tokens + top_k)
+    ids = torch.randint(0, 6, (tokens, top_k), generator=g)
+    rows = torch.randn(tokens * top_k, width, generator=g)
+    if tokens:
+        ids[0, 0] = -1  # padding: its row holds garbage that must not leak
+        rows[0] = float("nan")
+    weights = torch.rand(tokens, top_k, generator=g)
+    got = kernel.combine_hit_rows(rows, ids, weights)
+    per_hit = torch.where((ids >= 0).reshape(-1, 1), rows, torch.zeros_like(rows)).view(tokens, top_k, width)
+    want = (per_hit * weights.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
