@@ -2,8 +2,9 @@
 
     python3 benchmarks/tbo_table.py OUTDIR
 
-Files are named `{backend}_{mode}_{tokens}_{tbo}.json` (tbo = on / off); a point with a missing or broken file
-shows the tail of its log (`.log` next to it) instead of numbers. Ratio = tok/s/GPU with TBO on / off (> 1:
+Files are named `{backend}_{mode}_{tokens}_{tbo}.json` (tbo = on / off), or `emu{N}_{backend}_...` for a point
+run with `--emulate-ep N` (its own rows, backend shown as `{backend}@EP{N}`); a point with a missing or broken
+file shows the tail of its log (`.log` next to it) instead of numbers. Ratio = tok/s/GPU with TBO on / off (> 1:
 TBO wins). The `auto` rule (engine/tbo.py AUTO_MIN_TOKENS): per mode and backend, the smallest tokens/GPU from
 which every larger measured point has ratio >= 1, printed under the table.
 """
@@ -16,7 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-NAME = re.compile(r"^(?P<backend>[a-z0-9]+)_(?P<mode>decode|prefill)_(?P<tokens>\d+)_(?P<tbo>on|off)\.json$")
+NAME = re.compile(
+    r"^(?P<prefix>emu(?P<ep>\d+)_)?(?P<backend>[a-z0-9]+)_(?P<mode>decode|prefill)_(?P<tokens>\d+)_(?P<tbo>on|off)"
+    r"\.json$"
+)
+
+
+def point_key(match: re.Match[str]) -> tuple[str, str, str, int]:
+    """(file-name prefix, backend label, mode, tokens/GPU): an emulated point is its own row, `symm@EP72`."""
+    label = match["backend"] + (f"@EP{match['ep']}" if match["ep"] else "")
+    return (match["prefix"] or "", label, match["mode"], int(match["tokens"]))
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -47,25 +57,27 @@ def auto_threshold(points: list[tuple[int, float | None]]) -> int | None:
 
 
 def main(out: Path) -> int:
-    points: dict[tuple[str, str, int], dict[str, Any]] = {}
+    points: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for path in sorted(out.glob("*.json")):
         match = NAME.match(path.name)
         if match:
-            key = (match["backend"], match["mode"], int(match["tokens"]))
-            points.setdefault(key, {})[match["tbo"]] = path
+            points.setdefault(point_key(match), {})[match["tbo"]] = path
     for log in sorted(out.glob("*.log")):  # runs that died before writing JSON
         match = NAME.match(log.name.replace(".log", ".json"))
         if match:
-            points.setdefault((match["backend"], match["mode"], int(match["tokens"])), {})
+            points.setdefault(point_key(match), {})
     print(
         "| backend | mode | tokens/GPU | off ms | on ms | off tok/s/GPU | on tok/s/GPU | on/off | graphs off | graphs on |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     ratios: dict[tuple[str, str], list[tuple[int, float | None]]] = {}
-    for backend, mode, tokens in sorted(points, key=lambda k: (k[0] != "symm", k[0], k[1], k[2])):
+    # emulated (deployment-shaped) points first (decode, then prefill), then symm, then the other backends
+    for prefix, backend, mode, tokens in sorted(
+        points, key=lambda k: (not k[0], not k[1].startswith("symm"), k[2] if k[0] else "", k[1], k[2], k[3])
+    ):
         row = {}
         for tbo in ("off", "on"):
-            stem = f"{backend}_{mode}_{tokens}_{tbo}"
+            stem = f"{prefix}{backend.split('@')[0]}_{mode}_{tokens}_{tbo}"
             row[tbo] = load(out / f"{stem}.json")
             row[tbo + "_why"] = failure(out, stem) if row[tbo] is None else ""
         off, on = row["off"], row["on"]

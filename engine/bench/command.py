@@ -7,6 +7,9 @@ Deployment shape on one GPU (emulate.py, projection.py): one GPU of a decode EP7
 experts -> 4 per GPU, 256 sequences at 2,000 cached tokens), measured at 2 and 4 layers, projected to 61:
     moefleet bench --preset deepseek-v3 --mode decode --batch-size 256 --kv-len 2000 --emulate-ep 72 \
         --num-redundant-experts 32 --project-layers 61 --project-depths 2,4
+The same shape on 2 real GPUs (4 experts each, real dispatch/combine between them, e.g. to time --tbo on/off):
+    moefleet bench --preset deepseek-v3 --mode decode --batch-size 256 --kv-len 2000 --emulate-ep 72 \
+        --num-redundant-experts 32 --nproc-per-node 2 --moe-backend symm --tbo on
 """
 
 from __future__ import annotations
@@ -85,14 +88,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="rebalance after the timed steps and time again (before/after table)",
     )
-    shape = p.add_argument_group("deployment shape on one GPU (docs/benchmarks.md)")
+    shape = p.add_argument_group("deployment shape on one or a few GPUs (docs/benchmarks.md)")
     shape.add_argument(
         "--emulate-ep",
         type=int,
         default=0,
         metavar="N",
-        help="give this GPU the expert count ((experts + redundant) / N) and routed-row volume (tokens x top-k) "
-        "of one GPU of an N-way EP deployment, at the real width; no communication (see --comm-us-per-layer)",
+        help="give each GPU the expert count ((experts + redundant) / N) and routed-row volume (tokens x top-k) "
+        "of one GPU of an N-way EP deployment, at the real width; on one GPU no communication (see "
+        "--comm-us-per-layer), with --nproc-per-node W (<= N) real dispatch/combine between the W GPUs",
     )
     shape.add_argument(
         "--project-layers",
@@ -171,25 +175,31 @@ def run_options(options: Any, nproc: int) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: r["rank"])
 
 
-def emulated_shape_line(options: Any) -> str:
-    """Validate the emulated deployment (experts divide over the GPUs) and describe one GPU's MoE work."""
-    from moefleet.engine.bench.emulate import EmulatedShape
-    from moefleet.engine.bench.presets import num_experts, preset_config
+def emulated_shape_line(options: Any, nproc: int = 1) -> str:
+    """Validate the emulated deployment on `nproc` real GPUs (experts divide over the deployment's GPUs,
+    nproc <= N, top-k fits the real GPUs' slots) and describe each GPU's MoE work."""
+    from moefleet.engine.bench.emulate import emulated_shape
 
-    config = preset_config(options.preset, options.num_layers, options.dense_layers)
-    tokens = options.batch_size if options.mode == "decode" else options.prefill_tokens
-    shape = EmulatedShape(
-        options.emulate_ep,
-        num_experts(config),
-        options.num_redundant_experts,
-        int(config["num_experts_per_tok"]),
-        tokens,
-    )
+    shape = emulated_shape(options, nproc)
+    tokens = shape.tokens_per_gpu
+    if nproc == 1:
+        return (
+            f"emulating one GPU of EP{shape.ep_size}: {shape.physical_experts} physical experts -> "
+            f"{shape.experts_per_gpu} per GPU; {tokens} tokens x top-{shape.top_k} = {shape.rows_per_gpu:,} routed "
+            f"rows per MoE layer ({shape.rows_per_expert:,.0f} per expert), all to local experts; no communication"
+        )
     return (
-        f"emulating one GPU of EP{shape.ep_size}: {shape.physical_experts} physical experts -> "
-        f"{shape.experts_per_gpu} per GPU; {tokens} tokens x top-{shape.top_k} = {shape.rows_per_gpu:,} routed rows "
-        f"per MoE layer ({shape.rows_per_expert:,.0f} per expert), all to local experts; no communication"
+        f"EP{shape.ep_size} emulated on {nproc} GPUs: {shape.experts_per_gpu} experts per GPU "
+        f"({shape.physical_experts} physical / {shape.ep_size}), {tokens} x top-{shape.top_k} = "
+        f"{shape.rows_per_gpu:,} rows per GPU per MoE layer ({shape.rows_per_expert:,.0f} per expert); "
+        f"dispatch/combine between the {nproc} real GPUs (remote share {_percent(shape.remote_share)} vs "
+        f"{_percent(shape.deployment_remote_share)} at EP{shape.ep_size})"
     )
+
+
+def _percent(share: float) -> str:
+    """50% / 98.6%: one decimal, none when it is 0."""
+    return f"{100 * share:.1f}".removesuffix(".0") + "%"
 
 
 def project_depths(args: argparse.Namespace) -> list[int]:
@@ -233,12 +243,6 @@ def run(args: argparse.Namespace) -> int:
                 f"--nproc-per-node ({args.nproc_per_node}) exceeds the visible GPUs ({torch.cuda.device_count()})",
                 "lower --nproc-per-node or set CUDA_VISIBLE_DEVICES",
             )
-    if args.emulate_ep and args.nproc_per_node != 1:
-        raise CommandError(
-            f"--emulate-ep runs one GPU standing for an EP{args.emulate_ep} deployment; got --nproc-per-node "
-            f"{args.nproc_per_node}",
-            "drop --nproc-per-node (or drop --emulate-ep to measure a real group)",
-        )
     depths = project_depths(args)
     rows, raw, projections = [], [], []
     for preset in args.preset or ["deepseek-v3"]:
@@ -258,7 +262,9 @@ def run(args: argparse.Namespace) -> int:
                         eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
                     )  # fmt: skip
                     if args.emulate_ep:
-                        print(f"moefleet bench: {emulated_shape_line(options)}", flush=True)
+                        print(
+                            f"moefleet bench: {emulated_shape_line(options, args.nproc_per_node)}", flush=True
+                        )
                 except ValueError as exc:
                     raise CommandError(str(exc)) from None
                 ranks = run_options(options, args.nproc_per_node)

@@ -10,10 +10,18 @@ compute per GPU, and communication is added separately (`--comm-us-per-layer`, d
 
 Example: DeepSeek-V3 decode at EP72 with 32 redundant experts: (256 + 32) / 72 = 4 experts per GPU; 256
 tokens x top-8 = 2,048 rows per GPU per MoE layer, 512 per expert.
+
+On W > 1 real GPUs (`--nproc-per-node W`, W <= N): rank r builds its layers as rank r of the N-way deployment
+(L = P / N slots, r * L .. r * L + L - 1), the real dispatchers of the W-rank group are installed over the
+group's W x L slots, and `EmulatedRoutingDispatcher` rewrites the router's physical ids (in [0, N x L)) to a
+balanced pattern over [0, W x L) (`balanced_slot_ids`) before every dispatch. Each real GPU then sends T x K
+rows, receives T x K rows on average and computes them with L experts, as a deployment GPU does, and the
+dispatch/combine between the W GPUs is real: its remote share is (W - 1) / W instead of (N - 1) / N.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +39,7 @@ class EmulatedShape:
     num_redundant_experts: int
     top_k: int
     tokens_per_gpu: int
+    world_size: int = 1  # real GPUs the emulation runs on (--nproc-per-node), each one deployment GPU
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
@@ -40,6 +49,21 @@ class EmulatedShape:
         if self.tokens_per_gpu < 0:
             raise ValueError(f"tokens_per_gpu ({self.tokens_per_gpu}) must be >= 0")
         check_expert_slots(self.num_experts, self.num_redundant_experts, self.ep_size)
+        if self.world_size < 1:
+            raise ValueError(f"--nproc-per-node ({self.world_size}) must be >= 1")
+        if self.world_size > self.ep_size:
+            raise ValueError(
+                f"--nproc-per-node ({self.world_size}) must be <= --emulate-ep ({self.ep_size}): each real GPU "
+                f"stands for one of the {self.ep_size} GPUs of the deployment; lower --nproc-per-node or raise "
+                "--emulate-ep"
+            )
+        if self.world_size > 1 and self.top_k > self.group_slots:
+            raise ValueError(
+                f"top-{self.top_k} routing needs {self.top_k} distinct expert slots per token, but "
+                f"--nproc-per-node {self.world_size} x {self.experts_per_gpu} experts per GPU (--emulate-ep "
+                f"{self.ep_size}) = {self.group_slots} slots: use --nproc-per-node >= "
+                f"{-(-self.top_k // self.experts_per_gpu)} or a smaller --emulate-ep (more experts per GPU)"
+            )
 
     @property
     def physical_experts(self) -> int:
@@ -57,6 +81,43 @@ class EmulatedShape:
     @property
     def rows_per_expert(self) -> float:
         return self.rows_per_gpu / self.experts_per_gpu
+
+    @property
+    def group_slots(self) -> int:
+        """Expert slots across the real GPUs: the ids `balanced_slot_ids` routes to."""
+        return self.world_size * self.experts_per_gpu
+
+    @property
+    def remote_share(self) -> float:
+        """Share of each GPU's routed rows that leave it here (uniform over the W real GPUs)."""
+        return (self.world_size - 1) / self.world_size
+
+    @property
+    def deployment_remote_share(self) -> float:
+        """The same share in the N-way deployment."""
+        return (self.ep_size - 1) / self.ep_size
+
+
+def emulated_shape(options: Any, world_size: int = 1) -> EmulatedShape:
+    """The validated shape of `options` (a `BenchOptions` with `emulate_ep` > 0) on `world_size` real GPUs.
+
+    Refuses --routing-skew on W > 1 GPUs: the emulated routing there is balanced by construction."""
+    from moefleet.engine.bench.presets import num_experts, preset_config
+
+    if world_size > 1 and options.routing_skew:
+        raise ValueError(
+            f"--routing-skew has no effect with --emulate-ep on {world_size} GPUs (the emulated routing is "
+            "balanced by construction): drop --routing-skew, or --nproc-per-node for the one-GPU emulation"
+        )
+    config = preset_config(options.preset, options.num_layers, options.dense_layers)
+    return EmulatedShape(
+        options.emulate_ep,
+        num_experts(config),
+        options.num_redundant_experts,
+        int(config["num_experts_per_tok"]),
+        options.batch_size if options.mode == "decode" else options.prefill_tokens,
+        world_size,
+    )
 
 
 def local_expert_ids(topk_ids: torch.Tensor, num_local_experts: int) -> torch.Tensor:
@@ -95,6 +156,70 @@ class EmulatedEPDispatcher:
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
         return self._local.combine_finish(pending)
+
+
+def balanced_slot_ids(topk_ids: torch.Tensor, num_slots: int, offset: int = 0) -> torch.Tensor:
+    """Physical ids [T, K] -> a balanced pattern over [0, num_slots): hit k of token t goes to slot
+    (t * K + k + offset) mod num_slots; padding ids (< 0) stay as they are (-1).
+
+    A pure function of the shape (and `offset`), not of the router's choices: consecutive hits take consecutive
+    slots, so (a) the K ids of one token are distinct whenever K <= num_slots (a real router never repeats an
+    expert within a token; DeepEP low-latency overflows otherwise), and (b) over a batch every slot receives
+    floor or ceil of T * K / num_slots hits. Same device and dtype; on device, no host sync (CUDA-graph
+    capturable)."""
+    tokens, top_k = topk_ids.shape
+    hits = torch.arange(tokens * top_k, device=topk_ids.device, dtype=topk_ids.dtype).view(tokens, top_k)
+    return torch.where(topk_ids >= 0, (hits + offset) % num_slots, topk_ids)
+
+
+class EmulatedRoutingDispatcher:
+    """Wraps a real dispatcher of a W-rank group: rewrites the router's ids to `balanced_slot_ids` over the
+    group's W x L slots before every dispatch; everything else (combine, `TBO_OVERLAP`, `SYNC_FREE_DECODE`,
+    `graph_replay_state`, `pool`, ...) is the real dispatcher's."""
+
+    def __init__(self, inner: Any, num_slots: int, offset: int = 0):
+        if num_slots < 1:
+            raise ValueError(f"num_slots ({num_slots}) must be >= 1")
+        self.inner = inner
+        self.num_slots = num_slots
+        self.offset = offset
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set here: the real dispatcher's
+        if name == "inner":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
+        ids = balanced_slot_ids(topk_ids, self.num_slots, self.offset)
+        return self.inner.dispatch_start(hidden, ids, topk_weights, is_prefill=is_prefill)
+
+    def dispatch_finish(self, pending: Any) -> DispatchedTokens:
+        return self.inner.dispatch_finish(pending)  # type: ignore[no-any-return]
+
+    def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
+        return self.inner.combine_start(expert_output, dispatched)
+
+    def combine_finish(self, pending: Any) -> torch.Tensor:
+        return self.inner.combine_finish(pending)  # type: ignore[no-any-return]
+
+
+def emulated_routing(make: Callable[..., Any], rank: int, world_size: int) -> Callable[..., Any]:
+    """A dispatcher factory for `apply_expert_parallel(make=...)`: `make`'s real dispatcher over the group's
+    `num_experts` (= W x L) slots, wrapped in `EmulatedRoutingDispatcher`. Rank r's pattern starts at its own
+    first slot (offset r x L), so the +-1 remainders of the ranks land on different slots."""
+
+    def build(backend: str, group: Any, num_experts: int, **options: Any) -> EmulatedRoutingDispatcher:
+        offset = rank * (num_experts // world_size)
+        return EmulatedRoutingDispatcher(make(backend, group, num_experts, **options), num_experts, offset)
+
+    return build
 
 
 def install_emulated_dispatchers(model: torch.nn.Module, num_micro_batches: int = 1) -> int:

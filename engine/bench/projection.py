@@ -4,7 +4,8 @@ deployment's per-GPU figures to compare it with (pure).
 A step of d decoder layers (the same number of leading dense layers in both runs) costs
 t(d) = intercept + slope * d: `slope` is one more MoE layer, `intercept` the embedding, LM head, sampling,
 batch preparation and the dense layers' difference from MoE ones. The full model is t(L); communication is
-not in an emulated step, so `comm_s_per_layer` x MoE layers is added when given.
+not in a one-GPU emulated step, so `comm_s_per_layer` x MoE layers is added when given (an emulation on W > 1
+GPUs already includes dispatch/combine between the W GPUs, at remote share (W - 1) / W).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
         "emulated_ep": slowest.get("emulated_ep", 0),
         "experts_per_gpu": slowest.get("experts_per_gpu", 0),
         "routed_rows_per_layer": slowest.get("routed_rows_per_layer", 0),
+        # measured (EP group / --emulate-ep): the busiest GPU's rows per MoE layer in the check step
+        "received_rows_per_layer": max(r.get("received_rows_per_layer", 0.0) for r in ranks),
     }
 
 
@@ -140,6 +142,7 @@ def projection_row(
         "preset": first["preset"],
         "mode": first["mode"],
         "emulated_ep": first.get("emulated_ep", 0) or first["gpus"],
+        "gpus": first["gpus"],  # real GPUs measured (> 1: the step includes dispatch/combine between them)
         "experts_per_gpu": first.get("experts_per_gpu", 0),
         "routed_rows_per_layer": first.get("routed_rows_per_layer", 0),
         "tokens_per_gpu": tokens,
@@ -174,8 +177,16 @@ def format_projection_table(rows: list[dict[str, Any]]) -> str:
         for note in (f"reference ({r['mode']}): {r['reference']}", r["bandwidth_note"]):
             if note not in notes:
                 notes.append(note)
-    if any(r["comm_ms"] == 0 for r in rows):
+    if any(r["comm_ms"] == 0 and r.get("gpus", 1) == 1 for r in rows):
         notes.append(
             "comm ms 0: an emulated step has no dispatch/combine communication; add it with --comm-us-per-layer"
         )
+    for r in rows:
+        gpus, ep = r.get("gpus", 1), r["emulated_ep"]
+        note = (
+            f"EP{ep} emulated on {gpus} GPUs: the steps include dispatch/combine between them (remote share "
+            f"{(gpus - 1) / gpus:.0%} of the rows vs {(ep - 1) / ep:.1%} at EP{ep}); comm ms is added on top"
+        )
+        if gpus > 1 and ep > gpus and note not in notes:
+            notes.append(note)
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])

@@ -60,7 +60,7 @@ class BenchOptions:
     num_redundant_experts: int = 0  # EPLB spare slots
     eplb: bool = False  # rebalance after the timed steps, then time again
     tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
-    emulate_ep: int = 0  # > 0: one GPU does the per-GPU work of an N-way EP deployment (emulate.py)
+    emulate_ep: int = 0  # > 0: each GPU does the per-GPU work of an N-way EP deployment (emulate.py)
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -105,9 +105,13 @@ class RankResult:
     cuda_graphs: str = ""
     # Synchronising CUDA calls in one timed-path step (torch's sync debug mode); None off CUDA.
     host_syncs_per_step: int | None = None
-    emulated_ep: int = 0  # --emulate-ep: the deployment's EP size this one GPU stands for
+    emulated_ep: int = 0  # --emulate-ep: the deployment's EP size each GPU (of world_size) stands for
     experts_per_gpu: int = 0  # routed expert slots per MoE layer on this GPU
-    routed_rows_per_layer: int = 0  # (token, expert) rows this GPU's experts compute per MoE layer
+    routed_rows_per_layer: int = 0  # (token, expert) rows this GPU's experts compute per MoE layer (expected)
+    # Measured in one eager check step (EP group or --emulate-ep; received.py): rows this GPU's experts got,
+    # per local slot summed over MoE layers, and per MoE layer
+    received_rows_per_slot: list[int] = field(default_factory=list)
+    received_rows_per_layer: float = 0.0
 
     @property
     def prepare_time_s(self) -> float:
@@ -330,11 +334,13 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     torch.manual_seed(options.seed + rank)
     config = preset_config(options.preset, options.num_layers, options.dense_layers)
     if options.emulate_ep:
-        if group is not None:
-            raise ValueError("--emulate-ep runs on one GPU: drop --nproc-per-node")
+        from moefleet.engine.bench.emulate import emulated_shape
+
+        emulated_shape(options, world_size)  # W <= N, top_k <= W x L: refused before any model is built
+        # Rank r of the W real GPUs builds rank r's slots of the N-way deployment (emulate.py).
         topology.set_current(
             topology.Topology.for_rank(
-                0, options.emulate_ep, num_redundant_experts=options.num_redundant_experts
+                rank, options.emulate_ep, num_redundant_experts=options.num_redundant_experts
             )
         )
     else:
@@ -352,12 +358,20 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
 
     set_gemm_backend(model, options.gemm_backend)  # "triton": our Triton GEMMs only (side by side)
     if group is not None:
+        from moefleet.engine.bench.emulate import emulated_routing
+        from moefleet.engine.distributed.backends import make_dispatcher
+
         micro_batches = num_micro_batches(options.tbo)
+        # --emulate-ep N on W GPUs: the real dispatchers of the group over its W x L slots, each behind a
+        # balanced rewrite of the router's ids (emulate.py); the layers were built for N ranks
+        make = emulated_routing(make_dispatcher, rank, world_size) if options.emulate_ep else make_dispatcher
         apply_expert_parallel(
             model,
             group,
             options.backend,
             num_micro_batches=micro_batches,
+            make=make,
+            built_for_size=options.emulate_ep or None,
             hidden_size=int(config["hidden_size"]),
             device_type=device.type,
             # the most tokens this rank forwards in one step (symm sizes its buffers from it)
@@ -368,7 +382,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             micro_batches=micro_batches,
             deepep_ll_fp8=has_fp8_experts(model),  # the serving rule: FP8 rows for FP8 experts only
         )
-    if options.emulate_ep:
+    if options.emulate_ep and group is None:
         from moefleet.engine.bench.emulate import install_emulated_dispatchers
 
         install_emulated_dispatchers(model, num_micro_batches(options.tbo))
@@ -483,6 +497,13 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             eplb["balancedness_after"] = eplb_bench.measured_balancedness(
                 recorder.read(group), location, world_size
             )
+        received = None
+        if group is not None or options.emulate_ep:  # where the routed rows went: one eager check step
+            # (after the timed and --eplb steps: it perturbs none of them)
+            from moefleet.engine.bench.received import count_received_rows
+
+            barrier()
+            received = count_received_rows(model, lambda: step(eager=True))
         bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
 
     routed, embedding, other = parameter_bytes(model)
@@ -490,6 +511,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         dense_weight_bytes=other,
         local_routed_expert_bytes=routed,
         batch_per_rank=options.batch_size,
+        # --emulate-ep: each GPU (one or W) does one deployment GPU's work, so the group is the deployment's
         world_size=options.emulate_ep or world_size,
         top_k=int(config["num_experts_per_tok"]),
         num_experts=num_experts(config),
@@ -525,6 +547,8 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         emulated_ep=options.emulate_ep,
         experts_per_gpu=_experts_per_gpu(model),
         routed_rows_per_layer=scenario.num_tokens * int(config["num_experts_per_tok"]),
+        received_rows_per_slot=[] if received is None else received.per_slot,
+        received_rows_per_layer=0.0 if received is None else received.per_layer,
     )
 
 

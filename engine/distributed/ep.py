@@ -58,12 +58,16 @@ def apply_expert_parallel(
     *,
     num_micro_batches: int = 1,
     make: Callable[..., TokenDispatcher] = make_dispatcher,
+    built_for_size: int | None = None,
     **dispatcher_options: object,
 ) -> int:
     """Install `num_micro_batches` dispatchers on every MoE layer of `model`; returns the number of layers.
 
     Checks that each layer was built for this rank's expert slots (built after `set_expert_parallel_layout`),
     because a layer holding all experts under EP would silently compute with the wrong experts.
+    `built_for_size`: the EP size the layers were built for when it is not the group's (`moefleet bench
+    --emulate-ep N` on W < N ranks: rank r holds rank r's slots of an N-way layout); the group's physical
+    experts stay local slots x W.
     """
     if num_micro_batches not in (1, 2):
         raise ValueError(f"num_micro_batches ({num_micro_batches}) must be 1 or 2 (two-batch overlap)")
@@ -71,7 +75,7 @@ def apply_expert_parallel(
     world_size = 1 if group is None else dist.get_world_size(group)
     count = 0
     for name, layer in moe_layers(model):
-        _check_built_for(name, layer, rank, world_size)
+        _check_built_for(name, layer, rank, built_for_size or world_size)
         total = num_physical_experts(layer, world_size)
         dispatchers = [make(backend, group, total, **dispatcher_options) for _ in range(num_micro_batches)]
         # setattr: nn.Module's typed __setattr__ does not know these plain attributes.

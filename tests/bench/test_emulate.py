@@ -171,7 +171,7 @@ def test_cli_emulates_and_projects(tmp_path, capsys):
     ("extra", "message"),
     [
         (["--emulate-ep", "3"], "use --num-redundant-experts 1"),
-        (["--emulate-ep", "4", "--nproc-per-node", "2"], "--emulate-ep runs one GPU"),
+        (["--emulate-ep", "4", "--nproc-per-node", "8"], "--nproc-per-node (8) must be <= --emulate-ep (4)"),
         (["--project-layers", "61", "--project-depths", "2"], "two or more different depths"),
         (["--emulate-ep", "4", "--eplb"], "--eplb rebalances a real group"),
     ],

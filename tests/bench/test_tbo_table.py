@@ -48,3 +48,25 @@ def test_table_rows_ratios_and_failures(tmp_path, capsys):
     assert "FAILED: RuntimeError: symm dispatcher: out of heap" in rows["16,384"]
     assert "auto threshold (symm, decode): 256 tokens/GPU" in out
     assert "auto threshold (symm, prefill): None" in out
+
+
+def test_emulated_points_are_their_own_rows_first(tmp_path, capsys):
+    table = _module()
+    _write(tmp_path, "symm_decode_256_off", 10.0, 256)
+    _write(tmp_path, "symm_decode_256_on", 8.0, 256)  # 1.25x
+    _write(tmp_path, "emu72_symm_decode_256_off", 10.0, 256)
+    _write(tmp_path, "emu72_symm_decode_256_on", 12.5, 256)  # 0.8x
+    _write(tmp_path, "emu32_symm_prefill_16384_off", 100.0, 16384)
+    (tmp_path / "emu32_symm_prefill_16384_on.log").write_text("rc=124\ntimed out after 100s\n")
+    assert table.main(tmp_path) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| symm")]
+    labels = [tuple(cell.strip() for cell in line.split("|")[1:4]) for line in lines]
+    assert labels == [
+        ("symm@EP72", "decode", "256"),
+        ("symm@EP32", "prefill", "16,384"),
+        ("symm", "decode", "256"),
+    ]
+    assert "| 0.800 |" in lines[0] and "| 1.250 |" in lines[2]
+    assert "FAILED: timed out after 100s" in lines[1]
+    assert "auto threshold (symm@EP72, decode): None" in out and "auto threshold (symm, decode): 256" in out
