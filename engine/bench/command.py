@@ -20,7 +20,7 @@ import socket
 from dataclasses import asdict
 from typing import Any
 
-from moefleet.engine.cli import CommandError
+from moefleet.engine.cli import MOE_BACKEND_CHOICES, CommandError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="auto = torch's cuBLAS/CUTLASS GEMMs where verified (blockwise FP8 scaled_mm for FP8 linears and "
         "prefill experts, bf16 grouped_mm for experts), else Triton; triton = Triton kernels only (side by side)",
     )  # fmt: skip
-    p.add_argument("--moe-backend", default=defaults.backend, choices=["auto", "a2a", "symm", "deepep"])
+    p.add_argument("--moe-backend", default=defaults.backend, choices=list(MOE_BACKEND_CHOICES))
     p.add_argument(
         "--attention-backend", default=defaults.attention_backend, choices=["auto", "torch", "triton"],
         help="auto = triton on CUDA, torch on CPU",
