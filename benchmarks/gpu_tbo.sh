@@ -5,7 +5,8 @@
 # the experts one GPU of an N-way deployment holds ((256 + 32 redundant) / N: 4 at EP72, 9 at EP32) and gets
 # its routed-row volume, with the real dispatch/combine between the 2 GPUs; so splitting a batch in two does
 # not double expert-weight reads the way it does with 128 experts per GPU. Decode EMU_DECODE tokens/GPU at
-# EP72, prefill EMU_PREFILL at EP32, backends EMU_BACKENDS; files emu72_* / emu32_*, rows "symm@EP72" etc.
+# EP72, prefill EMU_PREFILL at EP32, backends EMU_BACKENDS (default nvlink; a second call with EMU_BACKENDS=symm
+# DECODE= PREFILL= A2A_DECODE= A2A_PREFILL= adds symm); files emu72_* / emu32_*, rows "nvlink@EP72" etc.
 # Then the plain EP2 points (128 experts per GPU): decode 32/64/128/256 tokens/GPU and prefill 4k/8k/16k with
 # --moe-backend symm (comm stream, CUDA graph of the TBO decode step) and a2a for reference (comm stream,
 # eager: its host sync is not capturable).
@@ -17,13 +18,13 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_tbo.sh [OUTDIR]     (NSYS=1: also an Nsight timeline)
 set -uo pipefail
 out=${1:-/tmp/tbo_out}; mkdir -p "$out"
-BUDGET=${BUDGET:-360}                 # seconds for all runs (~6 min); later points are skipped past it
+BUDGET=${BUDGET:-480}                 # seconds for all runs (8 min); later points are skipped past it
 LAYERS=${LAYERS:-2}                   # decoder layers, all MoE at full width (4 doubles the model time)
 STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 DECODE=${DECODE-"32 64 128 256"}; PREFILL=${PREFILL-"4096 8192 16384"}
 A2A_DECODE=${A2A_DECODE-"256"}; A2A_PREFILL=${A2A_PREFILL-"16384"}   # reference backend: fewer points (empty: none)
 # deployment-shaped points (empty: none): decode at EP72, prefill at EP32, 32 redundant experts (288 slots)
-EMU_DECODE=${EMU_DECODE-"64 128 256"}; EMU_PREFILL=${EMU_PREFILL-"16384"}; EMU_BACKENDS=${EMU_BACKENDS-"symm"}
+EMU_DECODE=${EMU_DECODE-"64 128 256"}; EMU_PREFILL=${EMU_PREFILL-"16384"}; EMU_BACKENDS=${EMU_BACKENDS-"nvlink"}
 EMU_DECODE_EP=${EMU_DECODE_EP:-72}; EMU_PREFILL_EP=${EMU_PREFILL_EP:-32}; EMU_REDUNDANT=${EMU_REDUNDANT:-32}
 DECODE_T=${DECODE_T:-75}; PREFILL_T=${PREFILL_T:-100}                  # per-run time limits (s)
 FIRST_T=${FIRST_T:-150}               # the first run compiles the Triton kernels (cold cache)
