@@ -492,6 +492,10 @@ def fused_experts_masked(
     m_blocks = triton.cdiv(2 * triton.cdiv(expected, num_experts), config.block_m) if expected_rows else None
     if out_dtype is None:  # fp8 rows: the weights' dtype (bf16 for FP8 weights), else x's
         out_dtype = x.dtype if x.dtype != FP8_DTYPE else (torch.bfloat16 if fp8 else w13.dtype)
+    if fp8 and x_scale is None and block_shape is not None:
+        # real-valued rows for FP8 weights: quantise the valid rows only (the buffer's other rows may be many
+        # times more: capacity = ranks x tokens per local expert), then the FP8-row path below
+        x, x_scale = quantize_masked(x, masked_m.to(torch.int32), block_shape[1])
     out = torch.empty((num_experts * capacity, hidden), dtype=out_dtype, device=x.device)
     _two_gemms(
         x if x_scale is not None else x.reshape(num_experts * capacity, hidden).contiguous(),
