@@ -15,7 +15,7 @@ for every backend). Two timings per backend:
   and their scales), random weights of the model's shape (`--expert-weights`, DeepSeek-V3: fp8 128x128 blocks,
   intermediate 2048). At EP2 this column is dominated by reading E/2 experts' weights from HBM; it shows that
   the cost moved out of the deepep-ll dispatch did not reappear in the experts.
-"nvlink" writes rows straight into the peers' memory (engine/distributed/nvlink.py).
+"nvlink" writes rows straight into the peers' memory (engine/distributed/nvlink.py); "nvlink-fp8" sends FP8 rows.
 "symm-graph", "nvlink-graph" and "deepep-ll-graph" replay the round trip from a CUDA graph (launch overhead removed: what a
 captured decode step pays; DeepEP's low-latency kernels are capturable, its normal ones are not). Reports the median and p90 over iterations of the slowest rank, in microseconds.
 `--profile N`: then N more round trips of each backend under torch.profiler; rank 0 prints its kernels by GPU
@@ -47,7 +47,8 @@ def build(name: str, group, experts: int, hidden: int, tokens: int):
         from moefleet.engine.distributed.nvlink import NvlinkDispatcher, workspace_pool
 
         device = torch.device("cuda", torch.cuda.current_device())
-        return NvlinkDispatcher(workspace_pool(group, device), experts, hidden, tokens)
+        fp8 = "-fp8" in name  # nvlink-fp8[-graph]: FP8 rows + scales (FP8 experts), else bf16 rows
+        return NvlinkDispatcher(workspace_pool(group, device), experts, hidden, tokens, fp8_rows=fp8)
     from moefleet.engine.distributed.deepep import DeepEPDispatcher
 
     mode = "low_latency" if name.startswith("deepep-ll") else "normal"

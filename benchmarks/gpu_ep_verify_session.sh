@@ -28,7 +28,7 @@ floor() {  # tag, then bench arguments
 }
 if [ "${PHASE:-1}" = 1 ]; then
   timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/ep_dispatch.py \
-    --backends nvlink,nvlink-graph --chain 8 --iters 30 --expert-weights none --profile 4 > "$out/ep_dispatch_nvlink.txt" 2>&1
+    --backends nvlink,nvlink-graph,nvlink-fp8-graph --chain 8 --iters 30 --expert-weights none --profile 4 > "$out/ep_dispatch_nvlink.txt" 2>&1
   grep -E "^\||^==" "$out/ep_dispatch_nvlink.txt" | head -30
   timeout 330 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_ep_backends_gpu.py \
     -k "nvlink or symm or a2a" > "$out/nvlink_symm_tests.txt" 2>&1

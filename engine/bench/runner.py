@@ -381,7 +381,8 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             device=device,
             micro_batches=micro_batches,
             deepep_ll_fp8=has_fp8_experts(model),  # the serving rule: FP8 rows for FP8 experts only
-            max_decode_tokens=options.batch_size if options.mode == "decode" else 0,  # nvlink's decode buffers
+            # nvlink sizes its decode buffers from the bench batch
+            max_decode_tokens=options.batch_size if options.mode == "decode" else 0,
         )
     if options.emulate_ep and group is None:
         from moefleet.engine.bench.emulate import install_emulated_dispatchers

@@ -162,7 +162,7 @@ def make_dispatcher(
         across the whole group; `group` may be None only for "local". `max_tokens_per_rank` bounds the tokens of
         one forward on one rank (the engine's max batched tokens): fixed-capacity backends size buffers from it.
         With `top_k`, `dtype` and `device` known, symm allocates its `micro_batches` workspaces now (before the KV
-        cache is sized), else on the first dispatch. `deepep_ll_fp8`: DeepEP low-latency dispatch in FP8 (FP8
+        cache is sized), else on the first dispatch. `deepep_ll_fp8`: DeepEP low-latency (and nvlink) dispatch in FP8 (FP8
         experts) or bf16 (bf16 experts). `max_decode_tokens`: the most sequences one rank decodes in a step (nvlink sizes
     its decode buffers from it; 0: 256)."""
     world_size = 1 if group is None else dist.get_world_size(group)
@@ -193,6 +193,7 @@ def make_dispatcher(
             device,
             micro_batches,
             max_decode_tokens,
+            fp8_rows=deepep_ll_fp8,
         )
     if chosen == "symm":
         if not symm_available():
@@ -219,6 +220,8 @@ def _nvlink_dispatcher(
     device: torch.device | None,
     micro_batches: int,
     max_decode_tokens: int,
+    *,
+    fp8_rows: bool,
 ) -> TokenDispatcher:
     """The nvlink dispatcher over this process's symmetric workspaces; prefill steps too large for its buffers
     go to a2a. Workspaces are reserved now when the sizes are known."""
@@ -244,4 +247,5 @@ def _nvlink_dispatcher(
         decode_tokens=max_decode_tokens or DECODE_TOKENS,
         prefill=AllToAllDispatcher(group, num_experts),
         reserve=None if reserve is None else (reserve[0], reserve[1], reserve[3]),
+        fp8_rows=fp8_rows,
     )

@@ -76,18 +76,27 @@ def capacity(tokens_per_rank: int, top_k: int, world_size: int) -> Capacity:
     return Capacity(tokens_per_rank, world_size * tokens_per_rank, tokens_per_rank * top_k)
 
 
-def workspace_bytes(cap: Capacity, num_local: int, hidden: int, dtype: torch.dtype) -> int:
-    """Pure: symmetric bytes of one workspace."""
+def workspace_bytes(
+    cap: Capacity, num_local: int, hidden: int, dtype: torch.dtype, fp8_rows: bool = False
+) -> int:
+    """Pure: symmetric bytes of one workspace (receive rows in FP8 + scales with `fp8_rows`)."""
     rows = num_local * cap.rows_per_expert
-    return (rows + cap.hits) * hidden * dtype.itemsize + rows * 4 + num_local * 4
+    row_bytes = hidden + 4 * -(-hidden // FP8_GROUP) if fp8_rows else hidden * dtype.itemsize
+    return rows * row_bytes + cap.hits * hidden * dtype.itemsize + rows * 4 + num_local * 4
 
 
 def shares_prefill(
-    max_tokens_per_rank: int, top_k: int, world_size: int, num_local: int, hidden: int, dtype: torch.dtype
+    max_tokens_per_rank: int,
+    top_k: int,
+    world_size: int,
+    num_local: int,
+    hidden: int,
+    dtype: torch.dtype,
+    fp8_rows: bool = False,
 ) -> bool:
     """Pure: whether prefill steps fit the buffers (one workspace at max_tokens_per_rank <= the budget)."""
     cap = capacity(max_tokens_per_rank, top_k, world_size)
-    return workspace_bytes(cap, num_local, hidden, dtype) <= PREFILL_BUDGET_BYTES
+    return workspace_bytes(cap, num_local, hidden, dtype, fp8_rows) <= PREFILL_BUDGET_BYTES
 
 
 def return_row_groups(tokens: int, top_k: int, num_local: int, rows_per_expert: int) -> int:
@@ -181,12 +190,24 @@ class SimFabric:
 # ---- workspaces ---------------------------------------------------------------------------------------------
 
 
+FP8_GROUP = 128  # FP8 rows: one float32 scale per row per 128 columns (DeepSeek-V3's block size)
+
+
 @dataclass(frozen=True)
 class WorkspaceShape:
     cap: Capacity
     num_local: int
     hidden: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the activations' (and the combine rows') dtype
+    fp8_rows: bool = False  # dispatch FP8 rows + scales (FP8 experts) instead of `dtype` rows
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.fp8_rows else self.dtype
+
+    @property
+    def groups(self) -> int:
+        return -(-self.hidden // FP8_GROUP)
 
 
 class Workspace:
@@ -197,8 +218,14 @@ class Workspace:
         cap, local, hidden = shape.cap, shape.num_local, shape.hidden
         self.shape = shape
         self.recv_x, self.recv_x_table, self.handle = fabric.alloc(
-            (local, cap.rows_per_expert, hidden), shape.dtype
+            (local, cap.rows_per_expert, hidden), shape.row_dtype
         )
+        self.recv_scales: torch.Tensor | None = None
+        self.recv_scale_table: torch.Tensor | None = None
+        if shape.fp8_rows:
+            self.recv_scales, self.recv_scale_table, _ = fabric.alloc(
+                (local, cap.rows_per_expert, shape.groups), torch.float32
+            )
         self.recv_src, self.recv_src_table, _ = fabric.alloc((local, cap.rows_per_expert), torch.int32)
         self.counters, self.counter_table, _ = fabric.alloc((local,), torch.int32)
         self.back, self.back_table, _ = fabric.alloc((cap.hits, hidden), shape.dtype)
@@ -282,8 +309,12 @@ class NvlinkDispatcher:
         decode_tokens: int = DECODE_TOKENS,
         prefill: TokenDispatcher | None = None,
         reserve: tuple[int, torch.dtype, int] | None = None,
+        fp8_rows: bool = False,
     ):
-        """`reserve` = (top_k, dtype, micro-batches): allocate the decode workspaces now (a collective)."""
+        """`reserve` = (top_k, dtype, micro-batches): allocate the decode workspaces now (a collective).
+        `fp8_rows`: dispatch FP8 rows + per-128-column scales (half the bytes; for FP8 experts, whose masked
+        kernel applies the scales in its GEMM); else rows in the activations' dtype."""
+        self.fp8_rows = fp8_rows
         self.pool = pool
         self.rank, self.world_size = pool.fabric.rank, pool.fabric.world_size
         check_experts_divisible(num_experts, self.world_size)
@@ -300,7 +331,11 @@ class NvlinkDispatcher:
 
     def _shape(self, tokens: int, top_k: int, dtype: torch.dtype) -> WorkspaceShape:
         return WorkspaceShape(
-            capacity(tokens, top_k, self.world_size), self.num_local_experts, self.hidden_size, dtype
+            capacity(tokens, top_k, self.world_size),
+            self.num_local_experts,
+            self.hidden_size,
+            dtype,
+            self.fp8_rows,
         )
 
     def _tokens(self, is_prefill: bool | None) -> int:
@@ -312,7 +347,13 @@ class NvlinkDispatcher:
         if is_prefill is False or self.prefill is None:
             return False
         return not shares_prefill(
-            self.max_tokens_per_rank, top_k, self.world_size, self.num_local_experts, self.hidden_size, dtype
+            self.max_tokens_per_rank,
+            top_k,
+            self.world_size,
+            self.num_local_experts,
+            self.hidden_size,
+            dtype,
+            self.fp8_rows,
         )
 
     def dispatch_start(
@@ -348,8 +389,13 @@ class NvlinkDispatcher:
         from moefleet.engine.kernels.nvlink_ep import dispatch_rows
 
         ws = self.pool.lease(self._shape(tokens, top_k, hidden.dtype))
+        rows, scales = hidden, None
+        if self.fp8_rows:
+            from moefleet.engine.kernels.fp8_quant import quantize_per_token_group
+
+            rows, scales = quantize_per_token_group(hidden.contiguous(), FP8_GROUP)  # once per token
         dispatch_rows(
-            hidden,
+            rows,
             topk_ids,
             ws.recv_x_table,
             ws.recv_src_table,
@@ -358,6 +404,8 @@ class NvlinkDispatcher:
             hit_base=self.rank * ws.shape.cap.hits,
             num_local_experts=self.num_local_experts,
             capacity=ws.shape.cap.rows_per_expert,
+            scales=scales,
+            recv_scale_table=ws.recv_scale_table,
         )
         return ("nvlink", _Handle(ws, topk_ids, topk_weights))
 
@@ -381,6 +429,7 @@ class NvlinkDispatcher:
             None,
             ("nvlink", h),
             counts=h.counts,
+            scales=ws.recv_scales,  # FP8 rows: the masked kernel applies them in its GEMM
             expected_rows=h.topk_ids.numel() or None,  # this rank's hits: the balanced share
         )
 
@@ -395,6 +444,10 @@ class NvlinkDispatcher:
         ws = h.ws
         local, cap = self.num_local_experts, ws.shape.cap.rows_per_expert
         tokens, top_k = h.topk_ids.shape
+        if (
+            expert_output.dtype != ws.back.dtype
+        ):  # e.g. FP8 rows in, the experts' bf16 out: the combine's dtype
+            expert_output = expert_output.to(ws.back.dtype)
         return_rows(
             expert_output.view(local, cap, self.hidden_size),
             h.counts,

@@ -37,9 +37,14 @@ def _dispatch_kernel(
     hit_base,
     cols,
     cap,
+    scale_ptr,
+    recv_scale_table,
+    groups,
     TOP_K: tl.constexpr,
     LOCAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    SCALES: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     hit = tl.program_id(0)
     expert = tl.load(ids_ptr + hit)
@@ -58,6 +63,11 @@ def _dispatch_kernel(
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < cols
                 tl.store(recv_x + row * cols + offs, tl.load(src + offs, mask=mask), mask=mask)
+            if SCALES:  # FP8 rows: their per-group scales beside them, [L, C, G]
+                recv_scale = tl.load(recv_scale_table + dst).to(tl.pointer_type(tl.float32))
+                g = tl.arange(0, BLOCK_G)
+                scales = tl.load(scale_ptr + (hit // TOP_K).to(tl.int64) * groups + g, mask=g < groups)
+                tl.store(recv_scale + row * groups + g, scales, mask=g < groups)
         else:
             tl.atomic_add(dropped_ptr, 1)
 
@@ -73,15 +83,23 @@ def dispatch_rows(
     hit_base: int,
     num_local_experts: int,
     capacity: int,
+    scales: torch.Tensor | None = None,
+    recv_scale_table: torch.Tensor | None = None,
 ) -> None:
     """x [T, D] rows, topk_ids [T, K] physical experts (< 0: padding, skipped) -> each hit's row lands in
     rank (id // L)'s receive rows [L, C, D] at local expert id % L, slot from that rank's counter [L]; its
-    source (hit_base + t * K + k) in that rank's [L, C] int32. Tables: [W] int64 base addresses."""
+    source (hit_base + t * K + k) in that rank's [L, C] int32. Tables: [W] int64 base addresses. With
+    `scales` [T, G] float32 (FP8 rows), each row's scales go to that rank's [L, C, G] (`recv_scale_table`)."""
     tokens, top_k = topk_ids.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     if tokens == 0:
         return
+    if (scales is None) != (recv_scale_table is None):
+        raise ValueError("dispatch_rows: scales and recv_scale_table come together (FP8 rows)")
+    groups = 0 if scales is None else scales.shape[1]
+    if scales is not None:
+        scales = scales.contiguous()
     _dispatch_kernel[(tokens * top_k,)](
         x,
         x.stride(0),
@@ -93,9 +111,14 @@ def dispatch_rows(
         hit_base,
         x.shape[1],
         capacity,
+        dropped if scales is None else scales,  # (unused without scales)
+        counter_table if recv_scale_table is None else recv_scale_table,
+        groups,
         TOP_K=top_k,
         LOCAL=num_local_experts,
         BLOCK=min(BLOCK_D, triton.next_power_of_2(x.shape[1])),
+        SCALES=scales is not None,
+        BLOCK_G=triton.next_power_of_2(max(groups, 1)),
         num_warps=4,
     )
 

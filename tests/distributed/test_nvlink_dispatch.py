@@ -162,3 +162,28 @@ def test_pure_sizing():
     assert nvlink.return_row_groups(0, 8, 4, 512) == 1
     with pytest.raises(ValueError, match="positive"):
         nvlink.capacity(0, 8, 2)
+
+
+def test_fp8_rows_carry_their_scales_to_the_experts():
+    """fp8_rows (FP8 experts): the rows travel as float8_e4m3fn with one float32 scale per 128 columns; the
+    experts get both (`DispatchedTokens.scales`), the combine stays in the activations' dtype."""
+    world, num_local, tokens, top_k = 2, 3, [4, 2], 2
+    gen = torch.Generator().manual_seed(11)
+    ranks = make_ranks(world, num_local, max(tokens), fp8_rows=True)
+    xs = [torch.randn(t, HIDDEN, generator=gen) for t in tokens]
+    ids = [distinct_routing(gen, t, top_k, world * num_local) for t in tokens]
+    weights = [torch.rand(t, top_k, generator=gen) for t in tokens]
+    pending = [
+        d.dispatch_start(x, i, w, is_prefill=False)
+        for d, x, i, w in zip(ranks, xs, ids, weights, strict=True)
+    ]
+    got = [d.dispatch_finish(p) for d, p in zip(ranks, pending, strict=True)]
+    assert got[0].hidden.dtype == torch.float8_e4m3fn and got[0].scales.shape == (num_local, world * 4, 1)
+    outs = [stand_in_experts(g.real_rows(torch.float32), g.counts, r * num_local) for r, g in enumerate(got)]
+    back = [d.combine_start(o, g) for d, o, g in zip(ranks, outs, got, strict=True)]
+    for d, b, x, i, w in zip(ranks, back, xs, ids, weights, strict=True):
+        out = d.combine_finish(b)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, formula(x, i, w), rtol=0.07, atol=0.07 * float(x.abs().max()))
+    # the rows did travel as FP8: the last rank's sums differ from the exact formula by the quantisation error
+    assert not torch.equal(out, formula(xs[-1], ids[-1], weights[-1]))

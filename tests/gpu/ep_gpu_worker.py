@@ -2,7 +2,7 @@
 
     python3 -m torch.distributed.run --nproc-per-node 2 tests/gpu/ep_gpu_worker.py BACKEND
 
-BACKEND: symm | nvlink | deepep_normal | deepep_ll | deepep_ll_bf16 (bf16 rows) | a2a. For each routing (random, skewed, empty rank, padded, maximal:
+BACKEND: symm | nvlink | nvlink_fp8 (FP8 rows) | deepep_normal | deepep_ll | deepep_ll_bf16 (bf16 rows) | a2a. For each routing (random, skewed, empty rank, padded, maximal:
 every hit to the last rank) a dispatch -> stand-in experts (expert g scales its rows by 1 + g / 8) -> combine
 round trip is compared with the dense formula sum_k w * x * (1 + id / 8) computed on this rank. For symm and nvlink also:
 the round trip runs with CUDA's sync debug mode set to "error" (no host synchronisation) and is captured in a
@@ -72,11 +72,12 @@ def make(backend: str, group, experts: int, hidden: int, max_tokens: int):
         from moefleet.engine.distributed.symm import SymmDispatcher
 
         return SymmDispatcher(group, experts, hidden, max_tokens)
-    if backend == "nvlink":
+    if backend.startswith("nvlink"):
         from moefleet.engine.distributed.nvlink import NvlinkDispatcher, workspace_pool
 
         device = torch.device("cuda", torch.cuda.current_device())
-        return NvlinkDispatcher(workspace_pool(group, device), experts, hidden, max_tokens)
+        fp8 = backend == "nvlink_fp8"  # FP8 rows + scales: what FP8 experts get
+        return NvlinkDispatcher(workspace_pool(group, device), experts, hidden, max_tokens, fp8_rows=fp8)
     if backend == "a2a":
         from moefleet.engine.distributed.a2a import AllToAllDispatcher
 
@@ -99,6 +100,7 @@ def main() -> int:
     shapes = {  # (dtype, tokens, top_k, experts, hidden, tolerance)
         "symm": [(torch.float32, 12, 3, 8, 64, 1e-5), (torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
         "nvlink": [(torch.float32, 12, 3, 8, 64, 1e-5), (torch.bfloat16, 256, 8, 256, 7168, 2e-2)],
+        "nvlink_fp8": [(torch.bfloat16, 256, 8, 256, 7168, 0.1)],
         "a2a": [(torch.float32, 12, 3, 8, 64, 1e-5)],
         # one deep_ep.Buffer per process, so one shape per DeepEP run (the tiny width runs in the serve test)
         "deepep_normal": [(torch.bfloat16, 256, 8, 256, 7168, 2e-2)],

@@ -32,7 +32,9 @@ NEW_TOKENS = 8
 PROMPTS = [[5, 6, 7, 8], list(range(20, 70)), [300] * 9, [11, 400, 12, 401, 13, 402]]
 
 
-@pytest.mark.parametrize("backend", ["a2a", "symm", "nvlink", "deepep_normal", "deepep_ll", "deepep_ll_bf16"])
+@pytest.mark.parametrize(
+    "backend", ["a2a", "symm", "nvlink", "nvlink_fp8", "deepep_normal", "deepep_ll", "deepep_ll_bf16"]
+)
 def test_dispatcher_round_trips(backend):
     if backend.startswith("deepep") and not deep_ep_available():
         pytest.skip("deep_ep is not installed (README: Installing DeepEP)")

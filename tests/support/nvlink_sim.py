@@ -74,6 +74,10 @@ def run_layer(
                     for slot, s in enumerate(sources)
                 )
                 assert have == want, f"rank {dst} expert {local}"
-    outs = [stand_in_experts(got.hidden, got.counts, dst * num_local) for dst, got in enumerate(dispatched)]
+    # FP8 rows (fp8_rows=True): the stand-ins see them dequantised (`real_rows`, the formula on CPU)
+    outs = [
+        stand_in_experts(got.real_rows(xs[0].dtype), got.counts, dst * num_local)
+        for dst, got in enumerate(dispatched)
+    ]
     back = [d.combine_start(o, got) for d, o, got in zip(ranks, outs, dispatched, strict=True)]
     return [d.combine_finish(b) for d, b in zip(ranks, back, strict=True)]
