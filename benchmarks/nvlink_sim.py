@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 import torch
-from moefleet.engine.distributed.nvlink import NvlinkDispatcher, SimFabric, SimGroup, WorkspacePool
+from moefleet.engine.distributed.nvlink import NvlinkDispatcher, NvlinkPool, SimFabric, SimGroup
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def measure(tokens: int, args: argparse.Namespace, device: torch.device) -> tupl
     """(eager, graph) us per rank per round trip."""
     sim = SimGroup(args.ranks, device)
     ranks = [
-        NvlinkDispatcher(WorkspacePool(SimFabric(sim, r)), args.experts, args.hidden, tokens)
+        NvlinkDispatcher(NvlinkPool(SimFabric(sim, r)), args.experts, args.hidden, tokens)
         for r in range(args.ranks)
     ]
     gen = torch.Generator().manual_seed(tokens)

@@ -37,11 +37,11 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from moefleet.engine.distributed.groups import check_experts_divisible
+from moefleet.engine.distributed.workspace_pool import WorkspacePool
 from moefleet.engine.layers.token_dispatch import DispatchedTokens, TokenDispatcher
 
 DECODE_TOKENS = 256  # default decode tokens per rank the buffers hold (DeepEP low-latency's usual bound)
 PREFILL_BUDGET_BYTES = 8 << 30  # prefill steps share the buffers when one workspace at full size fits this
-MAX_IN_FLIGHT = 2  # two-batch overlap keeps two micro-batches' dispatches in flight
 
 NVLINK_HINT = (
     "the 'nvlink' MoE backend needs CUDA GPUs of one node with peer access (NVLink) and torch symmetric memory "
@@ -233,51 +233,26 @@ class Workspace:
         self.in_use = False
 
 
-class WorkspacePool:
-    """A process's workspaces for one fabric, shared by every layer (at most MAX_IN_FLIGHT per shape)."""
+class NvlinkPool(WorkspacePool[WorkspaceShape, Workspace]):
+    """A process's nvlink workspaces over one fabric, shared by every layer (workspace_pool.py)."""
 
     def __init__(self, fabric: Fabric):
+        super().__init__(lambda shape: Workspace(fabric, shape), "nvlink")
         self.fabric = fabric
-        self._pools: dict[WorkspaceShape, list[Workspace]] = {}
-
-    def lease(self, shape: WorkspaceShape) -> Workspace:
-        pool = self._pools.setdefault(shape, [])
-        for ws in pool:
-            if not ws.in_use:
-                ws.in_use = True
-                return ws
-        if len(pool) >= MAX_IN_FLIGHT:
-            raise RuntimeError(
-                f"nvlink dispatcher: {len(pool) + 1} dispatches in flight, at most {MAX_IN_FLIGHT} (one per "
-                "micro-batch): combine_finish each dispatch before the same micro-batch dispatches again"
-            )
-        ws = Workspace(self.fabric, shape)  # collective: every rank runs the same layers in the same order
-        ws.in_use = True
-        pool.append(ws)
-        return ws
-
-    def reserve(self, shape: WorkspaceShape, count: int) -> None:
-        for ws in [self.lease(shape) for _ in range(count)]:
-            ws.in_use = False
-
-    def release_all(self) -> None:
-        for pool in self._pools.values():
-            for ws in pool:
-                ws.in_use = False
 
     def dropped(self) -> int:
         """Hits dropped so far (a router that repeated an expert within a token): a host read, for checks."""
-        return sum(int(ws.dropped.item()) for pool in self._pools.values() for ws in pool)
+        return sum(int(ws.dropped.item()) for ws in self.workspaces())
 
 
-_POOLS: dict[tuple[str, int], WorkspacePool] = {}
+_POOLS: dict[tuple[str, int], NvlinkPool] = {}
 
 
-def workspace_pool(group: dist.ProcessGroup, device: torch.device) -> WorkspacePool:
+def workspace_pool(group: dist.ProcessGroup, device: torch.device) -> NvlinkPool:
     """The process's pool for this group and device (built once; the fabric allocates lazily)."""
     key = (group.group_name, device.index if device.index is not None else -1)
     if key not in _POOLS:
-        _POOLS[key] = WorkspacePool(SymmFabric(group, device))
+        _POOLS[key] = NvlinkPool(SymmFabric(group, device))
     return _POOLS[key]
 
 
@@ -301,7 +276,7 @@ class NvlinkDispatcher:
 
     def __init__(
         self,
-        pool: WorkspacePool,
+        pool: NvlinkPool,
         num_experts: int,
         hidden_size: int,
         max_tokens_per_rank: int,

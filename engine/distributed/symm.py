@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from moefleet.engine.distributed.groups import check_experts_divisible
+from moefleet.engine.distributed.workspace_pool import WorkspacePool
 from moefleet.engine.layers.token_dispatch import DispatchedTokens
 
 ID_BYTES = 16  # the packed expert id takes one 16-byte group of columns (keeps rows 16-byte aligned)
@@ -282,54 +283,15 @@ class SymmWorkspace:
         self.bytes = workspace_bytes(cap, dtype)
 
 
-MAX_IN_FLIGHT = 2  # two-batch overlap keeps two micro-batches' dispatches in flight
-
-
-class WorkspacePool:
-    """The symmetric workspaces of one group in this process, shared by every layer's dispatchers (each holds
-    a reference): at most MAX_IN_FLIGHT per size, leased from dispatch_start to combine_finish."""
-
-    def __init__(self) -> None:
-        self._pools: dict[WorkspaceShape, list[SymmWorkspace]] = {}
-
-    def lease(self, group: dist.ProcessGroup, shape: WorkspaceShape) -> SymmWorkspace:
-        """A free workspace for these sizes (allocating one the first time: every rank reaches this together,
-        since every rank runs the same layers in the same order)."""
-        pool = self._pools.setdefault(shape, [])
-        for ws in pool:
-            if not ws.in_use:
-                ws.in_use = True
-                return ws
-        if len(pool) >= MAX_IN_FLIGHT:
-            raise RuntimeError(
-                f"symm dispatcher: {len(pool) + 1} dispatches in flight, at most {MAX_IN_FLIGHT} (one per "
-                "micro-batch): combine_finish each dispatch before the same micro-batch dispatches again"
-            )
-        ws = SymmWorkspace(group, shape)
-        ws.in_use = True
-        pool.append(ws)
-        return ws
-
-    def release_all(self) -> None:
-        """Mark every workspace free (after a step broke off between a dispatch and its combine)."""
-        for pool in self._pools.values():
-            for ws in pool:
-                ws.in_use = False
-
-    def reserve(self, group: dist.ProcessGroup, shape: WorkspaceShape, count: int) -> None:
-        """Allocate `count` workspaces of these sizes now (a collective) and leave them free."""
-        leased = [self.lease(group, shape) for _ in range(count)]
-        for ws in leased:
-            ws.in_use = False
-
-
 # Construction-time registry (one pool per group and process, like the symmetric memory it holds): read when a
 # dispatcher is built; the forward path only touches the `WorkspacePool` its dispatcher holds.
-_POOLS: dict[str, WorkspacePool] = {}
+_POOLS: dict[str, WorkspacePool[WorkspaceShape, SymmWorkspace]] = {}
 
 
-def workspace_pool(group: dist.ProcessGroup) -> WorkspacePool:
-    return _POOLS.setdefault(group.group_name, WorkspacePool())
+def workspace_pool(group: dist.ProcessGroup) -> WorkspacePool[WorkspaceShape, SymmWorkspace]:
+    if group.group_name not in _POOLS:
+        _POOLS[group.group_name] = WorkspacePool(lambda shape: SymmWorkspace(group, shape), "symm")
+    return _POOLS[group.group_name]
 
 
 # ---- the dispatcher ---------------------------------------------------------------------------------------
@@ -373,7 +335,7 @@ class SymmDispatcher:
         if reserve is not None:
             top_k, dtype, device, micro_batches = reserve
             shape = WorkspaceShape(self._capacity(top_k, dtype), hidden_size, dtype, device)
-            self.pool.reserve(group, shape, micro_batches)
+            self.pool.reserve(shape, micro_batches)
 
     def _capacity(self, top_k: int, dtype: torch.dtype) -> Capacity:
         if self.num_local_experts >= 2 ** (8 * dtype.itemsize - 1):
@@ -402,7 +364,7 @@ class SymmDispatcher:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         shape = WorkspaceShape(self._capacity(top_k, hidden.dtype), self.hidden_size, hidden.dtype, device)
-        ws = self.pool.lease(self.group, shape)
+        ws = self.pool.lease(shape)
         from moefleet.engine.kernels.row_copy import copy_rows
 
         plan = plan_send(topk_ids, self.num_experts, self.world_size)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moefleet.engine.distributed import nvlink
-from moefleet.engine.distributed.nvlink import NvlinkDispatcher, SimFabric, SimGroup, WorkspacePool
+from moefleet.engine.distributed.nvlink import NvlinkDispatcher, NvlinkPool, SimFabric, SimGroup
 from support.nvlink_sim import HIDDEN, distinct_routing, formula, make_ranks, run_layer, stand_in_experts
 
 
@@ -52,7 +52,7 @@ def test_two_micro_batches_in_flight_use_two_workspaces():
     world, num_local, tokens, top_k = 2, 2, 3, 2
     gen = torch.Generator().manual_seed(3)
     sim = SimGroup(world, torch.device("cpu"))
-    pools = [WorkspacePool(SimFabric(sim, r)) for r in range(world)]
+    pools = [NvlinkPool(SimFabric(sim, r)) for r in range(world)]
     mbs = [
         [NvlinkDispatcher(pools[r], world * num_local, HIDDEN, tokens) for r in range(world)]
         for _ in range(2)

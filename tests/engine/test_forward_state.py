@@ -30,7 +30,15 @@ FORWARD_PATH = sorted(
         *(ENGINE / "kernels").glob("*.py"),
         *(
             ENGINE / "distributed" / name
-            for name in ("a2a.py", "symm.py", "deepep.py", "ep.py", "backends.py")
+            for name in (
+                "a2a.py",
+                "symm.py",
+                "nvlink.py",
+                "workspace_pool.py",
+                "deepep.py",
+                "ep.py",
+                "backends.py",
+            )
         ),
         *(
             ENGINE / name
@@ -59,6 +67,11 @@ ALLOWED = {
         "_POOLS",
     ): "construction-time registry of one symmetric-memory workspace pool per "
     "group; dispatchers hold their WorkspacePool, the forward path never looks it up",
+    (
+        "distributed/nvlink.py",
+        "_POOLS",
+    ): "construction-time registry of one nvlink workspace pool per group and device; dispatchers hold "
+    "their NvlinkPool, the forward path never looks it up",
     ("distributed/backends.py", "_RESOLVED"): "the backend chosen per (group, requested backend) at "
     "make_dispatcher time (a one-time self-check), never read in a forward",
     ("kernels/fused_moe_configs.py", "_table"): "lru_cache of the checked-in, read-only autotune table",
@@ -66,7 +79,15 @@ ALLOWED = {
 REGISTRY_READERS = {"current", "get_buffer", "workspace_pool"}
 # Functions allowed to read a registry besides __init__: the registry accessors themselves (each is called
 # only while objects are built: the last rule checks their callers).
-REGISTRY_FUNCTIONS = {"get_buffer", "workspace_pool", "current", "set_current", "_resolve"}
+REGISTRY_FUNCTIONS = {
+    "get_buffer",
+    "workspace_pool",
+    "current",
+    "set_current",
+    "_resolve",
+    "_one_node",  # auto's "one node" check, called by _resolve
+    "_nvlink_dispatcher",  # builds the nvlink dispatcher, called by make_dispatcher
+}
 MUTABLE_CALLS = {
     "dict",
     "list",

@@ -31,11 +31,11 @@ def test_two_simulated_ranks_tiny_width_every_row(tokens):
 def test_two_simulated_ranks_deepseek_width_bf16(fp8_rows):
     gen = torch.Generator().manual_seed(1)
     world, num_local, top_k, hidden = 2, 128, 8, 7168
-    from moefleet.engine.distributed.nvlink import NvlinkDispatcher, SimFabric, SimGroup, WorkspacePool
+    from moefleet.engine.distributed.nvlink import NvlinkDispatcher, NvlinkPool, SimFabric, SimGroup
 
     sim = SimGroup(world, torch.device("cuda"))
     ranks = [
-        NvlinkDispatcher(WorkspacePool(SimFabric(sim, r)), world * num_local, hidden, 256, fp8_rows=fp8_rows)
+        NvlinkDispatcher(NvlinkPool(SimFabric(sim, r)), world * num_local, hidden, 256, fp8_rows=fp8_rows)
         for r in range(world)
     ]
     tokens = [256, 100]

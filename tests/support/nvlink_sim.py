@@ -5,7 +5,7 @@ and the 1-GPU test (compiled kernels, real atomics)."""
 from __future__ import annotations
 
 import torch
-from moefleet.engine.distributed.nvlink import NvlinkDispatcher, SimFabric, SimGroup, WorkspacePool
+from moefleet.engine.distributed.nvlink import NvlinkDispatcher, NvlinkPool, SimFabric, SimGroup
 from moefleet.engine.kernels.nvlink_ep import dispatch_reference
 
 HIDDEN = 40  # not a power of two: the copy loops' column masks
@@ -17,7 +17,7 @@ def make_ranks(
     sim = SimGroup(world, torch.device(device))
     return [
         NvlinkDispatcher(
-            WorkspacePool(SimFabric(sim, r)),
+            NvlinkPool(SimFabric(sim, r)),
             world * num_local,
             HIDDEN,
             max_tokens,
