@@ -47,7 +47,8 @@ point() {  # backend mode tokens/GPU tbo [emulated EP size]
   local heap_gib=$(( n * 22 / 16384 + 4 ))
   local t0=$SECONDS
   NVSHMEM_SYMMETRIC_SIZE=$(( heap_gib << 30 )) timeout -k 10 "$limit" moefleet bench "${common[@]}" "${shape[@]}" \
-    ${emu[@]+"${emu[@]}"} --moe-backend "$backend" --tbo "$tbo" --json "$out/$stem.json" > "$out/$stem.log" 2>&1
+    ${emu[@]+"${emu[@]}"} --moe-backend "$backend" --tbo "$tbo" $([ "$tbo" = on ] && echo --tbo-timeline) \
+    --json "$out/$stem.json" > "$out/$stem.log" 2>&1
   local rc=$?
   echo "rc=$rc" >> "$out/$stem.log"
   [ $rc -eq 124 ] && echo "timed out after ${limit}s" >> "$out/$stem.log"

@@ -37,6 +37,22 @@ def load(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def stem_of(prefix: str, backend: str, mode: str, tokens: int) -> str:
+    """The file stem of a point without its `_on` / `_off` (a row's backend "symm@EP72" is file backend symm)."""
+    return f"{prefix}{backend.split('@')[0]}_{mode}_{tokens}"
+
+
+def hidden_comm(path: Path) -> str:
+    """Rank 0's --tbo-timeline: comm ms hidden under the other micro-batch's compute / comm ms (one eager step)."""
+    try:
+        data = json.loads(path.read_text())
+        run = data[0] if isinstance(data, list) else data["runs"][0]
+        t = run["ranks"][0]["tbo_timeline"]
+        return f"{t['hidden_ms']:.2f}/{t['comm_ms']:.2f} ({t['hidden_share']:.0%})"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "-"
+
+
 def failure(out: Path, stem: str) -> str:
     log = out / f"{stem}.log"
     if not log.exists():
@@ -67,9 +83,10 @@ def main(out: Path) -> int:
         if match:
             points.setdefault(point_key(match), {})
     print(
-        "| backend | mode | tokens/GPU | off ms | on ms | off tok/s/GPU | on tok/s/GPU | on/off | graphs off | graphs on |"
+        "| backend | mode | tokens/GPU | off ms | on ms | off tok/s/GPU | on tok/s/GPU | on/off | graphs off | graphs on "
+        "| comm hidden ms (on, eager step) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ratios: dict[tuple[str, str], list[tuple[int, float | None]]] = {}
     # emulated (deployment-shaped) points first (decode, then prefill), then symm, then the other backends
     for prefix, backend, mode, tokens in sorted(
@@ -77,7 +94,7 @@ def main(out: Path) -> int:
     ):
         row = {}
         for tbo in ("off", "on"):
-            stem = f"{prefix}{backend.split('@')[0]}_{mode}_{tokens}_{tbo}"
+            stem = f"{stem_of(prefix, backend, mode, tokens)}_{tbo}"
             row[tbo] = load(out / f"{stem}.json")
             row[tbo + "_why"] = failure(out, stem) if row[tbo] is None else ""
         off, on = row["off"], row["on"]
@@ -91,7 +108,8 @@ def main(out: Path) -> int:
             f"| {backend} | {mode} | {tokens:,} | {cell(off, 'step_ms', '.2f', row['off_why'])} | "
             f"{cell(on, 'step_ms', '.2f', row['on_why'])} | {cell(off, 'tokens_per_s_per_gpu', ',.0f', '-')} | "
             f"{cell(on, 'tokens_per_s_per_gpu', ',.0f', '-')} | {'-' if ratio is None else f'{ratio:.3f}'} | "
-            f"{(off or {}).get('cuda_graphs', '-')} | {(on or {}).get('cuda_graphs', '-')} |"
+            f"{(off or {}).get('cuda_graphs', '-')} | {(on or {}).get('cuda_graphs', '-')} | "
+            f"{hidden_comm(out / f'{stem_of(prefix, backend, mode, tokens)}_on.json')} |"
         )
     print()
     for (backend, mode), measured in sorted(ratios.items()):

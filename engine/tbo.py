@@ -244,11 +244,16 @@ def check_supported(model: Any) -> None:
 
 
 def forward_tbo(
-    model: Any, fb: ForwardBatch, lead: int = STAGE_LEAD, overlap: Overlap | None = None
+    model: Any,
+    fb: ForwardBatch,
+    lead: int = STAGE_LEAD,
+    overlap: Overlap | None = None,
+    timer: Any = None,
 ) -> tuple[torch.Tensor, SplitPlan]:
     """Forward `fb` as two interleaved micro-batches; returns (final hidden [T, D] in fb's token order, the
     split plan). The result equals `model(fb.input_ids, fb.positions, fb)` up to floating-point reordering
-    of batched matmuls. `overlap` runs the stages (default: `make_overlap` for the model and device)."""
+    of batched matmuls. `overlap` runs the stages (default: `make_overlap` for the model and device);
+    `timer` (tbo_timeline.StageTimer) records each stage's span on its stream."""
     from .models.base import LayerState
 
     plan = plan_split(fb.query_lens, fb.seq_lens)
@@ -259,6 +264,7 @@ def forward_tbo(
         for i, child in enumerate(children)
     ]
     run = overlap if overlap is not None else make_overlap(model, fb.input_ids.device)
+    run.timer = timer
     if isinstance(run, StreamOverlap):  # combine_start launches from inside the experts stage: divert it
         for i, state in enumerate(states):
             state.wrap_dispatcher = partial(StreamedDispatcher, overlap=run, micro_batch=i)

@@ -142,12 +142,17 @@ def tensors_in(obj: Any, depth: int = 5) -> Iterator[torch.Tensor]:
 
 
 class Overlap:
-    """Launch order only (mechanisms "none" and "recv_hook"): each stage runs on the current stream."""
+    """Launch order only (mechanisms "none" and "recv_hook"): each stage runs on the current stream.
+    `timer` (tbo_timeline.StageTimer, None: off) marks each stage's start and end on the stream that runs it."""
 
     mechanism = "none"
+    timer: Any = None
 
     def run(self, micro_batch: int, kind: str, stage: Callable[[Any], None], state: Any) -> None:
+        token = self.timer.start(None) if self.timer is not None else None
         stage(state)
+        if self.timer is not None:
+            self.timer.stop(token, None, micro_batch, kind)
 
     def finish(self) -> None:
         return None
@@ -193,24 +198,37 @@ class StreamOverlap(Overlap):
             if event is not None:
                 self.ops.wait(self.comm, event)
             self._keep_state(state, self.comm)
+            token = self._start(self.comm)
             with self.ops.use(self.comm):
                 stage(state)
+            self._stop(token, self.comm, micro_batch, COMM)
             self.communicated[micro_batch] = self.ops.record(self.comm)
             return
         event = self.communicated.pop(micro_batch, None)
         if event is not None:
             self.ops.wait(self.compute, event)
         self._keep_state(state, self.compute)
+        token = self._start(self.compute)
         stage(state)
+        self._stop(token, self.compute, micro_batch, COMPUTE)
         self.computed[micro_batch] = self.ops.record(self.compute)
+
+    def _start(self, stream: Any) -> Any:
+        return self.timer.start(stream) if self.timer is not None else None
+
+    def _stop(self, token: Any, stream: Any, micro_batch: int, kind: str) -> None:
+        if self.timer is not None:
+            self.timer.stop(token, stream, micro_batch, kind)
 
     def divert(self, micro_batch: int, launch: Callable[..., Any], *args: Any) -> Any:
         """Run a communication launch found inside a compute stage (`combine_start`) on the comm stream,
         after the compute issued so far; the micro-batch's next compute waits on it."""
         self.ops.wait(self.comm, self.ops.record(self.compute))
         self._keep(args, self.comm)
+        token = self._start(self.comm)
         with self.ops.use(self.comm):
             result = launch(*args)
+        self._stop(token, self.comm, micro_batch, COMM)
         self.communicated[micro_batch] = self.ops.record(self.comm)
         return result
 

@@ -70,6 +70,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--tbo", default=defaults.tbo, choices=["auto", "on", "off"],
         help="two-batch overlap; auto = off until a measured token threshold exists (docs/distributed.md)",
     )  # fmt: skip
+    p.add_argument(
+        "--tbo-timeline", action="store_true",
+        help="with TBO steps: time one more eager step stage by stage on its stream; print how much communication "
+        "ran under the other micro-batch's compute, a per-stage table and a text timeline (JSON: tbo_timeline)",
+    )  # fmt: skip
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache page size (tokens)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for prefill MFU (default: by GPU name)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
@@ -260,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
                         block_size=args.block_size, peak_tflops=args.peak_tflops,
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
                         eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
+                        tbo_timeline=args.tbo_timeline,
                     )  # fmt: skip
                     if args.emulate_ep:
                         print(

@@ -61,6 +61,7 @@ class BenchOptions:
     eplb: bool = False  # rebalance after the timed steps, then time again
     tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
     emulate_ep: int = 0  # > 0: each GPU does the per-GPU work of an N-way EP deployment (emulate.py)
+    tbo_timeline: bool = False  # one more eager TBO step with per-stage timing (tbo_timeline.py)
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -118,6 +119,8 @@ class RankResult:
         return statistics.median(self.prepare_times_s) if self.prepare_times_s else 0.0
 
     eplb: dict[str, Any] = field(default_factory=dict)  # --eplb: before/after a rebalance
+    # --tbo-timeline: overlap_summary of one eager TBO step and its stage spans (tbo_timeline.py)
+    tbo_timeline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def step_time_s(self) -> float:
@@ -424,7 +427,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
     prepare_times: list[float] = []
 
-    def step(eager: bool = False) -> None:
+    def step(eager: bool = False, timer: Any = None) -> None:
         """What the engine does per step: prepare a new batch, forward, logits, greedy sample to the host."""
         start = time.perf_counter()
         batch = prepare(scenario, options, device, backend)
@@ -432,7 +435,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         if graphs is not None and not eager:
             logits = graphs.replay(batch)
         elif use_tbo:
-            hidden, _ = forward_tbo(model, batch)
+            hidden, _ = forward_tbo(model, batch, timer=timer)
             logits = model.compute_logits(hidden[batch.sample_indices])
         else:
             hidden = model(batch.input_ids, batch.positions, batch)
@@ -499,6 +502,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             eplb["balancedness_after"] = eplb_bench.measured_balancedness(
                 recorder.read(group), location, world_size
             )
+        timeline = tbo_timeline_step(step, device, barrier, rank) if use_tbo and options.tbo_timeline else {}
         received = None
         if group is not None or options.emulate_ep:  # where the routed rows went: one eager check step
             # (after the timed and --eplb steps: it perturbs none of them)
@@ -546,12 +550,39 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         cuda_graphs=graphs_why,
         host_syncs_per_step=syncs,
         eplb=eplb,
+        tbo_timeline=timeline,
         emulated_ep=options.emulate_ep,
         experts_per_gpu=_experts_per_gpu(model),
         routed_rows_per_layer=scenario.num_tokens * int(config["num_experts_per_tok"]),
         received_rows_per_slot=[] if received is None else received.per_slot,
         received_rows_per_layer=0.0 if received is None else received.per_layer,
     )
+
+
+def tbo_timeline_step(
+    step: Callable[..., None], device: torch.device, barrier: Callable[[], None], rank: int
+) -> dict[str, Any]:
+    """One eager TBO step with every stage timed on its stream: the overlap summary and the spans; rank 0
+    prints the summary, the stage table and the text timeline (stderr)."""
+    from moefleet.engine import tbo_timeline as tl
+
+    timer = tl.stage_timer(device)
+    barrier()
+    _sync(device)
+    step(eager=True, timer=timer)
+    _sync(device)
+    spans = timer.spans()
+    summary = tl.overlap_summary(spans)
+    if rank == 0:
+        print(
+            f"rank 0: TBO timeline (one eager step): step {summary['step_ms']:.2f} ms, compute busy "
+            f"{summary['compute_ms']:.2f} ms, comm {summary['comm_ms']:.2f} ms of which "
+            f"{summary['hidden_ms']:.2f} ms ({summary['hidden_share']:.0%}) ran under the other micro-batch's "
+            f"compute\n{tl.ascii_timeline(spans)}\n{tl.stage_table(spans)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {**summary, "spans": [asdict(s) for s in spans]}
 
 
 def _experts_per_gpu(model: nn.Module) -> int:

@@ -113,10 +113,23 @@ def test_two_rank_tbo_run_over_all_to_all():
     graphs); every rank runs the same TBO steps, so the collectives line up and the run completes."""
     from dataclasses import replace
 
-    ranks = run_options(replace(_tiny("decode"), tbo="on", backend="a2a", breakdown=False), 2)
+    ranks = run_options(
+        replace(_tiny("decode"), tbo="on", backend="a2a", breakdown=False, tbo_timeline=True), 2
+    )
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["tokens_per_step"] == 4 and len(r["step_times_s"]) > 0 for r in ranks)
     assert all(r["cuda_graphs"].startswith("off:") for r in ranks)
+    # --tbo-timeline: one more eager TBO step, every stage of both micro-batches timed (CPU: one stream, the
+    # stages in launch order, so nothing is hidden)
+    for r in ranks:
+        timeline = r["tbo_timeline"]
+        spans = timeline["spans"]
+        assert {s["micro_batch"] for s in spans} == {0, 1} and {s["kind"] for s in spans} == {
+            "compute",
+            "comm",
+        }
+        assert len(spans) % 8 == 0 and timeline["comm_ms"] > 0 and timeline["hidden_ms"] == pytest.approx(0)
+        assert timeline["step_ms"] >= timeline["compute_ms"] > 0
 
 
 def test_forward_flops_hand_counted():

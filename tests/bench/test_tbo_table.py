@@ -70,3 +70,15 @@ def test_emulated_points_are_their_own_rows_first(tmp_path, capsys):
     assert "| 0.800 |" in lines[0] and "| 1.250 |" in lines[2]
     assert "FAILED: timed out after 100s" in lines[1]
     assert "auto threshold (symm@EP72, decode): None" in out and "auto threshold (symm, decode): 256" in out
+
+
+def test_the_on_runs_timeline_shows_how_much_comm_was_hidden(tmp_path, capsys):
+    table = _module()
+    _write(tmp_path, "nvlink_prefill_16384_off", 100.0, 16384)
+    summary = {"step_ms": 80.0, "tokens_per_s_per_gpu": 16384 / 80.0 * 1e3, "cuda_graphs": "off: prefill"}
+    timeline = {"hidden_ms": 3.0, "comm_ms": 4.0, "hidden_share": 0.75}
+    run = {"summary": summary, "ranks": [{"tbo_timeline": timeline}, {"tbo_timeline": {}}]}
+    (tmp_path / "nvlink_prefill_16384_on.json").write_text(json.dumps([run]))
+    table.main(tmp_path)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| nvlink"))
+    assert row.endswith("| 3.00/4.00 (75%) |") and "| 1.250 |" in row
