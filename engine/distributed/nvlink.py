@@ -132,6 +132,10 @@ class SymmFabric:
     def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Any]:
         import torch.distributed._symmetric_memory as symm_mem
 
+        try:  # torch's CUDA backend: peers' memory mapped over NVLink, no fixed-size heap (NVSHMEM has one)
+            symm_mem.set_backend("CUDA")
+        except Exception:  # noqa: BLE001 - chosen already in this process (e.g. NVSHMEM by symm): use that one
+            pass
         with torch.cuda.device(self.device):
             try:
                 tensor = symm_mem.empty(*shape, dtype=dtype, device=self.device)
@@ -139,7 +143,8 @@ class SymmFabric:
             except RuntimeError as exc:
                 raise RuntimeError(
                     f"nvlink dispatcher: allocating {tensor_bytes(shape, dtype) / 2**20:.0f} MiB of symmetric "
-                    f"memory failed ({exc}): lower --max-num-batched-tokens, or use --moe-backend symm / a2a"
+                    f"memory failed ({exc}): lower --max-num-seqs / --max-num-batched-tokens (or, on torch's NVSHMEM "
+                    "backend, raise NVSHMEM_SYMMETRIC_SIZE), or use --moe-backend symm / a2a"
                 ) from exc
             tensor.zero_()
             handle.barrier(channel=0)  # zeroed everywhere before any peer writes into it
