@@ -305,9 +305,11 @@ class NvlinkDispatcher:
         self.max_tokens_per_rank = max_tokens_per_rank
         self.decode_tokens = max(1, min(decode_tokens, max_tokens_per_rank))
         self.prefill = prefill
-        if reserve is not None:
+        if reserve is not None:  # decode workspaces, and prefill's when prefill steps use these buffers too
             top_k, dtype, micro_batches = reserve
-            self.pool.reserve(self._shape(self._tokens(False), top_k, dtype), micro_batches)
+            for is_prefill in (False, True):
+                if not self.uses_prefill_dispatcher(is_prefill, top_k, dtype):
+                    self.pool.reserve(self._shape(self._tokens(is_prefill), top_k, dtype), micro_batches)
 
     def _shape(self, tokens: int, top_k: int, dtype: torch.dtype) -> WorkspaceShape:
         return WorkspaceShape(

@@ -187,3 +187,16 @@ def test_fp8_rows_carry_their_scales_to_the_experts():
         torch.testing.assert_close(out, formula(x, i, w), rtol=0.07, atol=0.07 * float(x.abs().max()))
     # the rows did travel as FP8: the last rank's sums differ from the exact formula by the quantisation error
     assert not torch.equal(out, formula(xs[-1], ids[-1], weights[-1]))
+
+
+def test_reserve_allocates_decode_and_shared_prefill_workspaces_up_front(monkeypatch):
+    sim = SimGroup(1, torch.device("cpu"))
+    pool = NvlinkPool(SimFabric(sim, 0))
+    NvlinkDispatcher(pool, 2, HIDDEN, 64, decode_tokens=8, prefill=Recording(), reserve=(2, torch.float32, 2))
+    tokens = sorted(ws.shape.cap.tokens for ws in pool.workspaces())
+    assert tokens == [8, 8, 64, 64]  # two micro-batches x (decode, prefill)
+    assert not any(ws.in_use for ws in pool.workspaces())
+    monkeypatch.setattr(nvlink, "PREFILL_BUDGET_BYTES", 0)  # prefill goes to the prefill dispatcher
+    pool = NvlinkPool(SimFabric(SimGroup(1, torch.device("cpu")), 0))
+    NvlinkDispatcher(pool, 2, HIDDEN, 64, decode_tokens=8, prefill=Recording(), reserve=(2, torch.float32, 2))
+    assert sorted(ws.shape.cap.tokens for ws in pool.workspaces()) == [8, 8]
