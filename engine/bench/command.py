@@ -117,6 +117,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="decoder depths measured for --project-layers (default 2,4; each > --dense-layers)",
     )
     shape.add_argument(
+        "--emulate-comm-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="with --emulate-ep on one GPU: each dispatch and each combine also waits US microseconds on the GPU "
+        "(a one-thread spin on the stream two-batch overlap uses for communication), standing for the "
+        "deployment's transfers; measures how much of it --tbo on hides",
+    )
+    shape.add_argument(
         "--comm-us-per-layer",
         type=float,
         default=0.0,
@@ -187,11 +196,22 @@ def emulated_shape_line(options: Any, nproc: int = 1) -> str:
 
     shape = emulated_shape(options, nproc)
     tokens = shape.tokens_per_gpu
+    comm_us = getattr(options, "emulate_comm_us", 0.0)
+    if comm_us and nproc > 1:
+        raise ValueError(
+            f"--emulate-comm-us stands for the transfers on one GPU; on {nproc} GPUs the real dispatch/combine "
+            "runs: drop --emulate-comm-us or --nproc-per-node"
+        )
     if nproc == 1:
+        comm = (
+            f"emulated communication: a {comm_us:g} us GPU wait per dispatch and per combine"
+            if comm_us
+            else "no communication"
+        )
         return (
             f"emulating one GPU of EP{shape.ep_size}: {shape.physical_experts} physical experts -> "
             f"{shape.experts_per_gpu} per GPU; {tokens} tokens x top-{shape.top_k} = {shape.rows_per_gpu:,} routed "
-            f"rows per MoE layer ({shape.rows_per_expert:,.0f} per expert), all to local experts; no communication"
+            f"rows per MoE layer ({shape.rows_per_expert:,.0f} per expert), all to local experts; {comm}"
         )
     return (
         f"EP{shape.ep_size} emulated on {nproc} GPUs: {shape.experts_per_gpu} experts per GPU "
@@ -265,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
                         block_size=args.block_size, peak_tflops=args.peak_tflops,
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
                         eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
-                        tbo_timeline=args.tbo_timeline,
+                        tbo_timeline=args.tbo_timeline, emulate_comm_us=args.emulate_comm_us,
                     )  # fmt: skip
                     if args.emulate_ep:
                         print(

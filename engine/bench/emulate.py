@@ -127,14 +127,44 @@ def local_expert_ids(topk_ids: torch.Tensor, num_local_experts: int) -> torch.Te
     return torch.where(topk_ids >= 0, topk_ids % num_local_experts, topk_ids)
 
 
-class EmulatedEPDispatcher:
-    """A `TokenDispatcher` that routes every hit of this GPU's tokens to its local experts (see module doc)."""
+def sleep_cycles_per_us(device: torch.device, cycles: int = 2_000_000) -> float:
+    """GPU clock cycles per microsecond of `torch.cuda._sleep` (a one-thread spin kernel), measured now: the
+    emulated communication waits are given in microseconds."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        torch.cuda._sleep(cycles // 10)  # warm up
+        times = []
+        for _ in range(3):
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+    return cycles / sorted(times)[1]
 
-    def __init__(self, num_local_experts: int):
+
+class EmulatedEPDispatcher:
+    """A `TokenDispatcher` that routes every hit of this GPU's tokens to its local experts (see module doc).
+
+    `comm_cycles` > 0 (`--emulate-comm-us`): dispatch_start and combine_start each also occupy the current
+    stream that long (a one-thread GPU spin: the other SMs stay free), standing for the deployment's transfer
+    time; two-batch overlap then runs them on its comm stream (`TBO_OVERLAP` "comm_stream") beside the other
+    micro-batch's compute, as it runs a real dispatcher's."""
+
+    def __init__(self, num_local_experts: int, comm_cycles: int = 0):
         if num_local_experts < 1:
             raise ValueError(f"num_local_experts ({num_local_experts}) must be >= 1")
+        if comm_cycles < 0:
+            raise ValueError(f"comm_cycles ({comm_cycles}) must be >= 0")
         self.num_local_experts = num_local_experts
+        self.comm_cycles = comm_cycles
+        self.TBO_OVERLAP = "comm_stream" if comm_cycles else "none"
+        self.SYNC_FREE_DECODE = True
         self._local = LocalDispatcher(num_local_experts)
+
+    def _transfer(self) -> None:
+        if self.comm_cycles:
+            torch.cuda._sleep(self.comm_cycles)
 
     def dispatch_start(
         self,
@@ -144,15 +174,19 @@ class EmulatedEPDispatcher:
         *,
         is_prefill: bool | None = None,
     ) -> Any:
-        return self._local.dispatch_start(
+        pending = self._local.dispatch_start(
             hidden, local_expert_ids(topk_ids, self.num_local_experts), topk_weights, is_prefill=is_prefill
         )
+        self._transfer()
+        return pending
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
         return self._local.dispatch_finish(pending)
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
-        return self._local.combine_start(expert_output, dispatched)
+        pending = self._local.combine_start(expert_output, dispatched)
+        self._transfer()
+        return pending
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
         return self._local.combine_finish(pending)
@@ -222,14 +256,17 @@ def emulated_routing(make: Callable[..., Any], rank: int, world_size: int) -> Ca
     return build
 
 
-def install_emulated_dispatchers(model: torch.nn.Module, num_micro_batches: int = 1) -> int:
-    """Give every MoE layer (built under the emulated topology) emulating dispatchers; returns the count."""
+def install_emulated_dispatchers(
+    model: torch.nn.Module, num_micro_batches: int = 1, comm_cycles: int = 0
+) -> int:
+    """Give every MoE layer (built under the emulated topology) emulating dispatchers (with `comm_cycles` of
+    emulated transfer per dispatch and per combine); returns the count."""
     from moefleet.engine.distributed.ep import moe_layers
 
     count = 0
     for _, layer in moe_layers(model):
         local = len(layer.experts.local_experts)  # type: ignore[union-attr,arg-type]
-        dispatchers = [EmulatedEPDispatcher(local) for _ in range(num_micro_batches)]
+        dispatchers = [EmulatedEPDispatcher(local, comm_cycles) for _ in range(num_micro_batches)]
         setattr(layer, "dispatchers", dispatchers)  # noqa: B010
         setattr(layer, "dispatcher", dispatchers[0])  # noqa: B010
         count += 1

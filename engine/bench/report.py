@@ -20,6 +20,7 @@ def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
         "preset": options["preset"],
         "layers": options["num_layers"],
         "gpus": slowest["world_size"],
+        "emulate_comm_us": options.get("emulate_comm_us", 0.0),  # emulated transfers are in the step
         "device": slowest["device_name"],
         "mode": options["mode"],
         "batch": options["batch_size"] if options["mode"] == "decode" else options["prefill_tokens"],
@@ -143,6 +144,7 @@ def projection_row(
         "mode": first["mode"],
         "emulated_ep": first.get("emulated_ep", 0) or first["gpus"],
         "gpus": first["gpus"],  # real GPUs measured (> 1: the step includes dispatch/combine between them)
+        "emulate_comm_us": first.get("emulate_comm_us", 0.0),
         "experts_per_gpu": first.get("experts_per_gpu", 0),
         "routed_rows_per_layer": first.get("routed_rows_per_layer", 0),
         "tokens_per_gpu": tokens,
@@ -177,7 +179,7 @@ def format_projection_table(rows: list[dict[str, Any]]) -> str:
         for note in (f"reference ({r['mode']}): {r['reference']}", r["bandwidth_note"]):
             if note not in notes:
                 notes.append(note)
-    if any(r["comm_ms"] == 0 and r.get("gpus", 1) == 1 for r in rows):
+    if any(r["comm_ms"] == 0 and r.get("gpus", 1) == 1 and not r.get("emulate_comm_us") for r in rows):
         notes.append(
             "comm ms 0: an emulated step has no dispatch/combine communication; add it with --comm-us-per-layer"
         )

@@ -62,6 +62,9 @@ class BenchOptions:
     tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
     emulate_ep: int = 0  # > 0: each GPU does the per-GPU work of an N-way EP deployment (emulate.py)
     tbo_timeline: bool = False  # one more eager TBO step with per-stage timing (tbo_timeline.py)
+    emulate_comm_us: float = (
+        0.0  # --emulate-ep on one GPU: a GPU wait per dispatch and per combine (emulate.py)
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -79,6 +82,13 @@ class BenchOptions:
             raise ValueError(f"num_redundant_experts ({self.num_redundant_experts}) must be >= 0")
         if self.emulate_ep < 0:
             raise ValueError(f"--emulate-ep ({self.emulate_ep}) must be >= 1 (or 0: off)")
+        if self.emulate_comm_us < 0:
+            raise ValueError(f"--emulate-comm-us ({self.emulate_comm_us}) must be >= 0")
+        if self.emulate_comm_us and (not self.emulate_ep or self.device != "cuda"):
+            raise ValueError(
+                "--emulate-comm-us stands for the transfers of an --emulate-ep deployment on one CUDA GPU: add "
+                "--emulate-ep N (and --device cuda), or drop it"
+            )
         if self.emulate_ep and self.eplb:
             raise ValueError("--eplb rebalances a real group: it cannot run with --emulate-ep")
         if self.prefill_tokens % self.prefill_seq_len:
@@ -388,9 +398,12 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             max_decode_tokens=options.batch_size if options.mode == "decode" else 0,
         )
     if options.emulate_ep and group is None:
-        from moefleet.engine.bench.emulate import install_emulated_dispatchers
+        from moefleet.engine.bench.emulate import install_emulated_dispatchers, sleep_cycles_per_us
 
-        install_emulated_dispatchers(model, num_micro_batches(options.tbo))
+        cycles = 0
+        if options.emulate_comm_us:
+            cycles = int(options.emulate_comm_us * sleep_cycles_per_us(device))
+        install_emulated_dispatchers(model, num_micro_batches(options.tbo), cycles)
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -85,6 +86,55 @@ def test_dispatcher_sends_every_hit_to_local_experts_and_combines_weighted():
             if ids[t, k] >= 0:
                 expected[t] += weights[t, k] * hidden[t] * (int(ids[t, k]) % local + 1)
     torch.testing.assert_close(out, expected)
+
+
+def test_emulated_transfers_wait_on_the_gpu_once_per_dispatch_and_combine(monkeypatch):
+    """--emulate-comm-us: dispatch_start and combine_start each launch one GPU wait of the calibrated cycles
+    on the current stream (TBO's comm stream: the dispatcher then asks for it); the rows are unchanged."""
+    waits: list[int] = []
+    monkeypatch.setattr(torch.cuda, "_sleep", waits.append)
+    tokens, top_k, local = 5, 2, 3
+    hidden, ids, weights = (
+        torch.randn(tokens, 4),
+        torch.randint(0, 12, (tokens, top_k)),
+        torch.rand(tokens, top_k),
+    )
+    plain, waiting = EmulatedEPDispatcher(local), EmulatedEPDispatcher(local, comm_cycles=1234)
+    assert (plain.TBO_OVERLAP, waiting.TBO_OVERLAP) == ("none", "comm_stream")
+    outs = []
+    for dispatcher in (plain, waiting):
+        dispatched = dispatcher.dispatch_finish(dispatcher.dispatch_start(hidden, ids, weights))
+        assert waits == ([1234] if dispatcher is waiting else [])
+        outs.append(dispatcher.combine_finish(dispatcher.combine_start(dispatched.hidden * 2, dispatched)))
+    assert waits == [1234, 1234]
+    torch.testing.assert_close(outs[0], outs[1])
+    with pytest.raises(ValueError, match="comm_cycles"):
+        EmulatedEPDispatcher(local, comm_cycles=-1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"emulate_comm_us": 100.0}, "add --emulate-ep N (and --device cuda)"),  # CPU
+        ({"emulate_comm_us": 100.0, "emulate_ep": 0, "device": "cuda"}, "add --emulate-ep N"),
+        ({"emulate_comm_us": -1.0}, "must be >= 0"),
+    ],
+)
+def test_emulated_comm_needs_the_one_gpu_emulation(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _tiny(**overrides)
+
+
+def test_emulated_comm_is_refused_on_several_gpus_and_described_on_one():
+    from moefleet.engine.bench.command import emulated_shape_line
+
+    options = _tiny()
+    object.__setattr__(
+        options, "emulate_comm_us", 150.0
+    )  # past validation (CPU): the line is what is checked
+    assert "a 150 us GPU wait per dispatch and per combine" in emulated_shape_line(options, 1)
+    with pytest.raises(ValueError, match="drop --emulate-comm-us or --nproc-per-node"):
+        emulated_shape_line(options, 2)
 
 
 def test_model_built_under_the_emulated_topology_holds_the_per_gpu_experts():
