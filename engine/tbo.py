@@ -7,9 +7,12 @@ so one micro-batch's compute is queued while the other communicates (dispatch / 
 
 Stages come from `DecoderLayer.stages()` (models/base.py): attention + router | dispatch | experts + shared |
 combine for a MoE layer, one stage for a dense one; layers are concatenated so the overlap crosses layer
-boundaries. Micro-batch 0 runs `STAGE_LEAD` stages ahead of micro-batch 1 (`schedule`): with a lead of 2,
-each blocking dispatch of one micro-batch comes after the other micro-batch's latest compute stage was issued
-(the launch-order rule: on a GPU that compute is queued before the CPU blocks on receive counts).
+boundaries. On one stream (CPU, DeepEP's receive hooks) micro-batch 0 runs `STAGE_LEAD` stages ahead of
+micro-batch 1 (`schedule`): with a lead of 2, each blocking dispatch of one micro-batch comes after the other
+micro-batch's latest compute stage was issued (the launch-order rule: on a GPU that compute is queued before
+the CPU blocks on receive counts). With a comm stream (`stream_schedule`) the lead is 1 and a tick's comm
+stage goes first, so the in-order compute stream gets the two micro-batches' compute stages alternately and
+never holds one micro-batch's experts (waiting for its dispatch) ahead of the other's attention.
 Micro-batch i uses `layer.dispatchers[i]` on every MoE layer (handles never cross micro-batches). Every rank
 of a group runs the same schedule (an idle rank: two empty micro-batches), so the collectives line up.
 
@@ -34,7 +37,7 @@ import torch
 
 from .config import TBO_MODES
 from .forward_batch import ForwardBatch, ForwardMode
-from .tbo_streams import Overlap, StreamedDispatcher, StreamOverlap, make_overlap
+from .tbo_streams import COMM, Overlap, StreamedDispatcher, StreamOverlap, make_overlap
 
 # THE `--tbo auto` threshold table (the one place; docs/distributed.md "TBO auto thresholds" records the runs):
 # tokens per rank at and above which `auto` uses TBO, per mode. Fill in from benchmarks/gpu_tbo.sh (on/off
@@ -48,8 +51,10 @@ AUTO_MIN_TOKENS: dict[str, int | None] = {
     # margin shows for the default backend too (the threshold is per mode, not per backend)
     "prefill": None,
 }
-# Stages micro-batch 0 runs ahead of micro-batch 1.
+# Stages micro-batch 0 runs ahead of micro-batch 1: one stream (launch order, DeepEP hooks; the CPU path), and
+# with a comm stream (`stream_schedule`).
 STAGE_LEAD = 2
+STREAM_LEAD = 1
 
 
 def wants_tbo(mode: str, num_tokens: int, is_prefill: bool) -> bool:
@@ -217,18 +222,36 @@ def _child(
 # ---- interleaving ---------------------------------------------------------------------------------------
 
 
-def schedule(num_stages: int, lead: int = STAGE_LEAD) -> list[tuple[int, int]]:
-    """Pure: (micro-batch, stage index) in launch order. Tick i runs micro-batch 0's stage i, then micro-batch
-    1's stage i - lead; so micro-batch 0's stage i always precedes micro-batch 1's."""
+def schedule(
+    num_stages: int, lead: int = STAGE_LEAD, kinds: Sequence[str] | None = None
+) -> list[tuple[int, int]]:
+    """Pure: (micro-batch, stage index) in launch order. Tick i runs micro-batch 0's stage i and micro-batch 1's
+    stage i - lead: micro-batch 0's first, or with `kinds` (each stage's "compute" / "comm") the comm stage
+    first. Either way micro-batch 0's stage i precedes micro-batch 1's (lead >= 1)."""
     if lead < 0:
         raise ValueError(f"lead ({lead}) must be >= 0")
     order = []
     for tick in range(num_stages + lead):
+        pair = []
         if tick < num_stages:
-            order.append((0, tick))
+            pair.append((0, tick))
         if 0 <= tick - lead < num_stages:
-            order.append((1, tick - lead))
+            pair.append((1, tick - lead))
+        if kinds is not None:
+            pair.sort(key=lambda p: kinds[p[1]] != COMM)  # stable: comm first, then compute
+        order += pair
     return order
+
+
+def stream_schedule(kinds: Sequence[str]) -> list[tuple[int, int]]:
+    """Pure: the launch order for the comm-stream mechanism (one in-order compute stream, one comm stream):
+    lead 1, comm first within a tick, so the compute stream receives the two micro-batches' compute stages
+    alternately (attention 0, attention 1, experts 0, experts 1, ...) and the comm stream their transfers in
+    the order they become ready (dispatch 0, dispatch 1, combine 0, combine 1, ...). Micro-batch 1's attention
+    then runs while micro-batch 0 dispatches, and so on. (The lead-2 order queues micro-batch 0's experts -
+    which wait for its dispatch - ahead of micro-batch 1's attention on the compute stream: that stream then
+    stalls through every dispatch, which is what the 2026-11-30 2x H200 run measured.)"""
+    return schedule(len(kinds), STREAM_LEAD, kinds)
 
 
 def check_supported(model: Any) -> None:
@@ -246,14 +269,15 @@ def check_supported(model: Any) -> None:
 def forward_tbo(
     model: Any,
     fb: ForwardBatch,
-    lead: int = STAGE_LEAD,
+    lead: int | None = None,
     overlap: Overlap | None = None,
     timer: Any = None,
 ) -> tuple[torch.Tensor, SplitPlan]:
     """Forward `fb` as two interleaved micro-batches; returns (final hidden [T, D] in fb's token order, the
     split plan). The result equals `model(fb.input_ids, fb.positions, fb)` up to floating-point reordering
-    of batched matmuls. `overlap` runs the stages (default: `make_overlap` for the model and device);
-    `timer` (tbo_timeline.StageTimer) records each stage's span on its stream."""
+    of batched matmuls. `overlap` runs the stages (default: `make_overlap` for the model and device); the
+    launch order is the overlap's (`stream_schedule` with a comm stream, else `schedule` with lead 2) unless
+    `lead` is given; `timer` (tbo_timeline.StageTimer) records each stage's span on its stream."""
     from .models.base import LayerState
 
     plan = plan_split(fb.query_lens, fb.seq_lens)
@@ -270,7 +294,11 @@ def forward_tbo(
             state.wrap_dispatcher = partial(StreamedDispatcher, overlap=run, micro_batch=i)
     stages = [stage for layer in decoder.layers for stage in layer.stages()]
     kinds = [kind for layer in decoder.layers for kind in layer.stage_kinds()]
-    for micro_batch, index in schedule(len(stages), lead):
+    if lead is None:  # the mechanism's order: comm stream -> stream_schedule, one stream -> lead 2
+        order = stream_schedule(kinds) if isinstance(run, StreamOverlap) else schedule(len(stages))
+    else:
+        order = schedule(len(stages), lead)
+    for micro_batch, index in order:
         run.run(micro_batch, kinds[index], stages[index], states[micro_batch])
     run.finish()
     hidden = torch.cat([state.hidden for state in states])

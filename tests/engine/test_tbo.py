@@ -19,6 +19,7 @@ from moefleet.engine.tbo import (
     plan_split,
     schedule,
     split_batch,
+    stream_schedule,
     wants_tbo,
 )
 from support.forward_batches import three_prompts
@@ -105,6 +106,19 @@ def test_schedule_runs_micro_batch_0_two_stages_ahead():
         order = schedule(n, lead)
         assert sorted(order) == [(m, i) for m in (0, 1) for i in range(n)]
         assert all(order.index((0, i)) < order.index((1, i)) for i in range(n))
+
+
+def test_stream_schedule_alternates_compute_and_sends_comm_first():
+    kinds = ["compute", "comm", "compute", "comm"]  # attention | dispatch | experts | combine
+    assert stream_schedule(kinds) == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    layers = kinds * 3 + ["compute"]  # three MoE layers and a dense one
+    order = stream_schedule(layers)
+    assert sorted(order) == [(m, i) for m in (0, 1) for i in range(len(layers))]
+    assert all(order.index((0, i)) < order.index((1, i)) for i in range(len(layers)))
+    compute = [m for m, i in order if layers[i] == "compute"]
+    assert compute == [0, 1] * (len(compute) // 2)  # the compute stream alternates micro-batches
+    comm = [(m, i) for m, i in order if layers[i] == "comm"]
+    assert [i for _, i in comm] == sorted(i for _, i in comm)  # transfers in stage order, micro-batch 0 first
 
 
 # ---- launch order, with a recording dispatcher -----------------------------------------------------------

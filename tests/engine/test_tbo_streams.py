@@ -10,7 +10,7 @@ import torch
 from moefleet.engine import LLM
 from moefleet.engine.layers.moe import MoE
 from moefleet.engine.layers.token_dispatch import LocalDispatcher
-from moefleet.engine.tbo import forward_tbo, schedule
+from moefleet.engine.tbo import forward_tbo, stream_schedule
 from moefleet.engine.tbo_streams import (
     Overlap,
     StreamOverlap,
@@ -102,9 +102,9 @@ def test_comm_stages_run_on_the_comm_stream_ordered_by_events(model_and_runner):
     on = {"attention": "compute", "dispatch_finish": "compute"}
     for name, _m, _layer, stream in calls:
         assert stream == on.get(name, "comm"), (name, stream)
-    # The launch order is the CPU schedule's (micro-batch 0 two stages ahead).
+    # The launch order is the comm-stream schedule's (lead 1, a tick's comm stage first).
     expected = []
-    for m, i in schedule(4 * len(layers), 2):
+    for m, i in stream_schedule(["compute", "comm", "compute", "comm"] * len(layers)):
         layer, kind = divmod(i, 4)
         expected += [
             [("attention", m, layer)],
@@ -143,14 +143,14 @@ def test_comm_stages_run_on_the_comm_stream_ordered_by_events(model_and_runner):
             combined = recorded_after(finish, "comm")
             end = position(("attention", m, layer + 1)) if layer + 1 < len(layers) else len(log)
             assert combined in waits_between(finish, end, "compute")
-    # The launch-order rule with streams: before each blocking dispatch of one micro-batch, the other's
-    # latest compute (its experts) is already enqueued on the compute stream.
-    for m in (0, 1):
-        for layer in range(len(layers)):
-            if (m, layer) == (0, 0):
-                continue
-            other = ("dispatch_finish", 1 - m, layer if m == 1 else layer - 1)
-            assert position(other) < position(("dispatch_start", m, layer))
+    # The compute stream gets the micro-batches' compute stages alternately (attention 0, attention 1,
+    # experts 0, experts 1, ...): one micro-batch's experts, which wait for its dispatch, are never queued ahead
+    # of the other's attention; and each dispatch is launched before the other micro-batch's next compute.
+    compute = [c[1] for c in calls if c[0] in ("attention", "dispatch_finish")]
+    assert compute == [0, 1] * (2 * len(layers))
+    for layer in range(len(layers)):
+        assert position(("dispatch_start", 1, layer)) < position(("dispatch_finish", 0, layer))
+        assert position(("combine_finish", 0, layer)) < position(("dispatch_finish", 1, layer))
     # The join: the step ends with the compute stream waiting on the comm stream.
     assert log[-1][:2] == ("wait", "compute")
 
