@@ -575,11 +575,12 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
 def tbo_timeline_step(
     step: Callable[..., None], device: torch.device, barrier: Callable[[], None], rank: int
 ) -> dict[str, Any]:
-    """One eager TBO step with every stage timed on its stream: the overlap summary and the spans; rank 0
-    prints the summary, the stage table and the text timeline (stderr)."""
+    """One eager TBO step (after an untimed one) with every stage timed on its stream: the overlap summary and
+    the spans; rank 0 prints the summary, the stage table and the text timeline (stderr)."""
     from moefleet.engine import tbo_timeline as tl
 
     timer = tl.stage_timer(device)
+    step(eager=True)  # warm-up: the eager step's kernels may not have run yet (decode steps replay graphs)
     barrier()
     _sync(device)
     step(eager=True, timer=timer)
