@@ -75,6 +75,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="with TBO steps: time one more eager step stage by stage on its stream; print how much communication "
         "ran under the other micro-batch's compute, a per-stage table and a text timeline (JSON: tbo_timeline)",
     )  # fmt: skip
+    p.add_argument(
+        "--profile-steps", type=int, default=0, metavar="N",
+        help="CUDA: N more steps of the timed path under torch.profiler; rank 0 prints its kernels by GPU time per step",
+    )  # fmt: skip
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="KV cache page size (tokens)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for prefill MFU (default: by GPU name)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) in the EP group")
@@ -286,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
                         eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
                         tbo_timeline=args.tbo_timeline, emulate_comm_us=args.emulate_comm_us,
+                        profile_steps=args.profile_steps,
                     )  # fmt: skip
                     if args.emulate_ep:
                         print(

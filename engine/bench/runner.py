@@ -62,9 +62,10 @@ class BenchOptions:
     tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
     emulate_ep: int = 0  # > 0: each GPU does the per-GPU work of an N-way EP deployment (emulate.py)
     tbo_timeline: bool = False  # one more eager TBO step with per-stage timing (tbo_timeline.py)
-    emulate_comm_us: float = (
-        0.0  # --emulate-ep on one GPU: a GPU wait per dispatch and per combine (emulate.py)
-    )
+    # --emulate-ep on one GPU: a GPU wait per dispatch and per combine (emulate.py)
+    emulate_comm_us: float = 0.0
+    # > 0: that many more timed-path steps under torch.profiler (every rank), kernels printed by rank 0
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
@@ -472,6 +473,8 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             _sync(device)
             times.append(time.perf_counter() - start)
         timed_prepare = list(prepare_times)
+        if options.profile_steps and device.type == "cuda":  # every rank steps (collectives), rank 0 prints
+            print_kernel_profile(step, options.profile_steps, device, show=rank == 0)
         breakdown: dict[str, float] = {}
         if options.breakdown and not use_tbo:  # per-part times of an interleaved step would mislead
             timer = PartTimer(device)
@@ -570,6 +573,36 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         received_rows_per_slot=[] if received is None else received.per_slot,
         received_rows_per_layer=0.0 if received is None else received.per_layer,
     )
+
+
+def print_kernel_profile(
+    step: Callable[..., None], steps: int, device: torch.device, show: bool = True, top: int = 25
+) -> None:
+    """`steps` more timed-path steps (graph replays included: CUPTI sees their kernels) under torch.profiler;
+    with `show`, prints the GPU kernels by time per step (stderr)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    if not show:
+        return
+    rows = sorted(
+        (e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
+        key=lambda e: -e.device_time_total,
+    )
+    total = sum(e.device_time_total for e in rows) / steps
+    lines = [
+        f"rank 0: kernels per step ({steps} profiled): {total:.0f} us of GPU time",
+        "| kernel | calls | us | share |",
+    ]
+    lines.append("|---|---|---|---|")
+    for e in rows[:top]:
+        us = e.device_time_total / steps
+        lines.append(f"| {e.key[:80]} | {e.count / steps:.1f} | {us:.1f} | {us / total:.0%} |")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def tbo_timeline_step(

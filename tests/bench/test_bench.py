@@ -206,7 +206,9 @@ def test_tbo_on_runs_two_micro_batches_and_auto_stays_off(mode, monkeypatch):
 
     seen = []
     real = tbo.forward_tbo
-    monkeypatch.setattr(tbo, "forward_tbo", lambda model, fb: seen.append(fb.num_tokens) or real(model, fb))
+    monkeypatch.setattr(
+        tbo, "forward_tbo", lambda model, fb, **kw: seen.append(fb.num_tokens) or real(model, fb, **kw)
+    )
     on = run_rank(replace(_tiny(mode), tbo="on")).to_dict()
     assert seen and set(seen) == {on["tokens_per_step"]}
     assert on["cuda_graphs"].startswith("off:") and on["breakdown_s"] == {}  # CPU: no graphs
