@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Two-batch overlap on ONE GPU at a deployment's shape with its transfers emulated (issue 15): `--emulate-ep`
 # gives the GPU the per-GPU experts and rows of EP72 decode / EP32 prefill, `--emulate-comm-us` makes each
-# dispatch and each combine wait that long on the GPU (a one-thread spin on TBO's comm stream; the other SMs stay
-# free), standing for inter-node transfers (DeepEP low-latency over RDMA: dispatch 77-194 us, combine 114-360 us
+# dispatch and each combine of the step's tokens wait that long on the GPU (a TBO micro-batch in proportion to
+# its tokens; a one-thread spin on TBO's comm stream, the other SMs free), standing for inter-node transfers (DeepEP low-latency over RDMA: dispatch 77-194 us, combine 114-360 us
 # at 128 tokens, ANCHORS.md). TBO off vs on per point, FP8 weights, 2 layers, decode steps from CUDA graphs;
 # the `on` runs also print the per-stage timeline (--tbo-timeline). Results: one line per run, logs and JSON in OUT.
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_tbo_emulated_comm.sh OUT
 set -uo pipefail
 out=${1:-/tmp/tbo_emu}; mkdir -p "$out"
-DECODE_COMM=${DECODE_COMM-"0 150 300"}; PREFILL_COMM=${PREFILL_COMM-"0 5000"}
+DECODE_COMM=${DECODE_COMM-"0 300 600"}; PREFILL_COMM=${PREFILL_COMM-"0 5000"}
 common=(--preset deepseek-v3 --layers 2 --quantization fp8 --num-redundant-experts 32 --no-breakdown
         --steps 5 --warmup 2)
 run() {  # stem, then bench arguments

@@ -125,9 +125,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="US",
-        help="with --emulate-ep on one GPU: each dispatch and each combine also waits US microseconds on the GPU "
-        "(a one-thread spin on the stream two-batch overlap uses for communication), standing for the "
-        "deployment's transfers; measures how much of it --tbo on hides",
+        help="with --emulate-ep on one GPU: each dispatch and each combine of the step's tokens also waits US "
+        "microseconds on the GPU (a micro-batch of half the tokens half as long; a one-thread spin on the stream "
+        "two-batch overlap uses for communication), standing for the deployment's transfers; measures how much "
+        "of it --tbo on hides",
     )
     shape.add_argument(
         "--comm-us-per-layer",

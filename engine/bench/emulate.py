@@ -147,24 +147,26 @@ class EmulatedEPDispatcher:
     """A `TokenDispatcher` that routes every hit of this GPU's tokens to its local experts (see module doc).
 
     `comm_cycles` > 0 (`--emulate-comm-us`): dispatch_start and combine_start each also occupy the current
-    stream that long (a one-thread GPU spin: the other SMs stay free), standing for the deployment's transfer
-    time; two-batch overlap then runs them on its comm stream (`TBO_OVERLAP` "comm_stream") beside the other
-    micro-batch's compute, as it runs a real dispatcher's."""
+    stream (a one-thread GPU spin: the other SMs stay free) for `comm_cycles` x T / `full_tokens` cycles, T the
+    tokens dispatched: the deployment's transfer time, proportional to the rows moved (a two-batch-overlap
+    micro-batch of half the tokens waits half as long). Two-batch overlap then runs them on its comm stream
+    (`TBO_OVERLAP` "comm_stream") beside the other micro-batch's compute, as it runs a real dispatcher's."""
 
-    def __init__(self, num_local_experts: int, comm_cycles: int = 0):
+    def __init__(self, num_local_experts: int, comm_cycles: int = 0, full_tokens: int = 1):
         if num_local_experts < 1:
             raise ValueError(f"num_local_experts ({num_local_experts}) must be >= 1")
-        if comm_cycles < 0:
-            raise ValueError(f"comm_cycles ({comm_cycles}) must be >= 0")
+        if comm_cycles < 0 or full_tokens < 1:
+            raise ValueError(f"comm_cycles ({comm_cycles}) must be >= 0 and full_tokens ({full_tokens}) >= 1")
         self.num_local_experts = num_local_experts
-        self.comm_cycles = comm_cycles
+        self.comm_cycles, self.full_tokens = comm_cycles, full_tokens
         self.TBO_OVERLAP = "comm_stream" if comm_cycles else "none"
         self.SYNC_FREE_DECODE = True
         self._local = LocalDispatcher(num_local_experts)
 
-    def _transfer(self) -> None:
-        if self.comm_cycles:
-            torch.cuda._sleep(self.comm_cycles)
+    def _transfer(self, tokens: int) -> None:
+        cycles = self.comm_cycles * tokens // self.full_tokens
+        if cycles:
+            torch.cuda._sleep(cycles)
 
     def dispatch_start(
         self,
@@ -177,7 +179,7 @@ class EmulatedEPDispatcher:
         pending = self._local.dispatch_start(
             hidden, local_expert_ids(topk_ids, self.num_local_experts), topk_weights, is_prefill=is_prefill
         )
-        self._transfer()
+        self._transfer(hidden.shape[0])
         return pending
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
@@ -185,7 +187,7 @@ class EmulatedEPDispatcher:
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
         pending = self._local.combine_start(expert_output, dispatched)
-        self._transfer()
+        self._transfer(dispatched.handle.num_tokens)
         return pending
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
@@ -257,16 +259,18 @@ def emulated_routing(make: Callable[..., Any], rank: int, world_size: int) -> Ca
 
 
 def install_emulated_dispatchers(
-    model: torch.nn.Module, num_micro_batches: int = 1, comm_cycles: int = 0
+    model: torch.nn.Module, num_micro_batches: int = 1, comm_cycles: int = 0, full_tokens: int = 1
 ) -> int:
     """Give every MoE layer (built under the emulated topology) emulating dispatchers (with `comm_cycles` of
-    emulated transfer per dispatch and per combine); returns the count."""
+    emulated transfer per dispatch and per combine of `full_tokens` tokens); returns the count."""
     from moefleet.engine.distributed.ep import moe_layers
 
     count = 0
     for _, layer in moe_layers(model):
         local = len(layer.experts.local_experts)  # type: ignore[union-attr,arg-type]
-        dispatchers = [EmulatedEPDispatcher(local, comm_cycles) for _ in range(num_micro_batches)]
+        dispatchers = [
+            EmulatedEPDispatcher(local, comm_cycles, full_tokens) for _ in range(num_micro_batches)
+        ]
         setattr(layer, "dispatchers", dispatchers)  # noqa: B010
         setattr(layer, "dispatcher", dispatchers[0])  # noqa: B010
         count += 1

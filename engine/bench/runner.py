@@ -404,7 +404,8 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         cycles = 0
         if options.emulate_comm_us:
             cycles = int(options.emulate_comm_us * sleep_cycles_per_us(device))
-        install_emulated_dispatchers(model, num_micro_batches(options.tbo), cycles)
+        full = options.batch_size if options.mode == "decode" else options.prefill_tokens  # the step's tokens
+        install_emulated_dispatchers(model, num_micro_batches(options.tbo), cycles, full)
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)

@@ -89,25 +89,28 @@ def test_dispatcher_sends_every_hit_to_local_experts_and_combines_weighted():
 
 
 def test_emulated_transfers_wait_on_the_gpu_once_per_dispatch_and_combine(monkeypatch):
-    """--emulate-comm-us: dispatch_start and combine_start each launch one GPU wait of the calibrated cycles
-    on the current stream (TBO's comm stream: the dispatcher then asks for it); the rows are unchanged."""
+    """--emulate-comm-us: dispatch_start and combine_start each launch one GPU wait on the current stream (TBO's
+    comm stream: the dispatcher then asks for it), proportional to the tokens moved (the step's full batch
+    waits the given cycles, a micro-batch of 2 of its 8 tokens a quarter); the rows are unchanged."""
     waits: list[int] = []
     monkeypatch.setattr(torch.cuda, "_sleep", waits.append)
-    tokens, top_k, local = 5, 2, 3
+    tokens, top_k, local = 2, 2, 3
     hidden, ids, weights = (
         torch.randn(tokens, 4),
         torch.randint(0, 12, (tokens, top_k)),
         torch.rand(tokens, top_k),
     )
-    plain, waiting = EmulatedEPDispatcher(local), EmulatedEPDispatcher(local, comm_cycles=1234)
+    plain, waiting = EmulatedEPDispatcher(local), EmulatedEPDispatcher(local, comm_cycles=1200, full_tokens=8)
     assert (plain.TBO_OVERLAP, waiting.TBO_OVERLAP) == ("none", "comm_stream")
     outs = []
     for dispatcher in (plain, waiting):
         dispatched = dispatcher.dispatch_finish(dispatcher.dispatch_start(hidden, ids, weights))
-        assert waits == ([1234] if dispatcher is waiting else [])
+        assert waits == ([300] if dispatcher is waiting else [])
         outs.append(dispatcher.combine_finish(dispatcher.combine_start(dispatched.hidden * 2, dispatched)))
-    assert waits == [1234, 1234]
+    assert waits == [300, 300]
     torch.testing.assert_close(outs[0], outs[1])
+    waiting.dispatch_start(hidden[:0], ids[:0], weights[:0])  # an empty micro-batch waits for nothing
+    assert waits == [300, 300]
     with pytest.raises(ValueError, match="comm_cycles"):
         EmulatedEPDispatcher(local, comm_cycles=-1)
 
