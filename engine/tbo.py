@@ -48,7 +48,10 @@ AUTO_MIN_TOKENS: dict[str, int | None] = {
     # at 32 / 64 / 128 / 256 tokens/GPU with symm (0.59 with a2a at 256): TBO loses at every decode point
     "decode": None,
     # on/off 0.90 / 0.95 / 1.106 at 4k / 8k / 16k tokens/GPU with symm, 0.997 with a2a at 16k: off until a
-    # margin shows for the default backend too (the threshold is per mode, not per backend)
+    # margin shows for the default backend too (the threshold is per mode, not per backend). Both rows were
+    # measured with the lead-2 order on a comm stream (now `stream_schedule`): stale until re-measured; with
+    # emulated inter-node transfers on 1x H200 (2026-12-01) decode wins from ~300 us per dispatch/combine and
+    # prefill +16.5% at 5 ms, but one NVLink node's transfers are shorter than that
     "prefill": None,
 }
 # Stages micro-batch 0 runs ahead of micro-batch 1: one stream (launch order, DeepEP hooks; the CPU path), and
