@@ -279,6 +279,9 @@ def test_split_choice_is_a_pure_function_of_host_shapes(monkeypatch):
     assert ac.choose_num_splits(32, 32768, cuda) == 9  # 8 sequences x 4 KV heads: ~2 programs per SM
     assert ac.choose_num_splits(1, 1 << 20, cuda) == ac.MAX_SPLITS
     assert ac.choose_num_splits(1, 300, cuda) == 1  # too short to split
+    sms = ac._sm_count(cuda)
+    assert ac.choose_num_splits(2 * sms - 2 * sms // 8, 2000, cuda) == 1  # within 1/8 of two waves: no split
+    assert ac.choose_num_splits(2 * sms - 2 * sms // 8 - 1, 2000, cuda) == 2
     assert ac.mla_decode_config(4, 128, 512, 32768, cuda, num_splits=5).num_splits == 5
     mla = ac.mla_decode_config(256, 128, 512, 2000, cuda)
     assert (mla.block_h, mla.block_n, mla.num_splits) == (64, 64, 1)
