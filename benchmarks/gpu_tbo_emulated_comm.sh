@@ -9,8 +9,9 @@
 set -uo pipefail
 out=${1:-/tmp/tbo_emu}; mkdir -p "$out"
 DECODE_COMM=${DECODE_COMM-"0 300 600"}; PREFILL_COMM=${PREFILL_COMM-"0 5000"}
+STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 common=(--preset deepseek-v3 --layers 2 --quantization fp8 --num-redundant-experts 32 --no-breakdown
-        --steps 5 --warmup 2)
+        --steps "$STEPS" --warmup "$WARMUP")
 run() {  # stem, then bench arguments
   local stem=$1; shift
   timeout -k 5 110 moefleet bench "${common[@]}" "$@" --json "$out/$stem.json" > "$out/$stem.log" 2>&1
