@@ -150,17 +150,12 @@ def print_kernel_profile(name, run, iters, chain, device) -> None:
         torch.cuda.synchronize(device)
     if dist.get_rank() != 0:
         return
-    rows = sorted(
-        (e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
-        key=lambda e: -e.device_time_total,
-    )
+    from moefleet.engine.bench.kernel_profile import kernel_table
+
     trips = iters * chain
-    total = sum(e.device_time_total for e in rows) / trips
-    print(f"== kernels of {name}, rank 0, per round trip ({trips} profiled): {total:.0f} us of GPU time")
-    print("| kernel | calls | us | share |\n|---|---|---|---|")
-    for e in rows[:18]:
-        us = e.device_time_total / trips
-        print(f"| {e.key[:70]} | {e.count / trips:.1f} | {us:.1f} | {us / total:.0%} |")
+    print(
+        kernel_table(prof, trips, f"== kernels of {name}, rank 0, per round trip ({trips} profiled)", top=18)
+    )
 
 
 def main() -> None:

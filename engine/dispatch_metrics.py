@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from moefleet.engine.layers.token_dispatch import ForwardingDispatcher
 
 ENV_EVERY = "MOEFLEET_MOE_METRICS_EVERY"
 DEFAULT_EVERY = 16
@@ -142,16 +143,14 @@ class _Pending:
     start: Any  # perf_counter float, or a CUDA event; None when not sampled
 
 
-class MeteredDispatcher:
-    """A `TokenDispatcher` that forwards to `inner` and, in sampled forwards, records time and bytes."""
+class MeteredDispatcher(ForwardingDispatcher):
+    """A `TokenDispatcher` that forwards to `inner` (backend-specific attributes too) and, in sampled forwards,
+    records time and bytes."""
 
     def __init__(self, inner: Any, recorder: DispatchRecorder, first: bool = False):
-        self.inner = inner
+        super().__init__(inner)
         self.recorder = recorder
         self.first = first  # the first MoE layer's micro-batch 0: starts each forward's sampling decision
-
-    def __getattr__(self, name: str) -> Any:  # backend-specific attributes (e.g. num_local_experts)
-        return getattr(self.inner, name)
 
     def _mark(self, device: torch.device) -> Any:
         if device.type == "cuda":

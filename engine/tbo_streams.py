@@ -40,6 +40,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .layers.token_dispatch import ForwardingDispatcher
+
 COMPUTE, COMM = "compute", "comm"
 MECHANISMS = ("comm_stream", "recv_hook", "none")
 
@@ -149,13 +151,19 @@ class Overlap:
     timer: Any = None
 
     def run(self, micro_batch: int, kind: str, stage: Callable[[Any], None], state: Any) -> None:
-        token = self.timer.start(None) if self.timer is not None else None
+        token = self._start(None)
         stage(state)
-        if self.timer is not None:
-            self.timer.stop(token, None, micro_batch, kind)
+        self._stop(token, None, micro_batch, kind)
 
     def finish(self) -> None:
         return None
+
+    def _start(self, stream: Any) -> Any:
+        return self.timer.start(stream) if self.timer is not None else None
+
+    def _stop(self, token: Any, stream: Any, micro_batch: int, kind: str) -> None:
+        if self.timer is not None:
+            self.timer.stop(token, stream, micro_batch, kind)
 
 
 class StreamOverlap(Overlap):
@@ -213,13 +221,6 @@ class StreamOverlap(Overlap):
         self._stop(token, self.compute, micro_batch, COMPUTE)
         self.computed[micro_batch] = self.ops.record(self.compute)
 
-    def _start(self, stream: Any) -> Any:
-        return self.timer.start(stream) if self.timer is not None else None
-
-    def _stop(self, token: Any, stream: Any, micro_batch: int, kind: str) -> None:
-        if self.timer is not None:
-            self.timer.stop(token, stream, micro_batch, kind)
-
     def divert(self, micro_batch: int, launch: Callable[..., Any], *args: Any) -> Any:
         """Run a communication launch found inside a compute stage (`combine_start`) on the comm stream,
         after the compute issued so far; the micro-batch's next compute waits on it."""
@@ -238,23 +239,15 @@ class StreamOverlap(Overlap):
             self.ops.wait(self.compute, self.communicated.pop(micro_batch))
 
 
-class StreamedDispatcher:
+class StreamedDispatcher(ForwardingDispatcher):
     """A micro-batch's dispatcher whose `combine_start` runs on the comm stream (`StreamOverlap.divert`)."""
 
     def __init__(self, inner: Any, overlap: StreamOverlap, micro_batch: int):
-        self.inner, self.overlap, self.micro_batch = inner, overlap, micro_batch
-
-    def dispatch_start(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.dispatch_start(*args, **kwargs)
-
-    def dispatch_finish(self, pending: Any) -> Any:
-        return self.inner.dispatch_finish(pending)
+        super().__init__(inner)
+        self.overlap, self.micro_batch = overlap, micro_batch
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: Any) -> Any:
         return self.overlap.divert(self.micro_batch, self.inner.combine_start, expert_output, dispatched)
-
-    def combine_finish(self, pending: Any) -> Any:
-        return self.inner.combine_finish(pending)
 
 
 def make_overlap(model: Any, device: torch.device, ops: StreamOps | None = None) -> Overlap:

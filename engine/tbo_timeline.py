@@ -3,8 +3,7 @@ on the GPU, and how much communication the other micro-batch's compute hid.
 
 `StageTimer` is the recording seam: `tbo_streams.Overlap` calls `start(stream)` right before a stage's work is
 issued on the stream that runs it (after the waits that order it) and `stop(...)` right after, so a span is the
-stage's own GPU time on its stream (`CudaStageTimer`: timing events, also capturable in a CUDA graph as
-external event nodes). The analysis is pure (`Span` lists in, numbers and text out), unit-tested on CPU:
+stage's own GPU time on its stream (`CudaStageTimer`: timing events; `WallStageTimer` on CPU). The analysis is pure (`Span` lists in, numbers and text out), unit-tested on CPU:
 
   overlap_summary   step span, busy time per lane, communication time and the part of it that overlapped the
                     other micro-batch's compute ("hidden"), the compute lane's idle time
@@ -14,12 +13,14 @@ external event nodes). The analysis is pure (`Span` lists in, numbers and text o
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-COMPUTE, COMM = "compute", "comm"
+from .tbo_streams import COMM, COMPUTE
 
 
 @dataclass(frozen=True)
@@ -45,49 +46,46 @@ class StageTimer(Protocol):
         ...
 
 
+def _spans(marks: list[tuple[int, str, Any, Any]], elapsed_ms: Callable[[Any, Any], float]) -> list[Span]:
+    """(micro-batch, kind, start mark, end mark) in launch order -> spans, ms from the first start mark
+    (`elapsed_ms(a, b)`: ms from mark a to mark b); each micro-batch's stages numbered in order."""
+    if not marks:
+        return []
+    origin = marks[0][2]
+    counts: dict[int, int] = {}
+    spans = []
+    for micro_batch, kind, start, end in marks:
+        index = counts.get(micro_batch, 0)
+        counts[micro_batch] = index + 1
+        spans.append(Span(micro_batch, kind, index, elapsed_ms(origin, start), elapsed_ms(origin, end)))
+    return spans
+
+
 class WallStageTimer:
     """Host wall-clock marks (CPU: every op has finished when it returns, so wall time is the stage's time)."""
 
     def __init__(self) -> None:
-        import time
-
-        self._clock = time.perf_counter
         self._marks: list[tuple[int, str, float, float]] = []
 
     def start(self, stream: Any) -> Any:
-        return self._clock()
+        return time.perf_counter()
 
     def stop(self, token: Any, stream: Any, micro_batch: int, kind: str) -> None:
-        self._marks.append((micro_batch, kind, token, self._clock()))
+        self._marks.append((micro_batch, kind, token, time.perf_counter()))
 
     def spans(self) -> list[Span]:
-        if not self._marks:
-            return []
-        origin = self._marks[0][2]
-        counts: dict[int, int] = {}
-        spans = []
-        for micro_batch, kind, start, end in self._marks:
-            counts[micro_batch] = counts.get(micro_batch, -1) + 1
-            spans.append(
-                Span(micro_batch, kind, counts[micro_batch], (start - origin) * 1e3, (end - origin) * 1e3)
-            )
-        return spans
-
-
-def stage_timer(device: torch.device) -> CudaStageTimer | WallStageTimer:
-    return CudaStageTimer() if device.type == "cuda" else WallStageTimer()
+        return _spans(self._marks, lambda a, b: (b - a) * 1e3)
 
 
 class CudaStageTimer:
     """Timing events on the stage's stream; `spans()` after the step's work finished (it synchronises)."""
 
-    def __init__(self, external: bool = False):
-        """`external`: events recorded as graph nodes when the step is captured in a CUDA graph."""
-        self.external = external
+    def __init__(self) -> None:
         self._marks: list[tuple[int, str, Any, Any]] = []
 
-    def _record(self, stream: Any) -> Any:
-        event = torch.cuda.Event(enable_timing=True, external=self.external)
+    @staticmethod
+    def _record(stream: Any) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
         event.record(stream)
         return event
 
@@ -98,19 +96,13 @@ class CudaStageTimer:
         self._marks.append((micro_batch, kind, token, self._record(stream)))
 
     def spans(self) -> list[Span]:
-        if not self._marks:
-            return []
-        torch.cuda.synchronize()
-        origin = self._marks[0][
-            2
-        ]  # the first stage's start (spans may start earlier: the analysis takes the min)
-        counts: dict[int, int] = {}
-        spans = []
-        for micro_batch, kind, start, end in self._marks:
-            index = counts.get(micro_batch, 0)
-            counts[micro_batch] = index + 1
-            spans.append(Span(micro_batch, kind, index, origin.elapsed_time(start), origin.elapsed_time(end)))
-        return spans
+        if self._marks:
+            torch.cuda.synchronize()
+        return _spans(self._marks, lambda a, b: a.elapsed_time(b))  # spans may start before the first: fine
+
+
+def stage_timer(device: torch.device) -> CudaStageTimer | WallStageTimer:
+    return CudaStageTimer() if device.type == "cuda" else WallStageTimer()
 
 
 # ---- pure analysis ---------------------------------------------------------------------------------------
@@ -148,7 +140,9 @@ def overlap_summary(spans: list[Span]) -> dict[str, float]:
     """Step span, busy time of the compute and comm lanes, communication time and how much of it ran while
     the OTHER micro-batch computed (hidden), all in ms; `hidden_share` = hidden / comm."""
     if not spans:
-        return {"step_ms": 0.0, "compute_ms": 0.0, "comm_ms": 0.0, "hidden_ms": 0.0, "hidden_share": 0.0}
+        return dict.fromkeys(
+            ("step_ms", "compute_ms", "compute_idle_ms", "comm_ms", "hidden_ms", "hidden_share"), 0.0
+        )
     step = max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
     lanes = {
         (mb, kind): [(s.start_ms, s.end_ms) for s in spans if s.micro_batch == mb and s.kind == kind]

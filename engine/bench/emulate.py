@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from moefleet.engine.eplb.expert_location import check_expert_slots
-from moefleet.engine.layers.token_dispatch import DispatchedTokens, LocalDispatcher
+from moefleet.engine.layers.token_dispatch import DispatchedTokens, ForwardingDispatcher, LocalDispatcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,7 @@ def emulated_shape(options: Any, world_size: int = 1) -> EmulatedShape:
         num_experts(config),
         options.num_redundant_experts,
         int(config["num_experts_per_tok"]),
-        options.batch_size if options.mode == "decode" else options.prefill_tokens,
+        options.tokens_per_step,
         world_size,
     )
 
@@ -208,7 +208,7 @@ def balanced_slot_ids(topk_ids: torch.Tensor, num_slots: int, offset: int = 0) -
     return torch.where(topk_ids >= 0, (hits + offset) % num_slots, topk_ids)
 
 
-class EmulatedRoutingDispatcher:
+class EmulatedRoutingDispatcher(ForwardingDispatcher):
     """Wraps a real dispatcher of a W-rank group: rewrites the router's ids to `balanced_slot_ids` over the
     group's W x L slots before every dispatch; everything else (combine, `TBO_OVERLAP`, `SYNC_FREE_DECODE`,
     `graph_replay_state`, `pool`, ...) is the real dispatcher's."""
@@ -216,14 +216,9 @@ class EmulatedRoutingDispatcher:
     def __init__(self, inner: Any, num_slots: int, offset: int = 0):
         if num_slots < 1:
             raise ValueError(f"num_slots ({num_slots}) must be >= 1")
-        self.inner = inner
+        super().__init__(inner)
         self.num_slots = num_slots
         self.offset = offset
-
-    def __getattr__(self, name: str) -> Any:  # only for names not set here: the real dispatcher's
-        if name == "inner":  # not yet set (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def dispatch_start(
         self,
@@ -235,15 +230,6 @@ class EmulatedRoutingDispatcher:
     ) -> Any:
         ids = balanced_slot_ids(topk_ids, self.num_slots, self.offset)
         return self.inner.dispatch_start(hidden, ids, topk_weights, is_prefill=is_prefill)
-
-    def dispatch_finish(self, pending: Any) -> DispatchedTokens:
-        return self.inner.dispatch_finish(pending)  # type: ignore[no-any-return]
-
-    def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
-        return self.inner.combine_start(expert_output, dispatched)
-
-    def combine_finish(self, pending: Any) -> torch.Tensor:
-        return self.inner.combine_finish(pending)  # type: ignore[no-any-return]
 
 
 def emulated_routing(make: Callable[..., Any], rank: int, world_size: int) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from moefleet.engine.layers.token_dispatch import ForwardingDispatcher
 from torch import nn
 
 
@@ -28,18 +29,10 @@ class ReceivedRows:
         return sum(self.per_slot) / self.moe_layers if self.moe_layers else 0.0
 
 
-class _CountingDispatcher:
+class _CountingDispatcher(ForwardingDispatcher):
     def __init__(self, inner: Any, sink: list[torch.Tensor]):
-        self.inner = inner
+        super().__init__(inner)
         self.sink = sink
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def dispatch_start(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.dispatch_start(*args, **kwargs)
 
     def dispatch_finish(self, pending: Any) -> Any:
         dispatched = self.inner.dispatch_finish(pending)
@@ -49,12 +42,6 @@ class _CountingDispatcher:
             # a copy now (a workspace may be rewritten by the next layer), read after the step: no sync here
             self.sink.append(dispatched.counts.to(torch.int64, copy=True))
         return dispatched
-
-    def combine_start(self, expert_output: torch.Tensor, dispatched: Any) -> Any:
-        return self.inner.combine_start(expert_output, dispatched)
-
-    def combine_finish(self, pending: Any) -> torch.Tensor:
-        return self.inner.combine_finish(pending)  # type: ignore[no-any-return]
 
 
 def count_received_rows(model: nn.Module, step: Callable[[], Any]) -> ReceivedRows:

@@ -67,6 +67,11 @@ class BenchOptions:
     # > 0: that many more timed-path steps under torch.profiler (every rank), kernels printed by rank 0
     profile_steps: int = 0
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one GPU forwards per step: decode sequences, or prefill tokens."""
+        return self.batch_size if self.mode == "decode" else self.prefill_tokens
+
     def __post_init__(self) -> None:
         if self.mode not in ("decode", "prefill"):
             raise ValueError(f"mode ({self.mode!r}) must be 'decode' or 'prefill'")
@@ -389,7 +394,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             hidden_size=int(config["hidden_size"]),
             device_type=device.type,
             # the most tokens this rank forwards in one step (symm sizes its buffers from it)
-            max_tokens_per_rank=options.batch_size if options.mode == "decode" else options.prefill_tokens,
+            max_tokens_per_rank=options.tokens_per_step,
             top_k=int(config["num_experts_per_tok"]),
             dtype=options.dtype,
             device=device,
@@ -404,8 +409,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         cycles = 0
         if options.emulate_comm_us:
             cycles = int(options.emulate_comm_us * sleep_cycles_per_us(device))
-        full = options.batch_size if options.mode == "decode" else options.prefill_tokens  # the step's tokens
-        install_emulated_dispatchers(model, num_micro_batches(options.tbo), cycles, full)
+        install_emulated_dispatchers(model, num_micro_batches(options.tbo), cycles, options.tokens_per_step)
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)
@@ -577,7 +581,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
 
 
 def print_kernel_profile(
-    step: Callable[..., None], steps: int, device: torch.device, show: bool = True, top: int = 25
+    step: Callable[..., None], steps: int, device: torch.device, show: bool = True
 ) -> None:
     """`steps` more timed-path steps (graph replays included: CUPTI sees their kernels) under torch.profiler;
     with `show`, prints the GPU kernels by time per step (stderr)."""
@@ -588,22 +592,14 @@ def print_kernel_profile(
         for _ in range(steps):
             step()
         _sync(device)
-    if not show:
-        return
-    rows = sorted(
-        (e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"),
-        key=lambda e: -e.device_time_total,
-    )
-    total = sum(e.device_time_total for e in rows) / steps
-    lines = [
-        f"rank 0: kernels per step ({steps} profiled): {total:.0f} us of GPU time",
-        "| kernel | calls | us | share |",
-    ]
-    lines.append("|---|---|---|---|")
-    for e in rows[:top]:
-        us = e.device_time_total / steps
-        lines.append(f"| {e.key[:80]} | {e.count / steps:.1f} | {us:.1f} | {us / total:.0%} |")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    if show:
+        from moefleet.engine.bench.kernel_profile import kernel_table
+
+        print(
+            kernel_table(prof, steps, f"rank 0: kernels per step ({steps} profiled)"),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def tbo_timeline_step(

@@ -230,11 +230,11 @@ def _nvlink_dispatcher(
     if not nvlink_available():
         raise RuntimeError(NVLINK_HINT)
     world_size = dist.get_world_size(group)
-    if world_size > torch.cuda.device_count():
+    if not _one_node(world_size):  # the rule auto applies too
         raise ValueError(
             f"moe backend 'nvlink' writes into peers' memory over NVLink within one node, but the expert-parallel "
-            f"group has {world_size} ranks and this node {torch.cuda.device_count()} GPUs: use --moe-backend "
-            "deepep (across nodes) or a2a"
+            f"group ({world_size} ranks) is not this node's GPUs ({torch.cuda.device_count()} here): use "
+            "--moe-backend deepep (across nodes) or a2a"
         )
     if device is None or device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -31,6 +31,7 @@ Shape legend: T tokens, K top-k, D hidden, W ranks, E physical experts, L = E / 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ from moefleet.engine.layers.token_dispatch import DispatchedTokens, TokenDispatc
 
 DECODE_TOKENS = 256  # default decode tokens per rank the buffers hold (DeepEP low-latency's usual bound)
 PREFILL_BUDGET_BYTES = 8 << 30  # prefill steps share the buffers when one workspace at full size fits this
+FP8_GROUP = 128  # FP8 rows: one float32 scale per row per 128 columns (DeepSeek-V3's block size)
 
 NVLINK_HINT = (
     "the 'nvlink' MoE backend needs CUDA GPUs of one node with peer access (NVLink) and torch symmetric memory "
@@ -142,7 +144,7 @@ class SymmFabric:
                 handle = symm_mem.rendezvous(tensor, self.group)
             except RuntimeError as exc:
                 raise RuntimeError(
-                    f"nvlink dispatcher: allocating {tensor_bytes(shape, dtype) / 2**20:.0f} MiB of symmetric "
+                    f"nvlink dispatcher: allocating {math.prod(shape) * dtype.itemsize / 2**20:.0f} MiB of symmetric "
                     f"memory failed ({exc}): lower --max-num-seqs / --max-num-batched-tokens (or, on torch's NVSHMEM "
                     "backend, raise NVSHMEM_SYMMETRIC_SIZE), or use --moe-backend symm / a2a"
                 ) from exc
@@ -153,13 +155,6 @@ class SymmFabric:
 
     def barrier(self, handle: Any) -> None:
         handle.barrier(channel=0)
-
-
-def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize
 
 
 @dataclass
@@ -193,9 +188,6 @@ class SimFabric:
 
 
 # ---- workspaces ---------------------------------------------------------------------------------------------
-
-
-FP8_GROUP = 128  # FP8 rows: one float32 scale per row per 128 columns (DeepSeek-V3's block size)
 
 
 @dataclass(frozen=True)
@@ -270,6 +262,13 @@ class _Handle:
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     counts: torch.Tensor | None = None
+
+
+@dataclass
+class _Prefill:
+    """A pending call of the prefill dispatcher (its own handles travel inside the DispatchedTokens as they are)."""
+
+    inner: Any
 
 
 class NvlinkDispatcher:
@@ -349,9 +348,8 @@ class NvlinkDispatcher:
         num_tokens, top_k = topk_ids.shape
         if self.uses_prefill_dispatcher(is_prefill, top_k, hidden.dtype):
             assert self.prefill is not None
-            return (
-                "prefill",
-                self.prefill.dispatch_start(hidden, topk_ids, topk_weights, is_prefill=is_prefill),
+            return _Prefill(
+                self.prefill.dispatch_start(hidden, topk_ids, topk_weights, is_prefill=is_prefill)
             )
         tokens = self._tokens(is_prefill)
         if num_tokens > tokens:
@@ -389,46 +387,39 @@ class NvlinkDispatcher:
             scales=scales,
             recv_scale_table=ws.recv_scale_table,
         )
-        return ("nvlink", _Handle(ws, topk_ids, topk_weights))
+        return _Handle(ws, topk_ids, topk_weights)
 
     def dispatch_finish(self, pending: Any) -> DispatchedTokens:
-        kind, payload = pending
-        if kind == "prefill":
+        if isinstance(pending, _Prefill):
             assert self.prefill is not None
-            out = self.prefill.dispatch_finish(payload)
-            out.handle = ("prefill", out.handle)
-            return out
-        h: _Handle = payload
+            return self.prefill.dispatch_finish(pending.inner)
+        h: _Handle = pending
         ws = h.ws
         self.pool.fabric.barrier(ws.handle)
         from moefleet.engine.kernels.nvlink_ep import take_counts
 
-        h.counts = take_counts(
-            ws.counters
-        )  # zeroed: the combine barrier orders that before peers' next dispatch
+        # zeroed too: the combine barrier orders that before any peer's next dispatch
+        h.counts = take_counts(ws.counters)
         return DispatchedTokens(
             ws.recv_x,
             None,
-            ("nvlink", h),
+            h,
             counts=h.counts,
             scales=ws.recv_scales,  # FP8 rows: the masked kernel applies them in its GEMM
             expected_rows=h.topk_ids.numel() or None,  # this rank's hits: the balanced share
         )
 
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
-        kind, h = dispatched.handle
-        if kind == "prefill":
+        h = dispatched.handle
+        if not isinstance(h, _Handle):  # the prefill dispatcher's rows
             assert self.prefill is not None
-            dispatched.handle = h
-            return ("prefill", self.prefill.combine_start(expert_output, dispatched))
+            return _Prefill(self.prefill.combine_start(expert_output, dispatched))
         from moefleet.engine.kernels.nvlink_ep import return_rows
 
         ws = h.ws
         local, cap = self.num_local_experts, ws.shape.cap.rows_per_expert
         tokens, top_k = h.topk_ids.shape
-        if (
-            expert_output.dtype != ws.back.dtype
-        ):  # e.g. FP8 rows in, the experts' bf16 out: the combine's dtype
+        if expert_output.dtype != ws.back.dtype:  # e.g. FP8 rows in, bf16 out: the combine rows' dtype
             expert_output = expert_output.to(ws.back.dtype)
         return_rows(
             expert_output.view(local, cap, self.hidden_size),
@@ -438,16 +429,15 @@ class NvlinkDispatcher:
             hits_per_rank=ws.shape.cap.hits,
             row_groups=return_row_groups(tokens, top_k, local, cap),
         )
-        return ("nvlink", h)
+        return h
 
     def combine_finish(self, pending: Any) -> torch.Tensor:
-        kind, payload = pending
-        if kind == "prefill":
+        if isinstance(pending, _Prefill):
             assert self.prefill is not None
-            return self.prefill.combine_finish(payload)
+            return self.prefill.combine_finish(pending.inner)
         from moefleet.engine.kernels.moe_combine import combine_hit_rows
 
-        h: _Handle = payload
+        h: _Handle = pending
         ws = h.ws
         self.pool.fabric.barrier(ws.handle)
         out = combine_hit_rows(ws.back[: h.topk_ids.numel()], h.topk_ids, h.topk_weights)

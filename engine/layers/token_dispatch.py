@@ -82,6 +82,38 @@ class TokenDispatcher(Protocol):
         ...
 
 
+class ForwardingDispatcher:
+    """A `TokenDispatcher` decorator: every call and every other attribute (`TBO_OVERLAP`, `SYNC_FREE_DECODE`,
+    `graph_replay_state`, `pool`, ...) goes to `inner`; subclasses override the calls they change."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set here: the inner dispatcher's
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def dispatch_start(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        is_prefill: bool | None = None,
+    ) -> Any:
+        return self.inner.dispatch_start(hidden, topk_ids, topk_weights, is_prefill=is_prefill)
+
+    def dispatch_finish(self, pending: Any) -> DispatchedTokens:
+        return self.inner.dispatch_finish(pending)  # type: ignore[no-any-return]
+
+    def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
+        return self.inner.combine_start(expert_output, dispatched)
+
+    def combine_finish(self, pending: Any) -> torch.Tensor:
+        return self.inner.combine_finish(pending)  # type: ignore[no-any-return]
+
+
 def permute_by_expert(
     topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -66,7 +66,7 @@ def run_layer(
                     for hit, row in expected[src][dst][local]
                 )
                 count = int(got.counts[local])
-                _, h = got.handle
+                h = got.handle
                 sources = h.ws.recv_src[local, :count].tolist()
                 hits_per_rank = h.ws.shape.cap.hits
                 have = sorted(
