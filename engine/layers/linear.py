@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from moefleet.engine.kernels import fp8_cublas
+from moefleet.engine.kernels import fp8_cublas, fp8_splitk_configs
+from moefleet.engine.kernels.fp8_splitk_configs import SplitKConfig
 from torch import nn
 
 
@@ -79,6 +80,10 @@ class Fp8Linear(nn.Module):
         # "triton")` turns it off (side-by-side runs). `_cublas`: decided at the first CUDA forward, then kept.
         self.library_gemms = True
         self._cublas: bool | None = None
+        # Decode-size rows: the split-K Triton GEMM where `fp8_splitk_configs` measured it faster than cuBLAS
+        # (`set_gemm_backend(model, "cublas")` turns it off). Decided per row count, then kept.
+        self.splitk_gemms = True
+        self._splitk: dict[int, SplitKConfig | None] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from moefleet.engine.kernels.fp8_blocks import dequantize_block
@@ -91,7 +96,12 @@ class Fp8Linear(nn.Module):
                 self._cublas = fp8_cublas.shape_ok(
                     self.out_features, self.in_features, self.block
                 ) and fp8_cublas.device_ok(x.device)
-            if self._cublas and self.library_gemms:
+            splitk = self._splitk_config(flat.shape[0]) if self.splitk_gemms else None
+            if splitk is not None:
+                from moefleet.engine.kernels import fp8_splitk
+
+                out = fp8_splitk.linear(flat, self.weight, self.weight_scale_inv, splitk)  # type: ignore[arg-type]
+            elif self._cublas and self.library_gemms:
                 out = fp8_cublas.linear(flat, self.weight, self.weight_scale_inv)
             else:
                 out = w8a8_block_linear(flat, self.weight, self.weight_scale_inv, self.block)  # type: ignore[arg-type]
@@ -101,6 +111,14 @@ class Fp8Linear(nn.Module):
             weight = dequantize_block(self.weight, self.weight_scale_inv, self.block).to(x.dtype)  # type: ignore[arg-type]
             out = F.linear(flat, weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _splitk_config(self, rows: int) -> SplitKConfig | None:
+        if rows not in self._splitk:
+            ok = tuple(self.block) == (fp8_splitk_configs.GROUP,) * 2 and rows > 0
+            self._splitk[rows] = (
+                fp8_splitk_configs.choose(rows, self.out_features, self.in_features) if ok else None
+            )
+        return self._splitk[rows]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8 block={list(self.block)}"

@@ -128,6 +128,29 @@ def mla_decode_tiles(tma: bool, page: int) -> None:
     print(f"OK mla_decode tma={tma} page={page}", flush=True)
 
 
+def splitk(block_m: int, split: int, swap_ab: bool) -> None:
+    """The decode-size split-K block-FP8 GEMM (fp8 dots with per-block scales) and its reduce."""
+    from moefleet.engine.kernels import fp8_splitk
+
+    ints = "M N K stride_am stride_asm stride_bn stride_bsn stride_cs stride_cm blocks_per_split".split()
+    out = "fp32" if split > 1 else "bf16"
+    signature = {
+        "a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": f"*{out}",
+        **dict.fromkeys(ints, "i32"),
+    }  # fmt: skip
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=128, GROUP_K=128, UPCAST=False, SWAP_AB=swap_ab)
+    kernel = compile_for_hopper(fp8_splitk._splitk_kernel, signature, constexprs, num_warps=4, num_stages=4)
+    assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"], "the fp8 dot did not become a wgmma"
+    reduce = compile_for_hopper(
+        fp8_splitk._reduce_kernel,
+        {"p_ptr": "*fp32", "out_ptr": "*bf16", "numel": "i32"},
+        dict(SPLIT=split, BLOCK=1024),
+        num_warps=4,
+    )
+    assert reduce.asm["cubin"]
+    print(f"OK splitk block_m={block_m} split={split} swap_ab={swap_ab}", flush=True)
+
+
 if __name__ == "__main__":
     if not isinstance(fused_moe._moe_gemm_kernel, triton.JITFunction):
         sys.exit("the kernels are interpreted here: run without TRITON_INTERPRET")
@@ -138,3 +161,5 @@ if __name__ == "__main__":
         masked_rows(quant)
     for tma, page in ((True, 64), (False, 64), (False, 16)):
         mla_decode_tiles(tma, page)
+    for block_m, split, swap_ab in ((16, 1, True), (64, 4, False)):
+        splitk(block_m, split, swap_ab)

@@ -75,6 +75,7 @@ ALLOWED = {
     ("distributed/backends.py", "_RESOLVED"): "the backend chosen per (group, requested backend) at "
     "make_dispatcher time (a one-time self-check), never read in a forward",
     ("kernels/fused_moe_configs.py", "_table"): "lru_cache of the checked-in, read-only autotune table",
+    ("kernels/fp8_splitk_configs.py", "_table"): "cache of the checked-in, read-only measured split-K table",
 }
 REGISTRY_READERS = {"current", "get_buffer", "workspace_pool"}
 # Functions allowed to read a registry besides __init__: the registry accessors themselves (each is called

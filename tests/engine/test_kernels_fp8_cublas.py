@@ -166,7 +166,11 @@ def test_set_gemm_backend_flips_every_layer_with_a_choice():
     )
     assert set_gemm_backend(model, "triton") == 2  # the plain Linear has no choice
     assert model[0].library_gemms is False and model[2].library_gemms is False
-    assert set_gemm_backend(model, "auto") == 2
+    assert model[0].splitk_gemms is False
+    assert set_gemm_backend(model, "cublas") == 2
     assert model[0].library_gemms is True and model[2].library_gemms is True
-    with pytest.raises(ValueError, match="gemm backend 'cublas' must be one of"):
-        set_gemm_backend(model, "cublas")
+    assert model[0].splitk_gemms is False
+    assert set_gemm_backend(model, "auto") == 2
+    assert model[0].library_gemms is True and model[0].splitk_gemms is True
+    with pytest.raises(ValueError, match="gemm backend 'cutlass' must be one of"):
+        set_gemm_backend(model, "cutlass")
