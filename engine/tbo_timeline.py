@@ -9,6 +9,9 @@ stage's own GPU time on its stream (`CudaStageTimer`: timing events; `WallStageT
                     other micro-batch's compute ("hidden"), the compute lane's idle time
   stage_table       one markdown row per stage (micro-batch, kind, index, start, end, duration)
   ascii_timeline    one text lane per micro-batch and kind ('#' busy), the picture of the interleaving
+
+Eager only: a decode step replayed from a CUDA graph is timed from a profiler trace instead (trace_timeline.py,
+which shares the interval helpers `union`, `length`, `intersection` and `paint`).
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ def stage_timer(device: torch.device) -> CudaStageTimer | WallStageTimer:
 # ---- pure analysis ---------------------------------------------------------------------------------------
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted and merged: overlapping or touching intervals become one (also used by trace_timeline.py)."""
     merged: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -118,22 +122,29 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
-def _length(intervals: list[tuple[float, float]]) -> float:
+def length(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
 
-def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Length of (union a) & (union b)."""
-    total, i, j = 0.0, 0, 0
-    a, b = _union(a), _union(b)
+def intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(union a) & (union b) as sorted, disjoint intervals."""
+    out: list[tuple[float, float]] = []
+    i, j = 0, 0
+    a, b = union(a), union(b)
     while i < len(a) and j < len(b):
         lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        total += max(0.0, hi - lo)
+        if hi > lo:
+            out.append((lo, hi))
         if a[i][1] < b[j][1]:
             i += 1
         else:
             j += 1
-    return total
+    return out
+
+
+def intersection_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of (union a) & (union b)."""
+    return length(intersection(a, b))
 
 
 def overlap_summary(spans: list[Span]) -> dict[str, float]:
@@ -149,10 +160,10 @@ def overlap_summary(spans: list[Span]) -> dict[str, float]:
         for mb in {s.micro_batch for s in spans}
         for kind in (COMPUTE, COMM)
     }
-    compute = _union([iv for (_, kind), ivs in lanes.items() if kind == COMPUTE for iv in ivs])
-    comm_total = sum(_length(_union(ivs)) for (_, kind), ivs in lanes.items() if kind == COMM)
+    compute = union([iv for (_, kind), ivs in lanes.items() if kind == COMPUTE for iv in ivs])
+    comm_total = sum(length(union(ivs)) for (_, kind), ivs in lanes.items() if kind == COMM)
     hidden = sum(
-        _intersection(
+        intersection_length(
             ivs, [iv for (other, k), o in lanes.items() if k == COMPUTE and other != mb for iv in o]
         )
         for (mb, kind), ivs in lanes.items()
@@ -160,8 +171,8 @@ def overlap_summary(spans: list[Span]) -> dict[str, float]:
     )
     return {
         "step_ms": step,
-        "compute_ms": _length(compute),
-        "compute_idle_ms": step - _length(compute),
+        "compute_ms": length(compute),
+        "compute_idle_ms": step - length(compute),
         "comm_ms": comm_total,
         "hidden_ms": hidden,
         "hidden_share": hidden / comm_total if comm_total else 0.0,
@@ -180,6 +191,14 @@ def stage_table(spans: list[Span], limit: int = 40) -> str:
     return "\n".join(rows)
 
 
+def paint(lane: list[str], start: float, end: float, char: str = "#") -> None:
+    """Mark [start, end) (fractions of the chart's span) in a text lane; at least one column."""
+    width = len(lane)
+    lo = int(start * width)
+    for col in range(lo, min(max(lo + 1, int(end * width)), width)):
+        lane[col] = char
+
+
 def ascii_timeline(spans: list[Span], width: int = 100) -> str:
     """One lane per (micro-batch, kind); '#' where a stage of that lane ran, '.' elsewhere."""
     if not spans:
@@ -192,10 +211,7 @@ def ascii_timeline(spans: list[Span], width: int = 100) -> str:
             lane = ["."] * width
             for s in spans:
                 if s.micro_batch == mb and s.kind == kind:
-                    lo = int((s.start_ms - origin) / step * width)
-                    hi = max(lo + 1, int((s.end_ms - origin) / step * width))
-                    for col in range(lo, min(hi, width)):
-                        lane[col] = "#"
+                    paint(lane, (s.start_ms - origin) / step, (s.end_ms - origin) / step)
             lines.append(f"mb{mb} {kind:<7} |{''.join(lane)}|")
     lines.append(f"{'':<12} 0{'':>{width - 8}}{step:.2f} ms")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from typing import Any
 
 from moefleet.engine.cli import MOE_BACKEND_CHOICES, CommandError
+from moefleet.engine.gemm_backend import GEMM_BACKENDS
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -52,9 +53,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="fp8: random weights quantised to 128x128 block FP8",
     )
     p.add_argument(
-        "--gemm-backend", default="auto", choices=["auto", "triton"],
+        "--gemm-backend", default="auto", choices=list(GEMM_BACKENDS),
         help="auto = torch's cuBLAS/CUTLASS GEMMs where verified (blockwise FP8 scaled_mm for FP8 linears and "
-        "prefill experts, bf16 grouped_mm for experts), else Triton; triton = Triton kernels only (side by side)",
+        "prefill experts, bf16 grouped_mm for experts) and the split-K Triton GEMM for decode-size FP8 linears "
+        "where measured faster, else Triton; cublas = the library GEMMs without split-K; triton = the original "
+        "Triton kernels only (side by side)",
     )  # fmt: skip
     p.add_argument("--moe-backend", default=defaults.backend, choices=list(MOE_BACKEND_CHOICES))
     p.add_argument(
@@ -72,8 +75,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--tbo-timeline", action="store_true",
-        help="with TBO steps: time one more eager step stage by stage on its stream; print how much communication "
-        "ran under the other micro-batch's compute, a per-stage table and a text timeline (JSON: tbo_timeline)",
+        help="with decode CUDA graphs: profile 3 more graph replays and print their kernels' timeline per stream and "
+        "how much of the communication kernels' time other kernels ran under (JSON: graph_timeline); with TBO "
+        "steps also time one eager step stage by stage on its stream: how much communication ran under the other "
+        "micro-batch's compute, a per-stage table and a text timeline (JSON: tbo_timeline)",
     )  # fmt: skip
     p.add_argument(
         "--profile-steps", type=int, default=0, metavar="N",
@@ -126,9 +131,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.0,
         metavar="US",
         help="with --emulate-ep on one GPU: each dispatch and each combine of the step's tokens also waits US "
-        "microseconds on the GPU (a micro-batch of half the tokens half as long; a one-thread spin on the stream "
-        "two-batch overlap uses for communication), standing for the deployment's transfers; measures how much "
-        "of it --tbo on hides",
+        "microseconds on the GPU (a micro-batch of half the tokens half as long; one warp spinning on the GPU's "
+        "nanosecond timer, wall-clock time, on the stream two-batch overlap uses for communication), standing for "
+        "the deployment's transfers; measures how much of it --tbo on hides",
     )
     shape.add_argument(
         "--comm-us-per-layer",

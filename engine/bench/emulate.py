@@ -6,7 +6,8 @@ volume one GPU receives there. With uniform routing, a GPU of an N-way group rec
 tokens_per_gpu x top_k rows (every GPU sends that many, spread evenly), so `EmulatedEPDispatcher` keeps all
 T x K (token, expert) hits of this GPU's own tokens and sends every one to a local expert: physical slot
 p -> p mod (local experts). Same rows, same experts, no communication: the measured step is the deployment's
-compute per GPU, and communication is added separately (`--comm-us-per-layer`, docs/benchmarks.md).
+compute per GPU, and communication is added separately (`--comm-us-per-layer`, docs/benchmarks.md) or stands in
+the step as GPU waits of wall-clock time per dispatch and combine (`--emulate-comm-us`, kernels/gpu_wait.py).
 
 Example: DeepSeek-V3 decode at EP72 with 32 redundant experts: (256 + 32) / 72 = 4 experts per GPU; 256
 tokens x top-8 = 2,048 rows per GPU per MoE layer, 512 per expert.
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from moefleet.engine.eplb.expert_location import check_expert_slots
+from moefleet.engine.kernels.gpu_wait import gpu_wait, wait_ns
 from moefleet.engine.layers.token_dispatch import DispatchedTokens, ForwardingDispatcher, LocalDispatcher
 
 
@@ -127,46 +129,39 @@ def local_expert_ids(topk_ids: torch.Tensor, num_local_experts: int) -> torch.Te
     return torch.where(topk_ids >= 0, topk_ids % num_local_experts, topk_ids)
 
 
-def sleep_cycles_per_us(device: torch.device, cycles: int = 2_000_000) -> float:
-    """GPU clock cycles per microsecond of `torch.cuda._sleep` (a one-thread spin kernel), measured now: the
-    emulated communication waits are given in microseconds."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.device(device):
-        torch.cuda._sleep(cycles // 10)  # warm up
-        times = []
-        for _ in range(3):
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-    return cycles / sorted(times)[1]
-
-
 class EmulatedEPDispatcher:
     """A `TokenDispatcher` that routes every hit of this GPU's tokens to its local experts (see module doc).
 
-    `comm_cycles` > 0 (`--emulate-comm-us`): dispatch_start and combine_start each also occupy the current
-    stream (a one-thread GPU spin: the other SMs stay free) for `comm_cycles` x T / `full_tokens` cycles, T the
-    tokens dispatched: the deployment's transfer time, proportional to the rows moved (a two-batch-overlap
-    micro-batch of half the tokens waits half as long). Two-batch overlap then runs them on its comm stream
-    (`TBO_OVERLAP` "comm_stream") beside the other micro-batch's compute, as it runs a real dispatcher's."""
+    `comm_us` > 0 (`--emulate-comm-us`): dispatch_start and combine_start each also hold the current stream for
+    `comm_us` x T / `full_tokens` microseconds, T the tokens moved (`wait_ns`): the deployment's transfer time,
+    proportional to the rows moved (a two-batch-overlap micro-batch of half the tokens waits half as long).
+    `wait(ns)` waits on the GPU: `gpu_wait` by default (one warp spinning on the GPU's nanosecond timer: the
+    other SMs stay free, and the time is wall-clock whatever the SM clock), or what `choose_wait` picked. Two-batch
+    overlap runs these waits on its comm stream (`TBO_OVERLAP` "comm_stream") beside the other micro-batch's
+    compute, as it runs a real dispatcher's transfers."""
 
-    def __init__(self, num_local_experts: int, comm_cycles: int = 0, full_tokens: int = 1):
+    def __init__(
+        self,
+        num_local_experts: int,
+        comm_us: float = 0.0,
+        full_tokens: int = 1,
+        wait: Callable[[int], None] | None = None,
+    ):
         if num_local_experts < 1:
             raise ValueError(f"num_local_experts ({num_local_experts}) must be >= 1")
-        if comm_cycles < 0 or full_tokens < 1:
-            raise ValueError(f"comm_cycles ({comm_cycles}) must be >= 0 and full_tokens ({full_tokens}) >= 1")
+        if comm_us < 0 or full_tokens < 1:
+            raise ValueError(f"comm_us ({comm_us}) must be >= 0 and full_tokens ({full_tokens}) >= 1")
         self.num_local_experts = num_local_experts
-        self.comm_cycles, self.full_tokens = comm_cycles, full_tokens
-        self.TBO_OVERLAP = "comm_stream" if comm_cycles else "none"
+        self.comm_us, self.full_tokens = comm_us, full_tokens
+        self.wait = wait if wait is not None else gpu_wait
+        self.TBO_OVERLAP = "comm_stream" if comm_us else "none"
         self.SYNC_FREE_DECODE = True
         self._local = LocalDispatcher(num_local_experts)
 
     def _transfer(self, tokens: int) -> None:
-        cycles = self.comm_cycles * tokens // self.full_tokens
-        if cycles:
-            torch.cuda._sleep(cycles)
+        ns = wait_ns(self.comm_us, tokens, self.full_tokens)
+        if ns:
+            self.wait(ns)
 
     def dispatch_start(
         self,
@@ -245,17 +240,22 @@ def emulated_routing(make: Callable[..., Any], rank: int, world_size: int) -> Ca
 
 
 def install_emulated_dispatchers(
-    model: torch.nn.Module, num_micro_batches: int = 1, comm_cycles: int = 0, full_tokens: int = 1
+    model: torch.nn.Module,
+    num_micro_batches: int = 1,
+    comm_us: float = 0.0,
+    full_tokens: int = 1,
+    wait: Callable[[int], None] | None = None,
 ) -> int:
-    """Give every MoE layer (built under the emulated topology) emulating dispatchers (with `comm_cycles` of
-    emulated transfer per dispatch and per combine of `full_tokens` tokens); returns the count."""
+    """Give every MoE layer (built under the emulated topology) emulating dispatchers (with `comm_us` of
+    emulated transfer per dispatch and per combine of `full_tokens` tokens, waited by `wait`); returns the
+    count."""
     from moefleet.engine.distributed.ep import moe_layers
 
     count = 0
     for _, layer in moe_layers(model):
         local = len(layer.experts.local_experts)  # type: ignore[union-attr,arg-type]
         dispatchers = [
-            EmulatedEPDispatcher(local, comm_cycles, full_tokens) for _ in range(num_micro_batches)
+            EmulatedEPDispatcher(local, comm_us, full_tokens, wait) for _ in range(num_micro_batches)
         ]
         setattr(layer, "dispatchers", dispatchers)  # noqa: B010
         setattr(layer, "dispatcher", dispatchers[0])  # noqa: B010

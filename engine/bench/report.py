@@ -43,6 +43,20 @@ def summarize(options: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
         "routed_rows_per_layer": slowest.get("routed_rows_per_layer", 0),
         # measured (EP group / --emulate-ep): the busiest GPU's rows per MoE layer in the check step
         "received_rows_per_layer": max(r.get("received_rows_per_layer", 0.0) for r in ranks),
+        **graph_timeline_fields(slowest.get("graph_timeline") or {}),
+    }
+
+
+def graph_timeline_fields(timeline: dict[str, Any]) -> dict[str, Any]:
+    """--tbo-timeline with graphs (trace_timeline.graph_timeline): the profiled replays' GPU span per step, the
+    share of the comm kernels' time other kernels ran under, and the comm kernels' summed time per step (the
+    emulated transfer waits actually spent); None without a graph timeline."""
+    if not timeline:
+        return dict.fromkeys(("graph_step_ms_profiled", "graph_comm_hidden_pct", "graph_comm_kernel_ms"))
+    return {
+        "graph_step_ms_profiled": timeline["span_us"] / 1e3,
+        "graph_comm_hidden_pct": 100 * timeline["hidden_share"],
+        "graph_comm_kernel_ms": timeline["comm_kernel_sum_us"] / 1e3,
     }
 
 

@@ -61,7 +61,9 @@ class BenchOptions:
     eplb: bool = False  # rebalance after the timed steps, then time again
     tbo: str = "auto"  # two-batch overlap: on / off / auto (off until measured thresholds exist, tbo.py)
     emulate_ep: int = 0  # > 0: each GPU does the per-GPU work of an N-way EP deployment (emulate.py)
-    tbo_timeline: bool = False  # one more eager TBO step with per-stage timing (tbo_timeline.py)
+    # 3 profiled graph replays' kernel timeline (decode graphs, trace_timeline.py) and one more eager TBO step
+    # with per-stage timing (tbo_timeline.py)
+    tbo_timeline: bool = False
     # --emulate-ep on one GPU: a GPU wait per dispatch and per combine (emulate.py)
     emulate_comm_us: float = 0.0
     # > 0: that many more timed-path steps under torch.profiler (every rank), kernels printed by rank 0
@@ -137,6 +139,8 @@ class RankResult:
     eplb: dict[str, Any] = field(default_factory=dict)  # --eplb: before/after a rebalance
     # --tbo-timeline: overlap_summary of one eager TBO step and its stage spans (tbo_timeline.py)
     tbo_timeline: dict[str, Any] = field(default_factory=dict)
+    # --tbo-timeline with CUDA graphs: the profiled graph replays' timeline (trace_timeline.graph_timeline)
+    graph_timeline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def step_time_s(self) -> float:
@@ -403,13 +407,20 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             # nvlink sizes its decode buffers from the bench batch
             max_decode_tokens=options.batch_size if options.mode == "decode" else 0,
         )
+    asked_comm_us = 0.0  # --emulate-comm-us: the emulated transfer time a step asks for (dispatch + combine)
     if options.emulate_ep and group is None:
-        from moefleet.engine.bench.emulate import install_emulated_dispatchers, sleep_cycles_per_us
+        from moefleet.engine.bench.emulate import install_emulated_dispatchers
 
-        cycles = 0
+        wait = None
         if options.emulate_comm_us:
-            cycles = int(options.emulate_comm_us * sleep_cycles_per_us(device))
-        install_emulated_dispatchers(model, num_micro_batches(options.tbo), cycles, options.tokens_per_step)
+            from moefleet.engine.kernels.gpu_wait import choose_wait
+
+            wait, how = choose_wait(device)
+            print(f"rank {rank}: emulated transfers: {how}", file=sys.stderr, flush=True)
+        moe_count = install_emulated_dispatchers(
+            model, num_micro_batches(options.tbo), options.emulate_comm_us, options.tokens_per_step, wait
+        )
+        asked_comm_us = 2 * moe_count * options.emulate_comm_us
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)
@@ -446,11 +457,13 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
     print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
     prepare_times: list[float] = []
 
-    def step(eager: bool = False, timer: Any = None) -> None:
-        """What the engine does per step: prepare a new batch, forward, logits, greedy sample to the host."""
-        start = time.perf_counter()
-        batch = prepare(scenario, options, device, backend)
-        prepare_times.append(time.perf_counter() - start)
+    def step(eager: bool = False, timer: Any = None, batch: ForwardBatch | None = None) -> None:
+        """What the engine does per step: prepare a new batch (unless given), forward, logits, greedy sample to
+        the host."""
+        if batch is None:
+            start = time.perf_counter()
+            batch = prepare(scenario, options, device, backend)
+            prepare_times.append(time.perf_counter() - start)
         if graphs is not None and not eager:
             logits = graphs.replay(batch)
         elif use_tbo:
@@ -480,6 +493,12 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         timed_prepare = list(prepare_times)
         if options.profile_steps and device.type == "cuda":  # every rank steps (collectives), rank 0 prints
             print_kernel_profile(step, options.profile_steps, device, show=rank == 0)
+        graph_timeline: dict[str, Any] = {}
+        if options.tbo_timeline and graphs is not None:  # the replays' timeline (the eager one comes later)
+            batches = [prepare(scenario, options, device, backend) for _ in range(GRAPH_TIMELINE_STEPS)]
+            graph_timeline = graph_timeline_steps(
+                lambda b: step(batch=b), batches, device, barrier, rank, asked_comm_us
+            )
         breakdown: dict[str, float] = {}
         if options.breakdown and not use_tbo:  # per-part times of an interleaved step would mislead
             timer = PartTimer(device)
@@ -572,6 +591,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         host_syncs_per_step=syncs,
         eplb=eplb,
         tbo_timeline=timeline,
+        graph_timeline=graph_timeline,
         emulated_ep=options.emulate_ep,
         experts_per_gpu=_experts_per_gpu(model),
         routed_rows_per_layer=scenario.num_tokens * int(config["num_experts_per_tok"]),
@@ -602,6 +622,45 @@ def print_kernel_profile(
         )
 
 
+GRAPH_TIMELINE_STEPS = 3  # graph replays profiled for --tbo-timeline
+
+
+def graph_timeline_steps(
+    run_step: Callable[[Any], None],
+    batches: list[ForwardBatch],
+    device: torch.device,
+    barrier: Callable[[], None],
+    rank: int,
+    asked_comm_us: float = 0.0,
+) -> dict[str, Any]:
+    """One graph-replayed step per batch under the profiler (kernel_profile.step_trace), its kernels' timeline
+    (trace_timeline.graph_timeline); rank 0 prints it with the emulated transfer time asked (stderr). Decode
+    steps that replay a graph are what production runs; the eager timeline (`tbo_timeline_step`) is
+    launch-bound."""
+    from moefleet.engine import trace_timeline as tt
+    from moefleet.engine.bench.kernel_profile import step_trace
+
+    try:
+        trace = step_trace(run_step, batches, device, barrier)
+    except Exception as exc:  # noqa: BLE001 - no profiler here: keep the run's measurements, say why
+        print(
+            f"rank {rank}: graph timeline skipped: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True
+        )
+        return {}
+    events, windows = tt.kernel_events(trace), tt.step_windows(trace)
+    if not windows:
+        print(
+            f"rank {rank}: no step windows in the trace: steps split at idle gaps",
+            file=sys.stderr,
+            flush=True,
+        )
+    timeline = tt.graph_timeline(events, windows, steps=len(batches))
+    if rank == 0:
+        text = tt.format_graph_timeline(timeline, asked_comm_us or None)
+        print(f"rank 0: TBO timeline, {text}", file=sys.stderr, flush=True)
+    return timeline
+
+
 def tbo_timeline_step(
     step: Callable[..., None], device: torch.device, barrier: Callable[[], None], rank: int
 ) -> dict[str, Any]:
@@ -619,8 +678,8 @@ def tbo_timeline_step(
     summary = tl.overlap_summary(spans)
     if rank == 0:
         print(
-            f"rank 0: TBO timeline (one eager step): step {summary['step_ms']:.2f} ms, compute busy "
-            f"{summary['compute_ms']:.2f} ms, comm {summary['comm_ms']:.2f} ms of which "
+            f"rank 0: TBO timeline, eager (one eager step): step {summary['step_ms']:.2f} ms, compute "
+            f"busy {summary['compute_ms']:.2f} ms, comm {summary['comm_ms']:.2f} ms of which "
             f"{summary['hidden_ms']:.2f} ms ({summary['hidden_share']:.0%}) ran under the other micro-batch's "
             f"compute\n{tl.ascii_timeline(spans)}\n{tl.stage_table(spans)}",
             file=sys.stderr,

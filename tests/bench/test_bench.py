@@ -88,6 +88,7 @@ def test_single_rank_run_times_every_part(mode):
     row = summarize(_asdict(_tiny(mode)), [result])
     table = format_table([row])
     assert "tiny-deepseek" in table and table.count("\n") == 2
+    assert result["graph_timeline"] == {} and row["graph_step_ms_profiled"] is None  # no graphs, no timeline
 
 
 def _asdict(options: BenchOptions) -> dict:

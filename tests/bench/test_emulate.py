@@ -88,19 +88,19 @@ def test_dispatcher_sends_every_hit_to_local_experts_and_combines_weighted():
     torch.testing.assert_close(out, expected)
 
 
-def test_emulated_transfers_wait_on_the_gpu_once_per_dispatch_and_combine(monkeypatch):
-    """--emulate-comm-us: dispatch_start and combine_start each launch one GPU wait on the current stream (TBO's
-    comm stream: the dispatcher then asks for it), proportional to the tokens moved (the step's full batch
-    waits the given cycles, a micro-batch of 2 of its 8 tokens a quarter); the rows are unchanged."""
+def test_emulated_transfers_wait_on_the_gpu_once_per_dispatch_and_combine():
+    """--emulate-comm-us: dispatch_start and combine_start each ask for one GPU wait on the current stream (TBO's
+    comm stream: the dispatcher then asks for it), in nanoseconds proportional to the tokens moved (the step's
+    full batch of 8 tokens waits 1.2 us, a micro-batch of 2 of them a quarter); the rows are unchanged."""
     waits: list[int] = []
-    monkeypatch.setattr(torch.cuda, "_sleep", waits.append)
     tokens, top_k, local = 2, 2, 3
     hidden, ids, weights = (
         torch.randn(tokens, 4),
         torch.randint(0, 12, (tokens, top_k)),
         torch.rand(tokens, top_k),
     )
-    plain, waiting = EmulatedEPDispatcher(local), EmulatedEPDispatcher(local, comm_cycles=1200, full_tokens=8)
+    plain = EmulatedEPDispatcher(local, wait=waits.append)
+    waiting = EmulatedEPDispatcher(local, comm_us=1.2, full_tokens=8, wait=waits.append)
     assert (plain.TBO_OVERLAP, waiting.TBO_OVERLAP) == ("none", "comm_stream")
     outs = []
     for dispatcher in (plain, waiting):
@@ -111,8 +111,14 @@ def test_emulated_transfers_wait_on_the_gpu_once_per_dispatch_and_combine(monkey
     torch.testing.assert_close(outs[0], outs[1])
     waiting.dispatch_start(hidden[:0], ids[:0], weights[:0])  # an empty micro-batch waits for nothing
     assert waits == [300, 300]
-    with pytest.raises(ValueError, match="comm_cycles"):
-        EmulatedEPDispatcher(local, comm_cycles=-1)
+    with pytest.raises(ValueError, match="comm_us"):
+        EmulatedEPDispatcher(local, comm_us=-1)
+
+
+def test_emulated_dispatchers_wait_with_the_given_waiter_by_default_the_gpu_timer_spin():
+    from moefleet.engine.kernels.gpu_wait import gpu_wait
+
+    assert EmulatedEPDispatcher(3, comm_us=5.0).wait is gpu_wait
 
 
 @pytest.mark.parametrize(
