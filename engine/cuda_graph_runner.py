@@ -10,18 +10,24 @@ The pure parts (bucket sizes, bucket choice, the static fill) run and are tested
 need CUDA (tests/gpu/test_cuda_graphs.py). Whether graphs are used at all is `decide_cuda_graphs`, also
 pure. With `tbo=True` the captured step is the two-batch-overlap decode step (tbo.forward_tbo: the split is
 views of the static buffers, the comm stream forks from and joins the capture stream); a dispatcher with a
-host sync (a2a's receive counts) fails `check_capturable` and the caller runs eagerly with the reason. Shape legend: n live sequences, N bucket size, M max blocks per sequence, V vocabulary.
+host sync (a2a's receive counts) fails `check_capturable` and the caller runs eagerly with the reason.
+MoE dispatch metrics (dispatch_metrics.py; installed before capture): each graph is captured with its own
+`GraphProbe` (timing events and a byte count recorded inside the graph), `replay` settles and arms it around
+each launch, and the warm-up forwards of `capture` are not samples. Shape legend: n live sequences, N bucket
+size, M max blocks per sequence, V vocabulary.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .dispatch_metrics import DispatchRecorder, GraphProbe, recorder_of
 from .forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -213,6 +219,8 @@ class CudaGraphRunner:
         self.static = StaticInputs.allocate(max_batch_size, max_blocks_per_seq, device)
         self.graphs: dict[int, Any] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static logits [N, V]
+        # bucket -> the MoE dispatch metrics' probe captured in its graph (dispatch_metrics.py; none: off)
+        self.probes: dict[int, GraphProbe] = {}
         self.pool_bytes = 0
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
@@ -239,10 +247,21 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        recorder = recorder_of(self.model)  # MoE dispatch metrics (None: off): a probe per graph
+        try:
+            self._capture(recorder)
+        except BaseException:
+            if recorder is not None:
+                recorder.forget(self.probes.values())
+            self.probes.clear()
+            raise
+
+    def _capture(self, recorder: DispatchRecorder | None) -> None:
         self.backend.init_cuda_graph_state(
             self.static.max_batch_size, self.static.max_blocks_per_seq, self.device
         )
-        self.check_capturable()
+        with _paused(recorder):  # warm-up forwards are not dispatch-metric samples
+            self.check_capturable()
         # torch.cuda.graph() empties the allocator's cache on entry, so a baseline taken with cached blocks in
         # it (e.g. FP8 weight conversion temporaries) made the pool size negative (-37,702 MiB measured on
         # H200); empty it on both sides: what stays reserved after is the graphs' private pool
@@ -252,7 +271,7 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream(self.device)
         for bucket in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), _paused(recorder):
                 for _ in range(2):  # compile Triton kernels, settle the allocator
                     self._step(static_batch(self.static, bucket, self.block_size, self.backend))
             torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -263,7 +282,10 @@ class CudaGraphRunner:
             self.backend.init_forward_metadata_capture(batch)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[bucket] = self._step(batch)
+                with _probe(recorder) as probe:  # dispatch metrics: recorded inside this graph
+                    self.outputs[bucket] = self._step(batch)
+            if probe is not None:
+                self.probes[bucket] = probe
             pool = graph.pool()
             self.graphs[bucket] = graph
         torch.cuda.synchronize(self.device)
@@ -299,5 +321,18 @@ class CudaGraphRunner:
         self.backend.init_forward_metadata_replay(
             static_batch(self.static, bucket, self.block_size, self.backend)
         )
+        probe = self.probes.get(bucket)
+        if probe is not None:  # dispatch metrics: settle this graph's armed sample before re-recording it
+            probe.before_replay()
         self.graphs[bucket].replay()
+        if probe is not None:  # counts the forward; a sampled one arms the probe (no host sync)
+            probe.after_replay()
         return self.outputs[bucket][: batch.num_seqs]
+
+
+def _paused(recorder: DispatchRecorder | None) -> AbstractContextManager[None]:
+    return recorder.pause() if recorder is not None else nullcontext()
+
+
+def _probe(recorder: DispatchRecorder | None) -> AbstractContextManager[GraphProbe | None]:
+    return recorder.capture() if recorder is not None else nullcontext()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,8 @@ def build_engine(
     """This rank's engine: local expert slots only, EP dispatchers installed, DP step agreement set; with an
     active `eplb`, an `EPLBController` as `engine.eplb` (load recorder, rebalances). Every MoE dispatcher is
     wrapped in a `MeteredDispatcher` sampling one forward in `metrics_every` (default: MOEFLEET_MOE_METRICS_EVERY
-    or 16; 0 = off), its `DispatchRecorder` as `engine.dispatch_metrics` (dispatch_metrics.py)."""
+    or 16; 0 = off; CUDA-graph decode replays included), its `DispatchRecorder` as `engine.dispatch_metrics`
+    (dispatch_metrics.py)."""
     eplb = eplb or EPLBConfig()
     check_model_expert_slots(config.hf_config, state.world_size, eplb.num_redundant_experts)
     # The launch's topology, with EPLB's redundant slots, is what the model is built for.
@@ -100,18 +102,23 @@ def build_engine(
         max_decode_tokens=config.max_num_seqs,  # decode steps forward at most this many tokens per rank
         **options,
     )
+    every = every_from_env() if metrics_every is None else metrics_every
+    # Per-rank dispatch/combine time and bytes, sampled; exported by the front end's /metrics. Installed before
+    # the engine is built: its CUDA graphs (captured while it is built) then carry the metered dispatchers'
+    # probes, so graph-replayed decode steps are sampled too.
+    recorder = DispatchRecorder(every) if every else None
+    if recorder is not None:
+        install_dispatch_metrics(model, recorder)
     runners: list[Any] = []  # the engine's ModelRunner once built (it captures graphs while it is built)
     agreement = make_step_agreement(
         DPStepCoordinator(state.cpu_group),
         config.tbo,
         graph_vote=lambda batch: bool(runners) and runners[0].graph_vote(batch),
     )
-    engine = LLMEngine(config, model=model, step_agreement=agreement)
+    with recorder.pause() if recorder is not None else nullcontext():  # warm-ups and capture: not samples
+        engine = LLMEngine(config, model=model, step_agreement=agreement)
     runners.append(engine.model_runner)
-    every = every_from_env() if metrics_every is None else metrics_every
-    if every:  # per-rank dispatch/combine time and bytes, sampled; exported by the front end's /metrics
-        recorder = DispatchRecorder(every)
-        install_dispatch_metrics(model, recorder)
+    if recorder is not None:
         engine.dispatch_metrics = recorder  # type: ignore[attr-defined]
     if eplb.active:
         from moefleet.engine.eplb import controller

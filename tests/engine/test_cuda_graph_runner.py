@@ -198,3 +198,71 @@ def test_decide_cuda_graphs_in_expert_parallel_groups():
     assert decide_cuda_graphs("auto", cuda, True, True, ep_sync_free=True, ep_verified=True)[0] is True
     assert decide_cuda_graphs("on", cuda, True, True, ep_sync_free=True, ep_verified=False)[0] is True
     assert decide_cuda_graphs("on", torch.device("cpu"), True, True, ep_sync_free=True)[0] is False
+
+
+class _ProbedGraph:
+    """A captured graph on the fake GPU of support.fake_cuda_events: a replay re-queues its event nodes."""
+
+    def __init__(self, gpu, nodes, log):
+        self.gpu, self.nodes, self.log = gpu, nodes, log
+
+    def replay(self):
+        self.log.append("launch")
+        self.gpu.replay(self.nodes)
+
+
+class _NoMetadataBackend:
+    def init_forward_metadata_replay(self, batch):
+        pass
+
+
+def test_replay_settles_and_arms_the_buckets_dispatch_probe():
+    """`CudaGraphRunner.replay` around the launch of bucket B's graph: B's probe settles its armed sample
+    before (harvested once complete, dropped if that replay is still running), counts the forward and arms a
+    sampled one after (its done event queued behind the graph); a bucket without a probe (metrics off) replays
+    as before. The probe's own bookkeeping: tests/engine/test_dispatch_metrics.py."""
+    from moefleet.engine import dispatch_metrics as dm
+    from moefleet.engine.cuda_graph_runner import CudaGraphRunner
+    from moefleet.engine.dispatch_metrics import DispatchRecorder, MeteredDispatcher
+    from moefleet.engine.layers.token_dispatch import LocalDispatcher
+    from support.fake_cuda_events import FakeGPU, capture
+
+    recorder, gpu, log = DispatchRecorder(every=2), FakeGPU(), []
+    metered = MeteredDispatcher(LocalDispatcher(2), recorder, first=True)
+
+    def forward():
+        dispatched = metered.dispatch_finish(
+            metered.dispatch_start(torch.ones(3, 4), torch.tensor([[0], [1], [1]]), torch.ones(3, 1))
+        )
+        metered.combine_finish(metered.combine_start(dispatched.hidden, dispatched))
+
+    probe, nodes = capture(recorder, gpu, forward)
+    runner = CudaGraphRunner(
+        None, _NoMetadataBackend(), max_batch_size=4, max_blocks_per_seq=4, block_size=16,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    runner.graphs = {4: _ProbedGraph(gpu, nodes, log), 2: _ProbedGraph(gpu, [], log)}
+    runner.outputs = {4: torch.zeros(4, 7), 2: torch.zeros(2, 7)}
+    runner.probes = {4: probe}
+    for name in ("before_replay", "after_replay"):
+        method = getattr(probe, name)
+        setattr(probe, name, lambda method=method, name=name: (log.append(name), method()))
+    decode = _decode_batch()  # 3 sequences: bucket 4
+    runner.replay(decode)  # forward 0: sampled, armed
+    assert log == ["before_replay", "launch", "after_replay"]
+    assert gpu.queue[: len(nodes)] == nodes and gpu.queue[-1] is probe.armed.done  # done after the graph
+    runner.replay(decode)  # forward 1: the armed replay has not run yet -> dropped, never read
+    assert probe.dropped == 1 and probe.armed is None
+    runner.replay(decode)  # forward 2: sampled
+    gpu.run()
+    runner.replay(decode)  # forward 3: the completed sample is harvested before the launch
+    assert probe.harvested == 1 and probe.replays == 4
+    stats = recorder.stats()
+    assert stats[dm.FORWARDS_KEY] == 1 and stats[dm.count_key("dispatch")] == 1
+    assert stats[dm.BYTES_KEY] == 3 * 4 * 4  # 3 rows x 4 float32
+    log.clear()
+    runner.replay(ForwardBatch.build(  # 2 sequences: bucket 2, no probe
+        input_ids=[1, 2], positions=[3, 4], query_lens=[1, 1], seq_lens=[4, 5], block_tables=[[0], [1]],
+        block_size=16, device="cpu",
+    ))  # fmt: skip
+    assert log == ["launch"] and recorder.forwards == 4
