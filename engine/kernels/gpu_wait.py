@@ -76,7 +76,10 @@ def sleep_cycles_per_us(device: torch.device, cycles: int = 2_000_000) -> float:
 
 
 def _timed_us(fn: Callable[[], None]) -> float:
+    """GPU microseconds of `fn` by CUDA events, its launch queued behind a 1 ms spin so the host's launch time
+    (~50 us for a Triton launch from Python) is not counted as GPU time."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)
     start.record()
     fn()
     end.record()
