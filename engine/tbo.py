@@ -49,9 +49,11 @@ AUTO_MIN_TOKENS: dict[str, int | None] = {
     "decode": None,
     # on/off 0.90 / 0.95 / 1.106 at 4k / 8k / 16k tokens/GPU with symm, 0.997 with a2a at 16k: off until a
     # margin shows for the default backend too (the threshold is per mode, not per backend). Both rows were
-    # measured with the lead-2 order on a comm stream (now `stream_schedule`): stale until re-measured; with
-    # emulated inter-node transfers on 1x H200 (2026-12-01) decode wins from ~300 us per dispatch/combine and
-    # prefill +16.5% at 5 ms, but one NVLink node's transfers are shorter than that
+    # measured with the lead-2 order on a comm stream (now `stream_schedule`): stale until re-measured. With
+    # emulated inter-node transfers (wall-clock waits, 61-layer projection, 1x H200, 2026-12-01 15:25 UTC):
+    # decode 0.80 / 1.14 / 1.16 / 1.25-1.28 at 0 / 300 / 450 / 600 us per dispatch and per combine, prefill
+    # 1.156 at 5 ms; one NVLink node's transfers are far shorter (~0.1 ms per layer predicted), where TBO
+    # loses (0.80 with none), so both stay off until a 2-GPU run measures the default backend
     "prefill": None,
 }
 # Stages micro-batch 0 runs ahead of micro-batch 1: one stream (launch order, DeepEP hooks; the CPU path), and
