@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from moefleet.engine.kernels.gpu_wait import choose_wait, cycle_wait, gpu_wait, sleep_cycles_per_us
+from moefleet.engine.kernels.gpu_wait import _timed_us, choose_wait, cycle_wait, gpu_wait, sleep_cycles_per_us
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,19 +26,10 @@ PER_LAUNCH_US = 5.0
 
 
 def timed_us(fn, repeats: int = 7) -> float:
-    """Median over `repeats` of fn's GPU time on the current stream, by CUDA events; each time fn's launches
-    queue behind a ~1 ms spin, so the host's launch cost (~50 us per Triton launch from Python: the first H200
-    run measured 237-284 us for a 200 us wait without it) is not counted."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Median over `repeats` of fn's GPU time on the current stream (`gpu_wait._timed_us`: CUDA events, fn's
+    launches queued behind a spin, so the host's launch cost - ~50 us per Triton launch from Python; the first
+    H200 run measured 237-284 us for a 200 us wait without it - is not counted)."""
+    return statistics.median(_timed_us(fn) for _ in range(repeats))
 
 
 @pytest.fixture(scope="module")
