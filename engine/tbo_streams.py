@@ -87,13 +87,18 @@ class StreamOps(Protocol):
 
 
 _COMM_STREAMS: dict[int, Any] = {}
+# The comm stream is a high-priority stream: its kernels (the dispatcher's permutes, DeepEP / nvlink copies, the
+# emulated waits) get SMs as soon as blocks of the other micro-batch's compute retire, instead of queueing behind
+# whole waves of a large GEMM (measured on 1x H200, EP32 prefill with emulated 5 ms transfers: a 2.5 ms dispatch
+# took 9.2 ms on a normal-priority stream beside attention). torch maps -1 to the device's nearest valid value.
+COMM_STREAM_PRIORITY = -1
 
 
 def comm_stream(device: torch.device) -> Any:
-    """The comm stream of `device` in this process (created on first use, then reused)."""
+    """The comm stream of `device` in this process (created on first use, then reused; high priority)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _COMM_STREAMS:
-        _COMM_STREAMS[index] = torch.cuda.Stream(device=index)
+        _COMM_STREAMS[index] = torch.cuda.Stream(device=index, priority=COMM_STREAM_PRIORITY)
     return _COMM_STREAMS[index]
 
 
