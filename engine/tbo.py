@@ -52,7 +52,7 @@ AUTO_MIN_TOKENS: dict[str, int | None] = {
     # measured with the lead-2 order on a comm stream (now `stream_schedule`): stale until re-measured. With
     # emulated inter-node transfers (wall-clock waits, 61-layer projection, 1x H200, 2026-12-01 14:23 UTC):
     # decode 0.80 / 1.14 / 1.16 / 1.25-1.28 at 0 / 300 / 450 / 600 us per dispatch and per combine, prefill
-    # 1.156 at 5 ms; one NVLink node's transfers are far shorter (~0.1 ms per layer predicted), where TBO
+    # 1.156 at 5 ms; with the high-priority comm stream decode 1.205 at 300 us and 1.27-1.38 at 600 us; one NVLink node's transfers are far shorter (~0.1 ms per layer predicted), where TBO
     # loses (0.80 with none), so both stay off until a 2-GPU run measures the default backend
     "prefill": None,
 }
