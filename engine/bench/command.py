@@ -125,6 +125,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="D1,D2",
         help="decoder depths measured for --project-layers (default 2,4; each > --dense-layers)",
     )
+    p.add_argument(
+        "--moe-metrics-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="install the serving path's sampled MoE dispatch/combine metrics (one forward in N, as "
+        "MOEFLEET_MOE_METRICS_EVERY; in CUDA graphs too) and print what they recorded: their cost side by side "
+        "with 0 (off, the default here)",
+    )
     shape.add_argument(
         "--emulate-comm-us",
         type=float,
@@ -296,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
                         eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
                         tbo_timeline=args.tbo_timeline, emulate_comm_us=args.emulate_comm_us,
-                        profile_steps=args.profile_steps,
+                        profile_steps=args.profile_steps, moe_metrics_every=args.moe_metrics_every,
                     )  # fmt: skip
                     if args.emulate_ep:
                         print(

@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +67,9 @@ class BenchOptions:
     tbo_timeline: bool = False
     # --emulate-ep on one GPU: a GPU wait per dispatch and per combine (emulate.py)
     emulate_comm_us: float = 0.0
+    # > 0: the serving path's sampled MoE dispatch/combine metrics (dispatch_metrics.py), one forward in N,
+    # installed before the graphs are captured as `moefleet serve` does: their cost side by side with 0 (off)
+    moe_metrics_every: int = 0
     # > 0: that many more timed-path steps under torch.profiler (every rank), kernels printed by rank 0
     profile_steps: int = 0
 
@@ -97,6 +101,8 @@ class BenchOptions:
                 "--emulate-comm-us stands for the transfers of an --emulate-ep deployment on one CUDA GPU: add "
                 "--emulate-ep N (and --device cuda), or drop it"
             )
+        if self.moe_metrics_every < 0:
+            raise ValueError(f"--moe-metrics-every ({self.moe_metrics_every}) must be >= 0 (0: off)")
         if self.emulate_ep and self.eplb:
             raise ValueError("--eplb rebalances a real group: it cannot run with --emulate-ep")
         if self.prefill_tokens % self.prefill_seq_len:
@@ -141,6 +147,8 @@ class RankResult:
     tbo_timeline: dict[str, Any] = field(default_factory=dict)
     # --tbo-timeline with CUDA graphs: the profiled graph replays' timeline (trace_timeline.graph_timeline)
     graph_timeline: dict[str, Any] = field(default_factory=dict)
+    # --moe-metrics-every: what the sampled dispatch/combine metrics recorded over the timed steps
+    moe_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def step_time_s(self) -> float:
@@ -421,6 +429,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             model, num_micro_batches(options.tbo), options.emulate_comm_us, options.tokens_per_step, wait
         )
         asked_comm_us = 2 * moe_count * options.emulate_comm_us
+    metrics = install_moe_metrics(model, options.moe_metrics_every)
     from moefleet.engine.eplb import bench as eplb_bench
 
     skew = eplb_bench.parse_skew(options.routing_skew)
@@ -451,9 +460,10 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         mechanism, why = choose_mechanism(device.type, dispatcher_overlaps(model))
         print(f"rank {rank}: TBO overlap {mechanism} ({why})", file=sys.stderr, flush=True)
     if options.mode == "decode":
-        graphs, graphs_why = _capture_decode_graph(
-            model, backend, options, scenario, device, group, tbo=use_tbo
-        )
+        with metrics.pause() if metrics is not None else nullcontext():  # capture: not a sample
+            graphs, graphs_why = _capture_decode_graph(
+                model, backend, options, scenario, device, group, tbo=use_tbo
+            )
     print(f"rank {rank}: CUDA graphs {graphs_why}", file=sys.stderr, flush=True)
     prepare_times: list[float] = []
 
@@ -479,8 +489,9 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             dist.barrier(group)
 
     with torch.inference_mode():
-        for _ in range(options.warmup):
-            step()
+        with metrics.pause() if metrics is not None else nullcontext():
+            for _ in range(options.warmup):
+                step()
         barrier()
         prepare_times.clear()
         times = []
@@ -491,6 +502,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             _sync(device)
             times.append(time.perf_counter() - start)
         timed_prepare = list(prepare_times)
+        moe_metrics = summarize_moe_metrics(metrics, rank) if metrics is not None else {}
         if options.profile_steps and device.type == "cuda":  # every rank steps (collectives), rank 0 prints
             print_kernel_profile(step, options.profile_steps, device, show=rank == 0)
         graph_timeline: dict[str, Any] = {}
@@ -592,6 +604,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         eplb=eplb,
         tbo_timeline=timeline,
         graph_timeline=graph_timeline,
+        moe_metrics=moe_metrics,
         emulated_ep=options.emulate_ep,
         experts_per_gpu=_experts_per_gpu(model),
         routed_rows_per_layer=scenario.num_tokens * int(config["num_experts_per_tok"]),
@@ -694,6 +707,44 @@ def _experts_per_gpu(model: nn.Module) -> int:
     for _, layer in moe_layers(model):
         return len(layer.experts.local_experts)  # type: ignore[union-attr,arg-type]
     return 0
+
+
+def install_moe_metrics(model: nn.Module, every: int) -> Any:
+    """--moe-metrics-every N: the serving path's `MeteredDispatcher`s over the model's dispatchers (before
+    any graph is captured, so the graphs carry their probes); None when off."""
+    if not every:
+        return None
+    from moefleet.engine.dispatch_metrics import DispatchRecorder, install_dispatch_metrics
+
+    recorder = DispatchRecorder(every)
+    if not install_dispatch_metrics(model, recorder):
+        raise ValueError(
+            "--moe-metrics-every meters expert-parallel dispatchers: add --emulate-ep N or --nproc-per-node > 1"
+        )
+    return recorder
+
+
+def summarize_moe_metrics(recorder: Any, rank: int) -> dict[str, float]:
+    """The recorder's samples after the timed steps (their events have completed: the steps synced), printed
+    by rank 0: sampled forwards, mean dispatch / combine seconds per MoE layer call, bytes received."""
+    from moefleet.engine.dispatch_metrics import BYTES_KEY, FORWARDS_KEY, count_key, sum_key
+
+    stats = recorder.stats()
+    out = {"sampled_forwards": stats[FORWARDS_KEY], "bytes": stats[BYTES_KEY]}
+    for part in ("dispatch", "combine"):
+        count = stats[count_key(part)]
+        out[f"{part}_samples"] = count
+        out[f"{part}_mean_s"] = stats[sum_key(part)] / count if count else 0.0
+    if rank == 0:
+        print(
+            f"rank 0: MoE metrics (one forward in {recorder.every}): {out['sampled_forwards']:.0f} sampled forwards,"
+            f" dispatch {out['dispatch_mean_s'] * 1e6:.1f} us mean over {out['dispatch_samples']:.0f} calls,"
+            f" combine {out['combine_mean_s'] * 1e6:.1f} us over {out['combine_samples']:.0f},"
+            f" {out['bytes'] / 2**20:.1f} MiB received",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
 
 
 def _capture_decode_graph(

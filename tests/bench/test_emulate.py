@@ -203,6 +203,29 @@ def test_emulated_rank_reports_per_gpu_experts_and_rows():
     assert topology.current() == Topology()  # the bench restores the build-time topology
 
 
+def test_moe_metrics_every_records_the_timed_steps_samples(capsys):
+    """--moe-metrics-every 2 installs the serving path's metered dispatchers: of the 4 timed steps (the
+    warm-up is paused, not counted) 2 are sampled, each with one dispatch and one combine per MoE layer and
+    the received rows' bytes (4 tokens x top-2 = 8 rows x 64 wide x 4 bytes per layer, tiny-deepseek in
+    float32)."""
+    result = run_rank(_tiny(steps=4, moe_metrics_every=2, breakdown=False)).to_dict()
+    metrics = result["moe_metrics"]
+    layers = 2  # tiny-deepseek at 2 layers: both MoE (dense_layers 0 at few layers)
+    assert metrics["sampled_forwards"] == 2
+    assert metrics["dispatch_samples"] == metrics["combine_samples"] == 2 * layers
+    assert metrics["dispatch_mean_s"] > 0 and metrics["combine_mean_s"] > 0
+    assert metrics["bytes"] == 2 * layers * 8 * 64 * 4
+    assert "MoE metrics (one forward in 2): 2 sampled forwards" in capsys.readouterr().err
+    assert run_rank(_tiny(steps=2, breakdown=False)).to_dict()["moe_metrics"] == {}  # off by default
+
+
+def test_moe_metrics_need_dispatchers():
+    with pytest.raises(ValueError, match="--moe-metrics-every meters expert-parallel dispatchers"):
+        run_rank(_tiny(emulate_ep=0, moe_metrics_every=2, breakdown=False))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _tiny(moe_metrics_every=-1)
+
+
 def test_cli_emulates_and_projects(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = [
