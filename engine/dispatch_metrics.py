@@ -73,6 +73,7 @@ PARTS = ("dispatch", "combine")
 # Keys of the flat stats dict (shared with engine/server/metrics.py).
 BYTES_KEY = "moe_dispatch_bytes_total"
 FORWARDS_KEY = "moe_sampled_forwards_total"
+DROPPED_KEY = "moe_graph_samples_dropped_total"  # sampled graph replays not complete when relaunched
 
 # make_event(timing) -> an event with record() / query() / elapsed_time(other): timing=True for the events
 # captured in a graph (external timing events on CUDA), False for the host-side "done" event of a replay.
@@ -239,6 +240,7 @@ class DispatchRecorder:
         out: dict[str, float] = {
             BYTES_KEY: float(self.bytes_total),
             FORWARDS_KEY: float(self.sampled_forwards),
+            DROPPED_KEY: float(self.graph_samples_dropped),
         }
         for part, hist in self.histograms.items():
             running = 0

@@ -389,8 +389,16 @@ class _MoECommCollector(Collector):
             "Per DP rank: forward passes whose MoE dispatch/combine were measured.",
             labels=["dp_rank"],
         )
+        dropped = CounterMetricFamily(
+            "moefleet_moe_graph_samples_dropped",
+            "Per DP rank: sampled CUDA-graph replays whose measurements were dropped unread because their graph "
+            "was launched again before they completed (0 in the engine, which reads each step's tokens).",
+            labels=["dp_rank"],
+        )
         for rank, stats in ranks:
             sent.add_metric([str(rank)], float(stats[dm.BYTES_KEY]))
             forwards.add_metric([str(rank)], float(stats[dm.FORWARDS_KEY]))
+            dropped.add_metric([str(rank)], float(stats.get(dm.DROPPED_KEY, 0.0)))
         yield sent
         yield forwards
+        yield dropped

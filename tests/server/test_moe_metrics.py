@@ -121,7 +121,12 @@ def test_bad_interval_is_refused():
 
 
 def _rank_stats(dispatch_per_bucket: list[int], total_s: float, sent: int) -> dict[str, float]:
-    stats: dict[str, float] = {"num_running": 0, dm.BYTES_KEY: sent, dm.FORWARDS_KEY: 3}
+    stats: dict[str, float] = {
+        "num_running": 0,
+        dm.BYTES_KEY: sent,
+        dm.FORWARDS_KEY: 3,
+        dm.DROPPED_KEY: sent // 1000,
+    }
     for part in dm.PARTS:
         running = 0
         for i in range(len(dm.SECONDS_BUCKETS) + 1):
@@ -145,6 +150,8 @@ def test_server_metrics_export_each_rank_with_a_dp_rank_label():
     assert got[("moefleet_moe_dispatch_bytes_total", (("dp_rank", "0"),))] == 1000
     assert got[("moefleet_moe_dispatch_bytes_total", (("dp_rank", "1"),))] == 2500
     assert got[("moefleet_moe_sampled_forwards_total", (("dp_rank", "1"),))] == 3
+    assert got[("moefleet_moe_graph_samples_dropped_total", (("dp_rank", "0"),))] == 1
+    assert got[("moefleet_moe_graph_samples_dropped_total", (("dp_rank", "1"),))] == 2
     # A single-process server (no expert-parallel dispatchers) exports none of them.
     assert not [
         k for k in samples(ServerMetrics(lambda: {"num_running": 0}).render().decode()) if "moe_" in k[0]
