@@ -68,6 +68,7 @@ def test_linear_matches_dequantised_reference(rows, n, k):
 
 def test_fp8_linear_layer_takes_cublas():
     _needs_cublas_fp8()
+    from moefleet.engine.gemm_backend import set_gemm_backend
     from moefleet.engine.kernels.fused_moe import w8a8_block_linear
     from moefleet.engine.layers.linear import Fp8Linear
 
@@ -76,10 +77,14 @@ def test_fp8_linear_layer_takes_cublas():
     layer.weight.data.copy_(q)
     layer.weight_scale_inv.data.copy_(s)
     x = torch.randn(3, 5, 7168, device=DEV, dtype=torch.bfloat16)
+    # `auto` sends 15 rows of this shape to the split-K kernel (fp8_splitk_configs.json: faster at M <= 16)
+    set_gemm_backend(layer, "cublas")
     got = layer(x)
     assert got.shape == (3, 5, 1536)
     torch.testing.assert_close(got.view(15, -1), fp8_cublas.linear(x.view(15, -1), q, s), atol=0, rtol=0)
     assert _rel(got.view(15, -1), w8a8_block_linear(x.view(15, -1), q, s, BLOCK)) <= 1e-2
+    set_gemm_backend(layer, "auto")
+    assert _rel(layer(x), got) <= 1e-2
 
 
 def test_experts_match_triton_fused_fp8():
