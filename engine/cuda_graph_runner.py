@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .dispatch_metrics import DispatchRecorder, GraphProbe, recorder_of
+from .dispatch_metrics import DispatchRecorder, GraphProbe, paused, recorder_of
 from .forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class CudaGraphRunner:
         self.backend.init_cuda_graph_state(
             self.static.max_batch_size, self.static.max_blocks_per_seq, self.device
         )
-        with _paused(recorder):  # warm-up forwards are not dispatch-metric samples
+        with paused(recorder):  # warm-up forwards are not dispatch-metric samples
             self.check_capturable()
         # torch.cuda.graph() empties the allocator's cache on entry, so a baseline taken with cached blocks in
         # it (e.g. FP8 weight conversion temporaries) made the pool size negative (-37,702 MiB measured on
@@ -271,7 +271,7 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream(self.device)
         for bucket in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), _paused(recorder):
+            with torch.cuda.stream(stream), paused(recorder):
                 for _ in range(2):  # compile Triton kernels, settle the allocator
                     self._step(static_batch(self.static, bucket, self.block_size, self.backend))
             torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -328,10 +328,6 @@ class CudaGraphRunner:
         if probe is not None:  # counts the forward; a sampled one arms the probe (no host sync)
             probe.after_replay()
         return self.outputs[bucket][: batch.num_seqs]
-
-
-def _paused(recorder: DispatchRecorder | None) -> AbstractContextManager[None]:
-    return recorder.pause() if recorder is not None else nullcontext()
 
 
 def _probe(recorder: DispatchRecorder | None) -> AbstractContextManager[GraphProbe | None]:

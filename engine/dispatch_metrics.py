@@ -54,7 +54,7 @@ import bisect
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -435,6 +435,11 @@ class MeteredDispatcher(ForwardingDispatcher):
             self.recorder.defer("bytes", None, (event, host))
         else:
             self.recorder.add_bytes(int(rows) * size)
+
+
+def paused(recorder: DispatchRecorder | None) -> AbstractContextManager[None]:
+    """`recorder.pause()`, or nothing when metrics are off (None): warm-ups and captures are not samples."""
+    return recorder.pause() if recorder is not None else nullcontext()
 
 
 def install_dispatch_metrics(model: torch.nn.Module, recorder: DispatchRecorder) -> int:

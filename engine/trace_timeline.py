@@ -141,20 +141,28 @@ def step_summary(events: Sequence[KernelEvent], is_comm: Callable[[KernelEvent],
     compute = [(e.start_us, e.end_us) for e in events if not is_comm(e)]
     span = max(e.end_us for e in events) - min(e.start_us for e in events) if events else 0.0
     busy = length(union(comm + compute))
-    streams = sorted({e.stream for e in events})
     return {
         "span_us": span,
         "busy_us": busy,
         "idle_us": span - busy,
-        "stream_busy_us": {
-            s: length(union([(e.start_us, e.end_us) for e in events if e.stream == s])) for s in streams
-        },
+        "stream_busy_us": stream_busy(events),
         "compute_us": length(union(compute)),
         "comm_us": length(union(comm)),
         "hidden_us": intersection_length(comm, compute),
         "comm_kernels": len(comm),
         "comm_kernel_sum_us": sum(end - start for start, end in comm),
     }
+
+
+def stream_busy(events: Sequence[KernelEvent]) -> dict[int, float]:
+    """Busy microseconds per stream (overlapping kernels of one stream counted once)."""
+    streams = sorted({e.stream for e in events})
+    return {s: length(union([(e.start_us, e.end_us) for e in events if e.stream == s])) for s in streams}
+
+
+def busiest(busy: dict[int, float], count: int) -> list[int]:
+    """The `count` busiest streams of `busy`, in stream order (ties: the lower stream id)."""
+    return sorted(sorted(busy, key=lambda s: (-busy[s], s))[:count])
 
 
 def stream_chart(
@@ -166,8 +174,8 @@ def stream_chart(
         return ""
     origin = min(e.start_us for e in events)
     span = max(e.end_us for e in events) - origin or 1.0
-    busy = step_summary(events, is_comm)["stream_busy_us"]
-    shown = sorted(sorted(busy, key=lambda s: (-busy[s], s))[:streams])
+    busy = stream_busy(events)
+    shown = busiest(busy, streams)
 
     def row(label: str, intervals: Sequence[tuple[float, float, str]]) -> str:
         lane = ["."] * width
@@ -236,7 +244,7 @@ def format_graph_timeline(timeline: dict[str, Any], asked_comm_us: float | None 
     t = timeline
     asked = f" (asked {asked_comm_us / 1e3:.2f} ms)" if asked_comm_us else ""
     busy = t["stream_busy_us"]
-    top = sorted(sorted(busy, key=lambda s: (-busy[s], s))[:8])
+    top = busiest(busy, 8)
     rest = [us for s, us in busy.items() if s not in top]
     streams = ", ".join(f"{s}: {busy[s] / 1e3:.2f}" for s in top)
     streams += f", {len(rest)} more: {sum(rest) / 1e3:.2f}" if rest else ""

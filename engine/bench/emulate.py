@@ -129,7 +129,7 @@ def local_expert_ids(topk_ids: torch.Tensor, num_local_experts: int) -> torch.Te
     return torch.where(topk_ids >= 0, topk_ids % num_local_experts, topk_ids)
 
 
-class EmulatedEPDispatcher:
+class EmulatedEPDispatcher(ForwardingDispatcher):
     """A `TokenDispatcher` that routes every hit of this GPU's tokens to its local experts (see module doc).
 
     `comm_us` > 0 (`--emulate-comm-us`): dispatch_start and combine_start each also hold the current stream for
@@ -138,7 +138,7 @@ class EmulatedEPDispatcher:
     `wait(ns)` waits on the GPU: `gpu_wait` by default (one warp spinning on the GPU's nanosecond timer: the
     other SMs stay free, and the time is wall-clock whatever the SM clock), or what `choose_wait` picked. Two-batch
     overlap runs these waits on its comm stream (`TBO_OVERLAP` "comm_stream") beside the other micro-batch's
-    compute, as it runs a real dispatcher's transfers."""
+    compute, as it runs a real dispatcher's transfers. Everything else is its `LocalDispatcher`'s."""
 
     def __init__(
         self,
@@ -151,12 +151,11 @@ class EmulatedEPDispatcher:
             raise ValueError(f"num_local_experts ({num_local_experts}) must be >= 1")
         if comm_us < 0 or full_tokens < 1:
             raise ValueError(f"comm_us ({comm_us}) must be >= 0 and full_tokens ({full_tokens}) >= 1")
-        self.num_local_experts = num_local_experts
+        super().__init__(LocalDispatcher(num_local_experts))
         self.comm_us, self.full_tokens = comm_us, full_tokens
         self.wait = wait if wait is not None else gpu_wait
         self.TBO_OVERLAP = "comm_stream" if comm_us else "none"
         self.SYNC_FREE_DECODE = True
-        self._local = LocalDispatcher(num_local_experts)
 
     def _transfer(self, tokens: int) -> None:
         ns = wait_ns(self.comm_us, tokens, self.full_tokens)
@@ -171,22 +170,16 @@ class EmulatedEPDispatcher:
         *,
         is_prefill: bool | None = None,
     ) -> Any:
-        pending = self._local.dispatch_start(
+        pending = super().dispatch_start(
             hidden, local_expert_ids(topk_ids, self.num_local_experts), topk_weights, is_prefill=is_prefill
         )
         self._transfer(hidden.shape[0])
         return pending
 
-    def dispatch_finish(self, pending: Any) -> DispatchedTokens:
-        return self._local.dispatch_finish(pending)
-
     def combine_start(self, expert_output: torch.Tensor, dispatched: DispatchedTokens) -> Any:
-        pending = self._local.combine_start(expert_output, dispatched)
+        pending = super().combine_start(expert_output, dispatched)
         self._transfer(dispatched.handle.num_tokens)
         return pending
-
-    def combine_finish(self, pending: Any) -> torch.Tensor:
-        return self._local.combine_finish(pending)
 
 
 def balanced_slot_ids(topk_ids: torch.Tensor, num_slots: int, offset: int = 0) -> torch.Tensor:

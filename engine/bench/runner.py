@@ -15,7 +15,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from moefleet.engine.bench.floor import decode_step_bytes
 from moefleet.engine.bench.flops import forward_flops, peak_flops
 from moefleet.engine.bench.presets import num_experts, preset_config
 from moefleet.engine.cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
+from moefleet.engine.dispatch_metrics import paused
 from moefleet.engine.forward_batch import ForwardBatch
 from moefleet.engine.layers.experts import Experts
 from torch import nn
@@ -460,7 +460,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         mechanism, why = choose_mechanism(device.type, dispatcher_overlaps(model))
         print(f"rank {rank}: TBO overlap {mechanism} ({why})", file=sys.stderr, flush=True)
     if options.mode == "decode":
-        with metrics.pause() if metrics is not None else nullcontext():  # capture: not a sample
+        with paused(metrics):  # capture: not a sample
             graphs, graphs_why = _capture_decode_graph(
                 model, backend, options, scenario, device, group, tbo=use_tbo
             )
@@ -489,7 +489,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
             dist.barrier(group)
 
     with torch.inference_mode():
-        with metrics.pause() if metrics is not None else nullcontext():
+        with paused(metrics):
             for _ in range(options.warmup):
                 step()
         barrier()

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from moefleet.engine import topology
 from moefleet.engine.config import EngineConfig
-from moefleet.engine.dispatch_metrics import DispatchRecorder, every_from_env, install_dispatch_metrics
+from moefleet.engine.dispatch_metrics import (
+    DispatchRecorder,
+    every_from_env,
+    install_dispatch_metrics,
+    paused,
+)
 from moefleet.engine.distributed.dp import DPStepCoordinator, StepInfo
 from moefleet.engine.distributed.ep import apply_expert_parallel, has_fp8_experts
 from moefleet.engine.distributed.groups import ProcessGroups
@@ -115,7 +119,7 @@ def build_engine(
         config.tbo,
         graph_vote=lambda batch: bool(runners) and runners[0].graph_vote(batch),
     )
-    with recorder.pause() if recorder is not None else nullcontext():  # warm-ups and capture: not samples
+    with paused(recorder):  # warm-ups and capture: not samples
         engine = LLMEngine(config, model=model, step_agreement=agreement)
     runners.append(engine.model_runner)
     if recorder is not None:

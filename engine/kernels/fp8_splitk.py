@@ -31,18 +31,14 @@ from moefleet.engine.kernels.fp8_splitk_configs import GROUP, SplitKConfig
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def k_blocks_per_split(k: int, split: int) -> int:
     """128-wide K blocks each slice walks (the last slice may walk fewer)."""
-    return _cdiv(_cdiv(k, GROUP), split)
+    return triton.cdiv(triton.cdiv(k, GROUP), split)
 
 
 def effective_split(k: int, split: int) -> int:
     """Slices that hold at least one K block (a split larger than K's blocks is clamped)."""
-    return _cdiv(_cdiv(k, GROUP), k_blocks_per_split(k, split))
+    return triton.cdiv(triton.cdiv(k, GROUP), k_blocks_per_split(k, split))
 
 
 @triton.jit
@@ -135,12 +131,12 @@ def gemm(
     [M, N] in `out_dtype`."""
     rows, k = xq.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or xs.shape != (rows, -(-k // GROUP)):
+    if weight.shape[1] != k or xs.shape != (rows, triton.cdiv(k, GROUP)):
         raise ValueError(
             f"split-K FP8 GEMM: x {tuple(xq.shape)} with scales {tuple(xs.shape)} does not match the weight "
             f"{tuple(weight.shape)} (activation scales must be [M, ceil(K/128)])"
         )
-    if scale_inv.shape != (-(-n // GROUP), -(-k // GROUP)):
+    if scale_inv.shape != (triton.cdiv(n, GROUP), triton.cdiv(k, GROUP)):
         raise ValueError(f"weight scales {tuple(scale_inv.shape)} are not 128 x 128 blocks of {(n, k)}")
     out = torch.empty((rows, n), dtype=out_dtype, device=xq.device)
     if rows == 0:

@@ -38,10 +38,6 @@ class SplitKConfig:
             raise ValueError(f"split, num_warps and num_stages must be >= 1: {self}")
 
 
-def shape_key(m: int, n: int, k: int) -> str:
-    return f"{m},{n},{k}"
-
-
 @cache
 def _table(path: str = str(TABLE)) -> dict[tuple[int, int], list[tuple[int, dict]]]:
     """{(N, K): [(M, entry), ...] sorted by M} from the JSON's "shapes"."""
