@@ -20,6 +20,7 @@ from .config import EngineConfig
 from .cuda_graph_runner import CudaGraphRunner, decide_cuda_graphs
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCachePool
+from .layers.router import prepare_gates
 from .loader import dtype_from_name, load_model
 from .logprobs import record_prompt, record_sampled, save_sampled
 from .sampler import SamplingBatch, sample
@@ -52,6 +53,7 @@ class ModelRunner:
             if model is not None
             else load_model(config.model, self.device, self.dtype, config.quantization)
         )
+        prepare_gates(self.model)  # a model handed in may have been loaded or changed anywhere
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")

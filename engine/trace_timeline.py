@@ -237,7 +237,9 @@ def graph_timeline(
     return out
 
 
-def format_graph_timeline(timeline: dict[str, Any], asked_comm_us: float | None = None) -> str:
+def format_graph_timeline(
+    timeline: dict[str, Any], asked_comm_us: float | None = None, label: str = "graph replays"
+) -> str:
     """`graph_timeline`'s result as printed: a summary line (per step, ms), busy time per stream (the 8 busiest,
     the rest summed), the chart.
     `asked_comm_us`: the emulated transfer time the step asked for (compared with the comm kernels' sum)."""
@@ -249,7 +251,7 @@ def format_graph_timeline(timeline: dict[str, Any], asked_comm_us: float | None 
     streams = ", ".join(f"{s}: {busy[s] / 1e3:.2f}" for s in top)
     streams += f", {len(rest)} more: {sum(rest) / 1e3:.2f}" if rest else ""
     return (
-        f"graph replays, {t['steps']} profiled steps: step {t['span_us'] / 1e3:.2f} ms on the GPU (busy "
+        f"{label}, {t['steps']} profiled steps: step {t['span_us'] / 1e3:.2f} ms on the GPU (busy "
         f"{t['busy_us'] / 1e3:.2f}, idle {t['idle_us'] / 1e3:.2f}), compute {t['compute_us'] / 1e3:.2f} ms, comm "
         f"{t['comm_us'] / 1e3:.2f} ms of which {t['hidden_us'] / 1e3:.2f} ms ({t['hidden_share']:.0%}) ran while "
         f"compute ran; comm kernels: {t['comm_kernels']:g} per step, {t['comm_kernel_sum_us'] / 1e3:.2f} ms "

@@ -75,10 +75,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--tbo-timeline", action="store_true",
-        help="with decode CUDA graphs: profile 3 more graph replays and print their kernels' timeline per stream and "
+        help="CUDA: profile 3 more steps (graph replays, or eager prefill steps) and print their kernels' timeline per stream and "
         "how much of the communication kernels' time other kernels ran under (JSON: graph_timeline); with TBO "
         "steps also time one eager step stage by stage on its stream: how much communication ran under the other "
         "micro-batch's compute, a per-stage table and a text timeline (JSON: tbo_timeline)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace-out", default="", metavar="PATH",
+        help="with --tbo-timeline: also write the profiled steps' Chrome trace there (gzip if PATH ends in .gz; "
+        "open it in Perfetto)",
     )  # fmt: skip
     p.add_argument(
         "--profile-steps", type=int, default=0, metavar="N",
@@ -304,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
                         block_size=args.block_size, peak_tflops=args.peak_tflops,
                         routing_skew=args.routing_skew, num_redundant_experts=args.num_redundant_experts,
                         eplb=args.eplb, tbo=args.tbo, emulate_ep=args.emulate_ep,
-                        tbo_timeline=args.tbo_timeline, emulate_comm_us=args.emulate_comm_us,
+                        tbo_timeline=args.tbo_timeline, trace_out=args.trace_out, emulate_comm_us=args.emulate_comm_us,
                         profile_steps=args.profile_steps, moe_metrics_every=args.moe_metrics_every,
                     )  # fmt: skip
                     if args.emulate_ep:

@@ -65,6 +65,8 @@ class BenchOptions:
     # 3 profiled graph replays' kernel timeline (decode graphs, trace_timeline.py) and one more eager TBO step
     # with per-stage timing (tbo_timeline.py)
     tbo_timeline: bool = False
+    # with tbo_timeline: also write the profiled steps' Chrome trace here (gzip when it ends in .gz; rank 0)
+    trace_out: str = ""
     # --emulate-ep on one GPU: a GPU wait per dispatch and per combine (emulate.py)
     emulate_comm_us: float = 0.0
     # > 0: the serving path's sampled MoE dispatch/combine metrics (dispatch_metrics.py), one forward in N,
@@ -100,6 +102,10 @@ class BenchOptions:
             raise ValueError(
                 "--emulate-comm-us stands for the transfers of an --emulate-ep deployment on one CUDA GPU: add "
                 "--emulate-ep N (and --device cuda), or drop it"
+            )
+        if self.trace_out and not self.tbo_timeline:
+            raise ValueError(
+                "--trace-out writes the trace of --tbo-timeline's profiled steps: add --tbo-timeline"
             )
         if self.moe_metrics_every < 0:
             raise ValueError(f"--moe-metrics-every ({self.moe_metrics_every}) must be >= 0 (0: off)")
@@ -177,8 +183,10 @@ def count_host_syncs(fn: Callable[[], Any]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def random_init(model: nn.Module, seed: int) -> None:
-    """Fill parameters in place: matrices ~ N(0, 0.02), vectors (norms) 1, router biases 0."""
+def random_init(model: nn.Module, seed: int, checkpoint_dtype: torch.dtype | None = None) -> None:
+    """Fill parameters in place: matrices ~ N(0, 0.02), vectors (norms) 1, router biases 0.
+    `checkpoint_dtype` (bf16 / fp16 runs): float32 matrices (the sigmoid gate, kept in float32 like the
+    reference) get values of that dtype, as a checkpoint stored in it gives them (DeepSeek-V3's gate is bf16)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -186,6 +194,8 @@ def random_init(model: nn.Module, seed: int) -> None:
                 # Draw on the device in chunks (full-width expert stacks are tens of GB).
                 for chunk in param.view(param.shape[0], -1).split(8, dim=0):
                     chunk.normal_(0.0, 0.02)
+                    if checkpoint_dtype is not None and chunk.dtype == torch.float32:
+                        chunk.copy_(chunk.to(checkpoint_dtype))
             elif "bias" in name:
                 param.zero_()
             else:
@@ -352,6 +362,7 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         has_fp8_experts,
         set_expert_parallel_layout,
     )
+    from moefleet.engine.layers.router import prepare_gates
     from moefleet.engine.loader import build_model, dtype_from_name
     from moefleet.engine.tbo import forward_tbo, num_micro_batches, wants_tbo
 
@@ -380,7 +391,9 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         model = build_model(config, device, options.dtype)
     finally:
         topology.set_current(topology.Topology())
-    random_init(model, options.seed)
+    dtype = dtype_from_name(options.dtype)
+    random_init(model, options.seed, dtype if dtype in (torch.bfloat16, torch.float16) else None)
+    prepare_gates(model)
     if options.quantization == "fp8":
         from moefleet.engine.fp8_weights import quantize_model
 
@@ -437,7 +450,6 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         eplb_bench.apply_routing_skew(model, skew, rank, options.seed)
     recorder = eplb_bench.attach_recorder(model, 10**9) if options.eplb else None
 
-    dtype = dtype_from_name(options.dtype)
     attention = [m for m in model.modules() if hasattr(m, "kv_cache_shape")]
     element = torch.empty((), dtype=dtype).element_size()
     kv_bytes_per_token = sum(math.prod(m.kv_cache_shape(1, 1)) * element for m in attention)
@@ -506,10 +518,18 @@ def run_rank(options: BenchOptions, group: Any = None) -> RankResult:
         if options.profile_steps and device.type == "cuda":  # every rank steps (collectives), rank 0 prints
             print_kernel_profile(step, options.profile_steps, device, show=rank == 0)
         graph_timeline: dict[str, Any] = {}
-        if options.tbo_timeline and graphs is not None:  # the replays' timeline (the eager one comes later)
+        if options.tbo_timeline and device.type == "cuda":  # the timed path's kernels per stream: graph
+            # replays, or eager steps (prefill); the eager stage-by-stage TBO timeline comes later
             batches = [prepare(scenario, options, device, backend) for _ in range(GRAPH_TIMELINE_STEPS)]
             graph_timeline = graph_timeline_steps(
-                lambda b: step(batch=b), batches, device, barrier, rank, asked_comm_us
+                lambda b: step(batch=b),
+                batches,
+                device,
+                barrier,
+                rank,
+                asked_comm_us,
+                label="graph replays" if graphs is not None else "eager steps",
+                trace_out=options.trace_out if rank == 0 else "",
             )
         breakdown: dict[str, float] = {}
         if options.breakdown and not use_tbo:  # per-part times of an interleaved step would mislead
@@ -645,8 +665,10 @@ def graph_timeline_steps(
     barrier: Callable[[], None],
     rank: int,
     asked_comm_us: float = 0.0,
+    label: str = "graph replays",
+    trace_out: str = "",
 ) -> dict[str, Any]:
-    """One graph-replayed step per batch under the profiler (kernel_profile.step_trace), its kernels' timeline
+    """One graph-replayed (or eager: `label`) step per batch under the profiler (kernel_profile.step_trace), its kernels' timeline
     (trace_timeline.graph_timeline); rank 0 prints it with the emulated transfer time asked (stderr). Decode
     steps that replay a graph are what production runs; the eager timeline (`tbo_timeline_step`) is
     launch-bound."""
@@ -660,6 +682,8 @@ def graph_timeline_steps(
             f"rank {rank}: graph timeline skipped: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True
         )
         return {}
+    if trace_out:
+        write_trace(trace, trace_out)
     events, windows = tt.kernel_events(trace), tt.step_windows(trace)
     if not windows:
         print(
@@ -669,9 +693,19 @@ def graph_timeline_steps(
         )
     timeline = tt.graph_timeline(events, windows, steps=len(batches))
     if rank == 0:
-        text = tt.format_graph_timeline(timeline, asked_comm_us or None)
+        text = tt.format_graph_timeline(timeline, asked_comm_us or None, label)
         print(f"rank 0: TBO timeline, {text}", file=sys.stderr, flush=True)
     return timeline
+
+
+def write_trace(trace: dict[str, Any], path: str) -> None:
+    """The Chrome trace as JSON (gzip when `path` ends in .gz): open it in Perfetto or chrome://tracing."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        json.dump(trace, f)
 
 
 def tbo_timeline_step(

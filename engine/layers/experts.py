@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from moefleet.engine.kernels import fp8_cublas, grouped_mm
+from moefleet.engine.layers.token_dispatch import HostCounts
 from torch import nn
 
 SHARDS = ("gate", "up", "down")
@@ -204,6 +205,7 @@ class Experts(nn.Module):
         scales: torch.Tensor | None = None,
         expected_rows: int | None = None,
         host_sync_ok: bool = False,
+        host_counts: HostCounts | None = None,
     ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
@@ -214,7 +216,8 @@ class Experts(nn.Module):
         [E_local, C, D] (DeepEP low-latency) may be FP8 with `scales` [E_local, C, D / 128]: dequantised
         inside the expert GEMM, rows >= counts[e] never read; output bf16 [E_local, C, D].
         `host_sync_ok` (prefill-mode steps): device counts may be read on the host when that buys the faster
-        per-expert GEMMs (`host_count_path`); never while a CUDA graph is being captured.
+        per-expert GEMMs (`host_count_path`); never while a CUDA graph is being captured. `host_counts`: the
+        dispatcher's copy of `counts` already on its way to the host (waited for instead of a new copy).
         """
         if tokens_per_expert is None and counts is None:
             raise ValueError("Experts.forward needs tokens_per_expert (host list) or counts (tensor)")
@@ -231,7 +234,10 @@ class Experts(nn.Module):
                 tokens_per_expert is not None
                 or (host_sync_ok and not torch.cuda.is_current_stream_capturing())
             ):
-                return self.forward_cublas_fp8(hidden, tokens_per_expert or counts.tolist())  # type: ignore[union-attr]
+                if tokens_per_expert is None:
+                    assert counts is not None
+                    tokens_per_expert = host_counts.wait() if host_counts is not None else counts.tolist()
+                return self.forward_cublas_fp8(hidden, tokens_per_expert)
             if counts is None:
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(
                     hidden.device, non_blocking=True

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from moefleet.engine.layers.experts import PAD_FACTOR, PAD_MIN_ROWS, Experts
+from moefleet.engine.layers.token_dispatch import HostCounts
 from torch import nn
 
 
@@ -76,6 +77,7 @@ class BiasedClampedExperts(Experts):
         scales: torch.Tensor | None = None,
         expected_rows: int | None = None,
         host_sync_ok: bool = False,
+        host_counts: HostCounts | None = None,
     ) -> torch.Tensor:
         """hidden [N, D] grouped by local expert -> [N, D] unweighted outputs.
 
@@ -89,7 +91,9 @@ class BiasedClampedExperts(Experts):
             )
         if tokens_per_expert is None:  # device counts (a CUDA dispatcher): rows past their sum are padding
             assert counts is not None
-            tokens_per_expert = [int(c) for c in counts.tolist()]
+            tokens_per_expert = (
+                host_counts.wait() if host_counts is not None else [int(c) for c in counts.tolist()]
+            )
             valid = sum(tokens_per_expert)
             if valid < hidden.shape[0]:
                 out = torch.zeros_like(hidden)

@@ -148,6 +148,7 @@ class MoE(nn.Module):
             scales=dispatched.scales,
             expected_rows=dispatched.expected_rows,
             host_sync_ok=bool(step.is_prefill),
+            host_counts=dispatched.host_counts,
         )
         step.pending = dispatcher.combine_start(expert_out, dispatched)
         step.shared = self.shared_output(step.hidden)

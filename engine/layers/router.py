@@ -91,7 +91,12 @@ def grouped_topk(
 class Router(nn.Module):
     """Gate: weight [E, D] (HF `mlp.gate.weight`), plus `e_score_correction_bias` [E] for sigmoid routing.
 
-    Sigmoid routing (DeepSeek) keeps the gate in float32 like the reference, whatever the model dtype.
+    Sigmoid routing (DeepSeek) keeps the gate in float32 like the reference, whatever the model dtype. With
+    bf16 activations on CUDA and a gate whose values are all bf16 numbers (checkpoints store it in bf16), the
+    logits come from one bf16 GEMM with float32 accumulation and output (`torch.mm(..., out_dtype=float32)`):
+    each product of two bf16 numbers is exact in float32, so this is the reference's float32 GEMM up to the
+    summation order, at bf16 tensor-core speed (the float32 GEMM took 1.3 ms per MoE layer at 16k tokens on
+    an H200, 4% of a prefill layer).
     """
 
     def __init__(self, hidden_size: int, config: RoutingConfig):
@@ -116,15 +121,47 @@ class Router(nn.Module):
             if fused.supports(config.num_experts, config.n_group, config.top_k)
             else None
         )
+        # the gate as bf16 when exact (`prepare_gate`), and the (storage, version) of the weight it was made from
+        self._bf16_weight: torch.Tensor | None = None
+        self._bf16_source: tuple[int, int] | None = None
+
+    def prepare_gate(self) -> None:
+        """Decide once the weights are in place (`prepare_gates`; a host sync, never in a forward): keep the gate
+        as bf16 if every value is a bf16 number. Tied to the weight's storage and version: a later load or
+        in-place update turns the bf16 GEMM off until this runs again."""
+        weight = self.weight.detach()
+        bf16 = weight.to(torch.bfloat16)
+        self._bf16_weight = bf16 if torch.equal(bf16.float(), weight.float()) else None
+        self._bf16_source = (weight.data_ptr(), weight._version)
+
+    def bf16_gate(self) -> torch.Tensor | None:
+        """The prepared bf16 gate if it still matches the weight (no sync: safe in a forward and a capture)."""
+        weight = self.weight
+        return self._bf16_weight if self._bf16_source == (weight.data_ptr(), weight._version) else None
+
+    def logits_float32(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Sigmoid routing's float32 logits [T, E] (see the class doc for the bf16 GEMM)."""
+        if hidden.is_cuda and hidden.dtype == torch.bfloat16:
+            gate = self.bf16_gate()
+            if gate is not None:
+                return torch.mm(hidden.reshape(-1, hidden.shape[-1]), gate.t(), out_dtype=torch.float32)
+        return F.linear(hidden.float(), self.weight.float())
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, D] -> (weights [T, K] float32, logical ids [T, K] int64)."""
         c = self.config
         if c.scoring == "softmax":
             return softmax_topk(F.linear(hidden, self.weight), c.top_k, c.norm_topk_prob)
-        logits = F.linear(hidden.float(), self.weight.float())
+        logits = self.logits_float32(hidden)
         selection = (c.top_k, c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
         if logits.is_cuda and self._fused_selection is not None:
             # one Triton program per token instead of ~10 torch kernels (engine/kernels/grouped_topk.py)
             return self._fused_selection(logits, self.e_score_correction_bias, *selection)
         return grouped_topk(logits.sigmoid(), self.e_score_correction_bias, *selection)
+
+
+def prepare_gates(model: nn.Module) -> None:
+    """`Router.prepare_gate` for every sigmoid router of `model`: call once its weights are loaded."""
+    for module in model.modules():
+        if isinstance(module, Router) and module.config.scoring == "sigmoid":
+            module.prepare_gate()

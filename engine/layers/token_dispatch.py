@@ -38,6 +38,8 @@ class DispatchedTokens:
     # a host-side guess of the valid rows over all local experts (masked layout: sizes the expert kernel's
     # grid; any count is still computed right); None: the capacity
     expected_rows: int | None = None
+    # prefill-mode steps on CUDA: a device->host copy of `counts` already under way (`HostCounts`)
+    host_counts: HostCounts | None = None
 
     def real_rows(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """`hidden` as real values: as it is, or (FP8 masked rows) dequantised on the valid rows only into
@@ -51,6 +53,34 @@ class DispatchedTokens:
 
         assert self.counts is not None, "FP8 masked rows come with device counts"
         return dequantize_masked(self.hidden, self.scales, self.counts, dtype)
+
+
+@dataclass(eq=False)
+class HostCounts:
+    """Per-expert row counts on their way to the host: a non-blocking copy into pinned memory launched on the
+    dispatcher's stream right where the counts are computed, and an event after it. `wait` blocks the host on
+    that copy alone, not on everything the experts' stream has queued before it (under two-batch overlap the
+    other micro-batch's attention: the host would learn the counts only once that finished, then launch the
+    experts with the GPU idle). DeepEP's normal kernels hand the host its counts during dispatch the same way."""
+
+    host: torch.Tensor  # pinned, [E_local]
+    done: Any  # torch.cuda.Event recorded after the copy
+
+    @classmethod
+    def start(cls, counts: torch.Tensor) -> HostCounts | None:
+        """Launch the copy on the current stream; None off CUDA or while a CUDA graph is captured (a replay
+        would not refresh a host list)."""
+        if not counts.is_cuda or torch.cuda.is_current_stream_capturing():
+            return None
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    def wait(self) -> list[int]:
+        self.done.synchronize()
+        return [int(c) for c in self.host.tolist()]
 
 
 class TokenDispatcher(Protocol):
@@ -209,8 +239,10 @@ class LocalDispatcher:
     ) -> Any:
         if hidden.is_cuda:  # counts stay on the device: no host sync, so the decode step can be captured
             order, token_index, counts, valid = permute_by_expert_on_device(topk_ids, self.num_local_experts)
+            # prefill: the experts may want host counts (per-expert cuBLAS): start their copy before the rows move
+            on_host = HostCounts.start(counts) if is_prefill else None
             handle = _LocalHandle(order, topk_weights, hidden.shape[0], valid)
-            return DispatchedTokens(hidden[token_index], None, handle, counts=counts)
+            return DispatchedTokens(hidden[token_index], None, handle, counts=counts, host_counts=on_host)
         order, token_index, host_counts = permute_by_expert(topk_ids, self.num_local_experts)
         handle = _LocalHandle(order, topk_weights, hidden.shape[0])
         return DispatchedTokens(hidden[token_index], host_counts.tolist(), handle)

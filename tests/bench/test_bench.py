@@ -218,3 +218,19 @@ def test_tbo_on_runs_two_micro_batches_and_auto_stays_off(mode, monkeypatch):
     assert seen == []  # no measured threshold: auto is off
     with pytest.raises(ValueError, match="tbo"):
         replace(_tiny(mode), tbo="sometimes")
+
+
+def test_random_init_gives_float32_gates_the_checkpoints_dtype():
+    from moefleet.engine.bench.runner import random_init
+    from moefleet.engine.layers.router import Router, RoutingConfig
+
+    model = torch.nn.ModuleDict(
+        {"gate": Router(64, RoutingConfig(num_experts=8, top_k=2, scoring="sigmoid")),
+         "proj": torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)}
+    )  # fmt: skip
+    random_init(model, 0, torch.bfloat16)
+    gate = model["gate"].weight
+    assert gate.dtype == torch.float32 and gate.std() > 0.01
+    assert torch.equal(gate.to(torch.bfloat16).float(), gate)  # bf16 numbers, kept in float32
+    random_init(model, 0)  # float32 runs: untouched draws
+    assert not torch.equal(model["gate"].weight.to(torch.bfloat16).float(), model["gate"].weight)

@@ -45,6 +45,25 @@ def test_graph_timeline_steps_prints_the_replays_timeline_on_rank_0(monkeypatch,
     assert capsys.readouterr().err == ""  # rank 1 computes, rank 0 prints
 
 
+def test_eager_steps_get_their_label_and_the_trace_is_written(monkeypatch, capsys, tmp_path):
+    import gzip
+
+    trace = json.loads(FIXTURE.read_text())
+    monkeypatch.setattr(kernel_profile, "step_trace", lambda *args, **kwargs: trace)
+    out = tmp_path / "steps.json.gz"
+    runner.graph_timeline_steps(
+        lambda b: None, [0, 1], "cuda", lambda: None, 0, label="eager steps", trace_out=str(out)
+    )
+    assert capsys.readouterr().err.startswith("rank 0: TBO timeline, eager steps, 2 profiled steps:")
+    with gzip.open(out, "rt") as f:
+        assert json.load(f) == trace
+
+
+def test_trace_out_needs_the_timeline():
+    with pytest.raises(ValueError, match="add --tbo-timeline"):
+        runner.BenchOptions(trace_out="/tmp/x.json")
+
+
 def test_a_failed_profile_skips_the_graph_timeline_only(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")

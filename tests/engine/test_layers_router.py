@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moefleet.engine.layers.router import Router, RoutingConfig, grouped_topk, softmax_topk
+from moefleet.engine.layers.router import (
+    Router,
+    RoutingConfig,
+    grouped_topk,
+    prepare_gates,
+    softmax_topk,
+)
 
 
 def slow_grouped_topk(scores, bias, top_k, n_group, topk_group, renormalize, scale):
@@ -98,3 +104,33 @@ def test_router_spreads_tokens_and_handles_empty_batch():
 def test_routing_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RoutingConfig(**kwargs)
+
+
+def test_bf16_gate_only_when_every_value_is_a_bf16_number():
+    router = Router(64, RoutingConfig(num_experts=8, top_k=2, scoring="sigmoid", correction_bias=True))
+    assert router.weight.dtype == torch.float32
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 64).to(torch.bfloat16))  # as a bf16 checkpoint loads it
+    assert router.bf16_gate() is None  # not prepared yet: the forward never decides (it would sync)
+    prepare_gates(torch.nn.ModuleList([router]))
+    gate = router.bf16_gate()
+    assert gate is not None and gate.dtype == torch.bfloat16
+    assert torch.equal(gate.float(), router.weight)
+    with torch.no_grad():
+        router.weight.copy_(router.weight.to(torch.bfloat16))  # in place: a new version, stale until prepared
+    assert router.bf16_gate() is None
+    router.prepare_gate()
+    assert router.bf16_gate() is not None
+    with torch.no_grad():
+        router.weight[3, 5] += 1e-4  # no longer a bf16 number
+    router.prepare_gate()
+    assert router.bf16_gate() is None
+
+
+def test_cpu_logits_stay_the_float32_gemm():
+    router = Router(64, RoutingConfig(num_experts=8, top_k=2, scoring="sigmoid"))
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 64).to(torch.bfloat16))
+    hidden = torch.randn(5, 64).to(torch.bfloat16)
+    expected = torch.nn.functional.linear(hidden.float(), router.weight)
+    assert torch.equal(router.logits_float32(hidden), expected)

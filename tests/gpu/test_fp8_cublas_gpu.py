@@ -134,6 +134,11 @@ def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode(monkey
     assert not moe.local_topk_path(x, moe.dispatcher, is_prefill=True)
     assert moe.local_topk_path(x, moe.dispatcher, is_prefill=False)
     assert moe.local_topk_path(x[:8], moe.dispatcher, is_prefill=True)  # too few rows: fused kernel
+    from moefleet.engine.layers.token_dispatch import HostCounts
+
+    waits = []  # the counts come from the dispatcher's copy (HostCounts), not a new sync on the experts' stream
+    original_wait = HostCounts.wait
+    monkeypatch.setattr(HostCounts, "wait", lambda self: waits.append(1) or original_wait(self))
     calls = []
     original = fp8_cublas.experts
     fp8_cublas.experts = lambda *a, **kw: calls.append(1) or original(*a, **kw)  # type: ignore[assignment]
@@ -144,4 +149,5 @@ def test_moe_prefill_mode_takes_per_expert_cublas_and_matches_decode_mode(monkey
     finally:
         fp8_cublas.experts = original  # type: ignore[assignment]
     assert calls == [1]
+    assert waits == [1]
     assert _rel(prefill, decode) <= 3e-2
