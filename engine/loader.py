@@ -19,7 +19,6 @@ from moefleet.engine.fp8_weights import (
     plan_fp8,
     resolve_quantization,
 )
-from moefleet.engine.layers.router import prepare_gates
 from moefleet.engine.models import CausalLM, model_class
 from safetensors import safe_open
 
@@ -136,5 +135,4 @@ def load_model(
         weights = fp8_stream(weights, model, plan, checkpoint_block(config), device)
     with torch.no_grad():
         model.load_weights(weights)
-    prepare_gates(model)
     return model

@@ -53,7 +53,7 @@ class ModelRunner:
             if model is not None
             else load_model(config.model, self.device, self.dtype, config.quantization)
         )
-        prepare_gates(self.model)  # a model handed in may have been loaded or changed anywhere
+        prepare_gates(self.model)  # the sigmoid gates' bf16 GEMM, decided once the weights are in (router.py)
         self.attention_layers: list[Any] = [m for m in self.model.modules() if hasattr(m, "kv_cache_shape")]
         if not self.attention_layers:
             raise ValueError(f"model ({config.model!r}) has no attention layers with a kv_cache_shape")
