@@ -49,6 +49,11 @@ def shape_ok(out_features: int, in_features: int, block: Sequence[int]) -> bool:
     return tuple(block) == BLOCK and in_features % K_MULTIPLE == 0 and out_features % 16 == 0
 
 
+# torch's blockwise scaled GEMM with an out= overload (F.scaled_mm's op; measured with torch 2.11 on an H200)
+_SCALED_MM_OUT = hasattr(torch, "_scaled_mm_v2") and hasattr(
+    getattr(torch.ops.aten, "_scaled_mm_v2", None), "out"
+)
+
 # cuBLAS refuses blockwise FP8 GEMMs whose row count is not a multiple of 4 (measured: M = 1, 7, 4,097 fail,
 # 100 passes); the activations are quantised into a buffer padded to this and the extra output rows dropped.
 ROW_MULTIPLE = 4
@@ -157,9 +162,3 @@ def gemm_into(
         )
         return
     out.copy_(gemm(xq, xs, weight, scale_inv, xq.shape[0], out.dtype))
-
-
-# torch's blockwise scaled GEMM with an out= overload (F.scaled_mm's op; measured with torch 2.11 on an H200)
-_SCALED_MM_OUT = hasattr(torch, "_scaled_mm_v2") and hasattr(
-    getattr(torch.ops.aten, "_scaled_mm_v2", None), "out"
-)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from moefleet.engine.kernels import fp8_cublas, grouped_mm
-from moefleet.engine.layers.token_dispatch import HostCounts
+from moefleet.engine.layers.token_dispatch import HostCounts, counts_on_host
 from torch import nn
 
 SHARDS = ("gate", "up", "down")
@@ -236,7 +236,7 @@ class Experts(nn.Module):
             ):
                 if tokens_per_expert is None:
                     assert counts is not None
-                    tokens_per_expert = host_counts.wait() if host_counts is not None else counts.tolist()
+                    tokens_per_expert = counts_on_host(counts, host_counts)
                 return self.forward_cublas_fp8(hidden, tokens_per_expert)
             if counts is None:
                 counts = torch.tensor(tokens_per_expert, dtype=torch.int32).to(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from moefleet.engine.layers.experts import PAD_FACTOR, PAD_MIN_ROWS, Experts
-from moefleet.engine.layers.token_dispatch import HostCounts
+from moefleet.engine.layers.token_dispatch import HostCounts, counts_on_host
 from torch import nn
 
 
@@ -91,9 +91,7 @@ class BiasedClampedExperts(Experts):
             )
         if tokens_per_expert is None:  # device counts (a CUDA dispatcher): rows past their sum are padding
             assert counts is not None
-            tokens_per_expert = (
-                host_counts.wait() if host_counts is not None else [int(c) for c in counts.tolist()]
-            )
+            tokens_per_expert = counts_on_host(counts, host_counts)
             valid = sum(tokens_per_expert)
             if valid < hidden.shape[0]:
                 out = torch.zeros_like(hidden)

@@ -83,6 +83,12 @@ class HostCounts:
         return [int(c) for c in self.host.tolist()]
 
 
+def counts_on_host(counts: torch.Tensor, pending: HostCounts | None) -> list[int]:
+    """Device `counts` as a host list: the dispatcher's copy already under way if there is one, else a copy
+    now (which waits for everything queued on the current stream)."""
+    return pending.wait() if pending is not None else [int(c) for c in counts.tolist()]
+
+
 class TokenDispatcher(Protocol):
     def dispatch_start(
         self,
